@@ -1,0 +1,33 @@
+# Every target makes the virtual environment first when it is missing.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?=
+DEMO_OUT ?= work/demo
+
+.PHONY: venv demo test pipeline serve stop clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: venv
+	$(PY) -m scripts.demo --out $(DEMO_OUT) $(if $(DATA),--data $(DATA))
+
+test: venv
+	$(PY) -m pytest
+
+pipeline: venv
+	$(PY) -m training.pipeline $(ARGS)
+
+serve: venv
+	$(PY) -m scripts.serve start $(ARGS)
+
+stop: venv
+	$(PY) -m scripts.serve stop
+
+clean:
+	rm -rf work logs model_store/*.mar

@@ -1,0 +1,210 @@
+"""The model: a torchvision backbone, an embedding layer and a category head, and its checkpoints.
+
+A checkpoint is self-describing (architecture, classes, embedding size, preprocessing, config,
+metrics), so every later stage and the handler rebuild the model from the checkpoint alone.
+"""
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+
+from training.presets import Preprocess
+
+CHECKPOINT_FORMAT = 1
+
+# Where each supported torchvision model keeps its classifier: (attribute, index or None).
+HEADS = {
+    "resnet18": ("fc", None),
+    "resnet34": ("fc", None),
+    "resnet50": ("fc", None),
+    "resnet101": ("fc", None),
+    "mobilenet_v2": ("classifier", -1),
+    "mobilenet_v3_small": ("classifier", -1),
+    "mobilenet_v3_large": ("classifier", -1),
+    "efficientnet_b0": ("classifier", -1),
+}
+# The blocks unfrozen by `trainable_stages`, last first.
+STAGES = {
+    "resnet18": ["layer4", "layer3", "layer2"],
+    "resnet34": ["layer4", "layer3", "layer2"],
+    "resnet50": ["layer4", "layer3", "layer2"],
+    "resnet101": ["layer4", "layer3", "layer2"],
+    "mobilenet_v2": ["features.18", "features.17", "features.16", "features.15"],
+    "mobilenet_v3_small": ["features.12", "features.11", "features.10"],
+    "mobilenet_v3_large": ["features.16", "features.15", "features.14"],
+    "efficientnet_b0": ["features.8", "features.7", "features.6"],
+}
+ARCHS = sorted(HEADS)
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights were asked for and cannot be had."""
+
+
+class MarketplaceNet(nn.Module):
+    """Backbone -> embedding (Linear + BatchNorm) -> category logits.
+
+    `forward` returns `(logits, embedding)`; the embedding is not normalised here: callers
+    L2-normalise it before indexing (see `embed`).
+    """
+
+    def __init__(self, arch: str, num_classes: int, embedding_dim: int = 256, dropout: float = 0.2):
+        super().__init__()
+        if arch not in HEADS:
+            raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        self.arch = arch
+        self.backbone = models.get_model(arch, weights=None)
+        self.feature_dim = _remove_head(self.backbone, arch)
+        self.embedding = nn.Sequential(
+            nn.Linear(self.feature_dim, embedding_dim), nn.BatchNorm1d(embedding_dim)
+        )
+        self.classifier = nn.Sequential(
+            nn.ReLU(), nn.Dropout(dropout), nn.Linear(embedding_dim, num_classes)
+        )
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward_features(self.backbone(images))
+
+    def forward_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trainable head on pooled backbone features (used with cached features)."""
+        embedding = self.embedding(features)
+        return self.classifier(embedding), embedding
+
+
+def _remove_head(backbone: nn.Module, arch: str) -> int:
+    """Replace the ImageNet classifier by identities; returns the pooled feature size."""
+    attribute, index = HEADS[arch]
+    head = getattr(backbone, attribute)
+    if index is None:
+        setattr(backbone, attribute, nn.Identity())
+        return head.in_features
+    in_features = head[index].in_features
+    head[index] = nn.Identity()
+    for position, layer in enumerate(head):
+        if isinstance(layer, nn.Dropout):
+            # The embedding layer has its own regularisation; keep backbone features deterministic.
+            head[position] = nn.Identity()
+    return in_features
+
+
+def embed(model: MarketplaceNet, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode forward: `(probabilities (n, c), L2-normalised embeddings (n, d) float32)`."""
+    logits, embedding = model(images)
+    return logits.softmax(dim=1), nn.functional.normalize(embedding.float(), dim=1)
+
+
+def load_pretrained_backbone(model: MarketplaceNet, weights: str) -> str:
+    """Fill `model.backbone` with pretrained weights; returns a description of what was loaded.
+
+    `weights` is "imagenet" (torchvision's weights enum, cached under $TORCH_HOME), "none", or the
+    path of a state dict for the whole torchvision model or for one of its top-level children
+    (for example `mobilenet_v2().features`).
+    """
+    if weights == "none":
+        return "random initialisation"
+    if weights == "imagenet":
+        state_dict, description = _imagenet_state_dict(model.arch)
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"--weights {weights}: no such file")
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        description = f"{path} (sha256 {sha256_file(path)[:12]})"
+    _load_backbone_state(model.backbone, state_dict, source=description)
+    return description
+
+
+def _imagenet_state_dict(arch: str) -> tuple[dict, str]:
+    enum = models.get_model_weights(arch).DEFAULT
+    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    try:
+        state_dict = enum.get_state_dict(progress=False, check_hash=True)
+    except (OSError, RuntimeError) as error:  # URLError is an OSError; a bad hash is a RuntimeError
+        raise WeightsUnavailable(
+            f"ImageNet weights for {arch} ({enum}) are not cached in {checkpoints} and could not be "
+            f"downloaded ({error}). Either copy {Path(enum.url).name} into {checkpoints} "
+            f"(or set TORCH_HOME), pass --weights PATH to a local state dict, or --weights none "
+            f"to train from random initialisation."
+        ) from error
+    return state_dict, f"torchvision {enum}"
+
+
+def _load_backbone_state(backbone: nn.Module, state_dict: dict, source: str) -> None:
+    own = backbone.state_dict()
+    candidates = [""] + [f"{name}." for name, _ in backbone.named_children()]
+    for prefix in candidates:
+        renamed = {prefix + key: value for key, value in state_dict.items()}
+        usable = {key: value for key, value in renamed.items() if key in own}
+        if len(usable) == len(renamed) or (prefix == "" and usable and _only_head_left(renamed, own)):
+            break
+    else:
+        example = next(iter(state_dict), "<empty>")
+        raise ValueError(f"weights {source} do not match the backbone (first key {example!r})")
+    mismatched = [key for key, value in usable.items() if own[key].shape != value.shape]
+    if mismatched:
+        raise ValueError(f"weights {source} have wrong shapes for {mismatched[:3]}")
+    backbone.load_state_dict(usable, strict=False)
+
+
+def _only_head_left(renamed: dict, own: dict) -> bool:
+    """True when the unmatched keys are only the ImageNet classifier we replaced."""
+    return all(key.startswith(("fc.", "classifier.")) for key in renamed if key not in own)
+
+
+def set_trainable(model: MarketplaceNet, trainable_stages: int) -> list[str]:
+    """Freeze the backbone except its last `trainable_stages` blocks; the head always trains."""
+    stages = STAGES[model.arch]
+    if not 0 <= trainable_stages <= len(stages):
+        raise ValueError(f"trainable_stages must be 0..{len(stages)} for {model.arch}")
+    unfrozen = stages[:trainable_stages]
+    for name, parameter in model.backbone.named_parameters():
+        parameter.requires_grad = any(name.startswith(stage + ".") for stage in unfrozen)
+    return unfrozen
+
+
+def save_checkpoint(path: Path, model: MarketplaceNet, *, classes: list[str], preprocess: Preprocess,
+                    epoch: int, metrics: dict, config: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "arch": model.arch,
+        "num_classes": len(classes),
+        "classes": list(classes),
+        "embedding_dim": model.embedding[0].out_features,
+        "feature_dim": model.feature_dim,
+        "preprocess": preprocess.to_dict(),
+        "epoch": epoch,
+        "metrics": metrics,
+        "config": config,
+        "state_dict": model.state_dict(),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path | str) -> tuple[MarketplaceNet, dict]:
+    """Rebuild the model from a checkpoint alone; returns `(model in eval mode, checkpoint dict)`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: checkpoint format {checkpoint.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+    model = MarketplaceNet(
+        checkpoint["arch"], checkpoint["num_classes"], embedding_dim=checkpoint["embedding_dim"]
+    )
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    return model, checkpoint
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
