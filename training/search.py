@@ -197,4 +197,4 @@ def make_catalogue(vectors: np.ndarray, image_ids: list[str], listings: dict[str
     index, params = build_index(vectors, index_type, **index_options)
     meta = {**meta, "dimension": int(vectors.shape[1]), "count": len(image_ids), "metric": "inner_product",
             "normalisation": "l2", "similarity": "cosine", "index": params}
-    return Catalogue(index, list(image_ids), {i: listings[i] for i in image_ids}, meta)
+    return Catalogue(index, list(image_ids), {i: listings[i] for i in image_ids if i in listings}, meta)
