@@ -66,21 +66,28 @@ def extract_features(backbone: nn.Module, rows, photos_dir: Path, transform, bat
 
 def cached_features(work_dir: Path, backbone: nn.Module, rows, photos_dir: Path, view: int,
                     cache_key: str, preprocess: Preprocess, batch_size: int, workers: int) -> np.ndarray:
-    """Features of view `view` for `rows`, computed once per (backbone weights, preprocess, view)."""
+    """Features of view `view` for `rows`, each photo computed once per (backbone, preprocess, view).
+
+    The cache is WORK/cache/features-<key>-view<N>.pt; photos missing from it are computed and added.
+    """
     path = Path(work_dir) / CACHE_DIR / f"features-{cache_key}-view{view}.pt"
-    image_ids = list(rows["image_id"])
-    if path.is_file():
-        cached = torch.load(path, weights_only=True)
+    cached = torch.load(path, weights_only=True) if path.is_file() else {"image_ids": [], "features": None}
+    position = {image_id: i for i, image_id in enumerate(cached["image_ids"])}
+    missing = rows[~rows["image_id"].isin(position)]
+    if len(missing):
+        if view >= 2:
+            torch.manual_seed(view)  # random crops, but the same ones on every re-run
+        computed = torch.from_numpy(extract_features(
+            backbone, missing, photos_dir, view_transform(view, preprocess), batch_size, workers,
+            f"backbone features, view {view}"))
+        known = [cached["features"]] if cached["features"] is not None else []
+        cached = {"image_ids": cached["image_ids"] + list(missing["image_id"]),
+                  "features": torch.cat(known + [computed])}
         position = {image_id: i for i, image_id in enumerate(cached["image_ids"])}
-        if all(image_id in position for image_id in image_ids):
-            return cached["features"][[position[i] for i in image_ids]].numpy()
-    if view >= 2:
-        torch.manual_seed(view)  # random crops, but the same ones on every re-run
-    features = extract_features(backbone, rows, photos_dir, view_transform(view, preprocess),
-                                batch_size, workers, f"backbone features, view {view}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"image_ids": image_ids, "features": torch.from_numpy(features)}, path)
-    return features
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(cached, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+    return cached["features"][[position[i] for i in rows["image_id"]]].numpy()
 
 
 def features_cache_key(arch: str, weights_description: str, preprocess: Preprocess) -> str:

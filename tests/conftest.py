@@ -1,0 +1,120 @@
+"""Shared fixtures: tiny generated catalogues and work folders, awkward image bytes, the real data."""
+import io
+import struct
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training import dataset, photos, tables
+from training.sample import Mess, make_sample_catalogue
+
+SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+SHARED_DATA = SHARED_DIR / "data" / "marketplace"
+
+
+@dataclass(frozen=True)
+class RawCatalogue:
+    """A generated raw-format catalogue and the manifest of what make_sample_catalogue put in it."""
+
+    data_dir: Path
+    manifest: dict
+
+
+@pytest.fixture(scope="session")
+def sample_catalogue(tmp_path_factory) -> RawCatalogue:
+    """Clean raw data: 24 listings in 3 categories, 2 photos each (48 px)."""
+    data_dir = tmp_path_factory.mktemp("sample_catalogue")
+    return RawCatalogue(data_dir, make_sample_catalogue(data_dir, listings=24, categories=3, size=48, seed=1))
+
+
+@pytest.fixture(scope="session")
+def messy_catalogue(tmp_path_factory) -> RawCatalogue:
+    """Raw data with one of every fault of `Mess` (and all four kinds of bad price) on 20 good listings."""
+    data_dir = tmp_path_factory.mktemp("messy_catalogue")
+    mess = replace(Mess.each(1), bad_prices=4)
+    return RawCatalogue(data_dir, make_sample_catalogue(data_dir, listings=20, categories=3, size=48,
+                                                        seed=2, mess=mess))
+
+
+@pytest.fixture(scope="session")
+def sample_work(tmp_path_factory, sample_catalogue) -> Path:
+    """A work folder after stages 1-3 (tables, 64 px photos, split) on `sample_catalogue`. Read only."""
+    work = tmp_path_factory.mktemp("sample_work")
+    tables.clean_tables(sample_catalogue.data_dir, work)
+    table = tables.read_training_table(work)
+    photos.normalise_photos(list(table["image_id"]), sample_catalogue.data_dir / "images",
+                            work / photos.PHOTOS_DIR, size=64, workers=1)
+    dataset.make_split(work, seed=0)
+    return work
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real listings in ../shared (skips the test when they are absent)."""
+    if not (SHARED_DATA / "Products.csv").is_file():
+        pytest.skip(f"real data not available at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def two_colour_image(width: int = 60, height: int = 30) -> Image.Image:
+    """Left half red, right half blue: shows which way up a decoded photo is."""
+    image = Image.new("RGB", (width, height), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, width // 2, height))
+    return image
+
+
+def encoded(image: Image.Image, format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A tiny valid PNG whose header (IHDR, CRC fixed up) claims `width` x `height` pixels."""
+    data = bytearray(encoded(Image.new("RGB", (1, 1)), "PNG"))
+    ihdr = 8 + 4  # after the signature and the chunk length
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
+    return bytes(data)
+
+
+def make_image_variants() -> dict[str, bytes]:
+    image = two_colour_image()
+    transparent_left = image.convert("RGBA")
+    transparent_left.putalpha(Image.new("L", image.size, 255))
+    transparent_left.paste((0, 0, 0, 0), (0, 0, image.width // 2, image.height))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: stored lying on its side, display rotated 90 degrees clockwise
+    palette_transparent = image.convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    grey16 = Image.fromarray(np.tile(np.linspace(0, 65535, 60), (30, 1)).astype(np.uint16))
+    jpeg = encoded(image, "JPEG", quality=95)
+    return {
+        "rgb_jpeg": jpeg,
+        "cmyk_jpeg": encoded(image.convert("CMYK"), "JPEG", quality=95),
+        "png_alpha": encoded(transparent_left, "PNG"),
+        "palette_png": encoded(image.convert("P", palette=Image.Palette.ADAPTIVE, colors=4), "PNG"),
+        "palette_transparent_png": encoded(palette_transparent, "PNG", transparency=0),
+        "grey_png": encoded(image.convert("L"), "PNG"),
+        "grey16_png": encoded(grey16, "PNG"),
+        "exif_rotated_jpeg": encoded(image, "JPEG", quality=95, exif=exif),
+        "webp": encoded(image, "WEBP", lossless=True),
+        "text": b"name,price\nlamp,5\n",
+        "empty": b"",
+        "truncated_jpeg": jpeg[: len(jpeg) // 2],
+    }
+
+
+@pytest.fixture(scope="session")
+def image_variants() -> dict[str, bytes]:
+    """Bytes of awkward photos, usable and not, all drawn from `two_colour_image()` (60x30)."""
+    return make_image_variants()
+
+
+@pytest.fixture(scope="session")
+def png_claiming():
+    """Factory: a tiny PNG whose header claims the given width and height."""
+    return png_claiming_size

@@ -1,0 +1,171 @@
+"""Stages 4-7 (train, embed, index, evaluate) and the whole pipeline on a tiny generated catalogue."""
+import faiss  # noqa: F401  (before torch, see README: OpenMP)
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training import pipeline
+from training.embed import load_embeddings
+from training.evaluate import knn_scores, top_k_accuracy
+from training.models import (MarketplaceNet, WeightsUnavailable, embed, load_checkpoint,
+                             load_pretrained_backbone, set_trainable)
+from training.presets import Preprocess, eval_transform
+from training.sample import make_sample_catalogue
+from training.search import Catalogue
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TINY = ["--arch", "resnet18", "--weights", "none", "--resize", "72", "--crop", "64", "--epochs", "3",
+        "--embedding-dim", "32", "--batch-size", "16", "--workers", "0", "--size", "96", "--feature-views", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One pipeline run over a generated catalogue of 4 visually distinct categories."""
+    root = tmp_path_factory.mktemp("pipeline")
+    make_sample_catalogue(root / "data", listings=60, categories=4, photos_per_listing=2, seed=0, size=96)
+    args = argparse_pipeline(["--data", str(root / "data"), "--out", str(root / "work"), *TINY,
+                              "--lr", "3e-3", "--epochs", "15"])
+    run_dir = pipeline.run_pipeline(args)
+    return root / "work", run_dir
+
+
+def argparse_pipeline(argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    pipeline.add_pipeline_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_run_folder_has_a_checkpoint_per_epoch_logs_and_reports(tiny_run):
+    _, run_dir = tiny_run
+    weights = sorted(path.name for path in (run_dir / "weights").iterdir())
+    assert weights == ["best.pt"] + sorted(f"epoch_{n}.pt" for n in range(1, 16))
+    assert list((run_dir / "logs").glob("events.out.tfevents.*"))
+    info = json.loads((run_dir / "run.json").read_text())
+    assert len(info["train"]["history"]) == 15
+    assert set(info["pipeline_seconds"]) == {"tables", "photos", "split", "train", "embed", "index", "evaluate"}
+    assert info["weights_source"] == "random initialisation"
+
+
+def test_checkpoint_describes_itself_and_rebuilds_the_model(tiny_run):
+    work, run_dir = tiny_run
+    model, checkpoint = load_checkpoint(run_dir / "weights" / "best.pt")
+    decoder = json.loads((work / "tables" / "decoder.json").read_text())
+    assert checkpoint["classes"] == [decoder[str(i)] for i in range(len(decoder))]
+    assert checkpoint["arch"] == "resnet18" and checkpoint["embedding_dim"] == 32
+    assert checkpoint["preprocess"]["crop"] == 64 and checkpoint["config"]["epochs"] == 15
+    assert set(checkpoint["metrics"]) == {"train_loss", "train_accuracy", "val_loss", "val_accuracy"}
+    # the stored embeddings are what the rebuilt model computes for the same photo
+    image_ids, vectors, probabilities, meta = load_embeddings(run_dir)
+    from PIL import Image
+
+    photo = Image.open(work / "photos" / f"{image_ids[0]}.jpg").convert("RGB")
+    batch = eval_transform(Preprocess.from_dict(checkpoint["preprocess"]))(photo)[None]
+    with torch.inference_mode():
+        probability, vector = embed(model, batch)
+    np.testing.assert_allclose(vector[0].numpy(), vectors[0], atol=1e-4)
+    np.testing.assert_allclose(probability[0].numpy(), probabilities[0], atol=1e-4)
+    assert meta["normalisation"] == "l2" and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+
+
+def test_embeddings_json_matches_binary_form(tiny_run):
+    _, run_dir = tiny_run
+    image_ids, vectors, _, _ = load_embeddings(run_dir)
+    as_json = json.loads((run_dir / "embeddings" / "image_embeddings.json").read_text())
+    assert list(as_json) == image_ids
+    np.testing.assert_allclose(np.array([as_json[i] for i in image_ids]), vectors, atol=1e-6)
+
+
+def test_index_finds_each_photo_first_and_carries_listing_metadata(tiny_run):
+    work, run_dir = tiny_run
+    image_ids, vectors, _, _ = load_embeddings(run_dir)
+    catalogue = Catalogue.load(run_dir / "index")
+    assert catalogue.image_ids == image_ids
+    assert catalogue.meta["model"]["checkpoint"].endswith("best.pt")
+    for row in (0, 5, 17):
+        first = catalogue.search(vectors[row:row + 1], k=3)[0][0]
+        assert first["similarity"] == pytest.approx(1.0, abs=1e-4)
+        # exact duplicate photos may tie: the winner has the same vector
+        assert np.allclose(vectors[image_ids.index(first["image_id"])], vectors[row], atol=1e-5)
+    listing = catalogue.listings[image_ids[0]]
+    assert set(listing) == {"product_id", "title", "price", "location", "category"}
+
+
+def test_evaluation_beats_chance_and_reports_the_frozen_backbone(tiny_run):
+    _, run_dir = tiny_run
+    report = json.loads((run_dir / "evaluation.json").read_text())
+    for model in ("fine_tuned", "frozen_backbone"):
+        assert set(report[model]) == {"model", "top1_accuracy", "top3_accuracy", "precision@1", "precision@5",
+                                      "precision@10"}
+    # four categories of distinct colours: far above chance (0.25) even from random features
+    assert report["fine_tuned"]["top1_accuracy"] >= 0.6
+    assert report["fine_tuned"]["top3_accuracy"] >= report["fine_tuned"]["top1_accuracy"]
+
+
+def test_top_k_accuracy_and_knn_vote_on_known_cases():
+    scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])
+    labels = np.array([1, 1, 0])
+    assert top_k_accuracy(scores, labels, 1) == pytest.approx(1 / 3)
+    assert top_k_accuracy(scores, labels, 2) == pytest.approx(2 / 3)
+    reference = np.eye(3, dtype=np.float32)
+    votes = knn_scores(reference, np.array([0, 1, 1]), np.array([[1, 0, 0]], np.float32), 2, k=1)
+    assert votes.argmax() == 0
+
+
+def test_frozen_training_only_updates_the_head():
+    model = MarketplaceNet("resnet18", 3, embedding_dim=8)
+    set_trainable(model, 0)
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    unfrozen = set_trainable(model, 1)
+    assert unfrozen == ["layer4"]
+    trainable = {name.split(".")[0] for name, p in model.backbone.named_parameters() if p.requires_grad}
+    assert trainable == {"layer4"}
+
+
+def test_one_fine_tuning_step_changes_the_unfrozen_block(tmp_path):
+    make_sample_catalogue(tmp_path / "data", listings=12, categories=2, photos_per_listing=1, seed=1, size=64)
+    args = argparse_pipeline(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "work"), *TINY,
+                              "--epochs", "1", "--trainable-stages", "1", "--no-baseline"])
+    run_dir = pipeline.run_pipeline(args)
+    model, _ = load_checkpoint(run_dir / "weights" / "epoch_1.pt")
+    torch.manual_seed(args.seed)  # training seeds the same way before building its model
+    initial = MarketplaceNet("resnet18", 2, embedding_dim=32).state_dict()
+    trained = model.state_dict()
+    assert not torch.equal(trained["backbone.layer4.0.conv1.weight"], initial["backbone.layer4.0.conv1.weight"])
+    assert torch.equal(trained["backbone.layer1.0.conv1.weight"], initial["backbone.layer1.0.conv1.weight"])
+    assert not torch.equal(trained["classifier.2.weight"], initial["classifier.2.weight"])
+
+
+def test_pretrained_weights_from_a_file_and_clear_failures(tmp_path):
+    source = MarketplaceNet("mobilenet_v2", 3)
+    torch.save(source.backbone.features.state_dict(), tmp_path / "features.pth")
+    target = MarketplaceNet("mobilenet_v2", 3)
+    assert "features.pth" in load_pretrained_backbone(target, str(tmp_path / "features.pth"))
+    assert torch.equal(target.backbone.features[0][0].weight, source.backbone.features[0][0].weight)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_pretrained_backbone(target, str(tmp_path / "missing.pth"))
+    torch.save({"something.else": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="do not match"):
+        load_pretrained_backbone(target, str(tmp_path / "other.pth"))
+
+
+def test_imagenet_weights_unavailable_offline_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("no network")))
+    with pytest.raises(WeightsUnavailable, match="--weights PATH.*--weights none"):
+        load_pretrained_backbone(MarketplaceNet("resnet50", 3), "imagenet")
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(not (SHARED / "data" / "marketplace").is_dir(), reason="../shared/data/marketplace is absent")
+def test_resnet50_path_runs_end_to_end_on_a_few_real_listings(tmp_path):
+    args = argparse_pipeline(["--data", str(SHARED / "data" / "marketplace"), "--out", str(tmp_path),
+                              "--max-listings", "30", *TINY, "--arch", "resnet50", "--epochs", "1"])
+    run_dir = pipeline.run_pipeline(args)
+    report = json.loads((run_dir / "evaluation.json").read_text())
+    assert report["catalogue_photos"] > 30 and 0 <= report["fine_tuned"]["top1_accuracy"] <= 1

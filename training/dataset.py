@@ -1,0 +1,152 @@
+"""Stage 3: split the photos into train/val/test by listing, and the torch Dataset over them.
+
+Reads WORK/tables/training_table.csv and WORK/photos/; writes WORK/split.csv (image_id, product_id,
+label, split) and WORK/split_report.json. A listing's photos always land in the same split (a
+second photo of a training listing in the test set would inflate the scores); within each category
+listings are shuffled with the seed and cut by the fractions. Photos that stage 2 could not
+normalise are left out and counted.
+
+Example:
+  python -m training.dataset --out work/marketplace --seed 0
+"""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from torch.utils.data import Dataset
+
+from training.photos import PHOTOS_DIR
+from training.tables import read_training_table
+
+SPLITS = ("train", "val", "test")
+SPLIT_FILE = "split.csv"
+SPLIT_REPORT = "split_report.json"
+SPLIT_COLUMNS = ["image_id", "product_id", "label", "split"]
+
+
+def drop_missing_photos(table: pd.DataFrame, photos_dir: Path) -> tuple[pd.DataFrame, list[str]]:
+    """Rows whose normalised photo exists, and the image ids of those that do not."""
+    present = {path.stem for path in Path(photos_dir).glob("*.jpg")}
+    has_photo = table["image_id"].isin(present)
+    return table[has_photo].reset_index(drop=True), list(table.loc[~has_photo, "image_id"])
+
+
+def split_counts(listings: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """(val, test) listings out of `listings`; a category too small to share stays in train."""
+    return round(listings * val_fraction), round(listings * test_fraction)
+
+
+def split_by_product(table: pd.DataFrame, val_fraction: float = 0.15, test_fraction: float = 0.15,
+                     seed: int = 0) -> pd.DataFrame:
+    """`table` with a `split` column: every photo of a product_id gets the same split.
+
+    Stratified by category: each category's listings (sorted, then shuffled with `seed`) are cut
+    into test, val and train by the fractions, so the result does not depend on row order.
+    """
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"val_fraction {val_fraction} and test_fraction {test_fraction} must be in [0, 1) "
+                         f"and leave some listings for training")
+    categories = table.groupby("product_id")["category"].agg(["first", "nunique"])
+    if (categories["nunique"] > 1).any():
+        raise ValueError(f"product_id(s) with photos in several categories: "
+                         f"{list(categories.index[categories['nunique'] > 1][:5])}")
+    rng = np.random.default_rng(seed)
+    split_of = {}
+    for _, products in sorted(categories.groupby("first").groups.items()):
+        products = rng.permutation(sorted(products))
+        n_val, n_test = split_counts(len(products), val_fraction, test_fraction)
+        for position, product_id in enumerate(products):
+            split_of[product_id] = "test" if position < n_test else "val" if position < n_test + n_val else "train"
+    return table.assign(split=table["product_id"].map(split_of))
+
+
+def summarise_split(split: pd.DataFrame, missing_photos: list[str], seed: int, val_fraction: float,
+                    test_fraction: float) -> dict:
+    by_category = split.groupby(["category", "split"]).size().unstack(fill_value=0)
+    return {
+        "seed": seed,
+        "fractions": {"val": val_fraction, "test": test_fraction},
+        "photos": len(split),
+        "excluded_missing_photo": len(missing_photos),
+        "excluded_examples": missing_photos[:10],
+        "splits": {name: {"photos": int((split["split"] == name).sum()),
+                          "listings": int(split.loc[split["split"] == name, "product_id"].nunique())}
+                   for name in SPLITS},
+        "categories": {category: {name: int(row.get(name, 0)) for name in SPLITS}
+                       for category, row in by_category.iterrows()},
+    }
+
+
+def make_split(work_dir: Path, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0) -> dict:
+    """Run stage 3 on WORK_DIR; writes split.csv and split_report.json and returns the report."""
+    work_dir = Path(work_dir)
+    photos_dir = work_dir / PHOTOS_DIR
+    if not photos_dir.is_dir():
+        raise FileNotFoundError(f"{photos_dir} is missing; run training.photos first")
+    table, missing = drop_missing_photos(read_training_table(work_dir), photos_dir)
+    if table.empty:
+        raise ValueError(f"no normalised photos of the training table under {photos_dir}")
+    split = split_by_product(table, val_fraction, test_fraction, seed)
+    split[SPLIT_COLUMNS].to_csv(work_dir / SPLIT_FILE, index=False)
+    report = summarise_split(split, missing, seed, val_fraction, test_fraction)
+    (work_dir / SPLIT_REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    return report
+
+
+def load_split(work_dir: Path) -> pd.DataFrame:
+    """WORK/split.csv: image_id, product_id (text), label (int), split ("train"/"val"/"test")."""
+    path = Path(work_dir) / SPLIT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; run training.dataset first")
+    split = pd.read_csv(path, dtype={"image_id": str, "product_id": str, "label": int, "split": str})
+    unknown = set(split["split"]) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"{path}: unknown split name(s) {sorted(unknown)}")
+    return split
+
+
+class ListingPhotos(Dataset):
+    """Normalised photos of `rows` (image_id, label): items are `(transform(photo), label, image_id)`."""
+
+    def __init__(self, rows: pd.DataFrame, photos_dir: Path, transform=None):
+        self.image_ids = [str(image_id) for image_id in rows["image_id"]]
+        self.labels = [int(label) for label in rows["label"]]
+        self.photos_dir = Path(photos_dir)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int):
+        image_id = self.image_ids[index]
+        with Image.open(self.photos_dir / f"{image_id}.jpg") as photo:
+            image = photo.convert("RGB")
+        return (self.transform(image) if self.transform else image), self.labels[index], image_id
+
+
+def format_report(report: dict) -> str:
+    lines = [f"split (seed {report['seed']}): {report['photos']:,} photos; "
+             f"{report['excluded_missing_photo']:,} left out (no normalised photo)"]
+    lines += [f"  {name:<5} {counts['photos']:>6,} photos  {counts['listings']:>6,} listings"
+              for name, counts in report["splits"].items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", "--work", dest="work", required=True, type=Path,
+                        help="work folder with tables/ and photos/; writes split.csv there")
+    parser.add_argument("--val-fraction", type=float, default=0.15)
+    parser.add_argument("--test-fraction", type=float, default=0.15)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    report = make_split(args.work, args.val_fraction, args.test_fraction, args.seed)
+    print(format_report(report))
+    print(f"-> {args.work / SPLIT_FILE}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Stage 2: normalise every photo of the training table to an RGB square JPEG.
+
+Reads WORK/tables/training_table.csv and DATA/images/<image_id>.jpg; writes WORK/photos/<image_id>.jpg
+(aspect kept, padded with black bars, see training/images.py) and WORK/photos/photos_report.json.
+A photo that cannot be decoded is listed with its error in the report and left out; the run goes on.
+Re-running skips photos already written at the same size, so an interrupted run resumes.
+
+Example:
+  python -m training.photos --data ../shared/data/marketplace --out work/marketplace --workers 2
+"""
+import argparse
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from training.images import ImageError, decode_image, pad_to_square
+from training.tables import read_training_table
+
+PHOTOS_DIR = "photos"
+REPORT_FILE = "photos_report.json"
+JPEG_QUALITY = 95
+TMP_SUFFIX = ".tmp"
+
+
+def is_done(destination: Path, size: int) -> bool:
+    """True when a finished photo of this size is already there (writes are atomic, so it is whole)."""
+    if not destination.is_file():
+        return False
+    with Image.open(destination) as image:
+        return image.size == (size, size)
+
+
+def save_jpeg_atomically(image: Image.Image, destination: Path) -> None:
+    """Write to a temporary file and rename, so a killed run never leaves half a JPEG under the real name."""
+    tmp = destination.with_name(destination.name + TMP_SUFFIX)
+    image.save(tmp, format="JPEG", quality=JPEG_QUALITY)
+    os.replace(tmp, destination)
+
+
+def read_photo(source: Path) -> Image.Image:
+    """Decode a source photo; raises ImageError for a file that cannot be read or decoded."""
+    try:
+        return decode_image(source)
+    except OSError as error:  # decode_image turns decoding errors into ImageError: this is reading the file
+        raise ImageError(f"{source}: cannot read the file ({error.strerror or error})") from error
+
+
+def normalise_photo(source: Path, destination: Path, size: int) -> str:
+    """Normalise one photo; returns "written" or "skipped". Raises ImageError for a bad source."""
+    if is_done(destination, size):
+        return "skipped"
+    save_jpeg_atomically(pad_to_square(read_photo(source), size), destination)
+    return "written"
+
+
+def normalise_task(task: tuple[str, Path, Path, int]) -> tuple[str, str, str | None]:
+    """Worker entry point: `(image_id, status, error)`; an unusable source is a result, not a crash."""
+    image_id, source, destination, size = task
+    try:
+        return image_id, normalise_photo(source, destination, size), None
+    except ImageError as error:
+        return image_id, "failed", str(error)
+
+
+def remove_partial_files(photos_dir: Path) -> int:
+    """Delete temporary files left by a killed run; returns how many."""
+    partial = list(photos_dir.glob(f"*{TMP_SUFFIX}"))
+    for path in partial:
+        path.unlink()
+    return len(partial)
+
+
+def run_tasks(tasks: list, workers: int) -> list[tuple[str, str, str | None]]:
+    """Normalise in `workers` processes (in this process when 1), with a progress bar."""
+    progress = dict(total=len(tasks), desc="normalising photos", unit="photo", smoothing=0.1)
+    if workers <= 1:
+        return [normalise_task(task) for task in tqdm(tasks, **progress)]
+    with ProcessPoolExecutor(max_workers=workers) as executor:
+        chunksize = max(1, min(64, len(tasks) // (workers * 8)))
+        return list(tqdm(executor.map(normalise_task, tasks, chunksize=chunksize), **progress))
+
+
+def normalise_photos(image_ids: list[str], images_dir: Path, photos_dir: Path, size: int = 512,
+                     workers: int | None = None) -> dict:
+    """Normalise `image_ids` from IMAGES_DIR into PHOTOS_DIR; writes and returns the report."""
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    images_dir, photos_dir = Path(images_dir), Path(photos_dir)
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"{images_dir} is missing (expected the photos as images/<image_id>.jpg)")
+    photos_dir.mkdir(parents=True, exist_ok=True)
+    partial = remove_partial_files(photos_dir)
+    workers = workers or os.cpu_count() or 1
+    tasks = [(image_id, images_dir / f"{image_id}.jpg", photos_dir / f"{image_id}.jpg", size)
+             for image_id in image_ids]
+    started = time.perf_counter()
+    results = run_tasks(tasks, workers)
+    failures = [{"image_id": image_id, "error": error} for image_id, status, error in results if status == "failed"]
+    statuses = [status for _, status, _ in results]
+    report = {
+        "source": str(images_dir.resolve()),
+        "size": size,
+        "photos": len(tasks),
+        "written": statuses.count("written"),
+        "skipped": statuses.count("skipped"),
+        "failed": len(failures),
+        "partial_files_removed": partial,
+        "workers": workers,
+        "seconds": round(time.perf_counter() - started, 1),
+        "failures": failures,
+    }
+    (photos_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"photos: {report['photos']:,} ({report['written']:,} written, {report['skipped']:,} already done, "
+             f"{report['failed']:,} failed) at {report['size']}x{report['size']} in {report['seconds']} s "
+             f"with {report['workers']} workers"]
+    lines += [f"  failed {failure['image_id']}: {failure['error']}" for failure in report["failures"][:20]]
+    if report["failed"] > 20:
+        lines.append(f"  ... and {report['failed'] - 20} more, see {REPORT_FILE}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, type=Path, help="folder with images/<image_id>.jpg")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="work folder with tables/training_table.csv; writes OUT/photos/")
+    parser.add_argument("--size", type=int, default=512, help="side of the square output photos")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes")
+    args = parser.parse_args(argv)
+    table = read_training_table(args.out)
+    report = normalise_photos(list(table["image_id"]), args.data / "images", args.out / PHOTOS_DIR,
+                              args.size, args.workers)
+    print(format_report(report))
+    print(f"-> {args.out / PHOTOS_DIR}")
+
+
+if __name__ == "__main__":
+    main()
