@@ -3,13 +3,14 @@
 Reads WORK/tables/training_table.csv and WORK/photos/; writes WORK/split.csv (image_id, product_id,
 label, split) and WORK/split_report.json. A listing's photos always land in the same split (a
 second photo of a training listing in the test set would inflate the scores); within each category
-listings are shuffled with the seed and cut by the fractions. Photos that stage 2 could not
-normalise are left out and counted.
+listings are shuffled with the seed and cut by the fractions. Listings that share a byte-identical
+photo are kept in one split too. Photos that stage 2 could not normalise are left out and counted.
 
 Example:
   python -m training.dataset --out work/marketplace --seed 0
 """
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -39,12 +40,35 @@ def split_counts(listings: int, val_fraction: float, test_fraction: float) -> tu
     return round(listings * val_fraction), round(listings * test_fraction)
 
 
+def duplicate_groups(table: pd.DataFrame, photos_dir: Path) -> dict[str, str]:
+    """`{product_id: group}`: listings that share a byte-identical photo get one group.
+
+    The same photo posted under two listings must not sit on both sides of the split.
+    """
+    parent = {product_id: product_id for product_id in table["product_id"]}
+
+    def find(product_id):
+        while parent[product_id] != product_id:
+            parent[product_id] = parent[parent[product_id]]
+            product_id = parent[product_id]
+        return product_id
+
+    first_with_digest = {}
+    for image_id, product_id in zip(table["image_id"], table["product_id"]):
+        digest = hashlib.sha1((Path(photos_dir) / f"{image_id}.jpg").read_bytes()).hexdigest()
+        other = first_with_digest.setdefault(digest, product_id)
+        parent[find(product_id)] = find(other)
+    return {product_id: find(product_id) for product_id in parent}
+
+
 def split_by_product(table: pd.DataFrame, val_fraction: float = 0.15, test_fraction: float = 0.15,
-                     seed: int = 0) -> pd.DataFrame:
+                     seed: int = 0, groups: dict[str, str] | None = None) -> pd.DataFrame:
     """`table` with a `split` column: every photo of a product_id gets the same split.
 
     Stratified by category: each category's listings (sorted, then shuffled with `seed`) are cut
     into test, val and train by the fractions, so the result does not depend on row order.
+    `groups` ({product_id: group}, see `duplicate_groups`) keeps listings of one group together;
+    a group is placed with its first listing's category.
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"val_fraction {val_fraction} and test_fraction {test_fraction} must be in [0, 1) "
@@ -53,14 +77,16 @@ def split_by_product(table: pd.DataFrame, val_fraction: float = 0.15, test_fract
     if (categories["nunique"] > 1).any():
         raise ValueError(f"product_id(s) with photos in several categories: "
                          f"{list(categories.index[categories['nunique'] > 1][:5])}")
+    groups = groups or {product_id: product_id for product_id in categories.index}
+    group_category = categories["first"].groupby(categories.index.map(groups)).min()
     rng = np.random.default_rng(seed)
-    split_of = {}
-    for _, products in sorted(categories.groupby("first").groups.items()):
-        products = rng.permutation(sorted(products))
-        n_val, n_test = split_counts(len(products), val_fraction, test_fraction)
-        for position, product_id in enumerate(products):
-            split_of[product_id] = "test" if position < n_test else "val" if position < n_test + n_val else "train"
-    return table.assign(split=table["product_id"].map(split_of))
+    split_of_group = {}
+    for _, members in sorted(group_category.groupby(group_category).groups.items()):
+        members = rng.permutation(sorted(members))
+        n_val, n_test = split_counts(len(members), val_fraction, test_fraction)
+        for position, group in enumerate(members):
+            split_of_group[group] = "test" if position < n_test else "val" if position < n_test + n_val else "train"
+    return table.assign(split=table["product_id"].map(lambda product_id: split_of_group[groups[product_id]]))
 
 
 def summarise_split(split: pd.DataFrame, missing_photos: list[str], seed: int, val_fraction: float,
@@ -89,9 +115,12 @@ def make_split(work_dir: Path, val_fraction: float = 0.15, test_fraction: float 
     table, missing = drop_missing_photos(read_training_table(work_dir), photos_dir)
     if table.empty:
         raise ValueError(f"no normalised photos of the training table under {photos_dir}")
-    split = split_by_product(table, val_fraction, test_fraction, seed)
+    groups = duplicate_groups(table, photos_dir)
+    split = split_by_product(table, val_fraction, test_fraction, seed, groups)
     split[SPLIT_COLUMNS].to_csv(work_dir / SPLIT_FILE, index=False)
     report = summarise_split(split, missing, seed, val_fraction, test_fraction)
+    group_sizes = pd.Series(groups).value_counts()
+    report["listings_linked_by_duplicate_photos"] = int(group_sizes[group_sizes > 1].sum())
     (work_dir / SPLIT_REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False))
     return report
 

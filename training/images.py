@@ -55,9 +55,11 @@ def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
     """Convert any PIL mode we accept to 8-bit RGB; transparency is flattened onto white."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if image.mode.startswith("I"):
         # 16/32-bit greyscale: rescale to 8 bits rather than clipping everything to white.
-        scale = 1 / 256 if image.mode.startswith("I;16") else 1 / 65536
+        image = image if image.mode == "I" else image.convert("I")  # point() needs "I"
+        high = image.getextrema()[1]
+        scale = 1 / 256 if high <= 65535 else 255 / high
         image = image.point(lambda value: value * scale).convert("L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")

@@ -31,8 +31,11 @@ def is_done(destination: Path, size: int) -> bool:
     """True when a finished photo of this size is already there (writes are atomic, so it is whole)."""
     if not destination.is_file():
         return False
-    with Image.open(destination) as image:
-        return image.size == (size, size)
+    try:
+        with Image.open(destination) as image:
+            return image.size == (size, size)
+    except OSError:  # not written by this stage (ours are renamed into place whole): redo it
+        return False
 
 
 def save_jpeg_atomically(image: Image.Image, destination: Path) -> None:

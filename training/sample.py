@@ -82,8 +82,8 @@ def new_id(rng: random.Random) -> str:
 def draw_photo(family: int, rng: np.random.Generator, size: int) -> Image.Image:
     """One photo of category `family`: its shape in its colour (jittered) on a noisy background."""
     colour, shape = FAMILIES[family]
-    width, height = (size, size) if rng.random() < 0.5 else sorted((size, int(size * rng.uniform(0.7, 1.0))),
-                                                                   reverse=bool(rng.random() < 0.5))
+    short = int(size * rng.uniform(0.7, 1.0))
+    width, height = (size, short) if rng.random() < 0.5 else (short, size)
     background = rng.integers(0, 90, 3) + rng.normal(0, 18, (height, width, 3))
     image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
     fill = tuple(int(c) for c in np.clip(np.array(colour) + rng.integers(-30, 31, 3), 0, 255))

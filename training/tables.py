@@ -34,7 +34,10 @@ def read_raw_csv(path: Path, columns: list[str]) -> pd.DataFrame:
     """
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing")
-    frame = pd.read_csv(path, lineterminator="\n", dtype=str, keep_default_na=False, na_values=[""])
+    try:
+        frame = pd.read_csv(path, lineterminator="\n", dtype=str, keep_default_na=False, na_values=[""])
+    except pd.errors.ParserError as error:
+        raise ValueError(f"{path} is not a readable CSV table: {error}") from error
     frame.columns = [column.strip() for column in frame.columns]
     missing = [column for column in columns if column not in frame.columns]
     if missing:

@@ -1,0 +1,134 @@
+"""training/images.py (safe decoding, RGB, square padding) and training/presets.py (the transforms)."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.images import ImageError, decode_image, pad_to_square, to_rgb
+from training.presets import Preprocess, collate_images, eval_transform, train_transform
+
+USABLE = ["rgb_jpeg", "cmyk_jpeg", "png_alpha", "palette_png", "palette_transparent_png", "grey_png",
+          "grey16_png", "exif_rotated_jpeg", "webp"]
+
+
+@pytest.mark.parametrize("name", USABLE)
+def test_decode_gives_full_rgb(image_variants, name):
+    image = decode_image(image_variants[name])
+    assert image.mode == "RGB"
+    assert image.size in ((60, 30), (30, 60))
+
+
+def test_decode_accepts_a_path(tmp_path, image_variants):
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(image_variants["png_alpha"])  # PNG bytes under a .jpg name, as on the marketplace
+    assert decode_image(path).size == (60, 30)
+    assert decode_image(str(path)).mode == "RGB"
+
+
+def test_exif_orientation_is_applied(image_variants):
+    image = np.asarray(decode_image(image_variants["exif_rotated_jpeg"]))
+    assert image.shape == (60, 30, 3)
+    top, bottom = image[5, 15], image[55, 15]
+    assert top[0] > 200 and top[2] < 60, "the red (left) half must end up on top"
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def test_transparency_is_flattened_onto_white(image_variants):
+    image = np.asarray(decode_image(image_variants["png_alpha"]))
+    assert (image[:, :30] == 255).all()
+    assert tuple(image[15, 45]) == (0, 0, 255)
+
+
+def test_cmyk_keeps_its_colours(image_variants):
+    image = np.asarray(decode_image(image_variants["cmyk_jpeg"])).astype(int)
+    assert image[15, 10, 0] > 200 and image[15, 10, 2] < 60
+    assert image[15, 50, 2] > 200 and image[15, 50, 0] < 60
+
+
+def test_16_bit_grey_is_rescaled_not_clipped(image_variants):
+    image = np.asarray(decode_image(image_variants["grey16_png"]))
+    assert image[0, 0, 0] < 10 and image[0, -1, 0] > 245
+    assert 100 < image.mean() < 155
+
+
+@pytest.mark.parametrize("name, message", [
+    ("empty", "empty file"),
+    ("text", "not a recognised image"),
+    ("truncated_jpeg", "truncated"),
+])
+def test_unusable_bytes_raise_image_error(image_variants, name, message):
+    with pytest.raises(ImageError, match=message):
+        decode_image(image_variants[name])
+
+
+def test_image_error_is_a_value_error():
+    assert issubclass(ImageError, ValueError)
+
+
+def test_error_names_the_file(tmp_path):
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(b"")
+    with pytest.raises(ImageError, match="broken.jpg"):
+        decode_image(path)
+
+
+@pytest.mark.parametrize("width, height", [(100_000, 100_000), (10_000, 10_000), (9_000, 9_000)])
+def test_decompression_bomb_is_refused_before_decoding(png_claiming, width, height):
+    # 1e10 pixels trips Pillow's own error, 1e8 its warning, 8.1e7 only our 64-megapixel limit.
+    with pytest.raises(ImageError, match="too large|over the limit"):
+        decode_image(png_claiming(width, height))
+
+
+def test_max_pixels_argument_lowers_the_limit(image_variants):
+    with pytest.raises(ImageError, match="60x30 pixels is over the limit of 1,000"):
+        decode_image(image_variants["rgb_jpeg"], max_pixels=1_000)
+    assert decode_image(image_variants["rgb_jpeg"], max_pixels=1_800).size == (60, 30)
+
+
+def test_to_rgb_rejects_an_unknown_mode():
+    with pytest.raises(ImageError, match="unsupported image mode 'RGBX'"):
+        to_rgb(Image.new("RGBX", (2, 2)))
+
+
+@pytest.mark.parametrize("size", [(60, 30), (30, 60), (64, 64), (7, 200)])
+def test_pad_to_square_keeps_aspect_with_black_bars(size):
+    image = pad_to_square(Image.new("RGB", size, (255, 255, 255)), 64)
+    assert image.size == (64, 64) and image.mode == "RGB"
+    pixels = np.asarray(image)
+    white = (pixels == 255).all(axis=2)
+    rows, columns = white.any(axis=1).sum(), white.any(axis=0).sum()
+    expected = (round(size[1] * 64 / max(size)), round(size[0] * 64 / max(size)))
+    assert abs(rows - expected[0]) <= 1 and abs(columns - expected[1]) <= 1
+    if size[0] != size[1]:
+        assert (pixels[0, 0] == 0).all() or (pixels[-1, -1] == 0).all()
+
+
+def test_pad_to_square_rejects_a_bad_size():
+    with pytest.raises(ValueError, match="size must be positive"):
+        pad_to_square(Image.new("RGB", (4, 4)), 0)
+
+
+def test_preprocess_round_trips_through_a_dict():
+    preprocess = Preprocess(resize=160, crop=128)
+    assert Preprocess.from_dict(preprocess.to_dict()) == preprocess
+    assert preprocess.to_dict()["mean"] == [0.485, 0.456, 0.406]
+
+
+@pytest.mark.parametrize("make", [eval_transform, train_transform])
+def test_transforms_give_normalised_crops(make):
+    preprocess = Preprocess(resize=72, crop=64)
+    tensor = make(preprocess)(Image.new("RGB", (90, 50), (124, 116, 104)))
+    assert tensor.shape == (3, 64, 64) and tensor.dtype == torch.float32
+    assert tensor.min() < -1  # the black bars, normalised
+
+
+def test_eval_transform_is_deterministic(image_variants):
+    preprocess = Preprocess(resize=72, crop=64)
+    image = decode_image(image_variants["rgb_jpeg"])
+    assert torch.equal(eval_transform(preprocess)(image), eval_transform(preprocess)(image))
+
+
+def test_collate_images_stacks_a_batch(image_variants):
+    images = [decode_image(image_variants[name]) for name in ("rgb_jpeg", "exif_rotated_jpeg", "grey_png")]
+    batch = collate_images(images, Preprocess(resize=40, crop=32))
+    assert batch.shape == (3, 3, 32, 32) and batch.dtype == torch.float32

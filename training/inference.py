@@ -1,0 +1,301 @@
+"""Answering photo queries: request parsing, batched search and the answer JSON, without TorchServe.
+
+The TorchServe handler (handlers/marketplace_handler.py) and in-process batch jobs call these
+functions; nothing here knows about sockets or the TorchServe context.
+
+A request is what TorchServe hands the handler for one HTTP call, a dict of named parts:
+  {"body": <photo bytes>}                       raw upload (Content-Type: image/*)
+  {"body": {"image": "<base64>", "k": 5, ...}}   JSON (TorchServe has already parsed it)
+  {"photo": <bytes>, "k": "5", ...}              multipart form: any one field holds the photo
+Options: `k` (1..MAX_K, default 10), `category` (restrict neighbours to one category),
+`embedding` (true to return the query's embedding). They go in the JSON document, as multipart
+fields, or as request headers `X-K`, `X-Category`, `X-Embedding` (the only way with a raw upload:
+TorchServe drops the query string of a POST). A JSON field or form field wins over a header.
+"""
+import base64
+import binascii
+import io
+import json
+import logging
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from training.images import MAX_PIXELS, ImageError, decode_image
+from training.search import MAX_K, Catalogue
+
+DEFAULT_K = 10
+TOP_CATEGORIES = 3
+OPTIONS = ("k", "category", "embedding")
+BODY_PARTS = ("body", "data")  # "data" is what gRPC and KServe-style clients send
+JSON_TYPES = ("application/json",)
+HEADER_OPTIONS = {f"x-{name}": name for name in OPTIONS}
+TRUE_WORDS = {"true", "1", "yes", "on"}
+FALSE_WORDS = {"false", "0", "no", "off", ""}
+
+logger = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request refused for its content: an HTTP status (4xx), a short type and a message."""
+
+    def __init__(self, message: str, status: int = 400, kind: str = "bad_request"):
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+    def body(self) -> dict:
+        return {"code": self.status, "type": self.kind, "error": str(self)}
+
+
+@dataclass(frozen=True)
+class Query:
+    """One valid request: the decoded photo and its options."""
+
+    image: Image.Image = field(repr=False)
+    k: int = DEFAULT_K
+    category: str | None = None
+    embedding: bool = False
+
+
+@dataclass
+class Batch:
+    """A handler batch: one slot per request, a Query or the RequestError that refused it.
+
+    `images` stacks the valid queries' tensors in slot order; the model and the index fill
+    `probabilities`, `vectors` ((valid, d) float32, L2-normalised) and `neighbours`.
+    """
+
+    slots: list
+    images: torch.Tensor | None = None
+    probabilities: np.ndarray | None = None
+    vectors: np.ndarray | None = None
+    neighbours: list[list[dict]] | None = None
+
+    @property
+    def queries(self) -> list[Query]:
+        return [slot for slot in self.slots if isinstance(slot, Query)]
+
+
+def parse_request(request: dict, categories: list[str], content_type: str | None = None,
+                  headers: dict | None = None) -> Query:
+    """Turn one TorchServe request dict into a Query; raises RequestError naming what is wrong.
+
+    `content_type` is the body's Content-Type, used to tell a JSON body TorchServe could not
+    parse (it then passes the raw bytes) from a photo; `headers` are the request's headers.
+    """
+    if not isinstance(request, dict) or not request:
+        raise RequestError("empty request: send a photo as the body, a multipart file or JSON {\"image\": base64}",
+                           kind="empty_request")
+    parts = {**header_options(headers or {}), **request}
+    body_name = next((name for name in BODY_PARTS if name in parts), None)
+    if body_name is None:
+        photo = pop_photo_field(parts)
+        return make_query(photo, parts, categories)
+    body = parts.pop(body_name)
+    if isinstance(body, (bytes, bytearray)) and not looks_like_json(body, content_type):
+        return make_query(body, parts, categories)
+    document = parse_json_body(body)
+    unknown = sorted(set(document) - {"image", *OPTIONS})
+    if unknown:
+        raise RequestError(f"unknown JSON field(s) {', '.join(unknown)}; expected image, {', '.join(OPTIONS)}",
+                           kind="unknown_field")
+    if "image" not in document:
+        raise RequestError("JSON body has no \"image\" field (the photo, base64-encoded)", kind="missing_image")
+    options = {**parts, **{name: document[name] for name in OPTIONS if name in document}}
+    return make_query(decode_base64(document["image"]), options, categories)
+
+
+def header_options(headers: dict) -> dict:
+    """Options sent as X-K / X-Category / X-Embedding request headers, by option name."""
+    return {HEADER_OPTIONS[key.lower()]: value for key, value in headers.items()
+            if isinstance(key, str) and key.lower() in HEADER_OPTIONS}
+
+
+def looks_like_json(body: bytes, content_type: str | None) -> bool:
+    declared = (content_type or "").split(";")[0].strip().lower()
+    return declared in JSON_TYPES or bytes(body[:64]).lstrip()[:1] == b"{"
+
+
+def parse_json_body(body) -> dict:
+    if isinstance(body, (bytes, bytearray)):
+        try:
+            body = json.loads(bytes(body).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise RequestError(f"body is not valid JSON ({error})", kind="bad_json") from error
+    elif isinstance(body, str):
+        if not body.lstrip().startswith("{"):
+            raise RequestError("text body is not a photo: send the photo bytes with an image Content-Type "
+                               "or JSON {\"image\": base64}", kind="not_an_image")
+        try:
+            body = json.loads(body)
+        except json.JSONDecodeError as error:
+            raise RequestError(f"body is not valid JSON ({error})", kind="bad_json") from error
+    if not isinstance(body, dict):
+        raise RequestError(f"JSON body must be an object, got {type(body).__name__}", kind="bad_json")
+    return body
+
+
+def pop_photo_field(parts: dict) -> bytes:
+    """The one multipart field that is not an option; removes it from `parts`."""
+    fields = [name for name in parts if name not in OPTIONS]
+    if not fields:
+        raise RequestError("no photo in the request: send it as the body or as a multipart file field",
+                           kind="missing_image")
+    if len(fields) > 1:
+        raise RequestError(f"one photo per request: got fields {', '.join(sorted(fields))} besides options "
+                           f"({', '.join(OPTIONS)})", kind="unknown_field")
+    photo = parts.pop(fields[0])
+    if not isinstance(photo, (bytes, bytearray)):
+        raise RequestError(f"field {fields[0]!r} holds text, not a photo file", kind="not_an_image")
+    return bytes(photo)
+
+
+def decode_base64(value) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise RequestError("\"image\" must be a non-empty base64 string", kind="bad_base64")
+    if value.startswith("data:") and "," in value:  # a data URL: data:image/jpeg;base64,....
+        value = value.split(",", 1)[1]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise RequestError(f"\"image\" is not valid base64 ({error})", kind="bad_base64") from error
+
+
+def make_query(photo: bytes, options: dict, categories: list[str]) -> Query:
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise RequestError(f"unknown option(s) {', '.join(unknown)}; expected {', '.join(OPTIONS)}",
+                           kind="unknown_field")
+    k = parse_k(options.get("k", DEFAULT_K))  # options first: they are cheap to check, the photo is not
+    category = parse_category(options.get("category"), categories)
+    embedding = parse_bool(options.get("embedding", False), "embedding")
+    return Query(read_photo(photo), k, category, embedding)
+
+
+def as_text(value) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8").strip()
+        except UnicodeDecodeError as error:
+            raise RequestError(f"option value {bytes(value)[:20]!r} is not UTF-8 text") from error
+    return str(value).strip()
+
+
+def parse_k(value) -> int:
+    if isinstance(value, bool) or isinstance(value, float):
+        raise RequestError(f"k must be an integer, got {value!r}", kind="bad_option")
+    if not isinstance(value, int):
+        text = as_text(value)
+        try:
+            value = int(text)
+        except ValueError as error:
+            raise RequestError(f"k must be an integer, got {text!r}", kind="bad_option") from error
+    if not 1 <= value <= MAX_K:
+        raise RequestError(f"k must be between 1 and {MAX_K}, got {value}", kind="bad_option")
+    return value
+
+
+def parse_category(value, categories: list[str]) -> str | None:
+    if value is None:
+        return None
+    category = as_text(value)
+    if not category:
+        return None
+    if category not in categories:
+        raise RequestError(f"unknown category {category!r}; known categories: {', '.join(categories)}",
+                           kind="bad_option")
+    return category
+
+
+def parse_bool(value, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = as_text(value).lower()
+    if text in TRUE_WORDS:
+        return True
+    if text in FALSE_WORDS:
+        return False
+    raise RequestError(f"{name} must be true or false, got {text!r}", kind="bad_option")
+
+
+def read_photo(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode an uploaded photo; 413 for oversized dimensions, 400 for anything else unusable."""
+    check_dimensions(data, max_pixels)
+    try:
+        return decode_image(bytes(data), max_pixels=max_pixels)
+    except ImageError as error:
+        raise RequestError(str(error), kind="invalid_image") from error
+    except (ValueError, OSError, SyntaxError) as error:
+        # A Pillow failure decode_image does not name (EXIF, mode conversion): still the upload's
+        # fault, so a 400 for this request; logged with its traceback because it may be our bug.
+        logger.warning("unreadable upload", exc_info=True)
+        raise RequestError(f"upload: unreadable image ({type(error).__name__}: {error})",
+                           kind="invalid_image") from error
+
+
+def check_dimensions(data: bytes, max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse a decompression bomb from its header alone, as 413 rather than a generic 400."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+    except Image.DecompressionBombError as error:
+        raise RequestError(f"upload: image dimensions are too large ({error})", 413, "image_too_large") from error
+    except (OSError, SyntaxError, ValueError):
+        return  # not readable as an image at all: decode_image says why
+    if width * height > max_pixels:
+        raise RequestError(f"upload: {width}x{height} pixels is over the limit of {max_pixels:,} pixels",
+                           413, "image_too_large")
+
+
+def search_batch(catalogue: Catalogue, vectors: np.ndarray, queries: list[Query]) -> list[list[dict]]:
+    """Neighbours for each query: one catalogue search per distinct category filter in the batch.
+
+    Each group is searched with its largest k and each answer cut to its own k; the first k
+    de-duplicated listings do not depend on how many more were asked for.
+    """
+    groups: dict[str | None, list[int]] = defaultdict(list)
+    for row, query in enumerate(queries):
+        groups[query.category].append(row)
+    answers: list[list[dict]] = [[] for _ in queries]
+    for category, rows in groups.items():
+        k = max(queries[row].k for row in rows)
+        found = catalogue.search(vectors[rows], k=k, category=category)
+        for row, neighbours in zip(rows, found):
+            answers[row] = neighbours[:queries[row].k]
+    return answers
+
+
+def top_categories(probabilities: np.ndarray, classes: list[str], n: int = TOP_CATEGORIES) -> list[dict]:
+    order = np.argsort(-probabilities, kind="stable")[:n]
+    return [{"category": classes[i], "probability": round(float(probabilities[i]), 6)} for i in order]
+
+
+def build_answer(probabilities: np.ndarray, classes: list[str], neighbours: list[dict], model: dict,
+                 embedding: np.ndarray | None = None) -> dict:
+    """The answer for one query: best category, top 3, nearest listings, model; embedding if asked."""
+    top = top_categories(probabilities, classes)
+    answer = {"category": top[0]["category"], "probability": top[0]["probability"], "top_categories": top,
+              "neighbours": neighbours, "model": model}
+    if embedding is not None:
+        answer["embedding"] = [float(x) for x in embedding]
+    return answer
+
+
+def batch_answers(batch: Batch, classes: list[str], model: dict) -> list[dict]:
+    """One answer per slot: the result for a Query, the error body for a RequestError."""
+    answers, row = [], 0
+    for slot in batch.slots:
+        if isinstance(slot, RequestError):
+            answers.append(slot.body())
+            continue
+        vector = batch.vectors[row] if slot.embedding else None
+        answers.append(build_answer(batch.probabilities[row], classes, batch.neighbours[row], model, vector))
+        row += 1
+    return answers
