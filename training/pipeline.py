@@ -54,10 +54,10 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_pipeline_arguments(parser)
-    run_pipeline(parser.parse_args(argv))
+    return run_pipeline(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

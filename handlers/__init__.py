@@ -1,0 +1,1 @@
+"""TorchServe handlers (one class per module, as TorchServe requires)."""

@@ -1,0 +1,206 @@
+"""Package a training run as a TorchServe model archive (.mar).
+
+  python -m scripts.archive --run work/marketplace/model_evaluation/2025-01-31_142233 \\
+      --name marketplace --version 1.0 --store model_store
+  python -m scripts.archive --run RUN --version 2.0 --output-name '{name}-v{version}'   # several versions in one store
+
+Reads RUN/weights/best.pt, RUN/index/, RUN/evaluation.json (and RUN/run.json when present). The
+archive holds, beside MAR-INF/MANIFEST.json:
+  best.pt                 the self-describing checkpoint (serializedFile)
+  marketplace_handler.py  the handler
+  training/               the training modules the handler imports (models, presets, images, search, inference)
+  catalogue/              the Faiss index, id map, listings and index meta from RUN/index
+  decoder.json            {"0": category, ...} from the checkpoint's classes
+  model_config.yaml       batching and workers (batchSize, maxBatchDelay, minWorkers, maxWorkers, ...)
+  model_card.json         data source, training config, evaluation figures, checkpoint sha256, creation time
+Everything is derived from the run, so two builds from the same run have byte-identical members;
+only MANIFEST.json's createdOn (written by torch-model-archiver) differs.
+"""
+import faiss  # noqa: F401  (before torch: OpenMP, see README)
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from training.models import load_checkpoint, sha256_file
+from training.runs import RUN_INFO, read_run_info
+from training.search import ID_MAP_FILE, INDEX_FILE, LISTINGS_FILE, META_FILE
+
+REPO = Path(__file__).resolve().parents[1]
+HANDLER = REPO / "handlers" / "marketplace_handler.py"
+SHARED_PACKAGE = REPO / "training"
+CHECKPOINT = Path("weights") / "best.pt"
+INDEX_DIR = "index"
+EVALUATION = "evaluation.json"
+CATALOGUE_FILES = (INDEX_FILE, ID_MAP_FILE, LISTINGS_FILE, META_FILE)
+CATALOGUE_DIR = "catalogue"  # handlers/marketplace_handler.py reads it from there
+TRAINING_IMPORT = re.compile(r"^\s*(?:from|import)\s+training\.(\w+)", re.MULTILINE)
+RUN_STAMP_FORMAT = "%Y-%m-%d_%H%M%S"  # training/runs.py names run folders this way
+
+
+def check_run(run_dir: Path) -> None:
+    required = [run_dir / CHECKPOINT, run_dir / EVALUATION] + [run_dir / INDEX_DIR / name for name in CATALOGUE_FILES]
+    missing = [str(path) for path in required if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"run folder {run_dir} is incomplete; missing: {', '.join(missing)}")
+
+
+def shared_modules(entry: Path) -> list[Path]:
+    """training/__init__.py and every training module `entry` imports, directly or not."""
+    found, pending = {SHARED_PACKAGE / "__init__.py"}, [entry]
+    while pending:
+        for name in TRAINING_IMPORT.findall(pending.pop().read_text()):
+            module = SHARED_PACKAGE / f"{name}.py"
+            if not module.is_file():
+                raise FileNotFoundError(f"{module} is imported by the handler but does not exist")
+            if module not in found:
+                found.add(module)
+                pending.append(module)
+    return sorted(found)
+
+
+def run_created(run_dir: Path, info: dict) -> datetime:
+    """When the run was made: run.json's `created`, else the run folder's timestamp name."""
+    if "created" in info:
+        return datetime.fromisoformat(info["created"]).astimezone(timezone.utc)
+    try:
+        return datetime.strptime(run_dir.name[:17], RUN_STAMP_FORMAT).replace(tzinfo=timezone.utc)
+    except ValueError as error:
+        raise ValueError(f"{run_dir}: no `created` in {RUN_INFO} and the folder name is not a "
+                         f"{RUN_STAMP_FORMAT} timestamp; pass --version") from error
+
+
+def default_version(created: datetime) -> str:
+    """A version that sorts with time and reads as a number TorchServe accepts, e.g. 20250131.142233."""
+    return created.strftime("%Y%m%d.%H%M%S")
+
+
+def check_index_matches(run_dir: Path, checkpoint_sha256: str) -> dict:
+    """The index meta; refuses an index whose vectors were made by another checkpoint."""
+    meta = json.loads((run_dir / INDEX_DIR / META_FILE).read_text())
+    indexed_with = meta.get("model", {}).get("checkpoint_sha256")
+    if indexed_with and indexed_with != checkpoint_sha256:
+        raise ValueError(f"{run_dir / INDEX_DIR} was built from checkpoint sha256 {indexed_with[:12]}, but "
+                         f"{run_dir / CHECKPOINT} is {checkpoint_sha256[:12]}: re-run training.embed and training.index")
+    return meta
+
+
+def model_card(run_dir: Path, info: dict, checkpoint: dict, checkpoint_sha256: str, index_meta: dict,
+               name: str, version: str, created: datetime) -> dict:
+    return {
+        "name": name,
+        "version": version,
+        "created": created.isoformat(timespec="seconds"),
+        "run": run_dir.name,
+        "data": info.get("data", "unknown (no data source in run.json)"),
+        "weights_source": info.get("weights_source"),
+        "training": {"config": checkpoint["config"], "epoch": checkpoint["epoch"], "metrics": checkpoint["metrics"],
+                     "best_epoch": info.get("train", {}).get("best_epoch")},
+        "checkpoint": {"file": CHECKPOINT.name, "sha256": checkpoint_sha256, "arch": checkpoint["arch"],
+                       "embedding_dim": checkpoint["embedding_dim"], "preprocess": checkpoint["preprocess"]},
+        "classes": checkpoint["classes"],
+        "catalogue": {key: index_meta.get(key) for key in ("count", "dimension", "metric", "normalisation", "index")},
+        "evaluation": json.loads((run_dir / EVALUATION).read_text()),
+    }
+
+
+def model_config(batch_size: int, max_batch_delay: int, min_workers: int, max_workers: int,
+                 response_timeout: int, threads: int) -> dict:
+    config = {"minWorkers": min_workers, "maxWorkers": max_workers, "batchSize": batch_size,
+              "maxBatchDelay": max_batch_delay, "responseTimeout": response_timeout}
+    if threads:
+        config["handler"] = {"threads": threads}
+    return config
+
+
+def stage_extra_files(stage: Path, run_dir: Path, classes: list[str], card: dict) -> Path:
+    """The --extra-files folder: model-archiver copies its items (and sub-folders) beside the handler."""
+    extra = stage / "extra"
+    (extra / "training").mkdir(parents=True)
+    for module in shared_modules(HANDLER):
+        shutil.copyfile(module, extra / "training" / module.name)
+    (extra / CATALOGUE_DIR).mkdir()
+    for name in CATALOGUE_FILES:
+        shutil.copyfile(run_dir / INDEX_DIR / name, extra / CATALOGUE_DIR / name)
+    (extra / "decoder.json").write_text(json.dumps({str(i): name for i, name in enumerate(classes)}, indent=2))
+    (extra / "model_card.json").write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
+    return extra
+
+
+def run_archiver(stage: Path, name: str, version: str, checkpoint: Path, extra: Path, config_file: Path) -> Path:
+    """torch-model-archiver in a child process whose TMPDIR is ours: it stages in TMPDIR/<name>."""
+    out = stage / "out"
+    tmp = stage / "tmp"
+    out.mkdir()
+    tmp.mkdir()
+    command = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", version,
+               "--serialized-file", str(checkpoint), "--handler", str(HANDLER), "--extra-files", str(extra),
+               "--config-file", str(config_file), "--export-path", str(out), "--force"]
+    result = subprocess.run(command, env={**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp)},
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"torch-model-archiver failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return out / f"{name}.mar"
+
+
+def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketplace", version: str | None = None,
+                  output_name: str = "{name}", batch_size: int = 8, max_batch_delay: int = 50,
+                  min_workers: int = 1, max_workers: int = 1, response_timeout: int = 120,
+                  threads: int = 0) -> Path:
+    """Build STORE/<output_name>.mar from a run folder; returns its path (an existing file is replaced)."""
+    run_dir, store = Path(run_dir), Path(store)
+    check_run(run_dir)
+    if not store.is_dir():
+        raise FileNotFoundError(f"model store {store} is not a folder")
+    info = read_run_info(run_dir)
+    _, checkpoint = load_checkpoint(run_dir / CHECKPOINT)
+    checkpoint_sha256 = sha256_file(run_dir / CHECKPOINT)
+    index_meta = check_index_matches(run_dir, checkpoint_sha256)
+    created = run_created(run_dir, info)
+    version = version or default_version(created)
+    card = model_card(run_dir, info, checkpoint, checkpoint_sha256, index_meta, name, version, created)
+    target = store / f"{output_name.format(name=name, version=version)}.mar"
+    with tempfile.TemporaryDirectory(prefix="archive-") as stage:
+        stage = Path(stage)
+        extra = stage_extra_files(stage, run_dir, checkpoint["classes"], card)
+        config_file = stage / "model_config.yaml"
+        config_file.write_text(yaml.safe_dump(model_config(batch_size, max_batch_delay, min_workers, max_workers,
+                                                           response_timeout, threads), sort_keys=True))
+        built = run_archiver(stage, name, version, run_dir / CHECKPOINT, extra, config_file)
+        shutil.move(str(built), target)
+    return target
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, type=Path, help="run folder (WORK/model_evaluation/<timestamp>)")
+    parser.add_argument("--name", default="marketplace", help="model name (URL path /predictions/NAME)")
+    parser.add_argument("--version", help="model version, e.g. 1.0 (default: the run's timestamp, 20250131.142233)")
+    parser.add_argument("--store", default=Path("model_store"), type=Path, help="model store folder")
+    parser.add_argument("--output-name", default="{name}",
+                        help="archive file name without .mar; {name} and {version} are filled in "
+                             "(e.g. '{name}-v{version}' to keep several versions in one store)")
+    parser.add_argument("--batch-size", type=int, default=8, help="largest dynamic batch")
+    parser.add_argument("--max-batch-delay", type=int, default=50, help="ms to wait for a batch to fill")
+    parser.add_argument("--min-workers", type=int, default=1)
+    parser.add_argument("--max-workers", type=int, default=1)
+    parser.add_argument("--response-timeout", type=int, default=120, help="seconds")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / max workers)")
+    args = parser.parse_args(argv)
+    target = build_archive(args.run, args.store, args.name, args.version, args.output_name, args.batch_size,
+                           args.max_batch_delay, args.min_workers, args.max_workers, args.response_timeout,
+                           args.threads)
+    print(f"{target} ({target.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

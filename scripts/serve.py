@@ -1,0 +1,422 @@
+"""Start, stop and inspect a local TorchServe serving the marketplace model.
+
+  python -m scripts.serve start --models marketplace=marketplace.mar --wait   # runs on; logs in logs/
+  python -m scripts.serve status
+  python -m scripts.serve stop
+
+Each server gets its own working folder (default logs/): its config copy (config.properties with
+the chosen ports), its logs, its key_file.json when tokens are on, and its own TMPDIR (pid file,
+worker sockets and unpacked archives), so several servers (tests, benchmarks) can run side by side.
+
+Importable, for tests, benchmarks and the demo:
+  server = start_server("model_store", workdir=tmp, models={"marketplace": "marketplace.mar"},
+                        inference_port=free_port(), management_port=free_port(), ...)
+  server.wait_ready("marketplace")   # GET /models/marketplace shows a READY worker
+  register(server, "marketplace-v2.0.mar", "marketplace", batch_size=8, initial_workers=1)
+  server.stop()                      # torchserve --stop, then waits for Java and its workers to exit
+"""
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "config.properties"
+DEFAULT_WORKDIR = Path("logs")
+PID_FILE = ".model_server.pid"  # written by torchserve into TMPDIR
+KEY_FILE = "key_file.json"  # written by TorchServe into its working folder when tokens are on
+JAVA_MAIN = "org.pytorch.serve.ModelServer"
+PORT_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
+GRPC_KEYS = ("grpc_inference_port", "grpc_management_port")
+
+
+class ServerError(RuntimeError):
+    """TorchServe did not start, stop or answer as expected."""
+
+
+class ManagementError(ServerError):
+    """The management API refused a call; carries the HTTP status."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Server:
+    """A TorchServe started by `start_server` (or found again by `attach`)."""
+
+    workdir: Path
+    pid: int
+    properties: dict = field(repr=False)
+
+    @property
+    def inference_url(self) -> str:
+        return self.properties["inference_address"]
+
+    @property
+    def management_url(self) -> str:
+        return self.properties["management_address"]
+
+    @property
+    def metrics_url(self) -> str:
+        return self.properties["metrics_address"]
+
+    @property
+    def tmpdir(self) -> Path:
+        return self.workdir / "tmp"
+
+    def token(self, api: str = "management") -> str | None:
+        """The API key from key_file.json ("management" or "inference"); None when tokens are off."""
+        return read_key_file(self.workdir / KEY_FILE, api)
+
+    def is_running(self) -> bool:
+        return java_process(self.pid) is not None
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of TorchServe's own log and the model log, for error messages."""
+        tails = []
+        for name in ("ts_log.log", "model_log.log", "torchserve.out"):
+            path = self.workdir / name
+            if path.is_file():
+                tails.append(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(tails)
+
+    def wait_ready(self, model_name: str, version: str | None = None, timeout: float = 120) -> dict:
+        """Wait until GET /models/NAME[/VERSION] shows a READY worker; returns that description.
+
+        /ping answers Healthy before any model is loaded, so it is no readiness signal.
+        """
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if not self.is_running():
+                raise ServerError(f"TorchServe (pid {self.pid}) exited while loading {model_name}\n{self.log_tail()}")
+            try:
+                description = describe(self, model_name, version)[0]
+                if any(worker["status"] == "READY" for worker in description.get("workers", [])):
+                    return description
+                last = f"workers {[worker['status'] for worker in description.get('workers', [])]}"
+            except ManagementError as error:
+                last = str(error)
+            except requests.ConnectionError:
+                last = "management API not answering yet"
+            time.sleep(0.5)
+        raise ServerError(f"{model_name} not READY after {timeout:.0f} s ({last})\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 60) -> None:
+        """`torchserve --stop`, then wait until Java and its Python workers have exited."""
+        java = java_process(self.pid)
+        if java is None:
+            (self.tmpdir / PID_FILE).unlink(missing_ok=True)
+            return
+        processes = [java] + java.children(recursive=True)
+        run_torchserve(["--stop"], self.workdir, self.tmpdir, self.workdir / "torchserve.out")
+        _, alive = psutil.wait_procs(processes, timeout=timeout)
+        for process in alive:
+            process.kill()
+        psutil.wait_procs(alive, timeout=10)
+        (self.tmpdir / PID_FILE).unlink(missing_ok=True)
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports (the probe sockets stay open until all are chosen)."""
+    probes = []
+    try:
+        for _ in range(count):
+            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            probes.append(probe)
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
+def read_properties(path: Path) -> dict:
+    """key=value lines of a Java properties file, comments dropped, order kept."""
+    properties = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "!")) and "=" in line:
+            key, value = line.split("=", 1)
+            properties[key.strip()] = value.strip()
+    return properties
+
+
+def write_properties(path: Path, properties: dict) -> None:
+    path.write_text("".join(f"{key}={value}\n" for key, value in properties.items()))
+
+
+def server_properties(config: Path, model_store: Path, ports: dict, extra_config: dict | None) -> dict:
+    """The base config with this server's model store, ports and extra settings."""
+    properties = read_properties(config)
+    properties["model_store"] = str(model_store)
+    for api, key in PORT_KEYS.items():
+        if ports.get(api):
+            properties[key] = f"http://127.0.0.1:{ports[api]}"
+    for key in GRPC_KEYS:
+        if ports.get(key):
+            properties[key] = str(ports[key])
+    properties.update({key: str(value).lower() if isinstance(value, bool) else str(value)
+                       for key, value in (extra_config or {}).items()})
+    return properties
+
+
+def check_ports_free(properties: dict) -> None:
+    ports = [int(properties[key].rsplit(":", 1)[1]) for key in PORT_KEYS.values() if key in properties]
+    ports += [int(properties[key]) for key in GRPC_KEYS if key in properties]
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                raise ServerError(f"port {port} is already in use (another TorchServe? `python -m scripts.serve "
+                                  f"status`); pick other ports")
+
+
+def server_env(workdir: Path, tmpdir: Path) -> dict:
+    env = {key: value for key, value in os.environ.items() if key != "TS_CONFIG_FILE"}  # it overrides --ts-config
+    env.update(TMPDIR=str(tmpdir), TEMP=str(tmpdir), LOG_LOCATION=str(workdir), METRICS_LOCATION=str(workdir))
+    return env
+
+
+def run_torchserve(arguments: list[str], workdir: Path, tmpdir: Path, output: Path) -> None:
+    """The `torchserve` launcher (it starts Java in the background and returns)."""
+    launcher = Path(sys.executable).with_name("torchserve")
+    if not launcher.is_file():
+        raise ServerError(f"{launcher} not found: install the project (pip install -e .) in this environment")
+    # Java inherits the launcher's stdout: a pipe would never close, so it goes to a file.
+    with open(output, "a") as log:
+        result = subprocess.run([str(launcher), *arguments], cwd=workdir, env=server_env(workdir, tmpdir),
+                                stdout=log, stderr=subprocess.STDOUT, timeout=120)
+    if result.returncode != 0:
+        raise ServerError(f"torchserve {' '.join(arguments)} failed ({result.returncode}); see {output}")
+
+
+def java_process(pid: int) -> psutil.Process | None:
+    try:
+        process = psutil.Process(pid)
+        return process if JAVA_MAIN in process.cmdline() and process.status() != psutil.STATUS_ZOMBIE else None
+    except psutil.Error:
+        return None
+
+
+def start_server(model_store: Path | str, *, workdir: Path | str, config: Path | str = DEFAULT_CONFIG,
+                 models: dict[str, str] | None = None, inference_port: int | None = None,
+                 management_port: int | None = None, metrics_port: int | None = None,
+                 grpc_inference_port: int | None = None, grpc_management_port: int | None = None,
+                 extra_config: dict | None = None, timeout: float = 60) -> Server:
+    """Start TorchServe in the background and wait until its management API answers.
+
+    Ports left as None keep the config's values. `models` maps names to .mar files in the store
+    (loaded at start-up; use `Server.wait_ready` before sending queries).
+    """
+    model_store, workdir = Path(model_store).resolve(), Path(workdir).resolve()
+    if not model_store.is_dir():
+        raise FileNotFoundError(f"model store {model_store} is not a folder")
+    for mar in (models or {}).values():
+        if not (model_store / mar).exists():
+            raise FileNotFoundError(f"{model_store / mar} does not exist; build it with scripts.archive")
+    tmpdir = workdir / "tmp"
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    running = attach_pid(tmpdir)
+    if running is not None:
+        raise ServerError(f"a TorchServe (pid {running}) already runs from {workdir}; stop it first")
+    ports = {"inference": inference_port, "management": management_port, "metrics": metrics_port,
+             "grpc_inference_port": grpc_inference_port, "grpc_management_port": grpc_management_port}
+    properties = server_properties(Path(config), model_store, ports, extra_config)
+    check_ports_free(properties)
+    config_copy = workdir / "config.properties"
+    write_properties(config_copy, properties)
+    arguments = ["--start", "--ts-config", str(config_copy), "--model-store", str(model_store), "--ncs"]
+    if models:
+        arguments += ["--models", *(f"{name}={mar}" for name, mar in models.items())]
+    run_torchserve(arguments, workdir, tmpdir, workdir / "torchserve.out")
+    pid = attach_pid(tmpdir)
+    if pid is None:
+        raise ServerError(f"TorchServe did not start; see {workdir / 'torchserve.out'}")
+    server = Server(workdir, pid, properties)
+    wait_api(server, timeout)
+    return server
+
+
+def wait_api(server: Server, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not server.is_running():
+            raise ServerError(f"TorchServe (pid {server.pid}) exited during start-up\n{server.log_tail()}")
+        try:
+            requests.get(f"{server.inference_url}/ping", timeout=2)
+            requests.get(f"{server.management_url}/models", timeout=2, headers=auth_headers(server.token()))
+            return
+        except requests.ConnectionError:
+            time.sleep(0.3)
+    server.stop()
+    raise ServerError(f"TorchServe APIs not answering after {timeout:.0f} s\n{server.log_tail()}")
+
+
+def attach_pid(tmpdir: Path) -> int | None:
+    """The pid of the TorchServe whose pid file is in `tmpdir`, if it still runs."""
+    pid_file = tmpdir / PID_FILE
+    if not pid_file.is_file():
+        return None
+    pid = int(pid_file.read_text().split()[0])
+    return pid if java_process(pid) else None
+
+
+def attach(workdir: Path | str = DEFAULT_WORKDIR) -> Server | None:
+    """The running server started from `workdir` (by this module's `start`), or None."""
+    workdir = Path(workdir).resolve()
+    pid = attach_pid(workdir / "tmp")
+    if pid is None:
+        return None
+    return Server(workdir, pid, read_properties(workdir / "config.properties"))
+
+
+# --- management API (also used by scripts.versions) -----------------------------------------------
+
+def read_key_file(path: Path, api: str = "management") -> str | None:
+    """A key from TorchServe's key_file.json: {"management": {"key": ...}, "inference": {...}, ...}."""
+    if not Path(path).is_file():
+        return None
+    keys = json.loads(Path(path).read_text())
+    if api not in keys:
+        raise ServerError(f"{path} has no {api!r} key (has {', '.join(keys)})")
+    return keys[api]["key"]
+
+
+def auth_headers(token: str | None) -> dict:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def management_call(target: "Server | str", method: str, path: str, token: str | None = None,
+                    timeout: float = 300, **params) -> dict | list:
+    """One management API call; `target` is a Server or the management URL. Raises ManagementError."""
+    if isinstance(target, Server):
+        url, token = target.management_url, token or target.token("management")
+    else:
+        url = target.rstrip("/")
+    params = {key: str(value).lower() if isinstance(value, bool) else value
+              for key, value in params.items() if value is not None}
+    response = requests.request(method, f"{url}{path}", params=params, headers=auth_headers(token), timeout=timeout)
+    if not response.ok:
+        raise ManagementError(f"{method} {path} -> {response.status_code}: {error_message(response)}",
+                              response.status_code)
+    return response.json()
+
+
+def error_message(response: requests.Response) -> str:
+    try:
+        return response.json().get("message", response.text)
+    except ValueError:
+        return response.text or response.reason
+
+
+def describe(target, name: str, version: str | None = None, token: str | None = None) -> list[dict]:
+    """GET /models/NAME (the default version), /models/NAME/VERSION or, with version "all", every version."""
+    return management_call(target, "GET", f"/models/{name}" + (f"/{version}" if version else ""), token)
+
+
+def register(target, mar: str | Path, name: str | None = None, *, batch_size: int | None = None,
+             max_batch_delay: int | None = None, initial_workers: int = 1, synchronous: bool = True,
+             response_timeout: int | None = None, token: str | None = None) -> dict:
+    """POST /models: load `mar` (a file name in the model store, or a URL) under `name`.
+
+    The version is the one written into the archive (scripts.archive --version). TorchServe
+    registers with 0 workers unless `initial_workers` is set, and a new version of a known name
+    does not become its default by itself (see `set_default`).
+    """
+    return management_call(target, "POST", "/models", token, url=str(mar), model_name=name,
+                           batch_size=batch_size, max_batch_delay=max_batch_delay, initial_workers=initial_workers,
+                           synchronous=synchronous, response_timeout=response_timeout)
+
+
+def set_default(target, name: str, version: str, token: str | None = None) -> dict:
+    return management_call(target, "PUT", f"/models/{name}/{version}/set-default", token)
+
+
+def unregister(target, name: str, version: str | None = None, token: str | None = None) -> dict:
+    """DELETE /models/NAME[/VERSION]; the default version cannot go while others remain (403)."""
+    return management_call(target, "DELETE", f"/models/{name}" + (f"/{version}" if version else ""), token)
+
+
+def list_models(target, token: str | None = None) -> list[dict]:
+    return management_call(target, "GET", "/models", token)["models"]
+
+
+# --- CLI --------------------------------------------------------------------------------------------
+
+def parse_models(values: list[str]) -> dict[str, str]:
+    models = {}
+    for value in values:
+        name, separator, mar = value.partition("=")
+        if not separator or not name or not mar:
+            raise SystemExit(f"--models {value!r}: expected NAME=FILE.mar")
+        models[name] = mar
+    return models
+
+
+def print_status(server: Server) -> None:
+    print(f"TorchServe pid {server.pid}: inference {server.inference_url}, management {server.management_url}, "
+          f"metrics {server.metrics_url}; logs in {server.workdir}")
+    for model in list_models(server):
+        for version in describe(server, model["modelName"], "all"):
+            workers = ", ".join(worker["status"] for worker in version.get("workers", [])) or "no workers"
+            print(f"  {version['modelName']} {version['modelVersion']} ({version['modelUrl']}): {workers}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["start", "stop", "status"])
+    parser.add_argument("--model-store", default=Path("model_store"), type=Path)
+    parser.add_argument("--models", nargs="*", default=[], metavar="NAME=FILE.mar",
+                        help="archives to load at start-up (default: none; register later with scripts.versions)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, type=Path, help="base config.properties")
+    parser.add_argument("--workdir", default=DEFAULT_WORKDIR, type=Path,
+                        help="logs, config copy, pid file and TMPDIR of the server")
+    parser.add_argument("--wait", action="store_true", help="start: wait until every --models model is READY")
+    parser.add_argument("--timeout", type=float, default=180, help="seconds for --wait")
+    args = parser.parse_args(argv)
+    if args.command == "start":
+        models = parse_models(args.models)
+        server = start_server(args.model_store, workdir=args.workdir, config=args.config, models=models)
+        if args.wait:
+            for name in models:
+                server.wait_ready(name, timeout=args.timeout)
+        print_status(server)
+        return
+    server = attach(args.workdir)
+    if server is None:
+        print(f"no TorchServe running from {args.workdir.resolve()}")
+        if args.command == "status":
+            sys.exit(1)
+        return
+    if args.command == "status":
+        print_status(server)
+    else:
+        server.stop()
+        print(f"stopped TorchServe pid {server.pid}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""The TorchServe handler in-process, on the files of a real archive built from a tiny run."""
+import faiss  # noqa: F401  (before torch: OpenMP, see README)
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from ts.torch_handler.unit_tests.test_utils.mock_context import MockContext
+
+from handlers.marketplace_handler import MarketplaceHandler, load_local_handler, predict_local
+from tests.serving_fixtures import archive_tiny_run, extract_archive, make_tiny_run, png_with_declared_size
+from training import inference
+from training.images import decode_image
+from training.inference import RequestError, parse_request
+from training.models import embed
+from training.presets import Preprocess, eval_transform
+
+ANSWER_FIELDS = {"category", "probability", "top_categories", "neighbours", "model"}
+NEIGHBOUR_FIELDS = {"image_id", "product_id", "title", "price", "location", "category", "similarity"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("handler")
+    run = make_tiny_run(root / "runs" / "2025-01-31_142233")
+    mar = archive_tiny_run(run, root / "store", version="1.0")
+    return run, extract_archive(mar, root / "model")
+
+
+@pytest.fixture(scope="module")
+def handler(tiny):
+    return load_local_handler(tiny[1])
+
+
+@pytest.fixture
+def forwards(handler):
+    """Counts forward passes of the handler's model."""
+    calls = []
+    hook = handler.model.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    yield calls
+    hook.remove()
+
+
+def photo(run, number: int) -> bytes:
+    return run.photo_bytes(f"img-{number:03d}")
+
+
+def tiff_16bit_big_endian() -> bytes:
+    values = (np.arange(64 * 48).reshape(48, 64) * 20).astype(">u2")
+    buffer = io.BytesIO()
+    Image.frombytes("I;16B", (64, 48), values.tobytes()).save(buffer, "TIFF")
+    return buffer.getvalue()
+
+
+def test_mixed_batch_answers_each_request_in_its_own_slot(tiny, handler, forwards):
+    run, _ = tiny
+    jpeg = photo(run, 3)
+    requests = [
+        {"body": jpeg},                                                              # raw upload
+        {"photo": photo(run, 5), "k": b"2", "category": b"Home"},                    # multipart
+        {"body": {"image": base64.b64encode(photo(run, 7)).decode(), "k": 3}},       # JSON base64
+        {"body": b""},                                                               # empty
+        {"body": b"name,price\nlamp,5\n"},                                           # text bytes
+        {"body": jpeg[: len(jpeg) // 2]},                                            # truncated JPEG
+        {"body": png_with_declared_size(30_000, 30_000)},                            # bomb dimensions
+        {"body": b'{"image": '},                                                     # bad JSON
+        {"body": {"image": "not base64!"}},                                          # bad base64
+        {"photo": jpeg, "k": b"0"},                                                  # k too small
+        {"body": {"image": base64.b64encode(jpeg).decode(), "k": 1000}},             # k too large
+        {"photo": jpeg, "category": b"Spaceships"},                                  # unknown category
+        {"body": tiff_16bit_big_endian()},                                           # 16-bit greyscale TIFF
+    ]
+    headers = [{}] * 7 + [{"Content-Type": "application/json"}] + [{}] * 5
+    answers = predict_local(handler, requests, headers)
+
+    assert len(answers) == len(requests)
+    statuses = [status for status, _ in answers]
+    assert statuses == [200, 200, 200, 400, 400, 400, 413, 400, 400, 400, 400, 400, 200]
+    kinds = [answer.get("type") for _, answer in answers]
+    assert kinds[3:12] == ["invalid_image", "invalid_image", "invalid_image", "image_too_large", "bad_json",
+                           "bad_base64", "bad_option", "bad_option", "bad_option"]
+    for status, answer in answers:
+        if status == 200:
+            assert set(answer) == ANSWER_FIELDS
+        else:
+            assert answer["code"] == status and answer["error"]
+    assert answers[0][1]["neighbours"][0]["image_id"] == "img-003"
+    assert len(answers[1][1]["neighbours"]) == 2
+    assert {n["category"] for n in answers[1][1]["neighbours"]} == {"Home"}
+    assert answers[2][1]["neighbours"][0]["image_id"] == "img-007" and len(answers[2][1]["neighbours"]) == 3
+    assert "Spaceships" in answers[11][1]["error"] and "Garden, Home, Music" in answers[11][1]["error"]
+    assert "between 1 and 100" in answers[9][1]["error"] and "1000" in answers[10][1]["error"]
+    assert forwards == [4]  # ONE forward pass over the four valid photos
+
+
+def test_one_index_search_per_category_filter_in_a_batch(tiny, handler, forwards, monkeypatch):
+    run, _ = tiny
+    searches = []
+    original = handler.catalogue.search
+
+    def counting_search(queries, k=10, category=None, **options):
+        searches.append((len(queries), k, category))
+        return original(queries, k=k, category=category, **options)
+
+    monkeypatch.setattr(handler.catalogue, "search", counting_search)
+    requests = [{"photo": photo(run, n), "k": str(k).encode()} for n, k in [(0, 2), (1, 5), (2, 3)]]
+    requests.append({"photo": photo(run, 4), "category": b"Music"})
+    answers = predict_local(handler, requests)
+
+    assert [len(answer["neighbours"]) for _, answer in answers] == [2, 5, 3, 2]  # only 2 Music listings
+    assert sorted(searches, key=str) == sorted([(3, 5, None), (1, 10, "Music")], key=str)
+    assert forwards == [4]
+
+
+def test_neighbours_are_distinct_listings_and_a_catalogue_photo_finds_itself(tiny, handler):
+    run, _ = tiny
+    for number in (0, 6, 11):
+        [(status, answer)] = predict_local(handler, [{"body": photo(run, number)}])
+        neighbours = answer["neighbours"]
+        products = [n["product_id"] for n in neighbours]
+        assert status == 200
+        assert len(products) == len(set(products)) == 6  # 12 photos of 6 listings; k=10 asks for more
+        assert neighbours[0]["image_id"] == f"img-{number:03d}"
+        assert neighbours[0]["similarity"] == pytest.approx(1.0, abs=1e-4)
+        assert set(neighbours[0]) == NEIGHBOUR_FIELDS
+        assert neighbours[0] == {**run.listings[neighbours[0]["image_id"]], "image_id": neighbours[0]["image_id"],
+                                 "similarity": neighbours[0]["similarity"]}
+        similarities = [n["similarity"] for n in neighbours]
+        assert similarities == sorted(similarities, reverse=True)
+
+
+def test_category_filter_keeps_only_that_category(tiny, handler):
+    run, _ = tiny
+    for category in run.classes:
+        [(status, answer)] = predict_local(handler, [{"body": photo(run, 0)}], [{"X-Category": category}])
+        assert status == 200
+        assert answer["neighbours"] and {n["category"] for n in answer["neighbours"]} == {category}
+
+
+def test_answer_categories_and_model(tiny, handler):
+    run, _ = tiny
+    [(_, answer)] = predict_local(handler, [{"body": photo(run, 2)}])
+    top = answer["top_categories"]
+    assert len(top) == 3 and {c["category"] for c in top} == set(run.classes)
+    assert answer["category"] == top[0]["category"] and answer["probability"] == top[0]["probability"]
+    assert sum(c["probability"] for c in top) == pytest.approx(1.0, abs=1e-5)
+    assert answer["model"] == {"name": "marketplace", "version": "1.0"}
+
+
+def test_embedding_only_when_asked_and_equal_to_embed(tiny, handler):
+    run, _ = tiny
+    jpeg = photo(run, 9)
+    answers = predict_local(handler, [{"body": jpeg}, {"photo": jpeg, "embedding": b"true"},
+                                      {"body": {"image": base64.b64encode(jpeg).decode(), "embedding": False}}])
+    assert "embedding" not in answers[0][1] and "embedding" not in answers[2][1]
+    served = np.array(answers[1][1]["embedding"], dtype=np.float32)
+    transform = eval_transform(Preprocess.from_dict(torch.load(tiny[1] / "best.pt", weights_only=True)["preprocess"]))
+    with torch.inference_mode():
+        _, expected = embed(handler.model, transform(decode_image(jpeg)).unsqueeze(0))
+    np.testing.assert_allclose(served, expected[0].numpy(), atol=1e-5)
+    assert np.linalg.norm(served) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_options_from_headers_and_fields_win(tiny, handler):
+    run, _ = tiny
+    answers = predict_local(handler, [{"body": photo(run, 1)}, {"photo": photo(run, 1), "k": b"4"}],
+                            [{"X-K": "2", "x-embedding": "yes"}, {"X-K": "2"}])
+    assert len(answers[0][1]["neighbours"]) == 2 and len(answers[0][1]["embedding"]) == 32
+    assert len(answers[1][1]["neighbours"]) == 4
+
+
+def test_a_batch_of_only_bad_requests_runs_no_forward(handler, forwards):
+    answers = predict_local(handler, [{"body": b""}, {"body": b"GIF89a broken"}, {}])
+    assert [status for status, _ in answers] == [400, 400, 400]
+    assert forwards == []
+
+
+@pytest.mark.parametrize("request_, message", [
+    ({"a": b"1", "b": b"2"}, "one photo per request"),
+    ({"k": b"3"}, "no photo"),
+    ({"photo": "text, not bytes"}, "holds text"),
+    ({"body": {"k": 3}}, "no \"image\" field"),
+    ({"body": {"image": "", "k": 3}}, "non-empty base64"),
+    ({"body": {"image": "aGk=", "colour": "red"}}, "unknown JSON field(s) colour"),
+    ({"body": [1, 2]}, "must be an object"),
+    ({"body": "hello"}, "text body is not a photo"),
+    ({"photo": b"x", "k": b"two"}, "k must be an integer"),
+    ({"photo": b"x", "k": b"3", "embedding": b"maybe"}, "embedding must be true or false"),
+])
+def test_parse_request_refuses_with_a_named_reason(request_, message):
+    with pytest.raises(RequestError) as error:
+        parse_request(request_, ["Garden", "Home"])
+    assert message in str(error.value)
+    assert 400 <= error.value.status < 500
+
+
+def test_parse_request_accepts_every_form_of_options():
+    jpeg = Image.new("RGB", (8, 8))
+    buffer = io.BytesIO()
+    jpeg.save(buffer, "JPEG")
+    data = buffer.getvalue()
+    encoded = "data:image/jpeg;base64," + base64.b64encode(data).decode()
+    query = parse_request({"body": {"image": encoded, "k": "7", "category": "Home", "embedding": "1"}}, ["Home"])
+    assert (query.k, query.category, query.embedding) == (7, "Home", True)
+    query = parse_request({"body": data}, ["Home"], "image/jpeg", {"X-Category": "Home"})
+    assert (query.k, query.category, query.embedding) == (inference.DEFAULT_K, "Home", False)
+    query = parse_request({"file": bytearray(data), "category": b""}, ["Home"])
+    assert query.category is None
+
+
+def test_decompression_bomb_below_pillows_own_limit_is_413(handler):
+    # 10000 x 10000 = 100 M pixels: over our 64 M limit, under Pillow's 2 x 89 M error threshold.
+    [(status, answer)] = predict_local(handler, [{"body": png_with_declared_size(10_000, 10_000)}])
+    assert status == 413 and answer["type"] == "image_too_large"
+
+
+def test_mock_context_initialises_the_handler(tiny):
+    """TorchServe's own unit-test context (trap 10) is enough to load the model."""
+    model_dir = tiny[1]
+    context = MockContext(model_pt_file="best.pt", model_dir=str(model_dir), model_file=None)
+    context.manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+    handler = MarketplaceHandler()
+    handler.initialize(context)
+    assert handler.initialized and handler.catalogue.index.ntotal == 12
+    assert handler.model_info == {"name": "marketplace", "version": "1.0"}
+
+
+def test_missing_catalogue_is_named(tiny, tmp_path):
+    import shutil
+
+    broken = shutil.copytree(tiny[1], tmp_path / "model")
+    shutil.rmtree(broken / "catalogue")
+    with pytest.raises(FileNotFoundError, match="catalogue is missing from the model folder"):
+        load_local_handler(broken)

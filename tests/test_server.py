@@ -1,0 +1,284 @@
+"""End to end: archives built from tiny runs, served by a real TorchServe on free loopback ports."""
+import faiss  # noqa: F401  (before torch: OpenMP, see README)
+
+import base64
+import io
+import json
+import os
+import re
+import threading
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from scripts import client, serve, versions
+from scripts.archive import build_archive
+from tests.serving_fixtures import TinyRun, archive_tiny_run, make_tiny_run, png_with_declared_size, running_server
+
+ANSWER_FIELDS = {"category", "probability", "top_categories", "neighbours", "model"}
+NAME = "marketplace"
+
+
+@dataclass
+class Served:
+    server: serve.Server
+    run: TinyRun  # served as 1.0 (resnet18)
+    other: TinyRun  # archived as 2.0 (mobilenet_v2, other weights)
+    store: Path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[TinyRun, TinyRun]:
+    root = tmp_path_factory.mktemp("runs")
+    return (make_tiny_run(root / "2025-01-31_142233", seed=0),
+            make_tiny_run(root / "2025-02-07_090000", arch="mobilenet_v2", seed=1, created="2025-02-07T09:00:00+00:00"))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, runs):
+    root = tmp_path_factory.mktemp("served")
+    store = root / "model_store"
+    v1 = archive_tiny_run(runs[0], store, version="1.0", batch_size=8, max_batch_delay=100)
+    archive_tiny_run(runs[1], store, version="2.0", batch_size=8, max_batch_delay=20)
+    with running_server(store, root / "torchserve", {NAME: v1.name}) as server:
+        yield Served(server, runs[0], runs[1], store)
+
+
+def post(served: Served, data: bytes, content_type: str | None = "image/jpeg", path: str = NAME,
+         headers: dict | None = None, **options) -> requests.Response:
+    headers = {**({"Content-Type": content_type} if content_type else {}), **(headers or {})}
+    return requests.post(f"{served.server.inference_url}/predictions/{path}", data=data, headers=headers,
+                         timeout=60, **options)
+
+
+def photo(run: TinyRun, number: int) -> bytes:
+    return run.photo_bytes(f"img-{number:03d}")
+
+
+def tiff_16bit() -> bytes:
+    buffer = io.BytesIO()
+    Image.frombytes("I;16B", (40, 30), (np.arange(1200) * 50).astype(">u2").tobytes()).save(buffer, "TIFF")
+    return buffer.getvalue()
+
+
+@pytest.mark.server
+def test_every_input_form_gets_the_same_answer(served):
+    jpeg = photo(served.run, 4)
+    url = f"{served.server.inference_url}/predictions/{NAME}"
+    raw = post(served, jpeg)
+    multipart = requests.post(url, files={"photo": ("photo.jpg", jpeg, "image/jpeg")}, data={"k": "3"}, timeout=60)
+    as_json = requests.post(url, json={"image": base64.b64encode(jpeg).decode(), "k": 3, "embedding": True},
+                            timeout=60)
+    for response in (raw, multipart, as_json):
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "application/json"
+    raw, multipart, as_json = raw.json(), multipart.json(), as_json.json()
+    assert set(raw) == ANSWER_FIELDS and set(as_json) == ANSWER_FIELDS | {"embedding"}
+    assert raw["model"] == {"name": NAME, "version": "1.0"}
+    assert raw["neighbours"][0]["image_id"] == "img-004"
+    assert raw["neighbours"][0]["similarity"] == pytest.approx(1.0, abs=1e-4)
+    assert raw["neighbours"][:3] == multipart["neighbours"] == as_json["neighbours"]
+    assert raw["top_categories"] == multipart["top_categories"] == as_json["top_categories"]
+
+
+BAD_INPUTS = {
+    "empty body": (b"", "image/jpeg", {}, 400),
+    "text bytes": (b"name,price\nlamp,5\n", "image/jpeg", {}, 400),
+    "truncated JPEG": ("truncated", "image/jpeg", {}, 400),
+    "bomb dimensions": (png_with_declared_size(30_000, 30_000), "image/png", {}, 413),
+    "bad JSON": (b'{"image": ', "application/json", {}, 400),
+    "bad base64": (json.dumps({"image": "***"}).encode(), "application/json", {}, 400),
+    "k=0": ("photo", "image/jpeg", {"X-K": "0"}, 400),
+    "k=1000": ("photo", "image/jpeg", {"X-K": "1000"}, 400),
+    "unknown category": ("photo", "image/jpeg", {"X-Category": "Spaceships"}, 400),
+}
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_its_4xx_with_a_json_message(served, case):
+    data, content_type, headers, status = BAD_INPUTS[case]
+    jpeg = photo(served.run, 0)
+    data = {"photo": jpeg, "truncated": jpeg[: len(jpeg) // 2]}.get(data, data)
+    response = post(served, data, content_type, headers=headers)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["code"] == status and body["error"]
+
+
+@pytest.mark.server
+def test_sixteen_bit_tiff_is_served(served):
+    response = post(served, tiff_16bit(), "image/tiff")
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.server
+def test_oversize_upload_is_refused_with_413(served):
+    limit = int(serve.read_properties(serve.DEFAULT_CONFIG)["max_request_size"])
+    assert limit == 20 * 1024 * 1024
+    too_big = b"\xff\xd8\xff" + bytes(limit + 1024)
+    response = post(served, too_big)
+    assert response.status_code == 413
+    assert post(served, photo(served.run, 0)).status_code == 200  # the server is fine afterwards
+
+
+def batch_sizes(metrics_text: str) -> dict[int, float]:
+    """{batch size: batches} from the handler's MarketplaceBatches counter."""
+    found = re.findall(r'^MarketplaceBatches\{BatchSize="(\d+)"[^}]*\}\s+([0-9.]+)', metrics_text, re.MULTILINE)
+    return {int(size): float(count) for size, count in found}
+
+
+@pytest.mark.server
+def test_concurrent_requests_are_served_in_batches_each_answer_in_its_slot(served):
+    numbers = list(range(12)) * 2
+    barrier = threading.Barrier(len(numbers))
+
+    def query(number):
+        barrier.wait()
+        return number, post(served, photo(served.run, number))
+
+    with ThreadPoolExecutor(len(numbers)) as pool:
+        results = list(pool.map(query, numbers))
+    for number, response in results:
+        assert response.status_code == 200, response.text
+        assert response.json()["neighbours"][0]["image_id"] == f"img-{number:03d}"  # no mixed-up slots
+
+    deadline, sizes = time.monotonic() + 10, {}
+    while time.monotonic() < deadline and not any(size > 1 for size in sizes):
+        sizes = batch_sizes(requests.get(f"{served.server.metrics_url}/metrics", timeout=10).text)
+        time.sleep(0.5)
+    assert any(size > 1 for size in sizes), f"only batches of one were seen: {sizes}"
+
+
+@pytest.mark.server
+def test_metrics_endpoint_speaks_prometheus(served):
+    post(served, photo(served.run, 1))
+    response = requests.get(f"{served.server.metrics_url}/metrics", timeout=10)
+    assert response.status_code == 200
+    assert "# TYPE ts_inference_requests_total counter" in response.text
+    assert re.search(r'^ts_inference_requests_total\{model_name="marketplace"', response.text, re.MULTILINE)
+
+
+@pytest.mark.server
+def test_worker_started_without_openmp_trouble(served):
+    assert "KMP_DUPLICATE_LIB_OK" not in os.environ
+    log = (served.server.workdir / "model_log.log").read_text()
+    assert "loaded best.pt (resnet18, 3 classes) and 12 catalogue photos" in log
+    assert "OMP: Error" not in log
+
+
+@pytest.mark.server
+def test_client_cli_prints_category_and_neighbours(served, capsys, tmp_path):
+    photo_file = tmp_path / "query.jpg"
+    photo_file.write_bytes(photo(served.run, 2))
+    client.main([str(photo_file), "--url", served.server.inference_url, "--k", "3"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("category: ") and "Listing 1" in printed and "£11.00" in printed
+    assert len([line for line in printed.splitlines() if re.match(r"\s*\d+\s", line)]) == 3
+    with pytest.raises(client.PredictionError, match="400"):
+        client.predict(served.server.inference_url, photo(served.run, 2), category="Spaceships")
+
+
+@pytest.mark.server
+def test_serve_cli_status_finds_the_server(served, capsys):
+    serve.main(["status", "--workdir", str(served.server.workdir)])
+    printed = capsys.readouterr().out
+    assert f"pid {served.server.pid}" in printed and "marketplace 1.0 (marketplace-v1.0.mar): READY" in printed
+
+
+@pytest.mark.server
+def test_release_rollback_retire(served, tmp_path, capsys):
+    server, management = served.server, served.server.management_url
+    inference = server.inference_url
+    not_a_photo = tmp_path / "not-a-photo.jpg"
+    not_a_photo.write_text("definitely not a photo")
+
+    with pytest.raises(versions.CanaryError, match="failed its canary and was unregistered"):
+        versions.release(management, inference, "marketplace-v2.0.mar", NAME, "2.0", photo=not_a_photo, warm_queries=0)
+    assert [d["modelVersion"] for d in serve.describe(server, NAME, "all")] == ["1.0"]
+
+    answer = versions.release(management, inference, "marketplace-v2.0.mar", NAME, "2.0", warm_queries=2)
+    assert answer["model"] == {"name": NAME, "version": "2.0"}
+    jpeg = photo(served.run, 5)
+    default, pinned = post(served, jpeg).json(), post(served, jpeg, path=f"{NAME}/1.0").json()
+    assert default["model"]["version"] == "2.0" and pinned["model"]["version"] == "1.0"
+    assert default["top_categories"] != pinned["top_categories"]  # two different models answered
+
+    with pytest.raises(serve.ManagementError) as refused:
+        serve.unregister(server, NAME, "2.0")  # the default cannot go while 1.0 is registered
+    assert refused.value.status == 403
+
+    versions.main(["--url", management, "list", NAME])
+    listing = capsys.readouterr().out
+    assert re.search(r"^\* 2\.0 ", listing, re.MULTILINE) and re.search(r"^  1\.0 ", listing, re.MULTILINE)
+
+    assert versions.rollback(management, NAME) == ("2.0", "1.0")
+    assert post(served, jpeg).json()["model"]["version"] == "1.0"
+    with pytest.raises(serve.ServerError, match="no registered version older"):
+        versions.rollback(management, NAME)
+    with pytest.raises(serve.ServerError, match="is the default version"):
+        versions.retire(management, NAME, "1.0")
+    versions.retire(management, NAME, "2.0")
+    assert [d["modelVersion"] for d in serve.describe(server, NAME, "all")] == ["1.0"]
+    assert post(served, jpeg, path=f"{NAME}/2.0").status_code == 404
+
+
+@pytest.mark.server
+def test_tokens_on_need_the_key_file(runs, tmp_path, capsys):
+    store = tmp_path / "model_store"
+    mar = archive_tiny_run(runs[0], store, version="1.0")
+    with running_server(store, tmp_path / "ts", extra_config={"disable_token_authorization": "false"}) as server:
+        key_file = server.workdir / serve.KEY_FILE
+        assert key_file.is_file()
+        assert requests.get(f"{server.management_url}/models", timeout=10).status_code in (400, 401)
+        serve.register(server, mar.name, NAME, initial_workers=0, synchronous=False)  # token read from the key file
+        versions.main(["--url", server.management_url, "--key-file", str(key_file), "list", NAME])
+        assert re.search(r"^\* 1\.0 +marketplace-v1\.0\.mar", capsys.readouterr().out, re.MULTILINE)
+
+
+def test_two_builds_from_one_run_have_identical_members(runs, tmp_path):
+    first = build_archive(runs[0].run_dir, _folder(tmp_path / "a"), version="1.0")
+    second = build_archive(runs[0].run_dir, _folder(tmp_path / "b"), version="1.0")
+    with zipfile.ZipFile(first) as a, zipfile.ZipFile(second) as b:
+        assert sorted(a.namelist()) == sorted(b.namelist())
+        for name in a.namelist():
+            if name != "MAR-INF/MANIFEST.json":
+                assert a.read(name) == b.read(name), name
+        manifests = [json.loads(z.read("MAR-INF/MANIFEST.json")) for z in (a, b)]
+        card = json.loads(a.read("model_card.json"))
+    for manifest in manifests:
+        manifest.pop("createdOn")
+    assert manifests[0] == manifests[1]
+    assert card["created"] == "2025-01-31T14:22:33+00:00" and card["version"] == "1.0"
+    assert card["evaluation"]["fine_tuned"]["top1_accuracy"] == 0.5
+    assert len(card["checkpoint"]["sha256"]) == 64
+
+
+def test_default_version_comes_from_the_run(runs, tmp_path):
+    mar = build_archive(runs[1].run_dir, _folder(tmp_path), output_name="{name}-v{version}")
+    assert mar.name == "marketplace-v20250207.090000.mar"
+    with zipfile.ZipFile(mar) as archive:
+        assert json.loads(archive.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"] == "20250207.090000"
+        assert "training/train.py" not in archive.namelist()  # only what the handler imports
+        assert {"training/models.py", "training/inference.py", "catalogue/catalogue.faiss"} <= set(archive.namelist())
+
+
+def test_archive_refuses_an_index_from_another_checkpoint(runs, tmp_path):
+    import shutil
+
+    run_dir = shutil.copytree(runs[0].run_dir, tmp_path / "run")
+    shutil.copyfile(runs[1].run_dir / "weights" / "best.pt", run_dir / "weights" / "best.pt")
+    with pytest.raises(ValueError, match="was built from checkpoint"):
+        build_archive(run_dir, _folder(tmp_path / "store"), version="1.0")
+
+
+def _folder(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
