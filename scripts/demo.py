@@ -1,0 +1,102 @@
+"""The main job end to end on a built-in default: train a small model, archive it, serve it, query it.
+
+Takes the best that is available and says which:
+  data:    --data DIR, else a few hundred listings of ../shared/data/marketplace, else a generated catalogue
+  weights: ImageNet ResNet50 (torchvision, cached under $TORCH_HOME), else the offline MobileNetV2 backbone
+           in ../shared/weights, else a randomly initialised ResNet50 (with a warning)
+Then archives the run into model_store/marketplace.mar, starts TorchServe on 127.0.0.1, sends a
+photo of a held-out listing to /predictions/marketplace and prints the answer. The server is
+stopped at the end unless --keep-running (then: python -m scripts.serve stop --workdir logs/demo).
+"""
+import faiss  # noqa: F401  (before torch: both bring OpenMP)
+import argparse
+import time
+from pathlib import Path
+
+from scripts.archive import build_archive
+from scripts.client import format_answer, predict
+from scripts.serve import start_server
+from training import pipeline
+from training.dataset import load_split
+from training.models import MarketplaceNet, WeightsUnavailable, load_pretrained_backbone
+from training.sample import make_sample_catalogue
+from training.tables import read_training_table
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SHARED_DATA = SHARED / "data" / "marketplace"
+SHARED_WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet_features.pth"
+MODEL_NAME = "marketplace"
+
+
+def choose_data(data: Path | None, out: Path, listings: int) -> tuple[Path, int, str]:
+    """(data folder, listings to sample (0 = all), description)."""
+    if data is not None:
+        return data, 0, f"{data} (given)"
+    if (SHARED_DATA / "Products.csv").is_file():
+        return SHARED_DATA, listings, f"{listings} listings sampled from {SHARED_DATA}"
+    generated = out / "sample_data"
+    if not (generated / "Products.csv").is_file():
+        make_sample_catalogue(generated, listings=listings // 2, categories=6, photos_per_listing=2, size=160)
+    return generated, 0, f"a generated catalogue of {listings // 2} listings in {generated} ({SHARED_DATA} is absent)"
+
+
+def choose_backbone() -> tuple[str, str, str]:
+    """(arch, --weights value, description): ImageNet ResNet50, else offline MobileNetV2, else random."""
+    try:
+        load_pretrained_backbone(MarketplaceNet("resnet50", 2), "imagenet")
+        return "resnet50", "imagenet", "ResNet50 with ImageNet weights (torchvision)"
+    except WeightsUnavailable as error:
+        print(f"ImageNet weights unavailable: {error}\n")
+    if SHARED_WEIGHTS.is_file():
+        return "mobilenet_v2", str(SHARED_WEIGHTS), f"MobileNetV2 with the offline ImageNet backbone {SHARED_WEIGHTS}"
+    print("WARNING: no pretrained weights available: the demo model starts from random initialisation and "
+          "its answers will be poor")
+    return "resnet50", "none", "ResNet50 from random initialisation"
+
+
+def pick_query(work: Path, data: Path) -> tuple[Path, dict]:
+    """A raw photo of a test-split listing (never trained on) and its listing row."""
+    split = load_split(work)
+    test = split[split["split"] == "test"].iloc[0]
+    table = read_training_table(work).set_index("image_id")
+    return data / "images" / f"{test['image_id']}.jpg", table.loc[test["image_id"]].to_dict()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, help="a folder in the raw format (Products.csv, Images.csv, images/)")
+    parser.add_argument("--out", type=Path, default=Path("work/demo"), help="work folder")
+    parser.add_argument("--listings", type=int, default=300, help="listings to sample from ../shared")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--keep-running", action="store_true", help="leave TorchServe running on 127.0.0.1:8080")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+
+    data, listings, data_description = choose_data(args.data, args.out, args.listings)
+    arch, weights, weights_description = choose_backbone()
+    print(f"data:    {data_description}\nweights: {weights_description}\n", flush=True)
+    run_dir = pipeline.main([
+        "--data", str(data), "--out", str(args.out), "--max-listings", str(listings), "--size", "256",
+        "--arch", arch, "--weights", weights, "--epochs", str(args.epochs), "--feature-views", "2",
+    ])
+
+    store = REPO / "model_store"
+    mar = build_archive(run_dir, store, name=MODEL_NAME, version="1.0")
+    print(f"\narchive: {mar}")
+    server = start_server(store, workdir=REPO / "logs" / "demo", models={MODEL_NAME: mar.name})
+    try:
+        server.wait_ready(MODEL_NAME, timeout=180)
+        photo, listing = pick_query(args.out, data)
+        print(f"\nPOST {server.inference_url}/predictions/{MODEL_NAME}  <- {photo.name}, a held-out listing:\n"
+              f"  '{listing['title']}' in {listing['category']}\n")
+        print(format_answer(predict(server.inference_url, photo.read_bytes(), model=MODEL_NAME, k=5)))
+    finally:
+        if not args.keep_running:
+            server.stop()
+    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s"
+          + (f"; TorchServe still runs at {server.inference_url}" if args.keep_running else ""))
+
+
+if __name__ == "__main__":
+    main()
