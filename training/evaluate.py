@@ -78,7 +78,8 @@ def evaluate_baseline(run_dir: Path, work_dir: Path, split, catalogue: Catalogue
     is_test = (split["split"] == "test").to_numpy()
     labels = split["label"].to_numpy()
     scores = knn_scores(features[~is_test], labels[~is_test], features[is_test], len(classes))
-    return {"model": f"frozen {train_config['arch']} ({weights}), k-NN", **scores_for(
+    return {"model": f"frozen {train_config['arch']} ({Path(train_config['weights']).name}), k-NN",
+            "weights": weights, **scores_for(
         scores, labels[is_test], frozen, features[is_test], split[is_test])}
 
 
