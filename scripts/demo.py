@@ -88,8 +88,9 @@ def main(argv=None) -> None:
     try:
         server.wait_ready(MODEL_NAME, timeout=180)
         photo, listing = pick_query(args.out, data)
-        print(f"\nPOST {server.inference_url}/predictions/{MODEL_NAME}  <- {photo.name}, a held-out listing:\n"
-              f"  '{listing['title']}' in {listing['category']}\n")
+        print(f"\nPOST {server.inference_url}/predictions/{MODEL_NAME}  <- {photo.name}\n"
+              f"  a photo of '{listing['title']}' ({listing['category']}), a test-split listing: the model\n"
+              f"  never trained on it, but it is on sale, so the catalogue holds it too\n")
         print(format_answer(predict(server.inference_url, photo.read_bytes(), model=MODEL_NAME, k=5)))
     finally:
         if not args.keep_running:

@@ -101,7 +101,9 @@ def run_epoch(model: MarketplaceNet, loader, criterion, optimizer=None, schedule
     training = optimizer is not None
     total_loss, correct, seen = 0.0, 0, 0
     with torch.set_grad_enabled(training):
-        for batch in loader:
+        # Photos are slow on a CPU: show progress; cached features take seconds per epoch.
+        for batch in tqdm(loader, desc="train" if training else "val", unit="batch", disable=on_features,
+                          leave=False):
             inputs, labels = batch[0], batch[1]
             logits, _ = model.forward_features(inputs) if on_features else model(inputs)
             loss = criterion(logits, labels)
