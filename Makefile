@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	$(PY) -m scripts.demo --out $(DEMO_OUT) $(if $(DATA),--data $(DATA))
+	$(PY) -m scripts.demo --out $(DEMO_OUT) $(if $(DATA),--data $(DATA)) $(ARGS)
 
 test: venv
 	$(PY) -m pytest
