@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     parser.add_argument("--data", type=Path, help="a folder in the raw format (Products.csv, Images.csv, images/)")
     parser.add_argument("--out", type=Path, default=Path("work/demo"), help="work folder")
     parser.add_argument("--listings", type=int, default=300, help="listings to sample from ../shared")
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--keep-running", action="store_true", help="leave TorchServe running on 127.0.0.1:8080")
     args = parser.parse_args(argv)
     started = time.perf_counter()

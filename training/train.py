@@ -229,15 +229,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--weights", default="imagenet",
                        help="'imagenet' (torchvision weights enum, cached under $TORCH_HOME), 'none', or a "
                             "state-dict file, e.g. ../shared/weights/mobilenet_v2_imagenet_features.pth")
-    group.add_argument("--epochs", type=int, default=30)
+    group.add_argument("--epochs", type=int, default=10)
     group.add_argument("--trainable-stages", type=int, default=0,
                        help="backbone blocks to fine-tune, last first (0 = frozen backbone, cached features)")
     group.add_argument("--feature-views", type=int, default=3,
                        help="frozen mode: views per training photo (eval, mirror, then random crops)")
     group.add_argument("--embedding-dim", type=int, default=256)
-    group.add_argument("--dropout", type=float, default=0.3)
+    group.add_argument("--dropout", type=float, default=0.5)
     group.add_argument("--lr", type=float, default=1e-3)
-    group.add_argument("--weight-decay", type=float, default=1e-2)
+    group.add_argument("--weight-decay", type=float, default=5e-2)
     group.add_argument("--label-smoothing", type=float, default=0.1)
     group.add_argument("--batch-size", type=int, default=32, help="photos per forward pass")
     group.add_argument("--head-batch-size", type=int, default=256, help="frozen mode: features per step")
