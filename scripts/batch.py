@@ -1,0 +1,542 @@
+"""Run every photo of a folder or CSV through the model into a JSON Lines file; resumable.
+
+  python -m scripts.batch photos/ --output results.jsonl                  # served: TorchServe at --url
+  python -m scripts.batch listings.csv --images photos/ --output results.jsonl --concurrency 8
+  python -m scripts.batch photos/ --output results.jsonl --local model_store/marketplace-v1.0.mar   # no server
+
+INPUT is a folder (every file in it, sorted by name, dot-files skipped; image id = file stem) or a
+CSV with an `image_id` and/or a `path` column (paths relative to the CSV's folder; image_id alone
+reads --images DIR/<image_id>.jpg). Inputs are identified by (image_id, absolute path).
+
+OUTPUT gets one JSON line per input, in the order answers arrive:
+  {"image_id", "path", "status": "ok", "category", "probability", "top_categories", "neighbours", "model"}
+  {"image_id", "path", "status": "error", "code", "error"}
+`code` is the HTTP status of the model's answer (400 unreadable photo, 413 too large, ...), the last
+status of an overload that outlived its retries (503, 507, ...), or, with no answer at all,
+"file_error" (the input could not be read), "connection_error" or "timeout".
+
+Retries: 429/502/503/504/507, connection errors and timeouts are retried --retries times with
+exponential backoff and jitter; any other answer is final for that input. 401/403/404 mean a wrong
+--url/--model/--version/--token, so the run stops at once instead of writing that error for every photo.
+
+Resuming: re-running with the same OUTPUT skips every input that already has a line, so a run
+killed at any point (SIGKILL included) continues where it stopped; a half-written last line is cut
+off first. Error lines are answers too and are not re-sent, unless --retry-errors: then inputs whose
+line is a transient error (codes above) are removed from OUTPUT and sent again, so every input still
+has exactly one line. 4xx answers are never re-sent.
+
+--local ARCHIVE.mar|FOLDER runs the archive's handler in this process, in batches of --batch-size,
+with the same output: the path for a machine without TorchServe. Throughput in the summary counts
+the photos answered in this run over the time spent answering them (model loading excluded).
+"""
+import argparse
+import csv
+import itertools
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import requests
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tqdm import tqdm
+
+from scripts.client import DEFAULT_URL, content_type, error_text, resolve_token
+from scripts.serve import auth_headers
+
+ANSWER_FIELDS = ("category", "probability", "top_categories", "neighbours", "model")
+TRANSIENT_STATUSES = (429, 502, 503, 504, 507)  # overload or a worker restarting: worth asking again
+NO_ANSWER_CODES = ("connection_error", "timeout")
+FATAL_STATUSES = (401, 403, 404)  # every photo would get the same answer
+FILE_ERROR = "file_error"
+FSYNC_EVERY_LINES = 200
+FSYNC_EVERY_SECONDS = 5.0
+CSV_COLUMNS = ("image_id", "path")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input photo."""
+
+    image_id: str
+    path: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.image_id, self.path
+
+
+class TransientError(RuntimeError):
+    """No final answer yet (overload, connection error, timeout); `code` as written to the output."""
+
+    def __init__(self, code: int | str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class FatalError(RuntimeError):
+    """An answer that every photo would get alike (wrong URL, model, version, token): stop the run."""
+
+
+@dataclass
+class Tally:
+    """Counts for the summary; `retried` is bumped from worker threads."""
+
+    skipped: int = 0
+    outcomes: Counter = field(default_factory=Counter)  # "ok" or the error code
+    retried: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add_retry(self, _retry_state=None) -> None:
+        with self.lock:
+            self.retried += 1
+
+    def count(self, record: dict) -> None:
+        self.outcomes["ok" if record["status"] == "ok" else record["code"]] += 1
+
+    @property
+    def answered(self) -> int:
+        return sum(self.outcomes.values())
+
+
+# --- inputs -------------------------------------------------------------------------------------------
+
+def absolute(path: Path | str) -> Path:
+    """An absolute, normalised path (symlinks kept): the same input gets the same key from any cwd."""
+    return Path(os.path.abspath(path))
+
+
+def list_inputs(source: Path, images_dir: Path | None = None) -> list[Item]:
+    """The inputs of a folder or a CSV, in order, each (image_id, path) once."""
+    source = Path(source)
+    if source.is_dir():
+        items = folder_inputs(source)
+    elif source.is_file() and source.suffix.lower() == ".csv":
+        items = csv_inputs(source, images_dir)
+    else:
+        raise FileNotFoundError(f"input {source} is neither a folder of photos nor a .csv file")
+    return list(dict.fromkeys(items))  # a row listed twice is answered once
+
+
+def folder_inputs(folder: Path) -> list[Item]:
+    """Every non-folder entry, sorted by name; unreadable ones become error lines, not gaps."""
+    folder = absolute(folder)
+    return [Item(path.stem, str(path)) for path in sorted(folder.iterdir())
+            if not path.name.startswith(".") and not path.is_dir()]
+
+
+def csv_inputs(csv_path: Path, images_dir: Path | None) -> list[Item]:
+    csv_path = absolute(csv_path)
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = [name.strip() for name in reader.fieldnames or []]
+        reader.fieldnames = columns
+        if not set(columns) & set(CSV_COLUMNS):
+            raise ValueError(f"{csv_path} has neither an image_id nor a path column (columns: {columns})")
+        if "path" not in columns and images_dir is None:
+            raise ValueError(f"{csv_path} has image_id but no path column: pass --images DIR "
+                             f"(photos are read as DIR/<image_id>.jpg)")
+        return [csv_item(row, csv_path, reader.line_num, images_dir) for row in reader]
+
+
+def csv_item(row: dict, csv_path: Path, line: int, images_dir: Path | None) -> Item:
+    image_id = (row.get("image_id") or "").strip()
+    path = (row.get("path") or "").strip()
+    if path:
+        full = absolute(csv_path.parent / path)  # an absolute `path` stays as it is
+        return Item(image_id or full.stem, str(full))
+    if image_id and images_dir is not None:
+        return Item(image_id, str(absolute(images_dir) / f"{image_id}.jpg"))
+    raise ValueError(f"{csv_path} line {line}: no path" + ("" if image_id else " and no image_id")
+                     + ("" if images_dir or not image_id else " (pass --images DIR to read DIR/<image_id>.jpg)"))
+
+
+def read_input(item: Item) -> bytes:
+    return Path(item.path).read_bytes()
+
+
+# --- output -------------------------------------------------------------------------------------------
+
+def record_key(record: dict) -> tuple[str, str]:
+    return record["image_id"], record["path"]
+
+
+def recover_output(output: Path) -> tuple[dict[tuple[str, str], dict], int]:
+    """(the records already in OUTPUT by (image_id, path), bytes cut off).
+
+    A run killed mid-write leaves a last line without its newline: it is cut off (that input is
+    simply sent again). A broken line elsewhere means someone else wrote the file: refuse it.
+    """
+    if not output.exists():
+        return {}, 0
+    data = output.read_bytes()
+    complete = data.rfind(b"\n") + 1
+    if complete < len(data):
+        os.truncate(output, complete)
+    records = {}
+    for number, line in enumerate(data[:complete].split(b"\n")[:-1], start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            records[record_key(record)] = record
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{output} line {number} is not a batch result ({error}): "
+                             f"{line[:120]!r}; was the file written by something else?") from error
+    return records, len(data) - complete
+
+
+def is_transient(record: dict) -> bool:
+    return record["status"] == "error" and record["code"] in TRANSIENT_STATUSES + NO_ANSWER_CODES
+
+
+def drop_records(output: Path, keys: set) -> None:
+    """Rewrite OUTPUT without the lines of `keys`; atomic, so a kill leaves the old file or the new."""
+    tmp = output.with_name(output.name + ".tmp")
+    with open(output, "rb") as source, open(tmp, "wb") as target:
+        for line in source:
+            if line.strip() and record_key(json.loads(line)) in keys:
+                continue
+            target.write(line)
+        target.flush()
+        os.fsync(target.fileno())
+    os.replace(tmp, output)
+
+
+class ResultWriter:
+    """Appends one JSON line per answer, flushed at once and fsynced every few lines or seconds.
+
+    Only the main thread writes, so each line is one whole write and lines never interleave.
+    """
+
+    def __init__(self, path: Path):
+        self.file = open(path, "ab")
+        self.unsynced = 0
+        self.synced_at = time.monotonic()
+
+    def write(self, record: dict) -> None:
+        self.file.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        self.file.flush()  # in the OS after this: a SIGKILL loses nothing that was written
+        self.unsynced += 1
+        if self.unsynced >= FSYNC_EVERY_LINES or time.monotonic() - self.synced_at >= FSYNC_EVERY_SECONDS:
+            self.sync()
+
+    def sync(self) -> None:
+        os.fsync(self.file.fileno())  # survives a machine crash, not only a killed process
+        self.unsynced = 0
+        self.synced_at = time.monotonic()
+
+    def __enter__(self) -> "ResultWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.sync()
+        self.file.close()
+
+
+def ok_record(item: Item, answer: dict) -> dict:
+    missing = [name for name in ANSWER_FIELDS if name not in answer]
+    if missing:
+        raise FatalError(f"the answer for {item.path} has no {', '.join(missing)}: is this a marketplace "
+                         f"model? ({json.dumps(answer)[:200]})")
+    return {"image_id": item.image_id, "path": item.path, "status": "ok",
+            **{name: answer[name] for name in ANSWER_FIELDS}}
+
+
+def error_record(item: Item, code: int | str, message: str) -> dict:
+    return {"image_id": item.image_id, "path": item.path, "status": "error", "code": code, "error": message}
+
+
+def answer_record(item: Item, status: int, answer: dict) -> dict:
+    """The output line for a final answer: the result for 200, else the error with its status."""
+    if status == 200:
+        return ok_record(item, answer)
+    return error_record(item, status, answer.get("error") or answer.get("message") or json.dumps(answer))
+
+
+def file_error(item: Item, error: OSError) -> dict:
+    return error_record(item, FILE_ERROR, f"cannot read {item.path}: {error.strerror or error}")
+
+
+# --- served -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how to send photos."""
+
+    url: str  # .../predictions/NAME[/VERSION]
+    k: int
+    timeout: float
+    token: str | None = None
+
+    def headers(self, photo: bytes) -> dict:
+        return {"Content-Type": content_type(photo), "X-K": str(self.k), **auth_headers(self.token)}
+
+
+def prediction_url(url: str, model: str, version: str | None) -> str:
+    return f"{url.rstrip('/')}/predictions/{model}" + (f"/{version}" if version else "")
+
+
+def check_server(url: str, timeout: float) -> None:
+    """Fail before the first photo when nothing answers at URL, rather than once per photo."""
+    try:
+        requests.get(f"{url.rstrip('/')}/ping", timeout=timeout)
+    except requests.RequestException as error:
+        raise FatalError(f"no TorchServe answering at {url} ({type(error).__name__}); start one "
+                         f"(python -m scripts.serve start ...) or run in-process with --local ARCHIVE") from error
+
+
+_sessions = threading.local()
+
+
+def thread_session() -> requests.Session:
+    """One keep-alive session per worker thread (a Session is not safe to share between threads)."""
+    if not hasattr(_sessions, "session"):
+        _sessions.session = requests.Session()
+    return _sessions.session
+
+
+def post_photo(target: Target, photo: bytes) -> tuple[int, dict]:
+    """One POST: the final (status, JSON answer), or TransientError when it is worth asking again."""
+    try:
+        response = thread_session().post(target.url, data=photo, headers=target.headers(photo),
+                                         timeout=target.timeout)
+    except requests.Timeout as error:
+        raise TransientError("timeout", f"no answer within {target.timeout:g} s") from error
+    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as error:
+        raise TransientError("connection_error", f"{type(error).__name__}: {error}") from error
+    if response.status_code in TRANSIENT_STATUSES:
+        raise TransientError(response.status_code, error_text(response))
+    if response.status_code in FATAL_STATUSES:
+        raise FatalError(f"POST {target.url} -> {response.status_code}: {error_text(response)} "
+                         f"(check --url, --model, --version and --token)")
+    if not response.ok:
+        return response.status_code, {"error": error_text(response)}
+    try:
+        return response.status_code, response.json()
+    except requests.JSONDecodeError as error:
+        raise FatalError(f"POST {target.url} answered {response.status_code} with no JSON: "
+                         f"{response.text[:200]!r}") from error
+
+
+def retry_policy(retries: int, backoff: float, max_backoff: float, tally: Tally) -> Retrying:
+    return Retrying(stop=stop_after_attempt(retries + 1),
+                    # jitter in proportion, so that threads refused together do not come back together
+                    wait=wait_exponential_jitter(multiplier=backoff, max=max_backoff, jitter=backoff),
+                    retry=retry_if_exception_type(TransientError), before_sleep=tally.add_retry, reraise=True)
+
+
+def answer_served(item: Item, target: Target, policy: Retrying) -> dict:
+    try:
+        photo = read_input(item)
+    except OSError as error:
+        return file_error(item, error)
+    try:
+        status, answer = policy(post_photo, target, photo)
+    except TransientError as error:
+        attempts = policy.stop.max_attempt_number
+        return error_record(item, error.code, f"no answer after {attempts} attempt(s): {error}")
+    return answer_record(item, status, answer)
+
+
+def answers_in_pool(items: list[Item], answer, concurrency: int):
+    """Yield `answer(item)` for every item as each finishes, with `concurrency` threads.
+
+    At most two per thread are queued, so stopping early (Ctrl-C, a FatalError) drops little work.
+    """
+    queue = iter(items)
+    running = set()
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="batch") as pool:
+        try:
+            while True:
+                for item in itertools.islice(queue, 2 * concurrency - len(running)):
+                    running.add(pool.submit(answer, item))
+                if not running:
+                    return
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
+        finally:
+            for future in running:
+                future.cancel()
+
+
+# --- local --------------------------------------------------------------------------------------------
+
+@contextmanager
+def model_folder(archive: Path):
+    """An extracted archive folder: `archive` itself, or a .mar unzipped into a temporary folder."""
+    archive = Path(archive)
+    if archive.is_dir():
+        yield archive
+        return
+    if not zipfile.is_zipfile(archive):
+        raise FileNotFoundError(f"--local {archive} is neither an extracted archive folder nor a .mar file")
+    with tempfile.TemporaryDirectory(prefix="batch-model-") as folder:
+        with zipfile.ZipFile(archive) as mar:
+            mar.extractall(folder)
+        yield Path(folder)
+
+
+def answer_local_batch(handler, items: list[Item], k: int, predict) -> list[dict]:
+    """Answer `items` with one handler batch; unreadable files get their error without being sent."""
+    records, sent, bodies, headers = {}, [], [], []
+    for item in items:
+        try:
+            photo = read_input(item)
+        except OSError as error:
+            records[item.key] = file_error(item, error)
+            continue
+        sent.append(item)
+        bodies.append({"body": photo})
+        headers.append({"Content-Type": content_type(photo), "X-K": str(k)})
+    if sent:
+        for item, (status, answer) in zip(sent, predict(handler, bodies, headers), strict=True):
+            records[item.key] = answer_record(item, status, answer)
+    return [records[item.key] for item in items]
+
+
+def local_answers(handler, items: list[Item], k: int, batch_size: int):
+    # Imported here so that the served path never loads torch and faiss.
+    from handlers.marketplace_handler import predict_local
+
+    for start in range(0, len(items), batch_size):
+        yield from answer_local_batch(handler, items[start:start + batch_size], k, predict_local)
+
+
+def load_handler(folder: Path, version: str | None, batch_size: int):
+    from handlers.marketplace_handler import load_local_handler
+
+    handler = load_local_handler(folder, batch_size=batch_size)
+    archived = handler.model_info["version"]
+    if version and version != archived:
+        raise FatalError(f"--version {version} asked, but the archive holds version {archived}")
+    return handler
+
+
+# --- run ----------------------------------------------------------------------------------------------
+
+def pending_inputs(items: list[Item], output: Path, retry_errors: bool) -> tuple[list[Item], int, int]:
+    """(inputs still to answer, bytes of a half-written line cut off, transient errors to re-send)."""
+    records, cut = recover_output(output)
+    redo = {key for key, record in records.items() if retry_errors and is_transient(record)}
+    if redo:
+        drop_records(output, redo)
+    done = set(records) - redo
+    return [item for item in items if item.key not in done], cut, len(redo)
+
+
+def write_answers(answers, writer: ResultWriter, tally: Tally, total: int) -> None:
+    with tqdm(total=total, unit="photo", smoothing=0.05, dynamic_ncols=True) as progress:
+        for record in answers:
+            writer.write(record)
+            tally.count(record)
+            progress.update()
+            if record["status"] != "ok":
+                progress.set_postfix(failed=tally.answered - tally.outcomes["ok"], refresh=False)
+
+
+def summarise(tally: Tally, inputs: int, seconds: float) -> dict:
+    failed = {str(code): count for code, count in sorted(tally.outcomes.items(), key=str) if code != "ok"}
+    return {"inputs": inputs, "ok": tally.outcomes["ok"], "failed": sum(failed.values()), "failed_by_code": failed,
+            "skipped": tally.skipped, "retries": tally.retried, "seconds": round(seconds, 2),
+            "photos_per_s": round(tally.answered / seconds, 2) if seconds > 0 else None}
+
+
+def format_summary(summary: dict, output: Path) -> str:
+    by_code = ", ".join(f"{code}: {count}" for code, count in summary["failed_by_code"].items())
+    rate = "" if summary["photos_per_s"] is None else f" = {summary['photos_per_s']:.1f} photos/s"
+    return (f"{summary['inputs']} inputs: {summary['ok']} ok, {summary['failed']} failed"
+            + (f" ({by_code})" if by_code else "")
+            + f", {summary['skipped']} skipped (already in {output}); "
+            f"{summary['ok'] + summary['failed']} answered in {summary['seconds']:.1f} s{rate}; "
+            f"{summary['retries']} retries")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", type=Path, help="folder of photos, or CSV with image_id and/or path")
+    parser.add_argument("--output", required=True, type=Path, help="JSON Lines results (appended to, resumable)")
+    parser.add_argument("--images", type=Path, help="folder of <image_id>.jpg for a CSV without a path column")
+    parser.add_argument("--url", default=DEFAULT_URL, help="TorchServe inference API")
+    parser.add_argument("--model", default="marketplace", help="registered model name (served)")
+    parser.add_argument("--version", help="model version (default: the server's default version)")
+    parser.add_argument("--k", type=int, default=10, help="similar listings per photo (1-100)")
+    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (served)")
+    parser.add_argument("--retries", type=int, default=5, help="retries per photo on overload/connection errors")
+    parser.add_argument("--timeout", type=float, default=60, help="seconds per request")
+    parser.add_argument("--backoff", type=float, default=0.5, help="first retry wait in seconds (then doubling)")
+    parser.add_argument("--max-backoff", type=float, default=30, help="longest retry wait in seconds")
+    parser.add_argument("--retry-errors", action="store_true",
+                        help="re-send inputs whose line in OUTPUT is a transient error (503, timeout, ...)")
+    parser.add_argument("--token", help="inference token when tokens are on (default: $TS_TOKEN)")
+    parser.add_argument("--key-file", type=Path, help="TorchServe's key_file.json to read the token from")
+    parser.add_argument("--local", type=Path, metavar="MAR_OR_DIR",
+                        help="no server: run this archive (.mar or extracted folder) in-process")
+    parser.add_argument("--batch-size", type=int, default=8, help="photos per forward pass (--local)")
+    return parser
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    for name in ("k", "concurrency", "batch_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.retries < 0:
+        raise SystemExit(f"--retries must be 0 or more, got {args.retries}")
+    if args.local and not args.local.exists():
+        raise SystemExit(f"--local {args.local}: no such file or folder")
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    check_arguments(args)
+    items = list_inputs(args.input, args.images)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    todo, cut, redo = pending_inputs(items, args.output, args.retry_errors)
+    if cut:
+        print(f"cut a half-written last line ({cut} bytes) off {args.output}", file=sys.stderr)
+    if redo:
+        print(f"re-sending {redo} input(s) whose last answer was a transient error", file=sys.stderr)
+    tally = Tally(skipped=len(items) - len(todo))
+    try:
+        seconds = run(args, todo, tally) if todo else 0.0
+    except FatalError as error:
+        raise SystemExit(f"stopped: {error}\n{tally.answered} answer(s) written to {args.output}; "
+                         f"fix the cause and re-run the same command to resume") from error
+    summary = summarise(tally, len(items), seconds)
+    print(format_summary(summary, args.output))
+    return summary
+
+
+def run(args: argparse.Namespace, todo: list[Item], tally: Tally) -> float:
+    """Answer `todo` into args.output; returns the seconds spent answering."""
+    if args.local:
+        with model_folder(args.local) as folder:
+            handler = load_handler(folder, args.version, args.batch_size)
+            return timed_write(local_answers(handler, todo, args.k, args.batch_size), args.output, tally, len(todo))
+    check_server(args.url, args.timeout)
+    target = Target(prediction_url(args.url, args.model, args.version), args.k, args.timeout,
+                    resolve_token(args.token, args.key_file, "inference"))
+    policy = retry_policy(args.retries, args.backoff, args.max_backoff, tally)
+    answers = answers_in_pool(todo, partial(answer_served, target=target, policy=policy), args.concurrency)
+    return timed_write(answers, args.output, tally, len(todo))
+
+
+def timed_write(answers, output: Path, tally: Tally, total: int) -> float:
+    started = time.perf_counter()
+    with ResultWriter(output) as writer:
+        write_answers(answers, writer, tally, total)
+    return time.perf_counter() - started
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Refresh the catalogue of a trained run from new listings, as a new model version; weights unchanged.
+
+  python -m scripts.refresh --run work/marketplace/model_evaluation/2025-01-31_142233 \\
+      --data new_data/ --work work/refresh-2025-02 --version 2.0 --store model_store
+  python -m scripts.refresh ... --release --management-url http://127.0.0.1:8081 --inference-url http://127.0.0.1:8080
+
+DATA is a full catalogue in the raw format (Products.csv, Images.csv, images/): the listings as they
+are now, with new ones added, changed ones changed and removed ones gone. Steps:
+  1. stages 1-2 (training.tables, training.photos) on DATA into WORK, photos at the run's size;
+  2. embed only the photos whose image_id has no vector in RUN/embeddings (same weights, so the
+     others are reused as they are: a photo id names one upload, its bytes never change);
+  3. a new RUN folder WORK/model_evaluation/<timestamp>/: RUN's weights/best.pt, embeddings/ and
+     index/ over the whole new catalogue (removed listings gone, changed metadata updated),
+     RUN's evaluation.json (its figures are those of RUN's test split), run.json naming RUN;
+  4. the archive STORE/<name>-v<version>.mar;
+  5. with --release, scripts.versions' release: register beside the current version, wait READY,
+     warm, canary, make it the default. The old default answers /predictions/NAME until then and
+     stays registered (python -m scripts.versions rollback NAME undoes the release).
+--release registers the archive by file name, so STORE must be the running server's model store.
+"""
+import faiss  # noqa: F401  (before torch: OpenMP, see README)
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from scripts.archive import build_archive
+from scripts.client import resolve_token
+from scripts.serve import ServerError
+from scripts.versions import DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL, CanaryError, release
+from training import photos, tables
+from training.dataset import drop_missing_photos
+from training.embed import EMBEDDINGS_DIR, embed_rows, load_embeddings, save_embeddings
+from training.index import INDEX_DIR, listing_metadata
+from training.models import load_checkpoint, sha256_file
+from training.presets import Preprocess
+from training.runs import new_run_dir, read_run_info, update_run_info
+from training.search import LISTING_FIELDS, Catalogue, INDEX_TYPES, make_catalogue
+
+CHECKPOINT = Path("weights") / "best.pt"
+EVALUATION = "evaluation.json"
+DEFAULT_PHOTO_SIZE = 512  # training.photos' default
+
+
+def photo_size(run_dir: Path, info: dict) -> int:
+    """The side the run's photos were normalised to: new photos must match, or their vectors drift."""
+    configured = info.get("config", {}).get("train", {}).get("size")
+    if configured:
+        return int(configured)
+    report = Path(info.get("work", run_dir.parents[1])) / photos.PHOTOS_DIR / photos.REPORT_FILE
+    if report.is_file():
+        return int(json.loads(report.read_text())["size"])
+    return DEFAULT_PHOTO_SIZE
+
+
+def prepare_work(data_dir: Path, work_dir: Path, size: int, workers: int) -> pd.DataFrame:
+    """Stages 1-2 on DATA into WORK; the training table rows whose photo could be normalised."""
+    tables.clean_tables(data_dir, work_dir)
+    table = tables.read_training_table(work_dir)
+    report = photos.normalise_photos(list(table["image_id"]), data_dir / "images", work_dir / photos.PHOTOS_DIR,
+                                     size, max(1, workers))  # 0 would mean every core there
+    print(photos.format_report(report))
+    usable, _ = drop_missing_photos(table, work_dir / photos.PHOTOS_DIR)
+    return usable
+
+
+def listings_by_product(listings: dict[str, dict]) -> dict[str, dict]:
+    """`{product_id: {title, price, location, category, ..., "photos": {image_id, ...}}}`."""
+    products = {}
+    for image_id, meta in listings.items():
+        entry = products.setdefault(meta["product_id"], {**{name: meta[name] for name in LISTING_FIELDS},
+                                                         "photos": set()})
+        entry["photos"].add(image_id)
+    return products
+
+
+def compare_listings(old: dict[str, dict], new: dict[str, dict]) -> dict[str, list[str]]:
+    """product_ids added, removed, and changed (metadata or photos) between two catalogues' listings."""
+    old_products, new_products = listings_by_product(old), listings_by_product(new)
+    common = old_products.keys() & new_products.keys()
+    return {"added": sorted(new_products.keys() - old_products.keys()),
+            "removed": sorted(old_products.keys() - new_products.keys()),
+            "changed": sorted(product for product in common if old_products[product] != new_products[product]),
+            "unchanged": sorted(product for product in common if old_products[product] == new_products[product])}
+
+
+def previous_vectors(run_dir: Path, checkpoint_sha256: str) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
+    """({image_id: row}, embeddings, probabilities) of RUN, refused if another checkpoint made them."""
+    image_ids, vectors, probabilities, meta = load_embeddings(run_dir)
+    if meta.get("checkpoint_sha256") != checkpoint_sha256:
+        raise ValueError(f"{run_dir / EMBEDDINGS_DIR} was made by checkpoint sha256 "
+                         f"{str(meta.get('checkpoint_sha256'))[:12]}, not {run_dir / CHECKPOINT} "
+                         f"({checkpoint_sha256[:12]}): its vectors cannot be reused; re-run training.embed")
+    return {image_id: row for row, image_id in enumerate(image_ids)}, vectors, probabilities
+
+
+def assemble_vectors(table: pd.DataFrame, known: dict[str, int], vectors: np.ndarray, probabilities: np.ndarray,
+                     embed_new) -> tuple[np.ndarray, np.ndarray, int]:
+    """(embeddings, probabilities) in `table` order: known rows reused, the others from `embed_new(rows)`.
+
+    Returns the number embedded as well.
+    """
+    is_new = ~table["image_id"].isin(known.keys())
+    out_vectors = np.zeros((len(table), vectors.shape[1]), dtype=np.float32)
+    out_probabilities = np.zeros((len(table), probabilities.shape[1]), dtype=np.float32)
+    reused = np.flatnonzero(~is_new.to_numpy())
+    rows = [known[image_id] for image_id in table["image_id"].iloc[reused]]
+    out_vectors[reused], out_probabilities[reused] = vectors[rows], probabilities[rows]
+    fresh = np.flatnonzero(is_new.to_numpy())
+    if len(fresh):
+        out_vectors[fresh], out_probabilities[fresh] = embed_new(table.iloc[fresh].reset_index(drop=True))
+    return out_vectors, out_probabilities, len(fresh)
+
+
+def write_run(run_dir: Path, work_dir: Path, data_dir: Path, table: pd.DataFrame, vectors: np.ndarray,
+              probabilities: np.ndarray, checkpoint: dict, index_type: str, refresh: dict) -> Path:
+    """The new RUN folder: same weights, new embeddings and index, RUN's evaluation, run.json."""
+    new_run = new_run_dir(work_dir)
+    shutil.copy2(run_dir / CHECKPOINT, new_run / CHECKPOINT)
+    checkpoint_sha256 = sha256_file(new_run / CHECKPOINT)
+    model = {"checkpoint": str(new_run / CHECKPOINT), "checkpoint_sha256": checkpoint_sha256,
+             "epoch": checkpoint["epoch"], "arch": checkpoint["arch"]}
+    image_ids = list(table["image_id"])
+    save_embeddings(new_run / EMBEDDINGS_DIR, image_ids, vectors, probabilities,
+                    {**model, "count": len(image_ids), "dimension": int(vectors.shape[1]), "dtype": "float32",
+                     "normalisation": "l2", "refresh_of": str(run_dir)})
+    catalogue = make_catalogue(vectors, image_ids, listing_metadata(table),
+                               {"model": model, "run": new_run.name, "refresh_of": run_dir.name}, index_type)
+    catalogue.save(new_run / INDEX_DIR)
+    shutil.copy2(run_dir / EVALUATION, new_run / EVALUATION)
+    info = read_run_info(run_dir)
+    update_run_info(new_run, **{key: info[key] for key in ("classes", "config", "weights_source", "train")
+                                if key in info},
+                    refresh_of=str(run_dir), data=str(data_dir), work=str(work_dir),
+                    evaluation=f"{EVALUATION} copied from {run_dir.name}: figures of its test split, not re-measured",
+                    refresh=refresh)
+    return new_run
+
+
+def refresh_run(run_dir: Path, data_dir: Path, work_dir: Path, *, size: int | None = None, workers: int = 2,
+                embed_batch_size: int = 32, index_type: str = "auto") -> tuple[Path, dict]:
+    """Steps 1-3: returns (the new RUN folder, the refresh counts)."""
+    run_dir, data_dir, work_dir = Path(run_dir).resolve(), Path(data_dir).resolve(), Path(work_dir).resolve()
+    model, checkpoint = load_checkpoint(run_dir / CHECKPOINT)
+    known, vectors, probabilities = previous_vectors(run_dir, sha256_file(run_dir / CHECKPOINT))
+    old_listings = Catalogue.load(run_dir / INDEX_DIR).listings
+    timings = {}
+
+    started = time.perf_counter()
+    size = size or photo_size(run_dir, read_run_info(run_dir))
+    table = prepare_work(data_dir, work_dir, size, workers)
+    if table.empty:
+        raise ValueError(f"{data_dir} has no listing with a usable photo: nothing to put in a catalogue")
+    timings["tables_photos"] = round(time.perf_counter() - started, 1)
+
+    started = time.perf_counter()
+    preprocess = Preprocess.from_dict(checkpoint["preprocess"])
+    vectors, probabilities, embedded = assemble_vectors(
+        table, known, vectors, probabilities,
+        lambda rows: embed_rows(model, preprocess, rows, work_dir / photos.PHOTOS_DIR, embed_batch_size, workers))
+    timings["embed"] = round(time.perf_counter() - started, 1)
+
+    changes = compare_listings(old_listings, listing_metadata(table))
+    unknown_categories = sorted(set(table["category"]) - set(checkpoint["classes"]))
+    refresh = {"listings": {name: len(ids) for name, ids in changes.items()},
+               "listing_ids": {name: ids for name, ids in changes.items() if name != "unchanged"},
+               "photos": {"catalogue": len(table), "reused": len(table) - embedded, "embedded": embedded,
+                          "dropped": len(set(old_listings) - set(table["image_id"]))},
+               "photo_size": size, "categories_unknown_to_model": unknown_categories, "stage_seconds": timings}
+    new_run = write_run(run_dir, work_dir, data_dir, table, vectors, probabilities, checkpoint, index_type, refresh)
+    return new_run, refresh
+
+
+def format_refresh(refresh: dict) -> str:
+    listings, photo_counts = refresh["listings"], refresh["photos"]
+    lines = [f"listings: {listings['added']} added, {listings['removed']} removed, {listings['changed']} changed, "
+             f"{listings['unchanged']} unchanged",
+             f"photos: {photo_counts['catalogue']} in the catalogue: {photo_counts['reused']} reused, "
+             f"{photo_counts['embedded']} embedded; {photo_counts['dropped']} dropped with their listings"]
+    if refresh["categories_unknown_to_model"]:
+        lines.append(f"note: categories the model was not trained on (searchable, never predicted): "
+                     f"{', '.join(refresh['categories_unknown_to_model'])}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, type=Path, help="the trained run to refresh (with embeddings/)")
+    parser.add_argument("--data", required=True, type=Path, help="the new catalogue: Products.csv, Images.csv, images/")
+    parser.add_argument("--work", required=True, type=Path, help="work folder for the new tables, photos and run")
+    parser.add_argument("--version", required=True, help="version of the new archive, e.g. 2.0")
+    parser.add_argument("--store", default=Path("model_store"), type=Path, help="model store folder")
+    parser.add_argument("--name", default="marketplace", help="model name (URL path /predictions/NAME)")
+    parser.add_argument("--output-name", default="{name}-v{version}", help="archive file name without .mar")
+    parser.add_argument("--size", type=int, help="photo side (default: the run's, from its config or work folder)")
+    parser.add_argument("--workers", type=int, default=2, help="photo and embedding loader processes")
+    parser.add_argument("--embed-batch-size", type=int, default=32)
+    parser.add_argument("--index-type", default="auto", choices=INDEX_TYPES)
+    parser.add_argument("--batch-size", type=int, default=8, help="archive: largest dynamic batch")
+    parser.add_argument("--max-batch-delay", type=int, default=50, help="archive: ms to wait for a batch to fill")
+    parser.add_argument("--release", action="store_true", help="register, canary and make the new version default")
+    parser.add_argument("--management-url", default=DEFAULT_MANAGEMENT_URL)
+    parser.add_argument("--inference-url", default=DEFAULT_INFERENCE_URL)
+    parser.add_argument("--token", help="management token when tokens are on (default: $TS_TOKEN, else --key-file)")
+    parser.add_argument("--key-file", type=Path, help="TorchServe's key_file.json (management and inference keys)")
+    parser.add_argument("--timeout", type=float, default=180, help="seconds for the new version to become READY")
+    args = parser.parse_args(argv)
+    if not args.store.is_dir():
+        raise SystemExit(f"model store {args.store} is not a folder")
+
+    new_run, refresh = refresh_run(args.run, args.data, args.work, size=args.size, workers=args.workers,
+                                   embed_batch_size=args.embed_batch_size, index_type=args.index_type)
+    print(format_refresh(refresh))
+    print(f"run: {new_run}")
+    mar = build_archive(new_run, args.store, args.name, args.version, args.output_name,
+                        batch_size=args.batch_size, max_batch_delay=args.max_batch_delay)
+    print(f"archive: {mar} ({mar.stat().st_size / 1e6:.1f} MB)")
+    summary = {"run": str(new_run), "archive": str(mar), **refresh}
+    if args.release:
+        token = resolve_token(args.token, args.key_file, "management")
+        inference_token = resolve_token(None, args.key_file, "inference") or token
+        try:
+            answer = release(args.management_url, args.inference_url, mar.name, args.name, args.version,
+                             token=token, inference_token=inference_token, timeout=args.timeout)
+        except (CanaryError, ServerError) as error:
+            raise SystemExit(f"release failed, the default version is unchanged: {error}") from error
+        print(f"released: {args.name} {args.version} is the default (canary: {answer['category']}, "
+              f"{len(answer['neighbours'])} neighbours); the previous version stays registered")
+        summary["released"] = True
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""scripts.refresh: a run refreshed with added, removed and changed listings, released into a real TorchServe."""
+import faiss  # noqa: F401  (before torch: OpenMP, see README)
+
+import json
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+import torch
+
+from scripts import refresh, serve
+from scripts.archive import build_archive
+from tests.serving_fixtures import TINY_PREPROCESS, running_server
+from training import dataset, embed, index, photos, tables
+from training.models import MarketplaceNet, save_checkpoint
+from training.runs import new_run_dir, update_run_info
+from training.sample import make_sample_catalogue
+
+NAME = "marketplace"
+PHOTO_SIZE = 64
+NEW_PRICE = "£999.00"
+NEW_TITLE = "Freshly renamed lamp"
+
+
+@dataclass
+class Old:
+    data: Path
+    work: Path
+    run: Path
+    store: Path
+    mar: Path
+
+
+def read_raw(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, lineterminator="\n", dtype=str, keep_default_na=False, index_col=0)
+
+
+def write_raw(frame: pd.DataFrame, path: Path) -> None:
+    frame.reset_index(drop=True).to_csv(path, lineterminator="\n")
+
+
+@pytest.fixture(scope="module")
+def old(tmp_path_factory) -> Old:
+    """A run made by the pipeline's own stages (random weights instead of training), archived as 1.0."""
+    root = tmp_path_factory.mktemp("refresh")
+    data, work = root / "data_v1", root / "work_v1"
+    make_sample_catalogue(data, listings=12, categories=3, size=48, seed=1)
+    tables.clean_tables(data, work)
+    table = tables.read_training_table(work)
+    photos.normalise_photos(list(table["image_id"]), data / "images", work / photos.PHOTOS_DIR, size=PHOTO_SIZE,
+                            workers=1)
+    dataset.make_split(work, seed=0)
+    run = new_run_dir(work)
+    classes = sorted(table["category"].unique())
+    torch.manual_seed(0)
+    config = {"arch": "resnet18", "size": PHOTO_SIZE, "weights": "none"}
+    save_checkpoint(run / "weights" / "best.pt", MarketplaceNet("resnet18", len(classes), embedding_dim=32),
+                    classes=classes, preprocess=TINY_PREPROCESS, epoch=1, metrics={}, config=config)
+    update_run_info(run, classes=classes, config={"train": config}, weights_source="random initialisation")
+    embed.main(["--work", str(work), "--run", str(run), "--workers", "0"])
+    index.main(["--work", str(work), "--run", str(run), "--index-type", "flat"])
+    (run / "evaluation.json").write_text(json.dumps({"fine_tuned": {"top1_accuracy": 0.5}}))
+    store = root / "model_store"
+    store.mkdir()
+    mar = build_archive(run, store, NAME, "1.0", "{name}-v{version}")
+    return Old(data, work, run, store, mar)
+
+
+@dataclass
+class Changes:
+    data: Path
+    added: list[str]  # product ids
+    removed: list[str]
+    repriced: str
+    renamed: str
+
+
+def change_catalogue(old: Old, destination: Path) -> Changes:
+    """The old raw data with 3 listings added, 2 removed, one repriced and one renamed."""
+    shutil.copytree(old.data, destination)
+    products, images = read_raw(destination / "Products.csv"), read_raw(destination / "Images.csv")
+    extra = destination.parent / "extra"
+    added = list(make_sample_catalogue(extra, listings=3, categories=3, size=48, seed=7)["categories"])
+    for path in (extra / "images").iterdir():
+        shutil.copy(path, destination / "images" / path.name)
+    removed, repriced, renamed = list(products["id"].iloc[:2]), products["id"].iloc[2], products["id"].iloc[3]
+    products.loc[products["id"] == repriced, "price"] = NEW_PRICE
+    products.loc[products["id"] == renamed, "product_name"] = f"{NEW_TITLE} | in Leeds, Yorkshire | Gumtree"
+    products = pd.concat([products[~products["id"].isin(removed)], read_raw(extra / "Products.csv")])
+    images = pd.concat([images[~images["product_id"].isin(removed)], read_raw(extra / "Images.csv")])
+    write_raw(products, destination / "Products.csv")
+    write_raw(images, destination / "Images.csv")
+    return Changes(destination, added, removed, repriced, renamed)
+
+
+def photos_of(work: Path, product_ids: list[str]) -> list[str]:
+    table = tables.read_training_table(work)
+    return list(table.loc[table["product_id"].isin(product_ids), "image_id"])
+
+
+class Prober:
+    """Queries /predictions/NAME in a loop on a background thread; records every outcome."""
+
+    def __init__(self, url: str, photo: bytes):
+        self.url, self.photo = url, photo
+        self.outcomes: list[str] = []  # the answering version, or the failure
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+
+    def loop(self) -> None:
+        session = requests.Session()
+        while not self.stopping.is_set():
+            try:
+                response = session.post(self.url, data=self.photo, headers={"Content-Type": "image/jpeg"}, timeout=30)
+                self.outcomes.append(response.json()["model"]["version"] if response.ok
+                                     else f"HTTP {response.status_code}: {response.text[:200]}")
+            except requests.RequestException as error:
+                self.outcomes.append(f"{type(error).__name__}: {error}")
+            time.sleep(0.02)
+
+    def wait_for(self, version: str, timeout: float = 60) -> None:
+        """Until an answer from `version` arrives (a query sent before the switch still gets the old one)."""
+        deadline = time.monotonic() + timeout
+        while version not in self.outcomes[-3:] and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def __enter__(self) -> "Prober":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stopping.set()
+        self.thread.join(60)
+
+
+def post(url: str, photo_path: Path, version: str | None = None, k: int = 20) -> dict:
+    path = f"/predictions/{NAME}" + (f"/{version}" if version else "")
+    response = requests.post(url + path, data=photo_path.read_bytes(), timeout=60,
+                             headers={"Content-Type": "image/jpeg", "X-K": str(k)})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_listings_are_compared_by_metadata_and_photos():
+    listing = {"product_id": "p1", "title": "Lamp", "price": 5.0, "location": "Leeds", "category": "Home"}
+    old = {"a": listing, "b": listing, "c": {**listing, "product_id": "p2"}}
+    new = {"a": listing, "b": listing, "d": {**listing, "product_id": "p3"}}
+    assert refresh.compare_listings(old, new) == {"added": ["p3"], "removed": ["p2"], "changed": [], "unchanged": ["p1"]}
+    assert refresh.compare_listings(old, {**new, "a": {**listing, "price": 6.0}})["changed"] == ["p1"]
+    assert refresh.compare_listings(old, {"a": listing})["changed"] == ["p1"]  # a photo fewer
+
+
+def test_vectors_of_another_checkpoint_are_not_reused(old):
+    with pytest.raises(ValueError, match="cannot be reused"):
+        refresh.previous_vectors(old.run, "0" * 64)
+
+
+@pytest.mark.server
+def test_refresh_released_without_downtime(old, tmp_path):
+    changes = change_catalogue(old, tmp_path / "data_v2")
+    work = tmp_path / "work_v2"
+    kept_photo = old.work / "photos" / f"{photos_of(old.work, [changes.repriced])[0]}.jpg"
+    with running_server(old.store, tmp_path / "torchserve", {NAME: old.mar.name}) as server:
+        with Prober(f"{server.inference_url}/predictions/{NAME}", kept_photo.read_bytes()) as prober:
+            time.sleep(0.5)
+            summary = refresh.main(["--run", str(old.run), "--data", str(changes.data), "--work", str(work),
+                                    "--version", "2.0", "--store", str(old.store), "--workers", "0", "--release",
+                                    "--management-url", server.management_url,
+                                    "--inference-url", server.inference_url])
+            prober.wait_for("2.0")
+        failures = [outcome for outcome in prober.outcomes if outcome not in ("1.0", "2.0")]
+        assert failures == [] and "1.0" in prober.outcomes and prober.outcomes[-1] == "2.0"
+        assert prober.outcomes == sorted(prober.outcomes)  # 1.0 until the switch, 2.0 after
+
+        registered = {d["modelVersion"] for d in serve.describe(server, NAME, "all")}
+        assert registered == {"1.0", "2.0"} and serve.describe(server, NAME)[0]["modelVersion"] == "2.0"
+
+        new_photos = work / "photos"
+        for image_id in photos_of(work, changes.added):  # each new photo finds itself
+            answer = post(server.inference_url, new_photos / f"{image_id}.jpg")
+            assert answer["model"]["version"] == "2.0"
+            assert answer["neighbours"][0]["image_id"] == image_id
+            assert answer["neighbours"][0]["similarity"] == pytest.approx(1.0, abs=1e-4)
+        removed_photo = old.work / "photos" / f"{photos_of(old.work, changes.removed)[0]}.jpg"
+        everything = post(server.inference_url, removed_photo, k=100)["neighbours"]
+        assert not {n["product_id"] for n in everything} & set(changes.removed)
+        before = post(server.inference_url, removed_photo, version="1.0")["neighbours"]
+        assert before[0]["product_id"] in changes.removed  # the old version is untouched
+        listings = {n["product_id"]: n for n in everything}
+        assert listings[changes.repriced]["price"] == 999.0
+        assert listings[changes.renamed]["title"] == NEW_TITLE
+
+    assert summary["listings"] == {"added": 3, "removed": 2, "changed": 2, "unchanged": 8}
+    assert summary["photos"] == {"catalogue": 26, "reused": 20, "embedded": 6, "dropped": 4}
+    assert Path(summary["archive"]).name == "marketplace-v2.0.mar"
+    new_run = Path(summary["run"])
+    info = json.loads((new_run / "run.json").read_text())
+    assert info["refresh_of"] == str(old.run.resolve()) and info["refresh"]["photos"]["embedded"] == 6
+    assert (new_run / "weights" / "best.pt").read_bytes() == (old.run / "weights" / "best.pt").read_bytes()
+    assert (new_run / "evaluation.json").read_text() == (old.run / "evaluation.json").read_text()
+    old_ids, old_vectors, _, _ = embed.load_embeddings(old.run)
+    new_ids, new_vectors, _, _ = embed.load_embeddings(new_run)
+    for image_id in set(old_ids) & set(new_ids):  # reused as they were
+        np.testing.assert_array_equal(new_vectors[new_ids.index(image_id)], old_vectors[old_ids.index(image_id)])
