@@ -27,7 +27,7 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     make_sample_catalogue(root / "data", listings=60, categories=4, photos_per_listing=2, seed=0, size=96)
     args = argparse_pipeline(["--data", str(root / "data"), "--out", str(root / "work"), *TINY,
-                              "--lr", "3e-3", "--epochs", "15"])
+                              "--lr", "3e-3", "--epochs", "15", "--dropout", "0.2", "--weight-decay", "0.01"])
     run_dir = pipeline.run_pipeline(args)
     return root / "work", run_dir
 
