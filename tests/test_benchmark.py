@@ -1,0 +1,378 @@
+"""The benchmark harness on tiny sizes: its figures are computed right and its tables are complete.
+
+No timing is asserted: speed is what the benchmark reports, not what tests check.
+"""
+import faiss  # noqa: F401  (before torch: OpenMP, see README)
+
+import json
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from scripts import benchmark
+from training.images import decode_image
+from training.models import MarketplaceNet
+from training.presets import Preprocess
+
+TINY = Preprocess(resize=40, crop=32)
+
+
+def test_recall_at_k_counts_shared_ids_and_ignores_missing():
+    exact = np.array([[1, 2, 3], [4, 5, 6]])
+    found = np.array([[3, 1, 9], [-1, -1, -1]])  # 2 of 3, then nothing found
+    assert benchmark.recall_at_k(found, exact, k=3) == pytest.approx(1 / 3)
+    assert benchmark.recall_at_k(exact, exact, k=3) == 1.0
+
+
+def test_output_drift_of_a_known_change():
+    probabilities = np.array([[0.7, 0.3], [0.4, 0.6]], np.float32)
+    embeddings = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    same = benchmark.output_drift((probabilities, embeddings), (probabilities, embeddings))
+    assert same == {"max_abs_dprob": 0.0, "top1_agreement": 1.0, "cosine_mean": 1.0, "cosine_min": 1.0}
+    flipped = np.array([[0.7, 0.3], [0.6, 0.4]], np.float32)  # second photo changes category
+    turned = np.array([[1.0, 0.0], [np.sqrt(0.5), np.sqrt(0.5)]], np.float32)  # 45 degrees
+    drift = benchmark.output_drift((probabilities, embeddings), (flipped, turned))
+    assert drift["max_abs_dprob"] == pytest.approx(0.2)
+    assert drift["top1_agreement"] == 0.5
+    assert drift["cosine_min"] == pytest.approx(np.sqrt(0.5))
+    assert drift["cosine_mean"] == pytest.approx((1 + np.sqrt(0.5)) / 2)
+
+
+def test_markdown_table_has_the_columns_and_blank_missing_values():
+    table = benchmark.markdown_table([{"a": 1234, "b": 0.5}, {"a": "x|y"}], [("a", "A"), ("b", "B s")])
+    lines = table.splitlines()
+    assert lines[0] == "| A | B s |"
+    assert lines[1] == "|---|---|"
+    assert lines[2] == "| 1,234 | 0.50 |"
+    assert lines[3] == "| x\\|y |  |"
+
+
+@pytest.mark.parametrize("text, size", [("10k", 10_000), ("1M", 1_000_000), ("2500", 2500), ("1.5k", 1500)])
+def test_parse_size(text, size):
+    assert benchmark.parse_size(text) == size
+
+
+def test_time_round_robin_calls_each_function_in_turns():
+    order = []
+    calls = {"a": (lambda: order.append("a"), 1), "b": (lambda: order.append("b"), 1)}
+    times = benchmark.time_round_robin(calls, min_seconds=0, min_repeats=3)
+    assert order == ["a", "b"] * 4  # one untimed warm-up each, then 3 timed rounds
+    assert [len(times["a"]), len(times["b"])] == [3, 3]
+
+
+def test_generated_photos_are_decodable_jpegs():
+    photos = benchmark.generate_photos(3, size=(64, 48))
+    assert all(photo[:2] == b"\xff\xd8" for photo in photos)
+    assert decode_image(photos[0]).size == (64, 48)
+    assert len(set(photos)) == 3
+
+
+def test_read_photos_samples_image_files_only(tmp_path):
+    for number, photo in enumerate(benchmark.generate_photos(3, size=(32, 24))):
+        (tmp_path / f"photo-{number}.jpg").write_bytes(photo)
+    (tmp_path / "notes.txt").write_text("not a photo")
+    assert len(benchmark.read_photos(tmp_path, 2)) == 2
+    assert sorted(benchmark.read_photos(tmp_path, 10)) == sorted(p.read_bytes() for p in tmp_path.glob("*.jpg"))
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        benchmark.read_photos(tmp_path / "missing", 2)
+
+
+def test_read_test_set_takes_test_photos_and_labels(tmp_path):
+    photos = benchmark.generate_photos(4, size=(32, 24))
+    (tmp_path / "photos").mkdir()
+    for number, photo in enumerate(photos):
+        (tmp_path / "photos" / f"img-{number}.jpg").write_bytes(photo)
+    (tmp_path / "split.csv").write_text("image_id,product_id,label,split\nimg-0,p0,0,train\nimg-1,p1,2,test\n"
+                                        "img-2,p2,1,val\nimg-3,p3,1,test\n")
+    test_photos, labels = benchmark.read_test_set(tmp_path, 10)
+    assert test_photos == [photos[1], photos[3]]
+    assert labels.tolist() == [2, 1]
+
+
+def test_clustered_vectors_are_normalised_and_closer_than_random():
+    vectors, clusters = benchmark.clustered_vectors(2000, 32, seed=1, clusters=20)
+    assert set(clusters) == set(range(20))
+    assert vectors.shape == (2000, 32) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    uniform = np.random.default_rng(1).normal(size=(2000, 32)).astype(np.float32)
+    uniform /= np.linalg.norm(uniform, axis=1, keepdims=True)
+
+    def nearest_similarity(x):
+        similarities = x[:100] @ x.T
+        similarities[np.arange(100), np.arange(100)] = -1
+        return similarities.max(axis=1).mean()
+
+    assert nearest_similarity(vectors) > nearest_similarity(uniform) + 0.1
+
+
+def tiny_bare_settings(**overrides) -> dict:
+    settings = {"threads": 1, "knob_batch": 2, "batches": [1, 2], "crops": [24], "compile": False,
+                "min_seconds": 0.0, "min_repeats": 1}
+    return {**settings, **overrides}
+
+
+def test_bench_subject_rows_cover_every_knob_with_output_effects():
+    torch.manual_seed(0)
+    model = MarketplaceNet("resnet18", 3, embedding_dim=16)
+    photos = benchmark.generate_photos(4, size=(48, 40))
+    benchmark.calibrate_batchnorm(model, benchmark.preprocess_photos(photos, TINY))
+    subject = benchmark.Subject("tiny", model, TINY, "test", trained=True)
+    labels = np.array([0, 1, 2])
+    rows = benchmark.bench_subject(subject, photos, tiny_bare_settings(), test_set=(photos[:3], labels))
+
+    variants = [row["variant"] for row in rows]
+    assert variants[0] == "decode + preprocess, 1 thread"  # the settings ask for 1 thread: one decode row
+    assert variants[1:3] == ["baseline", "baseline"]
+    assert {"channels_last", "inference_mode", "int8 dynamic Linear", "torch.compile"} <= set(variants)
+    assert any(variant.startswith("crop 24") for variant in variants)
+    by_name = {(row["variant"], row["batch"]): row for row in rows}
+    baseline = by_name["baseline", 2]
+    assert baseline["max_abs_dprob"] == 0 and baseline["top1_agreement"] == 1
+    assert baseline["speedup"] == pytest.approx(1.0)
+    assert 0 <= baseline["test_accuracy"] <= 1 and baseline["test_top1_agreement"] == 1
+    channels_last = by_name["channels_last", 2]
+    assert channels_last["cosine_min"] > 0.999 and channels_last["photos_per_s"] > 0
+    assert by_name["torch.compile", 2]["note"].startswith("skipped")
+    assert "photos_per_s" not in by_name["torch.compile", 2]
+    assert all(row["photos_per_s"] > 0 for row in rows if "photos_per_s" in row)
+
+
+def test_torch_compile_failure_is_a_skipped_row_with_the_reason(monkeypatch):
+    def broken_compile(model):
+        def fail(images):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+        return fail
+
+    monkeypatch.setattr(benchmark.torch, "compile", broken_compile)
+    variant = benchmark.compiled_variant(torch.nn.Identity(), TINY, 1, torch.zeros(1, 3, 32, 32))
+    assert variant.forward is None
+    assert variant.note == "skipped: InvalidCxxCompiler: No working C++ compiler found"
+
+
+def test_load_subjects_calibrates_fresh_models():
+    photos = benchmark.generate_photos(4, size=(48, 40))
+    [subject] = benchmark.load_subjects(None, ["mobilenet_v2"], {}, photos)
+    assert subject.name == "mobilenet_v2" and not subject.trained
+    batchnorm = subject.model.backbone.features[0][1]
+    assert batchnorm.running_var.mean() != pytest.approx(1.0)  # calibrated, not the fresh 1.0
+    assert not subject.model.training
+
+
+def tiny_index_settings(**overrides) -> dict:
+    settings = {"dim": 8, "queries": 20, "single_queries": 5, "filtered_queries": 5, "sizes": [300],
+                "hnsw_m": [16, 32], "hnsw_m_max_size": 1000, "ef_search": [16, 64], "nprobe": [2, 4],
+                "ivf_max_size": 1000}
+    return {**settings, **overrides}
+
+
+def test_bench_index_measures_flat_hnsw_and_ivf_against_exact_search():
+    section = benchmark.bench_index(tiny_index_settings())
+    rows = section["rows"]
+    swept = sorted({16, 64, benchmark.search_default("ef_search")})  # the shipped value is always added
+    assert [row["type"] for row in rows] == ["flat"] + ["hnsw"] * 2 * len(swept) + ["ivf"] * 2
+    flat = rows[0]
+    assert flat["recall_at_10"] == 1.0 and flat["auto"] == "yes"  # 300 vectors: auto is exact search
+    assert all(0 <= row["recall_at_10"] <= 1 for row in rows)
+    assert all(row["index_mb"] > 0 and row["p50_ms"] > 0 and row["p50_ms_1t"] > 0 for row in rows)
+    hnsw = [row.get("efSearch") for row in rows if row["type"] == "hnsw"]
+    assert hnsw == swept * 2
+    assert [row.get("nprobe") for row in rows if row["type"] == "ivf"] == [2, 4]
+    assert flat["filtered_recall_at_10"] == 1.0
+    assert all(0 <= row["filtered_recall_at_10"] <= 1 and row["filtered_p50_ms_1t"] > 0 for row in rows)
+    assert "NOT MEASURED" in section["verdict"] and "300" in section["verdict"]
+    assert "300 → flat" in section["legend"]
+
+
+def test_filtered_search_returns_only_the_query_category():
+    vectors, clusters = benchmark.clustered_vectors(500, 8, seed=2, clusters=20)
+    categories = clusters % 3
+    workload = benchmark.Workload("synthetic", vectors[:450], vectors[450:], categories[:450], categories[450:],
+                                  filtered_queries=10)
+    index, _ = benchmark.search.build_index(workload.vectors, "flat")
+    for row in range(10):
+        found = workload.search_filtered(index, row)
+        assert set(categories[found]) == {workload.query_categories[row]}
+        same_category = categories[:450] == workload.query_categories[row]
+        similarities = np.where(same_category, vectors[:450] @ vectors[450 + row], -np.inf)
+        np.testing.assert_array_equal(np.sort(found), np.sort(np.argsort(-similarities)[:10]))
+
+
+def test_run_workload_holds_out_a_tenth_of_the_run_embeddings(tmp_path):
+    from training.embed import save_embeddings
+
+    vectors, clusters = benchmark.clustered_vectors(50, 8, seed=3)
+    image_ids = [f"img-{i}" for i in range(50)]
+    save_embeddings(tmp_path / "embeddings", image_ids, vectors, np.zeros((50, 3), np.float32), {})
+    listings = {image_id: {"category": f"cat-{cluster % 3}"} for image_id, cluster in zip(image_ids, clusters)}
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "listings.json").write_text(json.dumps(listings))
+    workload = benchmark.run_workload(tmp_path, {"queries": 100, "filtered_queries": 3})
+    assert (len(workload.vectors), len(workload.queries)) == (45, 5)
+    assert workload.data == "run" and set(workload.categories) <= {"cat-0", "cat-1", "cat-2"}
+    rows = {tuple(row) for row in np.round(workload.vectors, 6)} | {tuple(row) for row in np.round(workload.queries, 6)}
+    assert len(rows) == 50  # every photo once, catalogue and queries disjoint
+
+
+def test_auto_rows_follow_build_index_above_flat_max(monkeypatch):
+    monkeypatch.setattr(benchmark.search, "FLAT_MAX", 100)
+    rows = benchmark.bench_index(tiny_index_settings(ivf_max_size=0))["rows"]
+    auto = [(row["type"], row.get("M"), row.get("efSearch")) for row in rows if row["auto"]]
+    assert auto == [("hnsw", benchmark.search_default("hnsw_m"), benchmark.search_default("ef_search"))]
+
+
+def test_index_verdict_passes_only_at_the_target_size():
+    row = {"vectors": 1_000_000, "type": "hnsw", "settings": "M=32", "p50_ms": 1.0, "p95_ms": 9.0,
+           "p50_ms_1t": 1.0, "p95_ms_1t": 2.0, "recall_at_10": 0.96, "threads": 2}
+    row["target"] = benchmark.target_status(row)
+    assert row["target"] == "1 thread"
+    assert benchmark.index_verdict([row]).split(": ")[1].startswith("PASS")
+    assert "FAIL" in benchmark.index_verdict([{**row, "target": ""}])
+    assert "NOT MEASURED" in benchmark.index_verdict([{**row, "vectors": 100_000}])
+
+
+METRICS_TEXT = """# TYPE MarketplaceBatches counter
+MarketplaceBatches{BatchSize="8",Level="Model",Hostname="vm",ModelName="bench"} 3.0
+MarketplaceBatches{BatchSize="2",Level="Model",Hostname="vm",ModelName="bench"} 1.0
+ts_inference_requests_total{model_name="bench",model_version="default",} 26.0
+"""
+
+
+class PhotoEndpoint(BaseHTTPRequestHandler):
+    """Answers every POST with JSON, except a photo starting with b"bad" (HTTP 400); GET /metrics
+    answers a Prometheus page like TorchServe's."""
+
+    def do_GET(self):
+        payload = METRICS_TEXT.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        ok = self.headers["Content-Type"] == "image/jpeg" and not body.startswith(b"bad")
+        payload = json.dumps({"category": "Home"} if ok else {"error": "bad photo"}).encode()
+        self.send_response(200 if ok else 400)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def photo_endpoint():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), PhotoEndpoint)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/predictions/tiny"
+    server.shutdown()
+    server.server_close()
+
+
+def test_load_test_counts_answers_and_errors(photo_endpoint):
+    figures = benchmark.load_test(photo_endpoint, [b"photo-1", b"photo-2", b"bad"], concurrency=3, total=9)
+    assert figures["requests"] == 9 and figures["errors"] == 3
+    assert "HTTP 400" in figures["note"]
+    assert figures["photos_per_s"] > 0
+    assert figures["p50_ms"] <= figures["p95_ms"] <= figures["p99_ms"]
+
+
+def test_load_test_fails_when_nothing_is_answered(photo_endpoint):
+    with pytest.raises(RuntimeError, match="all 2 requests .* failed; first: HTTP 400"):
+        benchmark.load_test(photo_endpoint, [b"bad"], concurrency=1, total=2)
+
+
+def test_batch_counts_and_mean_batch_from_the_metrics_page(photo_endpoint):
+    server = SimpleNamespace(metrics_url=photo_endpoint.rsplit("/predictions", 1)[0])
+    counts = benchmark.batch_counts(server)
+    assert counts == {8: 3.0, 2: 1.0}
+    assert benchmark.mean_batch({8: 1.0}, counts) == pytest.approx((2 * 8 + 2) / 3)
+    assert benchmark.mean_batch(counts, counts) is None
+
+
+def test_serve_configs_pair_batching_on_and_off_per_thread_count():
+    configs = benchmark.serve_configs({"worker_threads": [0, 1], "batch_size": 8, "max_batch_delay": 15})
+    assert [(c.batch_size, c.max_batch_delay, c.threads) for c in configs] == [(8, 15, 0), (1, 0, 0), (8, 15, 1),
+                                                                               (1, 0, 1)]
+    assert configs[0].labels["batching"] == "on (8, 15 ms)" and configs[1].labels["batching"] == "off (1)"
+    assert configs[0].labels["worker_threads"].endswith("(default)") and configs[2].labels["worker_threads"] == "1"
+    assert len({config.archive_name("resnet50") for config in configs}) == 4
+    run_archive = configs[0].archive_name("mobilenet_v2 (2025-01-31_142233)")
+    assert run_archive == "mobilenet_v2-2025-01-31_142233-batch8-threads0"
+
+
+def test_served_figures_are_compared_with_bare_at_the_batch_size_run():
+    bare_rows = [{"model": "resnet50", "variant": "decode + preprocess, 2 threads", "batch": 1, "photos_per_s": 40.0},
+                 {"model": "resnet50", "variant": "decode + preprocess, 1 thread", "batch": 1, "photos_per_s": 80.0},
+                 {"model": "resnet50", "variant": "baseline", "batch": 1, "photos_per_s": 10.0},
+                 {"model": "resnet50", "variant": "baseline", "batch": 8, "photos_per_s": 20.0},
+                 {"model": "resnet50", "variant": "channels_last", "batch": 8, "photos_per_s": 99.0}]
+    rates = benchmark.bare_rates(bare_rows)
+    batched = {"photos_per_s": 8.0, "mean_batch": 6.5}
+    benchmark.compare_with_bare(batched, "resnet50", rates)
+    assert batched["bare_batch"] == 8 and batched["served_vs_bare"] == pytest.approx(0.4)
+    assert batched["served_vs_pipeline"] == pytest.approx(8.0 * (1 / 20 + 1 / 40))
+    single = {"photos_per_s": 5.0, "mean_batch": 1.0}
+    benchmark.compare_with_bare(single, "resnet50", rates)
+    assert single["bare_batch"] == 1 and single["served_vs_bare"] == pytest.approx(0.5)
+    unmatched = {"photos_per_s": 8.0, "mean_batch": 1.0}
+    benchmark.compare_with_bare(unmatched, "mobilenet_v2", rates)
+    assert unmatched == {"photos_per_s": 8.0, "mean_batch": 1.0}
+
+
+@pytest.mark.server
+@pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java")
+def test_serving_sections_against_a_real_torchserve():
+    settings = {"run": None, "arch": ["mobilenet_v2"], "worker_threads": [1], "batch_size": 2, "max_batch_delay": 5,
+                "concurrency": [1, 2], "requests": 4, "max_load_seconds": 20.0}
+    photos = benchmark.generate_photos(4, size=(64, 48))
+    bare_rows = [{"model": "mobilenet_v2", "variant": "baseline", "batch": 1, "photos_per_s": 10.0}]
+    served, startup = benchmark.bench_serving(photos, settings, bare_rows, with_load=True)
+    assert [(row["batching"], row["concurrency"]) for row in served["rows"]] == [
+        ("on (2, 5 ms)", 1), ("on (2, 5 ms)", 2), ("off (1)", 1), ("off (1)", 2)]
+    assert all(row["errors"] == 0 and row["requests"] >= 4 for row in served["rows"])
+    assert all(1 <= row["mean_batch"] <= 2 for row in served["rows"])
+    assert all(row["bare_batch"] == 1 and row["served_vs_bare"] > 0 for row in served["rows"])
+    assert [row["workers"] for row in startup["rows"]] == [1, 1]
+    assert all(row["ready_s"] > row["api_s"] > 0 and row["worker_uss_mb"] > 0 for row in startup["rows"])
+
+
+def test_main_writes_tables_and_raw_figures(tmp_path, capsys):
+    output, raw = tmp_path / "bench.md", tmp_path / "bench.json"
+    benchmark.main(["--sections", "index", "--sizes", "400", "--dim", "8", "--queries", "10", "--ef-search", "16",
+                    "--hnsw-m", "32", "--nprobe", "4", "--ivf-max-size", "1k", "--output", str(output),
+                    "--json", str(raw)])
+    report = output.read_text()
+    assert "Machine:" in report and "torch " in report and "faiss " in report
+    assert "## index" in report
+    assert "| vectors | index | settings | auto | build s | index MB |" in report
+    assert report in capsys.readouterr().out
+    figures = json.loads(raw.read_text())
+    assert figures["machine"]["logical_cores"] >= 1
+    types = [row["type"] for row in figures["sections"]["index"]["rows"]]
+    assert types[0] == "flat" and types[-1] == "ivf" and set(types[1:-1]) == {"hnsw"}
+
+
+def test_main_bare_section_prints_the_knob_table(capsys):
+    benchmark.main(["--sections", "bare", "--arch", "mobilenet_v2", "--batches", "1", "--knob-batch", "2",
+                    "--num-photos", "2", "--photo-size", "64x48", "--crops", "160", "--no-compile",
+                    "--min-seconds", "0", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "| model | variant | batch | ms/batch | photos/s | × baseline | compile s | max abs Δprob |" in out
+    for variant in ("decode + preprocess", "| baseline | 1 |", "| baseline | 2 |", "channels_last",
+                    "inference_mode", "int8 dynamic Linear", "torch.compile", "crop 160 (resize 183)"):
+        assert variant in out
+    assert "BatchNorm calibrated on 2 photos" in out
+
+
+def test_unknown_section_is_refused():
+    with pytest.raises(SystemExit, match="unknown section"):
+        benchmark.main(["--sections", "bare,gpu"])
