@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     parser.add_argument("--work", required=True, type=Path, help="work folder with tables/")
     parser.add_argument("--run", type=Path, help="run folder (default: the latest under WORK/model_evaluation)")
     parser.add_argument("--index-type", default="auto", choices=INDEX_TYPES,
-                        help="auto: exact (flat) up to 100k photos, HNSW above")
+                        help="auto: exact (flat) up to 20,000 photos, HNSW above")
     args = parser.parse_args(argv)
     run_dir = args.run or latest_run(args.work)
     started = time.perf_counter()
