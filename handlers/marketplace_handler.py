@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.torch_handler.base_handler import BaseHandler
 
 from training.inference import BODY_PARTS, Batch, RequestError, batch_answers, parse_request, search_batch
-from training.models import embed, load_checkpoint
+from training.models import load_checkpoint, prepare_for_serving, serve_forward
 from training.presets import Preprocess, eval_transform
 from training.search import Catalogue
 
@@ -47,16 +48,20 @@ class MarketplaceHandler(BaseHandler):
         model_dir = Path(context.system_properties["model_dir"])
         self.manifest = context.manifest
         self.device = pick_device(context.system_properties.get("gpu_id"))
+        settings = (context.model_yaml_config or {}).get("handler") or {}
         threads = thread_count(context.model_yaml_config or {})
         torch.set_num_threads(threads)
+        # Decoding and resizing photos (Pillow releases the GIL) run on the same number of threads.
+        self.decoders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         # A batch's search is a few queries: one OpenMP thread answers them far faster than several
         # that wait on each other (scripts.benchmark, index section: ~0.4 ms vs ~15 ms at 10k photos).
         faiss.omp_set_num_threads(1)
         checkpoint_path = required_path(model_dir, self.manifest["model"].get("serializedFile", CHECKPOINT_FILE))
         self.model, checkpoint = load_checkpoint(checkpoint_path)
-        self.model.to(self.device)
+        self.model = prepare_for_serving(self.model.to(self.device), settings.get("layout", "auto"), self.device.type)
         self.classes = checkpoint["classes"]
-        self.transform = eval_transform(Preprocess.from_dict(checkpoint["preprocess"]))
+        self.preprocess_settings = Preprocess.from_dict(checkpoint["preprocess"])
+        self.transform = eval_transform(self.preprocess_settings)
         self.catalogue = Catalogue.load(required_path(model_dir, CATALOGUE_DIR))
         if self.catalogue.dimension != checkpoint["embedding_dim"]:
             raise ValueError(f"{model_dir / CATALOGUE_DIR} holds {self.catalogue.dimension}-d vectors but "
@@ -65,29 +70,34 @@ class MarketplaceHandler(BaseHandler):
         self.model_info = {"name": getattr(context, "model_name", None) or self.manifest["model"].get("modelName"),
                            "version": self.manifest["model"].get("modelVersion")}
         self.initialized = True
-        logger.info("loaded %s (%s, %d classes) and %d catalogue photos; %d threads, device %s",
+        logger.info("loaded %s (%s, %d classes) and %d catalogue photos; %d threads, layout %s, device %s",
                     checkpoint_path.name, checkpoint["arch"], len(self.classes), self.catalogue.index.ntotal,
-                    threads, self.device)
+                    threads, self.model.serving_layout, self.device)
 
     def preprocess(self, data):
-        slots = []
-        for idx, request in enumerate(data):
-            headers = self.context.get_all_request_header(idx)
-            try:
-                slots.append(parse_request(request, self.catalogue.categories, body_content_type(headers), headers))
-            except RequestError as error:
-                slots.append(error)
-        batch = Batch(slots)
-        if batch.queries:
-            batch.images = torch.stack([self.transform(query.image) for query in batch.queries])
+        """Decode and transform every request of the batch, several at a time; a bad one becomes its error."""
+        prepared = list(self.decoders.map(self.prepare_request, range(len(data)), data))
+        batch = Batch([item if isinstance(item, RequestError) else item[0] for item in prepared])
+        tensors = [item[1] for item in prepared if not isinstance(item, RequestError)]
+        if tensors:
+            batch.images = torch.stack(tensors)
         return batch
+
+    def prepare_request(self, idx: int, request: dict):
+        """`(Query, image tensor)` for request `idx`, or the RequestError that refuses it."""
+        headers = self.context.get_all_request_header(idx)
+        try:
+            query = parse_request(request, self.catalogue.categories, body_content_type(headers), headers,
+                                  min_size=self.preprocess_settings.resize)
+        except RequestError as error:
+            return error
+        return query, self.transform(query.image)
 
     def inference(self, batch, *args, **kwargs):
         self.record_batch_size(len(batch.slots))
         if batch.images is None:
             return batch
-        with torch.inference_mode():
-            probabilities, vectors = embed(self.model, batch.images.to(self.device))
+        probabilities, vectors = serve_forward(self.model, batch.images.to(self.device))
         batch.probabilities = probabilities.float().cpu().numpy()
         batch.vectors = vectors.cpu().numpy()
         batch.neighbours = search_batch(self.catalogue, batch.vectors, batch.queries)
@@ -102,7 +112,7 @@ class MarketplaceHandler(BaseHandler):
         return answers
 
     def record_batch_size(self, size: int) -> None:
-        logger.info("batch of %d request(s)", size)
+        logger.debug("batch of %d request(s)", size)
         self.context.metrics.add_counter(BATCH_METRIC, 1, dimensions=[Dimension("BatchSize", str(size))])
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from training.models import load_checkpoint, sha256_file
+from training.models import SERVING_LAYOUTS, load_checkpoint, serving_layout, sha256_file
 from training.runs import RUN_INFO, read_run_info
 from training.search import ID_MAP_FILE, INDEX_FILE, LISTINGS_FILE, META_FILE
 
@@ -43,6 +43,11 @@ INDEX_DIR = "index"
 EVALUATION = "evaluation.json"
 CATALOGUE_FILES = (INDEX_FILE, ID_MAP_FILE, LISTINGS_FILE, META_FILE)
 CATALOGUE_DIR = "catalogue"  # handlers/marketplace_handler.py reads it from there
+# Dynamic batching: a worker takes every request already queued (up to BATCH_SIZE) and then waits at
+# most MAX_BATCH_DELAY ms for more. Under load the queue fills while a batch runs, so a short delay
+# loses little batching, and a lone request pays only that delay (scripts.benchmark, served section).
+BATCH_SIZE = 8
+MAX_BATCH_DELAY = 5
 TRAINING_IMPORT = re.compile(r"^\s*(?:from|import)\s+training\.(\w+)", re.MULTILINE)
 RUN_STAMP_FORMAT = "%Y-%m-%d_%H%M%S"  # training/runs.py names run folders this way
 
@@ -114,12 +119,11 @@ def model_card(run_dir: Path, info: dict, checkpoint: dict, checkpoint_sha256: s
 
 
 def model_config(batch_size: int, max_batch_delay: int, min_workers: int, max_workers: int,
-                 response_timeout: int, threads: int) -> dict:
-    config = {"minWorkers": min_workers, "maxWorkers": max_workers, "batchSize": batch_size,
-              "maxBatchDelay": max_batch_delay, "responseTimeout": response_timeout}
-    if threads:
-        config["handler"] = {"threads": threads}
-    return config
+                 response_timeout: int, threads: int, layout: str = "auto") -> dict:
+    """TorchServe's model_config.yaml; the `handler` section is read by MarketplaceHandler.initialize."""
+    handler = {"layout": layout, **({"threads": threads} if threads else {})}
+    return {"minWorkers": min_workers, "maxWorkers": max_workers, "batchSize": batch_size,
+            "maxBatchDelay": max_batch_delay, "responseTimeout": response_timeout, "handler": handler}
 
 
 def stage_extra_files(stage: Path, run_dir: Path, classes: list[str], card: dict) -> Path:
@@ -153,9 +157,9 @@ def run_archiver(stage: Path, name: str, version: str, checkpoint: Path, extra: 
 
 
 def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketplace", version: str | None = None,
-                  output_name: str = "{name}", batch_size: int = 8, max_batch_delay: int = 50,
-                  min_workers: int = 1, max_workers: int = 1, response_timeout: int = 120,
-                  threads: int = 0) -> Path:
+                  output_name: str = "{name}", batch_size: int = BATCH_SIZE,
+                  max_batch_delay: int = MAX_BATCH_DELAY, min_workers: int = 1, max_workers: int = 1,
+                  response_timeout: int = 120, threads: int = 0, layout: str = "auto") -> Path:
     """Build STORE/<output_name>.mar from a run folder; returns its path (an existing file is replaced)."""
     run_dir, store = Path(run_dir), Path(store)
     check_run(run_dir)
@@ -163,6 +167,7 @@ def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketpla
         raise FileNotFoundError(f"model store {store} is not a folder")
     info = read_run_info(run_dir)
     _, checkpoint = load_checkpoint(run_dir / CHECKPOINT)
+    serving_layout(checkpoint["arch"], layout)  # an unknown layout fails here, not in every worker
     checkpoint_sha256 = sha256_file(run_dir / CHECKPOINT)
     index_meta = check_index_matches(run_dir, checkpoint_sha256)
     created = run_created(run_dir, info)
@@ -174,7 +179,8 @@ def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketpla
         extra = stage_extra_files(stage, run_dir, checkpoint["classes"], card)
         config_file = stage / "model_config.yaml"
         config_file.write_text(yaml.safe_dump(model_config(batch_size, max_batch_delay, min_workers, max_workers,
-                                                           response_timeout, threads), sort_keys=True))
+                                                           response_timeout, threads, layout),
+                                              sort_keys=True))
         built = run_archiver(stage, name, version, run_dir / CHECKPOINT, extra, config_file)
         shutil.move(str(built), target)
     return target
@@ -189,16 +195,20 @@ def main(argv=None) -> None:
     parser.add_argument("--output-name", default="{name}",
                         help="archive file name without .mar; {name} and {version} are filled in "
                              "(e.g. '{name}-v{version}' to keep several versions in one store)")
-    parser.add_argument("--batch-size", type=int, default=8, help="largest dynamic batch")
-    parser.add_argument("--max-batch-delay", type=int, default=50, help="ms to wait for a batch to fill")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="largest dynamic batch")
+    parser.add_argument("--max-batch-delay", type=int, default=MAX_BATCH_DELAY,
+                        help="ms a worker waits for more requests once one is queued")
     parser.add_argument("--min-workers", type=int, default=1)
     parser.add_argument("--max-workers", type=int, default=1)
     parser.add_argument("--response-timeout", type=int, default=120, help="seconds")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / max workers)")
+    parser.add_argument("--layout", choices=SERVING_LAYOUTS, default="auto",
+                        help="how workers lay out the model for CPU inference (training.models.prepare_for_serving; "
+                             "auto: oneDNN blocked for ResNets, NHWC for MobileNets)")
     args = parser.parse_args(argv)
     target = build_archive(args.run, args.store, args.name, args.version, args.output_name, args.batch_size,
                            args.max_batch_delay, args.min_workers, args.max_workers, args.response_timeout,
-                           args.threads)
+                           args.threads, args.layout)
     print(f"{target} ({target.stat().st_size / 1e6:.1f} MB)")
 
 

@@ -5,9 +5,11 @@ comparable. Performance is measured here, never asserted in tests.
 
 Sections (`--sections`, comma separated):
   bare     forward throughput at batch 1/8/32, JPEG decode + preprocessing, and knobs (threads,
-           channels_last, inference_mode, torch.compile, int8 dynamic quantisation, smaller crops),
+           serving layouts (oneDNN blocked, channels_last, plain), JPEG draft decoding of phone photos,
+           torch.compile, int8 dynamic quantisation, smaller crops),
            each with its effect on the outputs against the baseline
-  served   TorchServe with real JPEGs at concurrency 1/8/32, dynamic batching on and off
+  served   TorchServe with real JPEGs at concurrency 1/8/32, dynamic batching on and off, one
+           worker with every core or a worker per core, against the bare model (same weights)
   index    Faiss top-10 latency, recall@10 against exact search, build time and memory, 10k-1M vectors
   startup  start to READY, resident memory per worker
 
@@ -44,13 +46,14 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch import nn
 
-from scripts.archive import build_archive
-from scripts.serve import free_port, start_server
+from scripts.archive import BATCH_SIZE, MAX_BATCH_DELAY, build_archive
+from scripts.serve import describe, free_port, start_server
 from training import search
 from training.dataset import load_split
 from training.embed import load_embeddings
 from training.images import decode_image
-from training.models import MarketplaceNet, embed, load_checkpoint, load_pretrained_backbone
+from training.models import (SERVING_LAYOUTS, MarketplaceNet, embed, load_checkpoint, load_pretrained_backbone,
+                             prepare_for_serving, serve_forward, serving_layout)
 from training.photos import PHOTOS_DIR
 from training.presets import Preprocess, eval_transform
 
@@ -61,13 +64,16 @@ TOP_K = 10
 TARGET_VECTORS = 1_000_000
 TARGET_MS = 5.0
 TARGET_RECALL = 0.95
+TARGET_SERVED_RATIO = 0.9
+TARGET_EXTRA_MS = 10.0
 
 # Sizes and repeats per profile; any option given on the command line wins.
 PROFILES = {
     "full": {
         "arch": ["resnet50", "mobilenet_v2"], "batches": [1, 8, 32], "knob_batch": 8, "compare_photos": 16,
         "test_photos": 128, "min_seconds": 2.0, "min_repeats": 3, "compile": True, "crops": [192, 160],
-        "concurrency": [1, 8, 32], "requests": 48, "max_load_seconds": 15.0, "worker_threads": [0, 1],
+        "phone_photos": 4, "phone_size": (4032, 3024),
+        "concurrency": [1, 8, 32], "requests": 64, "max_load_seconds": 20.0, "workers": ["1x0", "2x1"],
         "sizes": [10_000, 100_000, 1_000_000],
         "hnsw_m": [16, 32], "hnsw_m_max_size": 100_000, "ef_search": [16, 32, 64, 128, 256],
         "nprobe": [4, 16, 64], "ivf_max_size": 100_000, "queries": 1000, "single_queries": 200,
@@ -76,7 +82,8 @@ PROFILES = {
     "quick": {
         "arch": ["resnet50"], "batches": [1, 8, 32], "knob_batch": 8, "compare_photos": 8,
         "test_photos": 64, "min_seconds": 1.0, "min_repeats": 2, "compile": False, "crops": [160],
-        "concurrency": [1, 8, 32], "requests": 32, "max_load_seconds": 5.0, "worker_threads": [0],
+        "phone_photos": 2, "phone_size": (4032, 3024),
+        "concurrency": [1, 8, 32], "requests": 32, "max_load_seconds": 5.0, "workers": ["1x0"],
         "sizes": [10_000, 100_000], "hnsw_m": [32], "hnsw_m_max_size": 100_000, "ef_search": [32, 64, 128],
         "nprobe": [16], "ivf_max_size": 10_000, "queries": 500, "single_queries": 100,
         "filtered_queries": 20, "dim": 256,
@@ -238,9 +245,11 @@ def read_test_set(work_dir: Path, count: int, seed: int = 0) -> tuple[list[bytes
             test["label"].to_numpy())
 
 
-def preprocess_photos(photos: list[bytes], preprocess: Preprocess) -> torch.Tensor:
+def preprocess_photos(photos: list[bytes], preprocess: Preprocess, draft: bool = True) -> torch.Tensor:
+    """The handler's decode (JPEG draft down to the resize, unless `draft` is False) and eval transform."""
     transform = eval_transform(preprocess)
-    return torch.stack([transform(decode_image(photo)) for photo in photos])
+    min_size = preprocess.resize if draft else None
+    return torch.stack([transform(decode_image(photo, min_size=min_size)) for photo in photos])
 
 
 def scaled_preprocess(preprocess: Preprocess, crop: int) -> Preprocess:
@@ -341,6 +350,12 @@ def make_forward(model: nn.Module, grad_mode=torch.no_grad,
     return forward
 
 
+def served_forward(model: MarketplaceNet, layout: str = "auto") -> Forward:
+    """The handler's way: prepare_for_serving (a copy) and serve_forward (inference_mode)."""
+    served = prepare_for_serving(copy.deepcopy(model), layout)
+    return lambda images: serve_forward(served, images)
+
+
 def quantise_linear(model: nn.Module) -> nn.Module:
     """A copy with its Linear layers (embedding and head) dynamically quantised to int8."""
     with warnings.catch_warnings():
@@ -358,7 +373,7 @@ def compiled_variant(model: nn.Module, preprocess: Preprocess, threads: int, sam
     """
     import torch._inductor.config as inductor_config
 
-    forward = make_forward(torch.compile(model))
+    forward = make_forward(torch.compile(model), torch.inference_mode)
     started = time.perf_counter()
     try:
         with torch_threads(threads), inductor_config.patch(force_disable_caches=True):
@@ -368,24 +383,24 @@ def compiled_variant(model: nn.Module, preprocess: Preprocess, threads: int, sam
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
         return Variant("torch.compile", None, preprocess, threads, note=f"skipped: {reason}")
     return Variant("torch.compile", forward, preprocess, threads, compile_seconds=time.perf_counter() - started,
-                   note="compile s: first call, caches off")
+                   note="compile s: first call, caches off; on layout none")
 
 
 def make_variants(subject: Subject, threads: int, crops: list[int], compile_model: bool,
                   sample: torch.Tensor) -> list[Variant]:
-    """The baseline (all threads, no_grad, fp32, NCHW) first, then one knob changed per variant."""
+    """The baseline (as served: all threads, inference_mode, the `auto` serving layout, fp32) first,
+    then one knob changed per variant."""
     model, preprocess = subject.model, subject.preprocess
-    channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    variants = [Variant("baseline", make_forward(model), preprocess, threads)]
+    served = serving_layout(model.arch)
+    variants = [Variant("baseline", served_forward(model), preprocess, threads, note=f"layout {served}")]
     if threads > 1:
-        variants.append(Variant("1 thread", make_forward(model), preprocess, 1))
+        variants.append(Variant("1 thread", served_forward(model), preprocess, 1, note=f"layout {served}"))
+    variants += [Variant(f"layout {layout}", served_forward(model, layout), preprocess, threads)
+                 for layout in SERVING_LAYOUTS if layout not in ("auto", served)]
     variants += [
-        Variant("channels_last", make_forward(channels_last, memory_format=torch.channels_last), preprocess, threads),
-        Variant("inference_mode", make_forward(model, torch.inference_mode), preprocess, threads),
-        Variant("channels_last + inference_mode",
-                make_forward(channels_last, torch.inference_mode, torch.channels_last), preprocess, threads),
-        Variant("int8 dynamic Linear", make_forward(quantise_linear(model)), preprocess, threads,
-                note="torch.ao.quantization (deprecated)"),
+        Variant("NCHW + no_grad (the handler before tuning)", make_forward(model), preprocess, threads),
+        Variant("int8 dynamic Linear", make_forward(quantise_linear(model), torch.inference_mode), preprocess,
+                threads, note="torch.ao.quantization (deprecated); on layout none"),
     ]
     if compile_model:
         variants.append(compiled_variant(model, preprocess, threads, sample))
@@ -393,7 +408,7 @@ def make_variants(subject: Subject, threads: int, crops: list[int], compile_mode
         variants.append(Variant("torch.compile", None, preprocess, threads, note="skipped: not asked (--compile)"))
     for crop in crops:
         smaller = scaled_preprocess(preprocess, crop)
-        variants.append(Variant(f"crop {crop} (resize {smaller.resize})", make_forward(model), smaller, threads))
+        variants.append(Variant(f"crop {crop} (resize {smaller.resize})", served_forward(model), smaller, threads))
     return variants
 
 
@@ -457,10 +472,11 @@ def throughput(times: list[float], batch: int) -> dict:
     return {"batch": batch, "ms_per_batch": seconds * 1000, "photos_per_s": batch / seconds, "repeats": len(times)}
 
 
-def measure_decode(photos: list[bytes], preprocess: Preprocess, min_seconds: float, min_repeats: int) -> dict:
-    """Photos per second through decode_image + eval_transform, one photo at a time."""
-    transform = eval_transform(preprocess)
-    times = time_calls(lambda: [transform(decode_image(photo)) for photo in photos],
+def measure_decode(photos: list[bytes], preprocess: Preprocess, min_seconds: float, min_repeats: int,
+                   draft: bool = True) -> dict:
+    """Photos per second through decode_image + eval_transform, one photo at a time, as the handler
+    does it (JPEG draft decoding down to the resize) unless `draft` is False."""
+    times = time_calls(lambda: preprocess_photos(photos, preprocess, draft),
                        min_seconds=min_seconds, min_repeats=min_repeats)
     seconds = float(np.median(times)) / len(photos)
     return {"ms_per_batch": seconds * 1000, "photos_per_s": 1 / seconds, "batch": 1, "repeats": len(times)}
@@ -483,6 +499,7 @@ def bench_subject(subject: Subject, photos: list[bytes], settings: dict,
     for count in sorted({threads, 1}, reverse=True):  # ToTensor/Normalize run on torch's threads
         with torch_threads(count):
             decodes[count] = measure_decode(photos, subject.preprocess, **timing)
+    phone_rows = bench_phone_decode(subject, settings, timing) if settings.get("phone_photos") else []
     variants = make_variants(subject, threads, settings["crops"], settings["compile"],
                              batch_of(images_for(subject.preprocess), knob_batch))
     baseline, knobs = variants[0], variants[1:]
@@ -510,9 +527,11 @@ def bench_subject(subject: Subject, photos: list[bytes], settings: dict,
     base = {"model": subject.name, "arch": subject.model.arch}
     rows = [{**base, "variant": f"decode + preprocess, {count} thread{'s' if count > 1 else ''}", **decode}
             for count, decode in decodes.items()]
+    rows += [{**base, **row} for row in phone_rows]
     for batch in batches:
         measured = throughput(times[f"baseline@{batch}"], batch)
-        rows.append({**base, "variant": "baseline", **measured, "speedup": measured["photos_per_s"] / reference_rate,
+        rows.append({**base, "variant": "baseline", "note": baseline.note, **measured,
+                     "speedup": measured["photos_per_s"] / reference_rate,
                      **(effects(baseline) if batch == knob_batch else {})})
     for variant in knobs:
         row = {**base, "variant": variant.name, "batch": knob_batch, "note": variant.note,
@@ -521,6 +540,27 @@ def bench_subject(subject: Subject, photos: list[bytes], settings: dict,
             measured = throughput(times[variant.name], knob_batch)
             row.update(measured, speedup=measured["photos_per_s"] / reference_rate, **effects(variant))
         rows.append(row)
+    return rows
+
+
+def bench_phone_decode(subject: Subject, settings: dict, timing: dict) -> list[dict]:
+    """Decode + preprocess of phone-camera JPEGs with and without draft decoding, and what draft
+    decoding changes in the model's outputs (full decoding is the reference)."""
+    width, height = settings["phone_size"]
+    photos = generate_photos(settings["phone_photos"], (width, height), seed=1)
+    threads = settings["threads"]
+    rows = []
+    for draft in (True, False):
+        with torch_threads(threads):
+            measured = measure_decode(photos, subject.preprocess, **timing, draft=draft)
+        rows.append({"variant": f"phone photo {width}x{height}: decode + preprocess, "
+                                f"{'JPEG draft (as served)' if draft else 'full decode'}", **measured})
+    forward = served_forward(subject.model)
+    with torch_threads(threads):
+        full = predict(forward, preprocess_photos(photos, subject.preprocess, draft=False), len(photos))
+        drafted = predict(forward, preprocess_photos(photos, subject.preprocess, draft=True), len(photos))
+    rows[0].update(output_drift(full, drafted), speedup=rows[0]["photos_per_s"] / rows[1]["photos_per_s"],
+                   note=f"× baseline and outputs: against full decode, {len(photos)} photos")
     return rows
 
 
@@ -536,17 +576,20 @@ BARE_COLUMNS = [("model", "model"), ("variant", "variant"), ("batch", "batch"), 
                 ("test_accuracy", "test acc"), ("note", "note")]
 
 
-def bench_bare(photos: list[bytes], settings: dict) -> dict:
-    subjects = load_subjects(settings.get("run"), settings["arch"], parse_weights(settings["weights"]), photos)
+def bench_bare(subjects: list[Subject], photos: list[bytes], settings: dict) -> dict:
     test_set = read_test_set(settings["work"], settings["test_photos"]) if settings.get("work") else None
     rows = []
     for subject in subjects:
         print(f"bare: {subject.name}", flush=True)
         rows += bench_subject(subject, photos, settings, test_set if subject.trained else None)
-    legend = (f"× baseline: photos/s over the baseline's at batch {settings['knob_batch']} (baseline: "
-              f"{settings['threads']} threads, torch.no_grad, fp32, NCHW, the checkpoint's crop). Output columns "
-              f"compare each variant with the baseline on {len(photos)} photos: max abs difference of "
-              f"probabilities, top-1 category agreement, cosine similarity of embeddings.")
+    legend = (f"× baseline: photos/s over the baseline's at batch {settings['knob_batch']}. Baseline: the model as "
+              f"the handler runs it ({settings['threads']} threads, torch.inference_mode, the serving layout `auto` "
+              f"picks (training.models.prepare_for_serving), fp32, the checkpoint's crop); layout rows: the other "
+              f"layouts (mkldnn: oneDNN blocked + BatchNorm folded; nhwc: channels_last + BatchNorm folded; none: "
+              f"NCHW as trained). Decode + preprocess: decode_image + eval_transform one photo at a time, as the "
+              f"handler does (JPEG draft decoding down to the resize size). Output columns compare each variant with "
+              f"the baseline on {len(photos)} photos (the phone-photo draft row: with full decoding): max abs "
+              f"difference of probabilities, top-1 category agreement, cosine similarity of embeddings.")
     return {"rows": rows, "columns": BARE_COLUMNS, "legend": legend,
             "models": {subject.name: subject.source for subject in subjects}}
 
@@ -616,6 +659,33 @@ def batch_counts(server) -> dict[int, float]:
     return counts
 
 
+FRONTEND_COUNTERS = ("ts_inference_requests_total", "ts_inference_latency_microseconds",
+                     "ts_queue_latency_microseconds")
+
+
+def frontend_counters(server, model: str = SERVED_NAME) -> dict[str, float]:
+    """TorchServe's own cumulative request count and inference/queue time for `model` (all versions)."""
+    response = requests.get(f"{server.metrics_url}/metrics", timeout=10)
+    response.raise_for_status()
+    totals = dict.fromkeys(FRONTEND_COUNTERS, 0.0)
+    for line in response.text.splitlines():
+        match = re.match(r'(?P<name>\w+){(?P<labels>[^}]*)}\s+(?P<value>\S+)', line)
+        if match and match["name"] in totals and f'model_name="{model}"' in match["labels"]:
+            totals[match["name"]] += float(match["value"])
+    return totals
+
+
+def backend_times(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Mean ms per request between the two readings: in the worker (TorchServe's inference latency:
+    from the frontend handing the batch to the worker to its answer) and waiting in the queue."""
+    served = after["ts_inference_requests_total"] - before["ts_inference_requests_total"]
+    if served <= 0:
+        return {}
+    return {name: (after[counter] - before[counter]) / served / 1000
+            for name, counter in (("backend_ms", "ts_inference_latency_microseconds"),
+                                  ("queue_ms", "ts_queue_latency_microseconds"))}
+
+
 def mean_batch(before: dict[int, float], after: dict[int, float]) -> float | None:
     served = {size: after[size] - before.get(size, 0.0) for size in after}
     batches = sum(served.values())
@@ -643,8 +713,9 @@ def process_memory(server) -> dict:
 
 
 @contextlib.contextmanager
-def served_model(store: Path, mar: Path, name: str, workdir: Path, ready_timeout: float = 300):
-    """TorchServe serving `mar` as `name`; yields `(server, start-up figures)` and stops it after."""
+def served_model(store: Path, mar: Path, name: str, workdir: Path, ready_timeout: float = 300, workers: int = 1):
+    """TorchServe serving `mar` as `name` with `workers` READY; yields `(server, start-up figures)`
+    and stops it after. READY s is when the last worker is ready."""
     inference, management, metrics, grpc_inference, grpc_management = distinct_ports(5)
     started = time.perf_counter()
     server = start_server(store, workdir=workdir, models={name: mar.name}, inference_port=inference,
@@ -652,51 +723,77 @@ def served_model(store: Path, mar: Path, name: str, workdir: Path, ready_timeout
                           grpc_management_port=grpc_management)
     try:
         api_seconds = time.perf_counter() - started
-        server.wait_ready(name, timeout=ready_timeout)
+        wait_workers_ready(server, name, workers, timeout=ready_timeout)
         startup = {"api_s": api_seconds, "ready_s": time.perf_counter() - started, **process_memory(server)}
         yield server, startup
     finally:
         server.stop()
 
 
-def serving_runs(settings: dict, scratch: Path) -> list[tuple[str, Path]]:
-    """`(model name, RUN folder)` to serve: the --run, then a tiny run per --arch at the real input size."""
-    runs = []
-    if settings.get("run"):
-        run_dir = Path(settings["run"])
-        checkpoint = torch.load(run_dir / "weights" / "best.pt", map_location="cpu", weights_only=True)
-        runs.append((run_model_name(run_dir, checkpoint["arch"]), run_dir))
-    if settings["arch"]:
+def wait_workers_ready(server, name: str, workers: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    server.wait_ready(name, timeout=timeout)
+    while time.monotonic() < deadline:
+        description = describe(server, name)[0]
+        if sum(worker["status"] == "READY" for worker in description.get("workers", [])) >= workers:
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"{name}: fewer than {workers} workers READY after {timeout:.0f} s")
+
+
+def serving_runs(subjects: list[Subject], settings: dict, scratch: Path) -> list[tuple[str, Path]]:
+    """`(model name, RUN folder)` to serve: the --run, and a run folder holding each fresh model of
+    the bare section (same weights, so served and bare figures compare the same network)."""
+    runs = [(subject.name, Path(settings["run"])) for subject in subjects if subject.trained]
+    fresh = [subject for subject in subjects if not subject.trained]
+    if fresh:
         from tests.serving_fixtures import make_tiny_run  # test helper: importable from the repository root
-    for arch in settings["arch"]:
+    for subject in fresh:
         # The real preprocessing and embedding size, so a request costs what it would in production;
         # the catalogue is a dozen photos (index search at scale is the index section's job).
-        tiny = make_tiny_run(scratch / arch / "run", arch=arch, embedding_dim=256, preprocess=Preprocess())
-        runs.append((arch, tiny.run_dir))
+        classes = [f"category {number}" for number in range(NUM_CLASSES)]
+        tiny = make_tiny_run(scratch / subject.name / "run", model=copy.deepcopy(subject.model), classes=classes,
+                             preprocess=subject.preprocess)
+        runs.append((subject.name, tiny.run_dir))
     return runs
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """One way of serving: dynamic batching on or off, and the worker's torch/Faiss threads."""
+    """One way of serving: dynamic batching on or off, workers, and each worker's torch threads."""
 
     batch_size: int
     max_batch_delay: int
+    workers: int
     threads: int  # 0: the handler's default, cores / workers
 
     @property
     def labels(self) -> dict:
         batching = f"on ({self.batch_size}, {self.max_batch_delay} ms)" if self.batch_size > 1 else "off (1)"
-        threads = f"{os.cpu_count()} (default)" if self.threads == 0 else str(self.threads)
-        return {"batching": batching, "worker_threads": threads}
+        threads = self.threads or max(1, (os.cpu_count() or 1) // self.workers)
+        default = "" if self.threads else " (default)"
+        return {"batching": batching, "worker_threads": f"{self.workers} × {threads}{default}"}
 
     def archive_name(self, model: str) -> str:
-        return re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-") + f"-batch{self.batch_size}-threads{self.threads}"
+        return (re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-")
+                + f"-batch{self.batch_size}-workers{self.workers}-threads{self.threads}")
+
+
+def parse_workers(text: str) -> tuple[int, int]:
+    """"WORKERSxTHREADS" (e.g. 2x1; threads 0 = the handler's default) as a pair of ints."""
+    workers, separator, threads = text.lower().partition("x")
+    try:
+        layout = int(workers), int(threads) if separator else 0
+    except ValueError:
+        layout = (0, 0)
+    if layout[0] < 1 or layout[1] < 0:
+        raise argparse.ArgumentTypeError(f"workers {text!r}: expected WORKERSxTHREADS like 1x0 or 2x1")
+    return layout
 
 
 def serve_configs(settings: dict) -> list[ServeConfig]:
-    return [ServeConfig(batch, delay if batch > 1 else 0, threads)
-            for threads in settings["worker_threads"]
+    return [ServeConfig(batch, delay if batch > 1 else 0, workers, threads)
+            for workers, threads in map(parse_workers, settings["workers"])
             for batch, delay in ((settings["batch_size"], settings["max_batch_delay"]), (1, 0))]
 
 
@@ -704,7 +801,7 @@ def build_archives(model: str, run_dir: Path, store: Path, configs: list[ServeCo
     store.mkdir(parents=True, exist_ok=True)
     return {config: build_archive(run_dir, store, SERVED_NAME, "1.0", config.archive_name(model),
                                   batch_size=config.batch_size, max_batch_delay=config.max_batch_delay,
-                                  min_workers=1, max_workers=1, threads=config.threads)
+                                  min_workers=config.workers, max_workers=config.workers, threads=config.threads)
             for config in configs}
 
 
@@ -733,6 +830,8 @@ def compare_with_bare(row: dict, model: str, rates: dict) -> None:
     row.update(bare_batch=batch, served_vs_bare=row["photos_per_s"] / forward)
     if decode:
         row["served_vs_pipeline"] = row["photos_per_s"] * (1 / forward + 1 / decode)
+    if row.get("concurrency") == 1 and (model, 1) in rates:
+        row["p50_over_bare_ms"] = row["p50_ms"] - 1000 / rates[model, 1]
 
 
 def bench_served_model(model: str, archives: dict[ServeConfig, Path], photos: list[bytes], settings: dict,
@@ -741,17 +840,20 @@ def bench_served_model(model: str, archives: dict[ServeConfig, Path], photos: li
     served_rows, startup_rows = [], []
     for config, mar in archives.items():
         label = {"model": model, **config.labels}
-        with served_model(mar.parent, mar, SERVED_NAME, scratch / f"server-{mar.stem}") as (server, startup):
+        with served_model(mar.parent, mar, SERVED_NAME, scratch / f"server-{mar.stem}",
+                          workers=config.workers) as (server, startup):
             print(f"served: {model} {config.labels} READY in {startup['ready_s']:.1f} s", flush=True)
             if with_load:
                 url = f"{server.inference_url}/predictions/{SERVED_NAME}"
-                # Warm-up: the first batch of a size allocates.
-                load_test(url, photos, concurrency=config.batch_size, total=config.batch_size)
+                # Warm-up: the first batch of a size allocates, in every worker.
+                warm = config.batch_size * config.workers
+                load_test(url, photos, concurrency=warm, total=2 * warm)
                 for concurrency in settings["concurrency"]:
-                    before = batch_counts(server)
+                    before, counters = batch_counts(server), frontend_counters(server)
                     figures = load_test(url, photos, concurrency, max(settings["requests"], 2 * concurrency),
                                         max_seconds=settings["max_load_seconds"])
-                    row = {**label, **figures, "mean_batch": mean_batch(before, batch_counts(server))}
+                    row = {**label, **figures, "mean_batch": mean_batch(before, batch_counts(server)),
+                           **backend_times(counters, frontend_counters(server))}
                     compare_with_bare(row, model, rates)
                     served_rows.append(row)
                 after = process_memory(server)
@@ -763,9 +865,10 @@ def bench_served_model(model: str, archives: dict[ServeConfig, Path], photos: li
 SERVED_COLUMNS = [("model", "model"), ("batching", "dynamic batching"), ("worker_threads", "worker threads"),
                   ("concurrency", "concurrency"),
                   ("requests", "requests"), ("errors", "errors"), ("photos_per_s", "photos/s"),
-                  ("p50_ms", "p50 ms"), ("p95_ms", "p95 ms"), ("p99_ms", "p99 ms"), ("mean_batch", "mean batch"),
+                  ("p50_ms", "p50 ms"), ("p95_ms", "p95 ms"), ("p99_ms", "p99 ms"),
+                  ("backend_ms", "worker ms/request"), ("queue_ms", "queue ms/request"), ("mean_batch", "mean batch"),
                   ("bare_batch", "bare batch"), ("served_vs_bare", "÷ bare forward"),
-                  ("served_vs_pipeline", "÷ bare decode+forward"),
+                  ("served_vs_pipeline", "÷ bare decode+forward"), ("p50_over_bare_ms", "p50 − bare ms"),
                   ("note", "note")]
 STARTUP_COLUMNS = [("model", "model"), ("batching", "dynamic batching"), ("worker_threads", "worker threads"),
                    ("api_s", "APIs up s"),
@@ -774,34 +877,61 @@ STARTUP_COLUMNS = [("model", "model"), ("batching", "dynamic batching"), ("worke
                    ("worker_uss_after_mb", "USS after load MB"), ("frontend_rss_mb", "frontend (Java) RSS MB")]
 
 
-def bench_serving(photos: list[bytes], settings: dict, bare_rows: list[dict], with_load: bool) -> tuple[dict, dict]:
+def bench_serving(subjects: list[Subject], photos: list[bytes], settings: dict, bare_rows: list[dict],
+                  with_load: bool) -> tuple[dict, dict]:
     """The served and startup sections (start-up figures come from the same server starts)."""
     served_rows, startup_rows = [], []
     with tempfile.TemporaryDirectory(prefix="benchmark-serve-") as scratch:
         scratch = Path(scratch)
         rates = bare_rates(bare_rows)
         configs = serve_configs(settings) if with_load else serve_configs(settings)[:1]
-        for model, run_dir in serving_runs(settings, scratch):
+        for model, run_dir in serving_runs(subjects, settings, scratch):
             archives = build_archives(model, run_dir, scratch / "store", configs)
             served, startup = bench_served_model(model, archives, photos, settings, scratch, rates, with_load)
             served_rows += served
             startup_rows += startup
-    sources = ([f"RUN {settings['run']}"] if settings.get("run") else []) + \
-        ([f"a tiny run per arch ({', '.join(settings['arch'])}; tests/serving_fixtures.make_tiny_run: random weights, "
-          "256-d embeddings, 224 crop, 12-photo flat catalogue)"] if settings["arch"] else [])
-    source = " and ".join(sources)
-    served = {"rows": served_rows, "columns": SERVED_COLUMNS, "legend": (
-        f"TorchServe, 1 worker, {source}; {len(photos)} JPEGs sent as raw image/jpeg bodies by `requests` client "
-        f"threads on the same machine (they share its cores). Photos/s: answered photos over wall time. "
-        f"Mean batch: from the handler's MarketplaceBatches counter. ÷ bare forward: over the bare section's "
-        f"baseline forward at the bare batch size nearest the mean batch; ÷ bare decode+forward: over decode + "
-        f"preprocess + that forward in one process. A level stops sending after {settings['max_load_seconds']:g} s; "
-        f"p99 of few requests is close to the maximum.")}
+    verdicts = served_verdicts(served_rows)
+    served = {"rows": served_rows, "columns": SERVED_COLUMNS, "verdict": verdicts, "legend": "\n".join([
+        f"TorchServe serving the bare section's models (same weights; fresh models in a run folder with a "
+        f"12-photo flat catalogue: index search at scale is the index section's job); {len(photos)} JPEGs sent as "
+        f"raw image/jpeg bodies by `requests` client threads on the same machine (they share its cores). Worker "
+        f"threads: workers × torch threads each. Photos/s: answered photos over wall time. Worker and queue "
+        f"ms/request: TorchServe's own cumulative inference and queue latency counters over its request count (a "
+        f"batch's worker time counts for each of its requests; the client's latency minus both is HTTP and the "
+        f"frontend). Mean batch: from the handler's MarketplaceBatches counter. ÷ bare forward: over the bare "
+        f"section's baseline forward at the bare batch size nearest the mean batch; ÷ bare decode+forward: over "
+        f"decode + preprocess + that forward in one process; p50 − bare: single-request (concurrency 1) p50 minus "
+        f"the bare batch-1 forward. A level stops sending after {settings['max_load_seconds']:g} s; p99 of few "
+        f"requests is close to the maximum.",
+        *verdicts])}
     startup = {"rows": startup_rows, "columns": STARTUP_COLUMNS, "legend": (
-        "From start_server() to the model READY (GET /models/NAME); memory of the Java frontend and of its "
-        "Python worker (its child process) at READY and after the load test. RSS includes shared library pages; "
+        "From start_server() to every worker READY (GET /models/NAME); memory of the Java frontend and of its "
+        "Python workers (the largest) at READY and after the load test. RSS includes shared library pages; "
         "USS (unique set) is what one more worker would add.")}
     return served, startup
+
+
+def served_verdicts(rows: list[dict]) -> list[str]:
+    """PASS/FAIL lines for the serving targets, per model: the best configuration for each."""
+    lines = []
+    for model in dict.fromkeys(row["model"] for row in rows):
+        own = [row for row in rows if row["model"] == model and "served_vs_bare" in row]
+        if not own:
+            continue
+        best = max(own, key=lambda row: row["served_vs_bare"])
+        verdict = "PASS" if best["served_vs_bare"] >= TARGET_SERVED_RATIO else "FAIL"
+        lines.append(f"Target {model}: served photos/s ≥ {TARGET_SERVED_RATIO} × bare forward at the same batch "
+                     f"size: {verdict}, best {best['served_vs_bare']:.2f} (batching {best['batching']}, "
+                     f"{best['worker_threads']}, concurrency {best['concurrency']}, mean batch "
+                     f"{best['mean_batch']:.1f}).")
+        single = [row for row in own if "p50_over_bare_ms" in row]
+        if single:
+            best = min(single, key=lambda row: row["p50_over_bare_ms"])
+            verdict = "PASS" if best["p50_over_bare_ms"] <= TARGET_EXTRA_MS else "FAIL"
+            lines.append(f"Target {model}: single-request p50 ≤ bare batch-1 forward + {TARGET_EXTRA_MS:g} ms: "
+                         f"{verdict}, best +{best['p50_over_bare_ms']:.1f} ms (p50 {best['p50_ms']:.1f} ms; "
+                         f"batching {best['batching']}, {best['worker_threads']}).")
+    return lines
 
 
 # ---------------------------------------------------------------- index: Faiss
@@ -1125,6 +1255,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="backbone weights for a fresh model: imagenet, none or a path (repeatable)")
     model.add_argument("--photos", type=Path, help="folder of JPEGs to use instead of generated ones")
     model.add_argument("--num-photos", type=int, dest="compare_photos", help="photos for timing and output drift")
+    model.add_argument("--phone-photos", type=int,
+                       help="generated 4032x3024 JPEGs to time draft vs full decoding (0: skip; full 4, quick 2)")
     model.add_argument("--photo-size", default="640x480", help="WIDTHxHEIGHT of generated photos")
     model.add_argument("--test-photos", type=int, help="at most this many WORK test photos")
     bare = parser.add_argument_group("bare")
@@ -1138,10 +1270,12 @@ def build_parser() -> argparse.ArgumentParser:
     served.add_argument("--concurrency", type=parse_list, help="client concurrency levels (default 1,8,32)")
     served.add_argument("--requests", type=int, help="requests per concurrency level (at least 2 x concurrency)")
     served.add_argument("--max-load-seconds", type=float, help="stop sending new requests of a level after this")
-    served.add_argument("--worker-threads", type=parse_list,
-                        help="torch/Faiss threads per worker to compare; 0 = the handler's default (full: 0,1)")
-    served.add_argument("--batch-size", type=int, default=8, help="TorchServe batch_size with batching on")
-    served.add_argument("--max-batch-delay", type=int, default=15, help="TorchServe max_batch_delay ms")
+    served.add_argument("--workers", type=lambda text: parse_list(text, str),
+                        help="worker layouts to compare, WORKERSxTHREADS; threads 0 = the handler's default, "
+                             "cores / workers (full: 1x0,2x1; quick: 1x0)")
+    served.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="TorchServe batch_size with batching on")
+    served.add_argument("--max-batch-delay", type=int, default=MAX_BATCH_DELAY,
+                        help="TorchServe max_batch_delay ms with batching on (default: the archive's)")
     index = parser.add_argument_group("index")
     index.add_argument("--sizes", type=lambda text: [parse_size(item) for item in text.split(",")],
                        help="catalogue sizes (full: 10k,100k,1M; quick: 10k,100k)")
@@ -1221,11 +1355,13 @@ def run_sections(settings: dict, photos: list[bytes]) -> dict:
                 sections[name] = section
                 print("\n" + render_section(name, section, os.cpu_count()) + "\n", flush=True)
 
+    if {"bare", "served", "startup"} & set(chosen):
+        subjects = load_subjects(settings.get("run"), settings["arch"], parse_weights(settings["weights"]), photos)
     if "bare" in chosen:
-        done(bare=timed(bench_bare, photos, settings))
+        done(bare=timed(bench_bare, subjects, photos, settings))
     if "served" in chosen or "startup" in chosen:
         bare_rows = sections["bare"]["rows"] if "bare" in sections else []
-        served, startup = timed(bench_serving, photos, settings, bare_rows, with_load="served" in chosen)
+        served, startup = timed(bench_serving, subjects, photos, settings, bare_rows, with_load="served" in chosen)
         done(served=served, startup=startup)
     if "index" in chosen:
         done(index=timed(bench_index, settings))

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scripts.archive import build_archive
+from scripts.archive import BATCH_SIZE, MAX_BATCH_DELAY, build_archive
 from scripts.client import resolve_token
 from scripts.serve import ServerError
 from scripts.versions import DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL, CanaryError, release
@@ -201,8 +201,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--workers", type=int, default=2, help="photo and embedding loader processes")
     parser.add_argument("--embed-batch-size", type=int, default=32)
     parser.add_argument("--index-type", default="auto", choices=INDEX_TYPES)
-    parser.add_argument("--batch-size", type=int, default=8, help="archive: largest dynamic batch")
-    parser.add_argument("--max-batch-delay", type=int, default=50, help="archive: ms to wait for a batch to fill")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="archive: largest dynamic batch")
+    parser.add_argument("--max-batch-delay", type=int, default=MAX_BATCH_DELAY,
+                        help="archive: ms a worker waits for more requests once one is queued")
     parser.add_argument("--release", action="store_true", help="register, canary and make the new version default")
     parser.add_argument("--management-url", default=DEFAULT_MANAGEMENT_URL)
     parser.add_argument("--inference-url", default=DEFAULT_INFERENCE_URL)

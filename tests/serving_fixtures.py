@@ -72,11 +72,12 @@ def png_with_declared_size(width: int, height: int) -> bytes:
 def make_tiny_run(run_dir: Path | str, *, arch: str = "resnet18", seed: int = 0, listings: int = 6,
                   photos_per_listing: int = 2, classes=CLASSES, embedding_dim: int = 32,
                   preprocess: Preprocess = TINY_PREPROCESS, photos_dir: Path | None = None,
-                  created: str = CREATED) -> TinyRun:
+                  created: str = CREATED, model: MarketplaceNet | None = None) -> TinyRun:
     """Write a complete RUN folder (weights/best.pt, index/, evaluation.json, run.json).
 
     `seed` sets the model's random weights (two seeds give two distinguishable models); the photos
-    depend only on their index, so runs can share `photos_dir` (default RUN/../photos).
+    depend only on their index, so runs can share `photos_dir` (default RUN/../photos). `model`, if
+    given, is saved instead of a random one (its arch and sizes win over `arch` and `embedding_dim`).
     """
     run_dir = Path(run_dir)
     photos_dir = Path(photos_dir) if photos_dir else run_dir.parent / "photos"
@@ -92,8 +93,13 @@ def make_tiny_run(run_dir: Path | str, *, arch: str = "resnet18", seed: int = 0,
                                   "price": 10.0 + product, "location": "Leeds",
                                   "category": classes[product % len(classes)]}
 
-    torch.manual_seed(seed)
-    model = MarketplaceNet(arch, len(classes), embedding_dim=embedding_dim).eval()
+    if model is None:
+        torch.manual_seed(seed)
+        model = MarketplaceNet(arch, len(classes), embedding_dim=embedding_dim)
+    model.eval()
+    arch, embedding_dim = model.arch, model.embedding[0].out_features
+    if model.classifier[-1].out_features != len(classes):
+        raise ValueError(f"the model has {model.classifier[-1].out_features} classes, `classes` {len(classes)}")
     checkpoint = run_dir / "weights" / "best.pt"
     config = {"arch": arch, "seed": seed, "embedding_dim": embedding_dim, "weights": "none", "tiny": True}
     save_checkpoint(checkpoint, model, classes=classes, preprocess=preprocess, epoch=1,

@@ -4,6 +4,7 @@ No timing is asserted: speed is what the benchmark reports, not what tests check
 """
 import faiss  # noqa: F401  (before torch: OpenMP, see README)
 
+import argparse
 import json
 import shutil
 import threading
@@ -112,8 +113,24 @@ def test_clustered_vectors_are_normalised_and_closer_than_random():
 
 def tiny_bare_settings(**overrides) -> dict:
     settings = {"threads": 1, "knob_batch": 2, "batches": [1, 2], "crops": [24], "compile": False,
-                "min_seconds": 0.0, "min_repeats": 1}
+                "min_seconds": 0.0, "min_repeats": 1, "phone_photos": 0}
     return {**settings, **overrides}
+
+
+def test_phone_photo_rows_time_draft_against_full_decoding_and_state_the_output_change():
+    torch.manual_seed(0)
+    model = MarketplaceNet("resnet18", 3, embedding_dim=16)
+    preprocess = Preprocess(resize=40, crop=32)
+    benchmark.calibrate_batchnorm(model, benchmark.preprocess_photos(benchmark.generate_photos(4, (48, 40)),
+                                                                     preprocess))
+    subject = benchmark.Subject("tiny", model, preprocess, "test", trained=False)
+    settings = tiny_bare_settings(phone_photos=2, phone_size=(400, 320))
+    draft, full = benchmark.bench_phone_decode(subject, settings, {"min_seconds": 0.0, "min_repeats": 1})
+    assert draft["variant"] == "phone photo 400x320: decode + preprocess, JPEG draft (as served)"
+    assert full["variant"] == "phone photo 400x320: decode + preprocess, full decode"
+    assert draft["speedup"] == pytest.approx(draft["photos_per_s"] / full["photos_per_s"])
+    # 400x320 decodes at 1/8 scale for a 40-pixel resize: other pixels, nearly the same embedding
+    assert 0.9 < draft["cosine_min"] < 1.0 and draft["max_abs_dprob"] > 0
 
 
 def test_bench_subject_rows_cover_every_knob_with_output_effects():
@@ -128,15 +145,19 @@ def test_bench_subject_rows_cover_every_knob_with_output_effects():
     variants = [row["variant"] for row in rows]
     assert variants[0] == "decode + preprocess, 1 thread"  # the settings ask for 1 thread: one decode row
     assert variants[1:3] == ["baseline", "baseline"]
-    assert {"channels_last", "inference_mode", "int8 dynamic Linear", "torch.compile"} <= set(variants)
+    assert {"layout nhwc", "layout none", "NCHW + no_grad (the handler before tuning)", "int8 dynamic Linear",
+            "torch.compile"} <= set(variants)  # resnet18: the baseline is layout mkldnn
+    assert "layout mkldnn" not in variants
     assert any(variant.startswith("crop 24") for variant in variants)
     by_name = {(row["variant"], row["batch"]): row for row in rows}
     baseline = by_name["baseline", 2]
     assert baseline["max_abs_dprob"] == 0 and baseline["top1_agreement"] == 1
     assert baseline["speedup"] == pytest.approx(1.0)
     assert 0 <= baseline["test_accuracy"] <= 1 and baseline["test_top1_agreement"] == 1
-    channels_last = by_name["channels_last", 2]
-    assert channels_last["cosine_min"] > 0.999 and channels_last["photos_per_s"] > 0
+    assert baseline["note"] == "layout mkldnn"
+    for layout in ("nhwc", "none"):  # the same network in other memory layouts
+        row = by_name[f"layout {layout}", 2]
+        assert row["cosine_min"] > 0.9999 and row["top1_agreement"] == 1 and row["photos_per_s"] > 0
     assert by_name["torch.compile", 2]["note"].startswith("skipped")
     assert "photos_per_s" not in by_name["torch.compile", 2]
     assert all(row["photos_per_s"] > 0 for row in rows if "photos_per_s" in row)
@@ -239,6 +260,9 @@ METRICS_TEXT = """# TYPE MarketplaceBatches counter
 MarketplaceBatches{BatchSize="8",Level="Model",Hostname="vm",ModelName="bench"} 3.0
 MarketplaceBatches{BatchSize="2",Level="Model",Hostname="vm",ModelName="bench"} 1.0
 ts_inference_requests_total{model_name="bench",model_version="default",} 26.0
+ts_inference_requests_total{model_name="other",model_version="default",} 99.0
+ts_inference_latency_microseconds{model_name="bench",model_version="default",} 1300000.0
+ts_queue_latency_microseconds{model_name="bench",model_version="default",} 52000.0
 """
 
 
@@ -298,15 +322,53 @@ def test_batch_counts_and_mean_batch_from_the_metrics_page(photo_endpoint):
     assert benchmark.mean_batch(counts, counts) is None
 
 
-def test_serve_configs_pair_batching_on_and_off_per_thread_count():
-    configs = benchmark.serve_configs({"worker_threads": [0, 1], "batch_size": 8, "max_batch_delay": 15})
-    assert [(c.batch_size, c.max_batch_delay, c.threads) for c in configs] == [(8, 15, 0), (1, 0, 0), (8, 15, 1),
-                                                                               (1, 0, 1)]
-    assert configs[0].labels["batching"] == "on (8, 15 ms)" and configs[1].labels["batching"] == "off (1)"
-    assert configs[0].labels["worker_threads"].endswith("(default)") and configs[2].labels["worker_threads"] == "1"
+def test_frontend_counters_of_the_served_model_give_worker_and_queue_time(photo_endpoint):
+    server = SimpleNamespace(metrics_url=photo_endpoint.rsplit("/predictions", 1)[0])
+    after = benchmark.frontend_counters(server)
+    assert after == {"ts_inference_requests_total": 26.0, "ts_inference_latency_microseconds": 1_300_000.0,
+                     "ts_queue_latency_microseconds": 52_000.0}
+    before = {"ts_inference_requests_total": 6.0, "ts_inference_latency_microseconds": 300_000.0,
+              "ts_queue_latency_microseconds": 12_000.0}
+    assert benchmark.backend_times(before, after) == {"backend_ms": pytest.approx(50.0), "queue_ms": pytest.approx(2.0)}
+    assert benchmark.backend_times(after, after) == {}
+
+
+def test_serve_configs_pair_batching_on_and_off_per_worker_layout():
+    configs = benchmark.serve_configs({"workers": ["1x0", "2x1"], "batch_size": 8, "max_batch_delay": 5})
+    assert [(c.batch_size, c.max_batch_delay, c.workers, c.threads) for c in configs] == [
+        (8, 5, 1, 0), (1, 0, 1, 0), (8, 5, 2, 1), (1, 0, 2, 1)]
+    assert configs[0].labels["batching"] == "on (8, 5 ms)" and configs[1].labels["batching"] == "off (1)"
+    assert configs[0].labels["worker_threads"].endswith("(default)") and configs[2].labels["worker_threads"] == "2 × 1"
     assert len({config.archive_name("resnet50") for config in configs}) == 4
     run_archive = configs[0].archive_name("mobilenet_v2 (2025-01-31_142233)")
-    assert run_archive == "mobilenet_v2-2025-01-31_142233-batch8-threads0"
+    assert run_archive == "mobilenet_v2-2025-01-31_142233-batch8-workers1-threads0"
+
+
+@pytest.mark.parametrize("text, layout", [("1x0", (1, 0)), ("2X1", (2, 1)), ("3", (3, 0))])
+def test_parse_workers(text, layout):
+    assert benchmark.parse_workers(text) == layout
+
+
+@pytest.mark.parametrize("text", ["0x1", "x2", "2x-1", "twoxone"])
+def test_parse_workers_refuses_nonsense(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="WORKERSxTHREADS"):
+        benchmark.parse_workers(text)
+
+
+def test_served_verdicts_name_the_best_configuration_per_target():
+    rows = [{"model": "m", "batching": "on (8, 5 ms)", "worker_threads": "1 × 2 (default)", "concurrency": 8,
+             "mean_batch": 8.0, "served_vs_bare": 0.93, "p50_ms": 500.0},
+            {"model": "m", "batching": "off (1)", "worker_threads": "1 × 2 (default)", "concurrency": 1,
+             "mean_batch": 1.0, "served_vs_bare": 0.8, "p50_ms": 66.0, "p50_over_bare_ms": 6.0},
+            {"model": "m", "batching": "on (8, 5 ms)", "worker_threads": "1 × 2 (default)", "concurrency": 1,
+             "mean_batch": 1.0, "served_vs_bare": 0.7, "p50_ms": 72.0, "p50_over_bare_ms": 12.0}]
+    throughput, latency = benchmark.served_verdicts(rows)
+    assert "PASS, best 0.93 (batching on (8, 5 ms), 1 × 2 (default), concurrency 8" in throughput
+    assert "PASS, best +6.0 ms (p50 66.0 ms; batching off (1)" in latency
+    rows[0]["served_vs_bare"] = 0.85
+    rows[1]["p50_over_bare_ms"] = 10.5
+    throughput, latency = benchmark.served_verdicts(rows)
+    assert ": FAIL, best 0.85" in throughput and ": FAIL, best +10.5 ms" in latency
 
 
 def test_served_figures_are_compared_with_bare_at_the_batch_size_run():
@@ -320,9 +382,11 @@ def test_served_figures_are_compared_with_bare_at_the_batch_size_run():
     benchmark.compare_with_bare(batched, "resnet50", rates)
     assert batched["bare_batch"] == 8 and batched["served_vs_bare"] == pytest.approx(0.4)
     assert batched["served_vs_pipeline"] == pytest.approx(8.0 * (1 / 20 + 1 / 40))
-    single = {"photos_per_s": 5.0, "mean_batch": 1.0}
+    single = {"photos_per_s": 5.0, "mean_batch": 1.0, "concurrency": 1, "p50_ms": 130.0}
     benchmark.compare_with_bare(single, "resnet50", rates)
     assert single["bare_batch"] == 1 and single["served_vs_bare"] == pytest.approx(0.5)
+    assert single["p50_over_bare_ms"] == pytest.approx(130.0 - 100.0)  # bare batch 1: 10 photos/s
+    assert "p50_over_bare_ms" not in batched  # only single requests are compared with one forward
     unmatched = {"photos_per_s": 8.0, "mean_batch": 1.0}
     benchmark.compare_with_bare(unmatched, "mobilenet_v2", rates)
     assert unmatched == {"photos_per_s": 8.0, "mean_batch": 1.0}
@@ -331,17 +395,23 @@ def test_served_figures_are_compared_with_bare_at_the_batch_size_run():
 @pytest.mark.server
 @pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java")
 def test_serving_sections_against_a_real_torchserve():
-    settings = {"run": None, "arch": ["mobilenet_v2"], "worker_threads": [1], "batch_size": 2, "max_batch_delay": 5,
+    settings = {"run": None, "arch": ["mobilenet_v2"], "workers": ["2x1"], "batch_size": 2, "max_batch_delay": 5,
                 "concurrency": [1, 2], "requests": 4, "max_load_seconds": 20.0}
     photos = benchmark.generate_photos(4, size=(64, 48))
+    subjects = benchmark.load_subjects(None, settings["arch"], {}, photos)
     bare_rows = [{"model": "mobilenet_v2", "variant": "baseline", "batch": 1, "photos_per_s": 10.0}]
-    served, startup = benchmark.bench_serving(photos, settings, bare_rows, with_load=True)
-    assert [(row["batching"], row["concurrency"]) for row in served["rows"]] == [
-        ("on (2, 5 ms)", 1), ("on (2, 5 ms)", 2), ("off (1)", 1), ("off (1)", 2)]
+    served, startup = benchmark.bench_serving(subjects, photos, settings, bare_rows, with_load=True)
+    assert [(row["batching"], row["worker_threads"], row["concurrency"]) for row in served["rows"]] == [
+        ("on (2, 5 ms)", "2 × 1", 1), ("on (2, 5 ms)", "2 × 1", 2),
+        ("off (1)", "2 × 1", 1), ("off (1)", "2 × 1", 2)]
     assert all(row["errors"] == 0 and row["requests"] >= 4 for row in served["rows"])
     assert all(1 <= row["mean_batch"] <= 2 for row in served["rows"])
     assert all(row["bare_batch"] == 1 and row["served_vs_bare"] > 0 for row in served["rows"])
-    assert [row["workers"] for row in startup["rows"]] == [1, 1]
+    assert all(0 < row["backend_ms"] < row["p50_ms"] + row["p99_ms"] and row["queue_ms"] >= 0 for row in served["rows"])
+    single = [row for row in served["rows"] if row["concurrency"] == 1]
+    assert all(row["p50_over_bare_ms"] == pytest.approx(row["p50_ms"] - 100.0) for row in single)
+    assert len(served["verdict"]) == 2 and all(line in served["legend"] for line in served["verdict"])
+    assert [row["workers"] for row in startup["rows"]] == [2, 2]  # both workers READY before the load
     assert all(row["ready_s"] > row["api_s"] > 0 and row["worker_uss_mb"] > 0 for row in startup["rows"])
 
 
@@ -364,11 +434,12 @@ def test_main_writes_tables_and_raw_figures(tmp_path, capsys):
 def test_main_bare_section_prints_the_knob_table(capsys):
     benchmark.main(["--sections", "bare", "--arch", "mobilenet_v2", "--batches", "1", "--knob-batch", "2",
                     "--num-photos", "2", "--photo-size", "64x48", "--crops", "160", "--no-compile",
-                    "--min-seconds", "0", "--threads", "1"])
+                    "--min-seconds", "0", "--threads", "1", "--phone-photos", "1"])
     out = capsys.readouterr().out
     assert "| model | variant | batch | ms/batch | photos/s | × baseline | compile s | max abs Δprob |" in out
-    for variant in ("decode + preprocess", "| baseline | 1 |", "| baseline | 2 |", "channels_last",
-                    "inference_mode", "int8 dynamic Linear", "torch.compile", "crop 160 (resize 183)"):
+    for variant in ("decode + preprocess", "| baseline | 1 |", "| baseline | 2 |", "layout mkldnn", "layout none",
+                    "int8 dynamic Linear", "torch.compile", "crop 160 (resize 183)",
+                    "phone photo 4032x3024: decode + preprocess, JPEG draft (as served)"):
         assert variant in out
     assert "BatchNorm calibrated on 2 photos" in out
 

@@ -16,7 +16,7 @@ from tests.serving_fixtures import archive_tiny_run, extract_archive, make_tiny_
 from training import inference
 from training.images import decode_image
 from training.inference import RequestError, parse_request
-from training.models import embed
+from training.models import embed, load_checkpoint
 from training.presets import Preprocess, eval_transform
 
 ANSWER_FIELDS = {"category", "probability", "top_categories", "neighbours", "model"}
@@ -158,9 +158,10 @@ def test_embedding_only_when_asked_and_equal_to_embed(tiny, handler):
                                       {"body": {"image": base64.b64encode(jpeg).decode(), "embedding": False}}])
     assert "embedding" not in answers[0][1] and "embedding" not in answers[2][1]
     served = np.array(answers[1][1]["embedding"], dtype=np.float32)
-    transform = eval_transform(Preprocess.from_dict(torch.load(tiny[1] / "best.pt", weights_only=True)["preprocess"]))
+    model, checkpoint = load_checkpoint(tiny[1] / "best.pt")  # as trained: no serving layout
+    transform = eval_transform(Preprocess.from_dict(checkpoint["preprocess"]))
     with torch.inference_mode():
-        _, expected = embed(handler.model, transform(decode_image(jpeg)).unsqueeze(0))
+        _, expected = embed(model, transform(decode_image(jpeg)).unsqueeze(0))
     np.testing.assert_allclose(served, expected[0].numpy(), atol=1e-5)
     assert np.linalg.norm(served) == pytest.approx(1.0, abs=1e-5)
 
@@ -216,6 +217,30 @@ def test_decompression_bomb_below_pillows_own_limit_is_413(handler):
     # 10000 x 10000 = 100 M pixels: over our 64 M limit, under Pillow's 2 x 89 M error threshold.
     [(status, answer)] = predict_local(handler, [{"body": png_with_declared_size(10_000, 10_000)}])
     assert status == 413 and answer["type"] == "image_too_large"
+
+
+def test_serving_layout_comes_from_the_model_config(tiny, handler, tmp_path):
+    assert handler.model.serving_layout == "mkldnn"  # auto, for a ResNet
+    mar = archive_tiny_run(tiny[0], tmp_path / "store", layout="none", threads=1)
+    plain = load_local_handler(extract_archive(mar, tmp_path / "model"))
+    assert plain.model.serving_layout == "none" and torch.get_num_threads() == 1
+    jpeg = photo(tiny[0], 3)
+    [(_, fast)], [(_, slow)] = predict_local(handler, [{"body": jpeg}]), predict_local(plain, [{"body": jpeg}])
+    assert fast["category"] == slow["category"]
+    assert [n["image_id"] for n in fast["neighbours"]] == [n["image_id"] for n in slow["neighbours"]]
+    assert fast["probability"] == pytest.approx(slow["probability"], abs=1e-5)
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tiny, handler, monkeypatch):
+    decoded = []
+    monkeypatch.setattr(inference, "decode_image", lambda *args, **kwargs: decoded.append(kwargs) or
+                        decode_image(*args, **kwargs))
+    pixels = np.random.default_rng(0).integers(0, 256, size=(800, 1000, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG")
+    [(status, answer)] = predict_local(handler, [{"body": buffer.getvalue()}])
+    assert status == 200 and len(answer["neighbours"]) == len({row["product_id"] for row in tiny[0].listings.values()})
+    assert decoded == [{"max_pixels": inference.MAX_PIXELS, "min_size": 72}]  # the tiny run's resize
 
 
 def test_mock_context_initialises_the_handler(tiny):

@@ -1,4 +1,6 @@
 """training/images.py (safe decoding, RGB, square padding) and training/presets.py (the transforms)."""
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -59,6 +61,25 @@ def test_16_bit_grey_is_rescaled_not_clipped(image_variants):
 def test_unusable_bytes_raise_image_error(image_variants, name, message):
     with pytest.raises(ImageError, match=message):
         decode_image(image_variants[name])
+
+
+def jpeg(size: tuple[int, int]) -> bytes:
+    pixels = np.random.default_rng(0).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def test_min_size_decodes_a_large_jpeg_at_a_reduced_scale_never_below_it():
+    photo = jpeg((400, 320))
+    assert decode_image(photo, min_size=40).size == (50, 40)  # 1/8 scale: both sides still >= 40
+    assert decode_image(photo, min_size=100).size == (200, 160)  # 1/4 would give 80 < 100: 1/2
+    assert decode_image(photo, min_size=300).size == (400, 320)  # no reduced scale keeps both >= 300
+    assert decode_image(photo).size == (400, 320)
+
+
+def test_min_size_leaves_other_formats_whole(image_variants):
+    assert decode_image(image_variants["png_alpha"], min_size=4).size == (60, 30)
 
 
 def test_image_error_is_a_value_error():

@@ -10,8 +10,9 @@ import torch
 from training import pipeline
 from training.embed import load_embeddings
 from training.evaluate import knn_scores, top_k_accuracy
-from training.models import (MarketplaceNet, WeightsUnavailable, embed, load_checkpoint,
-                             load_pretrained_backbone, set_trainable)
+from training.models import (SERVING_LAYOUTS, MarketplaceNet, WeightsUnavailable, embed, load_checkpoint,
+                             load_pretrained_backbone, prepare_for_serving, serve_forward, serving_layout,
+                             set_trainable)
 from training.presets import Preprocess, eval_transform
 from training.sample import make_sample_catalogue
 from training.search import Catalogue
@@ -106,6 +107,44 @@ def test_evaluation_beats_chance_and_reports_the_frozen_backbone(tiny_run):
     # training the embedding layer makes neighbours share the query's category more than raw features do
     assert report["fine_tuned"]["precision@5"] > report["frozen_backbone"]["precision@5"]
     assert report["fine_tuned"]["top3_accuracy"] >= report["fine_tuned"]["top1_accuracy"]
+
+
+def calibrated(arch: str) -> MarketplaceNet:
+    """A small random model whose BatchNorm statistics are not the identity, so folding them matters."""
+    torch.manual_seed(0)
+    model = MarketplaceNet(arch, 3, embedding_dim=16)
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # running statistics = this batch's
+    with torch.no_grad():
+        model(torch.randn(8, 3, 64, 64) * 2 + 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+@pytest.mark.parametrize("layout", SERVING_LAYOUTS)
+def test_serving_layouts_give_the_model_outputs(arch, layout):
+    model = calibrated(arch)
+    images = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        probabilities, vectors = embed(model, images)
+    served = prepare_for_serving(calibrated(arch), layout)
+    assert served.serving_layout == serving_layout(arch, layout)
+    for rows in (slice(0, 1), slice(0, 3)):  # batch 1 and a larger batch through one prepared model
+        served_probabilities, served_vectors = serve_forward(served, images[rows])
+        torch.testing.assert_close(served_probabilities, probabilities[rows], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(served_vectors, vectors[rows], atol=1e-5, rtol=1e-4)
+    assert not torch.equal(probabilities[0], probabilities[1])  # the comparison is not between constants
+
+
+def test_auto_serving_layout_per_family_and_device():
+    assert serving_layout("resnet50") == "mkldnn"
+    assert serving_layout("mobilenet_v2") == "nhwc" and serving_layout("efficientnet_b0") == "nhwc"
+    assert serving_layout("resnet50", "none") == "none"
+    assert serving_layout("resnet50", "auto", device="cuda") == "nhwc"  # oneDNN is the CPU's
+    with pytest.raises(ValueError, match="serving layout 'fast' is not one of auto, mkldnn, nhwc, none"):
+        serving_layout("resnet50", "fast")
 
 
 def test_top_k_accuracy_and_knn_vote_on_known_cases():

@@ -5,10 +5,12 @@ metrics), so every later stage and the handler rebuild the model from the checkp
 """
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.fx.experimental import optimization
 from torchvision import models
 
 from training.presets import Preprocess
@@ -94,6 +96,58 @@ def embed(model: MarketplaceNet, images: torch.Tensor) -> tuple[torch.Tensor, to
     """Eval-mode forward: `(probabilities (n, c), L2-normalised embeddings (n, d) float32)`."""
     logits, embedding = model(images)
     return logits.softmax(dim=1), nn.functional.normalize(embedding.float(), dim=1)
+
+
+# How the handler lays out a model for CPU inference (see prepare_for_serving).
+SERVING_LAYOUTS = ("auto", "mkldnn", "nhwc", "none")
+
+
+def serving_layout(arch: str, layout: str = "auto", device: str = "cpu") -> str:
+    """The layout `auto` stands for: measured per family on 2 cores (scripts.benchmark, bare section).
+
+    ResNets run fastest on oneDNN's blocked layout at every batch size (batch 1 too, where NHWC is
+    slower than plain NCHW); depthwise-separable nets (MobileNet, EfficientNet) on NHWC, where the
+    blocked layout gains nothing. Off the CPU, the oneDNN path does not apply.
+    """
+    if layout not in SERVING_LAYOUTS:
+        raise ValueError(f"serving layout {layout!r} is not one of {', '.join(SERVING_LAYOUTS)}")
+    if layout == "auto":
+        layout = "mkldnn" if arch.startswith("resnet") else "nhwc"
+    if layout == "mkldnn" and device != "cpu":
+        layout = "nhwc"
+    return layout
+
+
+def prepare_for_serving(model: MarketplaceNet, layout: str = "auto", device: str = "cpu") -> nn.Module:
+    """An inference-only version of `model` (eval mode, same outputs up to float rounding).
+
+    nhwc: Conv/Linear + BatchNorm folded (torch.fx `fuse`), channels-last weights.
+    mkldnn: torch.fx `optimize_for_inference`: BatchNorm folded, dropout removed, convolutions on
+      oneDNN's blocked layout (CPU only).
+    none: the model as trained, NCHW.
+    The result's `serving_layout` attribute tells `serve_forward` how to lay out its input.
+    """
+    layout = serving_layout(model.arch, layout, device)
+    model.eval()
+    if layout == "mkldnn":
+        with warnings.catch_warnings():
+            # torch.utils.mkldnn's modules use torch.jit.script_method, deprecated in torch's own code.
+            warnings.filterwarnings("ignore", "`torch.jit.script_method` is deprecated", FutureWarning)
+            prepared = optimization.optimize_for_inference(model)
+    elif layout == "nhwc":
+        prepared = optimization.fuse(model).to(memory_format=torch.channels_last)
+    else:
+        prepared = model
+    prepared.serving_layout = layout
+    return prepared
+
+
+def serve_forward(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`embed` without autograd on a model from `prepare_for_serving`."""
+    if getattr(model, "serving_layout", "none") == "nhwc":
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        return embed(model, images)
 
 
 def load_pretrained_backbone(model: MarketplaceNet, weights: str) -> str:
