@@ -76,7 +76,8 @@ class MarketplaceHandler(BaseHandler):
 
     def preprocess(self, data):
         """Decode and transform every request of the batch, several at a time; a bad one becomes its error."""
-        prepared = list(self.decoders.map(self.prepare_request, range(len(data)), data))
+        pool = self.decoders if len(data) > 1 else None  # a lone request skips the hand-off to a thread
+        prepared = list((pool.map if pool else map)(self.prepare_request, range(len(data)), data))
         batch = Batch([item if isinstance(item, RequestError) else item[0] for item in prepared])
         tensors = [item[1] for item in prepared if not isinstance(item, RequestError)]
         if tensors:
