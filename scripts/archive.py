@@ -119,9 +119,9 @@ def model_card(run_dir: Path, info: dict, checkpoint: dict, checkpoint_sha256: s
 
 
 def model_config(batch_size: int, max_batch_delay: int, min_workers: int, max_workers: int,
-                 response_timeout: int, threads: int, layout: str = "auto") -> dict:
+                 response_timeout: int, threads: int, layout: str = "auto", warm_up: bool = True) -> dict:
     """TorchServe's model_config.yaml; the `handler` section is read by MarketplaceHandler.initialize."""
-    handler = {"layout": layout, **({"threads": threads} if threads else {})}
+    handler = {"layout": layout, "warm_up": warm_up, **({"threads": threads} if threads else {})}
     return {"minWorkers": min_workers, "maxWorkers": max_workers, "batchSize": batch_size,
             "maxBatchDelay": max_batch_delay, "responseTimeout": response_timeout, "handler": handler}
 
@@ -159,7 +159,8 @@ def run_archiver(stage: Path, name: str, version: str, checkpoint: Path, extra: 
 def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketplace", version: str | None = None,
                   output_name: str = "{name}", batch_size: int = BATCH_SIZE,
                   max_batch_delay: int = MAX_BATCH_DELAY, min_workers: int = 1, max_workers: int = 1,
-                  response_timeout: int = 120, threads: int = 0, layout: str = "auto") -> Path:
+                  response_timeout: int = 120, threads: int = 0, layout: str = "auto",
+                  warm_up: bool = True) -> Path:
     """Build STORE/<output_name>.mar from a run folder; returns its path (an existing file is replaced)."""
     run_dir, store = Path(run_dir), Path(store)
     check_run(run_dir)
@@ -179,7 +180,7 @@ def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketpla
         extra = stage_extra_files(stage, run_dir, checkpoint["classes"], card)
         config_file = stage / "model_config.yaml"
         config_file.write_text(yaml.safe_dump(model_config(batch_size, max_batch_delay, min_workers, max_workers,
-                                                           response_timeout, threads, layout),
+                                                           response_timeout, threads, layout, warm_up),
                                               sort_keys=True))
         built = run_archiver(stage, name, version, run_dir / CHECKPOINT, extra, config_file)
         shutil.move(str(built), target)
@@ -205,10 +206,13 @@ def main(argv=None) -> None:
     parser.add_argument("--layout", choices=SERVING_LAYOUTS, default="auto",
                         help="how workers lay out the model for CPU inference (training.models.prepare_for_serving; "
                              "auto: oneDNN blocked for ResNets, NHWC for MobileNets)")
+    parser.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
+                        help="workers run one forward pass per batch size before READY (oneDNN builds kernels "
+                             "per input shape)")
     args = parser.parse_args(argv)
     target = build_archive(args.run, args.store, args.name, args.version, args.output_name, args.batch_size,
                            args.max_batch_delay, args.min_workers, args.max_workers, args.response_timeout,
-                           args.threads, args.layout)
+                           args.threads, args.layout, args.warm_up)
     print(f"{target} ({target.stat().st_size / 1e6:.1f} MB)")
 
 

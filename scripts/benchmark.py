@@ -840,7 +840,9 @@ def bench_served_model(model: str, archives: dict[ServeConfig, Path], photos: li
     served_rows, startup_rows = [], []
     for config, mar in archives.items():
         label = {"model": model, **config.labels}
-        with served_model(mar.parent, mar, SERVED_NAME, scratch / f"server-{mar.stem}",
+        # A short folder name: the worker's Unix socket lives under it (AF_UNIX paths stop at 107 bytes).
+        workdir = Path(tempfile.mkdtemp(prefix="server-", dir=scratch))
+        with served_model(mar.parent, mar, SERVED_NAME, workdir,
                           workers=config.workers) as (server, startup):
             print(f"served: {model} {config.labels} READY in {startup['ready_s']:.1f} s", flush=True)
             if with_load:

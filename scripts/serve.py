@@ -31,6 +31,7 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "config.properties"
 DEFAULT_WORKDIR = Path("logs")
+MAX_SOCKET_PATH = 107  # bytes: sockaddr_un.sun_path (108) less the final NUL
 PID_FILE = ".model_server.pid"  # written by torchserve into TMPDIR
 KEY_FILE = "key_file.json"  # written by TorchServe into its working folder when tokens are on
 JAVA_MAIN = "org.pytorch.serve.ModelServer"
@@ -238,6 +239,10 @@ def start_server(model_store: Path | str, *, workdir: Path | str, config: Path |
         if not (model_store / mar).exists():
             raise FileNotFoundError(f"{model_store / mar} does not exist; build it with scripts.archive")
     tmpdir = workdir / "tmp"
+    socket = tmpdir / ".ts.sock.65535"  # where TorchServe puts a worker's Unix socket
+    if len(os.fsencode(socket)) > MAX_SOCKET_PATH:
+        raise ServerError(f"workdir {workdir} is too deep: TorchServe's worker socket {socket} would be over the "
+                          f"{MAX_SOCKET_PATH}-byte limit of Unix socket paths; use a shorter folder")
     tmpdir.mkdir(parents=True, exist_ok=True)
     running = attach_pid(tmpdir)
     if running is not None:

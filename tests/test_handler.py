@@ -231,6 +231,21 @@ def test_serving_layout_comes_from_the_model_config(tiny, handler, tmp_path):
     assert fast["probability"] == pytest.approx(slow["probability"], abs=1e-5)
 
 
+def test_initialise_warms_every_batch_size_unless_told_not_to(tiny, monkeypatch, tmp_path):
+    from handlers import marketplace_handler
+
+    sizes = []
+    real_forward = marketplace_handler.serve_forward
+    monkeypatch.setattr(marketplace_handler, "serve_forward",
+                        lambda model, images: sizes.append(len(images)) or real_forward(model, images))
+    load_local_handler(tiny[1], batch_size=4)
+    assert sizes == [1, 2, 3, 4]
+    sizes.clear()
+    mar = archive_tiny_run(tiny[0], tmp_path / "store", warm_up=False)
+    load_local_handler(extract_archive(mar, tmp_path / "model"), batch_size=4)
+    assert sizes == []
+
+
 def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tiny, handler, monkeypatch):
     decoded = []
     monkeypatch.setattr(inference, "decode_image", lambda *args, **kwargs: decoded.append(kwargs) or

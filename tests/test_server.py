@@ -282,3 +282,10 @@ def test_archive_refuses_an_index_from_another_checkpoint(runs, tmp_path):
 def _folder(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def test_a_workdir_too_deep_for_the_worker_socket_is_refused_before_starting(tmp_path):
+    deep = tmp_path / ("d" * 100)
+    with pytest.raises(serve.ServerError, match="over the 107-byte limit of Unix socket paths"):
+        serve.start_server(tmp_path, workdir=deep)
+    assert not deep.exists()  # nothing was started or written
