@@ -43,10 +43,12 @@ INDEX_DIR = "index"
 EVALUATION = "evaluation.json"
 CATALOGUE_FILES = (INDEX_FILE, ID_MAP_FILE, LISTINGS_FILE, META_FILE)
 CATALOGUE_DIR = "catalogue"  # handlers/marketplace_handler.py reads it from there
-# Dynamic batching: a worker takes every request already queued (up to BATCH_SIZE) and then waits at
-# most MAX_BATCH_DELAY ms for more. Under load the queue fills while a batch runs, so a short delay
-# loses little batching, and a lone request pays only that delay (scripts.benchmark, served section).
-BATCH_SIZE = 8
+# Dynamic batching is off by default: on 2 cores it gave resnet50 8% more photos/s under load but cost a
+# lone request 10-20 ms, past the latency target (scripts.benchmark, served section; README). With
+# --batch-size N a worker takes every request already queued (up to N) and waits at most
+# MAX_BATCH_DELAY ms for more: under load the queue fills while a batch runs, so a short delay loses
+# little batching (mobilenet_v2: +48% photos/s at 32 clients).
+BATCH_SIZE = 1
 MAX_BATCH_DELAY = 5
 TRAINING_IMPORT = re.compile(r"^\s*(?:from|import)\s+training\.(\w+)", re.MULTILINE)
 RUN_STAMP_FORMAT = "%Y-%m-%d_%H%M%S"  # training/runs.py names run folders this way
@@ -196,7 +198,8 @@ def main(argv=None) -> None:
     parser.add_argument("--output-name", default="{name}",
                         help="archive file name without .mar; {name} and {version} are filled in "
                              "(e.g. '{name}-v{version}' to keep several versions in one store)")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="largest dynamic batch")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                        help="largest dynamic batch (default 1: no batching; 8 for throughput, see README)")
     parser.add_argument("--max-batch-delay", type=int, default=MAX_BATCH_DELAY,
                         help="ms a worker waits for more requests once one is queued")
     parser.add_argument("--min-workers", type=int, default=1)

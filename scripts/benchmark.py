@@ -46,7 +46,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch import nn
 
-from scripts.archive import BATCH_SIZE, MAX_BATCH_DELAY, build_archive
+from scripts.archive import MAX_BATCH_DELAY, build_archive
 from scripts.serve import describe, free_port, start_server
 from training import search
 from training.dataset import load_split
@@ -65,6 +65,7 @@ TARGET_VECTORS = 1_000_000
 TARGET_MS = 5.0
 TARGET_RECALL = 0.95
 TARGET_SERVED_RATIO = 0.9
+BATCHED = 8  # the batch size of the "batching on" configurations
 TARGET_EXTRA_MS = 10.0
 
 # Sizes and repeats per profile; any option given on the command line wins.
@@ -1275,7 +1276,7 @@ def build_parser() -> argparse.ArgumentParser:
     served.add_argument("--workers", type=lambda text: parse_list(text, str),
                         help="worker layouts to compare, WORKERSxTHREADS; threads 0 = the handler's default, "
                              "cores / workers (full: 1x0,2x1; quick: 1x0)")
-    served.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="TorchServe batch_size with batching on")
+    served.add_argument("--batch-size", type=int, default=BATCHED, help="TorchServe batch_size with batching on")
     served.add_argument("--max-batch-delay", type=int, default=MAX_BATCH_DELAY,
                         help="TorchServe max_batch_delay ms with batching on (default: the archive's)")
     index = parser.add_argument_group("index")
