@@ -53,12 +53,14 @@ class MarketplaceHandler(BaseHandler):
         torch.set_num_threads(threads)
         # Decoding and resizing photos (Pillow releases the GIL) run on the same number of threads.
         self.decoders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
-        # A batch's search is a few queries: one OpenMP thread answers them far faster than several
-        # that wait on each other (scripts.benchmark, index section: ~0.4 ms vs ~15 ms at 10k photos).
+        # A batch's search is a few queries: one OpenMP thread answers them faster than several that
+        # wait on each other (scripts.benchmark, index section, 10k photos: p50 0.16 ms with 1 thread,
+        # 0.39 ms with 2 on an idle machine; ~15 ms with 2 while the cores were busy).
         faiss.omp_set_num_threads(1)
         checkpoint_path = required_path(model_dir, self.manifest["model"].get("serializedFile", CHECKPOINT_FILE))
         self.model, checkpoint = load_checkpoint(checkpoint_path)
-        self.model = prepare_for_serving(self.model.to(self.device), settings.get("layout", "auto"), self.device.type)
+        self.model = prepare_for_serving(self.model.to(self.device), settings.get("layout", "auto"),
+                                         self.device.type)
         self.classes = checkpoint["classes"]
         self.preprocess_settings = Preprocess.from_dict(checkpoint["preprocess"])
         self.transform = eval_transform(self.preprocess_settings)
