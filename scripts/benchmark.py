@@ -30,7 +30,6 @@ import os
 import platform
 import re
 import tempfile
-import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
