@@ -74,6 +74,7 @@ PROFILES = {
         "test_photos": 128, "min_seconds": 2.0, "min_repeats": 3, "compile": True, "crops": [192, 160],
         "phone_photos": 4, "phone_size": (4032, 3024),
         "concurrency": [1, 8, 32], "requests": 64, "max_load_seconds": 20.0, "workers": ["1x0", "2x1"],
+        "warm_up_requests": 200,
         "sizes": [10_000, 100_000, 1_000_000],
         "hnsw_m": [16, 32], "hnsw_m_max_size": 100_000, "ef_search": [16, 32, 64, 128, 256],
         "nprobe": [4, 16, 64], "ivf_max_size": 100_000, "queries": 1000, "single_queries": 200,
@@ -84,6 +85,7 @@ PROFILES = {
         "test_photos": 64, "min_seconds": 1.0, "min_repeats": 2, "compile": False, "crops": [160],
         "phone_photos": 2, "phone_size": (4032, 3024),
         "concurrency": [1, 8, 32], "requests": 32, "max_load_seconds": 5.0, "workers": ["1x0"],
+        "warm_up_requests": 100,
         "sizes": [10_000, 100_000], "hnsw_m": [32], "hnsw_m_max_size": 100_000, "ef_search": [32, 64, 128],
         "nprobe": [16], "ivf_max_size": 10_000, "queries": 500, "single_queries": 100,
         "filtered_queries": 20, "dim": 256,
@@ -248,8 +250,8 @@ def read_test_set(work_dir: Path, count: int, seed: int = 0) -> tuple[list[bytes
 def preprocess_photos(photos: list[bytes], preprocess: Preprocess, draft: bool = True) -> torch.Tensor:
     """The handler's decode (JPEG draft down to the resize, unless `draft` is False) and eval transform."""
     transform = eval_transform(preprocess)
-    min_size = preprocess.resize if draft else None
-    return torch.stack([transform(decode_image(photo, min_size=min_size)) for photo in photos])
+    fit_size = preprocess.resize if draft else None
+    return torch.stack([transform(decode_image(photo, fit_size=fit_size)) for photo in photos])
 
 
 def scaled_preprocess(preprocess: Preprocess, crop: int) -> Preprocess:
@@ -484,8 +486,8 @@ def measure_decode(photos: list[bytes], preprocess: Preprocess, min_seconds: flo
 
 def bench_subject(subject: Subject, photos: list[bytes], settings: dict,
                   test_set: tuple[list[bytes], np.ndarray] | None = None) -> list[dict]:
-    """Rows of the bare table for one model: decode, the baseline at each batch size, then each knob
-    at the knob batch size; all forward timings are taken in turns (`time_round_robin`)."""
+    """Rows of the bare table for one model: decode, the baseline at each batch size (in blocks),
+    then each knob at the knob batch size (in turns with the baseline: `time_round_robin`)."""
     threads, knob_batch = settings["threads"], settings["knob_batch"]
     timing = {"min_seconds": settings["min_seconds"], "min_repeats": settings["min_repeats"]}
     tensors: dict[tuple[Preprocess, str], torch.Tensor] = {}
@@ -504,12 +506,17 @@ def bench_subject(subject: Subject, photos: list[bytes], settings: dict,
                              batch_of(images_for(subject.preprocess), knob_batch))
     baseline, knobs = variants[0], variants[1:]
     batches = sorted(set(settings["batches"]) | {knob_batch})
-    calls = {f"baseline@{batch}": (partial_forward(baseline, images_for(baseline.preprocess), batch), threads)
-             for batch in batches}
+    # The baseline at each batch size in a block of back-to-back calls, as a busy worker runs it
+    # (in turns, each call would follow other shapes, models or thread counts and pay for it).
+    with torch_threads(threads):
+        blocks = {batch: time_calls(partial_forward(baseline, images_for(baseline.preprocess), batch), **timing)
+                  for batch in batches}
+    calls = {"baseline": (partial_forward(baseline, images_for(baseline.preprocess), knob_batch), threads)}
     calls.update({variant.name: (partial_forward(variant, images_for(variant.preprocess), knob_batch),
                                  variant.threads) for variant in knobs if variant.forward is not None})
     times = time_round_robin(calls, **timing)
-    reference_rate = throughput(times[f"baseline@{knob_batch}"], knob_batch)["photos_per_s"]
+    reference_rate = throughput(times["baseline"], knob_batch)["photos_per_s"]
+    block_rate = throughput(blocks[knob_batch], knob_batch)["photos_per_s"]
 
     def effects(variant: Variant) -> dict:
         with torch_threads(threads):
@@ -529,9 +536,9 @@ def bench_subject(subject: Subject, photos: list[bytes], settings: dict,
             for count, decode in decodes.items()]
     rows += [{**base, **row} for row in phone_rows]
     for batch in batches:
-        measured = throughput(times[f"baseline@{batch}"], batch)
+        measured = throughput(blocks[batch], batch)
         rows.append({**base, "variant": "baseline", "note": baseline.note, **measured,
-                     "speedup": measured["photos_per_s"] / reference_rate,
+                     "speedup": measured["photos_per_s"] / block_rate,
                      **(effects(baseline) if batch == knob_batch else {})})
     for variant in knobs:
         row = {**base, "variant": variant.name, "batch": knob_batch, "note": variant.note,
@@ -582,12 +589,15 @@ def bench_bare(subjects: list[Subject], photos: list[bytes], settings: dict) -> 
     for subject in subjects:
         print(f"bare: {subject.name}", flush=True)
         rows += bench_subject(subject, photos, settings, test_set if subject.trained else None)
-    legend = (f"× baseline: photos/s over the baseline's at batch {settings['knob_batch']}. Baseline: the model as "
+    legend = (f"× baseline: photos/s over the baseline's at batch {settings['knob_batch']}; the baseline rows are "
+              f"timed each batch size in its own block of back-to-back calls (as a busy worker runs them), the knobs "
+              f"in turns with the baseline (a burst of load from elsewhere slows them alike), each against the "
+              f"baseline of its own timing. Median time per call. Baseline: the model as "
               f"the handler runs it ({settings['threads']} threads, torch.inference_mode, the serving layout `auto` "
               f"picks (training.models.prepare_for_serving), fp32, the checkpoint's crop); layout rows: the other "
               f"layouts (mkldnn: oneDNN blocked + BatchNorm folded; nhwc: channels_last + BatchNorm folded; none: "
               f"NCHW as trained). Decode + preprocess: decode_image + eval_transform one photo at a time, as the "
-              f"handler does (JPEG draft decoding down to the resize size). Output columns compare each variant with "
+              f"handler does (JPEG draft decoding down to the size the photo is resized to). Output columns compare each variant with "
               f"the baseline on {len(photos)} photos (the phone-photo draft row: with full decoding): max abs "
               f"difference of probabilities, top-1 category agreement, cosine similarity of embeddings.")
     return {"rows": rows, "columns": BARE_COLUMNS, "legend": legend,
@@ -597,15 +607,26 @@ def bench_bare(subjects: list[Subject], photos: list[bytes], settings: dict) -> 
 # ---------------------------------------------------------------- served: TorchServe REST API
 
 SERVED_NAME = "bench"
+LEVEL_ROUNDS = 4  # each concurrency level sends at least this many requests per client
 REQUEST_TIMEOUT = 120  # seconds; a resnet50 batch of 32 queued requests on 2 cores takes tens of seconds
 
 
-def post_photo(session: requests.Session, url: str, photo: bytes) -> tuple[float, int, str]:
-    """Seconds, HTTP status and (for a failure) the start of the body of one prediction."""
+def post_photo(session: requests.Session, url: str, photo: bytes) -> tuple[float, float, int, str]:
+    """Start and end (perf_counter seconds), HTTP status and (for a failure) the start of the body of one prediction."""
     start = time.perf_counter()
     response = session.post(url, data=photo, headers={"Content-Type": "image/jpeg"}, timeout=REQUEST_TIMEOUT)
-    seconds = time.perf_counter() - start
-    return seconds, response.status_code, "" if response.ok else response.text[:200]
+    return start, time.perf_counter(), response.status_code, "" if response.ok else response.text[:200]
+
+
+def steady_rate(ends: list[float], concurrency: int) -> float | None:
+    """Answers per second once every client has had its first answer: the answers after the first
+    `concurrency` over the time from that one to the last (start-up and the first, partly filled
+    batches left out). None when there are too few answers to tell."""
+    ends = sorted(ends)
+    if len(ends) <= concurrency:
+        return None
+    window = ends[-1] - ends[concurrency - 1]
+    return (len(ends) - concurrency) / window if window > 0 else None
 
 
 def load_test(url: str, photos: list[bytes], concurrency: int, total: int,
@@ -613,11 +634,12 @@ def load_test(url: str, photos: list[bytes], concurrency: int, total: int,
     """Send up to `total` photos from `concurrency` client threads, each with a keep-alive session
     and one request in flight; no new request starts after `max_seconds` (those in flight finish).
 
-    Throughput counts answered (HTTP 200) photos over the wall time of the whole run.
+    Photos/s is the steady rate (steady_rate) of answered (HTTP 200) photos; latency percentiles
+    count every answer; client CPU is this process's CPU time (all its threads) per request.
     """
     numbers = itertools.count()  # next() on it is atomic under the GIL
-    results: list[tuple[float, int, str]] = []
-    started = time.perf_counter()
+    results: list[tuple[float, float, int, str]] = []
+    started, cpu_started = time.perf_counter(), time.process_time()
     deadline = started + max_seconds if max_seconds is not None else None
 
     def client() -> None:
@@ -631,32 +653,51 @@ def load_test(url: str, photos: list[bytes], concurrency: int, total: int,
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         for future in [pool.submit(client) for _ in range(concurrency)]:
             future.result()
-    wall = time.perf_counter() - started
-    latencies = [seconds for seconds, status, _ in results if status == 200]
-    failures = [(status, body) for _, status, body in results if status != 200]
-    if not latencies:
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    answered = [(start, end) for start, end, status, _ in results if status == 200]
+    failures = [(status, body) for _, _, status, body in results if status != 200]
+    if not answered:
         status, body = failures[0]
         raise RuntimeError(f"all {len(results)} requests to {url} failed; first: HTTP {status} {body!r}")
+    rate = steady_rate([end for _, end in answered], concurrency)
     figures = {"concurrency": concurrency, "requests": len(results), "errors": len(failures),
-               "photos_per_s": len(latencies) / wall, **percentiles_ms(latencies)}
+               "photos_per_s": rate if rate is not None else len(answered) / wall, "wall_s": wall,
+               "client_cpu_ms": cpu * 1000 / len(results), **percentiles_ms([end - start for start, end in answered])}
     if failures:
         figures["note"] = f"first error: HTTP {failures[0][0]} {failures[0][1][:80]}"
     return figures
 
 
-def batch_counts(server) -> dict[int, float]:
-    """Batches served so far per batch size, from the handler's counter on the Prometheus endpoint."""
-    from handlers.marketplace_handler import BATCH_METRIC  # imports TorchServe's ts: only when serving
+def handler_counters(server) -> dict[str, dict[int, float]]:
+    """The handler's counters so far, {metric: {batch size: value}}: batches served and forward-pass
+    milliseconds per batch size, from the Prometheus endpoint."""
+    from handlers.marketplace_handler import BATCH_METRIC, FORWARD_METRIC  # imports TorchServe's ts: only when serving
 
     response = requests.get(f"{server.metrics_url}/metrics", timeout=10)
     response.raise_for_status()
-    counts: dict[int, float] = {}
+    counters: dict[str, dict[int, float]] = {BATCH_METRIC: {}, FORWARD_METRIC: {}}
     for line in response.text.splitlines():
-        match = re.match(rf'{BATCH_METRIC}{{(?P<labels>[^}}]*)}}\s+(?P<value>\S+)', line)
-        size = re.search(r'BatchSize="(\d+)"', match["labels"]) if match else None
+        match = re.match(r'(?P<name>\w+){(?P<labels>[^}]*)}\s+(?P<value>\S+)', line)
+        size = re.search(r'BatchSize="(\d+)"', match["labels"]) if match and match["name"] in counters else None
         if size:
-            counts[int(size[1])] = counts.get(int(size[1]), 0.0) + float(match["value"])
-    return counts
+            sizes = counters[match["name"]]
+            sizes[int(size[1])] = sizes.get(int(size[1]), 0.0) + float(match["value"])
+    return counters
+
+
+def batch_figures(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]) -> dict:
+    """Mean batch size and mean forward-pass ms per batch in the worker(s) between two readings."""
+    from handlers.marketplace_handler import BATCH_METRIC, FORWARD_METRIC
+
+    def delta(metric: str) -> dict[int, float]:
+        return {size: value - before[metric].get(size, 0.0) for size, value in after[metric].items()}
+
+    batches, forward = delta(BATCH_METRIC), delta(FORWARD_METRIC)
+    count = sum(batches.values())
+    if not count:
+        return {"mean_batch": None}
+    return {"mean_batch": sum(size * number for size, number in batches.items()) / count,
+            "forward_ms": sum(forward.values()) / count}
 
 
 FRONTEND_COUNTERS = ("ts_inference_requests_total", "ts_inference_latency_microseconds",
@@ -686,10 +727,25 @@ def backend_times(before: dict[str, float], after: dict[str, float]) -> dict:
                                   ("queue_ms", "ts_queue_latency_microseconds"))}
 
 
-def mean_batch(before: dict[int, float], after: dict[int, float]) -> float | None:
-    served = {size: after[size] - before.get(size, 0.0) for size in after}
-    batches = sum(served.values())
-    return sum(size * count for size, count in served.items()) / batches if batches else None
+def server_cpu_seconds(server) -> dict[str, float]:
+    """CPU seconds (user + system) so far of the Java frontend and of all its Python workers."""
+    frontend = psutil.Process(server.pid)
+
+    def seconds(process: psutil.Process) -> float:
+        times = process.cpu_times()
+        return times.user + times.system
+
+    return {"frontend": seconds(frontend),
+            "workers": sum(seconds(worker) for worker in frontend.children(recursive=True))}
+
+
+def cpu_figures(before: dict[str, float], after: dict[str, float], figures: dict) -> dict:
+    """Server CPU ms per request between two readings, and the cores the server and client kept busy."""
+    requests_sent = figures["requests"]
+    frontend, workers = (after[name] - before[name] for name in ("frontend", "workers"))
+    client = figures["client_cpu_ms"] * requests_sent / 1000
+    return {"frontend_cpu_ms": frontend * 1000 / requests_sent, "worker_cpu_ms": workers * 1000 / requests_sent,
+            "cores_busy": (frontend + workers + client) / figures["wall_s"]}
 
 
 def distinct_ports(count: int) -> list[int]:
@@ -816,22 +872,51 @@ def bare_rates(bare_rows: list[dict]) -> dict[tuple[str, int | str], float]:
     return rates
 
 
+BATCH_TOLERANCE = 0.1  # a served mean batch within 10% of a bare batch size counts as that size
+
+
 def compare_with_bare(row: dict, model: str, rates: dict) -> None:
     """Served photos/s over the bare figures at the batch size the worker actually ran.
 
-    That is the measured bare batch size nearest the mean batch served (at concurrency 1 a worker
-    batching up to 8 still runs batches of 1); `bare_batch` names it.
+    Only when the mean batch served is within BATCH_TOLERANCE of a batch size the bare section
+    measured (at concurrency 1 a worker batching up to 8 still runs batches of 1); `bare_batch`
+    names it. A mean batch between the measured sizes (e.g. 4 at concurrency 8) gets no ratio.
+    Single requests also get p50 minus the bare batch-1 forward, and minus the worker's own
+    forward pass (what serving adds, whatever the speed of the worker's process).
     """
-    measured = sorted(batch for name, batch in rates if name == model and batch != "decode")
-    if not measured or row.get("mean_batch") is None:
+    mean = row.get("mean_batch")
+    if row.get("concurrency") == 1 and row.get("forward_ms") is not None:
+        row["p50_over_forward_ms"] = row["p50_ms"] - row["forward_ms"]
+    matched = [batch for name, batch in rates if name == model and batch != "decode"
+               and mean is not None and abs(mean - batch) <= BATCH_TOLERANCE * batch]
+    if not matched:
         return
-    batch = min(measured, key=lambda size: abs(size - row["mean_batch"]))
+    batch = matched[0]
     forward, decode = rates[model, batch], rates.get((model, "decode"))
     row.update(bare_batch=batch, served_vs_bare=row["photos_per_s"] / forward)
     if decode:
         row["served_vs_pipeline"] = row["photos_per_s"] * (1 / forward + 1 / decode)
-    if row.get("concurrency") == 1 and (model, 1) in rates:
-        row["p50_over_bare_ms"] = row["p50_ms"] - 1000 / rates[model, 1]
+    if row.get("concurrency") == 1 and batch == 1:
+        row["p50_over_bare_ms"] = row["p50_ms"] - 1000 / forward
+
+
+def forward_share(row: dict, workers: int) -> dict:
+    """The share of each worker's time spent in forward passes: 1.0 would mean serving costs the
+    worker nothing beyond the model itself (decode, socket, answer and idle time all count against it)."""
+    if not row.get("forward_ms") or not row.get("mean_batch"):
+        return {}
+    return {"forward_share": row["photos_per_s"] * row["forward_ms"] / row["mean_batch"] / 1000 / workers}
+
+
+def load_level(server, url: str, photos: list[bytes], concurrency: int, settings: dict) -> dict:
+    """One concurrency level: client figures, and the server's own counters and CPU over it."""
+    handler_before, frontend_before, cpu_before = (handler_counters(server), frontend_counters(server),
+                                                   server_cpu_seconds(server))
+    figures = load_test(url, photos, concurrency, max(settings["requests"], LEVEL_ROUNDS * concurrency),
+                        max_seconds=settings["max_load_seconds"])
+    return {**figures, **batch_figures(handler_before, handler_counters(server)),
+            **backend_times(frontend_before, frontend_counters(server)),
+            **cpu_figures(cpu_before, server_cpu_seconds(server), figures)}
 
 
 def bench_served_model(model: str, archives: dict[ServeConfig, Path], photos: list[bytes], settings: dict,
@@ -847,15 +932,14 @@ def bench_served_model(model: str, archives: dict[ServeConfig, Path], photos: li
             print(f"served: {model} {config.labels} READY in {startup['ready_s']:.1f} s", flush=True)
             if with_load:
                 url = f"{server.inference_url}/predictions/{SERVED_NAME}"
-                # Warm-up: the first batch of a size allocates, in every worker.
+                # Warm-up: the first batch of a size allocates, in every worker, and the Java frontend
+                # compiles its request path over the first few hundred requests (its CPU per request
+                # halves; measured on mobilenet_v2: p50 − forward 12 ms over the first 50, 7 ms by 250).
                 warm = config.batch_size * config.workers
-                load_test(url, photos, concurrency=warm, total=2 * warm)
+                load_test(url, photos, concurrency=warm, total=max(2 * warm, settings.get("warm_up_requests", 0)))
                 for concurrency in settings["concurrency"]:
-                    before, counters = batch_counts(server), frontend_counters(server)
-                    figures = load_test(url, photos, concurrency, max(settings["requests"], 2 * concurrency),
-                                        max_seconds=settings["max_load_seconds"])
-                    row = {**label, **figures, "mean_batch": mean_batch(before, batch_counts(server)),
-                           **backend_times(counters, frontend_counters(server))}
+                    row = {**label, **load_level(server, url, photos, concurrency, settings)}
+                    row.update(forward_share(row, config.workers))
                     compare_with_bare(row, model, rates)
                     served_rows.append(row)
                 after = process_memory(server)
@@ -869,9 +953,11 @@ SERVED_COLUMNS = [("model", "model"), ("batching", "dynamic batching"), ("worker
                   ("requests", "requests"), ("errors", "errors"), ("photos_per_s", "photos/s"),
                   ("p50_ms", "p50 ms"), ("p95_ms", "p95 ms"), ("p99_ms", "p99 ms"),
                   ("backend_ms", "worker ms/request"), ("queue_ms", "queue ms/request"), ("mean_batch", "mean batch"),
-                  ("bare_batch", "bare batch"), ("served_vs_bare", "÷ bare forward"),
+                  ("forward_ms", "forward ms/batch"), ("forward_share", "forward share"), ("bare_batch", "bare batch"), ("served_vs_bare", "÷ bare forward"),
                   ("served_vs_pipeline", "÷ bare decode+forward"), ("p50_over_bare_ms", "p50 − bare ms"),
-                  ("note", "note")]
+                  ("p50_over_forward_ms", "p50 − worker forward ms"), ("client_cpu_ms", "client CPU ms/request"),
+                  ("frontend_cpu_ms", "frontend CPU ms/request"), ("worker_cpu_ms", "worker CPU ms/request"),
+                  ("cores_busy", "cores busy"), ("note", "note")]
 STARTUP_COLUMNS = [("model", "model"), ("batching", "dynamic batching"), ("worker_threads", "worker threads"),
                    ("api_s", "APIs up s"),
                    ("ready_s", "READY s"), ("workers", "workers"), ("worker_rss_mb", "worker RSS MB"),
@@ -897,14 +983,25 @@ def bench_serving(subjects: list[Subject], photos: list[bytes], settings: dict, 
         f"TorchServe serving the bare section's models (same weights; fresh models in a run folder with a "
         f"12-photo flat catalogue: index search at scale is the index section's job); {len(photos)} JPEGs sent as "
         f"raw image/jpeg bodies by `requests` client threads on the same machine (they share its cores). Worker "
-        f"threads: workers × torch threads each. Photos/s: answered photos over wall time. Worker and queue "
+        f"threads: workers × torch threads each. Each server first answers {settings.get('warm_up_requests', 0)} "
+        f"requests (at least two batches) unmeasured: the JVM compiles the frontend's request path over the "
+        f"first few hundred. A level sends at least {LEVEL_ROUNDS} requests per client and "
+        f"stops sending after {settings['max_load_seconds']:g} s; photos/s is the steady rate: answers after each "
+        f"client's first one, over the time since (the ramp-up and its partly filled batches left out); latency "
+        f"percentiles count every answer (p99 of few requests is close to the maximum). Worker and queue "
         f"ms/request: TorchServe's own cumulative inference and queue latency counters over its request count (a "
         f"batch's worker time counts for each of its requests; the client's latency minus both is HTTP and the "
-        f"frontend). Mean batch: from the handler's MarketplaceBatches counter. ÷ bare forward: over the bare "
-        f"section's baseline forward at the bare batch size nearest the mean batch; ÷ bare decode+forward: over "
-        f"decode + preprocess + that forward in one process; p50 − bare: single-request (concurrency 1) p50 minus "
-        f"the bare batch-1 forward. A level stops sending after {settings['max_load_seconds']:g} s; p99 of few "
-        f"requests is close to the maximum.",
+        f"frontend). Mean batch and forward ms/batch: the handler's MarketplaceBatches and "
+        f"MarketplaceForwardMilliseconds counters (the forward pass alone, timed inside the worker); forward share: "
+        f"photos/s × forward ms per photo over the workers, the share of the workers' time in forward passes "
+        f"(1.0: serving costs nothing beyond the model). ÷ bare "
+        f"forward: over the bare section's baseline forward at the same batch size (a mean batch within "
+        f"{BATCH_TOLERANCE:.0%} of a measured one; none otherwise); ÷ bare decode+forward: over decode + "
+        f"preprocess + that forward in one process. p50 − bare: single-request (concurrency 1) p50 minus the bare "
+        f"batch-1 forward; p50 − worker forward: minus the worker's own forward pass, i.e. what serving adds "
+        f"(decode, TorchServe, HTTP, answer) whatever the speed of the worker's process. CPU ms/request: CPU "
+        f"time of the benchmark's client threads, of the Java frontend and of the Python workers over the "
+        f"requests sent; cores busy: all three over the level's wall time.",
         *verdicts])}
     startup = {"rows": startup_rows, "columns": STARTUP_COLUMNS, "legend": (
         "From start_server() to every worker READY (GET /models/NAME); memory of the Java frontend and of its "
@@ -917,22 +1014,24 @@ def served_verdicts(rows: list[dict]) -> list[str]:
     """PASS/FAIL lines for the serving targets, per model: the best configuration for each."""
     lines = []
     for model in dict.fromkeys(row["model"] for row in rows):
-        own = [row for row in rows if row["model"] == model and "served_vs_bare" in row]
-        if not own:
-            continue
-        best = max(own, key=lambda row: row["served_vs_bare"])
-        verdict = "PASS" if best["served_vs_bare"] >= TARGET_SERVED_RATIO else "FAIL"
-        lines.append(f"Target {model}: served photos/s ≥ {TARGET_SERVED_RATIO} × bare forward at the same batch "
-                     f"size: {verdict}, best {best['served_vs_bare']:.2f} (batching {best['batching']}, "
-                     f"{best['worker_threads']}, concurrency {best['concurrency']}, mean batch "
-                     f"{best['mean_batch']:.1f}).")
+        own = [row for row in rows if row["model"] == model]
+        compared = [row for row in own if "served_vs_bare" in row]
+        if compared:
+            best = max(compared, key=lambda row: row["served_vs_bare"])
+            verdict = "PASS" if best["served_vs_bare"] >= TARGET_SERVED_RATIO else "FAIL"
+            lines.append(f"Target {model}: served photos/s ≥ {TARGET_SERVED_RATIO} × bare forward at the same batch "
+                         f"size: {verdict}, best {best['served_vs_bare']:.2f} (batching {best['batching']}, "
+                         f"{best['worker_threads']}, concurrency {best['concurrency']}, mean batch "
+                         f"{best['mean_batch']:.1f} vs bare {best['bare_batch']}).")
         single = [row for row in own if "p50_over_bare_ms" in row]
         if single:
             best = min(single, key=lambda row: row["p50_over_bare_ms"])
             verdict = "PASS" if best["p50_over_bare_ms"] <= TARGET_EXTRA_MS else "FAIL"
+            own_forward = (f", {best['p50_over_forward_ms']:+.1f} ms over the worker's own forward pass"
+                           if "p50_over_forward_ms" in best else "")
             lines.append(f"Target {model}: single-request p50 ≤ bare batch-1 forward + {TARGET_EXTRA_MS:g} ms: "
-                         f"{verdict}, best +{best['p50_over_bare_ms']:.1f} ms (p50 {best['p50_ms']:.1f} ms; "
-                         f"batching {best['batching']}, {best['worker_threads']}).")
+                         f"{verdict}, best {best['p50_over_bare_ms']:+.1f} ms (p50 {best['p50_ms']:.1f} ms"
+                         f"{own_forward}; batching {best['batching']}, {best['worker_threads']}).")
     return lines
 
 
@@ -1272,6 +1371,7 @@ def build_parser() -> argparse.ArgumentParser:
     served.add_argument("--concurrency", type=parse_list, help="client concurrency levels (default 1,8,32)")
     served.add_argument("--requests", type=int, help="requests per concurrency level (at least 2 x concurrency)")
     served.add_argument("--max-load-seconds", type=float, help="stop sending new requests of a level after this")
+    served.add_argument("--warm-up-requests", type=int, help="requests sent to each server before measuring")
     served.add_argument("--workers", type=lambda text: parse_list(text, str),
                         help="worker layouts to compare, WORKERSxTHREADS; threads 0 = the handler's default, "
                              "cores / workers (full: 1x0,2x1; quick: 1x0)")

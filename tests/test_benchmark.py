@@ -259,6 +259,9 @@ def test_index_verdict_passes_only_at_the_target_size():
 METRICS_TEXT = """# TYPE MarketplaceBatches counter
 MarketplaceBatches{BatchSize="8",Level="Model",Hostname="vm",ModelName="bench"} 3.0
 MarketplaceBatches{BatchSize="2",Level="Model",Hostname="vm",ModelName="bench"} 1.0
+# TYPE MarketplaceForwardMilliseconds counter
+MarketplaceForwardMilliseconds{BatchSize="8",Level="Model",Hostname="vm",ModelName="bench"} 1200.0
+MarketplaceForwardMilliseconds{BatchSize="2",Level="Model",Hostname="vm",ModelName="bench"} 100.0
 ts_inference_requests_total{model_name="bench",model_version="default",} 26.0
 ts_inference_requests_total{model_name="other",model_version="default",} 99.0
 ts_inference_latency_microseconds{model_name="bench",model_version="default",} 1300000.0
@@ -305,8 +308,16 @@ def test_load_test_counts_answers_and_errors(photo_endpoint):
     figures = benchmark.load_test(photo_endpoint, [b"photo-1", b"photo-2", b"bad"], concurrency=3, total=9)
     assert figures["requests"] == 9 and figures["errors"] == 3
     assert "HTTP 400" in figures["note"]
-    assert figures["photos_per_s"] > 0
+    assert figures["photos_per_s"] > 0 and figures["wall_s"] > 0 and figures["client_cpu_ms"] > 0
     assert figures["p50_ms"] <= figures["p95_ms"] <= figures["p99_ms"]
+
+
+def test_steady_rate_leaves_out_each_clients_first_answer():
+    # Two clients: answers at 10 s and 10.5 s (ramp-up), then one every second.
+    assert benchmark.steady_rate([10.0, 10.5, 11.5, 12.5, 13.5], concurrency=2) == pytest.approx(3 / 3.0)
+    assert benchmark.steady_rate([13.5, 10.0, 12.5, 10.5, 11.5], concurrency=2) == pytest.approx(1.0)  # any order
+    assert benchmark.steady_rate([1.0, 2.0], concurrency=2) is None  # nothing after the ramp-up
+    assert benchmark.steady_rate([1.0, 1.0, 1.0], concurrency=1) is None  # no time to divide by
 
 
 def test_load_test_fails_when_nothing_is_answered(photo_endpoint):
@@ -314,12 +325,29 @@ def test_load_test_fails_when_nothing_is_answered(photo_endpoint):
         benchmark.load_test(photo_endpoint, [b"bad"], concurrency=1, total=2)
 
 
-def test_batch_counts_and_mean_batch_from_the_metrics_page(photo_endpoint):
+def test_handler_counters_give_mean_batch_and_forward_time(photo_endpoint):
     server = SimpleNamespace(metrics_url=photo_endpoint.rsplit("/predictions", 1)[0])
-    counts = benchmark.batch_counts(server)
-    assert counts == {8: 3.0, 2: 1.0}
-    assert benchmark.mean_batch({8: 1.0}, counts) == pytest.approx((2 * 8 + 2) / 3)
-    assert benchmark.mean_batch(counts, counts) is None
+    counters = benchmark.handler_counters(server)
+    assert counters == {"MarketplaceBatches": {8: 3.0, 2: 1.0}, "MarketplaceForwardMilliseconds": {8: 1200.0, 2: 100.0}}
+    before = {"MarketplaceBatches": {8: 1.0}, "MarketplaceForwardMilliseconds": {8: 400.0}}
+    # Since `before`: two batches of 8 (800 ms) and one of 2 (100 ms).
+    assert benchmark.batch_figures(before, counters) == {"mean_batch": pytest.approx((2 * 8 + 2) / 3),
+                                                         "forward_ms": pytest.approx(900 / 3)}
+    assert benchmark.batch_figures(counters, counters) == {"mean_batch": None}
+
+
+def test_forward_share_is_the_workers_time_in_forward_passes():
+    # 2 workers, batches of 4 taking 200 ms: each worker can do 20 photos/s; 30 served is 75% of that.
+    assert benchmark.forward_share({"photos_per_s": 30.0, "forward_ms": 200.0, "mean_batch": 4.0}, workers=2) == {
+        "forward_share": pytest.approx(0.75)}
+    assert benchmark.forward_share({"photos_per_s": 30.0, "mean_batch": None}, workers=1) == {}
+
+
+def test_cpu_figures_per_request_and_cores_busy():
+    figures = {"requests": 10, "wall_s": 2.0, "client_cpu_ms": 5.0}
+    cpu = benchmark.cpu_figures({"frontend": 1.0, "workers": 3.0}, {"frontend": 1.1, "workers": 6.0}, figures)
+    assert cpu == {"frontend_cpu_ms": pytest.approx(10.0), "worker_cpu_ms": pytest.approx(300.0),
+                   "cores_busy": pytest.approx((0.1 + 3.0 + 0.05) / 2.0)}
 
 
 def test_frontend_counters_of_the_served_model_give_worker_and_queue_time(photo_endpoint):
@@ -357,14 +385,17 @@ def test_parse_workers_refuses_nonsense(text):
 
 def test_served_verdicts_name_the_best_configuration_per_target():
     rows = [{"model": "m", "batching": "on (8, 5 ms)", "worker_threads": "1 × 2 (default)", "concurrency": 8,
-             "mean_batch": 8.0, "served_vs_bare": 0.93, "p50_ms": 500.0},
+             "mean_batch": 8.0, "bare_batch": 8, "served_vs_bare": 0.93, "p50_ms": 500.0},
             {"model": "m", "batching": "off (1)", "worker_threads": "1 × 2 (default)", "concurrency": 1,
-             "mean_batch": 1.0, "served_vs_bare": 0.8, "p50_ms": 66.0, "p50_over_bare_ms": 6.0},
+             "mean_batch": 1.0, "bare_batch": 1, "served_vs_bare": 0.8, "p50_ms": 66.0, "p50_over_bare_ms": 6.0,
+             "p50_over_forward_ms": 4.5},
             {"model": "m", "batching": "on (8, 5 ms)", "worker_threads": "1 × 2 (default)", "concurrency": 1,
-             "mean_batch": 1.0, "served_vs_bare": 0.7, "p50_ms": 72.0, "p50_over_bare_ms": 12.0}]
+             "mean_batch": 1.0, "bare_batch": 1, "served_vs_bare": 0.7, "p50_ms": 72.0, "p50_over_bare_ms": 12.0},
+            {"model": "m", "batching": "on (8, 5 ms)", "worker_threads": "1 × 2 (default)", "concurrency": 4,
+             "mean_batch": 4.0, "p50_ms": 300.0}]  # no bare figure at batch 4: not compared
     throughput, latency = benchmark.served_verdicts(rows)
-    assert "PASS, best 0.93 (batching on (8, 5 ms), 1 × 2 (default), concurrency 8" in throughput
-    assert "PASS, best +6.0 ms (p50 66.0 ms; batching off (1)" in latency
+    assert "PASS, best 0.93 (batching on (8, 5 ms), 1 × 2 (default), concurrency 8, mean batch 8.0 vs bare 8)" in throughput
+    assert "PASS, best +6.0 ms (p50 66.0 ms, +4.5 ms over the worker's own forward pass; batching off (1)" in latency
     rows[0]["served_vs_bare"] = 0.85
     rows[1]["p50_over_bare_ms"] = 10.5
     throughput, latency = benchmark.served_verdicts(rows)
@@ -378,14 +409,18 @@ def test_served_figures_are_compared_with_bare_at_the_batch_size_run():
                  {"model": "resnet50", "variant": "baseline", "batch": 8, "photos_per_s": 20.0},
                  {"model": "resnet50", "variant": "channels_last", "batch": 8, "photos_per_s": 99.0}]
     rates = benchmark.bare_rates(bare_rows)
-    batched = {"photos_per_s": 8.0, "mean_batch": 6.5}
+    batched = {"photos_per_s": 8.0, "mean_batch": 7.3}
     benchmark.compare_with_bare(batched, "resnet50", rates)
     assert batched["bare_batch"] == 8 and batched["served_vs_bare"] == pytest.approx(0.4)
     assert batched["served_vs_pipeline"] == pytest.approx(8.0 * (1 / 20 + 1 / 40))
-    single = {"photos_per_s": 5.0, "mean_batch": 1.0, "concurrency": 1, "p50_ms": 130.0}
+    between = {"photos_per_s": 8.0, "mean_batch": 7.1}  # more than 10% below 8: no bare figure to compare with
+    benchmark.compare_with_bare(between, "resnet50", rates)
+    assert between == {"photos_per_s": 8.0, "mean_batch": 7.1}
+    single = {"photos_per_s": 5.0, "mean_batch": 1.0, "concurrency": 1, "p50_ms": 130.0, "forward_ms": 120.0}
     benchmark.compare_with_bare(single, "resnet50", rates)
     assert single["bare_batch"] == 1 and single["served_vs_bare"] == pytest.approx(0.5)
     assert single["p50_over_bare_ms"] == pytest.approx(130.0 - 100.0)  # bare batch 1: 10 photos/s
+    assert single["p50_over_forward_ms"] == pytest.approx(10.0)  # the worker's own forward: 120 ms
     assert "p50_over_bare_ms" not in batched  # only single requests are compared with one forward
     unmatched = {"photos_per_s": 8.0, "mean_batch": 1.0}
     benchmark.compare_with_bare(unmatched, "mobilenet_v2", rates)
@@ -396,7 +431,7 @@ def test_served_figures_are_compared_with_bare_at_the_batch_size_run():
 @pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java")
 def test_serving_sections_against_a_real_torchserve():
     settings = {"run": None, "arch": ["mobilenet_v2"], "workers": ["2x1"], "batch_size": 2, "max_batch_delay": 5,
-                "concurrency": [1, 2], "requests": 4, "max_load_seconds": 20.0}
+                "concurrency": [1, 2], "requests": 4, "max_load_seconds": 20.0, "warm_up_requests": 6}
     photos = benchmark.generate_photos(4, size=(64, 48))
     subjects = benchmark.load_subjects(None, settings["arch"], {}, photos)
     bare_rows = [{"model": "mobilenet_v2", "variant": "baseline", "batch": 1, "photos_per_s": 10.0}]
@@ -405,11 +440,16 @@ def test_serving_sections_against_a_real_torchserve():
         ("on (2, 5 ms)", "2 × 1", 1), ("on (2, 5 ms)", "2 × 1", 2),
         ("off (1)", "2 × 1", 1), ("off (1)", "2 × 1", 2)]
     assert all(row["errors"] == 0 and row["requests"] >= 4 for row in served["rows"])
-    assert all(1 <= row["mean_batch"] <= 2 for row in served["rows"])
-    assert all(row["bare_batch"] == 1 and row["served_vs_bare"] > 0 for row in served["rows"])
+    assert all(1 <= row["mean_batch"] <= 2 and row["forward_ms"] > 0 for row in served["rows"])
+    assert all(0 < row["forward_share"] <= 1.05 for row in served["rows"])  # 5%: timer and rate windows differ
+    assert all(row["frontend_cpu_ms"] > 0 and row["worker_cpu_ms"] > 0 and row["cores_busy"] > 0
+               for row in served["rows"])
+    compared = [row for row in served["rows"] if "bare_batch" in row]  # mean batch 1 (within 10%)
+    assert compared and all(row["bare_batch"] == 1 and row["served_vs_bare"] > 0 for row in compared)
     assert all(0 < row["backend_ms"] < row["p50_ms"] + row["p99_ms"] and row["queue_ms"] >= 0 for row in served["rows"])
     single = [row for row in served["rows"] if row["concurrency"] == 1]
     assert all(row["p50_over_bare_ms"] == pytest.approx(row["p50_ms"] - 100.0) for row in single)
+    assert all(0 < row["p50_over_forward_ms"] < row["p50_ms"] for row in single)
     assert len(served["verdict"]) == 2 and all(line in served["legend"] for line in served["verdict"])
     assert [row["workers"] for row in startup["rows"]] == [2, 2]  # both workers READY before the load
     assert all(row["ready_s"] > row["api_s"] > 0 and row["worker_uss_mb"] > 0 for row in startup["rows"])

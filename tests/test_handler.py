@@ -255,7 +255,7 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tiny, handler, monkeypatch):
     Image.fromarray(pixels).save(buffer, "JPEG")
     [(status, answer)] = predict_local(handler, [{"body": buffer.getvalue()}])
     assert status == 200 and len(answer["neighbours"]) == len({row["product_id"] for row in tiny[0].listings.values()})
-    assert decoded == [{"max_pixels": inference.MAX_PIXELS, "min_size": 72}]  # the tiny run's resize
+    assert decoded == [{"max_pixels": inference.MAX_PIXELS, "fit_size": 72}]  # the tiny run's resize
 
 
 def test_mock_context_initialises_the_handler(tiny):

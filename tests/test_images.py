@@ -70,16 +70,22 @@ def jpeg(size: tuple[int, int]) -> bytes:
     return buffer.getvalue()
 
 
-def test_min_size_decodes_a_large_jpeg_at_a_reduced_scale_never_below_it():
-    photo = jpeg((400, 320))
-    assert decode_image(photo, min_size=40).size == (50, 40)  # 1/8 scale: both sides still >= 40
-    assert decode_image(photo, min_size=100).size == (200, 160)  # 1/4 would give 80 < 100: 1/2
-    assert decode_image(photo, min_size=300).size == (400, 320)  # no reduced scale keeps both >= 300
+def test_fit_size_decodes_a_large_jpeg_at_a_reduced_scale_never_below_the_fitted_size():
+    photo = jpeg((400, 320))  # fitted into a square of S: S x 0.8 S
+    assert decode_image(photo, fit_size=50).size == (50, 40)  # 1/8 scale is exactly 50 x 40
+    assert decode_image(photo, fit_size=51).size == (100, 80)  # 1/8 would be < 51: 1/4
+    assert decode_image(photo, fit_size=100).size == (100, 80)
+    assert decode_image(photo, fit_size=160).size == (200, 160)  # 1/4 would give 100 < 160: 1/2
+    assert decode_image(photo, fit_size=300).size == (400, 320)  # 1/2 would give 200 < 300: full size
     assert decode_image(photo).size == (400, 320)
 
 
-def test_min_size_leaves_other_formats_whole(image_variants):
-    assert decode_image(image_variants["png_alpha"], min_size=4).size == (60, 30)
+def test_fit_size_uses_the_longer_side_whatever_the_orientation():
+    assert decode_image(jpeg((320, 640)), fit_size=256).size == (160, 320)  # 1/2: 320 >= 256 on the long side
+
+
+def test_fit_size_leaves_other_formats_whole(image_variants):
+    assert decode_image(image_variants["png_alpha"], fit_size=4).size == (60, 30)
 
 
 def test_image_error_is_a_value_error():

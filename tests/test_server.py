@@ -164,6 +164,11 @@ def test_metrics_endpoint_speaks_prometheus(served):
     assert response.status_code == 200
     assert "# TYPE ts_inference_requests_total counter" in response.text
     assert re.search(r'^ts_inference_requests_total\{model_name="marketplace"', response.text, re.MULTILINE)
+    # The handler's forward-pass time, per batch size, beside its batch counter.
+    forward = re.findall(r'^MarketplaceForwardMilliseconds\{BatchSize="(\d+)"[^}]*\}\s+([0-9.]+)', response.text,
+                         re.MULTILINE)
+    assert forward and set(dict(forward)) <= set(map(str, batch_sizes(response.text)))
+    assert all(float(milliseconds) > 0 for _, milliseconds in forward)
 
 
 @pytest.mark.server

@@ -4,6 +4,7 @@ Used by the photos stage (files on disk) and by the handler (uploaded bytes), so
 cleaned the same way at training and at serving time.
 """
 import io
+import math
 import warnings
 from pathlib import Path
 
@@ -20,12 +21,13 @@ class ImageError(ValueError):
     """A photo that cannot be used: empty, not an image, truncated, too large or of an odd mode."""
 
 
-def decode_image(data: bytes | Path | str, max_pixels: int = MAX_PIXELS, min_size: int | None = None) -> Image.Image:
+def decode_image(data: bytes | Path | str, max_pixels: int = MAX_PIXELS, fit_size: int | None = None) -> Image.Image:
     """Open a photo from bytes or a path, fully decoded, upright, in RGB.
 
-    `min_size`: the photo will be shrunk to this size next, so a JPEG may be decoded at 1/2, 1/4 or
-    1/8 scale (libjpeg's DCT scaling, Pillow's draft mode) as long as both sides stay >= min_size.
-    A 12-megapixel phone photo then decodes several times faster (scripts.benchmark, bare section).
+    `fit_size`: the photo will next be shrunk to fit a square of this size (pad_to_square: longer
+    side = fit_size), so a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling,
+    Pillow's draft mode) as long as it stays at least that large. A 12-megapixel phone photo then
+    decodes several times faster, a 640x480 one about twice as fast (scripts.benchmark, bare section).
     Raises ImageError naming what is wrong; never returns a partial image.
     """
     name = str(data) if isinstance(data, (str, Path)) else "upload"
@@ -42,8 +44,8 @@ def decode_image(data: bytes | Path | str, max_pixels: int = MAX_PIXELS, min_siz
                 raise ImageError(
                     f"{name}: {width}x{height} pixels is over the limit of {max_pixels:,} pixels"
                 )
-            if min_size and image.format in ("JPEG", "MPO"):
-                image.draft(None, (min_size, min_size))
+            if fit_size and image.format in ("JPEG", "MPO"):
+                image.draft(None, fitted_size(width, height, fit_size))
             image.load()
     except ImageError:
         raise
@@ -54,6 +56,12 @@ def decode_image(data: bytes | Path | str, max_pixels: int = MAX_PIXELS, min_siz
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageError(f"{name}: corrupt or truncated image ({error})") from error
     return to_rgb(ImageOps.exif_transpose(image), name)
+
+
+def fitted_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """The size pad_to_square resizes a width x height image to, rounded up: the least a reduced decode may give."""
+    scale = size / max(width, height)
+    return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
 
 
 def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:

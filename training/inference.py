@@ -82,12 +82,12 @@ class Batch:
 
 
 def parse_request(request: dict, categories: list[str], content_type: str | None = None,
-                  headers: dict | None = None, min_size: int | None = None) -> Query:
+                  headers: dict | None = None, fit_size: int | None = None) -> Query:
     """Turn one TorchServe request dict into a Query; raises RequestError naming what is wrong.
 
     `content_type` is the body's Content-Type, used to tell a JSON body TorchServe could not
     parse (it then passes the raw bytes) from a photo; `headers` are the request's headers;
-    `min_size` lets a large JPEG decode at a reduced scale (see decode_image).
+    `fit_size` lets a large JPEG decode at a reduced scale (see decode_image).
     """
     if not isinstance(request, dict) or not request:
         raise RequestError("empty request: send a photo as the body, a multipart file or JSON {\"image\": base64}",
@@ -96,10 +96,10 @@ def parse_request(request: dict, categories: list[str], content_type: str | None
     body_name = next((name for name in BODY_PARTS if name in parts), None)
     if body_name is None:
         photo = pop_photo_field(parts)
-        return make_query(photo, parts, categories, min_size)
+        return make_query(photo, parts, categories, fit_size)
     body = parts.pop(body_name)
     if isinstance(body, (bytes, bytearray)) and not looks_like_json(body, content_type):
-        return make_query(body, parts, categories, min_size)
+        return make_query(body, parts, categories, fit_size)
     document = parse_json_body(body)
     unknown = sorted(set(document) - {"image", *OPTIONS})
     if unknown:
@@ -108,7 +108,7 @@ def parse_request(request: dict, categories: list[str], content_type: str | None
     if "image" not in document:
         raise RequestError("JSON body has no \"image\" field (the photo, base64-encoded)", kind="missing_image")
     options = {**parts, **{name: document[name] for name in OPTIONS if name in document}}
-    return make_query(decode_base64(document["image"]), options, categories, min_size)
+    return make_query(decode_base64(document["image"]), options, categories, fit_size)
 
 
 def header_options(headers: dict) -> dict:
@@ -167,7 +167,7 @@ def decode_base64(value) -> bytes:
         raise RequestError(f"\"image\" is not valid base64 ({error})", kind="bad_base64") from error
 
 
-def make_query(photo: bytes, options: dict, categories: list[str], min_size: int | None = None) -> Query:
+def make_query(photo: bytes, options: dict, categories: list[str], fit_size: int | None = None) -> Query:
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise RequestError(f"unknown option(s) {', '.join(unknown)}; expected {', '.join(OPTIONS)}",
@@ -175,7 +175,7 @@ def make_query(photo: bytes, options: dict, categories: list[str], min_size: int
     k = parse_k(options.get("k", DEFAULT_K))  # options first: they are cheap to check, the photo is not
     category = parse_category(options.get("category"), categories)
     embedding = parse_bool(options.get("embedding", False), "embedding")
-    return Query(read_photo(photo, min_size=min_size), k, category, embedding)
+    return Query(read_photo(photo, fit_size=fit_size), k, category, embedding)
 
 
 def as_text(value) -> str:
@@ -224,11 +224,11 @@ def parse_bool(value, name: str) -> bool:
     raise RequestError(f"{name} must be true or false, got {text!r}", kind="bad_option")
 
 
-def read_photo(data: bytes, max_pixels: int = MAX_PIXELS, min_size: int | None = None) -> Image.Image:
+def read_photo(data: bytes, max_pixels: int = MAX_PIXELS, fit_size: int | None = None) -> Image.Image:
     """Decode an uploaded photo; 413 for oversized dimensions, 400 for anything else unusable."""
     check_dimensions(data, max_pixels)
     try:
-        return decode_image(bytes(data), max_pixels=max_pixels, min_size=min_size)
+        return decode_image(bytes(data), max_pixels=max_pixels, fit_size=fit_size)
     except ImageError as error:
         raise RequestError(str(error), kind="invalid_image") from error
     except (ValueError, OSError, SyntaxError) as error:

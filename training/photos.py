@@ -45,10 +45,10 @@ def save_jpeg_atomically(image: Image.Image, destination: Path) -> None:
     os.replace(tmp, destination)
 
 
-def read_photo(source: Path, min_size: int | None = None) -> Image.Image:
+def read_photo(source: Path, fit_size: int | None = None) -> Image.Image:
     """Decode a source photo; raises ImageError for a file that cannot be read or decoded."""
     try:
-        return decode_image(source, min_size=min_size)
+        return decode_image(source, fit_size=fit_size)
     except OSError as error:  # decode_image turns decoding errors into ImageError: this is reading the file
         raise ImageError(f"{source}: cannot read the file ({error.strerror or error})") from error
 
@@ -57,7 +57,7 @@ def normalise_photo(source: Path, destination: Path, size: int) -> str:
     """Normalise one photo; returns "written" or "skipped". Raises ImageError for a bad source."""
     if is_done(destination, size):
         return "skipped"
-    save_jpeg_atomically(pad_to_square(read_photo(source, min_size=size), size), destination)
+    save_jpeg_atomically(pad_to_square(read_photo(source, fit_size=size), size), destination)
     return "written"
 
 
