@@ -209,6 +209,16 @@ def test_bench_index_measures_flat_hnsw_and_ivf_against_exact_search():
     assert "300 → flat" in section["legend"]
 
 
+def test_nprobe_beyond_the_number_of_lists_gives_one_row():
+    vectors, _ = benchmark.clustered_vectors(300, 8, seed=3)
+    workload = benchmark.Workload("synthetic", vectors[:280], vectors[280:], np.zeros(280, int), np.zeros(20, int),
+                                  filtered_queries=2)
+    index, params, _ = benchmark.timed_build(workload.vectors, "ivf")
+    benchmark.exact_answers(benchmark.search.build_index(workload.vectors, "flat")[0], workload)
+    rows = benchmark.sweep_rows(index, params, {}, workload, 3, "nprobe", [2, index.nlist, 4 * index.nlist])
+    assert [row["nprobe"] for row in rows] == [2, index.nlist]  # 4 x nlist searches the same lists as nlist
+
+
 def test_filtered_search_returns_only_the_query_category():
     vectors, clusters = benchmark.clustered_vectors(500, 8, seed=2, clusters=20)
     categories = clusters % 3
@@ -388,18 +398,33 @@ def test_served_verdicts_name_the_best_configuration_per_target():
              "mean_batch": 8.0, "bare_batch": 8, "served_vs_bare": 0.93, "p50_ms": 500.0},
             {"model": "m", "batching": "off (1)", "worker_threads": "1 × 2 (default)", "concurrency": 1,
              "mean_batch": 1.0, "bare_batch": 1, "served_vs_bare": 0.8, "p50_ms": 66.0, "p50_over_bare_ms": 6.0,
-             "p50_over_forward_ms": 4.5},
+             "p50_over_forward_ms": 4.5, "forward_ms": 61.5},
             {"model": "m", "batching": "on (8, 5 ms)", "worker_threads": "1 × 2 (default)", "concurrency": 1,
              "mean_batch": 1.0, "bare_batch": 1, "served_vs_bare": 0.7, "p50_ms": 72.0, "p50_over_bare_ms": 12.0},
             {"model": "m", "batching": "on (8, 5 ms)", "worker_threads": "1 × 2 (default)", "concurrency": 4,
              "mean_batch": 4.0, "p50_ms": 300.0}]  # no bare figure at batch 4: not compared
-    throughput, latency = benchmark.served_verdicts(rows)
+    throughput, latency, overhead = benchmark.served_verdicts(rows)
     assert "PASS, best 0.93 (batching on (8, 5 ms), 1 × 2 (default), concurrency 8, mean batch 8.0 vs bare 8)" in throughput
-    assert "PASS, best +6.0 ms (p50 66.0 ms, +4.5 ms over the worker's own forward pass; batching off (1)" in latency
+    assert "PASS, best +6.0 ms (p50 66.0 ms, +4.5 ms over the worker's own forward pass of 61.5 ms (bare: 60.0 ms); " \
+           "batching off (1)" in latency
+    assert "(p50 − worker forward): PASS, best +4.5 ms (batching off (1)" in overhead
     rows[0]["served_vs_bare"] = 0.85
     rows[1]["p50_over_bare_ms"] = 10.5
-    throughput, latency = benchmark.served_verdicts(rows)
+    throughput, latency, _ = benchmark.served_verdicts(rows)
     assert ": FAIL, best 0.85" in throughput and ": FAIL, best +10.5 ms" in latency
+
+
+def test_served_verdicts_also_compare_with_the_workers_own_forward_passes():
+    rows = [{"model": "m", "batching": "off (1)", "worker_threads": "2 × 1", "concurrency": 1, "forward_share": 0.5,
+             "p50_ms": 70.0, "forward_ms": 62.0, "p50_over_forward_ms": 8.0},
+            {"model": "m", "batching": "off (1)", "worker_threads": "2 × 1", "concurrency": 8, "forward_share": 0.95},
+            {"model": "m", "batching": "on (8, 5 ms)", "worker_threads": "1 × 2", "concurrency": 32,
+             "forward_share": 0.88}]
+    share, overhead = benchmark.served_verdicts(rows)  # no bare section: only the workers' own figures
+    assert "forward share): PASS, best 0.95 (batching off (1), 2 × 1, concurrency 8)" in share
+    assert "(p50 − worker forward): PASS, best +8.0 ms" in overhead
+    rows[1]["forward_share"] = 0.5  # at concurrency 1 the share is low by nature: not counted
+    assert "FAIL, best 0.88" in benchmark.served_verdicts(rows)[0]
 
 
 def test_served_figures_are_compared_with_bare_at_the_batch_size_run():
@@ -450,7 +475,7 @@ def test_serving_sections_against_a_real_torchserve():
     single = [row for row in served["rows"] if row["concurrency"] == 1]
     assert all(row["p50_over_bare_ms"] == pytest.approx(row["p50_ms"] - 100.0) for row in single)
     assert all(0 < row["p50_over_forward_ms"] < row["p50_ms"] for row in single)
-    assert len(served["verdict"]) == 2 and all(line in served["legend"] for line in served["verdict"])
+    assert len(served["verdict"]) == 4 and all(line in served["legend"] for line in served["verdict"])
     assert [row["workers"] for row in startup["rows"]] == [2, 2]  # both workers READY before the load
     assert all(row["ready_s"] > row["api_s"] > 0 and row["worker_uss_mb"] > 0 for row in startup["rows"])
 
