@@ -607,7 +607,7 @@ def bench_bare(subjects: list[Subject], photos: list[bytes], settings: dict) -> 
 # ---------------------------------------------------------------- served: TorchServe REST API
 
 SERVED_NAME = "bench"
-LEVEL_ROUNDS = 4  # each concurrency level sends at least this many requests per client
+LEVEL_ROUNDS = 8  # each level sends at least this many requests per client: ramp-up batches stay a small share
 REQUEST_TIMEOUT = 120  # seconds; a resnet50 batch of 32 queued requests on 2 cores takes tens of seconds
 
 
