@@ -46,8 +46,8 @@ CATALOGUE_DIR = "catalogue"  # handlers/marketplace_handler.py reads it from the
 # Dynamic batching up to 8 with a 1 ms delay: a worker takes every request already queued (up to 8)
 # and waits at most 1 ms for more. Under load the queue fills while a batch runs, so batches stay
 # full; a lone request waits 1 ms. On 2 cores (scripts.benchmark, served section; README): resnet50
-# +25-30% photos/s at 32 clients over no batching, with the same single-request latency (p50 −
-# worker forward 2-7 ms either way; a 5 ms delay cost a lone request ~6 ms more).
+# +23-47% photos/s at 32 clients over no batching (four runs), with the same single-request latency
+# (p50 − worker forward 2-9 ms either way; a 5 ms delay cost a lone request 2-6 ms more).
 BATCH_SIZE = 8
 MAX_BATCH_DELAY = 1
 TRAINING_IMPORT = re.compile(r"^\s*(?:from|import)\s+training\.(\w+)", re.MULTILINE)
