@@ -10,7 +10,8 @@ Sections (`--sections`, comma separated):
            each with its effect on the outputs against the baseline
   served   TorchServe with real JPEGs at concurrency 1/8/32, dynamic batching on and off, one
            worker with every core or a worker per core, against the bare model (same weights)
-  index    Faiss top-10 latency, recall@10 against exact search, build time and memory, 10k-1M vectors
+  index    Faiss top-10 latency, recall@10 against exact search, build time and memory, 10k-1M vectors:
+           flat, HNSW (float32 and 8-bit scalar-quantised vectors), IVF
   startup  start to READY, resident memory per worker
 
 Examples:
@@ -76,7 +77,7 @@ PROFILES = {
         "concurrency": [1, 8, 32], "requests": 64, "max_load_seconds": 20.0, "workers": ["1x0", "2x1"],
         "warm_up_requests": 200,
         "sizes": [10_000, 100_000, 1_000_000],
-        "hnsw_m": [16, 32], "hnsw_m_max_size": 100_000, "ef_search": [16, 32, 64, 128, 256],
+        "hnsw_m": [16, 32], "hnsw_m_max_size": 100_000, "ef_search": [16, 32, 64, 128, 256], "hnsw_sq8": True,
         "nprobe": [4, 16, 64], "ivf_max_size": 100_000, "queries": 1000, "single_queries": 200,
         "filtered_queries": 50, "dim": 256,
     },
@@ -87,6 +88,7 @@ PROFILES = {
         "concurrency": [1, 8, 32], "requests": 32, "max_load_seconds": 5.0, "workers": ["1x0"],
         "warm_up_requests": 100,
         "sizes": [10_000, 100_000], "hnsw_m": [32], "hnsw_m_max_size": 100_000, "ef_search": [32, 64, 128],
+        "hnsw_sq8": True,
         "nprobe": [16], "ivf_max_size": 10_000, "queries": 500, "single_queries": 100,
         "filtered_queries": 20, "dim": 256,
     },
@@ -1256,6 +1258,11 @@ def bench_workload(workload: Workload, settings: dict) -> list[dict]:
         print(f"index: {n:,} hnsw M={m} built in {params['build_seconds']:.1f} s", flush=True)
         add(index, params, rss, "efSearch", settings["ef_search"])
         del index
+    if settings.get("hnsw_sq8"):
+        index, params, rss = timed_build(workload.vectors, "hnsw_sq8")
+        print(f"index: {n:,} hnsw_sq8 built in {params['build_seconds']:.1f} s", flush=True)
+        add(index, params, rss, "efSearch", settings["ef_search"])
+        del index
     if n <= settings["ivf_max_size"]:
         index, params, rss = timed_build(workload.vectors, "ivf")
         add(index, params, rss, "nprobe", settings["nprobe"])
@@ -1330,7 +1337,8 @@ def bench_index(settings: dict) -> dict:
         f"(flat) search; single-query latency over up to {settings['single_queries']} queries; Faiss threads "
         f"{faiss.omp_get_max_threads()} unless marked 1 thread. Category-filtered: {settings['filtered_queries']} "
         f"queries restricted to their own category (an IDSelectorBatch, as Catalogue.search_ids(category=) does). "
-        f"Built with training.search.build_index; 'auto' marks what index_type=\"auto\" ships "
+        f"Built with training.search.build_index (hnsw_sq8: HNSW over 8-bit scalar-quantised vectors); 'auto' "
+        f"marks what index_type=\"auto\" ships "
         f"(FLAT_MAX={search.FLAT_MAX:,}, efSearch default {search_default('ef_search')}).",
         auto_choices(rows),
         "Target " + index_verdict(rows),
@@ -1404,6 +1412,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="HNSW efSearch values to sweep (build_index's default is always added)")
     index.add_argument("--hnsw-m", type=parse_list, help="HNSW M values (non-default M only up to 100k)")
     index.add_argument("--nprobe", type=parse_list, help="IVF nprobe values to sweep")
+    index.add_argument("--hnsw-sq8", action=argparse.BooleanOptionalAction,
+                       help="also HNSW over 8-bit scalar-quantised vectors (default: yes)")
     index.add_argument("--ivf-max-size", type=parse_size, help="build IVF only up to this size")
     return parser
 

@@ -187,7 +187,7 @@ def test_load_subjects_calibrates_fresh_models():
 def tiny_index_settings(**overrides) -> dict:
     settings = {"dim": 8, "queries": 20, "single_queries": 5, "filtered_queries": 5, "sizes": [300],
                 "hnsw_m": [16, 32], "hnsw_m_max_size": 1000, "ef_search": [16, 64], "nprobe": [2, 4],
-                "ivf_max_size": 1000}
+                "ivf_max_size": 1000, "hnsw_sq8": True}
     return {**settings, **overrides}
 
 
@@ -195,13 +195,18 @@ def test_bench_index_measures_flat_hnsw_and_ivf_against_exact_search():
     section = benchmark.bench_index(tiny_index_settings())
     rows = section["rows"]
     swept = sorted({16, 64, benchmark.search_default("ef_search")})  # the shipped value is always added
-    assert [row["type"] for row in rows] == ["flat"] + ["hnsw"] * 2 * len(swept) + ["ivf"] * 2
+    assert [row["type"] for row in rows] == (["flat"] + ["hnsw"] * 2 * len(swept) + ["hnsw_sq8"] * len(swept)
+                                             + ["ivf"] * 2)
     flat = rows[0]
     assert flat["recall_at_10"] == 1.0 and flat["auto"] == "yes"  # 300 vectors: auto is exact search
     assert all(0 <= row["recall_at_10"] <= 1 for row in rows)
     assert all(row["index_mb"] > 0 and row["p50_ms"] > 0 and row["p50_ms_1t"] > 0 for row in rows)
     hnsw = [row.get("efSearch") for row in rows if row["type"] == "hnsw"]
     assert hnsw == swept * 2
+    sq8 = [row for row in rows if row["type"] == "hnsw_sq8"]
+    assert [row["efSearch"] for row in sq8] == swept and not any(row["auto"] for row in sq8)
+    same_graph = [r["index_mb"] for r in rows if r["type"] == "hnsw" and r["M"] == sq8[0]["M"]]
+    assert all(row["index_mb"] < min(same_graph) for row in sq8)  # same M, vectors in a quarter of the bytes
     assert [row.get("nprobe") for row in rows if row["type"] == "ivf"] == [2, 4]
     assert flat["filtered_recall_at_10"] == 1.0
     assert all(0 <= row["filtered_recall_at_10"] <= 1 and row["filtered_p50_ms_1t"] > 0 for row in rows)

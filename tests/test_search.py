@@ -34,7 +34,7 @@ def test_flat_search_equals_brute_force():
     np.testing.assert_allclose(distances, np.take_along_axis(queries @ vectors.T, rows, axis=1), rtol=1e-5)
 
 
-@pytest.mark.parametrize("index_type", ["hnsw", "ivf"])
+@pytest.mark.parametrize("index_type", ["hnsw", "hnsw_sq8", "ivf"])
 def test_approximate_indexes_recall_against_brute_force(index_type):
     vectors, queries = unit_vectors(2000, 16), unit_vectors(50, 16, seed=1)
     index, params = build_index(vectors, index_type, ef_search=128, nprobe=32)
@@ -74,10 +74,11 @@ def test_search_answers_one_entry_per_listing_best_photo_first():
     assert set(neighbours[0]) == {"image_id", "product_id", "title", "price", "location", "category", "similarity"}
 
 
-def test_search_excludes_own_listing_and_filters_category():
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "hnsw_sq8", "ivf"])
+def test_search_excludes_own_listing_and_filters_category(index_type):
     vectors = unit_vectors(300, 16)
     image_ids, listings = listings_for(300)
-    catalogue = make_catalogue(vectors, image_ids, listings, {}, "flat")
+    catalogue = make_catalogue(vectors, image_ids, listings, {}, index_type, nprobe=64)
     own = listings["img-7"]["product_id"]
     excluded = catalogue.search(vectors[7:8], k=5, exclude_products=[own])[0]
     assert own not in {n["product_id"] for n in excluded} and len(excluded) == 5
@@ -111,7 +112,7 @@ def test_bad_arguments_fail_with_a_message():
         make_catalogue(vectors, image_ids, {}, {}, "flat")
 
 
-@pytest.mark.parametrize("index_type", ["flat", "hnsw"])
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "hnsw_sq8"])
 def test_saved_catalogue_loads_and_answers_the_same(tmp_path, index_type):
     vectors = unit_vectors(200, 16)
     image_ids, listings = listings_for(200)
@@ -122,6 +123,16 @@ def test_saved_catalogue_loads_and_answers_the_same(tmp_path, index_type):
         assert loaded.meta["run"] == "test" and loaded.meta["dimension"] == 16
         assert loaded.meta["metric"] == "inner_product" and loaded.meta["normalisation"] == "l2"
         assert loaded.search(vectors[:3], k=4) == catalogue.search(vectors[:3], k=4)
+
+
+def test_scalar_quantised_hnsw_stores_a_quarter_of_the_vector_bytes():
+    vectors = unit_vectors(2000, 64)
+    sizes = {}
+    for index_type in ("hnsw", "hnsw_sq8"):
+        index, _ = build_index(vectors, index_type, hnsw_m=16)
+        sizes[index_type] = faiss.serialize_index(index).size
+    graph = sizes["hnsw"] - vectors.nbytes  # the links, the same in both
+    assert sizes["hnsw_sq8"] - graph == pytest.approx(vectors.nbytes / 4, rel=0.05)
 
 
 def test_missing_catalogue_file_is_named(tmp_path):
