@@ -599,7 +599,8 @@ def bench_bare(subjects: list[Subject], photos: list[bytes], settings: dict) -> 
               f"picks (training.models.prepare_for_serving), fp32, the checkpoint's crop); layout rows: the other "
               f"layouts (mkldnn: oneDNN blocked + BatchNorm folded; nhwc: channels_last + BatchNorm folded; none: "
               f"NCHW as trained). Decode + preprocess: decode_image + eval_transform one photo at a time, as the "
-              f"handler does (JPEG draft decoding down to the size the photo is resized to). Output columns compare each variant with "
+              f"handler does (JPEG draft decoding down to the size the photo is resized to). Output columns "
+              f"compare each variant with "
               f"the baseline on {len(photos)} photos (the phone-photo draft row: with full decoding): max abs "
               f"difference of probabilities, top-1 category agreement, cosine similarity of embeddings.")
     return {"rows": rows, "columns": BARE_COLUMNS, "legend": legend,
@@ -955,7 +956,8 @@ SERVED_COLUMNS = [("model", "model"), ("batching", "dynamic batching"), ("worker
                   ("requests", "requests"), ("errors", "errors"), ("photos_per_s", "photos/s"),
                   ("p50_ms", "p50 ms"), ("p95_ms", "p95 ms"), ("p99_ms", "p99 ms"),
                   ("backend_ms", "worker ms/request"), ("queue_ms", "queue ms/request"), ("mean_batch", "mean batch"),
-                  ("forward_ms", "forward ms/batch"), ("forward_share", "forward share"), ("bare_batch", "bare batch"), ("served_vs_bare", "÷ bare forward"),
+                  ("forward_ms", "forward ms/batch"), ("forward_share", "forward share"), ("bare_batch", "bare batch"),
+                  ("served_vs_bare", "÷ bare forward"),
                   ("served_vs_pipeline", "÷ bare decode+forward"), ("p50_over_bare_ms", "p50 − bare ms"),
                   ("p50_over_forward_ms", "p50 − worker forward ms"), ("client_cpu_ms", "client CPU ms/request"),
                   ("frontend_cpu_ms", "frontend CPU ms/request"), ("worker_cpu_ms", "worker CPU ms/request"),

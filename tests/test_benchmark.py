@@ -409,7 +409,8 @@ def test_served_verdicts_name_the_best_configuration_per_target():
             {"model": "m", "batching": "on (8, 5 ms)", "worker_threads": "1 × 2 (default)", "concurrency": 4,
              "mean_batch": 4.0, "p50_ms": 300.0}]  # no bare figure at batch 4: not compared
     throughput, latency, overhead = benchmark.served_verdicts(rows)
-    assert "PASS, best 0.93 (batching on (8, 5 ms), 1 × 2 (default), concurrency 8, mean batch 8.0 vs bare 8)" in throughput
+    assert ("PASS, best 0.93 (batching on (8, 5 ms), 1 × 2 (default), concurrency 8, mean batch 8.0 vs bare 8)"
+            in throughput)
     assert "PASS, best +6.0 ms (p50 66.0 ms, +4.5 ms over the worker's own forward pass of 61.5 ms (bare: 60.0 ms); " \
            "batching off (1)" in latency
     assert "(p50 − worker forward): PASS, best +4.5 ms (batching off (1)" in overhead
@@ -488,7 +489,7 @@ def test_serving_sections_against_a_real_torchserve():
 def test_main_writes_tables_and_raw_figures(tmp_path, capsys):
     output, raw = tmp_path / "bench.md", tmp_path / "bench.json"
     benchmark.main(["--sections", "index", "--sizes", "400", "--dim", "8", "--queries", "10", "--ef-search", "16",
-                    "--hnsw-m", "32", "--nprobe", "4", "--ivf-max-size", "1k", "--output", str(output),
+                    "--hnsw-m", "32", "--no-hnsw-sq8", "--nprobe", "4", "--ivf-max-size", "1k", "--output", str(output),
                     "--json", str(raw)])
     report = output.read_text()
     assert "Machine:" in report and "torch " in report and "faiss " in report
@@ -498,7 +499,7 @@ def test_main_writes_tables_and_raw_figures(tmp_path, capsys):
     figures = json.loads(raw.read_text())
     assert figures["machine"]["logical_cores"] >= 1
     types = [row["type"] for row in figures["sections"]["index"]["rows"]]
-    assert types[0] == "flat" and types[-1] == "ivf" and set(types[1:-1]) == {"hnsw"}
+    assert types[0] == "flat" and types[-1] == "ivf" and set(types[1:-1]) == {"hnsw"}  # --no-hnsw-sq8
 
 
 def test_main_bare_section_prints_the_knob_table(capsys):
