@@ -409,7 +409,7 @@ def test_served_verdicts_name_the_best_configuration_per_target():
             {"model": "m", "batching": "on (8, 5 ms)", "worker_threads": "1 × 2 (default)", "concurrency": 4,
              "mean_batch": 4.0, "p50_ms": 300.0}]  # no bare figure at batch 4: not compared
     throughput, latency, overhead = benchmark.served_verdicts(rows)
-    assert ("PASS, best 0.93 (batching on (8, 5 ms), 1 × 2 (default), concurrency 8, mean batch 8.0 vs bare 8)"
+    assert ("PASS, best 0.930 (batching on (8, 5 ms), 1 × 2 (default), concurrency 8, mean batch 8.0 vs bare 8)"
             in throughput)
     assert "PASS, best +6.0 ms (p50 66.0 ms, +4.5 ms over the worker's own forward pass of 61.5 ms (bare: 60.0 ms); " \
            "batching off (1)" in latency
@@ -417,7 +417,7 @@ def test_served_verdicts_name_the_best_configuration_per_target():
     rows[0]["served_vs_bare"] = 0.85
     rows[1]["p50_over_bare_ms"] = 10.5
     throughput, latency, _ = benchmark.served_verdicts(rows)
-    assert ": FAIL, best 0.85" in throughput and ": FAIL, best +10.5 ms" in latency
+    assert ": FAIL, best 0.850" in throughput and ": FAIL, best +10.5 ms" in latency
 
 
 def test_served_verdicts_also_compare_with_the_workers_own_forward_passes():
@@ -427,10 +427,10 @@ def test_served_verdicts_also_compare_with_the_workers_own_forward_passes():
             {"model": "m", "batching": "on (8, 5 ms)", "worker_threads": "1 × 2", "concurrency": 32,
              "forward_share": 0.88}]
     share, overhead = benchmark.served_verdicts(rows)  # no bare section: only the workers' own figures
-    assert "forward share): PASS, best 0.95 (batching off (1), 2 × 1, concurrency 8)" in share
+    assert "forward share): PASS, best 0.950 (batching off (1), 2 × 1, concurrency 8)" in share
     assert "(p50 − worker forward): PASS, best +8.0 ms" in overhead
     rows[1]["forward_share"] = 0.5  # at concurrency 1 the share is low by nature: not counted
-    assert "FAIL, best 0.88" in benchmark.served_verdicts(rows)[0]
+    assert "FAIL, best 0.880" in benchmark.served_verdicts(rows)[0]
 
 
 def test_served_figures_are_compared_with_bare_at_the_batch_size_run():
