@@ -3,46 +3,37 @@
 Loads the checkpoint, its eval transform and the Faiss catalogue once per worker; per batch it
 decodes every request, runs ONE forward pass over the valid photos and one index search per
 distinct category filter. A bad request gets its own 4xx and JSON error; the rest of the batch
-is answered normally. Parsing and answer building live in training/inference.py.
+is answered normally. Parsing and answer building live in marketplace_search/inference.py.
 
-In-process use (tests, batch jobs), on an extracted archive folder:
-    handler = load_local_handler("work/extracted-mar")
-    [(status, answer)] = predict_local(handler, [{"body": photo_bytes}])
+In-process use (tests, batch jobs) on an extracted archive folder: handlers/local.py.
 """
 # Faiss before torch: both bring an OpenMP runtime, and this order is the safe one in-process. In a
 # TorchServe worker `ts` has already imported torch; tests/test_server.py checks that start-up is clean.
 import faiss  # noqa: F401
 
-import json
 import logging
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-import ts
-import yaml
-from ts.context import Context, RequestProcessor
 from ts.metrics.dimension import Dimension
-from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.torch_handler.base_handler import BaseHandler
 
-from training.inference import BODY_PARTS, Batch, RequestError, batch_answers, parse_request, search_batch
-from training.models import load_checkpoint, prepare_for_serving, serve_forward
-from training.presets import Preprocess, eval_transform
-from training.search import Catalogue
+from marketplace_search.inference import BODY_PARTS, Batch, RequestError, batch_answers, parse_request, search_batch
+from marketplace_search.layout import ARCHIVE_CATALOGUE, ARCHIVE_CHECKPOINT
+from marketplace_search.models import load_checkpoint, prepare_for_serving, serve_forward
+from marketplace_search.presets import Preprocess, eval_transform
+from marketplace_search.search import Catalogue
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "best.pt"
-CATALOGUE_DIR = "catalogue"
 # Counters per batch size (dimension BatchSize): batches served, which proves dynamic batching, and
-# milliseconds spent in forward passes, which tells serving overhead from the model's own time.
+# milliseconds per stage of a batch (dimension Stage), which tell the model's own time from the rest.
 BATCH_METRIC = "MarketplaceBatches"
-FORWARD_METRIC = "MarketplaceForwardMilliseconds"
-TS_METRICS_CONFIG = Path(ts.__file__).parent / "configs" / "metrics.yaml"
+STAGE_METRIC = "MarketplaceStageMilliseconds"
+STAGES = ("decode", "forward", "search", "answer")  # decode = decode + transform of every request
 
 
 class MarketplaceHandler(BaseHandler):
@@ -61,20 +52,21 @@ class MarketplaceHandler(BaseHandler):
         # wait on each other (scripts.benchmark, index section, 10k photos: p50 0.16 ms with 1 thread,
         # 0.39 ms with 2 on an idle machine; ~15 ms with 2 while the cores were busy).
         faiss.omp_set_num_threads(1)
-        checkpoint_path = required_path(model_dir, self.manifest["model"].get("serializedFile", CHECKPOINT_FILE))
+        checkpoint_path = required_path(model_dir, self.manifest["model"].get("serializedFile", ARCHIVE_CHECKPOINT))
         self.model, checkpoint = load_checkpoint(checkpoint_path)
         self.model = prepare_for_serving(self.model.to(self.device), settings.get("layout", "auto"),
                                          self.device.type)
         self.classes = checkpoint["classes"]
         self.preprocess_settings = Preprocess.from_dict(checkpoint["preprocess"])
         self.transform = eval_transform(self.preprocess_settings)
-        self.catalogue = Catalogue.load(required_path(model_dir, CATALOGUE_DIR))
+        self.catalogue = Catalogue.load(required_path(model_dir, ARCHIVE_CATALOGUE))
         if self.catalogue.dimension != checkpoint["embedding_dim"]:
-            raise ValueError(f"{model_dir / CATALOGUE_DIR} holds {self.catalogue.dimension}-d vectors but "
+            raise ValueError(f"{model_dir / ARCHIVE_CATALOGUE} holds {self.catalogue.dimension}-d vectors but "
                              f"{checkpoint_path.name} makes {checkpoint['embedding_dim']}-d embeddings")
         # TorchServe's Context knows the registered name; its unit-test MockContext does not.
         self.model_info = {"name": getattr(context, "model_name", None) or self.manifest["model"].get("modelName"),
                            "version": self.manifest["model"].get("modelVersion")}
+        self.warmed_batch_sizes = []
         if settings.get("warm_up", True):
             self.warm_up(int(context.system_properties.get("batch_size") or 1))
         self.initialized = True
@@ -84,12 +76,14 @@ class MarketplaceHandler(BaseHandler):
 
     def preprocess(self, data):
         """Decode and transform every request of the batch, several at a time; a bad one becomes its error."""
+        started = time.perf_counter()
         pool = self.decoders if len(data) > 1 else None  # a lone request skips the hand-off to a thread
         prepared = list((pool.map if pool else map)(self.prepare_request, range(len(data)), data))
         batch = Batch([item if isinstance(item, RequestError) else item[0] for item in prepared])
         tensors = [item[1] for item in prepared if not isinstance(item, RequestError)]
         if tensors:
             batch.images = torch.stack(tensors)
+        batch.milliseconds["decode"] = (time.perf_counter() - started) * 1000
         return batch
 
     def prepare_request(self, idx: int, request: dict):
@@ -104,22 +98,26 @@ class MarketplaceHandler(BaseHandler):
 
     def inference(self, batch, *args, **kwargs):
         if batch.images is None:
-            self.record_batch(len(batch.slots), 0.0)
             return batch
         started = time.perf_counter()
         probabilities, vectors = serve_forward(self.model, batch.images.to(self.device))
         batch.probabilities = probabilities.float().cpu().numpy()
         batch.vectors = vectors.cpu().numpy()
-        self.record_batch(len(batch.slots), (time.perf_counter() - started) * 1000)
+        searched = time.perf_counter()
         batch.neighbours = search_batch(self.catalogue, batch.vectors, batch.queries)
+        batch.milliseconds["forward"] = (searched - started) * 1000
+        batch.milliseconds["search"] = (time.perf_counter() - searched) * 1000
         return batch
 
     def postprocess(self, batch):
+        started = time.perf_counter()
         answers = batch_answers(batch, self.classes, self.model_info)
         for idx, slot in enumerate(batch.slots):
             self.context.set_response_content_type(idx, "application/json")
             if isinstance(slot, RequestError):
                 self.context.set_response_status(slot.status, status_phrase(slot), idx)
+        batch.milliseconds["answer"] = (time.perf_counter() - started) * 1000
+        self.record_batch(len(batch.slots), batch.milliseconds)
         return answers
 
     def warm_up(self, batch_size: int) -> None:
@@ -131,12 +129,17 @@ class MarketplaceHandler(BaseHandler):
         crop = self.preprocess_settings.crop
         for size in range(1, max(1, batch_size) + 1):
             serve_forward(self.model, torch.zeros(size, 3, crop, crop, device=self.device))
+            self.warmed_batch_sizes.append(size)
 
-    def record_batch(self, size: int, forward_ms: float) -> None:
-        logger.debug("batch of %d request(s), forward pass %.1f ms", size, forward_ms)
-        dimensions = [Dimension("BatchSize", str(size))]
-        self.context.metrics.add_counter(BATCH_METRIC, 1, dimensions=dimensions)
-        self.context.metrics.add_counter(FORWARD_METRIC, forward_ms, dimensions=dimensions)
+    def record_batch(self, size: int, milliseconds: dict[str, float]) -> None:
+        """Count the batch and add each stage's milliseconds (a stage that did not run adds 0)."""
+        logger.debug("batch of %d request(s): %s", size,
+                     ", ".join(f"{stage} {milliseconds.get(stage, 0.0):.1f} ms" for stage in STAGES))
+        batch_size = Dimension("BatchSize", str(size))
+        self.context.metrics.add_counter(BATCH_METRIC, 1, dimensions=[batch_size])
+        for stage in STAGES:
+            self.context.metrics.add_counter(STAGE_METRIC, milliseconds.get(stage, 0.0),
+                                             dimensions=[Dimension("Stage", stage), batch_size])
 
 
 def body_content_type(headers: dict) -> str | None:
@@ -176,48 +179,3 @@ def status_phrase(error: RequestError) -> str:
     """An HTTP reason phrase from the error: one ASCII line (the JSON body has the full message)."""
     text = " ".join(str(error).split())
     return text.encode("ascii", "replace").decode("ascii")[:200]
-
-
-def load_local_handler(model_dir: Path | str, model_name: str | None = None, batch_size: int = 8):
-    """A MarketplaceHandler initialised in this process from an extracted archive folder.
-
-    Uses TorchServe's own Context class, so per-request statuses behave as under the server.
-    """
-    model_dir = Path(model_dir).resolve()
-    manifest = json.loads(required_path(model_dir, "MAR-INF/MANIFEST.json").read_text())
-    config_file = manifest["model"].get("configFile")
-    model_config = yaml.safe_load(required_path(model_dir, config_file).read_text()) if config_file else {}
-    if str(model_dir) not in sys.path:
-        sys.path.append(str(model_dir))  # as in a worker: the archived training/ package is importable
-    metrics = MetricsCacheYamlImpl(config_file_path=str(TS_METRICS_CONFIG))
-    metrics.initialize_cache()
-    context = Context(model_name or manifest["model"]["modelName"], str(model_dir), manifest, batch_size,
-                      None, "local", metrics=metrics, model_yaml_config=model_config)
-    handler = MarketplaceHandler()
-    handler.initialize(context)
-    handler.context = context
-    return handler
-
-
-def predict_local(handler: MarketplaceHandler, requests: list[dict],
-                  headers: list[dict] | None = None) -> list[tuple[int, dict]]:
-    """Run one batch through `handler.handle`; returns `(HTTP status, answer)` per request.
-
-    `requests` are TorchServe-style dicts (`{"body": photo_bytes}`, multipart fields by name);
-    `headers[i]` are request i's HTTP headers, e.g. {"Content-Type": "application/json", "X-K": "3"}.
-    """
-    headers = headers or [{} for _ in requests]
-    context = handler.context
-    context.request_ids = {idx: f"local-{idx}" for idx in range(len(requests))}
-    context.request_processor = [RequestProcessor(request_headers(request, own))
-                                 for request, own in zip(requests, headers)]
-    context.metrics.set_request_ids(context.request_ids)
-    answers = handler.handle(requests, context)
-    return [(context.get_response_status(idx)[0], answer) for idx, answer in enumerate(answers)]
-
-
-def request_headers(request: dict, headers: dict) -> dict:
-    """Headers as TorchServe's worker records them: the HTTP headers plus one entry per body part."""
-    content_type = next((value for key, value in headers.items() if key.lower() == "content-type"), None)
-    parts = {name: {"content-type": content_type or ""} for name in request if name in BODY_PARTS}
-    return {**headers, **parts}

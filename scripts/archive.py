@@ -8,7 +8,7 @@ Reads RUN/weights/best.pt, RUN/index/, RUN/evaluation.json (and RUN/run.json whe
 archive holds, beside MAR-INF/MANIFEST.json:
   best.pt                 the self-describing checkpoint (serializedFile)
   marketplace_handler.py  the handler
-  training/               the training modules the handler imports (models, presets, images, search, inference)
+  marketplace_search/     the core package, whole (decoding, transform, model, catalogue, requests and answers)
   catalogue/              the Faiss index, id map, listings and index meta from RUN/index
   decoder.json            {"0": category, ...} from the checkpoint's classes
   model_config.yaml       batching and workers (batchSize, maxBatchDelay, minWorkers, maxWorkers, ...)
@@ -21,7 +21,6 @@ import faiss  # noqa: F401  (before torch: OpenMP, see README)
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -31,18 +30,15 @@ from pathlib import Path
 
 import yaml
 
-from training.models import SERVING_LAYOUTS, load_checkpoint, serving_layout, sha256_file
-from training.runs import RUN_INFO, read_run_info
-from training.search import ID_MAP_FILE, INDEX_FILE, LISTINGS_FILE, META_FILE
+from marketplace_search.models import SERVING_LAYOUTS, load_checkpoint, serving_layout, sha256_file
+from marketplace_search.layout import (ARCHIVE_CATALOGUE, ARCHIVE_DECODER, ARCHIVE_MODEL_CARD, CHECKPOINT, CORE_PACKAGE,
+                                       EVALUATION, INDEX_DIR, RUN_INFO, RUN_STAMP_FORMAT, read_run_info)
+from marketplace_search.search import ID_MAP_FILE, INDEX_FILE, LISTINGS_FILE, META_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 HANDLER = REPO / "handlers" / "marketplace_handler.py"
-SHARED_PACKAGE = REPO / "training"
-CHECKPOINT = Path("weights") / "best.pt"
-INDEX_DIR = "index"
-EVALUATION = "evaluation.json"
+CORE = REPO / CORE_PACKAGE
 CATALOGUE_FILES = (INDEX_FILE, ID_MAP_FILE, LISTINGS_FILE, META_FILE)
-CATALOGUE_DIR = "catalogue"  # handlers/marketplace_handler.py reads it from there
 # Dynamic batching up to 8 with a 1 ms delay: a worker takes every request already queued (up to 8)
 # and waits at most 1 ms for more. Under load the queue fills while a batch runs, so batches stay
 # full; a lone request waits 1 ms. On 2 cores (scripts.benchmark, served section; README): resnet50
@@ -50,8 +46,6 @@ CATALOGUE_DIR = "catalogue"  # handlers/marketplace_handler.py reads it from the
 # (p50 − worker forward 2-9 ms either way; a 5 ms delay cost a lone request 2-6 ms more).
 BATCH_SIZE = 8
 MAX_BATCH_DELAY = 1
-TRAINING_IMPORT = re.compile(r"^\s*(?:from|import)\s+training\.(\w+)", re.MULTILINE)
-RUN_STAMP_FORMAT = "%Y-%m-%d_%H%M%S"  # training/runs.py names run folders this way
 
 
 def check_run(run_dir: Path) -> None:
@@ -59,20 +53,6 @@ def check_run(run_dir: Path) -> None:
     missing = [str(path) for path in required if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"run folder {run_dir} is incomplete; missing: {', '.join(missing)}")
-
-
-def shared_modules(entry: Path) -> list[Path]:
-    """training/__init__.py and every training module `entry` imports, directly or not."""
-    found, pending = {SHARED_PACKAGE / "__init__.py"}, [entry]
-    while pending:
-        for name in TRAINING_IMPORT.findall(pending.pop().read_text()):
-            module = SHARED_PACKAGE / f"{name}.py"
-            if not module.is_file():
-                raise FileNotFoundError(f"{module} is imported by the handler but does not exist")
-            if module not in found:
-                found.add(module)
-                pending.append(module)
-    return sorted(found)
 
 
 def run_created(run_dir: Path, info: dict) -> datetime:
@@ -131,14 +111,14 @@ def model_config(batch_size: int, max_batch_delay: int, min_workers: int, max_wo
 def stage_extra_files(stage: Path, run_dir: Path, classes: list[str], card: dict) -> Path:
     """The --extra-files folder: model-archiver copies its items (and sub-folders) beside the handler."""
     extra = stage / "extra"
-    (extra / "training").mkdir(parents=True)
-    for module in shared_modules(HANDLER):
-        shutil.copyfile(module, extra / "training" / module.name)
-    (extra / CATALOGUE_DIR).mkdir()
+    extra.mkdir()
+    # The core package whole, so workers and --local run the code this archive was built with.
+    shutil.copytree(CORE, extra / CORE_PACKAGE, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (extra / ARCHIVE_CATALOGUE).mkdir()
     for name in CATALOGUE_FILES:
-        shutil.copyfile(run_dir / INDEX_DIR / name, extra / CATALOGUE_DIR / name)
-    (extra / "decoder.json").write_text(json.dumps({str(i): name for i, name in enumerate(classes)}, indent=2))
-    (extra / "model_card.json").write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
+        shutil.copyfile(run_dir / INDEX_DIR / name, extra / ARCHIVE_CATALOGUE / name)
+    (extra / ARCHIVE_DECODER).write_text(json.dumps({str(i): name for i, name in enumerate(classes)}, indent=2))
+    (extra / ARCHIVE_MODEL_CARD).write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
     return extra
 
 
@@ -207,7 +187,7 @@ def main(argv=None) -> None:
     parser.add_argument("--response-timeout", type=int, default=120, help="seconds")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / max workers)")
     parser.add_argument("--layout", choices=SERVING_LAYOUTS, default="auto",
-                        help="how workers lay out the model for CPU inference (training.models.prepare_for_serving; "
+                        help="how workers lay out the model for CPU inference (marketplace_search.models.prepare_for_serving; "
                              "auto: oneDNN blocked for ResNets, NHWC for MobileNets)")
     parser.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
                         help="workers run one forward pass per batch size before READY (oneDNN builds kernels "

@@ -407,14 +407,14 @@ def answer_local_batch(handler, items: list[Item], k: int, predict) -> list[dict
 
 def local_answers(handler, items: list[Item], k: int, batch_size: int):
     # Imported here so that the served path never loads torch and faiss.
-    from handlers.marketplace_handler import predict_local
+    from handlers.local import predict_local
 
     for start in range(0, len(items), batch_size):
         yield from answer_local_batch(handler, items[start:start + batch_size], k, predict_local)
 
 
 def load_handler(folder: Path, version: str | None, batch_size: int):
-    from handlers.marketplace_handler import load_local_handler
+    from handlers.local import load_local_handler
 
     handler = load_local_handler(folder, batch_size=batch_size)
     archived = handler.model_info["version"]

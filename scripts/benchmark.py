@@ -49,14 +49,14 @@ from torch import nn
 
 from scripts.archive import MAX_BATCH_DELAY, build_archive
 from scripts.serve import describe, free_port, start_server
-from training import search
+from marketplace_search import search
 from training.dataset import load_split
 from training.embed import load_embeddings
-from training.images import decode_image
-from training.models import (SERVING_LAYOUTS, MarketplaceNet, embed, load_checkpoint, load_pretrained_backbone,
+from marketplace_search.images import decode_image
+from marketplace_search.models import (SERVING_LAYOUTS, MarketplaceNet, embed, load_checkpoint, load_pretrained_backbone,
                              prepare_for_serving, serve_forward, serving_layout)
 from training.photos import PHOTOS_DIR
-from training.presets import Preprocess, eval_transform
+from marketplace_search.presets import Preprocess, eval_transform
 
 SECTIONS = ("bare", "served", "index", "startup")
 NUM_CLASSES = 13  # root categories of the marketplace data
@@ -597,7 +597,7 @@ def bench_bare(subjects: list[Subject], photos: list[bytes], settings: dict) -> 
               f"in turns with the baseline (a burst of load from elsewhere slows them alike), each against the "
               f"baseline of its own timing. Median time per call. Baseline: the model as "
               f"the handler runs it ({settings['threads']} threads, torch.inference_mode, the serving layout `auto` "
-              f"picks (training.models.prepare_for_serving), fp32, the checkpoint's crop); layout rows: the other "
+              f"picks (marketplace_search.models.prepare_for_serving), fp32, the checkpoint's crop); layout rows: the other "
               f"layouts (mkldnn: oneDNN blocked + BatchNorm folded; nhwc: channels_last + BatchNorm folded; none: "
               f"NCHW as trained). Decode + preprocess: decode_image + eval_transform one photo at a time, as the "
               f"handler does (JPEG draft decoding down to the size the photo is resized to). Output columns "
@@ -1279,7 +1279,7 @@ def bench_workload(workload: Workload, settings: dict) -> list[dict]:
 
 
 def search_default(name: str):
-    """A keyword default of `training.search.build_index`, so the table marks what ships."""
+    """A keyword default of `marketplace_search.search.build_index`, so the table marks what ships."""
     return search.build_index.__kwdefaults__[name]
 
 
@@ -1344,7 +1344,7 @@ def bench_index(settings: dict) -> dict:
         f"(flat) search; single-query latency over up to {settings['single_queries']} queries; Faiss threads "
         f"{faiss.omp_get_max_threads()} unless marked 1 thread. Category-filtered: {settings['filtered_queries']} "
         f"queries restricted to their own category (an IDSelectorBatch, as Catalogue.search_ids(category=) does). "
-        f"Built with training.search.build_index (hnsw_sq8: HNSW over 8-bit scalar-quantised vectors); 'auto' "
+        f"Built with marketplace_search.search.build_index (hnsw_sq8: HNSW over 8-bit scalar-quantised vectors); 'auto' "
         f"marks what index_type=\"auto\" ships "
         f"(FLAT_MAX={search.FLAT_MAX:,}, efSearch default {search_default('ef_search')}).",
         auto_choices(rows),

@@ -18,7 +18,7 @@ from scripts.client import format_answer, predict
 from scripts.serve import start_server
 from training import pipeline
 from training.dataset import load_split
-from training.models import MarketplaceNet, WeightsUnavailable, load_pretrained_backbone
+from marketplace_search.models import MarketplaceNet, WeightsUnavailable, load_pretrained_backbone
 from training.sample import make_sample_catalogue
 from training.tables import read_training_table
 

@@ -35,15 +35,14 @@ from scripts.serve import ServerError
 from scripts.versions import DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL, CanaryError, release
 from training import photos, tables
 from training.dataset import drop_missing_photos
-from training.embed import EMBEDDINGS_DIR, embed_rows, load_embeddings, save_embeddings
-from training.index import INDEX_DIR, listing_metadata
-from training.models import load_checkpoint, sha256_file
-from training.presets import Preprocess
-from training.runs import new_run_dir, read_run_info, update_run_info
-from training.search import LISTING_FIELDS, Catalogue, INDEX_TYPES, make_catalogue
+from training.embed import embed_rows, load_embeddings, save_embeddings
+from training.index import listing_metadata
+from marketplace_search.models import load_checkpoint, sha256_file
+from marketplace_search.presets import Preprocess
+from marketplace_search.layout import (CHECKPOINT, EMBEDDINGS_DIR, EVALUATION, INDEX_DIR, new_run_dir, read_run_info,
+                                       update_run_info)
+from marketplace_search.search import LISTING_FIELDS, Catalogue, INDEX_TYPES, make_catalogue
 
-CHECKPOINT = Path("weights") / "best.pt"
-EVALUATION = "evaluation.json"
 DEFAULT_PHOTO_SIZE = 512  # training.photos' default
 
 

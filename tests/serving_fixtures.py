@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.images import decode_image
-from training.models import MarketplaceNet, embed, save_checkpoint, sha256_file
-from training.presets import Preprocess, collate_images
-from training.runs import update_run_info
-from training.search import make_catalogue
+from marketplace_search.images import decode_image
+from marketplace_search.models import MarketplaceNet, embed, save_checkpoint, sha256_file
+from marketplace_search.presets import Preprocess, collate_images
+from marketplace_search.layout import update_run_info
+from marketplace_search.search import make_catalogue
 
 CLASSES = ("Garden", "Home", "Music")
 TINY_PREPROCESS = Preprocess(resize=72, crop=64)  # small crops keep CPU forwards fast

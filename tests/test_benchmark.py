@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from scripts import benchmark
-from training.images import decode_image
-from training.models import MarketplaceNet
-from training.presets import Preprocess
+from marketplace_search.images import decode_image
+from marketplace_search.models import MarketplaceNet
+from marketplace_search.presets import Preprocess
 
 TINY = Preprocess(resize=40, crop=32)
 

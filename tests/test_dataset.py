@@ -10,7 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from training import dataset
-from training.presets import Preprocess, eval_transform, train_transform
+from marketplace_search.presets import Preprocess, eval_transform, train_transform
 
 
 def photo_table(listings: int = 300, categories: int = 3, seed: int = 0) -> pd.DataFrame:

@@ -4,6 +4,7 @@ import faiss  # noqa: F401  (before torch: OpenMP, see README)
 import base64
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,13 +12,14 @@ import torch
 from PIL import Image
 from ts.torch_handler.unit_tests.test_utils.mock_context import MockContext
 
-from handlers.marketplace_handler import MarketplaceHandler, load_local_handler, predict_local
+from handlers.local import load_local_handler, predict_local
+from handlers.marketplace_handler import MarketplaceHandler
 from tests.serving_fixtures import archive_tiny_run, extract_archive, make_tiny_run, png_with_declared_size
-from training import inference
-from training.images import decode_image
-from training.inference import RequestError, parse_request
-from training.models import embed, load_checkpoint
-from training.presets import Preprocess, eval_transform
+from marketplace_search import inference
+from marketplace_search.images import decode_image
+from marketplace_search.inference import RequestError, parse_request
+from marketplace_search.models import embed, load_checkpoint
+from marketplace_search.presets import Preprocess, eval_transform
 
 ANSWER_FIELDS = {"category", "probability", "top_categories", "neighbours", "model"}
 NEIGHBOUR_FIELDS = {"image_id", "product_id", "title", "price", "location", "category", "similarity"}
@@ -231,25 +233,31 @@ def test_serving_layout_comes_from_the_model_config(tiny, handler, tmp_path):
     assert fast["probability"] == pytest.approx(slow["probability"], abs=1e-5)
 
 
-def test_initialise_warms_every_batch_size_unless_told_not_to(tiny, monkeypatch, tmp_path):
-    from handlers import marketplace_handler
-
-    sizes = []
-    real_forward = marketplace_handler.serve_forward
-    monkeypatch.setattr(marketplace_handler, "serve_forward",
-                        lambda model, images: sizes.append(len(images)) or real_forward(model, images))
-    load_local_handler(tiny[1], batch_size=4)
-    assert sizes == [1, 2, 3, 4]
-    sizes.clear()
+def test_initialise_warms_every_batch_size_unless_told_not_to(tiny, tmp_path):
+    assert load_local_handler(tiny[1], batch_size=4).warmed_batch_sizes == [1, 2, 3, 4]
     mar = archive_tiny_run(tiny[0], tmp_path / "store", warm_up=False)
-    load_local_handler(extract_archive(mar, tmp_path / "model"), batch_size=4)
-    assert sizes == []
+    assert load_local_handler(extract_archive(mar, tmp_path / "model"), batch_size=4).warmed_batch_sizes == []
+
+
+def test_local_handler_runs_the_archived_code_not_the_checkout(tiny):
+    """--local answers as the served archive does: its handler and core package come from the archive."""
+    import marketplace_search.search as checkout_search
+
+    handler = load_local_handler(tiny[1])
+    model_dir = Path(tiny[1]).resolve()
+    assert Path(type(handler).initialize.__globals__["__file__"]).parent == model_dir
+    assert Path(type(handler.catalogue).save.__globals__["__file__"]).parent == model_dir / "marketplace_search"
+    assert type(handler.catalogue) is not checkout_search.Catalogue
+    import marketplace_search.search as after  # the process's own copy is back for everything else
+    assert after is checkout_search
 
 
 def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tiny, handler, monkeypatch):
     decoded = []
-    monkeypatch.setattr(inference, "decode_image", lambda *args, **kwargs: decoded.append(kwargs) or
-                        decode_image(*args, **kwargs))
+    archived_inference = vars(type(handler))["prepare_request"].__globals__["parse_request"].__globals__
+    real_decode = archived_inference["decode_image"]
+    monkeypatch.setitem(archived_inference, "decode_image", lambda *args, **kwargs: decoded.append(kwargs) or
+                        real_decode(*args, **kwargs))
     pixels = np.random.default_rng(0).integers(0, 256, size=(800, 1000, 3), dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "JPEG")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from training.images import ImageError, decode_image, pad_to_square, to_rgb
-from training.presets import Preprocess, collate_images, eval_transform, train_transform
+from marketplace_search.images import ImageError, decode_image, pad_to_square, to_rgb
+from marketplace_search.presets import Preprocess, collate_images, eval_transform, train_transform
 
 USABLE = ["rgb_jpeg", "cmyk_jpeg", "png_alpha", "palette_png", "palette_transparent_png", "grey_png",
           "grey16_png", "exif_rotated_jpeg", "webp"]

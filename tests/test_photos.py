@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from training import photos, tables
-from training.images import ImageError
+from marketplace_search.images import ImageError
 
 SIZE = 64
 

@@ -18,8 +18,8 @@ from scripts import refresh, serve
 from scripts.archive import build_archive
 from tests.serving_fixtures import TINY_PREPROCESS, running_server
 from training import dataset, embed, index, photos, tables
-from training.models import MarketplaceNet, save_checkpoint
-from training.runs import new_run_dir, update_run_info
+from marketplace_search.models import MarketplaceNet, save_checkpoint
+from marketplace_search.layout import new_run_dir, update_run_info
 from training.sample import make_sample_catalogue
 
 NAME = "marketplace"

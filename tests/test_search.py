@@ -3,7 +3,7 @@ import faiss  # noqa: F401  (before torch, see README: OpenMP)
 import numpy as np
 import pytest
 
-from training.search import Catalogue, build_index, make_catalogue
+from marketplace_search.search import Catalogue, build_index, make_catalogue
 
 
 def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -46,7 +46,7 @@ def test_approximate_indexes_recall_against_brute_force(index_type):
 
 
 def test_auto_index_type_follows_catalogue_size(monkeypatch):
-    import training.search as search
+    import marketplace_search.search as search
 
     monkeypatch.setattr(search, "FLAT_MAX", 100)
     assert build_index(unit_vectors(100, 8), "auto")[1]["type"] == "flat"

@@ -10,12 +10,12 @@ import torch
 from training import pipeline
 from training.embed import load_embeddings
 from training.evaluate import knn_scores, top_k_accuracy
-from training.models import (SERVING_LAYOUTS, MarketplaceNet, WeightsUnavailable, embed, load_checkpoint,
+from marketplace_search.models import (SERVING_LAYOUTS, MarketplaceNet, WeightsUnavailable, embed, load_checkpoint,
                              load_pretrained_backbone, prepare_for_serving, serve_forward, serving_layout,
                              set_trainable)
-from training.presets import Preprocess, eval_transform
+from marketplace_search.presets import Preprocess, eval_transform
 from training.sample import make_sample_catalogue
-from training.search import Catalogue
+from marketplace_search.search import Catalogue
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TINY = ["--arch", "resnet18", "--weights", "none", "--resize", "72", "--crop", "64", "--epochs", "3",

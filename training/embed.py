@@ -15,11 +15,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from training.dataset import ListingPhotos, load_split
-from training.models import MarketplaceNet, embed, load_checkpoint, sha256_file
-from training.presets import Preprocess, eval_transform
-from training.runs import latest_run, update_run_info
-
-EMBEDDINGS_DIR = "embeddings"
+from marketplace_search.models import MarketplaceNet, embed, load_checkpoint, sha256_file
+from marketplace_search.presets import Preprocess, eval_transform
+from marketplace_search.layout import BEST_CHECKPOINT, EMBEDDINGS_DIR, WEIGHTS_DIR, latest_run, update_run_info
 
 
 def embed_rows(model: MarketplaceNet, preprocess: Preprocess, rows, photos_dir: Path,
@@ -61,12 +59,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, type=Path, help="work folder with photos/ and split.csv")
     parser.add_argument("--run", type=Path, help="run folder (default: the latest under WORK/model_evaluation)")
-    parser.add_argument("--checkpoint", default="best.pt", help="file name under RUN/weights")
+    parser.add_argument("--checkpoint", default=BEST_CHECKPOINT, help="file name under RUN/weights")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     run_dir = args.run or latest_run(args.work)
-    checkpoint_path = run_dir / "weights" / args.checkpoint
+    checkpoint_path = run_dir / WEIGHTS_DIR / args.checkpoint
     model, checkpoint = load_checkpoint(checkpoint_path)
     rows = load_split(args.work)
     started = time.perf_counter()

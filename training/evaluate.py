@@ -14,11 +14,10 @@ import torch
 
 from training.dataset import load_split
 from training.embed import load_embeddings
-from training.index import INDEX_DIR
-from training.models import MarketplaceNet, load_pretrained_backbone
-from training.presets import Preprocess
-from training.runs import latest_run, read_run_info, update_run_info
-from training.search import Catalogue, make_catalogue
+from marketplace_search.models import MarketplaceNet, load_pretrained_backbone
+from marketplace_search.presets import Preprocess
+from marketplace_search.layout import EVALUATION, INDEX_DIR, latest_run, read_run_info, update_run_info
+from marketplace_search.search import Catalogue, make_catalogue
 from training.train import cached_features, features_cache_key
 
 KS = (1, 5, 10)
@@ -107,7 +106,7 @@ def evaluate(run_dir: Path, work_dir: Path, baseline: bool = True) -> dict:
               "catalogue_photos": catalogue.index.ntotal, "fine_tuned": fine_tuned}
     if baseline:
         report["frozen_backbone"] = evaluate_baseline(run_dir, work_dir, split, catalogue, classes)
-    (Path(run_dir) / "evaluation.json").write_text(json.dumps(report, indent=2))
+    (Path(run_dir) / EVALUATION).write_text(json.dumps(report, indent=2))
     update_run_info(run_dir, evaluation={key: report[key] for key in ("test_photos", "test_listings")})
     print(f"test split: {report['test_photos']} photos of {report['test_listings']} listings; "
           f"catalogue {report['catalogue_photos']} photos")

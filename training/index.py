@@ -1,6 +1,6 @@
 """Stage 6: build the Faiss catalogue index over the photo embeddings, with listing metadata.
 
-Reads RUN/embeddings and WORK/tables/training_table.csv; writes RUN/index/ (see training/search.py).
+Reads RUN/embeddings and WORK/tables/training_table.csv; writes RUN/index/ (see marketplace_search/search.py).
 """
 import argparse
 import math
@@ -10,10 +10,8 @@ from pathlib import Path
 import pandas as pd
 
 from training.embed import load_embeddings
-from training.runs import latest_run, update_run_info
-from training.search import INDEX_TYPES, Catalogue, make_catalogue
-
-INDEX_DIR = "index"
+from marketplace_search.layout import INDEX_DIR, latest_run, update_run_info
+from marketplace_search.search import INDEX_TYPES, Catalogue, make_catalogue
 
 
 def listing_metadata(table: pd.DataFrame) -> dict[str, dict]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from training.images import ImageError, decode_image, pad_to_square
+from marketplace_search.images import ImageError, decode_image, pad_to_square
 from training.tables import read_training_table
 
 PHOTOS_DIR = "photos"

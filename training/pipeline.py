@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from training import dataset, embed, evaluate, index, photos, tables
-from training.runs import update_run_info
+from marketplace_search.layout import update_run_info
 from training.train import add_arguments, train
 
 

@@ -25,9 +25,9 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from training.dataset import ListingPhotos, load_split
-from training.models import ARCHS, MarketplaceNet, load_pretrained_backbone, save_checkpoint, set_trainable
-from training.presets import Preprocess, eval_transform, train_transform
-from training.runs import new_run_dir, update_run_info
+from marketplace_search.models import ARCHS, MarketplaceNet, load_pretrained_backbone, save_checkpoint, set_trainable
+from marketplace_search.presets import Preprocess, eval_transform, train_transform
+from marketplace_search.layout import BEST_CHECKPOINT, TENSORBOARD_DIR, WEIGHTS_DIR, epoch_checkpoint, new_run_dir, update_run_info
 
 CACHE_DIR = "cache"
 
@@ -158,7 +158,7 @@ def train(args: argparse.Namespace) -> Path:
         print("WARNING: training from random initialisation (--weights none): expect low accuracy")
     unfrozen = set_trainable(model, args.trainable_stages)
     run_dir = Path(args.run) if args.run else new_run_dir(work_dir)
-    (run_dir / "weights").mkdir(parents=True, exist_ok=True)
+    (run_dir / WEIGHTS_DIR).mkdir(parents=True, exist_ok=True)
     config = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     update_run_info(run_dir, config={"train": config}, weights_source=weights_description,
                     classes=classes, work=str(work_dir.resolve()))
@@ -193,7 +193,7 @@ def train(args: argparse.Namespace) -> Path:
     scheduler = cosine_schedule(optimizer, args.epochs, len(train_loader))
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     on_features = args.trainable_stages == 0
-    writer = SummaryWriter(log_dir=str(run_dir / "logs"))
+    writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
     best_accuracy, history = -1.0, []
     for epoch in range(1, args.epochs + 1):
         set_mode(model, True, unfrozen)
@@ -206,12 +206,12 @@ def train(args: argparse.Namespace) -> Path:
         for name, value in metrics.items():
             split_name, metric = name.split("_", 1)
             writer.add_scalar(f"{metric}/{split_name}", value, epoch)
-        checkpoint = run_dir / "weights" / f"epoch_{epoch}.pt"
+        checkpoint = epoch_checkpoint(run_dir, epoch)
         save_checkpoint(checkpoint, model, classes=classes, preprocess=preprocess, epoch=epoch,
                         metrics=metrics, config=config)
         if val_accuracy > best_accuracy:
             best_accuracy = val_accuracy
-            shutil.copyfile(checkpoint, run_dir / "weights" / "best.pt")
+            shutil.copyfile(checkpoint, run_dir / WEIGHTS_DIR / BEST_CHECKPOINT)
         print(f"epoch {epoch:3d}  train loss {train_loss:.3f} acc {train_accuracy:.3f}  "
               f"val loss {val_loss:.3f} acc {val_accuracy:.3f}")
     writer.close()
@@ -219,7 +219,7 @@ def train(args: argparse.Namespace) -> Path:
     update_run_info(run_dir, train={"history": history, "best_epoch": best_epoch,
                                     "best_val_accuracy": best_accuracy,
                                     "seconds": round(time.perf_counter() - started, 1)})
-    print(f"best epoch {best_epoch} (val accuracy {best_accuracy:.3f}) -> {run_dir / 'weights' / 'best.pt'}")
+    print(f"best epoch {best_epoch} (val accuracy {best_accuracy:.3f}) -> {run_dir / WEIGHTS_DIR / BEST_CHECKPOINT}")
     return run_dir
 
 

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.images import MAX_PIXELS, ImageError, decode_image
-from training.search import MAX_K, Catalogue
+from marketplace_search.images import MAX_PIXELS, ImageError, decode_image
+from marketplace_search.search import MAX_K, Catalogue
 
 DEFAULT_K = 10
 TOP_CATEGORIES = 3
@@ -67,7 +67,8 @@ class Batch:
     """A handler batch: one slot per request, a Query or the RequestError that refused it.
 
     `images` stacks the valid queries' tensors in slot order; the model and the index fill
-    `probabilities`, `vectors` ((valid, d) float32, L2-normalised) and `neighbours`.
+    `probabilities`, `vectors` ((valid, d) float32, L2-normalised) and `neighbours`; `milliseconds`
+    holds the time each stage took (decode, forward, search, answer).
     """
 
     slots: list
@@ -75,6 +76,7 @@ class Batch:
     probabilities: np.ndarray | None = None
     vectors: np.ndarray | None = None
     neighbours: list[list[dict]] | None = None
+    milliseconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def queries(self) -> list[Query]:

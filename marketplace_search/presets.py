@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torchvision import transforms as T
 
-from training.images import pad_to_square
+from marketplace_search.images import pad_to_square
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

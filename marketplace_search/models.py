@@ -13,7 +13,7 @@ from torch import nn
 from torch.fx.experimental import optimization
 from torchvision import models
 
-from training.presets import Preprocess
+from marketplace_search.presets import Preprocess
 
 CHECKPOINT_FORMAT = 1
 

@@ -1,0 +1,78 @@
+"""Where things live: the folders of a training run and of a model archive, and run.json.
+
+A run folder, `WORK/model_evaluation/<timestamp>/`:
+  run.json                 what each stage did (update_run_info)
+  weights/epoch_<N>.pt     a checkpoint per epoch; weights/best.pt the one the later stages use
+  logs/                    TensorBoard
+  embeddings/              catalogue vectors (training.embed)
+  index/                   the Faiss catalogue (training.index; file names in marketplace_search.search)
+  evaluation.json          the evaluation table (training.evaluate)
+An archive (`.mar`, unpacked by TorchServe into the worker's model folder):
+  best.pt, catalogue/, decoder.json, model_card.json, model_config.yaml, MAR-INF/MANIFEST.json,
+  the handler module, and this package whole (marketplace_search/).
+"""
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+RUNS_DIR = "model_evaluation"
+RUN_INFO = "run.json"
+RUN_STAMP_FORMAT = "%Y-%m-%d_%H%M%S"
+WEIGHTS_DIR = "weights"
+BEST_CHECKPOINT = "best.pt"
+CHECKPOINT = Path(WEIGHTS_DIR) / BEST_CHECKPOINT
+TENSORBOARD_DIR = "logs"
+EMBEDDINGS_DIR = "embeddings"
+INDEX_DIR = "index"
+EVALUATION = "evaluation.json"
+
+ARCHIVE_CHECKPOINT = BEST_CHECKPOINT
+ARCHIVE_CATALOGUE = "catalogue"
+ARCHIVE_DECODER = "decoder.json"
+ARCHIVE_MODEL_CARD = "model_card.json"
+ARCHIVE_MANIFEST = Path("MAR-INF") / "MANIFEST.json"
+CORE_PACKAGE = __name__.split(".")[0]
+
+
+def epoch_checkpoint(run_dir: Path, epoch: int) -> Path:
+    return Path(run_dir) / WEIGHTS_DIR / f"epoch_{epoch}.pt"
+
+
+def new_run_dir(work_dir: Path) -> Path:
+    stamp = datetime.now().strftime(RUN_STAMP_FORMAT)
+    run_dir = Path(work_dir) / RUNS_DIR / stamp
+    suffix = 1
+    while run_dir.exists():  # two runs started in the same second
+        run_dir = Path(work_dir) / RUNS_DIR / f"{stamp}_{suffix}"
+        suffix += 1
+    (run_dir / WEIGHTS_DIR).mkdir(parents=True)
+    update_run_info(run_dir, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    return run_dir
+
+
+def latest_run(work_dir: Path) -> Path:
+    runs = sorted(path for path in (Path(work_dir) / RUNS_DIR).glob("*") if (path / WEIGHTS_DIR).is_dir())
+    if not runs:
+        raise FileNotFoundError(f"no training run under {Path(work_dir) / RUNS_DIR}; run training.train first")
+    return runs[-1]
+
+
+def read_run_info(run_dir: Path) -> dict:
+    path = Path(run_dir) / RUN_INFO
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def update_run_info(run_dir: Path, **fields) -> dict:
+    """Merge `fields` into RUN/run.json (nested dicts one level deep), written atomically."""
+    info = read_run_info(run_dir)
+    for key, value in fields.items():
+        if isinstance(value, dict) and isinstance(info.get(key), dict):
+            info[key] = {**info[key], **value}
+        else:
+            info[key] = value
+    path = Path(run_dir) / RUN_INFO
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+    return info
