@@ -49,8 +49,7 @@ class MarketplaceHandler(BaseHandler):
         # Decoding and resizing photos (Pillow releases the GIL) run on the same number of threads.
         self.decoders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         # A batch's search is a few queries: one OpenMP thread answers them faster than several that
-        # wait on each other (scripts.benchmark, index section, 10k photos: p50 0.16 ms with 1 thread,
-        # 0.39 ms with 2 on an idle machine; ~15 ms with 2 while the cores were busy).
+        # wait on each other, and far faster than several while torch holds the cores (README, "Benchmarks").
         faiss.omp_set_num_threads(1)
         checkpoint_path = required_path(model_dir, self.manifest["model"].get("serializedFile", ARCHIVE_CHECKPOINT))
         self.model, checkpoint = load_checkpoint(checkpoint_path)
@@ -124,7 +123,7 @@ class MarketplaceHandler(BaseHandler):
         """One forward pass per batch size the worker can get, before it reports READY.
 
         oneDNN builds its kernels for each input shape on first use: without this, the first batch
-        of every size answers late (resnet50 on 2 cores: +30-80 ms per size, measured in-process).
+        of every size answers late (README, "Benchmarks", start-up).
         """
         crop = self.preprocess_settings.crop
         for size in range(1, max(1, batch_size) + 1):

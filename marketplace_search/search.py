@@ -16,15 +16,16 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from marketplace_search.schema import LISTING_FIELDS
+
 INDEX_FILE = "catalogue.faiss"
 ID_MAP_FILE = "id_map.json"
 LISTINGS_FILE = "listings.json"
 META_FILE = "index_meta.json"
-LISTING_FIELDS = ("product_id", "title", "price", "location", "category")
 INDEX_TYPES = ("auto", "flat", "hnsw", "hnsw_sq8", "ivf")
-# "auto" switches to HNSW above this many vectors. Measured (scripts.benchmark, index section, 2 cores,
-# one Faiss thread): one exact top-10 query over 256-d vectors costs ~0.6 ms at 20k, ~3 ms at 50k and
-# ~4-9 ms at 100k, while HNSW answers in ~0.1 ms at recall@10 1.00 from 20k up.
+# "auto" switches to HNSW above this many vectors: below it an exact search is still well under a
+# millisecond, above it exact search grows linearly while HNSW stays flat at full recall
+# (README, "Benchmarks", index section).
 FLAT_MAX = 20_000
 MAX_K = 100
 
@@ -37,8 +38,8 @@ def build_index(vectors: np.ndarray, index_type: str = "auto", *, hnsw_m: int = 
     Returns the index and the parameters it was built with (stored in index_meta.json).
     "hnsw_sq8" is HNSW over 8-bit scalar-quantised vectors: for catalogues whose float32 vectors
     would not fit in memory, at a small cost in recall (scripts.benchmark, index section).
-    efSearch 128: at 1M vectors it gives recall@10 0.99 (64: 0.97) for ~0.2 ms more per query,
-    far inside the 5 ms budget (scripts.benchmark, index section).
+    efSearch 128: the recall@10 target holds with margin at 1M vectors for a fraction of a
+    millisecond more than 64 (README, "Benchmarks", index section).
     """
     vectors = _as_queries(vectors)
     n, dimension = vectors.shape

@@ -41,9 +41,8 @@ CORE = REPO / CORE_PACKAGE
 CATALOGUE_FILES = (INDEX_FILE, ID_MAP_FILE, LISTINGS_FILE, META_FILE)
 # Dynamic batching up to 8 with a 1 ms delay: a worker takes every request already queued (up to 8)
 # and waits at most 1 ms for more. Under load the queue fills while a batch runs, so batches stay
-# full; a lone request waits 1 ms. On 2 cores (scripts.benchmark, served section; README): resnet50
-# +23-47% photos/s at 32 clients over no batching (four runs), with the same single-request latency
-# (p50 − worker forward 2-9 ms either way; a 5 ms delay cost a lone request 2-6 ms more).
+# full; a lone request waits only 1 ms. Chosen from the served section of scripts.benchmark
+# (README, "Benchmarks": more photos/s under load, the same single-request latency).
 BATCH_SIZE = 8
 MAX_BATCH_DELAY = 1
 

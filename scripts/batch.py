@@ -47,14 +47,13 @@ from functools import partial
 from pathlib import Path
 
 import requests
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import Retrying
 from tqdm import tqdm
 
-from scripts.client import DEFAULT_URL, content_type, error_text, resolve_token
-from scripts.serve import auth_headers
+from marketplace_search.schema import ANSWER_FIELDS
+from scripts import api
+from scripts.api import TRANSIENT_STATUSES, TransientError
 
-ANSWER_FIELDS = ("category", "probability", "top_categories", "neighbours", "model")
-TRANSIENT_STATUSES = (429, 502, 503, 504, 507)  # overload or a worker restarting: worth asking again
 NO_ANSWER_CODES = ("connection_error", "timeout")
 FATAL_STATUSES = (401, 403, 404)  # every photo would get the same answer
 FILE_ERROR = "file_error"
@@ -73,14 +72,6 @@ class Item:
     @property
     def key(self) -> tuple[str, str]:
         return self.image_id, self.path
-
-
-class TransientError(RuntimeError):
-    """No final answer yet (overload, connection error, timeout); `code` as written to the output."""
-
-    def __init__(self, code: int | str, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 class FatalError(RuntimeError):
@@ -196,7 +187,7 @@ def recover_output(output: Path) -> tuple[dict[tuple[str, str], dict], int]:
 
 
 def is_transient(record: dict) -> bool:
-    return record["status"] == "error" and record["code"] in TRANSIENT_STATUSES + NO_ANSWER_CODES
+    return record["status"] == "error" and (record["code"] in TRANSIENT_STATUSES or record["code"] in NO_ANSWER_CODES)
 
 
 def drop_records(output: Path, keys: set) -> None:
@@ -279,60 +270,31 @@ class Target:
     token: str | None = None
 
     def headers(self, photo: bytes) -> dict:
-        return {"Content-Type": content_type(photo), "X-K": str(self.k), **auth_headers(self.token)}
-
-
-def prediction_url(url: str, model: str, version: str | None) -> str:
-    return f"{url.rstrip('/')}/predictions/{model}" + (f"/{version}" if version else "")
+        return api.prediction_headers(photo, self.token, k=self.k)
 
 
 def check_server(url: str, timeout: float) -> None:
     """Fail before the first photo when nothing answers at URL, rather than once per photo."""
     try:
-        requests.get(f"{url.rstrip('/')}/ping", timeout=timeout)
+        api.ping(url, timeout=timeout)
     except requests.RequestException as error:
         raise FatalError(f"no TorchServe answering at {url} ({type(error).__name__}); start one "
                          f"(python -m scripts.serve start ...) or run in-process with --local ARCHIVE") from error
 
 
-_sessions = threading.local()
-
-
-def thread_session() -> requests.Session:
-    """One keep-alive session per worker thread (a Session is not safe to share between threads)."""
-    if not hasattr(_sessions, "session"):
-        _sessions.session = requests.Session()
-    return _sessions.session
-
-
 def post_photo(target: Target, photo: bytes) -> tuple[int, dict]:
     """One POST: the final (status, JSON answer), or TransientError when it is worth asking again."""
-    try:
-        response = thread_session().post(target.url, data=photo, headers=target.headers(photo),
-                                         timeout=target.timeout)
-    except requests.Timeout as error:
-        raise TransientError("timeout", f"no answer within {target.timeout:g} s") from error
-    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as error:
-        raise TransientError("connection_error", f"{type(error).__name__}: {error}") from error
-    if response.status_code in TRANSIENT_STATUSES:
-        raise TransientError(response.status_code, error_text(response))
+    response = api.post_photo(target.url, photo, target.headers(photo), target.timeout)
     if response.status_code in FATAL_STATUSES:
-        raise FatalError(f"POST {target.url} -> {response.status_code}: {error_text(response)} "
-                         f"(check --url, --model, --version and --token)")
+        raise FatalError(f"POST {target.url} -> {response.status_code}: {api.error_text(response)} "
+                         f"(check --url, --model, --version and --token/--key-file)")
     if not response.ok:
-        return response.status_code, {"error": error_text(response)}
+        return response.status_code, {"error": api.error_text(response)}
     try:
         return response.status_code, response.json()
     except requests.JSONDecodeError as error:
         raise FatalError(f"POST {target.url} answered {response.status_code} with no JSON: "
                          f"{response.text[:200]!r}") from error
-
-
-def retry_policy(retries: int, backoff: float, max_backoff: float, tally: Tally) -> Retrying:
-    return Retrying(stop=stop_after_attempt(retries + 1),
-                    # jitter in proportion, so that threads refused together do not come back together
-                    wait=wait_exponential_jitter(multiplier=backoff, max=max_backoff, jitter=backoff),
-                    retry=retry_if_exception_type(TransientError), before_sleep=tally.add_retry, reraise=True)
 
 
 def answer_served(item: Item, target: Target, policy: Retrying) -> dict:
@@ -398,7 +360,7 @@ def answer_local_batch(handler, items: list[Item], k: int, predict) -> list[dict
             continue
         sent.append(item)
         bodies.append({"body": photo})
-        headers.append({"Content-Type": content_type(photo), "X-K": str(k)})
+        headers.append(api.prediction_headers(photo, k=k))
     if sent:
         for item, (status, answer) in zip(sent, predict(handler, bodies, headers), strict=True):
             records[item.key] = answer_record(item, status, answer)
@@ -467,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("input", type=Path, help="folder of photos, or CSV with image_id and/or path")
     parser.add_argument("--output", required=True, type=Path, help="JSON Lines results (appended to, resumable)")
     parser.add_argument("--images", type=Path, help="folder of <image_id>.jpg for a CSV without a path column")
-    parser.add_argument("--url", default=DEFAULT_URL, help="TorchServe inference API")
+    parser.add_argument("--url", default=api.DEFAULT_INFERENCE_URL, help="TorchServe inference API")
     parser.add_argument("--model", default="marketplace", help="registered model name (served)")
     parser.add_argument("--version", help="model version (default: the server's default version)")
     parser.add_argument("--k", type=int, default=10, help="similar listings per photo (1-100)")
@@ -478,8 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-backoff", type=float, default=30, help="longest retry wait in seconds")
     parser.add_argument("--retry-errors", action="store_true",
                         help="re-send inputs whose line in OUTPUT is a transient error (503, timeout, ...)")
-    parser.add_argument("--token", help="inference token when tokens are on (default: $TS_TOKEN)")
-    parser.add_argument("--key-file", type=Path, help="TorchServe's key_file.json to read the token from")
+    parser.add_argument("--token", help="inference key when tokens are on (default: --key-file's, else $TS_TOKEN)")
+    parser.add_argument("--key-file", type=Path, help="the server's key_file.json: its inference key is used")
     parser.add_argument("--local", type=Path, metavar="MAR_OR_DIR",
                         help="no server: run this archive (.mar or extracted folder) in-process")
     parser.add_argument("--batch-size", type=int, default=8, help="photos per forward pass (--local)")
@@ -524,9 +486,9 @@ def run(args: argparse.Namespace, todo: list[Item], tally: Tally) -> float:
             handler = load_handler(folder, args.version, args.batch_size)
             return timed_write(local_answers(handler, todo, args.k, args.batch_size), args.output, tally, len(todo))
     check_server(args.url, args.timeout)
-    target = Target(prediction_url(args.url, args.model, args.version), args.k, args.timeout,
-                    resolve_token(args.token, args.key_file, "inference"))
-    policy = retry_policy(args.retries, args.backoff, args.max_backoff, tally)
+    target = Target(api.prediction_url(args.url, args.model, args.version), args.k, args.timeout,
+                    api.resolve_token("inference", args.token, args.key_file))
+    policy = api.retrying(args.retries, args.backoff, args.max_backoff, before_sleep=tally.add_retry)
     answers = answers_in_pool(todo, partial(answer_served, target=target, policy=policy), args.concurrency)
     return timed_write(answers, args.output, tally, len(todo))
 

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from scripts.archive import build_archive
-from scripts.client import format_answer, predict
+from scripts import api
+from scripts.client import format_answer
 from scripts.serve import start_server
 from training import pipeline
 from training.dataset import load_split
@@ -91,7 +92,7 @@ def main(argv=None) -> None:
         print(f"\nPOST {server.inference_url}/predictions/{MODEL_NAME}  <- {photo.name}\n"
               f"  a photo of '{listing['title']}' ({listing['category']}), a test-split listing: the model\n"
               f"  never trained on it, but it is on sale, so the catalogue holds it too\n")
-        print(format_answer(predict(server.inference_url, photo.read_bytes(), model=MODEL_NAME, k=5)))
+        print(format_answer(api.predict(server, photo.read_bytes(), model=MODEL_NAME, k=5)))
     finally:
         if not args.keep_running:
             server.stop()

@@ -30,9 +30,9 @@ import numpy as np
 import pandas as pd
 
 from scripts.archive import BATCH_SIZE, MAX_BATCH_DELAY, build_archive
-from scripts.client import resolve_token
-from scripts.serve import ServerError
-from scripts.versions import DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL, CanaryError, release
+from scripts import api
+from scripts.api import DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL
+from scripts.versions import ReleaseError, release
 from training import photos, tables
 from training.dataset import drop_missing_photos
 from training.embed import embed_rows, load_embeddings, save_embeddings
@@ -206,8 +206,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--release", action="store_true", help="register, canary and make the new version default")
     parser.add_argument("--management-url", default=DEFAULT_MANAGEMENT_URL)
     parser.add_argument("--inference-url", default=DEFAULT_INFERENCE_URL)
-    parser.add_argument("--token", help="management token when tokens are on (default: $TS_TOKEN, else --key-file)")
-    parser.add_argument("--key-file", type=Path, help="TorchServe's key_file.json (management and inference keys)")
+    parser.add_argument("--key-file", type=Path,
+                        help="the server's key_file.json (tokens on): management key to register, inference key "
+                             "for the canary")
+    parser.add_argument("--token", help="management key (default: --key-file's, else $TS_TOKEN)")
     parser.add_argument("--timeout", type=float, default=180, help="seconds for the new version to become READY")
     args = parser.parse_args(argv)
     if not args.store.is_dir():
@@ -222,12 +224,12 @@ def main(argv=None) -> dict:
     print(f"archive: {mar} ({mar.stat().st_size / 1e6:.1f} MB)")
     summary = {"run": str(new_run), "archive": str(mar), **refresh}
     if args.release:
-        token = resolve_token(args.token, args.key_file, "management")
-        inference_token = resolve_token(None, args.key_file, "inference") or token
+        token = api.resolve_token("management", args.token, args.key_file)
+        inference_token = api.resolve_token("inference", key_file=args.key_file) if args.key_file else None
         try:
             answer = release(args.management_url, args.inference_url, mar.name, args.name, args.version,
                              token=token, inference_token=inference_token, timeout=args.timeout)
-        except (CanaryError, ServerError) as error:
+        except (ReleaseError, api.ApiError) as error:
             raise SystemExit(f"release failed, the default version is unchanged: {error}") from error
         print(f"released: {args.name} {args.version} is the default (canary: {answer['category']}, "
               f"{len(answer['neighbours'])} neighbours); the previous version stays registered")

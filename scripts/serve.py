@@ -12,11 +12,10 @@ Importable, for tests, benchmarks and the demo:
   server = start_server("model_store", workdir=tmp, models={"marketplace": "marketplace.mar"},
                         inference_port=free_port(), management_port=free_port(), ...)
   server.wait_ready("marketplace")   # GET /models/marketplace shows a READY worker
-  register(server, "marketplace-v2.0.mar", "marketplace", batch_size=8, initial_workers=1)
+  api.register(server, "marketplace-v2.0.mar", "marketplace", batch_size=8, initial_workers=1)  # scripts.api
   server.stop()                      # torchserve --stop, then waits for Java and its workers to exit
 """
 import argparse
-import json
 import os
 import socket
 import subprocess
@@ -28,12 +27,13 @@ from pathlib import Path
 import psutil
 import requests
 
+from scripts import api
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "config.properties"
 DEFAULT_WORKDIR = Path("logs")
 MAX_SOCKET_PATH = 107  # bytes: sockaddr_un.sun_path (108) less the final NUL
 PID_FILE = ".model_server.pid"  # written by torchserve into TMPDIR
-KEY_FILE = "key_file.json"  # written by TorchServe into its working folder when tokens are on
 JAVA_MAIN = "org.pytorch.serve.ModelServer"
 PORT_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
 GRPC_KEYS = ("grpc_inference_port", "grpc_management_port")
@@ -41,14 +41,6 @@ GRPC_KEYS = ("grpc_inference_port", "grpc_management_port")
 
 class ServerError(RuntimeError):
     """TorchServe did not start, stop or answer as expected."""
-
-
-class ManagementError(ServerError):
-    """The management API refused a call; carries the HTTP status."""
-
-    def __init__(self, message: str, status: int):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -75,9 +67,9 @@ class Server:
     def tmpdir(self) -> Path:
         return self.workdir / "tmp"
 
-    def token(self, api: str = "management") -> str | None:
+    def token(self, which: str = "management") -> str | None:
         """The API key from key_file.json ("management" or "inference"); None when tokens are off."""
-        return read_key_file(self.workdir / KEY_FILE, api)
+        return api.read_key_file(self.workdir / api.KEY_FILE, which)
 
     def is_running(self) -> bool:
         return java_process(self.pid) is not None
@@ -91,27 +83,14 @@ class Server:
                 tails.append(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
         return "\n".join(tails)
 
-    def wait_ready(self, model_name: str, version: str | None = None, timeout: float = 120) -> dict:
-        """Wait until GET /models/NAME[/VERSION] shows a READY worker; returns that description.
+    def check_alive(self) -> None:
+        if not self.is_running():
+            raise ServerError(f"TorchServe (pid {self.pid}) exited\n{self.log_tail()}")
 
-        /ping answers Healthy before any model is loaded, so it is no readiness signal.
-        """
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        while time.monotonic() < deadline:
-            if not self.is_running():
-                raise ServerError(f"TorchServe (pid {self.pid}) exited while loading {model_name}\n{self.log_tail()}")
-            try:
-                description = describe(self, model_name, version)[0]
-                if any(worker["status"] == "READY" for worker in description.get("workers", [])):
-                    return description
-                last = f"workers {[worker['status'] for worker in description.get('workers', [])]}"
-            except ManagementError as error:
-                last = str(error)
-            except requests.ConnectionError:
-                last = "management API not answering yet"
-            time.sleep(0.5)
-        raise ServerError(f"{model_name} not READY after {timeout:.0f} s ({last})\n{self.log_tail()}")
+    def wait_ready(self, model_name: str, version: str | None = None, timeout: float = 120) -> dict:
+        """Wait until the model (version) has a READY worker; see scripts.api.wait_ready."""
+        return api.wait_ready(self, model_name, version, timeout, check_alive=self.check_alive,
+                              describe_failure=self.log_tail)
 
     def stop(self, timeout: float = 60) -> None:
         """`torchserve --stop`, then wait until Java and its Python workers have exited."""
@@ -174,9 +153,9 @@ def server_properties(config: Path, model_store: Path, ports: dict, extra_config
     """The base config with this server's model store, ports and extra settings."""
     properties = read_properties(config)
     properties["model_store"] = str(model_store)
-    for api, key in PORT_KEYS.items():
-        if ports.get(api):
-            properties[key] = f"http://127.0.0.1:{ports[api]}"
+    for name, key in PORT_KEYS.items():
+        if ports.get(name):
+            properties[key] = f"http://127.0.0.1:{ports[name]}"
     for key in GRPC_KEYS:
         if ports.get(key):
             properties[key] = str(ports[key])
@@ -268,13 +247,12 @@ def start_server(model_store: Path | str, *, workdir: Path | str, config: Path |
 def wait_api(server: Server, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not server.is_running():
-            raise ServerError(f"TorchServe (pid {server.pid}) exited during start-up\n{server.log_tail()}")
+        server.check_alive()
         try:
-            requests.get(f"{server.inference_url}/ping", timeout=2)
-            requests.get(f"{server.management_url}/models", timeout=2, headers=auth_headers(server.token()))
+            api.ping(server, timeout=2)
+            api.management_call(server, "GET", "/models", timeout=2)
             return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, api.ApiError):
             time.sleep(0.3)
     server.stop()
     raise ServerError(f"TorchServe APIs not answering after {timeout:.0f} s\n{server.log_tail()}")
@@ -298,77 +276,6 @@ def attach(workdir: Path | str = DEFAULT_WORKDIR) -> Server | None:
     return Server(workdir, pid, read_properties(workdir / "config.properties"))
 
 
-# --- management API (also used by scripts.versions) -----------------------------------------------
-
-def read_key_file(path: Path, api: str = "management") -> str | None:
-    """A key from TorchServe's key_file.json: {"management": {"key": ...}, "inference": {...}, ...}."""
-    if not Path(path).is_file():
-        return None
-    keys = json.loads(Path(path).read_text())
-    if api not in keys:
-        raise ServerError(f"{path} has no {api!r} key (has {', '.join(keys)})")
-    return keys[api]["key"]
-
-
-def auth_headers(token: str | None) -> dict:
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def management_call(target: "Server | str", method: str, path: str, token: str | None = None,
-                    timeout: float = 300, **params) -> dict | list:
-    """One management API call; `target` is a Server or the management URL. Raises ManagementError."""
-    if isinstance(target, Server):
-        url, token = target.management_url, token or target.token("management")
-    else:
-        url = target.rstrip("/")
-    params = {key: str(value).lower() if isinstance(value, bool) else value
-              for key, value in params.items() if value is not None}
-    response = requests.request(method, f"{url}{path}", params=params, headers=auth_headers(token), timeout=timeout)
-    if not response.ok:
-        raise ManagementError(f"{method} {path} -> {response.status_code}: {error_message(response)}",
-                              response.status_code)
-    return response.json()
-
-
-def error_message(response: requests.Response) -> str:
-    try:
-        return response.json().get("message", response.text)
-    except ValueError:
-        return response.text or response.reason
-
-
-def describe(target, name: str, version: str | None = None, token: str | None = None) -> list[dict]:
-    """GET /models/NAME (the default version), /models/NAME/VERSION or, with version "all", every version."""
-    return management_call(target, "GET", f"/models/{name}" + (f"/{version}" if version else ""), token)
-
-
-def register(target, mar: str | Path, name: str | None = None, *, batch_size: int | None = None,
-             max_batch_delay: int | None = None, initial_workers: int = 1, synchronous: bool = True,
-             response_timeout: int | None = None, token: str | None = None) -> dict:
-    """POST /models: load `mar` (a file name in the model store, or a URL) under `name`.
-
-    The version is the one written into the archive (scripts.archive --version). TorchServe
-    registers with 0 workers unless `initial_workers` is set, and a new version of a known name
-    does not become its default by itself (see `set_default`).
-    """
-    return management_call(target, "POST", "/models", token, url=str(mar), model_name=name,
-                           batch_size=batch_size, max_batch_delay=max_batch_delay, initial_workers=initial_workers,
-                           synchronous=synchronous, response_timeout=response_timeout)
-
-
-def set_default(target, name: str, version: str, token: str | None = None) -> dict:
-    return management_call(target, "PUT", f"/models/{name}/{version}/set-default", token)
-
-
-def unregister(target, name: str, version: str | None = None, token: str | None = None) -> dict:
-    """DELETE /models/NAME[/VERSION]; the default version cannot go while others remain (403)."""
-    return management_call(target, "DELETE", f"/models/{name}" + (f"/{version}" if version else ""), token)
-
-
-def list_models(target, token: str | None = None) -> list[dict]:
-    return management_call(target, "GET", "/models", token)["models"]
-
-
 # --- CLI --------------------------------------------------------------------------------------------
 
 def parse_models(values: list[str]) -> dict[str, str]:
@@ -384,8 +291,8 @@ def parse_models(values: list[str]) -> dict[str, str]:
 def print_status(server: Server) -> None:
     print(f"TorchServe pid {server.pid}: inference {server.inference_url}, management {server.management_url}, "
           f"metrics {server.metrics_url}; logs in {server.workdir}")
-    for model in list_models(server):
-        for version in describe(server, model["modelName"], "all"):
+    for model in api.list_models(server):
+        for version in api.describe(server, model["modelName"], "all"):
             workers = ", ".join(worker["status"] for worker in version.get("workers", [])) or "no workers"
             print(f"  {version['modelName']} {version['modelVersion']} ({version['modelUrl']}): {workers}")
 

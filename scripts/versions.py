@@ -20,14 +20,13 @@ The same steps with curl (management API on :8081, inference on :8080):
   curl -X PUT http://127.0.0.1:8081/models/marketplace/1.0/set-default                  # rollback
   curl -X DELETE http://127.0.0.1:8081/models/marketplace/1.0                           # retire (403 for the default)
 With tokens on, add -H "Authorization: Bearer <key>": the "management" key of key_file.json for
-:8081 and the "inference" key for :8080 (--key-file reads both; or --token / $TS_TOKEN).
+:8081 and the "inference" key for :8080 (each API refuses the other's key; --key-file reads both).
 """
 import argparse
 import io
 import json
 import os
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -36,17 +35,19 @@ import requests
 from packaging.version import InvalidVersion, Version
 from PIL import Image
 
-from scripts.client import PredictionError, predict, resolve_token
-from scripts.serve import ServerError, describe, register, set_default, unregister
-
-DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
-DEFAULT_INFERENCE_URL = "http://127.0.0.1:8080"
-ANSWER_FIELDS = {"category", "probability", "top_categories", "neighbours", "model"}
-NEIGHBOUR_FIELDS = {"image_id", "product_id", "title", "price", "location", "category", "similarity"}
+from marketplace_search.layout import ARCHIVE_MANIFEST
+from marketplace_search.schema import AnswerError, check_answer as check_contract
+from scripts import api
+from scripts.api import DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL, ApiError, describe, register, set_default, \
+    unregister
 
 
-class CanaryError(RuntimeError):
-    """The new version answered, but not with the contract's answer."""
+class ReleaseError(RuntimeError):
+    """A release, rollback or retirement that cannot be done as asked."""
+
+
+class CanaryError(ReleaseError):
+    """The new version did not answer its canary query with the contract's answer."""
 
 
 def version_key(version: str):
@@ -66,7 +67,7 @@ def versions_of(url: str, name: str, token: str | None) -> tuple[list[dict], str
 def archive_version(mar: Path) -> str:
     """modelVersion from a local .mar's MAR-INF/MANIFEST.json."""
     with zipfile.ZipFile(mar) as archive:
-        return json.loads(archive.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"]
+        return json.loads(archive.read(str(ARCHIVE_MANIFEST)))["model"]["modelVersion"]
 
 
 def canary_photo(path: Path | None) -> bytes:
@@ -80,28 +81,15 @@ def canary_photo(path: Path | None) -> bytes:
 
 
 def check_answer(answer: dict, name: str, version: str) -> None:
-    missing = ANSWER_FIELDS - set(answer)
-    if missing:
-        raise CanaryError(f"answer lacks {', '.join(sorted(missing))}: {json.dumps(answer)[:300]}")
+    """The answer keeps the contract (marketplace_search.schema), came from this version, and found listings."""
+    try:
+        check_contract(answer)
+    except AnswerError as error:
+        raise CanaryError(str(error)) from error
     if answer["model"] != {"name": name, "version": version}:
         raise CanaryError(f"answer came from {answer['model']}, not {name} {version}")
-    if not 0.0 <= answer["probability"] <= 1.0 or not answer["top_categories"]:
-        raise CanaryError(f"bad category scores: {answer['probability']}, {answer['top_categories']}")
     if not answer["neighbours"]:
         raise CanaryError("no neighbours: is the catalogue in the archive empty?")
-    for neighbour in answer["neighbours"]:
-        if set(neighbour) != NEIGHBOUR_FIELDS:
-            raise CanaryError(f"neighbour fields {sorted(neighbour)}, expected {sorted(NEIGHBOUR_FIELDS)}")
-
-
-def wait_ready(url: str, name: str, version: str, token: str | None, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        workers = describe(url, name, version, token)[0].get("workers", [])
-        if any(worker["status"] == "READY" for worker in workers):
-            return
-        time.sleep(0.5)
-    raise ServerError(f"{name} {version} not READY after {timeout:.0f} s")
 
 
 def release(url: str, inference_url: str, mar: str, name: str, version: str, *, token: str | None = None,
@@ -113,13 +101,13 @@ def release(url: str, inference_url: str, mar: str, name: str, version: str, *, 
     """
     register(url, mar, name, initial_workers=initial_workers, synchronous=True, token=token)
     try:
-        wait_ready(url, name, version, token, timeout)
+        api.wait_ready(url, name, version, timeout, token)
         query = canary_photo(photo)
         for _ in range(warm_queries):
-            predict(inference_url, query, model=name, version=version, token=inference_token)
-        answer = predict(inference_url, query, model=name, version=version, token=inference_token)
+            api.predict(inference_url, query, model=name, version=version, token=inference_token)
+        answer = api.predict(inference_url, query, model=name, version=version, token=inference_token)
         check_answer(answer, name, version)
-    except (CanaryError, PredictionError, ServerError, requests.RequestException) as error:
+    except (CanaryError, ApiError, requests.RequestException, ValueError) as error:
         unregister(url, name, version, token)
         raise CanaryError(f"{name} {version} failed its canary and was unregistered: {error}") from error
     set_default(url, name, version, token)
@@ -136,11 +124,11 @@ def rollback(url: str, name: str, to: str | None = None, token: str | None = Non
     if to is None:
         older = [v for v in registered if version_key(v) < version_key(default)]
         if not older:
-            raise ServerError(f"{name}: no registered version older than the default {default} "
+            raise ReleaseError(f"{name}: no registered version older than the default {default} "
                               f"(registered: {', '.join(registered)})")
         to = older[-1]
     elif to not in registered:
-        raise ServerError(f"{name} {to} is not registered (registered: {', '.join(registered)})")
+        raise ReleaseError(f"{name} {to} is not registered (registered: {', '.join(registered)})")
     set_default(url, name, to, token)
     return default, to
 
@@ -148,7 +136,7 @@ def rollback(url: str, name: str, to: str | None = None, token: str | None = Non
 def retire(url: str, name: str, version: str, token: str | None = None) -> None:
     _, default = versions_of(url, name, token)
     if version == default:
-        raise ServerError(f"{name} {version} is the default version: release or roll back to another first")
+        raise ReleaseError(f"{name} {version} is the default version: release or roll back to another first")
     unregister(url, name, version, token)
 
 
@@ -174,9 +162,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=DEFAULT_MANAGEMENT_URL, help="management API address")
     parser.add_argument("--inference-url", default=DEFAULT_INFERENCE_URL, help="inference API address (canary)")
-    parser.add_argument("--token", help="management token (default: $TS_TOKEN, else --key-file)")
-    parser.add_argument("--inference-token", help="inference token (default: $TS_INFERENCE_TOKEN, else --key-file)")
-    parser.add_argument("--key-file", type=Path, help="TorchServe's key_file.json (tokens on)")
+    parser.add_argument("--key-file", type=Path,
+                        help="the server's key_file.json (tokens on): its management key for the management API, "
+                             "its inference key for the canary")
+    parser.add_argument("--token", help="management key (default: --key-file's, else $TS_TOKEN)")
+    parser.add_argument("--inference-token", help="inference key for the canary (default: --key-file's, else "
+                                                  "$TS_INFERENCE_TOKEN)")
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="every registered version, the default marked")
     listing.add_argument("name")
@@ -195,7 +186,7 @@ def main(argv=None) -> None:
     retiring.add_argument("name")
     retiring.add_argument("version")
     args = parser.parse_args(argv)
-    token = resolve_token(args.token, args.key_file, "management")
+    token = api.resolve_token("management", args.token, args.key_file)
     try:
         if args.command == "list":
             print_versions(args.url, args.name, token)
@@ -206,8 +197,9 @@ def main(argv=None) -> None:
                 raise SystemExit("--version is required when --mar is not a local file")
             if archived and archived != version:
                 raise SystemExit(f"{args.mar} holds version {archived}, not {version}")
-            inference_token = (args.inference_token or os.environ.get("TS_INFERENCE_TOKEN")
-                               or resolve_token(None, args.key_file, "inference") or token)
+            inference_token = (args.inference_token
+                               or (api.resolve_token("inference", key_file=args.key_file) if args.key_file
+                                   else os.environ.get("TS_INFERENCE_TOKEN")))
             answer = release(args.url, args.inference_url, mar, args.name, version, token=token,
                              inference_token=inference_token, initial_workers=args.initial_workers,
                              warm_queries=args.warm, photo=args.photo, timeout=args.timeout)
@@ -219,7 +211,7 @@ def main(argv=None) -> None:
         else:
             retire(args.url, args.name, args.version, token)
             print(f"{args.name} {args.version} unregistered")
-    except (CanaryError, ServerError) as error:
+    except (ReleaseError, ApiError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
 

@@ -1,5 +1,8 @@
 """Shared fixtures: tiny generated catalogues and work folders, awkward image bytes, the real data."""
+import faiss  # noqa: F401  (before torch: both bring OpenMP)
+
 import io
+import os
 import struct
 import zlib
 from dataclasses import dataclass, replace
@@ -7,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from training import dataset, photos, tables
@@ -14,6 +18,30 @@ from training.sample import Mess, make_sample_catalogue
 
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 SHARED_DATA = SHARED_DIR / "data" / "marketplace"
+# What the session started with; every test leaves it so (the handler sets torch and Faiss threads
+# for its worker, and an in-process handler in a test must not slow or change the tests after it).
+INITIAL_STATE = {"torch_threads": torch.get_num_threads(), "faiss_threads": faiss.omp_get_max_threads(),
+                 "environ": dict(os.environ)}
+
+
+@pytest.fixture(autouse=True)
+def leaves_no_global_state():
+    yield
+    torch.set_num_threads(INITIAL_STATE["torch_threads"])
+    faiss.omp_set_num_threads(INITIAL_STATE["faiss_threads"])
+    initial = INITIAL_STATE["environ"]
+    for name in set(os.environ) - set(initial) - {"PYTEST_CURRENT_TEST"}:  # pytest's own, it removes it
+        del os.environ[name]
+    for name, value in initial.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
+
+
+def skip_or_fail(reason: str):
+    """Skip a test whose inputs are absent, except under CI (CI=true), where ../shared is always there."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: ../shared must be present)")
+    pytest.skip(reason)
 
 
 @dataclass(frozen=True)
@@ -54,9 +82,9 @@ def sample_work(tmp_path_factory, sample_catalogue) -> Path:
 
 @pytest.fixture
 def shared_data() -> Path:
-    """The real listings in ../shared (skips the test when they are absent)."""
+    """The real listings in ../shared (skips the test when they are absent; fails under CI)."""
     if not (SHARED_DATA / "Products.csv").is_file():
-        pytest.skip(f"real data not available at {SHARED_DATA}")
+        skip_or_fail(f"real data not available at {SHARED_DATA}")
     return SHARED_DATA
 
 

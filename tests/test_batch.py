@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from handlers import marketplace_handler
+from handlers import local
 from scripts import batch
 from tests.serving_fixtures import archive_tiny_run, make_tiny_run, photo_jpeg, running_server
 
@@ -167,13 +167,13 @@ def test_local_on_an_extracted_folder_reports_unreadable_inputs(tiny, tmp_path):
 def local_calls(monkeypatch) -> list[str]:
     """sha1 of every photo sent through the in-process handler."""
     sent = []
-    original = marketplace_handler.predict_local
+    original = local.predict_local
 
     def counting(handler, requests_, headers=None):
         sent.extend(hashlib.sha1(request["body"]).hexdigest() for request in requests_)
         return original(handler, requests_, headers)
 
-    monkeypatch.setattr(marketplace_handler, "predict_local", counting)
+    monkeypatch.setattr(local, "predict_local", counting)
     return sent
 
 

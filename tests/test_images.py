@@ -88,8 +88,9 @@ def test_fit_size_leaves_other_formats_whole(image_variants):
     assert decode_image(image_variants["png_alpha"], fit_size=4).size == (60, 30)
 
 
-def test_image_error_is_a_value_error():
-    assert issubclass(ImageError, ValueError)
+def test_a_caller_that_catches_value_error_catches_an_unreadable_photo(image_variants):
+    with pytest.raises(ValueError, match="not a recognised image format"):
+        decode_image(image_variants["text"])
 
 
 def test_error_names_the_file(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import requests
 import torch
 
-from scripts import refresh, serve
+from scripts import api, refresh
 from scripts.archive import build_archive
 from tests.serving_fixtures import TINY_PREPROCESS, running_server
 from training import dataset, embed, index, photos, tables
@@ -178,8 +178,8 @@ def test_refresh_released_without_downtime(old, tmp_path):
         assert failures == [] and "1.0" in prober.outcomes and prober.outcomes[-1] == "2.0"
         assert prober.outcomes == sorted(prober.outcomes)  # 1.0 until the switch, 2.0 after
 
-        registered = {d["modelVersion"] for d in serve.describe(server, NAME, "all")}
-        assert registered == {"1.0", "2.0"} and serve.describe(server, NAME)[0]["modelVersion"] == "2.0"
+        registered = {d["modelVersion"] for d in api.describe(server, NAME, "all")}
+        assert registered == {"1.0", "2.0"} and api.describe(server, NAME)[0]["modelVersion"] == "2.0"
 
         new_photos = work / "photos"
         for image_id in photos_of(work, changes.added):  # each new photo finds itself

@@ -18,11 +18,12 @@ import pytest
 import requests
 from PIL import Image
 
-from scripts import client, serve, versions
+from scripts import api, client, serve, versions
 from scripts.archive import build_archive
 from tests.serving_fixtures import TinyRun, archive_tiny_run, make_tiny_run, png_with_declared_size, running_server
 
 ANSWER_FIELDS = {"category", "probability", "top_categories", "neighbours", "model"}
+REPO = Path(__file__).resolve().parents[1]
 NAME = "marketplace"
 
 
@@ -164,11 +165,15 @@ def test_metrics_endpoint_speaks_prometheus(served):
     assert response.status_code == 200
     assert "# TYPE ts_inference_requests_total counter" in response.text
     assert re.search(r'^ts_inference_requests_total\{model_name="marketplace"', response.text, re.MULTILINE)
-    # The handler's forward-pass time, per batch size, beside its batch counter.
-    forward = re.findall(r'^MarketplaceForwardMilliseconds\{BatchSize="(\d+)"[^}]*\}\s+([0-9.]+)', response.text,
-                         re.MULTILINE)
-    assert forward and set(dict(forward)) <= set(map(str, batch_sizes(response.text)))
-    assert all(float(milliseconds) > 0 for _, milliseconds in forward)
+    # The handler's time per stage of a batch, per batch size, beside its batch counter.
+    stages = {}
+    for labels, milliseconds in re.findall(r'^MarketplaceStageMilliseconds\{([^}]*)\}\s+([0-9.eE+-]+)$', response.text,
+                                          re.MULTILINE):
+        label = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        stages[label["Stage"], int(label["BatchSize"])] = float(milliseconds)
+    assert {stage for stage, _ in stages} == {"decode", "forward", "search", "answer"}
+    assert {size for _, size in stages} <= set(batch_sizes(response.text))
+    assert all(stages[stage, size] > 0 for stage, size in stages if stage in ("decode", "forward"))
 
 
 @pytest.mark.server
@@ -187,8 +192,8 @@ def test_client_cli_prints_category_and_neighbours(served, capsys, tmp_path):
     printed = capsys.readouterr().out
     assert printed.startswith("category: ") and "Listing 1" in printed and "£11.00" in printed
     assert len([line for line in printed.splitlines() if re.match(r"\s*\d+\s", line)]) == 3
-    with pytest.raises(client.PredictionError, match="400"):
-        client.predict(served.server.inference_url, photo(served.run, 2), category="Spaceships")
+    with pytest.raises(api.ApiError, match="400"):
+        api.predict(served.server.inference_url, photo(served.run, 2), category="Spaceships")
 
 
 @pytest.mark.server
@@ -207,7 +212,7 @@ def test_release_rollback_retire(served, tmp_path, capsys):
 
     with pytest.raises(versions.CanaryError, match="failed its canary and was unregistered"):
         versions.release(management, inference, "marketplace-v2.0.mar", NAME, "2.0", photo=not_a_photo, warm_queries=0)
-    assert [d["modelVersion"] for d in serve.describe(server, NAME, "all")] == ["1.0"]
+    assert [d["modelVersion"] for d in api.describe(server, NAME, "all")] == ["1.0"]
 
     answer = versions.release(management, inference, "marketplace-v2.0.mar", NAME, "2.0", warm_queries=2)
     assert answer["model"] == {"name": NAME, "version": "2.0"}
@@ -216,8 +221,8 @@ def test_release_rollback_retire(served, tmp_path, capsys):
     assert default["model"]["version"] == "2.0" and pinned["model"]["version"] == "1.0"
     assert default["top_categories"] != pinned["top_categories"]  # two different models answered
 
-    with pytest.raises(serve.ManagementError) as refused:
-        serve.unregister(server, NAME, "2.0")  # the default cannot go while 1.0 is registered
+    with pytest.raises(api.ApiError) as refused:
+        api.unregister(server, NAME, "2.0")  # the default cannot go while 1.0 is registered
     assert refused.value.status == 403
 
     versions.main(["--url", management, "list", NAME])
@@ -226,12 +231,12 @@ def test_release_rollback_retire(served, tmp_path, capsys):
 
     assert versions.rollback(management, NAME) == ("2.0", "1.0")
     assert post(served, jpeg).json()["model"]["version"] == "1.0"
-    with pytest.raises(serve.ServerError, match="no registered version older"):
+    with pytest.raises(versions.ReleaseError, match="no registered version older"):
         versions.rollback(management, NAME)
-    with pytest.raises(serve.ServerError, match="is the default version"):
+    with pytest.raises(versions.ReleaseError, match="is the default version"):
         versions.retire(management, NAME, "1.0")
     versions.retire(management, NAME, "2.0")
-    assert [d["modelVersion"] for d in serve.describe(server, NAME, "all")] == ["1.0"]
+    assert [d["modelVersion"] for d in api.describe(server, NAME, "all")] == ["1.0"]
     assert post(served, jpeg, path=f"{NAME}/2.0").status_code == 404
 
 
@@ -240,10 +245,10 @@ def test_tokens_on_need_the_key_file(runs, tmp_path, capsys):
     store = tmp_path / "model_store"
     mar = archive_tiny_run(runs[0], store, version="1.0")
     with running_server(store, tmp_path / "ts", extra_config={"disable_token_authorization": "false"}) as server:
-        key_file = server.workdir / serve.KEY_FILE
+        key_file = server.workdir / api.KEY_FILE
         assert key_file.is_file()
         assert requests.get(f"{server.management_url}/models", timeout=10).status_code in (400, 401)
-        serve.register(server, mar.name, NAME, initial_workers=0, synchronous=False)  # token read from the key file
+        api.register(server, mar.name, NAME, initial_workers=0, synchronous=False)  # token read from the key file
         versions.main(["--url", server.management_url, "--key-file", str(key_file), "list", NAME])
         assert re.search(r"^\* 1\.0 +marketplace-v1\.0\.mar", capsys.readouterr().out, re.MULTILINE)
 
@@ -271,8 +276,11 @@ def test_default_version_comes_from_the_run(runs, tmp_path):
     assert mar.name == "marketplace-v20250207.090000.mar"
     with zipfile.ZipFile(mar) as archive:
         assert json.loads(archive.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"] == "20250207.090000"
-        assert "training/train.py" not in archive.namelist()  # only what the handler imports
-        assert {"training/models.py", "training/inference.py", "catalogue/catalogue.faiss"} <= set(archive.namelist())
+        members = set(archive.namelist())
+        # The core package whole (every module of this checkout), the catalogue, and no pipeline stage.
+        core = {f"marketplace_search/{path.name}" for path in (REPO / "marketplace_search").glob("*.py")}
+        assert core <= members and "catalogue/catalogue.faiss" in members
+        assert not any(name.startswith("training/") for name in members)
 
 
 def test_archive_refuses_an_index_from_another_checkpoint(runs, tmp_path):

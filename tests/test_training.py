@@ -1,7 +1,6 @@
 """Stages 4-7 (train, embed, index, evaluate) and the whole pipeline on a tiny generated catalogue."""
 import faiss  # noqa: F401  (before torch, see README: OpenMP)
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ from marketplace_search.presets import Preprocess, eval_transform
 from training.sample import make_sample_catalogue
 from marketplace_search.search import Catalogue
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 TINY = ["--arch", "resnet18", "--weights", "none", "--resize", "72", "--crop", "64", "--epochs", "3",
         "--embedding-dim", "32", "--batch-size", "16", "--workers", "0", "--size", "96", "--feature-views", "2"]
 
@@ -203,9 +201,8 @@ def test_imagenet_weights_unavailable_offline_says_what_to_do(tmp_path, monkeypa
 
 
 @pytest.mark.shared
-@pytest.mark.skipif(not (SHARED / "data" / "marketplace").is_dir(), reason="../shared/data/marketplace is absent")
-def test_resnet50_path_runs_end_to_end_on_a_few_real_listings(tmp_path):
-    args = argparse_pipeline(["--data", str(SHARED / "data" / "marketplace"), "--out", str(tmp_path),
+def test_resnet50_path_runs_end_to_end_on_a_few_real_listings(tmp_path, shared_data):
+    args = argparse_pipeline(["--data", str(shared_data), "--out", str(tmp_path),
                               "--max-listings", "30", *TINY, "--arch", "resnet50", "--epochs", "1"])
     run_dir = pipeline.run_pipeline(args)
     report = json.loads((run_dir / "evaluation.json").read_text())

@@ -1,0 +1,262 @@
+"""The one client of TorchServe's inference and management APIs: keys, requests, retries, readiness.
+
+Every command line that talks to a server goes through here (client, batch, versions, refresh, demo,
+serve, the benchmark). A target is a base URL ("http://127.0.0.1:8081") or a running
+`scripts.serve.Server`, which knows its URLs and reads its own keys.
+
+Keys: with token authorisation on, TorchServe writes key_file.json into its working folder, one key
+per API; each API accepts only its own key. `resolve_token(api, ...)` picks the key for that API:
+an explicit token first, then the key file's key for that API, then $TS_TOKEN.
+"""
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import requests
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+DEFAULT_INFERENCE_URL = "http://127.0.0.1:8080"
+DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
+KEY_FILE = "key_file.json"  # written by TorchServe into its working folder when tokens are on
+APIS = ("inference", "management")
+# Worth asking again: overload (503 queue full, 507 worker died mid-batch, 429), gateway hiccups.
+TRANSIENT_STATUSES = frozenset({429, 502, 503, 504, 507})
+CONTENT_TYPES = {b"\xff\xd8\xff": "image/jpeg", b"\x89PNG": "image/png", b"GIF8": "image/gif", b"RIFF": "image/webp",
+                 b"BM": "image/bmp", b"II*\x00": "image/tiff", b"MM\x00*": "image/tiff"}
+
+
+class ApiError(RuntimeError):
+    """The server refused a call (4xx/5xx), or never became ready; carries the status and its message."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(f"{status}: {message}" if status else message)
+        self.status = status
+        self.message = message
+
+
+class TransientError(RuntimeError):
+    """No final answer yet (timeout, connection error, a TRANSIENT_STATUSES answer): worth asking again."""
+
+    def __init__(self, code: int | str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+# --- keys -----------------------------------------------------------------------------------------
+
+def read_key_file(path: Path | str, api: str) -> str | None:
+    """The `api` key from TorchServe's key_file.json ({"management": {"key": ...}, "inference": ...})."""
+    if api not in APIS:
+        raise ValueError(f"api must be one of {', '.join(APIS)}, got {api!r}")
+    if not Path(path).is_file():
+        return None
+    keys = json.loads(Path(path).read_text())
+    if api not in keys:
+        raise ApiError(f"{path} has no {api!r} key (has {', '.join(keys)})")
+    return keys[api]["key"]
+
+
+def resolve_token(api: str, token: str | None = None, key_file: Path | str | None = None) -> str | None:
+    """The key to send to `api`: `token`, else key_file's key for `api`, else $TS_TOKEN; None when tokens are off."""
+    if token:
+        return token
+    if key_file:
+        if not Path(key_file).is_file():
+            raise ApiError(f"key file {key_file} does not exist (TorchServe writes it into its working folder "
+                           f"when token authorisation is on)")
+        return read_key_file(key_file, api)
+    return os.environ.get("TS_TOKEN") or None
+
+
+def auth_headers(token: str | None) -> dict:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def endpoint(target, api: str, token: str | None = None) -> tuple[str, str | None]:
+    """(base URL, key) of `api` on `target`: a URL string, or a Server that knows both."""
+    if isinstance(target, str):
+        return target.rstrip("/"), token
+    return getattr(target, f"{api}_url").rstrip("/"), token or target.token(api)
+
+
+# --- answers and errors ---------------------------------------------------------------------------
+
+def error_text(response: requests.Response) -> str:
+    """The message of a refused call: our handler's `error`, TorchServe's `message`, or the raw text."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text or response.reason
+    if not isinstance(body, dict):
+        return json.dumps(body)
+    return body.get("error") or body.get("message") or json.dumps(body)
+
+
+_sessions = threading.local()
+
+
+def session() -> requests.Session:
+    """One keep-alive session per thread (a Session is not safe to share between threads)."""
+    if not hasattr(_sessions, "session"):
+        _sessions.session = requests.Session()
+    return _sessions.session
+
+
+def retrying(retries: int, backoff: float = 0.5, max_backoff: float = 10.0,
+             before_sleep: Callable | None = None) -> Retrying:
+    """Ask again on TransientError up to `retries` more times, with exponential backoff and jitter."""
+    return Retrying(stop=stop_after_attempt(retries + 1),
+                    # jitter in proportion, so that clients refused together do not come back together
+                    wait=wait_exponential_jitter(multiplier=backoff, max=max_backoff, jitter=backoff),
+                    retry=retry_if_exception_type(TransientError), before_sleep=before_sleep, reraise=True)
+
+
+# --- inference API ----------------------------------------------------------------------------------
+
+def content_type(photo: bytes) -> str:
+    """The image Content-Type from the file's magic bytes (TorchServe needs one for raw bodies)."""
+    for magic, kind in CONTENT_TYPES.items():
+        if photo.startswith(magic):
+            return kind
+    return "application/octet-stream"
+
+
+def prediction_url(target, model: str = "marketplace", version: str | None = None) -> str:
+    url, _ = endpoint(target, "inference")
+    return f"{url}/predictions/{model}" + (f"/{version}" if version else "")
+
+
+def prediction_headers(photo: bytes, token: str | None = None, k: int | None = None, category: str | None = None,
+                       embedding: bool = False) -> dict:
+    """Headers of a raw-photo POST; options go as X- headers, since TorchServe drops a POST's query string."""
+    headers = {"Content-Type": content_type(photo), **auth_headers(token)}
+    if k is not None:
+        headers["X-K"] = str(k)
+    if category is not None:
+        headers["X-Category"] = category
+    if embedding:
+        headers["X-Embedding"] = "true"
+    return headers
+
+
+def post_photo(url: str, photo: bytes, headers: dict, timeout: float = 60) -> requests.Response:
+    """One POST of a photo; an answer worth asking again for raises TransientError, any other is returned."""
+    try:
+        response = session().post(url, data=photo, headers=headers, timeout=timeout)
+    except requests.Timeout as error:
+        raise TransientError("timeout", f"no answer within {timeout:g} s") from error
+    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as error:
+        raise TransientError("connection_error", f"{type(error).__name__}: {error}") from error
+    if response.status_code in TRANSIENT_STATUSES:
+        raise TransientError(response.status_code, error_text(response))
+    return response
+
+
+def predict(target, photo: bytes, *, model: str = "marketplace", version: str | None = None,
+            k: int | None = None, category: str | None = None, embedding: bool = False,
+            token: str | None = None, timeout: float = 60, retries: int = 2) -> dict:
+    """POST the photo to /predictions/MODEL[/VERSION]; the answer JSON, or ApiError with the server's message.
+
+    Overload answers (TRANSIENT_STATUSES) and dropped connections are asked again `retries` times.
+    """
+    url, token = endpoint(target, "inference", token)
+    headers = prediction_headers(photo, token, k, category, embedding)
+    try:
+        response = retrying(retries)(post_photo, prediction_url(url, model, version), photo, headers, timeout)
+    except TransientError as error:
+        raise ApiError(f"no answer after {retries + 1} attempt(s): {error}",
+                       error.code if isinstance(error.code, int) else None) from error
+    if not response.ok:
+        raise ApiError(error_text(response), response.status_code)
+    return response.json()
+
+
+def ping(target, timeout: float = 5) -> dict:
+    """GET /ping: the frontend answers (it says Healthy before any model is loaded: see wait_ready)."""
+    url, _ = endpoint(target, "inference")
+    return requests.get(f"{url}/ping", timeout=timeout).json()
+
+
+def metrics_text(target, timeout: float = 10) -> str:
+    """The Prometheus text of the metrics API (no key needed)."""
+    url = target.rstrip("/") if isinstance(target, str) else target.metrics_url
+    response = requests.get(f"{url}/metrics", timeout=timeout)
+    response.raise_for_status()
+    return response.text
+
+
+# --- management API ---------------------------------------------------------------------------------
+
+def management_call(target, method: str, path: str, token: str | None = None, timeout: float = 300,
+                    **params) -> dict | list:
+    """One management API call; raises ApiError with the status and TorchServe's message."""
+    url, token = endpoint(target, "management", token)
+    params = {key: str(value).lower() if isinstance(value, bool) else value
+              for key, value in params.items() if value is not None}
+    response = requests.request(method, f"{url}{path}", params=params, headers=auth_headers(token), timeout=timeout)
+    if not response.ok:
+        raise ApiError(f"{method} {path}: {error_text(response)}", response.status_code)
+    return response.json()
+
+
+def describe(target, name: str, version: str | None = None, token: str | None = None) -> list[dict]:
+    """GET /models/NAME (the default version), /models/NAME/VERSION or, with version "all", every version."""
+    return management_call(target, "GET", f"/models/{name}" + (f"/{version}" if version else ""), token)
+
+
+def register(target, mar: str | Path, name: str | None = None, *, batch_size: int | None = None,
+             max_batch_delay: int | None = None, initial_workers: int = 1, synchronous: bool = True,
+             response_timeout: int | None = None, token: str | None = None) -> dict:
+    """POST /models: load `mar` (a file name in the model store) under `name`.
+
+    The version is the one written into the archive (scripts.archive --version). TorchServe
+    registers with 0 workers unless `initial_workers` is set, and a new version of a known name
+    does not become its default by itself (see `set_default`).
+    """
+    return management_call(target, "POST", "/models", token, url=str(mar), model_name=name,
+                           batch_size=batch_size, max_batch_delay=max_batch_delay, initial_workers=initial_workers,
+                           synchronous=synchronous, response_timeout=response_timeout)
+
+
+def set_default(target, name: str, version: str, token: str | None = None) -> dict:
+    return management_call(target, "PUT", f"/models/{name}/{version}/set-default", token)
+
+
+def unregister(target, name: str, version: str | None = None, token: str | None = None) -> dict:
+    """DELETE /models/NAME[/VERSION]; the default version cannot go while others remain (403)."""
+    return management_call(target, "DELETE", f"/models/{name}" + (f"/{version}" if version else ""), token)
+
+
+def list_models(target, token: str | None = None) -> list[dict]:
+    return management_call(target, "GET", "/models", token)["models"]
+
+
+def wait_ready(target, name: str, version: str | None = None, timeout: float = 120, token: str | None = None,
+               check_alive: Callable[[], None] | None = None, describe_failure: Callable[[], str] | None = None) -> dict:
+    """Wait until GET /models/NAME[/VERSION] shows a READY worker; returns that description.
+
+    /ping answers Healthy before any model is loaded, so it is no readiness signal. `check_alive`
+    raises when the server died (no point waiting); `describe_failure` adds e.g. a log tail to the error.
+    """
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if check_alive:
+            check_alive()
+        try:
+            description = describe(target, name, version, token)[0]
+            workers = [worker["status"] for worker in description.get("workers", [])]
+            if "READY" in workers:
+                return description
+            last = f"workers {workers}"
+        except ApiError as error:
+            last = str(error)
+        except requests.ConnectionError:
+            last = "management API not answering yet"
+        time.sleep(0.5)
+    details = describe_failure() if describe_failure else ""
+    raise ApiError(f"{name}{' ' + version if version else ''} not READY after {timeout:.0f} s ({last})"
+                   + (f"\n{details}" if details else ""))
