@@ -2,13 +2,14 @@
 #   docker build -t marketplace-serve .
 #   docker run -d --name marketplace -p 127.0.0.1:8080:8080 -p 127.0.0.1:8081:8081 -p 127.0.0.1:8082:8082 \
 #       -v "$PWD/model_store:/home/model-server/model-store:ro" marketplace-serve
-#   docker exec marketplace cat /home/model-server/key_file.json      # the inference and management tokens
+#   docker exec marketplace cat /home/model-server/key_file.json   # the keys (inference, management, API); they
+#                                                                  # expire after 60 min: renew with the API key
 # Models are not baked in: the image serves every .mar in the mounted store (load_models=all) at start.
 # Build args:
 #   TORCH_INDEX_URL   where torch/torchvision come from (default: PyTorch's CPU wheel index)
 #   ALLOW_CUDA_TORCH  1 = accept a CUDA build of torch (e.g. TORCH_INDEX_URL=https://pypi.org/simple where the
-#                     CPU index is unreachable): ~3.5 GB bigger, runs on CPU all the same. Default 0: such a
-#                     build fails at the check step instead of silently shipping CUDA wheels.
+#                     CPU index is unreachable): 5.7 GB instead of ~1.8 GB, runs on CPU all the same. Default 0:
+#                     such a build fails at the check step instead of silently shipping CUDA wheels.
 # Debian release pinned: python:3.11-slim follows Debian's newest release (trixie), which has no OpenJDK 17.
 FROM python:3.11-slim-bookworm
 
@@ -95,7 +96,9 @@ ENV TEMP=/home/model-server/tmp TMPDIR=/home/model-server/tmp LOG_LOCATION=/home
     METRICS_LOCATION=/home/model-server/logs
 
 EXPOSE 8080 8081 8082
-# /ping is healthy once the frontend is up; per-model readiness is GET :8081/models/NAME (with the management token).
+# /ping is healthy once the frontend is up (per-model readiness: GET :8081/models/NAME). With tokens on, TorchServe
+# 0.12 wants the inference key even for /ping: the check reads it from key_file.json.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD curl -fsS http://127.0.0.1:8080/ping || exit 1
+    CMD curl -fsS -H "Authorization: Bearer $(python -c 'import json; print(json.load(open("/home/model-server/key_file.json"))["inference"]["key"])')" \
+        http://127.0.0.1:8080/ping || exit 1
 ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/marketplace-serve"]

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA ?=
 DEMO_OUT ?= work/demo
 
-.PHONY: venv demo test pipeline serve stop clean
+.PHONY: venv demo test pipeline serve stop clean image-test
 
 venv: $(VENV)/.installed
 
@@ -31,3 +31,7 @@ stop: venv
 
 clean:
 	rm -rf work logs model_store/*.mar
+
+# Build the Docker image (buildah, no Docker engine needed; root) and check it in a running container.
+image-test: venv
+	bash scripts/image-test.sh
