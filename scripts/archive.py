@@ -142,7 +142,12 @@ def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketpla
                   max_batch_delay: int = MAX_BATCH_DELAY, min_workers: int = 1, max_workers: int = 1,
                   response_timeout: int = 120, threads: int = 0, layout: str = "auto",
                   warm_up: bool = True) -> Path:
-    """Build STORE/<output_name>.mar from a run folder; returns its path (an existing file is replaced)."""
+    """Build STORE/<output_name>.mar from a run folder; returns its path.
+
+    A file name that carries the version (`{version}` in output_name, e.g. marketplace-v2.0.mar) names
+    one archive for good: an existing one is never overwritten. A name without it (marketplace.mar,
+    "the latest build") is replaced.
+    """
     run_dir, store = Path(run_dir), Path(store)
     check_run(run_dir)
     if not store.is_dir():
@@ -156,6 +161,9 @@ def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketpla
     version = version or default_version(created)
     card = model_card(run_dir, info, checkpoint, checkpoint_sha256, index_meta, name, version, created)
     target = store / f"{output_name.format(name=name, version=version)}.mar"
+    if "{version}" in output_name and target.exists():
+        raise FileExistsError(f"{target} exists: version {version} is taken, and a released version's archive "
+                              f"is never rebuilt; choose a new --version")
     with tempfile.TemporaryDirectory(prefix="archive-") as stage:
         stage = Path(stage)
         extra = stage_extra_files(stage, run_dir, checkpoint["classes"], card)
@@ -192,9 +200,12 @@ def main(argv=None) -> None:
                         help="workers run one forward pass per batch size before READY (oneDNN builds kernels "
                              "per input shape)")
     args = parser.parse_args(argv)
-    target = build_archive(args.run, args.store, args.name, args.version, args.output_name, args.batch_size,
-                           args.max_batch_delay, args.min_workers, args.max_workers, args.response_timeout,
-                           args.threads, args.layout, args.warm_up)
+    try:
+        target = build_archive(args.run, args.store, args.name, args.version, args.output_name, args.batch_size,
+                               args.max_batch_delay, args.min_workers, args.max_workers, args.response_timeout,
+                               args.threads, args.layout, args.warm_up)
+    except FileExistsError as error:
+        raise SystemExit(f"refused: {error}") from error
     print(f"{target} ({target.stat().st_size / 1e6:.1f} MB)")
 
 

@@ -32,7 +32,7 @@ import pandas as pd
 from scripts.archive import BATCH_SIZE, MAX_BATCH_DELAY, build_archive
 from scripts import api
 from scripts.api import DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL
-from scripts.versions import ReleaseError, release
+from scripts.versions import HISTORY_FILE, ReleaseError, release
 from training import photos, tables
 from training.dataset import drop_missing_photos
 from training.embed import embed_rows, load_embeddings, save_embeddings
@@ -228,7 +228,8 @@ def main(argv=None) -> dict:
         inference_token = api.resolve_token("inference", key_file=args.key_file) if args.key_file else None
         try:
             answer = release(args.management_url, args.inference_url, mar.name, args.name, args.version,
-                             token=token, inference_token=inference_token, timeout=args.timeout)
+                             token=token, inference_token=inference_token, timeout=args.timeout,
+                             history=args.store / HISTORY_FILE)
         except (ReleaseError, api.ApiError) as error:
             raise SystemExit(f"release failed, the default version is unchanged: {error}") from error
         print(f"released: {args.name} {args.version} is the default (canary: {answer['category']}, "

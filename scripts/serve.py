@@ -17,6 +17,7 @@ Importable, for tests, benchmarks and the demo:
 """
 import argparse
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -28,6 +29,7 @@ import psutil
 import requests
 
 from scripts import api
+from scripts.versions import HISTORY_FILE, released_default
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "config.properties"
@@ -153,6 +155,8 @@ def server_properties(config: Path, model_store: Path, ports: dict, extra_config
     """The base config with this server's model store, ports and extra settings."""
     properties = read_properties(config)
     properties["model_store"] = str(model_store)
+    # Only archives of this store (by file name, or this file:// path): never a download from a URL.
+    properties["allowed_urls"] = f"file://{re.escape(str(model_store))}/[^/]+[.]mar"
     for name, key in PORT_KEYS.items():
         if ports.get(name):
             properties[key] = f"http://127.0.0.1:{ports[name]}"
@@ -205,8 +209,12 @@ def start_server(model_store: Path | str, *, workdir: Path | str, config: Path |
                  models: dict[str, str] | None = None, inference_port: int | None = None,
                  management_port: int | None = None, metrics_port: int | None = None,
                  grpc_inference_port: int | None = None, grpc_management_port: int | None = None,
-                 extra_config: dict | None = None, timeout: float = 60) -> Server:
+                 enable_model_api: bool = False, extra_config: dict | None = None, timeout: float = 60) -> Server:
     """Start TorchServe in the background and wait until its management API answers.
+
+    The config's security settings stand (tokens on, model-control API off) unless `enable_model_api`
+    switches on registering and unregistering versions (the release workflow) or `extra_config`
+    overrides them; archives register from `model_store` only (allowed_urls).
 
     Ports left as None keep the config's values. `models` maps names to .mar files in the store
     (loaded at start-up; use `Server.wait_ready` before sending queries).
@@ -228,7 +236,8 @@ def start_server(model_store: Path | str, *, workdir: Path | str, config: Path |
         raise ServerError(f"a TorchServe (pid {running}) already runs from {workdir}; stop it first")
     ports = {"inference": inference_port, "management": management_port, "metrics": metrics_port,
              "grpc_inference_port": grpc_inference_port, "grpc_management_port": grpc_management_port}
-    properties = server_properties(Path(config), model_store, ports, extra_config)
+    properties = server_properties(Path(config), model_store, ports,
+                                   {**({"enable_model_api": True} if enable_model_api else {}), **(extra_config or {})})
     check_ports_free(properties)
     config_copy = workdir / "config.properties"
     write_properties(config_copy, properties)
@@ -288,6 +297,22 @@ def parse_models(values: list[str]) -> dict[str, str]:
     return models
 
 
+def released_models(models: dict[str, str], model_store: Path) -> dict[str, str]:
+    """`models` with each name's released default (scripts.versions' releases.json) in place of the
+    archive given, so a restarted server answers with what was last released, not with version 1."""
+    chosen = dict(models)
+    for name in models:
+        released = released_default(Path(model_store) / HISTORY_FILE, name)
+        if released and released["mar"] and released["mar"] != models[name]:
+            if not (Path(model_store) / released["mar"]).is_file():
+                raise SystemExit(f"{name}: the released default {released['version']} ({released['mar']}) is "
+                                 f"missing from {model_store}; restore it or edit {HISTORY_FILE}")
+            print(f"{name}: serving the released default {released['version']} ({released['mar']}) "
+                  f"instead of {models[name]} ({HISTORY_FILE})")
+            chosen[name] = released["mar"]
+    return chosen
+
+
 def print_status(server: Server) -> None:
     print(f"TorchServe pid {server.pid}: inference {server.inference_url}, management {server.management_url}, "
           f"metrics {server.metrics_url}; logs in {server.workdir}")
@@ -306,12 +331,16 @@ def main(argv=None) -> None:
     parser.add_argument("--config", default=DEFAULT_CONFIG, type=Path, help="base config.properties")
     parser.add_argument("--workdir", default=DEFAULT_WORKDIR, type=Path,
                         help="logs, config copy, pid file and TMPDIR of the server")
+    parser.add_argument("--enable-model-api", action="store_true",
+                        help="start: allow registering and unregistering versions through the management API "
+                             "(scripts.versions, scripts.refresh --release); off by default")
     parser.add_argument("--wait", action="store_true", help="start: wait until every --models model is READY")
     parser.add_argument("--timeout", type=float, default=180, help="seconds for --wait")
     args = parser.parse_args(argv)
     if args.command == "start":
-        models = parse_models(args.models)
-        server = start_server(args.model_store, workdir=args.workdir, config=args.config, models=models)
+        models = released_models(parse_models(args.models), args.model_store)
+        server = start_server(args.model_store, workdir=args.workdir, config=args.config, models=models,
+                              enable_model_api=args.enable_model_api)
         if args.wait:
             for name in models:
                 server.wait_ready(name, timeout=args.timeout)

@@ -2,14 +2,19 @@
 
   python -m scripts.versions list marketplace
   python -m scripts.versions release --mar model_store/marketplace-v2.0.mar --name marketplace --version 2.0
-  python -m scripts.versions rollback marketplace            # the next older registered version becomes default
+  python -m scripts.versions rollback marketplace            # the previous default becomes the default again
   python -m scripts.versions retire marketplace 1.0          # unregister a version that is not the default
+The server must run with the model-control API on (`python -m scripts.serve start --enable-model-api`);
+with tokens on, pass `--key-file` (its management key for :8081, its inference key for the canary).
 
 `release` registers the new version beside the current one (with workers, synchronously), waits
 until it is READY, warms it with a few queries, sends a canary query to /predictions/NAME/VERSION
-and checks the answer has every contract field; only then does it make the version the default.
-The previous version stays registered, so `rollback` is instant. A failed canary unregisters the
-new version and exits non-zero; the default is untouched.
+and checks the answer keeps the contract (marketplace_search.schema); only then does it make the
+version the default and record it in the model store's releases.json. The previous version stays
+registered, so `rollback` is instant, and it goes back to the previous *default* in release order
+(not by version number). Any failure of the canary unregisters the new version and exits non-zero;
+the default is untouched. A version label names one archive for good: releasing a registered
+version again is refused. After a restart, `scripts.serve start` serves the released default.
 
 The same steps with curl (management API on :8081, inference on :8080):
   curl http://127.0.0.1:8081/models/marketplace/all                                     # every version
@@ -31,7 +36,6 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import requests
 from packaging.version import InvalidVersion, Version
 from PIL import Image
 
@@ -40,6 +44,9 @@ from marketplace_search.schema import AnswerError, check_answer as check_contrac
 from scripts import api
 from scripts.api import DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL, ApiError, describe, register, set_default, \
     unregister
+
+
+HISTORY_FILE = "releases.json"  # in the model store: {name: [{"version", "mar"}, ...]}, the defaults in release order
 
 
 class ReleaseError(RuntimeError):
@@ -92,13 +99,76 @@ def check_answer(answer: dict, name: str, version: str) -> None:
         raise CanaryError("no neighbours: is the catalogue in the archive empty?")
 
 
-def release(url: str, inference_url: str, mar: str, name: str, version: str, *, token: str | None = None,
-            inference_token: str | None = None, initial_workers: int = 1, warm_queries: int = 3,
-            photo: Path | None = None, timeout: float = 180) -> dict:
-    """Register, wait READY, warm, canary, then set default; unregister the new version on failure.
+# --- release history: which version was the default, in order ---------------------------------------
+# {name: {"defaults": [version, ...] (last = the current default), "archives": {version: mar file}}}
 
-    Returns the canary answer.
+def read_history(path: Path | None) -> dict[str, dict]:
+    if path is None or not Path(path).is_file():
+        return {}
+    return json.loads(Path(path).read_text())
+
+
+def write_history(path: Path, history: dict[str, dict]) -> None:
+    """Written whole to a temporary file and renamed: a crash leaves the old history, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(history, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def released_default(history_file: Path | None, name: str) -> dict | None:
+    """The last released default of `name` as {"version", "mar"} (mar None if unknown), or None."""
+    model = read_history(history_file).get(name)
+    if not model or not model["defaults"]:
+        return None
+    version = model["defaults"][-1]
+    return {"version": version, "mar": model["archives"].get(version)}
+
+
+def record_default(history_file: Path | None, name: str, version: str, mar: str | None = None,
+                   previous: str | None = None, rolled_back: bool = False) -> None:
+    """Note `version` as `name`'s default: pushed on release (the first record also notes the
+    default it replaced), popped back to on a rollback to the previous default."""
+    if history_file is None:
+        return
+    history = read_history(history_file)
+    model = history.setdefault(name, {"defaults": [], "archives": {}})
+    defaults = model["defaults"]
+    if rolled_back:
+        defaults.pop()
+    else:
+        if not defaults and previous and previous != version:
+            defaults.append(previous)
+        defaults.append(version)
+    if mar:
+        model["archives"][version] = mar
+    write_history(history_file, history)
+
+
+# --- release, roll back, retire --------------------------------------------------------------------------
+
+def current_default(url, name: str, token: str | None) -> str | None:
+    try:
+        return describe(url, name, token=token)[0]["modelVersion"]
+    except ApiError as error:
+        if error.status == 404:
+            return None
+        raise
+
+
+def release(url, inference_url, mar: str, name: str, version: str, *, token: str | None = None,
+            inference_token: str | None = None, initial_workers: int = 1, warm_queries: int = 3,
+            photo: Path | None = None, timeout: float = 180, history: Path | None = None) -> dict:
+    """Register, wait READY, warm, canary, then set default; unregister the new version on any failure.
+
+    `url`/`inference_url` are the management/inference APIs (URLs, or a scripts.serve.Server).
+    The new default is recorded in `history` (the model store's releases.json), which rollback and
+    a restarted server (scripts.serve start) follow. Returns the canary answer.
     """
+    previous = current_default(url, name, token)
+    if previous is not None and version in {d["modelVersion"] for d in describe(url, name, "all", token)}:
+        raise ReleaseError(f"{name} {version} is already registered: a version label names one archive for good; "
+                           f"release a new version")
     register(url, mar, name, initial_workers=initial_workers, synchronous=True, token=token)
     try:
         api.wait_ready(url, name, version, timeout, token)
@@ -107,29 +177,44 @@ def release(url: str, inference_url: str, mar: str, name: str, version: str, *, 
             api.predict(inference_url, query, model=name, version=version, token=inference_token)
         answer = api.predict(inference_url, query, model=name, version=version, token=inference_token)
         check_answer(answer, name, version)
-    except (CanaryError, ApiError, requests.RequestException, ValueError) as error:
+    except Exception as error:  # any failure of the canary (a refusal, a crash, a malformed answer) fails it
         unregister(url, name, version, token)
-        raise CanaryError(f"{name} {version} failed its canary and was unregistered: {error}") from error
+        raise CanaryError(f"{name} {version} failed its canary and was unregistered: "
+                          f"{type(error).__name__}: {error}") from error
     set_default(url, name, version, token)
+    record_default(history, name, version, mar, previous)
     return answer
 
 
-def rollback(url: str, name: str, to: str | None = None, token: str | None = None) -> tuple[str, str]:
-    """Make `to`, else the newest registered version older than the default, the default.
+def rollback(url, name: str, to: str | None = None, token: str | None = None,
+             history: Path | None = None) -> tuple[str, str]:
+    """Make `to`, else the previous default, the default; returns (old default, new default).
 
-    Returns (old default, new default).
+    The previous default comes from the release history when there is one (the order versions were
+    released in, not their numbers); without one, it is the newest registered version older than the
+    default. A version no longer registered (e.g. after a restart) is registered again from its archive.
     """
     every, default = versions_of(url, name, token)
     registered = [d["modelVersion"] for d in every]
-    if to is None:
+    model = read_history(history).get(name, {"defaults": [], "archives": {}})
+    defaults = model["defaults"]
+    to_previous = len(defaults) >= 2 and defaults[-1] == default and (to is None or to == defaults[-2])
+    if to_previous:
+        to = defaults[-2]
+    elif to is None:
         older = [v for v in registered if version_key(v) < version_key(default)]
         if not older:
             raise ReleaseError(f"{name}: no registered version older than the default {default} "
-                              f"(registered: {', '.join(registered)})")
+                               f"(registered: {', '.join(registered)})")
         to = older[-1]
-    elif to not in registered:
-        raise ReleaseError(f"{name} {to} is not registered (registered: {', '.join(registered)})")
+    if to not in registered:
+        mar = model["archives"].get(to)
+        if mar is None:
+            raise ReleaseError(f"{name} {to} is not registered (registered: {', '.join(registered)})")
+        register(url, mar, name, initial_workers=1, synchronous=True, token=token)
+        api.wait_ready(url, name, to, token=token)
     set_default(url, name, to, token)
+    record_default(history, name, to, previous=default, rolled_back=to_previous)
     return default, to
 
 
@@ -162,6 +247,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=DEFAULT_MANAGEMENT_URL, help="management API address")
     parser.add_argument("--inference-url", default=DEFAULT_INFERENCE_URL, help="inference API address (canary)")
+    parser.add_argument("--store", type=Path, default=Path("model_store"),
+                        help=f"the server's model store: its {HISTORY_FILE} records the defaults in release order")
     parser.add_argument("--key-file", type=Path,
                         help="the server's key_file.json (tokens on): its management key for the management API, "
                              "its inference key for the canary")
@@ -187,6 +274,7 @@ def main(argv=None) -> None:
     retiring.add_argument("version")
     args = parser.parse_args(argv)
     token = api.resolve_token("management", args.token, args.key_file)
+    history = args.store / HISTORY_FILE if args.store.is_dir() else None
     try:
         if args.command == "list":
             print_versions(args.url, args.name, token)
@@ -202,11 +290,11 @@ def main(argv=None) -> None:
                                    else os.environ.get("TS_INFERENCE_TOKEN")))
             answer = release(args.url, args.inference_url, mar, args.name, version, token=token,
                              inference_token=inference_token, initial_workers=args.initial_workers,
-                             warm_queries=args.warm, photo=args.photo, timeout=args.timeout)
+                             warm_queries=args.warm, photo=args.photo, timeout=args.timeout, history=history)
             print(f"{args.name} {version} is now the default (canary: {answer['category']}, "
                   f"{len(answer['neighbours'])} neighbours)")
         elif args.command == "rollback":
-            old, new = rollback(args.url, args.name, args.to, token)
+            old, new = rollback(args.url, args.name, args.to, token, history)
             print(f"{args.name}: default {old} -> {new}")
         else:
             retire(args.url, args.name, args.version, token)

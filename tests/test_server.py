@@ -48,13 +48,18 @@ def served(tmp_path_factory, runs):
     store = root / "model_store"
     v1 = archive_tiny_run(runs[0], store, version="1.0", batch_size=8, max_batch_delay=100)
     archive_tiny_run(runs[1], store, version="2.0", batch_size=8, max_batch_delay=20)
-    with running_server(store, root / "torchserve", {NAME: v1.name}) as server:
+    with running_server(store, root / "torchserve", {NAME: v1.name}, enable_model_api=True) as server:
         yield Served(server, runs[0], runs[1], store)
+
+
+def inference_key(server: serve.Server) -> dict:
+    return api.auth_headers(server.token("inference"))
 
 
 def post(served: Served, data: bytes, content_type: str | None = "image/jpeg", path: str = NAME,
          headers: dict | None = None, **options) -> requests.Response:
-    headers = {**({"Content-Type": content_type} if content_type else {}), **(headers or {})}
+    headers = {**({"Content-Type": content_type} if content_type else {}), **inference_key(served.server),
+               **(headers or {})}
     return requests.post(f"{served.server.inference_url}/predictions/{path}", data=data, headers=headers,
                          timeout=60, **options)
 
@@ -74,9 +79,11 @@ def test_every_input_form_gets_the_same_answer(served):
     jpeg = photo(served.run, 4)
     url = f"{served.server.inference_url}/predictions/{NAME}"
     raw = post(served, jpeg)
-    multipart = requests.post(url, files={"photo": ("photo.jpg", jpeg, "image/jpeg")}, data={"k": "3"}, timeout=60)
+    key = inference_key(served.server)
+    multipart = requests.post(url, files={"photo": ("photo.jpg", jpeg, "image/jpeg")}, data={"k": "3"}, timeout=60,
+                              headers=key)
     as_json = requests.post(url, json={"image": base64.b64encode(jpeg).decode(), "k": 3, "embedding": True},
-                            timeout=60)
+                            timeout=60, headers=key)
     for response in (raw, multipart, as_json):
         assert response.status_code == 200, response.text
         assert response.headers["content-type"] == "application/json"
@@ -91,7 +98,7 @@ def test_every_input_form_gets_the_same_answer(served):
 
 BAD_INPUTS = {
     "empty body": (b"", "image/jpeg", {}, 400),
-    "text bytes": (b"name,price\nlamp,5\n", "image/jpeg", {}, 400),
+    "text bytes": (b"name,price\nlamp,5\n", "image/jpeg", {}, 415),
     "truncated JPEG": ("truncated", "image/jpeg", {}, 400),
     "bomb dimensions": (png_with_declared_size(30_000, 30_000), "image/png", {}, 413),
     "bad JSON": (b'{"image": ', "application/json", {}, 400),
@@ -188,12 +195,13 @@ def test_worker_started_without_openmp_trouble(served):
 def test_client_cli_prints_category_and_neighbours(served, capsys, tmp_path):
     photo_file = tmp_path / "query.jpg"
     photo_file.write_bytes(photo(served.run, 2))
-    client.main([str(photo_file), "--url", served.server.inference_url, "--k", "3"])
+    client.main([str(photo_file), "--url", served.server.inference_url, "--k", "3",
+                 "--key-file", str(served.server.workdir / api.KEY_FILE)])
     printed = capsys.readouterr().out
     assert printed.startswith("category: ") and "Listing 1" in printed and "£11.00" in printed
     assert len([line for line in printed.splitlines() if re.match(r"\s*\d+\s", line)]) == 3
     with pytest.raises(api.ApiError, match="400"):
-        api.predict(served.server.inference_url, photo(served.run, 2), category="Spaceships")
+        api.predict(served.server, photo(served.run, 2), category="Spaceships")
 
 
 @pytest.mark.server
@@ -205,16 +213,15 @@ def test_serve_cli_status_finds_the_server(served, capsys):
 
 @pytest.mark.server
 def test_release_rollback_retire(served, tmp_path, capsys):
-    server, management = served.server, served.server.management_url
-    inference = server.inference_url
+    server = served.server
     not_a_photo = tmp_path / "not-a-photo.jpg"
     not_a_photo.write_text("definitely not a photo")
 
     with pytest.raises(versions.CanaryError, match="failed its canary and was unregistered"):
-        versions.release(management, inference, "marketplace-v2.0.mar", NAME, "2.0", photo=not_a_photo, warm_queries=0)
+        versions.release(server, server, "marketplace-v2.0.mar", NAME, "2.0", photo=not_a_photo, warm_queries=0)
     assert [d["modelVersion"] for d in api.describe(server, NAME, "all")] == ["1.0"]
 
-    answer = versions.release(management, inference, "marketplace-v2.0.mar", NAME, "2.0", warm_queries=2)
+    answer = versions.release(server, server, "marketplace-v2.0.mar", NAME, "2.0", warm_queries=2)
     assert answer["model"] == {"name": NAME, "version": "2.0"}
     jpeg = photo(served.run, 5)
     default, pinned = post(served, jpeg).json(), post(served, jpeg, path=f"{NAME}/1.0").json()
@@ -225,32 +232,109 @@ def test_release_rollback_retire(served, tmp_path, capsys):
         api.unregister(server, NAME, "2.0")  # the default cannot go while 1.0 is registered
     assert refused.value.status == 403
 
-    versions.main(["--url", management, "list", NAME])
+    versions.main(["--url", server.management_url, "--key-file", str(server.workdir / api.KEY_FILE), "list", NAME])
     listing = capsys.readouterr().out
     assert re.search(r"^\* 2\.0 ", listing, re.MULTILINE) and re.search(r"^  1\.0 ", listing, re.MULTILINE)
 
-    assert versions.rollback(management, NAME) == ("2.0", "1.0")
+    assert versions.rollback(server, NAME) == ("2.0", "1.0")
     assert post(served, jpeg).json()["model"]["version"] == "1.0"
     with pytest.raises(versions.ReleaseError, match="no registered version older"):
-        versions.rollback(management, NAME)
+        versions.rollback(server, NAME)
     with pytest.raises(versions.ReleaseError, match="is the default version"):
-        versions.retire(management, NAME, "1.0")
-    versions.retire(management, NAME, "2.0")
+        versions.retire(server, NAME, "1.0")
+    versions.retire(server, NAME, "2.0")
     assert [d["modelVersion"] for d in api.describe(server, NAME, "all")] == ["1.0"]
     assert post(served, jpeg, path=f"{NAME}/2.0").status_code == 404
 
 
+def refused_for_its_key(response: requests.Response) -> bool:
+    """TorchServe 0.12 refuses a missing or wrong key with 400 InvalidKeyException (not 401)."""
+    return response.status_code in (400, 401) and "Token Authorization failed" in response.text
+
+
 @pytest.mark.server
-def test_tokens_on_need_the_key_file(runs, tmp_path, capsys):
+def test_shipped_config_wants_the_right_key_on_each_api_and_no_model_control(runs, tmp_path, capsys):
     store = tmp_path / "model_store"
     mar = archive_tiny_run(runs[0], store, version="1.0")
-    with running_server(store, tmp_path / "ts", extra_config={"disable_token_authorization": "false"}) as server:
-        key_file = server.workdir / api.KEY_FILE
-        assert key_file.is_file()
-        assert requests.get(f"{server.management_url}/models", timeout=10).status_code in (400, 401)
-        api.register(server, mar.name, NAME, initial_workers=0, synchronous=False)  # token read from the key file
-        versions.main(["--url", server.management_url, "--key-file", str(key_file), "list", NAME])
-        assert re.search(r"^\* 1\.0 +marketplace-v1\.0\.mar", capsys.readouterr().out, re.MULTILINE)
+    with running_server(store, tmp_path / "ts", {NAME: mar.name}) as server:  # config.properties as shipped
+        keys = {which: server.token(which) for which in api.APIS}
+        assert all(keys.values()) and keys["inference"] != keys["management"]
+        jpeg, predictions = photo(runs[0], 1), f"{server.inference_url}/predictions/{NAME}"
+
+        def predict_with(key):
+            return requests.post(predictions, data=jpeg, timeout=60,
+                                 headers={"Content-Type": "image/jpeg", **api.auth_headers(key)})
+
+        def models_with(key):
+            return requests.get(f"{server.management_url}/models", headers=api.auth_headers(key), timeout=10)
+
+        assert refused_for_its_key(predict_with(None)) and refused_for_its_key(models_with(None))
+        assert predict_with(keys["inference"]).status_code == 200
+        assert refused_for_its_key(models_with(keys["inference"]))
+        assert refused_for_its_key(predict_with(keys["management"]))
+        assert models_with(keys["management"]).status_code == 200
+        with pytest.raises(api.ApiError) as refused:  # model-control API off: no register, no unregister
+            api.register(server, mar.name, "another")
+        assert refused.value.status == 405
+        # The CLIs take each API's key from the key file.
+        client.main([str(runs[0].photos["img-001"]), "--url", server.inference_url,
+                     "--key-file", str(server.workdir / api.KEY_FILE)])
+        assert capsys.readouterr().out.startswith("category: ")
+
+
+@pytest.mark.server
+def test_with_model_control_on_archives_register_from_the_store_only(runs, tmp_path):
+    store = tmp_path / "model_store"
+    mar = archive_tiny_run(runs[0], store, version="1.0")
+    outside = archive_tiny_run(runs[0], tmp_path / "elsewhere", version="9.0")
+    with running_server(store, tmp_path / "ts", enable_model_api=True) as server:
+        for url in (outside.as_uri(), "http://127.0.0.1:9/marketplace-v9.0.mar", f"{store.as_uri()}/../x.mar"):
+            with pytest.raises(api.ApiError) as refused:
+                api.register(server, url, "intruder", initial_workers=0)
+            assert 400 <= refused.value.status < 500, (url, refused.value)
+        assert [model["modelName"] for model in api.list_models(server)] == []
+        api.register(server, mar.name, NAME, initial_workers=0, synchronous=False)  # from the store: fine
+        assert [model["modelName"] for model in api.list_models(server)] == [NAME]
+
+
+@pytest.mark.server
+def test_rollback_follows_release_history_and_a_restart_serves_the_released_default(runs, tmp_path):
+    store = tmp_path / "model_store"
+    history = store / versions.HISTORY_FILE
+    v1 = archive_tiny_run(runs[0], store, version="1.0")
+    archive_tiny_run(runs[1], store, version="3.0")
+    archive_tiny_run(runs[0], store, version="2.0")
+    jpeg = photo(runs[0], 3)
+
+    def default_version(server) -> str:
+        return api.predict(server, jpeg)["model"]["version"]
+
+    with running_server(store, tmp_path / "ts", {NAME: v1.name}, enable_model_api=True) as server:
+        versions.release(server, server, "marketplace-v3.0.mar", NAME, "3.0", warm_queries=0, history=history)
+        versions.release(server, server, "marketplace-v2.0.mar", NAME, "2.0", warm_queries=0, history=history)
+        with pytest.raises(versions.ReleaseError, match="already registered"):
+            versions.release(server, server, "marketplace-v3.0.mar", NAME, "3.0", history=history)
+        assert default_version(server) == "2.0"
+        # The previous default is 3.0 (released before 2.0), not 1.0 (the next lower number).
+        assert versions.rollback(server, NAME, history=history) == ("2.0", "3.0")
+        assert default_version(server) == "3.0"
+        assert versions.rollback(server, NAME, history=history) == ("3.0", "1.0")
+        assert versions.read_history(history)[NAME]["defaults"] == ["1.0"]
+        versions.rollback(server, NAME, to="3.0", history=history)
+    # A restart asked to serve 1.0 serves the released default, 3.0, instead.
+    models = serve.released_models({NAME: v1.name}, store)
+    assert models == {NAME: "marketplace-v3.0.mar"}
+    with running_server(store, tmp_path / "ts2", models) as restarted:
+        assert default_version(restarted) == "3.0"
+
+
+def test_a_versioned_archive_is_never_overwritten(runs, tmp_path):
+    store = _folder(tmp_path / "store")
+    build_archive(runs[0].run_dir, store, version="1.0", output_name="{name}-v{version}")
+    with pytest.raises(FileExistsError, match="version 1.0 is taken"):
+        build_archive(runs[1].run_dir, store, version="1.0", output_name="{name}-v{version}")
+    build_archive(runs[0].run_dir, store, version="1.0")  # "marketplace.mar", the latest build: replaced
+    build_archive(runs[0].run_dir, store, version="1.1")
 
 
 def test_two_builds_from_one_run_have_identical_members(runs, tmp_path):
