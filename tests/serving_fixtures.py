@@ -1,61 +1,19 @@
-"""A tiny training RUN folder and test photos, made without the training pipeline.
-
-`make_tiny_run(run_dir)` writes what the archive and the handler consume (weights/best.pt,
-index/, evaluation.json, run.json) from a randomly initialised MarketplaceNet and a dozen
-generated JPEGs, in a few seconds on CPU. Other tests import it:
+"""Serving fixtures: tiny runs (training.tiny_run), their archives, and a real TorchServe around them.
 
     from tests.serving_fixtures import make_tiny_run, archive_tiny_run, extract_archive, running_server
 """
 import faiss  # noqa: F401  (before torch: OpenMP, see README)
 
 import io
-import json
 import struct
 import zipfile
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image
 
-from marketplace_search.images import decode_image
-from marketplace_search.models import MarketplaceNet, embed, save_checkpoint, sha256_file
-from marketplace_search.presets import Preprocess, collate_images
-from marketplace_search.layout import update_run_info
-from marketplace_search.search import make_catalogue
-
-CLASSES = ("Garden", "Home", "Music")
-TINY_PREPROCESS = Preprocess(resize=72, crop=64)  # small crops keep CPU forwards fast
-CREATED = "2025-01-31T14:22:33+00:00"
-
-
-@dataclass
-class TinyRun:
-    run_dir: Path
-    photos: dict[str, Path]  # image_id -> JPEG path, every photo is in the catalogue
-    listings: dict[str, dict]  # image_id -> {product_id, title, price, location, category}
-    classes: list[str]
-    arch: str
-    extra: dict = field(default_factory=dict)
-
-    def photo_bytes(self, image_id: str) -> bytes:
-        return self.photos[image_id].read_bytes()
-
-
-def photo_jpeg(seed: int, size: tuple[int, int] = (96, 80), quality: int = 90) -> bytes:
-    """A distinctive generated photo (colour blocks and noise), JPEG bytes."""
-    rng = np.random.default_rng(seed)
-    width, height = size
-    blocks = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
-    pixels = np.kron(blocks, np.ones((height // 4 + 1, width // 4 + 1, 1), dtype=np.uint8))[:height, :width]
-    noise = rng.integers(-20, 21, size=pixels.shape)
-    pixels = np.clip(pixels.astype(int) + noise, 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buffer, "JPEG", quality=quality)
-    return buffer.getvalue()
+from training.tiny_run import CLASSES, CREATED, TINY_PREPROCESS, TinyRun, make_tiny_run, photo_jpeg  # noqa: F401
 
 
 def png_with_declared_size(width: int, height: int) -> bytes:
@@ -67,59 +25,6 @@ def png_with_declared_size(width: int, height: int) -> bytes:
     data[12:29] = header
     data[29:33] = struct.pack(">I", zlib.crc32(header))
     return bytes(data)
-
-
-def make_tiny_run(run_dir: Path | str, *, arch: str = "resnet18", seed: int = 0, listings: int = 6,
-                  photos_per_listing: int = 2, classes=CLASSES, embedding_dim: int = 32,
-                  preprocess: Preprocess = TINY_PREPROCESS, photos_dir: Path | None = None,
-                  created: str = CREATED, model: MarketplaceNet | None = None) -> TinyRun:
-    """Write a complete RUN folder (weights/best.pt, index/, evaluation.json, run.json).
-
-    `seed` sets the model's random weights (two seeds give two distinguishable models); the photos
-    depend only on their index, so runs can share `photos_dir` (default RUN/../photos). `model`, if
-    given, is saved instead of a random one (its arch and sizes win over `arch` and `embedding_dim`).
-    """
-    run_dir = Path(run_dir)
-    photos_dir = Path(photos_dir) if photos_dir else run_dir.parent / "photos"
-    photos_dir.mkdir(parents=True, exist_ok=True)
-    classes = list(classes)
-    photos, listing_meta = {}, {}
-    for number in range(listings * photos_per_listing):
-        product = number // photos_per_listing
-        image_id = f"img-{number:03d}"
-        photos[image_id] = photos_dir / f"{image_id}.jpg"
-        photos[image_id].write_bytes(photo_jpeg(number))
-        listing_meta[image_id] = {"product_id": f"prod-{product:03d}", "title": f"Listing {product}",
-                                  "price": 10.0 + product, "location": "Leeds",
-                                  "category": classes[product % len(classes)]}
-
-    if model is None:
-        torch.manual_seed(seed)
-        model = MarketplaceNet(arch, len(classes), embedding_dim=embedding_dim)
-    model.eval()
-    arch, embedding_dim = model.arch, model.embedding[0].out_features
-    if model.classifier[-1].out_features != len(classes):
-        raise ValueError(f"the model has {model.classifier[-1].out_features} classes, `classes` {len(classes)}")
-    checkpoint = run_dir / "weights" / "best.pt"
-    config = {"arch": arch, "seed": seed, "embedding_dim": embedding_dim, "weights": "none", "tiny": True}
-    save_checkpoint(checkpoint, model, classes=classes, preprocess=preprocess, epoch=1,
-                    metrics={"val_accuracy": 0.5}, config=config)
-
-    image_ids = sorted(photos)
-    with torch.inference_mode():
-        _, vectors = embed(model, collate_images([decode_image(photos[i]) for i in image_ids], preprocess))
-    meta = {"model": {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint), "epoch": 1,
-                      "arch": arch}, "run": run_dir.name}
-    make_catalogue(vectors.numpy(), image_ids, listing_meta, meta, "flat").save(run_dir / "index")
-
-    figures = {"top1_accuracy": 0.5, "top3_accuracy": 1.0, "precision@1": 0.5, "precision@5": 0.4,
-               "precision@10": 0.4}
-    evaluation = {"test_photos": 4, "test_listings": 2, "catalogue_photos": len(image_ids),
-                  "fine_tuned": {"model": f"fine-tuned {arch} (epoch 1)", **figures}}
-    (run_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
-    update_run_info(run_dir, created=created, classes=classes, config={"train": config},
-                    weights_source="random initialisation", data="generated by tests/serving_fixtures.py")
-    return TinyRun(run_dir, photos, listing_meta, classes, arch)
 
 
 def archive_tiny_run(run: TinyRun, store: Path, name: str = "marketplace", version: str = "1.0",

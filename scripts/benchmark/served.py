@@ -252,7 +252,7 @@ def serving_runs(subjects: list[Subject], settings: dict, scratch: Path) -> list
     runs = [(subject.name, Path(settings["run"])) for subject in subjects if subject.trained]
     fresh = [subject for subject in subjects if not subject.trained]
     if fresh:
-        from tests.serving_fixtures import make_tiny_run  # test helper: importable from the repository root
+        from training.tiny_run import make_tiny_run
     for subject in fresh:
         # The real preprocessing and embedding size, so a request costs what it would in production;
         # the catalogue is a dozen photos (index search at scale is the index section's job).
