@@ -14,6 +14,8 @@ Sections (`--sections`, comma separated):
   index    Faiss top-10 latency, recall@10 against exact search, build time and memory, 10k-1M vectors:
            flat, HNSW (float32 and 8-bit scalar-quantised vectors), IVF
   startup  start to READY, resident memory per worker
+  fault    32 clients, 2,000 requests, one worker SIGKILLed half-way: what every request got,
+           how soon the server answers again, latency before and after
 
 Examples:
   python -m scripts.benchmark --quick
@@ -23,6 +25,7 @@ Examples:
 import argparse
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,13 +34,14 @@ import torch
 
 from scripts.archive import MAX_BATCH_DELAY
 from scripts.benchmark.bare import bench_bare
+from scripts.benchmark.fault import bench_fault
 from scripts.benchmark.index import bench_index
 from scripts.benchmark.photos import generate_photos, read_photos
 from scripts.benchmark.report import describe_machine, format_machine, raw_figures, render_report, render_section
 from scripts.benchmark.served import BATCHED, bench_serving
 from scripts.benchmark.subjects import load_subjects, parse_weights
 
-SECTIONS = ("bare", "served", "index", "startup")
+SECTIONS = ("bare", "served", "index", "startup", "fault")
 
 # Sizes and repeats per profile; any option given on the command line wins.
 PROFILES = {
@@ -50,7 +54,7 @@ PROFILES = {
         "sizes": [10_000, 100_000, 1_000_000],
         "hnsw_m": [16, 32], "hnsw_m_max_size": 100_000, "ef_search": [16, 32, 64, 128, 256], "hnsw_sq8": True,
         "nprobe": [4, 16, 64], "ivf_max_size": 100_000, "queries": 1000, "single_queries": 200,
-        "filtered_queries": 50, "dim": 256,
+        "filtered_queries": 50, "dim": 256, "fault_clients": 32, "fault_requests": 2000,
     },
     "quick": {
         "arch": ["resnet50"], "batches": [1, 8, 32], "knob_batch": 8, "compare_photos": 8,
@@ -61,7 +65,7 @@ PROFILES = {
         "sizes": [10_000, 100_000], "hnsw_m": [32], "hnsw_m_max_size": 100_000, "ef_search": [32, 64, 128],
         "hnsw_sq8": True,
         "nprobe": [16], "ivf_max_size": 10_000, "queries": 500, "single_queries": 100,
-        "filtered_queries": 20, "dim": 256,
+        "filtered_queries": 20, "dim": 256, "fault_clients": 16, "fault_requests": 400,
     },
 }
 
@@ -122,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     served.add_argument("--batch-size", type=int, default=BATCHED, help="TorchServe batch_size with batching on")
     served.add_argument("--max-batch-delay", type=int, default=MAX_BATCH_DELAY,
                         help="TorchServe max_batch_delay ms with batching on (default: the archive's)")
+    fault = parser.add_argument_group("fault")
+    fault.add_argument("--fault-clients", type=int, help="concurrent clients (full: 32)")
+    fault.add_argument("--fault-requests", type=int, help="requests in all; a worker is killed half-way (full: 2000)")
     index = parser.add_argument_group("index")
     index.add_argument("--sizes", type=lambda text: [parse_size(item) for item in text.split(",")],
                        help="catalogue sizes (full: 10k,100k,1M; quick: 10k,100k)")
@@ -192,6 +199,9 @@ def run_sections(settings: dict, photos: list[bytes]) -> dict:
         done(served=served, startup=startup)
     if "index" in chosen:
         done(index=timed(bench_index, settings))
+    if "fault" in chosen:
+        with tempfile.TemporaryDirectory(prefix="benchmark-fault-") as scratch:
+            done(fault=timed(bench_fault, settings, Path(scratch)))
     return {name: sections[name] for name in SECTIONS if name in sections}
 
 
