@@ -11,6 +11,7 @@ An archive (`.mar`, unpacked by TorchServe into the worker's model folder):
   best.pt, catalogue/, decoder.json, model_card.json, model_config.yaml, MAR-INF/MANIFEST.json,
   the handler module, and this package whole (marketplace_search/).
 """
+import hashlib
 import json
 import os
 from datetime import datetime, timezone
@@ -76,3 +77,12 @@ def update_run_info(run_dir: Path, **fields) -> dict:
     tmp.write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
     return info
+
+
+def sha256_file(path: Path | str) -> str:
+    """The file's sha256, read in 1 MB blocks: how runs, archives and catalogues name their contents."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -3,7 +3,6 @@
 A checkpoint is self-describing (architecture, classes, embedding size, preprocessing, config,
 metrics), so every later stage and the handler rebuild the model from the checkpoint alone.
 """
-import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -13,6 +12,7 @@ from torch import nn
 from torch.fx.experimental import optimization
 from torchvision import models
 
+from marketplace_search.layout import sha256_file  # noqa: F401  (re-exported: checkpoints are named by it)
 from marketplace_search.presets import Preprocess
 
 CHECKPOINT_FORMAT = 1
@@ -219,6 +219,29 @@ def set_trainable(model: MarketplaceNet, trainable_stages: int) -> list[str]:
     return unfrozen
 
 
+def split_backbone(model: MarketplaceNet, trainable_stages: int) -> tuple[nn.Module, nn.Module]:
+    """`(trunk, tail)` of the backbone with `tail(trunk(images)) == backbone(images)`: the tail is its
+    last `trainable_stages` blocks with the pooling after them (nothing but the pooling for 0).
+
+    Training only the tail, the frozen trunk's output for a photo never changes, so it can be computed
+    once per view and cached (training.train). The modules are the backbone's own, not copies.
+    """
+    stages = STAGES[model.arch]
+    if not 0 <= trainable_stages <= len(stages):
+        raise ValueError(f"trainable_stages must be 0..{len(stages)} for {model.arch}")
+    first_trainable = stages[trainable_stages - 1] if trainable_stages else None
+    backbone = model.backbone
+    if model.arch.startswith("resnet"):
+        layers = [module for name, module in backbone.named_children() if name not in ("avgpool", "fc")]
+        names = [name for name, _ in backbone.named_children() if name not in ("avgpool", "fc")]
+        pool = [backbone.avgpool, nn.Flatten(1), backbone.fc]
+    else:  # torchvision's MobileNets and EfficientNets: features, (avgpool), classifier
+        layers, names = list(backbone.features), [f"features.{index}" for index in range(len(backbone.features))]
+        pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten(1), backbone.classifier]
+    cut = names.index(first_trainable) if first_trainable else len(layers)
+    return nn.Sequential(*layers[:cut]), nn.Sequential(*layers[cut:], *pool)
+
+
 def save_checkpoint(path: Path, model: MarketplaceNet, *, classes: list[str], preprocess: Preprocess,
                     epoch: int, metrics: dict, config: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -255,10 +278,3 @@ def load_checkpoint(path: Path | str) -> tuple[MarketplaceNet, dict]:
     model.eval()
     return model, checkpoint
 
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

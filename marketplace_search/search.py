@@ -4,18 +4,26 @@ On disk (one folder):
   catalogue.faiss   the Faiss index; int64 id i is row i of the id map
   id_map.json       [image_id, ...]
   listings.json     {image_id: {product_id, title, price, location, category}}
-  index_meta.json   dimension, metric, normalisation, index type and parameters, count, and the
-                    model checkpoint (path, sha256, version) that made the vectors
+  index_meta.json   dimension, metric, normalisation, index type and parameters, count, the
+                    model checkpoint (path, sha256, version) that made the vectors, and "files": the
+                    sha256 and size of the other three, so files of different builds refuse to load
 
 Vectors are (n, d) float32, L2-normalised, so inner product is cosine similarity.
+A folder is written whole into a temporary folder beside it and renamed into place.
 """
+import hashlib
 import json
+import logging
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from marketplace_search.layout import sha256_file
 from marketplace_search.schema import LISTING_FIELDS
 
 INDEX_FILE = "catalogue.faiss"
@@ -28,6 +36,15 @@ INDEX_TYPES = ("auto", "flat", "hnsw", "hnsw_sq8", "ivf")
 # (README, "Benchmarks", index section).
 FLAT_MAX = 20_000
 MAX_K = 100
+CATALOGUE_FILES = (INDEX_FILE, ID_MAP_FILE, LISTINGS_FILE, META_FILE)
+HASHED_FILES = (INDEX_FILE, ID_MAP_FILE, LISTINGS_FILE)
+LOAD_ATTEMPTS = 4  # a save that replaces the folder while it is being read: read the new one whole
+
+logger = logging.getLogger(__name__)
+
+
+class CatalogueMismatchError(ValueError):
+    """The files of a catalogue folder come from different builds."""
 
 
 def build_index(vectors: np.ndarray, index_type: str = "auto", *, hnsw_m: int = 32,
@@ -98,78 +115,149 @@ class Catalogue:
         for row, image_id in enumerate(image_ids):
             by_category.setdefault(listings[image_id]["category"], []).append(row)
         self.rows_by_category = {name: np.array(rows, dtype=np.int64) for name, rows in by_category.items()}
+        self._selectors: dict[str, faiss.IDSelector] = {}
 
     @classmethod
     def load(cls, directory: Path | str, mmap: bool = False) -> "Catalogue":
+        """Load a folder written by `save`; refuses files of different builds (CatalogueMismatchError)."""
         directory = Path(directory)
-        for name in (INDEX_FILE, ID_MAP_FILE, LISTINGS_FILE, META_FILE):
+        for attempt in range(1, LOAD_ATTEMPTS + 1):
+            identity = _folder_identity(directory)
+            try:
+                catalogue = cls._load_files(directory, mmap)
+            except (OSError, RuntimeError, ValueError):  # Faiss reports a vanished file as a RuntimeError
+                # The folder absent, or replaced while we read (a save between or after its renames):
+                # read the new one, whole; otherwise the error is the folder's own.
+                if attempt == LOAD_ATTEMPTS or (identity is not None and _folder_identity(directory) == identity):
+                    raise
+            else:
+                if identity is not None and _folder_identity(directory) == identity:
+                    return catalogue
+            time.sleep(0.05)
+        raise RuntimeError(f"{directory} was replaced {LOAD_ATTEMPTS} times while being read")
+
+    @classmethod
+    def _load_files(cls, directory: Path, mmap: bool) -> "Catalogue":
+        for name in CATALOGUE_FILES:
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"catalogue file {directory / name} is missing")
-        flags = faiss.IO_FLAG_MMAP if mmap else 0
-        index = faiss.read_index(str(directory / INDEX_FILE), flags)
         meta = json.loads((directory / META_FILE).read_text())
+        id_map_bytes, listings_bytes = (directory / ID_MAP_FILE).read_bytes(), (directory / LISTINGS_FILE).read_bytes()
+        recorded = meta.get("files")
+        if recorded is None:
+            logger.warning("%s records no sha256 of the catalogue files (saved before they were recorded): "
+                           "loading %s unchecked against %s and %s; save it again to record them",
+                           directory / META_FILE, directory / INDEX_FILE, directory / ID_MAP_FILE,
+                           directory / LISTINGS_FILE)
+        else:
+            _check_file(directory, ID_MAP_FILE, hashlib.sha256(id_map_bytes).hexdigest(), recorded)
+            _check_file(directory, LISTINGS_FILE, hashlib.sha256(listings_bytes).hexdigest(), recorded)
+            _check_file(directory, INDEX_FILE, sha256_file(directory / INDEX_FILE), recorded)
+        index = faiss.read_index(str(directory / INDEX_FILE), faiss.IO_FLAG_MMAP if mmap else 0)
+        image_ids = json.loads(id_map_bytes)
+        if index.ntotal != len(image_ids):
+            raise CatalogueMismatchError(
+                f"{directory / INDEX_FILE} holds {index.ntotal} vectors but {directory / ID_MAP_FILE} lists "
+                f"{len(image_ids)} image ids: they come from different builds; rebuild the catalogue")
         if "efSearch" in meta.get("index", {}):
             faiss.downcast_index(index).hnsw.efSearch = meta["index"]["efSearch"]
         if "nprobe" in meta.get("index", {}):
             faiss.extract_index_ivf(index).nprobe = meta["index"]["nprobe"]
-        return cls(
-            index,
-            json.loads((directory / ID_MAP_FILE).read_text()),
-            json.loads((directory / LISTINGS_FILE).read_text()),
-            meta,
-        )
+        return cls(index, image_ids, json.loads(listings_bytes), meta)
 
     def save(self, directory: Path | str) -> None:
+        """Write the folder atomically: readers see the previous catalogue or this one, never a mix.
+
+        The files go to a temporary folder beside DIRECTORY, which is then renamed into place; an
+        existing catalogue folder is replaced (a folder holding anything else is refused).
+        """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        faiss.write_index(self.index, str(directory / INDEX_FILE))
-        (directory / ID_MAP_FILE).write_text(json.dumps(self.image_ids))
-        (directory / LISTINGS_FILE).write_text(json.dumps(self.listings, sort_keys=True, ensure_ascii=False))
-        (directory / META_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True))
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        _check_replaceable(directory)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+        try:
+            faiss.write_index(self.index, str(staging / INDEX_FILE))
+            (staging / ID_MAP_FILE).write_text(json.dumps(self.image_ids))
+            (staging / LISTINGS_FILE).write_text(json.dumps(self.listings, sort_keys=True, ensure_ascii=False))
+            files = {name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size}
+                     for name in HASHED_FILES}
+            self.meta = {**self.meta, "files": files}
+            (staging / META_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True))
+            for name in CATALOGUE_FILES:
+                _fsync(staging / name)
+            os.chmod(staging, directory.stat().st_mode & 0o7777 if directory.is_dir() else 0o755)
+            _fsync(staging)
+            _replace_folder(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
     @property
     def categories(self) -> list[str]:
         return sorted(self.rows_by_category)
 
-    def search_ids(self, queries: np.ndarray, k: int, category: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Raw Faiss search over photos: `(D, I)`, each (n, k); I = -1 where fewer than k exist."""
+    def search_ids(self, queries: np.ndarray, k: int, category: str | None = None,
+                   exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Raw Faiss search over photos: `(D, I)`, each (n, k); I = -1 where fewer than k were found.
+
+        `exact` scans every vector (of CATEGORY) instead of the HNSW graph or IVF's nprobe lists:
+        complete, at the cost of a brute-force pass over the whole index.
+        """
         queries = _as_queries(queries)
         if queries.shape[1] != self.dimension:
             raise ValueError(f"queries have dimension {queries.shape[1]}, the index {self.dimension}")
-        params = None
-        if category is not None:
-            if category not in self.rows_by_category:
-                raise KeyError(f"unknown category {category!r}; known: {', '.join(self.categories)}")
-            selector = faiss.IDSelectorBatch(self.rows_by_category[category])
-            params = _search_parameters(self.index, selector)
+        selector = None if category is None else self._selector(category)
+        if exact:
+            index, params = _exhaustive_search(self.index, selector)
+            return index.search(queries, k, params=params)
+        params = None if selector is None else _search_parameters(self.index, selector)
         return self.index.search(queries, k, params=params)
+
+    def _category_rows(self, category: str) -> np.ndarray:
+        if category not in self.rows_by_category:
+            raise KeyError(f"unknown category {category!r}; known: {', '.join(self.categories)}")
+        return self.rows_by_category[category]
+
+    def _selector(self, category: str) -> faiss.IDSelector:
+        if category not in self._selectors:  # built once: a hash set of the category's rows
+            self._selectors[category] = faiss.IDSelectorBatch(self._category_rows(category))
+        return self._selectors[category]
 
     def search(self, queries: np.ndarray, k: int = 10, category: str | None = None,
                exclude_products: list[str | None] | None = None) -> list[list[dict]]:
         """The k nearest listings per query, one entry per listing (its most similar photo).
 
         Each neighbour is `{image_id, product_id, title, price, location, category, similarity}`.
+        Fewer than k only when the catalogue (or CATEGORY) has fewer listings: an approximate search
+        that runs out of candidates (a rare category, out of the graph's or the lists' reach) is
+        repeated exactly over that category's photos.
         `exclude_products[i]` drops that listing from query i's answer (used by evaluation).
         """
         queries = _as_queries(queries)
         if not 1 <= k <= MAX_K:
             raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
+        available = self.index.ntotal if category is None else len(self._category_rows(category))
         exclude_products = exclude_products or [None] * len(queries)
         answers: list[list[dict] | None] = [None] * len(queries)
         pending = list(range(len(queries)))
-        fetch = min(self.index.ntotal, 3 * k + 8)
+        fetch = min(available, 3 * k + 8)
+        exact = fetch >= available  # every photo is wanted: an exact pass is complete and no slower
         while pending:
-            distances, rows = self.search_ids(queries[pending], fetch, category)
-            still = []
+            distances, rows = self.search_ids(queries[pending], fetch, category, exact)
+            still, ran_out = [], False
             for position, query in enumerate(pending):
                 neighbours = self._unique_listings(distances[position], rows[position], k, exclude_products[query])
-                exhausted = fetch >= self.index.ntotal or rows[position][-1] < 0
-                if len(neighbours) < k and not exhausted:
-                    still.append(query)
-                else:
+                short = rows[position][-1] < 0
+                if len(neighbours) == k or (fetch >= available and (exact or not short)):
                     answers[query] = neighbours
+                else:
+                    still.append(query)
+                    ran_out |= bool(short)
             pending = still
-            fetch = min(self.index.ntotal, fetch * 4)
+            if ran_out:
+                exact = True  # the graph or the probed lists held too few: widen to all the category's photos
+            else:
+                fetch = min(available, fetch * 4)  # more photos per listing than expected
         return answers
 
     def _unique_listings(self, distances, rows, k, exclude_product) -> list[dict]:
@@ -196,6 +284,75 @@ def _search_parameters(index: faiss.Index, selector) -> faiss.SearchParameters:
     if isinstance(inner, faiss.IndexIVF):
         return faiss.SearchParametersIVF(sel=selector, nprobe=inner.nprobe)
     return faiss.SearchParameters(sel=selector)
+
+
+def _exhaustive_search(index: faiss.Index, selector) -> tuple[faiss.Index, faiss.SearchParameters | None]:
+    """The index (or part of it) and parameters that compare the query with every (selected) vector."""
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexHNSW):  # its storage: the flat (or 8-bit) vectors, ids = rows
+        return faiss.downcast_index(inner.storage), None if selector is None else faiss.SearchParameters(sel=selector)
+    if isinstance(inner, faiss.IndexIVF):  # every list, not nprobe of them
+        return index, faiss.SearchParametersIVF(sel=selector, nprobe=inner.nlist)
+    return index, None if selector is None else faiss.SearchParameters(sel=selector)
+
+
+
+def _check_file(directory: Path, name: str, sha256: str, recorded: dict) -> None:
+    expected = recorded.get(name, {}).get("sha256")
+    if expected != sha256:
+        other = INDEX_FILE if name != INDEX_FILE else ID_MAP_FILE
+        raise CatalogueMismatchError(
+            f"{directory / name} does not belong with {directory / other}: its sha256 is {sha256[:12]}, but "
+            f"{directory / META_FILE} records {str(expected)[:12]} for the {name} built with them. The files come "
+            f"from different builds (copy or replace a catalogue folder whole, never single files); rebuild it")
+
+
+def _folder_identity(directory: Path) -> tuple[int, ...] | None:
+    """Changes when a save renames another folder into place (ctime too: an inode number can be reused)."""
+    try:
+        status = directory.stat()
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino, status.st_ctime_ns
+
+
+def _check_replaceable(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} is a file, not a catalogue folder")
+    if directory.is_dir():
+        others = sorted(path.name for path in directory.iterdir() if path.name not in CATALOGUE_FILES)
+        if others:
+            raise FileExistsError(f"{directory} holds files that are not a catalogue's ({', '.join(others[:5])}): "
+                                  f"refusing to replace it; save into a folder of its own")
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _replace_folder(staging: Path, directory: Path) -> None:
+    """Rename STAGING to DIRECTORY; an existing DIRECTORY is first renamed aside, then deleted.
+
+    rename(2) cannot replace a non-empty folder, so for a moment DIRECTORY does not exist: a reader
+    then finds it missing, or changed under it, and `Catalogue.load` reads it again.
+    """
+    previous = None
+    if directory.exists():
+        previous = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
+        os.replace(directory, previous)  # onto the empty folder just made: atomic, and the name is ours
+    try:
+        os.replace(staging, directory)
+    except BaseException:
+        if previous is not None:
+            os.replace(previous, directory)
+        raise
+    _fsync(directory.parent)
+    if previous is not None:
+        shutil.rmtree(previous)
 
 
 def make_catalogue(vectors: np.ndarray, image_ids: list[str], listings: dict[str, dict], meta: dict,

@@ -53,7 +53,14 @@ def read_key_file(path: Path | str, api: str) -> str | None:
         raise ValueError(f"api must be one of {', '.join(APIS)}, got {api!r}")
     if not Path(path).is_file():
         return None
-    keys = json.loads(Path(path).read_text())
+    for _ in range(20):  # TorchServe may be writing the file right now (seen empty at start-up)
+        try:
+            keys = json.loads(Path(path).read_text())
+            break
+        except json.JSONDecodeError:
+            time.sleep(0.1)
+    else:
+        raise ApiError(f"{path} is not a JSON key file")
     if api not in keys:
         raise ApiError(f"{path} has no {api!r} key (has {', '.join(keys)})")
     return keys[api]["key"]

@@ -7,8 +7,11 @@
 DATA is a full catalogue in the raw format (Products.csv, Images.csv, images/): the listings as they
 are now, with new ones added, changed ones changed and removed ones gone. Steps:
   1. stages 1-2 (training.tables, training.photos) on DATA into WORK, photos at the run's size;
-  2. embed only the photos whose image_id has no vector in RUN/embeddings (same weights, so the
-     others are reused as they are: a photo id names one upload, its bytes never change);
+  2. embed only the photos whose image_id has no vector in RUN/embeddings, or whose bytes changed
+     (sha256 of DATA/images/<image_id>.jpg against RUN/embeddings/photo_sha256.json; a changed photo
+     is normalised again even in a reused WORK); the others are reused as they are (same weights).
+     A RUN saved without photo hashes has its vectors reused by image_id alone, with a warning;
+     the new run records the hashes, so the next refresh compares them;
   3. a new RUN folder WORK/model_evaluation/<timestamp>/: RUN's weights/best.pt, embeddings/ and
      index/ over the whole new catalogue (removed listings gone, changed metadata updated),
      RUN's evaluation.json (its figures are those of RUN's test split), run.json naming RUN;
@@ -35,7 +38,7 @@ from scripts.api import DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL
 from scripts.versions import HISTORY_FILE, ReleaseError, release
 from training import photos, tables
 from training.dataset import drop_missing_photos
-from training.embed import embed_rows, load_embeddings, save_embeddings
+from training.embed import embed_rows, hash_photos, load_embeddings, load_photo_hashes, save_embeddings
 from training.index import listing_metadata
 from marketplace_search.models import load_checkpoint, sha256_file
 from marketplace_search.presets import Preprocess
@@ -57,15 +60,27 @@ def photo_size(run_dir: Path, info: dict) -> int:
     return DEFAULT_PHOTO_SIZE
 
 
-def prepare_work(data_dir: Path, work_dir: Path, size: int, workers: int) -> pd.DataFrame:
-    """Stages 1-2 on DATA into WORK; the training table rows whose photo could be normalised."""
+def prepare_work(data_dir: Path, work_dir: Path, size: int, workers: int,
+                 old_hashes: dict[str, str] | None) -> tuple[pd.DataFrame, dict[str, str], set[str]]:
+    """Stages 1-2 on DATA into WORK: (the training table rows whose photo could be normalised, the sha256
+    of each of their source photos, the image_ids among them whose source photo changed since OLD_HASHES)."""
     tables.clean_tables(data_dir, work_dir)
     table = tables.read_training_table(work_dir)
+    hashes = hash_photos(table["image_id"], data_dir / "images")
+    changed = changed_photos(old_hashes or {}, hashes)
+    for image_id in changed:  # training.photos skips a photo already normalised: make it read the new bytes
+        (work_dir / photos.PHOTOS_DIR / f"{image_id}.jpg").unlink(missing_ok=True)
     report = photos.normalise_photos(list(table["image_id"]), data_dir / "images", work_dir / photos.PHOTOS_DIR,
                                      size, max(1, workers))  # 0 would mean every core there
     print(photos.format_report(report))
     usable, _ = drop_missing_photos(table, work_dir / photos.PHOTOS_DIR)
-    return usable
+    usable_hashes = {image_id: hashes[image_id] for image_id in usable["image_id"] if image_id in hashes}
+    return usable, usable_hashes, changed & usable_hashes.keys()
+
+
+def changed_photos(old_hashes: dict[str, str], hashes: dict[str, str]) -> set[str]:
+    """image_ids hashed both times whose bytes differ (same size or not)."""
+    return {image_id for image_id, sha256 in hashes.items() if old_hashes.get(image_id, sha256) != sha256}
 
 
 def listings_by_product(listings: dict[str, dict]) -> dict[str, dict]:
@@ -88,23 +103,27 @@ def compare_listings(old: dict[str, dict], new: dict[str, dict]) -> dict[str, li
             "unchanged": sorted(product for product in common if old_products[product] == new_products[product])}
 
 
-def previous_vectors(run_dir: Path, checkpoint_sha256: str) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
-    """({image_id: row}, embeddings, probabilities) of RUN, refused if another checkpoint made them."""
+def previous_vectors(run_dir: Path, checkpoint_sha256: str
+                     ) -> tuple[dict[str, int], np.ndarray, np.ndarray, dict[str, str] | None]:
+    """({image_id: row}, embeddings, probabilities, {image_id: photo sha256} or None) of RUN, refused if
+    another checkpoint made them."""
     image_ids, vectors, probabilities, meta = load_embeddings(run_dir)
     if meta.get("checkpoint_sha256") != checkpoint_sha256:
         raise ValueError(f"{run_dir / EMBEDDINGS_DIR} was made by checkpoint sha256 "
                          f"{str(meta.get('checkpoint_sha256'))[:12]}, not {run_dir / CHECKPOINT} "
                          f"({checkpoint_sha256[:12]}): its vectors cannot be reused; re-run training.embed")
-    return {image_id: row for row, image_id in enumerate(image_ids)}, vectors, probabilities
+    known = {image_id: row for row, image_id in enumerate(image_ids)}
+    return known, vectors, probabilities, load_photo_hashes(run_dir)
 
 
 def assemble_vectors(table: pd.DataFrame, known: dict[str, int], vectors: np.ndarray, probabilities: np.ndarray,
-                     embed_new) -> tuple[np.ndarray, np.ndarray, int]:
-    """(embeddings, probabilities) in `table` order: known rows reused, the others from `embed_new(rows)`.
+                     embed_new, changed: set[str] = frozenset()) -> tuple[np.ndarray, np.ndarray, int]:
+    """(embeddings, probabilities) in `table` order: known rows reused, unless their photo is in CHANGED;
+    the others from `embed_new(rows)`.
 
     Returns the number embedded as well.
     """
-    is_new = ~table["image_id"].isin(known.keys())
+    is_new = ~table["image_id"].isin(known.keys() - changed)
     out_vectors = np.zeros((len(table), vectors.shape[1]), dtype=np.float32)
     out_probabilities = np.zeros((len(table), probabilities.shape[1]), dtype=np.float32)
     reused = np.flatnonzero(~is_new.to_numpy())
@@ -117,7 +136,8 @@ def assemble_vectors(table: pd.DataFrame, known: dict[str, int], vectors: np.nda
 
 
 def write_run(run_dir: Path, work_dir: Path, data_dir: Path, table: pd.DataFrame, vectors: np.ndarray,
-              probabilities: np.ndarray, checkpoint: dict, index_type: str, refresh: dict) -> Path:
+              probabilities: np.ndarray, photo_sha256: dict[str, str], checkpoint: dict, index_type: str,
+              refresh: dict) -> Path:
     """The new RUN folder: same weights, new embeddings and index, RUN's evaluation, run.json."""
     new_run = new_run_dir(work_dir)
     shutil.copy2(run_dir / CHECKPOINT, new_run / CHECKPOINT)
@@ -127,7 +147,7 @@ def write_run(run_dir: Path, work_dir: Path, data_dir: Path, table: pd.DataFrame
     image_ids = list(table["image_id"])
     save_embeddings(new_run / EMBEDDINGS_DIR, image_ids, vectors, probabilities,
                     {**model, "count": len(image_ids), "dimension": int(vectors.shape[1]), "dtype": "float32",
-                     "normalisation": "l2", "refresh_of": str(run_dir)})
+                     "normalisation": "l2", "refresh_of": str(run_dir)}, photo_sha256)
     catalogue = make_catalogue(vectors, image_ids, listing_metadata(table),
                                {"model": model, "run": new_run.name, "refresh_of": run_dir.name}, index_type)
     catalogue.save(new_run / INDEX_DIR)
@@ -146,13 +166,13 @@ def refresh_run(run_dir: Path, data_dir: Path, work_dir: Path, *, size: int | No
     """Steps 1-3: returns (the new RUN folder, the refresh counts)."""
     run_dir, data_dir, work_dir = Path(run_dir).resolve(), Path(data_dir).resolve(), Path(work_dir).resolve()
     model, checkpoint = load_checkpoint(run_dir / CHECKPOINT)
-    known, vectors, probabilities = previous_vectors(run_dir, sha256_file(run_dir / CHECKPOINT))
+    known, vectors, probabilities, old_hashes = previous_vectors(run_dir, sha256_file(run_dir / CHECKPOINT))
     old_listings = Catalogue.load(run_dir / INDEX_DIR).listings
     timings = {}
 
     started = time.perf_counter()
     size = size or photo_size(run_dir, read_run_info(run_dir))
-    table = prepare_work(data_dir, work_dir, size, workers)
+    table, photo_sha256, changed = prepare_work(data_dir, work_dir, size, workers, old_hashes)
     if table.empty:
         raise ValueError(f"{data_dir} has no listing with a usable photo: nothing to put in a catalogue")
     timings["tables_photos"] = round(time.perf_counter() - started, 1)
@@ -161,17 +181,26 @@ def refresh_run(run_dir: Path, data_dir: Path, work_dir: Path, *, size: int | No
     preprocess = Preprocess.from_dict(checkpoint["preprocess"])
     vectors, probabilities, embedded = assemble_vectors(
         table, known, vectors, probabilities,
-        lambda rows: embed_rows(model, preprocess, rows, work_dir / photos.PHOTOS_DIR, embed_batch_size, workers))
+        lambda rows: embed_rows(model, preprocess, rows, work_dir / photos.PHOTOS_DIR, embed_batch_size, workers),
+        changed)
     timings["embed"] = round(time.perf_counter() - started, 1)
 
+    reused = set(table["image_id"]) & (known.keys() - changed)
+    unverified = sorted(reused - (old_hashes or {}).keys())
+    if unverified:
+        print(f"warning: {len(unverified)} reused vectors could not be checked against their photo's bytes "
+              f"({run_dir / EMBEDDINGS_DIR} has no sha256 for them, e.g. {unverified[0]}); reused by image_id. "
+              f"The new run records the hashes, so the next refresh checks them")
     changes = compare_listings(old_listings, listing_metadata(table))
     unknown_categories = sorted(set(table["category"]) - set(checkpoint["classes"]))
     refresh = {"listings": {name: len(ids) for name, ids in changes.items()},
                "listing_ids": {name: ids for name, ids in changes.items() if name != "unchanged"},
                "photos": {"catalogue": len(table), "reused": len(table) - embedded, "embedded": embedded,
+                          "changed": len(changed), "unverified": len(unverified),
                           "dropped": len(set(old_listings) - set(table["image_id"]))},
                "photo_size": size, "categories_unknown_to_model": unknown_categories, "stage_seconds": timings}
-    new_run = write_run(run_dir, work_dir, data_dir, table, vectors, probabilities, checkpoint, index_type, refresh)
+    new_run = write_run(run_dir, work_dir, data_dir, table, vectors, probabilities, photo_sha256, checkpoint,
+                        index_type, refresh)
     return new_run, refresh
 
 
@@ -180,7 +209,8 @@ def format_refresh(refresh: dict) -> str:
     lines = [f"listings: {listings['added']} added, {listings['removed']} removed, {listings['changed']} changed, "
              f"{listings['unchanged']} unchanged",
              f"photos: {photo_counts['catalogue']} in the catalogue: {photo_counts['reused']} reused, "
-             f"{photo_counts['embedded']} embedded; {photo_counts['dropped']} dropped with their listings"]
+             f"{photo_counts['embedded']} embedded ({photo_counts['changed']} of them changed photos); "
+             f"{photo_counts['dropped']} dropped with their listings"]
     if refresh["categories_unknown_to_model"]:
         lines.append(f"note: categories the model was not trained on (searchable, never predicted): "
                      f"{', '.join(refresh['categories_unknown_to_model'])}")

@@ -1,6 +1,8 @@
 """scripts.refresh: a run refreshed with added, removed and changed listings, released into a real TorchServe."""
 import faiss  # noqa: F401  (before torch: OpenMP, see README)
 
+import hashlib
+import io
 import json
 import shutil
 import threading
@@ -13,6 +15,7 @@ import pandas as pd
 import pytest
 import requests
 import torch
+from PIL import Image, ImageOps
 
 from scripts import api, refresh
 from scripts.archive import build_archive
@@ -197,7 +200,8 @@ def test_refresh_released_without_downtime(old, tmp_path):
         assert listings[changes.renamed]["title"] == NEW_TITLE
 
     assert summary["listings"] == {"added": 3, "removed": 2, "changed": 2, "unchanged": 8}
-    assert summary["photos"] == {"catalogue": 26, "reused": 20, "embedded": 6, "dropped": 4}
+    assert summary["photos"] == {"catalogue": 26, "reused": 20, "embedded": 6, "changed": 0, "unverified": 0,
+                                 "dropped": 4}
     assert Path(summary["archive"]).name == "marketplace-v2.0.mar"
     new_run = Path(summary["run"])
     info = json.loads((new_run / "run.json").read_text())
@@ -208,3 +212,59 @@ def test_refresh_released_without_downtime(old, tmp_path):
     new_ids, new_vectors, _, _ = embed.load_embeddings(new_run)
     for image_id in set(old_ids) & set(new_ids):  # reused as they were
         np.testing.assert_array_equal(new_vectors[new_ids.index(image_id)], old_vectors[old_ids.index(image_id)])
+
+
+def other_photo_of_the_same_size(path: Path) -> bytes:
+    """Another picture (PATH's, inverted) as a JPEG exactly as long as PATH, padded after its end marker."""
+    original = path.read_bytes()
+    with Image.open(path) as image:
+        inverted = ImageOps.invert(image.convert("RGB"))
+    for quality in (90, 75, 50, 25, 10):
+        buffer = io.BytesIO()
+        inverted.save(buffer, "JPEG", quality=quality)
+        if buffer.tell() <= len(original):
+            return buffer.getvalue() + b"\0" * (len(original) - buffer.tell())
+    raise AssertionError(f"cannot make a JPEG as small as {path}")
+
+
+def vectors_by_id(run: Path) -> dict[str, np.ndarray]:
+    image_ids, vectors, _, _ = embed.load_embeddings(run)
+    return dict(zip(image_ids, vectors))
+
+
+def test_a_photo_changed_under_the_same_id_is_embedded_again(old, tmp_path):
+    data, work = tmp_path / "data", tmp_path / "work"
+    shutil.copytree(old.data, data)  # every photo the same bytes (new files, new times)
+    same_run, same = refresh.refresh_run(old.run, data, work, workers=0)
+    assert same["photos"] | {"catalogue": 0} == {"catalogue": 0, "reused": 24, "embedded": 0, "changed": 0,
+                                                 "unverified": 0, "dropped": 0}
+
+    image_id = next(path.stem for path in sorted((data / "images").glob("*.jpg"))
+                    if path.read_bytes()[:2] == b"\xff\xd8" and path.stem in vectors_by_id(old.run))
+    photo = data / "images" / f"{image_id}.jpg"
+    replacement = other_photo_of_the_same_size(photo)
+    assert len(replacement) == photo.stat().st_size and replacement != photo.read_bytes()
+    photo.write_bytes(replacement)
+    # The same WORK: its normalised copy of the old photo is there, and must not be what gets embedded.
+    changed_run, changed = refresh.refresh_run(old.run, data, work, workers=0)
+    assert changed["photos"]["embedded"] == 1 and changed["photos"]["changed"] == 1
+    assert changed["photos"]["reused"] == 23
+    before, after = vectors_by_id(old.run), vectors_by_id(changed_run)
+    assert not np.allclose(after[image_id], before[image_id])
+    for other in before.keys() - {image_id}:
+        np.testing.assert_array_equal(after[other], before[other])
+    recorded = json.loads((changed_run / "embeddings" / "photo_sha256.json").read_text())
+    assert recorded[image_id] == hashlib.sha256(replacement).hexdigest() and len(recorded) == 24
+
+    _, again = refresh.refresh_run(changed_run, data, tmp_path / "work_again", workers=0)
+    assert again["photos"]["embedded"] == 0 and again["photos"]["reused"] == 24  # the new hash is the one compared
+
+
+def test_vectors_without_photo_hashes_are_reused_with_a_warning(old, tmp_path, capsys):
+    run = tmp_path / "legacy_run"
+    shutil.copytree(old.run, run)
+    (run / "embeddings" / "photo_sha256.json").unlink()
+    new_run, summary = refresh.refresh_run(run, old.data, tmp_path / "work", workers=0)
+    assert summary["photos"]["reused"] == 24 and summary["photos"]["unverified"] == 24
+    assert "24 reused vectors could not be checked" in capsys.readouterr().out
+    assert len(json.loads((new_run / "embeddings" / "photo_sha256.json").read_text())) == 24

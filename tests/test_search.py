@@ -1,8 +1,11 @@
 """The catalogue index against brute-force search on generated vectors."""
 import faiss  # noqa: F401  (before torch, see README: OpenMP)
+import json
+
 import numpy as np
 import pytest
 
+from marketplace_search import search
 from marketplace_search.search import Catalogue, build_index, make_catalogue
 
 
@@ -138,3 +141,147 @@ def test_scalar_quantised_hnsw_stores_a_quarter_of_the_vector_bytes():
 def test_missing_catalogue_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="catalogue.faiss"):
         Catalogue.load(tmp_path)
+
+
+def rare_category_catalogue(index_type: str, others: int = 20_000, rare: int = 12, scarce: int = 300):
+    """OTHERS photos of three common categories, SCARCE of "Scarce" and RARE of "Rare"; one photo a listing."""
+    vectors = unit_vectors(others + scarce + rare, 32, seed=3)
+    image_ids = [f"img-{i}" for i in range(len(vectors))]
+    categories = ["Home", "Garden", "Music"] * (others // 3 + 1)
+    categories = categories[:others] + ["Scarce"] * scarce + ["Rare"] * rare
+    listings = {image_id: {"product_id": f"prod-{i}", "title": f"title {i}", "price": 1.0, "location": "Leeds",
+                           "category": category} for i, (image_id, category) in enumerate(zip(image_ids, categories))}
+    return vectors, make_catalogue(vectors, image_ids, listings, {}, index_type), np.array(categories)
+
+
+@pytest.mark.parametrize("index_type", ["hnsw", "hnsw_sq8", "ivf"])
+def test_filtered_search_of_a_rare_category_finds_k_of_it(index_type):
+    vectors, catalogue, categories = rare_category_catalogue(index_type)
+    queries = unit_vectors(5, 32, seed=4)
+    rare_rows = np.flatnonzero(categories == "Rare")
+    for answer, query in zip(catalogue.search(queries, k=10, category="Rare"), queries):
+        assert len(answer) == 10 and {n["category"] for n in answer} == {"Rare"}
+        if index_type != "hnsw_sq8":  # exact over the category's photos (8-bit codes rank a little differently)
+            best = rare_rows[np.argsort(-(vectors[rare_rows] @ query), kind="stable")[:10]]
+            assert [n["image_id"] for n in answer] == [f"img-{row}" for row in best]
+    everything = catalogue.search(queries, k=20, category="Rare")
+    assert all(len(answer) == 12 for answer in everything)  # all there are, and no more
+    for answer in catalogue.search(queries, k=50, category="Scarce"):  # approximate, widened when it runs out
+        assert len(answer) == 50 and {n["category"] for n in answer} == {"Scarce"}
+    unfiltered = catalogue.search(queries, k=10)
+    assert all(len(answer) == 10 for answer in unfiltered)
+
+
+def test_filtered_search_counts_listings_not_photos():
+    vectors = unit_vectors(3000, 16)
+    image_ids, listings = listings_for(3000, photos_per_listing=10)  # 100 listings a category
+    catalogue = make_catalogue(vectors, image_ids, listings, {}, "hnsw")
+    for answer in catalogue.search(vectors[:5], k=100, category="Garden"):
+        assert len(answer) == 100 and len({n["product_id"] for n in answer}) == 100
+
+
+def saved(tmp_path, name: str, n: int, seed: int):
+    vectors = unit_vectors(n, 16, seed=seed)
+    image_ids, listings = listings_for(n)
+    image_ids = image_ids[::-1] if seed % 2 else image_ids  # another build: another row order
+    catalogue = make_catalogue(vectors, image_ids, listings, {"run": name}, "flat")
+    catalogue.save(tmp_path / name)
+    return tmp_path / name, vectors
+
+
+def test_save_replaces_an_existing_catalogue_whole(tmp_path):
+    folder, _ = saved(tmp_path, "index", 50, seed=0)
+    folder.chmod(0o750)
+    make_catalogue(unit_vectors(80, 16, seed=1), *listings_for(80), {"run": "second"}, "flat").save(folder)
+    loaded = Catalogue.load(folder)
+    assert loaded.meta["run"] == "second" and loaded.index.ntotal == 80
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["index"]  # no temporary folder left
+    assert folder.stat().st_mode & 0o777 == 0o750  # the replaced folder's permissions, not mkdtemp's 0o700
+
+
+def test_failed_save_leaves_the_previous_catalogue(tmp_path):
+    folder, vectors = saved(tmp_path, "index", 50, seed=0)
+    before = Catalogue.load(folder).search(vectors[:2], k=5)
+    image_ids, listings = listings_for(80)
+    listings["img-3"]["price"] = {1.0}  # not JSON: fails after the index and the id map are written
+    broken = make_catalogue(unit_vectors(80, 16, seed=1), image_ids, listings, {"run": "broken"}, "flat")
+    with pytest.raises(TypeError):
+        broken.save(folder)
+    assert Catalogue.load(folder).search(vectors[:2], k=5) == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["index"]
+
+
+def test_save_refuses_to_replace_a_folder_that_is_not_a_catalogue(tmp_path):
+    (tmp_path / "run.json").write_text("{}")
+    catalogue = make_catalogue(unit_vectors(10, 8), *listings_for(10), {}, "flat")
+    with pytest.raises(FileExistsError, match="run.json"):
+        catalogue.save(tmp_path)
+    assert (tmp_path / "run.json").read_text() == "{}"
+
+
+def test_readers_never_see_a_half_written_catalogue(tmp_path):
+    import threading
+    import time
+
+    builds = [make_catalogue(unit_vectors(n, 16, seed=n), *listings_for(n), {"run": str(n)}, "hnsw")
+              for n in (400, 600)]
+    builds[0].save(tmp_path / "index")
+    done = threading.Event()
+
+    def keep_saving():
+        for turn in range(20):
+            builds[turn % 2].save(tmp_path / "index")
+            time.sleep(0.05)
+        done.set()
+
+    writer = threading.Thread(target=keep_saving)
+    writer.start()
+    loads = 0
+    try:
+        while not done.is_set() or loads == 0:
+            loaded = Catalogue.load(tmp_path / "index")
+            assert loaded.index.ntotal == int(loaded.meta["run"]) == len(loaded.image_ids)
+            loads += 1
+    finally:
+        writer.join()
+    assert loads > 1
+
+
+def test_id_map_of_another_build_refuses_to_load(tmp_path):
+    folder, _ = saved(tmp_path, "a", 60, seed=0)
+    other, _ = saved(tmp_path, "b", 60, seed=1)  # same size, rows in another order
+    (folder / "id_map.json").write_bytes((other / "id_map.json").read_bytes())
+    with pytest.raises(search.CatalogueMismatchError, match=r"a/id_map.json does not belong with .*a/catalogue.faiss"):
+        Catalogue.load(folder)
+
+
+def test_listings_of_another_build_refuse_to_load(tmp_path):
+    folder, _ = saved(tmp_path, "a", 60, seed=0)
+    listings = json.loads((folder / "listings.json").read_text())
+    listings["img-0"]["title"] = "another build's title"
+    (folder / "listings.json").write_text(json.dumps(listings))
+    with pytest.raises(search.CatalogueMismatchError, match=r"listings.json does not belong with .*catalogue.faiss"):
+        Catalogue.load(folder)
+
+
+def test_index_of_another_build_refuses_to_load(tmp_path):
+    folder, _ = saved(tmp_path, "a", 60, seed=0)
+    other, _ = saved(tmp_path, "b", 60, seed=2)  # same size and order, other vectors
+    (folder / "catalogue.faiss").write_bytes((other / "catalogue.faiss").read_bytes())
+    with pytest.raises(search.CatalogueMismatchError, match=r"catalogue.faiss does not belong with .*id_map.json"):
+        Catalogue.load(folder)
+
+
+def test_catalogue_saved_without_hashes_loads_with_a_warning_but_counts_are_checked(tmp_path, caplog):
+    folder, vectors = saved(tmp_path, "a", 60, seed=0)
+    meta = json.loads((folder / "index_meta.json").read_text())
+    del meta["files"]
+    (folder / "index_meta.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="marketplace_search.search"):
+        assert Catalogue.load(folder).search(vectors[:1], k=1)[0][0]["image_id"] == "img-0"
+    assert "records no sha256" in caplog.text
+    other, _ = saved(tmp_path, "b", 61, seed=2)
+    (folder / "catalogue.faiss").write_bytes((other / "catalogue.faiss").read_bytes())
+    with pytest.raises(search.CatalogueMismatchError,
+                       match=r"a/catalogue.faiss holds 61 vectors but .*a/id_map.json lists 60 image ids"):
+        Catalogue.load(folder)

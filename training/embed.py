@@ -2,7 +2,9 @@
 
 Writes RUN/embeddings/: `embeddings.npy` ((n, d) float32, L2-normalised), `image_ids.json` (row
 order), `probabilities.npy` ((n, classes) float32, used by evaluation), `image_embeddings.json`
-(`{image_id: [floats]}`, the original system's format) and `embeddings_meta.json`.
+(`{image_id: [floats]}`, the original system's format), `embeddings_meta.json` and `photo_sha256.json`
+(`{image_id: sha256}` of each source photo, DATA/images/<image_id>.jpg: scripts.refresh reuses a
+vector only for the same bytes).
 """
 import argparse
 import json
@@ -15,9 +17,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from training.dataset import ListingPhotos, load_split
+from training.photos import PHOTOS_DIR, REPORT_FILE
 from marketplace_search.models import MarketplaceNet, embed, load_checkpoint, sha256_file
 from marketplace_search.presets import Preprocess, eval_transform
 from marketplace_search.layout import BEST_CHECKPOINT, EMBEDDINGS_DIR, WEIGHTS_DIR, latest_run, update_run_info
+
+PHOTO_HASHES_FILE = "photo_sha256.json"
 
 
 def embed_rows(model: MarketplaceNet, preprocess: Preprocess, rows, photos_dir: Path,
@@ -35,8 +40,24 @@ def embed_rows(model: MarketplaceNet, preprocess: Preprocess, rows, photos_dir: 
     return np.concatenate(vectors), np.concatenate(probabilities)
 
 
+def hash_photos(image_ids, images_dir: Path) -> dict[str, str]:
+    """`{image_id: sha256}` of IMAGES_DIR/<image_id>.jpg, for the photos that are there."""
+    paths = {image_id: Path(images_dir) / f"{image_id}.jpg" for image_id in image_ids}
+    return {image_id: sha256_file(path) for image_id, path in paths.items() if path.is_file()}
+
+
+def source_photos(work_dir: Path) -> Path | None:
+    """The folder training.photos normalised WORK/photos from (its report names it), if still there."""
+    report = Path(work_dir) / PHOTOS_DIR / REPORT_FILE
+    if not report.is_file():
+        return None
+    source = Path(json.loads(report.read_text())["source"])
+    return source if source.is_dir() else None
+
+
 def save_embeddings(out_dir: Path, image_ids: list[str], vectors: np.ndarray, probabilities: np.ndarray,
-                    meta: dict) -> None:
+                    meta: dict, photo_sha256: dict[str, str] | None = None) -> None:
+    """`photo_sha256`: the source photos' hashes, for the next refresh to compare (omitted when unknown)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     np.save(out_dir / "embeddings.npy", vectors.astype(np.float32))
     np.save(out_dir / "probabilities.npy", probabilities.astype(np.float32))
@@ -44,6 +65,14 @@ def save_embeddings(out_dir: Path, image_ids: list[str], vectors: np.ndarray, pr
     as_json = {image_id: [round(float(x), 7) for x in vector] for image_id, vector in zip(image_ids, vectors)}
     (out_dir / "image_embeddings.json").write_text(json.dumps(as_json))
     (out_dir / "embeddings_meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if photo_sha256 is not None:
+        (out_dir / PHOTO_HASHES_FILE).write_text(json.dumps(photo_sha256, sort_keys=True))
+
+
+def load_photo_hashes(run_dir: Path) -> dict[str, str] | None:
+    """`{image_id: sha256}` of the photos RUN's vectors were made from; None for embeddings saved without."""
+    path = Path(run_dir) / EMBEDDINGS_DIR / PHOTO_HASHES_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def load_embeddings(run_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
@@ -74,7 +103,12 @@ def main(argv=None) -> None:
     meta = {"count": len(rows), "dimension": int(vectors.shape[1]), "dtype": "float32", "normalisation": "l2",
             "checkpoint": str(checkpoint_path), "checkpoint_sha256": sha256_file(checkpoint_path),
             "epoch": checkpoint["epoch"], "arch": checkpoint["arch"]}
-    save_embeddings(run_dir / EMBEDDINGS_DIR, list(rows["image_id"]), vectors, probabilities, meta)
+    source = source_photos(args.work)
+    if source is None:
+        print(f"note: {Path(args.work) / PHOTOS_DIR / REPORT_FILE} names no source folder that is still there: "
+              f"no photo hashes saved, so scripts.refresh will reuse these vectors by image_id alone")
+    photo_sha256 = hash_photos(rows["image_id"], source) if source else None
+    save_embeddings(run_dir / EMBEDDINGS_DIR, list(rows["image_id"]), vectors, probabilities, meta, photo_sha256)
     update_run_info(run_dir, stage_seconds={"embed": round(seconds, 1)})
     print(f"embedded {len(rows)} photos ({vectors.shape[1]}-d, {len(rows) / seconds:.1f} photos/s) "
           f"-> {run_dir / EMBEDDINGS_DIR}")
