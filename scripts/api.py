@@ -121,6 +121,17 @@ def retrying(retries: int, backoff: float = 0.5, max_backoff: float = 10.0,
                     retry=retry_if_exception_type(TransientError), before_sleep=before_sleep, reraise=True)
 
 
+def key_refused(response: requests.Response) -> bool:
+    """TorchServe 0.12 refuses a missing, wrong or expired key with 400 InvalidKeyException (not 401)."""
+    if response.status_code not in (400, 401):
+        return False
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("type") == "InvalidKeyException"
+
+
 # --- inference API ----------------------------------------------------------------------------------
 
 def content_type(photo: bytes) -> str:

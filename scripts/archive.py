@@ -100,9 +100,11 @@ def model_card(run_dir: Path, info: dict, checkpoint: dict, checkpoint_sha256: s
 
 
 def model_config(batch_size: int, max_batch_delay: int, min_workers: int, max_workers: int,
-                 response_timeout: int, threads: int, layout: str = "auto", warm_up: bool = True) -> dict:
+                 response_timeout: int, threads: int, layout: str = "auto", warm_up: bool = True,
+                 category_blend: dict | None = None) -> dict:
     """TorchServe's model_config.yaml; the `handler` section is read by MarketplaceHandler.initialize."""
-    handler = {"layout": layout, "warm_up": warm_up, **({"threads": threads} if threads else {})}
+    handler = {"layout": layout, "warm_up": warm_up, **({"threads": threads} if threads else {}),
+               **({"category_blend": category_blend} if category_blend else {})}
     return {"minWorkers": min_workers, "maxWorkers": max_workers, "batchSize": batch_size,
             "maxBatchDelay": max_batch_delay, "responseTimeout": response_timeout, "handler": handler}
 
@@ -141,7 +143,7 @@ def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketpla
                   output_name: str = "{name}", batch_size: int = BATCH_SIZE,
                   max_batch_delay: int = MAX_BATCH_DELAY, min_workers: int = 1, max_workers: int = 1,
                   response_timeout: int = 120, threads: int = 0, layout: str = "auto",
-                  warm_up: bool = True) -> Path:
+                  warm_up: bool = True, category_blend: bool = True) -> Path:
     """Build STORE/<output_name>.mar from a run folder; returns its path.
 
     A file name that carries the version (`{version}` in output_name, e.g. marketplace-v2.0.mar) names
@@ -168,8 +170,12 @@ def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketpla
         stage = Path(stage)
         extra = stage_extra_files(stage, run_dir, checkpoint["classes"], card)
         config_file = stage / "model_config.yaml"
+        # The category blend training.evaluate chose on the validation split, if it beat the head alone.
+        blend = card["evaluation"].get("category_blend") if category_blend else None
         config_file.write_text(yaml.safe_dump(model_config(batch_size, max_batch_delay, min_workers, max_workers,
-                                                           response_timeout, threads, layout, warm_up),
+                                                           response_timeout, threads, layout, warm_up,
+                                                           blend and {key: blend[key] for key in
+                                                                      ("k", "temperature", "weight")}),
                                               sort_keys=True))
         built = run_archiver(stage, name, version, run_dir / CHECKPOINT, extra, config_file)
         shutil.move(str(built), target)
@@ -199,11 +205,14 @@ def main(argv=None) -> None:
     parser.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
                         help="workers run one forward pass per batch size before READY (oneDNN builds kernels "
                              "per input shape)")
+    parser.add_argument("--category-blend", action=argparse.BooleanOptionalAction, default=True,
+                        help="serve the category blend of head and catalogue neighbours that training.evaluate "
+                             "chose on the validation split (RUN/evaluation.json), if any")
     args = parser.parse_args(argv)
     try:
         target = build_archive(args.run, args.store, args.name, args.version, args.output_name, args.batch_size,
                                args.max_batch_delay, args.min_workers, args.max_workers, args.response_timeout,
-                               args.threads, args.layout, args.warm_up)
+                               args.threads, args.layout, args.warm_up, args.category_blend)
     except FileExistsError as error:
         raise SystemExit(f"refused: {error}") from error
     print(f"{target} ({target.stat().st_size / 1e6:.1f} MB)")

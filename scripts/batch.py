@@ -6,14 +6,16 @@
 
 INPUT is a folder (every file in it, sorted by name, dot-files skipped; image id = file stem) or a
 CSV with an `image_id` and/or a `path` column (paths relative to the CSV's folder; image_id alone
-reads --images DIR/<image_id>.jpg). Inputs are identified by (image_id, absolute path).
+reads --images DIR/<image_id>.jpg). Inputs are identified by (image_id, absolute path). Every input
+must be a regular file of at most --max-file-bytes inside its folder (the folder given, the CSV's,
+--images): an absolute path, a `..` or a symlink that leads out of it is refused ("refused_input").
 
 OUTPUT gets one JSON line per input, in the order answers arrive:
   {"image_id", "path", "status": "ok", "category", "probability", "top_categories", "neighbours", "model"}
   {"image_id", "path", "status": "error", "code", "error"}
 `code` is the HTTP status of the model's answer (400 unreadable photo, 413 too large, ...), the last
 status of an overload that outlived its retries (503, 507, ...), or, with no answer at all,
-"file_error" (the input could not be read), "connection_error" or "timeout".
+"file_error" (the input could not be read), "refused_input" (see above), "connection_error" or "timeout".
 
 Retries: 429/502/503/504/507, connection errors and timeouts are retried --retries times with
 exponential backoff and jitter; any other answer is final for that input. 401/403/404 mean a wrong
@@ -26,7 +28,8 @@ line is a transient error (codes above) are removed from OUTPUT and sent again, 
 has exactly one line. 4xx answers are never re-sent.
 
 --local ARCHIVE.mar|FOLDER runs the archive's handler in this process, in batches of --batch-size,
-with the same output: the path for a machine without TorchServe. Throughput in the summary counts
+with the same output: the path for a machine without TorchServe. A .mar is unzipped only within
+MAX_ARCHIVE_BYTES and MAX_ARCHIVE_MEMBERS, and not at all if a member's name is absolute or has `..`. Throughput in the summary counts
 the photos answered in this run over the time spent answering them (model loading excluded).
 """
 import argparse
@@ -57,6 +60,11 @@ from scripts.api import TRANSIENT_STATUSES, TransientError
 NO_ANSWER_CODES = ("connection_error", "timeout")
 FATAL_STATUSES = (401, 403, 404)  # every photo would get the same answer
 FILE_ERROR = "file_error"
+REFUSED_INPUT = "refused_input"
+MAX_FILE_BYTES = 20 * 1024 * 1024  # = the server's max_request_size (config.properties)
+# An archive holds a checkpoint, a Faiss index (1.2 GB for HNSW at 1M photos), the code and a config.
+MAX_ARCHIVE_BYTES = 8 * 2**30
+MAX_ARCHIVE_MEMBERS = 10_000
 FSYNC_EVERY_LINES = 200
 FSYNC_EVERY_SECONDS = 5.0
 CSV_COLUMNS = ("image_id", "path")
@@ -64,14 +72,19 @@ CSV_COLUMNS = ("image_id", "path")
 
 @dataclass(frozen=True)
 class Item:
-    """One input photo."""
+    """One input photo; `root` is the folder it must stay inside (not part of its identity)."""
 
     image_id: str
     path: str
+    root: str = field(default="", compare=False)
 
     @property
     def key(self) -> tuple[str, str]:
         return self.image_id, self.path
+
+
+class RefusedInput(ValueError):
+    """An input the batch will not read: outside its folder, not a regular file, or too large."""
 
 
 class FatalError(RuntimeError):
@@ -121,7 +134,7 @@ def list_inputs(source: Path, images_dir: Path | None = None) -> list[Item]:
 def folder_inputs(folder: Path) -> list[Item]:
     """Every non-folder entry, sorted by name; unreadable ones become error lines, not gaps."""
     folder = absolute(folder)
-    return [Item(path.stem, str(path)) for path in sorted(folder.iterdir())
+    return [Item(path.stem, str(path), str(folder)) for path in sorted(folder.iterdir())
             if not path.name.startswith(".") and not path.is_dir()]
 
 
@@ -143,16 +156,28 @@ def csv_item(row: dict, csv_path: Path, line: int, images_dir: Path | None) -> I
     image_id = (row.get("image_id") or "").strip()
     path = (row.get("path") or "").strip()
     if path:
-        full = absolute(csv_path.parent / path)  # an absolute `path` stays as it is
-        return Item(image_id or full.stem, str(full))
+        full = absolute(csv_path.parent / path)  # an absolute `path` stays as it is: read_input refuses it
+        return Item(image_id or full.stem, str(full), str(csv_path.parent))
     if image_id and images_dir is not None:
-        return Item(image_id, str(absolute(images_dir) / f"{image_id}.jpg"))
+        return Item(image_id, str(absolute(images_dir / f"{image_id}.jpg")), str(absolute(images_dir)))
     raise ValueError(f"{csv_path} line {line}: no path" + ("" if image_id else " and no image_id")
                      + ("" if images_dir or not image_id else " (pass --images DIR to read DIR/<image_id>.jpg)"))
 
 
-def read_input(item: Item) -> bytes:
-    return Path(item.path).read_bytes()
+def read_input(item: Item, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The input's bytes; RefusedInput when it leads out of its folder, is not a regular file or is too large."""
+    path = Path(item.path)
+    if item.root:
+        root = Path(item.root).resolve()
+        if not path.resolve().is_relative_to(root):  # an absolute path, a `..`, a symlink pointing out
+            raise RefusedInput(f"{item.path} is outside {root}")
+    if path.exists() and not path.is_file():
+        raise RefusedInput(f"{item.path} is not a regular file")
+    with open(path, "rb") as handle:
+        data = handle.read(max_bytes + 1)  # never more, even if the file grows meanwhile
+    if len(data) > max_bytes:
+        raise RefusedInput(f"{item.path} is over the limit of {max_bytes:,} bytes (--max-file-bytes)")
+    return data
 
 
 # --- output -------------------------------------------------------------------------------------------
@@ -254,13 +279,15 @@ def answer_record(item: Item, status: int, answer: dict) -> dict:
     return error_record(item, status, answer.get("error") or answer.get("message") or json.dumps(answer))
 
 
-def file_error(item: Item, error: OSError) -> dict:
+def file_error(item: Item, error: OSError | RefusedInput) -> dict:
+    if isinstance(error, RefusedInput):
+        return error_record(item, REFUSED_INPUT, f"refused: {error}")
     return error_record(item, FILE_ERROR, f"cannot read {item.path}: {error.strerror or error}")
 
 
 # --- served -------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass
 class Target:
     """Where and how to send photos."""
 
@@ -268,9 +295,19 @@ class Target:
     k: int
     timeout: float
     token: str | None = None
+    max_file_bytes: int = MAX_FILE_BYTES
+    key_file: Path | None = None  # re-read when the server refuses the key (keys expire, and are renewed)
 
     def headers(self, photo: bytes) -> dict:
         return api.prediction_headers(photo, self.token, k=self.k)
+
+    def renewed_token(self) -> bool:
+        """Take the key file's current inference key; True if it differs from the one refused."""
+        if self.key_file is None:
+            return False
+        token = api.read_key_file(self.key_file, "inference")
+        renewed, self.token = token != self.token, token
+        return renewed
 
 
 def check_server(url: str, timeout: float) -> None:
@@ -285,6 +322,12 @@ def check_server(url: str, timeout: float) -> None:
 def post_photo(target: Target, photo: bytes) -> tuple[int, dict]:
     """One POST: the final (status, JSON answer), or TransientError when it is worth asking again."""
     response = api.post_photo(target.url, photo, target.headers(photo), target.timeout)
+    if api.key_refused(response):
+        if target.renewed_token():
+            response = api.post_photo(target.url, photo, target.headers(photo), target.timeout)
+        if api.key_refused(response):
+            raise FatalError(f"POST {target.url}: the inference key was refused ({api.error_text(response)}); "
+                             f"keys expire: renew it (README, Security) and re-run to resume")
     if response.status_code in FATAL_STATUSES:
         raise FatalError(f"POST {target.url} -> {response.status_code}: {api.error_text(response)} "
                          f"(check --url, --model, --version and --token/--key-file)")
@@ -299,8 +342,8 @@ def post_photo(target: Target, photo: bytes) -> tuple[int, dict]:
 
 def answer_served(item: Item, target: Target, policy: Retrying) -> dict:
     try:
-        photo = read_input(item)
-    except OSError as error:
+        photo = read_input(item, target.max_file_bytes)
+    except (OSError, RefusedInput) as error:
         return file_error(item, error)
     try:
         status, answer = policy(post_photo, target, photo)
@@ -344,35 +387,77 @@ def model_folder(archive: Path):
     if not zipfile.is_zipfile(archive):
         raise FileNotFoundError(f"--local {archive} is neither an extracted archive folder nor a .mar file")
     with tempfile.TemporaryDirectory(prefix="batch-model-") as folder:
-        with zipfile.ZipFile(archive) as mar:
-            mar.extractall(folder)
+        extract_archive(archive, Path(folder))
         yield Path(folder)
 
 
-def answer_local_batch(handler, items: list[Item], k: int, predict) -> list[dict]:
-    """Answer `items` with one handler batch; unreadable files get their error without being sent."""
+def extract_archive(archive: Path, folder: Path, max_bytes: int = MAX_ARCHIVE_BYTES,
+                    max_members: int = MAX_ARCHIVE_MEMBERS) -> None:
+    """Unzip a .mar after checking every member: a relative name without `..`, and the totals within limits.
+
+    The sizes are the declared ones; zipfile never writes more than a member declares (it fails instead).
+    """
+    with zipfile.ZipFile(archive) as mar:
+        members = mar.infolist()
+        if len(members) > max_members:
+            raise FatalError(f"--local {archive} has {len(members):,} members, over the limit of {max_members:,}")
+        for member in members:
+            name = member.filename.replace("\\", "/")
+            if name.startswith("/") or ".." in name.split("/") or (len(name) > 1 and name[1] == ":"):
+                raise FatalError(f"--local {archive}: member {member.filename!r} would land outside the folder")
+        total = sum(member.file_size for member in members)
+        if total > max_bytes:
+            raise FatalError(f"--local {archive} unpacks to {total:,} bytes, over the limit of {max_bytes:,}")
+        mar.extractall(folder)
+
+
+def answer_local_batch(handler, items: list[Item], k: int, predict, max_file_bytes: int = MAX_FILE_BYTES) -> list[dict]:
+    """Answer `items` with one handler batch; unreadable or refused files get their error without being sent."""
     records, sent, bodies, headers = {}, [], [], []
     for item in items:
         try:
-            photo = read_input(item)
-        except OSError as error:
+            photo = read_input(item, max_file_bytes)
+        except (OSError, RefusedInput) as error:
             records[item.key] = file_error(item, error)
             continue
         sent.append(item)
         bodies.append({"body": photo})
         headers.append(api.prediction_headers(photo, k=k))
     if sent:
-        for item, (status, answer) in zip(sent, predict(handler, bodies, headers), strict=True):
+        for item, (status, answer) in zip(sent, predict_each_on_failure(handler, bodies, headers, predict), strict=True):
             records[item.key] = answer_record(item, status, answer)
     return [records[item.key] for item in items]
 
 
-def local_answers(handler, items: list[Item], k: int, batch_size: int):
+def predict_each_on_failure(handler, bodies: list[dict], headers: list[dict], predict) -> list[tuple[int, dict]]:
+    """The batch's answers; if the handler fails the whole batch (TorchServe would answer 503 to all),
+    each photo again alone, so the failure lands on the photo that causes it, as a 500 line."""
+    try:
+        return predict(handler, bodies, headers)
+    except Exception as error:  # attributed below to the photo(s) that cause it, with its cause in the line
+        if len(bodies) == 1:
+            return [handler_failure(error)]
+        print(f"the handler failed a batch of {len(bodies)} ({type(error).__name__}: {error}); "
+              f"answering its photos one by one", file=sys.stderr)
+    answers = []
+    for body, header in zip(bodies, headers):
+        try:
+            answers.extend(predict(handler, [body], [header]))
+        except Exception as error:
+            answers.append(handler_failure(error))
+    return answers
+
+
+def handler_failure(error: Exception) -> tuple[int, dict]:
+    return 500, {"error": f"the handler failed on this photo ({type(error).__name__}: {error})"}
+
+
+def local_answers(handler, items: list[Item], k: int, batch_size: int, max_file_bytes: int = MAX_FILE_BYTES):
     # Imported here so that the served path never loads torch and faiss.
     from handlers.local import predict_local
 
     for start in range(0, len(items), batch_size):
-        yield from answer_local_batch(handler, items[start:start + batch_size], k, predict_local)
+        yield from answer_local_batch(handler, items[start:start + batch_size], k, predict_local, max_file_bytes)
 
 
 def load_handler(folder: Path, version: str | None, batch_size: int):
@@ -445,11 +530,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local", type=Path, metavar="MAR_OR_DIR",
                         help="no server: run this archive (.mar or extracted folder) in-process")
     parser.add_argument("--batch-size", type=int, default=8, help="photos per forward pass (--local)")
+    parser.add_argument("--max-file-bytes", type=int, default=MAX_FILE_BYTES,
+                        help="larger inputs are refused unread (default: the server's max_request_size, 20 MiB)")
     return parser
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    for name in ("k", "concurrency", "batch_size"):
+    for name in ("k", "concurrency", "batch_size", "max_file_bytes"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.retries < 0:
@@ -484,10 +571,12 @@ def run(args: argparse.Namespace, todo: list[Item], tally: Tally) -> float:
     if args.local:
         with model_folder(args.local) as folder:
             handler = load_handler(folder, args.version, args.batch_size)
-            return timed_write(local_answers(handler, todo, args.k, args.batch_size), args.output, tally, len(todo))
+            answers = local_answers(handler, todo, args.k, args.batch_size, args.max_file_bytes)
+            return timed_write(answers, args.output, tally, len(todo))
     check_server(args.url, args.timeout)
     target = Target(api.prediction_url(args.url, args.model, args.version), args.k, args.timeout,
-                    api.resolve_token("inference", args.token, args.key_file))
+                    api.resolve_token("inference", args.token, args.key_file), args.max_file_bytes,
+                    None if args.token else args.key_file)
     policy = api.retrying(args.retries, args.backoff, args.max_backoff, before_sleep=tally.add_retry)
     answers = answers_in_pool(todo, partial(answer_served, target=target, policy=policy), args.concurrency)
     return timed_write(answers, args.output, tally, len(todo))

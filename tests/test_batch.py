@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import pytest
 import requests
 
 from handlers import local
-from scripts import batch
+from scripts import api, batch
 from tests.serving_fixtures import archive_tiny_run, make_tiny_run, photo_jpeg, running_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,7 +139,8 @@ def test_local_answers_every_input_once_with_bad_files_as_errors(tiny, local_out
     assert lines.keys() == tiny.keys()
     errors = {key[0]: line for key, line in lines.items() if line["status"] == "error"}
     assert set(errors) == {"corrupt", "empty", "notes"}
-    assert all(line["code"] == 400 and line["error"] for line in errors.values())
+    assert {image_id: line["code"] for image_id, line in errors.items()} == {"corrupt": 400, "empty": 400, "notes": 415}
+    assert all(line["error"] for line in errors.values())
     for (image_id, _), line in lines.items():
         if line["status"] == "ok":
             assert set(line) == {"image_id", "path", "status", *batch.ANSWER_FIELDS}
@@ -149,18 +151,108 @@ def test_local_answers_every_input_once_with_bad_files_as_errors(tiny, local_out
             == f"img-{number:03d}"
 
 
-def test_local_on_an_extracted_folder_reports_unreadable_inputs(tiny, tmp_path):
+def test_local_on_an_extracted_folder_reports_unreadable_and_refused_inputs(tiny, tmp_path):
     folder = tmp_path / "model"
     with batch.model_folder(tiny.mar) as extracted:
         shutil.copytree(extracted, folder)
     table = tmp_path / "inputs.csv"
-    table.write_text(f"image_id,path\nthere,{tiny.inputs / 'p000.jpg'}\nmissing,{tmp_path / 'missing.jpg'}\n")
+    shutil.copy(tiny.inputs / "p000.jpg", tmp_path / "there.jpg")
+    (tmp_path / "big.jpg").write_bytes(photo_jpeg(3) + bytes(2000))
+    table.write_text(f"image_id,path\nthere,there.jpg\nmissing,missing.jpg\noutside,{tiny.inputs / 'p001.jpg'}\n"
+                     f"big,big.jpg\n")
     output = tmp_path / "results.jsonl"
-    summary = batch.main([str(table), "--output", str(output), "--local", str(folder), "--k", "2"])
+    summary = batch.main([str(table), "--output", str(output), "--local", str(folder), "--k", "2",
+                          "--max-file-bytes", str((tmp_path / "there.jpg").stat().st_size)])
     lines = {line["image_id"]: line for line in read_lines(output)}
     assert lines["there"]["status"] == "ok" and len(lines["there"]["neighbours"]) == 2
     assert lines["missing"]["code"] == batch.FILE_ERROR and "missing.jpg" in lines["missing"]["error"]
-    assert summary["ok"] == 1 and summary["failed_by_code"] == {batch.FILE_ERROR: 1}
+    assert lines["outside"]["code"] == batch.REFUSED_INPUT and "outside" in lines["outside"]["error"]
+    assert lines["big"]["code"] == batch.REFUSED_INPUT and "--max-file-bytes" in lines["big"]["error"]
+    assert summary["ok"] == 1 and summary["failed_by_code"] == {batch.FILE_ERROR: 1, batch.REFUSED_INPUT: 2}
+
+
+def test_csv_paths_must_stay_in_the_csv_folder_and_be_regular_files(tmp_path):
+    root, elsewhere = tmp_path / "inputs", tmp_path / "elsewhere"
+    (root / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    (root / "sub" / "a.jpg").write_bytes(b"a")
+    (elsewhere / "secret.jpg").write_bytes(b"s")
+    (root / "inside-link.jpg").symlink_to(root / "sub" / "a.jpg")
+    (root / "outside-link.jpg").symlink_to(elsewhere / "secret.jpg")
+    (root / "escape").symlink_to(elsewhere)
+    os.mkfifo(root / "pipe.jpg")  # reading it would block for ever
+    (root / "large.jpg").write_bytes(bytes(101))
+    rows = {"plain": "sub/a.jpg", "inside_link": "inside-link.jpg", "dotdot_inside": "sub/../sub/a.jpg",
+            "absolute": str(elsewhere / "secret.jpg"), "dotdot": "../elsewhere/secret.jpg",
+            "outside_link": "outside-link.jpg", "folder_link": "escape/secret.jpg", "folder": "sub",
+            "pipe": "pipe.jpg", "large": "large.jpg", "missing": "nothing.jpg"}
+    (root / "inputs.csv").write_text("image_id,path\n" + "".join(f"{key},{path}\n" for key, path in rows.items()))
+    items = {item.image_id: item for item in batch.list_inputs(root / "inputs.csv")}
+    outcomes = {}
+    for image_id, item in items.items():
+        try:
+            outcomes[image_id] = batch.read_input(item, max_bytes=100)
+        except batch.RefusedInput as error:
+            outcomes[image_id] = str(error)
+        except OSError as error:
+            outcomes[image_id] = type(error).__name__
+    assert outcomes.pop("plain") == outcomes.pop("inside_link") == outcomes.pop("dotdot_inside") == b"a"
+    assert outcomes.pop("missing") == "FileNotFoundError"
+    assert "not a regular file" in outcomes.pop("folder") and "not a regular file" in outcomes.pop("pipe")
+    assert "over the limit of 100 bytes" in outcomes.pop("large")
+    assert all("is outside" in message for message in outcomes.values()), outcomes
+    assert set(outcomes) == {"absolute", "dotdot", "outside_link", "folder_link"}
+    # --images DIR/<image_id>.jpg: an image_id cannot walk out of DIR either
+    (root / "ids.csv").write_text("image_id\n../elsewhere/secret\n")
+    [item] = batch.list_inputs(root / "ids.csv", images_dir=root)
+    with pytest.raises(batch.RefusedInput, match="is outside"):
+        batch.read_input(item)
+    assert batch.file_error(item, batch.RefusedInput("x"))["code"] == batch.REFUSED_INPUT
+
+
+def make_zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+@pytest.mark.parametrize("members, limits, message", [
+    ({"ok.txt": b"x", "../evil.py": b"x"}, {}, "outside the folder"),
+    ({"/etc/evil.py": b"x"}, {}, "outside the folder"),
+    ({"a/../../evil.py": b"x"}, {}, "outside the folder"),
+    ({f"m{n}": b"" for n in range(11)}, {"max_members": 10}, "11 members, over the limit of 10"),
+    ({"bomb.bin": bytes(10_001)}, {"max_bytes": 10_000}, "unpacks to 10,001 bytes"),
+])
+def test_archive_extraction_is_refused_beyond_its_limits(tmp_path, members, limits, message):
+    mar = make_zip(tmp_path / "evil.mar", members)
+    with pytest.raises(batch.FatalError, match=message):
+        batch.extract_archive(mar, tmp_path / "out", **limits)
+    assert not (tmp_path / "out").exists() and not (tmp_path.parent / "evil.py").exists()
+
+
+def test_local_with_a_hostile_archive_stops_before_loading(tmp_path, tiny):
+    mar = make_zip(tmp_path / "evil.mar", {"../escaped.py": b"print('pwned')"})
+    with pytest.raises(SystemExit, match="outside the folder"):
+        batch.main([str(tiny.inputs), "--output", str(tmp_path / "out.jsonl"), "--local", str(mar)])
+
+
+def test_a_handler_failure_lands_on_the_photo_that_causes_it(tmp_path):
+    """If the handler fails a whole batch, --local answers its photos alone: one 500 line, the rest answered."""
+    for name in ("a", "bad", "c"):
+        (tmp_path / f"{name}.jpg").write_bytes(name.encode())
+    items = batch.list_inputs(tmp_path)
+    answer = {name: 1.0 for name in batch.ANSWER_FIELDS}
+
+    def predict(handler, bodies, headers):
+        if any(body["body"] == b"bad" for body in bodies):
+            raise TypeError("a bug the photo triggers")
+        return [(200, answer)] * len(bodies)
+
+    records = batch.answer_local_batch(None, items, 3, predict)
+    assert [(record["image_id"], record["status"], record.get("code")) for record in records] == [
+        ("a", "ok", None), ("bad", "error", 500), ("c", "ok", None)]
+    assert "TypeError: a bug the photo triggers" in records[1]["error"]
 
 
 @pytest.fixture
@@ -198,10 +290,15 @@ def test_resume_after_a_kill_mid_line_sends_only_what_is_missing(tiny, local_out
 @pytest.mark.server
 def test_served_gives_the_same_output_as_local(tiny, server, local_output, tmp_path):
     output = tmp_path / "results.jsonl"
-    summary = batch.main([str(tiny.inputs), "--output", str(output), "--url", server.inference_url,
+    summary = batch.main([str(tiny.inputs), "--output", str(output), "--url", server.inference_url, *key_file(server),
                           "--concurrency", "4"])
-    assert summary["ok"] == PHOTOS and summary["failed_by_code"] == {"400": 3} and summary["retries"] == 0
+    assert summary["ok"] == PHOTOS and summary["failed_by_code"] == {"400": 2, "415": 1} and summary["retries"] == 0
     assert_same_answers(by_key(output), by_key(local_output))
+
+
+def key_file(server) -> list[str]:
+    """The server's key file, from which the batch job reads the inference key (tokens are on)."""
+    return ["--key-file", str(server.workdir / api.KEY_FILE)]
 
 
 class Proxy:
@@ -231,7 +328,8 @@ class Proxy:
                     self.end_headers()
                     self.wfile.write(message)
                     return
-                headers = {name: self.headers[name] for name in ("Content-Type", "X-K") if self.headers[name]}
+                headers = {name: self.headers[name] for name in ("Content-Type", "X-K", "Authorization")
+                           if self.headers[name]}
                 proxy.forward(self, requests.post(proxy.upstream + self.path, data=body, headers=headers, timeout=60))
 
             def log_message(self, *args):
@@ -277,11 +375,11 @@ def digests(folder: Path) -> Counter:
 def test_overload_is_retried_and_a_4xx_is_final(tiny, server, local_output, tmp_path):
     output = tmp_path / "results.jsonl"
     with proxy_to(server, "first-503") as proxy:
-        summary = batch.main([str(tiny.inputs), "--output", str(output), "--url", proxy.url, "--concurrency", "4",
+        summary = batch.main([str(tiny.inputs), "--output", str(output), "--url", proxy.url, *key_file(server), "--concurrency", "4",
                               "--backoff", "0.01"])
     # every photo, the three 4xx ones included, is sent exactly twice: one 503, one final answer
     assert Counter(proxy.posts) == {digest: 2 * count for digest, count in digests(tiny.inputs).items()}
-    assert summary["retries"] == len(tiny.keys()) and summary["failed_by_code"] == {"400": 3}
+    assert summary["retries"] == len(tiny.keys()) and summary["failed_by_code"] == {"400": 2, "415": 1}
     assert_same_answers(by_key(output), by_key(local_output))
 
 
@@ -290,17 +388,17 @@ def test_exhausted_retries_are_error_lines_that_retry_errors_sends_again(tiny, s
     output = tmp_path / "results.jsonl"
     arguments = [str(tiny.inputs), "--output", str(output), "--concurrency", "4", "--backoff", "0.01"]
     with proxy_to(server, "always-503") as proxy:
-        summary = batch.main(arguments + ["--url", proxy.url, "--retries", "2"])
+        summary = batch.main(arguments + ["--url", proxy.url, *key_file(server), "--retries", "2"])
     assert len(proxy.posts) == 3 * len(tiny.keys())
     assert summary["failed_by_code"] == {"503": len(tiny.keys())}
     assert all(line["code"] == 503 and "3 attempt(s)" in line["error"] for line in read_lines(output))
 
     with proxy_to(server, "forward") as proxy:
-        batch.main(arguments + ["--url", proxy.url])
+        batch.main(arguments + ["--url", proxy.url, *key_file(server)])
         assert proxy.posts == []  # error lines are answers: not re-sent without --retry-errors
-        summary = batch.main(arguments + ["--url", proxy.url, "--retry-errors"])
+        summary = batch.main(arguments + ["--url", proxy.url, *key_file(server), "--retry-errors"])
         assert len(proxy.posts) == len(tiny.keys())
-    assert summary["ok"] == PHOTOS and summary["failed_by_code"] == {"400": 3}
+    assert summary["ok"] == PHOTOS and summary["failed_by_code"] == {"400": 2, "415": 1}
     assert_same_answers(by_key(output), by_key(local_output))
 
 
@@ -308,7 +406,7 @@ def test_exhausted_retries_are_error_lines_that_retry_errors_sends_again(tiny, s
 def test_unknown_model_stops_the_run_before_writing_errors(tiny, server, tmp_path):
     output = tmp_path / "results.jsonl"
     with pytest.raises(SystemExit, match="404"):
-        batch.main([str(tiny.inputs), "--output", str(output), "--url", server.inference_url, "--model", "nope"])
+        batch.main([str(tiny.inputs), "--output", str(output), "--url", server.inference_url, *key_file(server), "--model", "nope"])
     assert not output.exists() or output.read_text() == ""
 
 
@@ -321,7 +419,7 @@ def test_sigkill_then_resume_answers_every_input_exactly_once(tiny, server, tmp_
     (inputs / "broken.jpg").write_bytes(b"\xff\xd8\xff" + b"\0" * 50)
     output = tmp_path / "results.jsonl"
     command = [sys.executable, "-m", "scripts.batch", str(inputs), "--output", str(output),
-               "--url", server.inference_url, "--concurrency", "2"]
+               "--url", server.inference_url, *key_file(server), "--concurrency", "2"]
     child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
@@ -338,7 +436,7 @@ def test_sigkill_then_resume_answers_every_input_exactly_once(tiny, server, tmp_
     assert 20 <= written < 241
 
     with proxy_to(server, "forward") as proxy:
-        summary = batch.main([str(inputs), "--output", str(output), "--url", proxy.url, "--concurrency", "4"])
+        summary = batch.main([str(inputs), "--output", str(output), "--url", proxy.url, *key_file(server), "--concurrency", "4"])
     assert len(proxy.posts) == 241 - written  # nothing that had its line was sent again
     assert summary["skipped"] == written
     lines = by_key(output)

@@ -81,9 +81,9 @@ def test_mixed_batch_answers_each_request_in_its_own_slot(tiny, handler, forward
 
     assert len(answers) == len(requests)
     statuses = [status for status, _ in answers]
-    assert statuses == [200, 200, 200, 400, 400, 400, 413, 400, 400, 400, 400, 400, 200]
+    assert statuses == [200, 200, 200, 400, 415, 400, 413, 400, 400, 400, 400, 400, 200]
     kinds = [answer.get("type") for _, answer in answers]
-    assert kinds[3:12] == ["invalid_image", "invalid_image", "invalid_image", "image_too_large", "bad_json",
+    assert kinds[3:12] == ["invalid_image", "unsupported_format", "invalid_image", "image_too_large", "bad_json",
                            "bad_base64", "bad_option", "bad_option", "bad_option"]
     for status, answer in answers:
         if status == 200:

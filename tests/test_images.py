@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from marketplace_search.images import ImageError, decode_image, pad_to_square, to_rgb
+from marketplace_search.images import (MAX_DECODED_BYTES, ImageError, ImageTooLarge, UnsupportedFormat, decode_image,
+                                       decoded_bytes, pad_to_square, to_rgb)
 from marketplace_search.presets import Preprocess, collate_images, eval_transform, train_transform
 
 USABLE = ["rgb_jpeg", "cmyk_jpeg", "png_alpha", "palette_png", "palette_transparent_png", "grey_png",
@@ -84,12 +85,38 @@ def test_fit_size_uses_the_longer_side_whatever_the_orientation():
     assert decode_image(jpeg((320, 640)), fit_size=256).size == (160, 320)  # 1/2: 320 >= 256 on the long side
 
 
-def test_fit_size_leaves_other_formats_whole(image_variants):
-    assert decode_image(image_variants["png_alpha"], fit_size=4).size == (60, 30)
+def test_fit_size_box_reduces_other_formats_to_at_least_twice_the_fitted_size(image_variants):
+    assert decode_image(image_variants["png_alpha"], fit_size=30).size == (60, 30)  # 2 x (30, 15): whole
+    image = decode_image(image_variants["png_alpha"], fit_size=4)  # fitted (4, 2): reduced 7x, rounded up
+    assert image.size == (9, 5) and image.mode == "RGB"
+    pixels = np.asarray(image).astype(int)
+    assert (pixels[:, :4] == 255).all(), "transparency still flattened onto white"
+    assert tuple(pixels[2, 7]) == (0, 0, 255)
+
+
+@pytest.mark.parametrize("name", ["palette_png", "palette_transparent_png", "grey16_png", "webp"])
+def test_reduced_decode_keeps_the_colours(image_variants, name):
+    full = np.asarray(decode_image(image_variants[name])).astype(int)
+    reduced = np.asarray(decode_image(image_variants[name], fit_size=10)).astype(int)  # 3x smaller
+    assert reduced.shape == (10, 20, 3)
+    assert np.abs(reduced - full[1::3, 1::3]).max() <= 2
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF", "WEBP"])
+def test_exif_orientation_survives_a_reduced_decode(fmt):
+    image = Image.new("RGB", (600, 300), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 300, 300))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, exif=exif)
+    decoded = np.asarray(decode_image(buffer.getvalue(), fit_size=50))
+    assert decoded.shape[0] > decoded.shape[1], "upright: taller than wide"
+    assert decoded[2, decoded.shape[1] // 2, 0] > 200 and decoded[-3, decoded.shape[1] // 2, 2] > 200
 
 
 def test_a_caller_that_catches_value_error_catches_an_unreadable_photo(image_variants):
-    with pytest.raises(ValueError, match="not a recognised image format"):
+    with pytest.raises(ValueError, match="not a recognised image"):
         decode_image(image_variants["text"])
 
 
@@ -160,3 +187,34 @@ def test_collate_images_stacks_a_batch(image_variants):
     images = [decode_image(image_variants[name]) for name in ("rgb_jpeg", "exif_rotated_jpeg", "grey_png")]
     batch = collate_images(images, Preprocess(resize=40, crop=32))
     assert batch.shape == (3, 3, 32, 32) and batch.dtype == torch.float32
+
+
+@pytest.mark.parametrize("data, error, message", [
+    (b"<svg xmlns='http://www.w3.org/2000/svg'/>", UnsupportedFormat, "not a recognised image"),
+    (b"%PDF-1.4\n%%EOF\n", UnsupportedFormat, "accepted formats: JPEG, PNG, WEBP, GIF, BMP, TIFF"),
+    ("ico", UnsupportedFormat, "a ICO image"),
+    (b"GIF89a broken", ImageError, "corrupt GIF header"),
+])
+def test_only_the_accepted_formats_are_decoded(data, error, message):
+    if data == "ico":
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16)).save(buffer, "ICO")
+        data = buffer.getvalue()
+    with pytest.raises(error, match=message) as raised:
+        decode_image(data)
+    assert (raised.type is UnsupportedFormat) == (error is UnsupportedFormat)
+
+
+def test_decoded_bytes_are_refused_from_the_header(png_claiming):
+    # 4000 x 4000 RGB takes 64 MB in memory (4 bytes a pixel): within MAX_PIXELS, over a 32 MB budget
+    with pytest.raises(ImageTooLarge, match="takes 64,000,000 bytes, over the limit of 32,000,000"):
+        decode_image(png_claiming(4_000, 4_000), max_decoded_bytes=32_000_000)
+    assert decoded_bytes(Image.new("I;16", (10, 10))) == 200 and decoded_bytes(Image.new("P", (10, 10))) == 100
+    assert MAX_DECODED_BYTES >= 8_000 * 8_000 * 2  # a 64-megapixel 16-bit greyscale image is served
+
+
+def test_a_large_jpeg_is_judged_at_its_draft_size():
+    photo = jpeg((2_000, 1_500))  # 12 MB decoded whole; at 1/4 scale (1/8 is under 256): 0.75 MB
+    with pytest.raises(ImageTooLarge):
+        decode_image(photo, max_decoded_bytes=10_000_000)
+    assert decode_image(photo, fit_size=256, max_decoded_bytes=10_000_000).size == (500, 375)

@@ -110,8 +110,8 @@ def photos_of(work: Path, product_ids: list[str]) -> list[str]:
 class Prober:
     """Queries /predictions/NAME in a loop on a background thread; records every outcome."""
 
-    def __init__(self, url: str, photo: bytes):
-        self.url, self.photo = url, photo
+    def __init__(self, url: str, photo: bytes, headers: dict):
+        self.url, self.photo, self.headers = url, photo, {"Content-Type": "image/jpeg", **headers}
         self.outcomes: list[str] = []  # the answering version, or the failure
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.loop, daemon=True)
@@ -120,7 +120,7 @@ class Prober:
         session = requests.Session()
         while not self.stopping.is_set():
             try:
-                response = session.post(self.url, data=self.photo, headers={"Content-Type": "image/jpeg"}, timeout=30)
+                response = session.post(self.url, data=self.photo, headers=self.headers, timeout=30)
                 self.outcomes.append(response.json()["model"]["version"] if response.ok
                                      else f"HTTP {response.status_code}: {response.text[:200]}")
             except requests.RequestException as error:
@@ -142,10 +142,11 @@ class Prober:
         self.thread.join(60)
 
 
-def post(url: str, photo_path: Path, version: str | None = None, k: int = 20) -> dict:
+def post(server, photo_path: Path, version: str | None = None, k: int = 20) -> dict:
     path = f"/predictions/{NAME}" + (f"/{version}" if version else "")
-    response = requests.post(url + path, data=photo_path.read_bytes(), timeout=60,
-                             headers={"Content-Type": "image/jpeg", "X-K": str(k)})
+    response = requests.post(server.inference_url + path, data=photo_path.read_bytes(), timeout=60,
+                             headers={"Content-Type": "image/jpeg", "X-K": str(k),
+                                      **api.auth_headers(server.token("inference"))})
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -169,12 +170,14 @@ def test_refresh_released_without_downtime(old, tmp_path):
     changes = change_catalogue(old, tmp_path / "data_v2")
     work = tmp_path / "work_v2"
     kept_photo = old.work / "photos" / f"{photos_of(old.work, [changes.repriced])[0]}.jpg"
-    with running_server(old.store, tmp_path / "torchserve", {NAME: old.mar.name}) as server:
-        with Prober(f"{server.inference_url}/predictions/{NAME}", kept_photo.read_bytes()) as prober:
+    with running_server(old.store, tmp_path / "torchserve", {NAME: old.mar.name}, enable_model_api=True) as server:
+        with Prober(f"{server.inference_url}/predictions/{NAME}", kept_photo.read_bytes(),
+                    api.auth_headers(server.token("inference"))) as prober:
             time.sleep(0.5)
             summary = refresh.main(["--run", str(old.run), "--data", str(changes.data), "--work", str(work),
                                     "--version", "2.0", "--store", str(old.store), "--workers", "0", "--release",
                                     "--management-url", server.management_url,
+                                    "--key-file", str(server.workdir / api.KEY_FILE),
                                     "--inference-url", server.inference_url])
             prober.wait_for("2.0")
         failures = [outcome for outcome in prober.outcomes if outcome not in ("1.0", "2.0")]
@@ -186,14 +189,14 @@ def test_refresh_released_without_downtime(old, tmp_path):
 
         new_photos = work / "photos"
         for image_id in photos_of(work, changes.added):  # each new photo finds itself
-            answer = post(server.inference_url, new_photos / f"{image_id}.jpg")
+            answer = post(server, new_photos / f"{image_id}.jpg")
             assert answer["model"]["version"] == "2.0"
             assert answer["neighbours"][0]["image_id"] == image_id
             assert answer["neighbours"][0]["similarity"] == pytest.approx(1.0, abs=1e-4)
         removed_photo = old.work / "photos" / f"{photos_of(old.work, changes.removed)[0]}.jpg"
-        everything = post(server.inference_url, removed_photo, k=100)["neighbours"]
+        everything = post(server, removed_photo, k=100)["neighbours"]
         assert not {n["product_id"] for n in everything} & set(changes.removed)
-        before = post(server.inference_url, removed_photo, version="1.0")["neighbours"]
+        before = post(server, removed_photo, version="1.0")["neighbours"]
         assert before[0]["product_id"] in changes.removed  # the old version is untouched
         listings = {n["product_id"]: n for n in everything}
         assert listings[changes.repriced]["price"] == 999.0

@@ -1,17 +1,18 @@
 """Stages 4-7 (train, embed, index, evaluate) and the whole pipeline on a tiny generated catalogue."""
 import faiss  # noqa: F401  (before torch, see README: OpenMP)
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from training import pipeline
+from training import pipeline, train
 from training.embed import load_embeddings
 from training.evaluate import knn_scores, top_k_accuracy
-from marketplace_search.models import (SERVING_LAYOUTS, MarketplaceNet, WeightsUnavailable, embed, load_checkpoint,
-                             load_pretrained_backbone, prepare_for_serving, serve_forward, serving_layout,
-                             set_trainable)
+from marketplace_search.models import (SERVING_LAYOUTS, STAGES, MarketplaceNet, WeightsUnavailable, embed,
+                                       load_checkpoint, load_pretrained_backbone, prepare_for_serving, save_checkpoint,
+                                       serve_forward, serving_layout, set_trainable, split_backbone)
 from marketplace_search.presets import Preprocess, eval_transform
 from training.sample import make_sample_catalogue
 from marketplace_search.search import Catalogue
@@ -207,3 +208,106 @@ def test_resnet50_path_runs_end_to_end_on_a_few_real_listings(tmp_path, shared_d
     run_dir = pipeline.run_pipeline(args)
     report = json.loads((run_dir / "evaluation.json").read_text())
     assert report["catalogue_photos"] > 30 and 0 <= report["fine_tuned"]["top1_accuracy"] <= 1
+
+
+# --- device, precision, resume (the CUDA path is exercised on the CPU) -----------------------------
+
+def test_device_auto_picks_cuda_only_when_present(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train.pick_device("auto").type == "cpu"
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        train.pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert train.pick_device("auto").type == "cuda" and train.pick_device("cpu").type == "cpu"
+
+
+def test_autocast_only_where_the_hardware_has_the_precision(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)
+    assert train.autocast_dtype(cpu, "auto") is None  # emulated bf16 would be slower: plain fp32
+    assert train.autocast_dtype(cpu, "fp32") is None
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
+    assert train.autocast_dtype(cpu, "auto") == torch.bfloat16
+    with pytest.raises(ValueError, match="fp16 is for CUDA"):
+        train.autocast_dtype(cpu, "fp16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert train.autocast_dtype(cuda, "auto") == torch.float16  # with a gradient scaler in train()
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert train.autocast_dtype(cuda, "auto") == torch.bfloat16
+
+
+def train_args(work, run, **overrides):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", type=Path)
+    parser.add_argument("--run", type=Path)
+    parser.add_argument("--resume", type=Path)
+    train.add_arguments(parser)
+    arguments = ["--work", str(work), "--run", str(run), "--arch", "resnet18", "--weights", "none",
+                 "--embedding-dim", "16", "--resize", "64", "--crop", "56", "--workers", "0",
+                 "--feature-views", "2", "--head-batch-size", "16", "--batch-size", "16", "--epochs", "3",
+                 "--trainable-stages", "1", "--device", "cpu", "--precision", "fp32"]
+    for name, value in overrides.items():
+        arguments += [f"--{name.replace('_', '-')}", str(value)]
+    return parser.parse_args(arguments)
+
+
+def test_an_interrupted_run_resumed_ends_as_an_uninterrupted_one(sample_work, tmp_path, monkeypatch):
+    whole = train.train(train_args(sample_work, tmp_path / "whole"))
+    real_run_epoch, calls = train.run_epoch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # epoch 2's training pass: the process dies here
+            raise KeyboardInterrupt
+        return real_run_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "run_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(train_args(sample_work, tmp_path / "broken"))
+    monkeypatch.setattr(train, "run_epoch", real_run_epoch)
+    assert sorted(p.name for p in (tmp_path / "broken" / "weights").glob("epoch_*.pt")) == ["epoch_1.pt"]
+    import argparse
+
+    resumed = train.train(argparse.Namespace(resume=tmp_path / "broken"))
+    expected, _ = load_checkpoint(whole / "weights" / "epoch_3.pt")
+    got, checkpoint = load_checkpoint(resumed / "weights" / "epoch_3.pt")
+    for name, tensor in expected.state_dict().items():
+        torch.testing.assert_close(got.state_dict()[name], tensor, msg=name)
+    assert checkpoint["training_state"]["args"]["epochs"] == 3
+    history = json.loads((resumed / "run.json").read_text())["train"]["history"]
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert (resumed / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_checkpoint_trained_anywhere_loads_on_the_cpu(tmp_path):
+    model = MarketplaceNet("resnet18", 3, embedding_dim=8)
+    save_checkpoint(tmp_path / "epoch_1.pt", model, classes=["a", "b", "c"], preprocess=Preprocess(72, 64), epoch=1,
+                    metrics={}, config={}, training_state={"optimizer": {}, "args": {"device": "cuda"}})
+    loaded, checkpoint = load_checkpoint(tmp_path / "epoch_1.pt")
+    assert next(loaded.parameters()).device.type == "cpu" and checkpoint["training_state"]["args"]["device"] == "cuda"
+    with torch.inference_mode():
+        probabilities, _ = embed(loaded, torch.randn(1, 3, 64, 64))
+    assert probabilities.shape == (1, 3)
+
+
+def test_cache_key_changes_with_weights_cut_photo_size_and_seed():
+    torch.manual_seed(0)
+    model, other = MarketplaceNet("resnet18", 3), MarketplaceNet("resnet18", 3)
+    base = train.cache_key(model, 1, Preprocess(72, 64), 0)
+    assert base == train.cache_key(model, 1, Preprocess(72, 64), 0)
+    assert len({base, train.cache_key(other, 1, Preprocess(72, 64), 0), train.cache_key(model, 2, Preprocess(72, 64), 0),
+                train.cache_key(model, 1, Preprocess(96, 64), 0), train.cache_key(model, 1, Preprocess(72, 64), 1)}) == 5
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "efficientnet_lite2"])
+def test_trunk_and_tail_compose_to_the_backbone(arch):
+    torch.manual_seed(0)
+    model = MarketplaceNet(arch, 3).eval()
+    images = torch.randn(2, 3, 96, 96)
+    with torch.inference_mode():
+        whole = model.backbone(images)
+        for stages in range(len(STAGES[arch]) + 1):
+            trunk, tail = split_backbone(model, stages)
+            torch.testing.assert_close(tail(trunk(images)), whole, atol=1e-4, rtol=1e-4)

