@@ -16,6 +16,8 @@ Sections (`--sections`, comma separated):
   startup  start to READY, resident memory per worker
   fault    32 clients, 2,000 requests, one worker SIGKILLed half-way: what every request got,
            how soon the server answers again, latency before and after
+  training items/s of each training stage (frozen trunk, cached tail step, full step, embedding),
+           fp32 against bf16 autocast, and peak memory
 
 Examples:
   python -m scripts.benchmark --quick
@@ -39,9 +41,10 @@ from scripts.benchmark.index import bench_index
 from scripts.benchmark.photos import generate_photos, read_photos
 from scripts.benchmark.report import describe_machine, format_machine, raw_figures, render_report, render_section
 from scripts.benchmark.served import BATCHED, bench_serving
+from scripts.benchmark.training import bench_training
 from scripts.benchmark.subjects import load_subjects, parse_weights
 
-SECTIONS = ("bare", "served", "index", "startup", "fault")
+SECTIONS = ("bare", "served", "index", "startup", "fault", "training")
 
 # Sizes and repeats per profile; any option given on the command line wins.
 PROFILES = {
@@ -55,6 +58,7 @@ PROFILES = {
         "hnsw_m": [16, 32], "hnsw_m_max_size": 100_000, "ef_search": [16, 32, 64, 128, 256], "hnsw_sq8": True,
         "nprobe": [4, 16, 64], "ivf_max_size": 100_000, "queries": 1000, "single_queries": 200,
         "filtered_queries": 50, "dim": 256, "fault_clients": 32, "fault_requests": 2000,
+        "train_arch": ["efficientnet_lite2", "mobilenet_v2", "resnet50"], "train_batch": 32, "train_stages": 2,
     },
     "quick": {
         "arch": ["resnet50"], "batches": [1, 8, 32], "knob_batch": 8, "compare_photos": 8,
@@ -66,6 +70,7 @@ PROFILES = {
         "hnsw_sq8": True,
         "nprobe": [16], "ivf_max_size": 10_000, "queries": 500, "single_queries": 100,
         "filtered_queries": 20, "dim": 256, "fault_clients": 16, "fault_requests": 400,
+        "train_arch": ["efficientnet_lite2"], "train_batch": 16, "train_stages": 2,
     },
 }
 
@@ -126,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     served.add_argument("--batch-size", type=int, default=BATCHED, help="TorchServe batch_size with batching on")
     served.add_argument("--max-batch-delay", type=int, default=MAX_BATCH_DELAY,
                         help="TorchServe max_batch_delay ms with batching on (default: the archive's)")
+    training = parser.add_argument_group("training")
+    training.add_argument("--train-arch", type=lambda text: parse_list(text, str),
+                          help="backbones to time training stages for (full: efficientnet_lite2,mobilenet_v2,resnet50)")
+    training.add_argument("--train-batch", type=int, help="items per step (full: 32)")
+    training.add_argument("--train-stages", type=int, help="trainable backbone blocks (full: 2)")
     fault = parser.add_argument_group("fault")
     fault.add_argument("--fault-clients", type=int, help="concurrent clients (full: 32)")
     fault.add_argument("--fault-requests", type=int, help="requests in all; a worker is killed half-way (full: 2000)")
@@ -199,6 +209,8 @@ def run_sections(settings: dict, photos: list[bytes]) -> dict:
         done(served=served, startup=startup)
     if "index" in chosen:
         done(index=timed(bench_index, settings))
+    if "training" in chosen:
+        done(training=timed(bench_training, settings))
     if "fault" in chosen:
         with tempfile.TemporaryDirectory(prefix="benchmark-fault-") as scratch:
             done(fault=timed(bench_fault, settings, Path(scratch)))
