@@ -20,9 +20,8 @@ from marketplace_search.images import decode_image
 from marketplace_search.inference import RequestError, parse_request
 from marketplace_search.models import embed, load_checkpoint
 from marketplace_search.presets import Preprocess, eval_transform
+from marketplace_search.schema import ANSWER_FIELDS, NEIGHBOUR_FIELDS, AnswerError, check_answer
 
-ANSWER_FIELDS = {"category", "probability", "top_categories", "neighbours", "model"}
-NEIGHBOUR_FIELDS = {"image_id", "product_id", "title", "price", "location", "category", "similarity"}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +86,7 @@ def test_mixed_batch_answers_each_request_in_its_own_slot(tiny, handler, forward
                            "bad_base64", "bad_option", "bad_option", "bad_option"]
     for status, answer in answers:
         if status == 200:
-            assert set(answer) == ANSWER_FIELDS
+            assert check_answer(answer) and set(answer) == set(ANSWER_FIELDS)
         else:
             assert answer["code"] == status and answer["error"]
     assert answers[0][1]["neighbours"][0]["image_id"] == "img-003"
@@ -128,7 +127,7 @@ def test_neighbours_are_distinct_listings_and_a_catalogue_photo_finds_itself(tin
         assert len(products) == len(set(products)) == 6  # 12 photos of 6 listings; k=10 asks for more
         assert neighbours[0]["image_id"] == f"img-{number:03d}"
         assert neighbours[0]["similarity"] == pytest.approx(1.0, abs=1e-4)
-        assert set(neighbours[0]) == NEIGHBOUR_FIELDS
+        assert set(neighbours[0]) == set(NEIGHBOUR_FIELDS)
         assert neighbours[0] == {**run.listings[neighbours[0]["image_id"]], "image_id": neighbours[0]["image_id"],
                                  "similarity": neighbours[0]["similarity"]}
         similarities = [n["similarity"] for n in neighbours]
@@ -284,3 +283,36 @@ def test_missing_catalogue_is_named(tiny, tmp_path):
     shutil.rmtree(broken / "catalogue")
     with pytest.raises(FileNotFoundError, match="catalogue is missing from the model folder"):
         load_local_handler(broken)
+
+
+def test_the_answer_contract_refuses_what_a_client_could_not_rely_on(handler, tiny):
+    [(_, answer)] = predict_local(handler, [{"body": tiny[0].photo_bytes("img-001")}])
+    check_answer(answer)
+    for broken, message in (({**answer, "neighbours": [{**answer["neighbours"][0], "price": "cheap"}]}, "price"),
+                            ({key: value for key, value in answer.items() if key != "model"}, "missing model"),
+                            ({**answer, "category": "Other"}, "not the first of top_categories"),
+                            ({**answer, "extra": 1}, "unexpected extra")):
+        with pytest.raises(AnswerError, match=message):
+            check_answer(broken)
+
+
+def test_the_category_blend_chosen_in_evaluation_is_served(tiny, tmp_path):
+    """With a blend of weight 1 and one voter, the category is the nearest listing's: a catalogue photo
+    finds itself first, so every one is answered with its own listing's category."""
+    import shutil
+
+    run = tiny[0]
+    run_dir = shutil.copytree(run.run_dir, tmp_path / "runs" / run.run_dir.name)
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    evaluation["category_blend"] = {"k": 1, "temperature": 0.1, "weight": 1.0}
+    (run_dir / "evaluation.json").write_text(json.dumps(evaluation))
+    mar = archive_tiny_run(type(run)(run_dir, run.photos, run.listings, run.classes, run.arch), tmp_path / "store")
+    blended = load_local_handler(extract_archive(mar, tmp_path / "model"))
+    head_alone = load_local_handler(extract_archive(archive_tiny_run(
+        type(run)(run_dir, run.photos, run.listings, run.classes, run.arch), tmp_path / "store2", category_blend=False),
+        tmp_path / "model2"))
+    requests = [{"body": run.photo_bytes(image_id)} for image_id in run.photos]
+    answers = [answer for _, answer in predict_local(blended, requests)]
+    assert [answer["category"] for answer in answers] == [run.listings[i]["category"] for i in run.photos]
+    heads = [answer["category"] for _, answer in predict_local(head_alone, requests)]
+    assert heads != [answer["category"] for answer in answers]  # the random head alone does not get them all

@@ -18,11 +18,11 @@ import pytest
 import requests
 from PIL import Image
 
+from marketplace_search.schema import ANSWER_FIELDS, check_answer
 from scripts import api, client, serve, versions
 from scripts.archive import build_archive
 from tests.serving_fixtures import TinyRun, archive_tiny_run, make_tiny_run, png_with_declared_size, running_server
 
-ANSWER_FIELDS = {"category", "probability", "top_categories", "neighbours", "model"}
 REPO = Path(__file__).resolve().parents[1]
 NAME = "marketplace"
 
@@ -88,7 +88,9 @@ def test_every_input_form_gets_the_same_answer(served):
         assert response.status_code == 200, response.text
         assert response.headers["content-type"] == "application/json"
     raw, multipart, as_json = raw.json(), multipart.json(), as_json.json()
-    assert set(raw) == ANSWER_FIELDS and set(as_json) == ANSWER_FIELDS | {"embedding"}
+    assert set(raw) == set(ANSWER_FIELDS) and set(as_json) == set(ANSWER_FIELDS) | {"embedding"}
+    for answer in (raw, multipart, as_json):
+        check_answer(answer)  # the contract every client relies on, against a real served answer
     assert raw["model"] == {"name": NAME, "version": "1.0"}
     assert raw["neighbours"][0]["image_id"] == "img-004"
     assert raw["neighbours"][0]["similarity"] == pytest.approx(1.0, abs=1e-4)
