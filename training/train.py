@@ -114,11 +114,12 @@ def weights_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_key(model: MarketplaceNet, trainable_stages: int, preprocess: Preprocess, seed: int) -> str:
+def cache_key(model: MarketplaceNet, trainable_stages: int, preprocess: Preprocess, seed: int,
+              dtype: torch.dtype | None = None) -> str:
     """What the cached trunk outputs depend on: the backbone's weights, where it is cut, the
-    preprocessing (photo size, crop, normalisation) and the seed of the random views."""
+    preprocessing (photo size, crop, normalisation), the seed of the random views and the autocast dtype."""
     text = json.dumps([model.arch, weights_fingerprint(model.backbone), trainable_stages, preprocess.to_dict(),
-                       seed], sort_keys=True)
+                       seed, str(dtype)], sort_keys=True)
     return f"{model.arch}-cut{trainable_stages}-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
 
 
@@ -310,7 +311,7 @@ def prepare_data(model: MarketplaceNet, args, work_dir: Path, preprocess: Prepro
         trunk, tail = model.backbone, nn.Identity()  # cache pooled features; only the head trains
     else:
         trunk, tail = split_backbone(model, args.trainable_stages)
-    key = cache_key(model, args.trainable_stages, preprocess, args.seed)
+    key = cache_key(model, args.trainable_stages, preprocess, args.seed, dtype)
     trunk.to(device)
     started = time.perf_counter()
 
