@@ -311,3 +311,29 @@ def test_trunk_and_tail_compose_to_the_backbone(arch):
         for stages in range(len(STAGES[arch]) + 1):
             trunk, tail = split_backbone(model, stages)
             torch.testing.assert_close(tail(trunk(images)), whole, atol=1e-4, rtol=1e-4)
+
+
+def test_per_category_precision_recall_and_confusion_on_a_known_case():
+    from training.evaluate import per_category
+
+    predicted, labels = np.array([0, 0, 1, 2, 2, 2]), np.array([0, 1, 1, 2, 2, 0])
+    rows, confusion = per_category(predicted, labels, ["a", "b", "c"])
+    assert confusion.tolist() == [[1, 0, 1], [1, 1, 0], [0, 0, 2]]
+    assert rows[0] == {"category": "a", "count": 2, "precision": 0.5, "recall": 0.5}
+    assert rows[1] == {"category": "b", "count": 2, "precision": 1.0, "recall": 0.5}
+    assert rows[2]["precision"] == pytest.approx(2 / 3) and rows[2]["recall"] == 1.0
+
+
+def test_the_blend_is_chosen_on_validation_and_only_when_it_helps():
+    from training.evaluate import choose_blend
+
+    classes = ["a", "b"]
+    labels = np.array([0, 1, 0, 1])
+    wrong_head = np.array([[0.4, 0.6], [0.6, 0.4], [0.45, 0.55], [0.55, 0.45]], np.float32)
+    right_voters = [[{"category": classes[label], "similarity": 0.9}] * 20 for label in labels]
+    blend, figures = choose_blend(wrong_head, right_voters, labels, classes)
+    assert blend.weight > 0 and figures == {"val_top1_head": 0.0, "val_top1_blend": 1.0}
+    right_head = wrong_head[:, ::-1].copy()
+    wrong_voters = [[{"category": classes[1 - label], "similarity": 0.9}] * 20 for label in labels]
+    blend, figures = choose_blend(right_head, wrong_voters, labels, classes)
+    assert blend.weight == 0 and figures["val_top1_blend"] == 1.0  # the head alone wins: no blend is served
