@@ -250,22 +250,19 @@ def search_batch(catalogue: Catalogue, vectors: np.ndarray, queries: list[Query]
     groups: dict[str | None, list[int]] = defaultdict(list)
     for row, query in enumerate(queries):
         groups[query.category].append(row)
-    if vote_k and None not in groups:
-        groups[None] = []
     answers: list[list[dict]] = [[] for _ in queries]
     voters: list[list[dict]] = [[] for _ in queries]
     for category, rows in groups.items():
-        if category is None and vote_k:
-            rows_searched = list(range(len(queries)))  # unfiltered: answers its own group, votes for all
-        else:
-            rows_searched = rows
-        k = max([queries[row].k for row in rows] + ([vote_k] if category is None else []))
-        found = catalogue.search(vectors[rows_searched], k=k, category=category)
-        for row, neighbours in zip(rows_searched, found):
-            if row in rows:
-                answers[row] = neighbours[:queries[row].k]
-            if category is None and vote_k:
+        k = max(queries[row].k for row in rows)
+        found = catalogue.search(vectors[rows], k=k if category else max(k, vote_k), category=category)
+        for row, neighbours in zip(rows, found):
+            answers[row] = neighbours[:queries[row].k]
+            if category is None:
                 voters[row] = neighbours[:vote_k]
+    filtered = [row for row, query in enumerate(queries) if query.category is not None]
+    if vote_k and filtered:  # their own search was filtered: the vote needs the whole catalogue
+        for row, neighbours in zip(filtered, catalogue.search(vectors[filtered], k=vote_k)):
+            voters[row] = neighbours
     return answers, voters
 
 

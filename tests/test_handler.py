@@ -314,5 +314,10 @@ def test_the_category_blend_chosen_in_evaluation_is_served(tiny, tmp_path):
     requests = [{"body": run.photo_bytes(image_id)} for image_id in run.photos]
     answers = [answer for _, answer in predict_local(blended, requests)]
     assert [answer["category"] for answer in answers] == [run.listings[i]["category"] for i in run.photos]
+    # A category filter narrows the neighbours, not the vote: it still comes from the whole catalogue.
+    other = {image_id: next(c for c in run.classes if c != run.listings[image_id]["category"]) for image_id in run.photos}
+    filtered = predict_local(blended, requests, [{"X-Category": other[image_id]} for image_id in run.photos])
+    assert [answer["category"] for _, answer in filtered] == [run.listings[i]["category"] for i in run.photos]
+    assert all(n["category"] == other[i] for (_, answer), i in zip(filtered, run.photos) for n in answer["neighbours"])
     heads = [answer["category"] for _, answer in predict_local(head_alone, requests)]
     assert heads != [answer["category"] for answer in answers]  # the random head alone does not get them all

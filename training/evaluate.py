@@ -24,7 +24,7 @@ from marketplace_search.inference import CategoryBlend, blend_categories, catego
 from marketplace_search.layout import EVALUATION, INDEX_DIR, latest_run, read_run_info, update_run_info
 from marketplace_search.models import MarketplaceNet, default_preprocess, load_pretrained_backbone
 from marketplace_search.search import Catalogue, make_catalogue
-from training.train import autocast_dtype, cache_key, cached_outputs
+from training.train import autocast_dtype, cache_key, cached_outputs, pick_device
 
 KS = (1, 5, 10)
 CONFUSION_FILE = "confusion_matrix.png"
@@ -139,8 +139,10 @@ def evaluate_baseline(run_dir: Path, work_dir: Path, split, catalogue: Catalogue
     model = MarketplaceNet(train_config["arch"], len(classes))
     weights = load_pretrained_backbone(model, train_config["weights"])
     preprocess = default_preprocess(train_config["arch"], train_config.get("resize"), train_config.get("crop"))
-    device = torch.device("cpu")
-    dtype = autocast_dtype(device, train_config.get("precision", "fp32"))  # as training ran its frozen trunk
+    # The frozen trunk as training ran it, on the device at hand (a GPU run's fp16 means bf16 or fp32 here).
+    device = pick_device("cpu" if train_config.get("device") == "cpu" else "auto")
+    precision = train_config.get("precision", "fp32")
+    dtype = autocast_dtype(device, "auto" if precision == "fp16" and device.type == "cpu" else precision)
     key = cache_key(model, 0, preprocess, train_config["seed"], dtype)
     features = normalise(cached_outputs(work_dir, model.backbone, split, Path(work_dir) / "photos", 0, key,
                                         preprocess, train_config["batch_size"], train_config["workers"],
