@@ -36,7 +36,8 @@ from training import photos, tables
 from training.dataset import drop_missing_photos
 from training.embed import embed_rows, load_embeddings
 from training.index import listing_metadata
-from marketplace_search.layout import ARCHIVE_CATALOGUE, ARCHIVE_MANIFEST, CHECKPOINT, INDEX_DIR, sha256_file
+from marketplace_search.layout import (ARCHIVE_CATALOGUE, ARCHIVE_MANIFEST, CHECKPOINT, EMBEDDINGS_DIR, INDEX_DIR,
+                                       sha256_file)
 from marketplace_search.live import (CURRENT_FILE, list_generations, load_generation, now, read_current,
                                      read_removed, write_generation, write_removed, writer_lock)
 from marketplace_search.models import load_checkpoint
@@ -92,17 +93,24 @@ def seed_from(args, scratch: Path) -> tuple[Catalogue, np.ndarray, str, str]:
         vectors, source = all_vectors(catalogue), f"archive {args.archive}"
     else:
         catalogue = Catalogue.load(args.run / INDEX_DIR)
-        image_ids, embeddings, _, _ = load_embeddings(args.run)
-        row = {image_id: position for position, image_id in enumerate(image_ids)}
-        missing = [image_id for image_id in catalogue.image_ids if image_id not in row]
-        if missing:
-            raise CatalogueError(f"{args.run} embeddings lack {len(missing)} indexed photos, e.g. {missing[0]}")
-        vectors, source = embeddings[[row[image_id] for image_id in catalogue.image_ids]], f"run {args.run}"
+        vectors, source = run_vectors(args.run, catalogue), f"run {args.run}"
     indexed_with = catalogue.meta.get("model", {}).get("checkpoint_sha256")
     if indexed_with and indexed_with != weights:
         raise CatalogueError(f"the catalogue of {source} was embedded by checkpoint sha256 {indexed_with[:12]}, "
                              f"not by its checkpoint {weights[:12]}")
     return catalogue, vectors, weights, source
+
+
+def run_vectors(run: Path, catalogue: Catalogue) -> np.ndarray:
+    """The run's exact embeddings in the index's row order (a run without embeddings/: from the index)."""
+    if not (run / EMBEDDINGS_DIR).is_dir():
+        return all_vectors(catalogue)
+    image_ids, embeddings, _, _ = load_embeddings(run)
+    row = {image_id: position for position, image_id in enumerate(image_ids)}
+    missing = [image_id for image_id in catalogue.image_ids if image_id not in row]
+    if missing:
+        raise CatalogueError(f"{run / EMBEDDINGS_DIR} lacks {len(missing)} indexed photos, e.g. {missing[0]}")
+    return embeddings[[row[image_id] for image_id in catalogue.image_ids]]
 
 
 def extract_catalogue(archive: Path, scratch: Path) -> Path:
