@@ -26,7 +26,7 @@ from tests.serving_fixtures import archive_tiny_run, make_tiny_run, photo_jpeg, 
 NAME = "marketplace"
 NEW_LISTINGS = 50
 # "... W-9012-marketplace_1.0-stdout MODEL_LOG - live catalogue /x: serving generation 2 (22 photos, 1 listings removed)"
-SWITCH = re.compile(r"^(\S+ \S+) .*?(W-\d+)-\S+ MODEL_LOG - live catalogue \S+: serving generation (\d+) "
+SWITCH = re.compile(r"^(\S+) .*?(W-\d+)-\S+ MODEL_LOG - live catalogue \S+: serving generation (\d+) "
                     r"\((\d+) photos, (\d+) listings removed\)", re.MULTILINE)
 REFUSAL = re.compile(r"(W-\d+)-\S+ MODEL_LOG - live catalogue \S+: REFUSED generation (gen-\d+): its vectors were "
                      r"embedded by checkpoint sha256 (\w+), this worker serves (\w+)")
@@ -96,7 +96,7 @@ class ClientLoop:
 
     def __init__(self, served: Live, photo: bytes, clients: int = 4):
         self.served, self.photo, self.clients = served, photo, clients
-        self.outcomes: list[tuple[float, int, dict | str]] = []  # (sent at, status, answer or error text)
+        self.outcomes: list[tuple[float, float, int, dict | str]] = []  # (sent, answered, status, answer or error)
         self.stopping = threading.Event()
         self.threads = [threading.Thread(target=self.loop, daemon=True) for _ in range(clients)]
 
@@ -108,10 +108,10 @@ class ClientLoop:
             sent = time.monotonic()
             try:
                 response = session.post(url, data=self.photo, headers=headers, timeout=60)
-                self.outcomes.append((sent, response.status_code,
+                self.outcomes.append((sent, time.monotonic(), response.status_code,
                                       response.json() if response.ok else response.text[:300]))
             except requests.RequestException as error:
-                self.outcomes.append((sent, 0, f"{type(error).__name__}: {error}"))
+                self.outcomes.append((sent, time.monotonic(), 0, f"{type(error).__name__}: {error}"))
 
     def __enter__(self) -> "ClientLoop":
         for thread in self.threads:
@@ -124,7 +124,7 @@ class ClientLoop:
             thread.join(60)
 
     def failures(self) -> list:
-        return [outcome for outcome in self.outcomes if outcome[1] != 200]
+        return [outcome for outcome in self.outcomes if outcome[2] != 200]
 
 
 def switches(log: str) -> list[dict]:
@@ -153,8 +153,8 @@ def test_a_removed_listing_leaves_every_answer_within_2_s_on_both_workers(served
         cli.main(["--live", str(served.live), "remove", "prod-000"])
         time.sleep(4)
     assert not loop.failures(), loop.failures()[:3]
-    late = [answer for sent, _, answer in loop.outcomes if sent >= removed_at + 2]
-    early = [answer for sent, _, answer in loop.outcomes if sent < removed_at]
+    late = [answer for sent, _, _, answer in loop.outcomes if sent >= removed_at + 2]
+    early = [answer for _, answered, _, answer in loop.outcomes if answered < removed_at]
     assert len(late) >= 20 and early
     assert all(answer["neighbours"][0]["product_id"] == "prod-000" for answer in early)
     for answer in late:
@@ -193,9 +193,9 @@ def test_fifty_added_listings_are_each_found_first_within_60_s(served, tmp_path)
     assert not pending, f"{len(pending)} new photos not found first after 60 s, e.g. {sorted(pending)[:3]}"
     assert found_within < 60
     assert not loop.failures(), loop.failures()[:3]
-    generations = [answer["catalogue"]["generation"] for _, _, answer in loop.outcomes]
+    generations = [answer["catalogue"]["generation"] for *_, answer in sorted(loop.outcomes, key=lambda o: o[1])]
     assert generations[0] == 1 and generations[-1] == 2 and generations == sorted(generations)
-    last = loop.outcomes[-1][2]
+    last = loop.outcomes[-1][3]
     assert last["catalogue"] == {"generation": 2, "photos": 10 + NEW_LISTINGS}  # prod-000 still removed
     assert "prod-000" not in {neighbour["product_id"] for neighbour in last["neighbours"]}
 
