@@ -38,11 +38,11 @@ from training.embed import embed_rows, load_embeddings
 from training.index import listing_metadata
 from marketplace_search.layout import (ARCHIVE_CATALOGUE, ARCHIVE_MANIFEST, CHECKPOINT, EMBEDDINGS_DIR, INDEX_DIR,
                                        sha256_file)
-from marketplace_search.live import (CURRENT_FILE, list_generations, load_generation, now, read_current,
+from marketplace_search.live import (CATALOGUE_DIR, CURRENT_FILE, list_generations, load_generation, now, read_current,
                                      read_removed, write_generation, write_removed, writer_lock)
 from marketplace_search.models import load_checkpoint
 from marketplace_search.presets import Preprocess
-from marketplace_search.search import INDEX_TYPES, Catalogue
+from marketplace_search.search import INDEX_TYPES, LISTINGS_FILE, Catalogue
 
 DEFAULT_PHOTO_SIZE = 512  # training.photos' default
 
@@ -135,17 +135,17 @@ def init(args) -> dict:
 
 def remove(args) -> dict:
     with writer_lock(args.live):
-        current = read_current(args.live)
-        known = set()
-        if current is not None:
-            generation = load_generation(args.live)
-            known = {listing["product_id"] for listing in generation.catalogue.listings.values()}
         removed = read_removed(args.live)
         stamp = now()
         added = [product for product in args.product_ids if product not in removed]
         removed.update({product: stamp for product in added})
-        write_removed(args.live, removed)
-    unknown = [product for product in args.product_ids if current is not None and product not in known]
+        write_removed(args.live, removed)  # effective now; the check below only informs
+    current = read_current(args.live)
+    unknown = []
+    if current is not None:
+        listings = json.loads((args.live / current["name"] / CATALOGUE_DIR / LISTINGS_FILE).read_text())
+        known = {listing["product_id"] for listing in listings.values()}
+        unknown = [product for product in args.product_ids if product not in known]
     return {"removed": added, "already_removed": sorted(set(args.product_ids) - set(added)),
             "not_in_current_generation": unknown, "removal_list": len(removed)}
 
