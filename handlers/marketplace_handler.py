@@ -68,7 +68,7 @@ class MarketplaceHandler(BaseHandler):
         # The live catalogue folder (handler.live_catalogue), if any, replaces the snapshot above as soon
         # as it has a generation embedded by these very weights; its removal list applies either way.
         live = settings.get("live_catalogue")
-        self.live = LiveFollower(live, self.catalogue, sha256_file(checkpoint_path)) if live else None
+        self.live = LiveFollower(live, self.catalogue, sha256_file(checkpoint_path), background=True) if live else None
         self.served = self.live.current() if self.live else Served(self.catalogue, 0)
         self.catalogue = self.served.catalogue
         # TorchServe's Context knows the registered name; its unit-test MockContext does not.

@@ -15,8 +15,8 @@ On disk (one folder, LIVE):
   .lock                held by writers (scripts.catalogue) so two changes never interleave
 
 A worker (LiveFollower) checks the stat of CURRENT and removed.json at most every CHECK_SECONDS, on
-its next batch; on a change it loads the new generation whole, then swaps one reference, so a batch
-is answered from one generation. It refuses a generation embedded by other weights than its own.
+its next batch; a new removal list applies at once, a new generation is loaded whole (beside the
+batches, in a thread) and then swapped in with one reference, so a batch is answered from one generation. It refuses a generation embedded by other weights than its own.
 Writers publish CURRENT before pruning removed.json and readers read removed.json before CURRENT,
 so a reader never pairs an old generation with a pruned removal list.
 """
@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -226,18 +227,27 @@ class LiveFollower:
     current one is refused; the removal list applies to whichever is served. `weights_sha256` is the
     sha256 of the checkpoint this worker serves: a generation embedded by other weights is refused
     (logged once) and the worker keeps what it has.
+
+    A new removal list applies on the batch that sees it. A new generation is loaded whole, then
+    swapped in: on the batch that sees it, or with `background`, by a thread beside the batches
+    (a large catalogue takes seconds to load and verify), swapped in on the first batch after it is
+    loaded. Either way at most two generations are in memory, and only while one loads.
     """
 
     def __init__(self, live: Path | str, bundled: Catalogue, weights_sha256: str,
-                 check_seconds: float = CHECK_SECONDS, clock=time.monotonic):
+                 check_seconds: float = CHECK_SECONDS, clock=time.monotonic, background: bool = False):
         self.live = Path(live)
         self.bundled = bundled
         self.weights_sha256 = weights_sha256
         self.check_seconds = check_seconds
         self.clock = clock
+        self.background = False  # the first generation loads before the worker answers anything
         self.base, self.generation = bundled, BUNDLED
         self.refused: set[str] = set()
         self.served = Served(bundled, BUNDLED)
+        self.removed: frozenset = frozenset()
+        self.loading: str | None = None  # the generation a thread is loading
+        self.loaded: tuple[int, Catalogue, float] | None = None  # (generation, catalogue, load ms), to swap in
         self.seen = None
         self.next_check = 0.0
         if not self.live.is_dir():
@@ -245,9 +255,12 @@ class LiveFollower:
                            "(%d photos) and checking for it every %.1f s", self.live, bundled.index.ntotal,
                            check_seconds)
         self.current()
+        self.background = background
 
     def current(self) -> Served:
         """The Served to answer this batch from; looks at LIVE when CHECK_SECONDS have passed."""
+        if self.loaded is not None:
+            self.install()
         moment = self.clock()
         if moment < self.next_check:
             return self.served
@@ -259,7 +272,6 @@ class LiveFollower:
         return self.served
 
     def follow(self) -> None:
-        started = time.perf_counter()
         try:
             removed = frozenset(read_removed(self.live))  # before CURRENT (see the module docstring)
             current = read_current(self.live)
@@ -267,21 +279,50 @@ class LiveFollower:
             logger.error("live catalogue %s: cannot read its pointer or removal list (%s); still serving "
                          "generation %d", self.live, error, self.generation)
             return
-        previous, loaded = self.served, False
+        self.removed = removed
         if current is not None and current["generation"] != self.generation and current["name"] not in self.refused:
-            try:
-                self.base = self.load(current["name"])
-                self.generation, loaded = current["generation"], True
-            except (OSError, RuntimeError, ValueError) as error:  # Faiss reports a bad file as RuntimeError
-                self.refused.add(current["name"])
-                logger.error("live catalogue %s: REFUSED generation %s: %s; still serving generation %d",
-                             self.live, current["name"], error, self.generation)
-        if loaded or removed != previous.removed:
-            view = self.base.without_products(removed) if removed else self.base
-            self.served = Served(view, self.generation, removed)  # the swap: one reference
-            logger.info("live catalogue %s: serving generation %d (%d photos, %d listings removed); was generation "
-                        "%d (%d photos); switched in %.0f ms", self.live, self.generation, view.visible, len(removed),
-                        previous.generation, previous.catalogue.visible, (time.perf_counter() - started) * 1000)
+            if self.loading is not None:
+                self.seen = None  # one load at a time: look again once this one is in
+            elif self.background:
+                self.loading = current["name"]
+                threading.Thread(target=self.load_beside, args=(current["generation"], current["name"]),
+                                 name=f"live-{current['name']}", daemon=True).start()
+            else:
+                self.load_beside(current["generation"], current["name"])
+                if self.loaded is not None:
+                    self.install()
+                    return
+        if removed != self.served.removed:
+            self.swap(self.served.generation, 0.0)
+
+    def load_beside(self, generation: int, name: str) -> None:
+        """Load generation NAME while the current one serves; `current()` swaps it in (or it is refused)."""
+        started = time.perf_counter()
+        try:
+            catalogue = self.load(name)
+        except (OSError, RuntimeError, ValueError) as error:  # Faiss reports a bad file as RuntimeError
+            self.refused.add(name)
+            logger.error("live catalogue %s: REFUSED generation %s: %s; still serving generation %d",
+                         self.live, name, error, self.generation)
+        else:
+            self.loaded = (generation, catalogue, (time.perf_counter() - started) * 1000)
+        finally:
+            self.loading = None
+
+    def install(self) -> None:
+        generation, catalogue, milliseconds = self.loaded
+        self.loaded = None
+        self.base, self.generation = catalogue, generation
+        self.swap(generation, milliseconds)
+
+    def swap(self, generation: int, load_milliseconds: float) -> None:
+        started, previous = time.perf_counter(), self.served
+        view = self.base.without_products(self.removed) if self.removed else self.base
+        self.served = Served(view, generation, self.removed)  # the swap: one reference
+        logger.info("live catalogue %s: serving generation %d (%d photos, %d listings removed); was generation "
+                    "%d (%d photos); loaded in %.0f ms, switched in %.0f ms", self.live, generation, view.visible,
+                    len(self.removed), previous.generation, previous.catalogue.visible, load_milliseconds,
+                    (time.perf_counter() - started) * 1000)
 
     def load(self, name: str) -> Catalogue:
         """Generation NAME loaded whole, after checking it was embedded by this worker's weights."""

@@ -292,6 +292,24 @@ def test_compaction_folds_removals_and_a_damaged_generation_is_refused(tiny, tmp
     assert "REFUSED generation gen-000003" in caplog.text and "does not belong with" in caplog.text
 
 
+def test_a_background_load_swaps_in_on_the_first_batch_after_it(tiny, tmp_path):
+    folder = seed_live(tiny, tmp_path / "live")
+    clock = Clock()
+    follower = live.LiveFollower(folder, Catalogue.load(tiny.run_dir / "index"),
+                                 sha256_file(tiny.run_dir / CHECKPOINT), clock=clock, background=True)
+    assert follower.current().generation == 1  # the first generation loads before the first answer
+    cli.main(["--live", str(folder), "remove", "prod-003"])
+    cli.main(["--live", str(folder), "init", "--run", str(tiny.run_dir), "--force"])
+    clock.now = 1
+    served = follower.current()  # the removal applies now, generation 2 loads beside
+    assert served.removed == {"prod-003"} and served.info["photos"] == 10
+    deadline = time.monotonic() + 30
+    while follower.current().generation != 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert follower.current().info == {"generation": 2, "photos": 10}
+    assert follower.current().removed == {"prod-003"}
+
+
 def test_add_refuses_other_weights(tiny, tmp_path):
     folder = seed_live(tiny, tmp_path / "live")
     other = make_tiny_run(tmp_path / "other", seed=1)

@@ -259,6 +259,7 @@ def bench_live(settings: dict, scratch: Path) -> dict:
                                f"MB; the swap (load + verify) took {memory['swap_s']:.2f} s"})
     return {"rows": rows, "columns": LIVE_COLUMNS, "models": {"live": source},
             "legend": "Two workers × 1 thread per model on one TorchServe. The removal list applies on a worker's "
-                      "next batch (checked at most every 0.5 s); a new generation is loaded whole by each worker "
-                      "on its next batch, then swapped in. Memory: resident memory above the process's before "
+                      "next batch (checked at most every 0.5 s); a new generation is loaded whole by a thread of each "
+                      "worker beside its batches, then swapped in (the swap's seconds are that load, measured "
+                      "in-process). Memory: resident memory above the process's before "
                       "the first generation was loaded."}
