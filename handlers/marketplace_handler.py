@@ -24,7 +24,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from marketplace_search.inference import (BODY_PARTS, Batch, CategoryBlend, RequestError, batch_answers,
                                           blend_categories, internal_error, parse_request, search_batch)
 from marketplace_search.layout import ARCHIVE_CATALOGUE, ARCHIVE_CHECKPOINT, sha256_file
-from marketplace_search.live import LiveFollower, Served
+from marketplace_search.live import BUNDLED, LiveFollower, Served
 from marketplace_search.models import load_checkpoint, prepare_for_serving, serve_forward
 from marketplace_search.presets import Preprocess, eval_transform
 from marketplace_search.search import Catalogue
@@ -69,7 +69,7 @@ class MarketplaceHandler(BaseHandler):
         # as it has a generation embedded by these very weights; its removal list applies either way.
         live = settings.get("live_catalogue")
         self.live = LiveFollower(live, self.catalogue, sha256_file(checkpoint_path), background=True) if live else None
-        self.served = self.live.current() if self.live else Served(self.catalogue, 0)
+        self.served = self.live.current() if self.live else Served(self.catalogue, BUNDLED)
         self.catalogue = self.served.catalogue
         # TorchServe's Context knows the registered name; its unit-test MockContext does not.
         self.model_info = {"name": getattr(context, "model_name", None) or self.manifest["model"].get("modelName"),
