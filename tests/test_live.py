@@ -63,15 +63,17 @@ class Live:
 
     def start(self) -> None:
         self.starts += 1
-        self._context = running_server(self.store, self.root / f"ts{self.starts}", {NAME: self.mar.name})
+        self._context = running_server(self.store, self.root / f"ts{self.starts}", {NAME: self.mar.name},
+                                       enable_model_api=True)
         self.server = self._context.__enter__()
         wait_workers(self.server, 2)
 
     def stop(self) -> None:
         self._context.__exit__(None, None, None)
 
-    def query(self, photo: bytes, k: int = 100, session=requests) -> dict:
-        response = session.post(f"{self.server.inference_url}/predictions/{NAME}", data=photo, timeout=60,
+    def query(self, photo: bytes, k: int = 100, session=requests, version: str = "") -> dict:
+        response = session.post(f"{self.server.inference_url}/predictions/{NAME}{version and '/' + version}",
+                                data=photo, timeout=60,
                                 headers={"Content-Type": "image/jpeg", "X-K": str(k),
                                          **api.auth_headers(self.server.token("inference"))})
         assert response.status_code == 200, response.text
@@ -209,6 +211,20 @@ def test_a_restart_serves_the_live_state(served):
     assert after["catalogue"] == before["catalogue"] == {"generation": 2, "photos": 10 + NEW_LISTINGS}
     assert after["neighbours"] == before["neighbours"]
     assert "prod-000" not in {neighbour["product_id"] for neighbour in after["neighbours"]}
+
+
+@pytest.mark.server
+def test_a_new_version_with_the_same_weights_follows_the_same_folder(served):
+    v2 = archive_tiny_run(served.run, served.store, version="2.0", threads=1, live_catalogue=served.live)
+    token = served.server.token("management")
+    api.register(served.server, v2.name, NAME, initial_workers=1, token=token)
+    try:
+        answer = served.query(served.run.photo_bytes("img-000"), version="2.0")
+        assert answer["model"]["version"] == "2.0"
+        assert answer["catalogue"] == {"generation": 2, "photos": 10 + NEW_LISTINGS}
+        assert "prod-000" not in {neighbour["product_id"] for neighbour in answer["neighbours"]}
+    finally:
+        api.unregister(served.server, NAME, "2.0", token=token)
 
 
 @pytest.mark.server
