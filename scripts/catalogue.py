@@ -241,7 +241,8 @@ def status(args) -> dict:
     return {"live": str(args.live), "generation": generation.number, "published": current["published"],
             "photos": len(generation.catalogue.image_ids), "listings": len(listings),
             "removed": len(removed), "removed_in_generation": len(listings & removed.keys()),
-            "model": generation.info["model"], "index": generation.info.get("index"),
+            "model": {**generation.catalogue.meta.get("model", {}), **generation.info["model"]},
+            "index": generation.info.get("index"),
             "created": generation.info["created"], "change": generation.info.get("change"),
             "generations": list_generations(args.live)}
 
