@@ -23,7 +23,8 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from marketplace_search.inference import (BODY_PARTS, Batch, CategoryBlend, RequestError, batch_answers,
                                           blend_categories, internal_error, parse_request, search_batch)
-from marketplace_search.layout import ARCHIVE_CATALOGUE, ARCHIVE_CHECKPOINT
+from marketplace_search.layout import ARCHIVE_CATALOGUE, ARCHIVE_CHECKPOINT, sha256_file
+from marketplace_search.live import BUNDLED, LiveFollower, Served
 from marketplace_search.models import load_checkpoint, prepare_for_serving, serve_forward
 from marketplace_search.presets import Preprocess, eval_transform
 from marketplace_search.search import Catalogue
@@ -64,6 +65,12 @@ class MarketplaceHandler(BaseHandler):
         if self.catalogue.dimension != checkpoint["embedding_dim"]:
             raise ValueError(f"{model_dir / ARCHIVE_CATALOGUE} holds {self.catalogue.dimension}-d vectors but "
                              f"{checkpoint_path.name} makes {checkpoint['embedding_dim']}-d embeddings")
+        # The live catalogue folder (handler.live_catalogue), if any, replaces the snapshot above as soon
+        # as it has a generation embedded by these very weights; its removal list applies either way.
+        live = settings.get("live_catalogue")
+        self.live = LiveFollower(live, self.catalogue, sha256_file(checkpoint_path), background=True) if live else None
+        self.served = self.live.current() if self.live else Served(self.catalogue, BUNDLED)
+        self.catalogue = self.served.catalogue
         # TorchServe's Context knows the registered name; its unit-test MockContext does not.
         self.model_info = {"name": getattr(context, "model_name", None) or self.manifest["model"].get("modelName"),
                            "version": self.manifest["model"].get("modelVersion")}
@@ -71,14 +78,18 @@ class MarketplaceHandler(BaseHandler):
         if settings.get("warm_up", True):
             self.warm_up(int(context.system_properties.get("batch_size") or 1))
         self.initialized = True
-        logger.info("loaded %s (%s, %d classes) and %d catalogue photos; %d threads, layout %s, device %s, "
-                    "category blend %s", checkpoint_path.name, checkpoint["arch"], len(self.classes),
-                    self.catalogue.index.ntotal, threads, self.model.serving_layout, self.device,
+        logger.info("loaded %s (%s, %d classes) and %d catalogue photos (generation %d%s); %d threads, layout %s, "
+                    "device %s, category blend %s", checkpoint_path.name, checkpoint["arch"], len(self.classes),
+                    self.served.catalogue.visible, self.served.generation,
+                    f", following {self.live.live}" if self.live else "", threads, self.model.serving_layout, self.device,
                     self.category_blend.to_dict() if self.category_blend.weight else "off (head alone)")
 
     def preprocess(self, data):
         """Decode and transform every request of the batch, several at a time; a bad one becomes its error."""
         started = time.perf_counter()
+        if self.live:  # the whole batch is answered from one generation, whatever changes meanwhile
+            self.served = self.live.current()
+            self.catalogue = self.served.catalogue
         pool = self.decoders if len(data) > 1 else None  # a lone request skips the hand-off to a thread
         prepared = list((pool.map if pool else map)(self.prepare_request, range(len(data)), data))
         batch = Batch([item if isinstance(item, RequestError) else item[0] for item in prepared])
@@ -125,7 +136,7 @@ class MarketplaceHandler(BaseHandler):
 
     def postprocess(self, batch):
         started = time.perf_counter()
-        answers = batch_answers(batch, self.classes, self.model_info)
+        answers = batch_answers(batch, self.classes, self.model_info, self.served.info)
         for idx, slot in enumerate(batch.slots):
             self.context.set_response_content_type(idx, "application/json")
             if isinstance(slot, RequestError):

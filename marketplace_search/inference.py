@@ -325,17 +325,18 @@ def top_categories(probabilities: np.ndarray, classes: list[str], n: int = TOP_C
 
 
 def build_answer(probabilities: np.ndarray, classes: list[str], neighbours: list[dict], model: dict,
-                 embedding: np.ndarray | None = None) -> dict:
-    """The answer for one query: best category, top 3, nearest listings, model; embedding if asked."""
+                 embedding: np.ndarray | None = None, catalogue: dict | None = None) -> dict:
+    """The answer for one query: best category, top 3, nearest listings, model, the catalogue generation
+    that answered (marketplace_search.live); embedding if asked."""
     top = top_categories(probabilities, classes)
     answer = {"category": top[0]["category"], "probability": top[0]["probability"], "top_categories": top,
-              "neighbours": neighbours, "model": model}
+              "neighbours": neighbours, "model": model, **({"catalogue": catalogue} if catalogue else {})}
     if embedding is not None:
         answer["embedding"] = [float(x) for x in embedding]
     return answer
 
 
-def batch_answers(batch: Batch, classes: list[str], model: dict) -> list[dict]:
+def batch_answers(batch: Batch, classes: list[str], model: dict, catalogue: dict | None = None) -> list[dict]:
     """One answer per slot: the result for a Query, the error body for a RequestError."""
     answers, row = [], 0
     for slot in batch.slots:
@@ -343,6 +344,7 @@ def batch_answers(batch: Batch, classes: list[str], model: dict) -> list[dict]:
             answers.append(slot.body())
             continue
         vector = batch.vectors[row] if slot.embedding else None
-        answers.append(build_answer(batch.probabilities[row], classes, batch.neighbours[row], model, vector))
+        answers.append(build_answer(batch.probabilities[row], classes, batch.neighbours[row], model, vector,
+                                    catalogue))
         row += 1
     return answers

@@ -11,6 +11,13 @@ class ModelInfo(TypedDict):
     version: str
 
 
+class CatalogueInfo(TypedDict):
+    """The catalogue generation that answered (0: the archive's own snapshot) and its searchable photos."""
+
+    generation: int
+    photos: int
+
+
 class TopCategory(TypedDict):
     category: str
     probability: float
@@ -34,6 +41,7 @@ class Answer(TypedDict):
     top_categories: list[TopCategory]
     neighbours: list[Neighbour]
     model: ModelInfo
+    catalogue: CatalogueInfo
     embedding: NotRequired[list[float]]  # only when asked for (option `embedding`)
 
 
@@ -63,6 +71,7 @@ def check_answer(answer: dict) -> Answer:
     for neighbour in answer["neighbours"]:
         check_fields(neighbour, Neighbour, "neighbours[]")
     check_fields(answer["model"], ModelInfo, "model")
+    check_fields(answer["catalogue"], CatalogueInfo, "catalogue")
     if not 0.0 <= answer["probability"] <= 1.0 or not answer["top_categories"]:
         raise AnswerError(f"bad category scores: {answer['probability']}, {answer['top_categories']}")
     if answer["top_categories"][0]["category"] != answer["category"]:

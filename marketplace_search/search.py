@@ -11,6 +11,7 @@ On disk (one folder):
 Vectors are (n, d) float32, L2-normalised, so inner product is cosine similarity.
 A folder is written whole into a temporary folder beside it and renamed into place.
 """
+import copy
 import hashlib
 import json
 import logging
@@ -116,6 +117,29 @@ class Catalogue:
             by_category.setdefault(listings[image_id]["category"], []).append(row)
         self.rows_by_category = {name: np.array(rows, dtype=np.int64) for name, rows in by_category.items()}
         self._selectors: dict[str, faiss.IDSelector] = {}
+        self.visible = index.ntotal  # photos a search can return (fewer in a view made by `without_products`)
+        self._visible_rows = None  # (bitmap, selector) of those photos in such a view
+
+    def without_products(self, product_ids) -> "Catalogue":
+        """A view sharing this catalogue's index whose searches leave out PRODUCT_IDS' photos.
+
+        For the live catalogue's removal list (marketplace_search.live): the listings leave every
+        answer at once, the index is rebuilt later (compaction). Faiss filters the hidden rows inside
+        the search, so k answers remain whenever k listings are left.
+        """
+        hidden = np.array([row for row, image_id in enumerate(self.image_ids)
+                           if self.listings[image_id]["product_id"] in product_ids], dtype=np.int64)
+        view = copy.copy(self)
+        view._selectors = {}
+        if not len(hidden):
+            return view
+        shown = np.ones(self.index.ntotal, dtype=bool)
+        shown[hidden] = False
+        view.rows_by_category = {name: rows[shown[rows]] for name, rows in self.rows_by_category.items()}
+        bitmap = np.packbits(shown, bitorder="little")
+        view._visible_rows = (bitmap, faiss.IDSelectorBitmap(len(shown), faiss.swig_ptr(bitmap)))
+        view.visible = int(shown.sum())
+        return view
 
     @classmethod
     def load(cls, directory: Path | str, mmap: bool = False) -> "Catalogue":
@@ -206,7 +230,7 @@ class Catalogue:
         queries = _as_queries(queries)
         if queries.shape[1] != self.dimension:
             raise ValueError(f"queries have dimension {queries.shape[1]}, the index {self.dimension}")
-        selector = None if category is None else self._selector(category)
+        selector = self._selector(category)
         if exact:
             index, params = _exhaustive_search(self.index, selector)
             return index.search(queries, k, params=params)
@@ -218,7 +242,9 @@ class Catalogue:
             raise KeyError(f"unknown category {category!r}; known: {', '.join(self.categories)}")
         return self.rows_by_category[category]
 
-    def _selector(self, category: str) -> faiss.IDSelector:
+    def _selector(self, category: str | None) -> faiss.IDSelector | None:
+        if category is None:  # every photo, or every visible one in a view
+            return None if self._visible_rows is None else self._visible_rows[1]
         if category not in self._selectors:  # built once: a hash set of the category's rows
             self._selectors[category] = faiss.IDSelectorBatch(self._category_rows(category))
         return self._selectors[category]
@@ -236,8 +262,10 @@ class Catalogue:
         queries = _as_queries(queries)
         if not 1 <= k <= MAX_K:
             raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
-        available = self.index.ntotal if category is None else len(self._category_rows(category))
+        available = self.visible if category is None else len(self._category_rows(category))
         exclude_products = exclude_products or [None] * len(queries)
+        if not available:  # every listing (of CATEGORY) removed
+            return [[] for _ in queries]
         answers: list[list[dict] | None] = [None] * len(queries)
         pending = list(range(len(queries)))
         fetch = min(available, 3 * k + 8)

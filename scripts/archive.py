@@ -101,10 +101,11 @@ def model_card(run_dir: Path, info: dict, checkpoint: dict, checkpoint_sha256: s
 
 def model_config(batch_size: int, max_batch_delay: int, min_workers: int, max_workers: int,
                  response_timeout: int, threads: int, layout: str = "auto", warm_up: bool = True,
-                 category_blend: dict | None = None) -> dict:
+                 category_blend: dict | None = None, live_catalogue: Path | None = None) -> dict:
     """TorchServe's model_config.yaml; the `handler` section is read by MarketplaceHandler.initialize."""
     handler = {"layout": layout, "warm_up": warm_up, **({"threads": threads} if threads else {}),
-               **({"category_blend": category_blend} if category_blend else {})}
+               **({"category_blend": category_blend} if category_blend else {}),
+               **({"live_catalogue": str(Path(live_catalogue).resolve())} if live_catalogue else {})}
     return {"minWorkers": min_workers, "maxWorkers": max_workers, "batchSize": batch_size,
             "maxBatchDelay": max_batch_delay, "responseTimeout": response_timeout, "handler": handler}
 
@@ -143,7 +144,7 @@ def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketpla
                   output_name: str = "{name}", batch_size: int = BATCH_SIZE,
                   max_batch_delay: int = MAX_BATCH_DELAY, min_workers: int = 1, max_workers: int = 1,
                   response_timeout: int = 120, threads: int = 0, layout: str = "auto",
-                  warm_up: bool = True, category_blend: bool = True) -> Path:
+                  warm_up: bool = True, category_blend: bool = True, live_catalogue: Path | None = None) -> Path:
     """Build STORE/<output_name>.mar from a run folder; returns its path.
 
     A file name that carries the version (`{version}` in output_name, e.g. marketplace-v2.0.mar) names
@@ -175,7 +176,8 @@ def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketpla
         config_file.write_text(yaml.safe_dump(model_config(batch_size, max_batch_delay, min_workers, max_workers,
                                                            response_timeout, threads, layout, warm_up,
                                                            blend and {key: blend[key] for key in
-                                                                      ("k", "temperature", "weight")}),
+                                                                      ("k", "temperature", "weight")},
+                                                           live_catalogue),
                                               sort_keys=True))
         built = run_archiver(stage, name, version, run_dir / CHECKPOINT, extra, config_file)
         shutil.move(str(built), target)
@@ -208,11 +210,14 @@ def main(argv=None) -> None:
     parser.add_argument("--category-blend", action=argparse.BooleanOptionalAction, default=True,
                         help="serve the category blend of head and catalogue neighbours that training.evaluate "
                              "chose on the validation split (RUN/evaluation.json), if any")
+    parser.add_argument("--live-catalogue", type=Path,
+                        help="a live catalogue folder (python -m scripts.catalogue) the workers follow instead of "
+                             "the bundled snapshot, once it holds a generation embedded by these weights")
     args = parser.parse_args(argv)
     try:
         target = build_archive(args.run, args.store, args.name, args.version, args.output_name, args.batch_size,
                                args.max_batch_delay, args.min_workers, args.max_workers, args.response_timeout,
-                               args.threads, args.layout, args.warm_up, args.category_blend)
+                               args.threads, args.layout, args.warm_up, args.category_blend, args.live_catalogue)
     except FileExistsError as error:
         raise SystemExit(f"refused: {error}") from error
     print(f"{target} ({target.stat().st_size / 1e6:.1f} MB)")

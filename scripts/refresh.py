@@ -233,6 +233,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="archive: largest dynamic batch")
     parser.add_argument("--max-batch-delay", type=int, default=MAX_BATCH_DELAY,
                         help="archive: ms a worker waits for more requests once one is queued")
+    parser.add_argument("--live-catalogue", type=Path,
+                        help="archive: the live catalogue folder its workers follow (scripts.catalogue); the same "
+                             "weights, so the same folder as the version it refreshes")
     parser.add_argument("--release", action="store_true", help="register, canary and make the new version default")
     parser.add_argument("--management-url", default=DEFAULT_MANAGEMENT_URL)
     parser.add_argument("--inference-url", default=DEFAULT_INFERENCE_URL)
@@ -250,7 +253,8 @@ def main(argv=None) -> dict:
     print(format_refresh(refresh))
     print(f"run: {new_run}")
     mar = build_archive(new_run, args.store, args.name, args.version, args.output_name,
-                        batch_size=args.batch_size, max_batch_delay=args.max_batch_delay)
+                        batch_size=args.batch_size, max_batch_delay=args.max_batch_delay,
+                        live_catalogue=args.live_catalogue)
     print(f"archive: {mar} ({mar.stat().st_size / 1e6:.1f} MB)")
     summary = {"run": str(new_run), "archive": str(mar), **refresh}
     if args.release:

@@ -18,6 +18,8 @@ Sections (`--sections`, comma separated):
            how soon the server answers again, latency before and after
   training items/s of each training stage (frozen trunk, cached tail step, full step, embedding),
            fp32 against bf16 autocast, and peak memory
+  live     the live catalogue while serving: remove → effect, seconds per added photo, the check's
+           cost on a lone request, memory of two generations during a swap
 
 Examples:
   python -m scripts.benchmark --quick
@@ -38,13 +40,14 @@ from scripts.archive import MAX_BATCH_DELAY
 from scripts.benchmark.bare import bench_bare
 from scripts.benchmark.fault import bench_fault
 from scripts.benchmark.index import bench_index
+from scripts.benchmark.live import bench_live
 from scripts.benchmark.photos import generate_photos, read_photos
 from scripts.benchmark.report import describe_machine, format_machine, raw_figures, render_report, render_section
 from scripts.benchmark.served import BATCHED, bench_serving
 from scripts.benchmark.training import bench_training
 from scripts.benchmark.subjects import load_subjects, parse_weights
 
-SECTIONS = ("bare", "served", "index", "startup", "fault", "training")
+SECTIONS = ("bare", "served", "index", "startup", "fault", "training", "live")
 
 # Sizes and repeats per profile; any option given on the command line wins.
 PROFILES = {
@@ -59,6 +62,8 @@ PROFILES = {
         "nprobe": [4, 16, 64], "ivf_max_size": 100_000, "queries": 1000, "single_queries": 200,
         "filtered_queries": 50, "dim": 256, "fault_clients": 32, "fault_requests": 2000,
         "train_arch": ["efficientnet_lite2", "mobilenet_v2", "resnet50"], "train_batch": 32, "train_stages": 2,
+        "live_add_photos": 1000, "live_removes": 5, "live_lone_requests": 200,
+        "live_memory_sizes": [100_000, 1_000_000],
     },
     "quick": {
         "arch": ["resnet50"], "batches": [1, 8, 32], "knob_batch": 8, "compare_photos": 8,
@@ -71,6 +76,7 @@ PROFILES = {
         "nprobe": [16], "ivf_max_size": 10_000, "queries": 500, "single_queries": 100,
         "filtered_queries": 20, "dim": 256, "fault_clients": 16, "fault_requests": 400,
         "train_arch": ["efficientnet_lite2"], "train_batch": 16, "train_stages": 2,
+        "live_add_photos": 200, "live_removes": 3, "live_lone_requests": 100, "live_memory_sizes": [10_000, 100_000],
     },
 }
 
@@ -139,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     fault = parser.add_argument_group("fault")
     fault.add_argument("--fault-clients", type=int, help="concurrent clients (full: 32)")
     fault.add_argument("--fault-requests", type=int, help="requests in all; a worker is killed half-way (full: 2000)")
+    live = parser.add_argument_group("live")
+    live.add_argument("--live-add-photos", type=int, help="new photos to add in one go (full: 1000)")
+    live.add_argument("--live-removes", type=int, help="listings removed one after the other (full: 5)")
+    live.add_argument("--live-lone-requests", type=int, help="lone requests per model, in turns (full: 200)")
+    live.add_argument("--live-memory-sizes", type=lambda text: [parse_size(item) for item in text.split(",")],
+                      help="vectors per generation for the swap's memory (full: 100k,1M)")
     index = parser.add_argument_group("index")
     index.add_argument("--sizes", type=lambda text: [parse_size(item) for item in text.split(",")],
                        help="catalogue sizes (full: 10k,100k,1M; quick: 10k,100k)")
@@ -211,6 +223,9 @@ def run_sections(settings: dict, photos: list[bytes]) -> dict:
         done(index=timed(bench_index, settings))
     if "training" in chosen:
         done(training=timed(bench_training, settings))
+    if "live" in chosen:
+        with tempfile.TemporaryDirectory(prefix="benchmark-live-") as scratch:
+            done(live=timed(bench_live, settings, Path(scratch)))
     if "fault" in chosen:
         with tempfile.TemporaryDirectory(prefix="benchmark-fault-") as scratch:
             done(fault=timed(bench_fault, settings, Path(scratch)))

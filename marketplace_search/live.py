@@ -1,0 +1,340 @@
+"""The live catalogue: numbered generations of the Faiss catalogue outside the archive, a pointer to the
+current one and a list of removed listings, followed by every worker while it serves.
+
+On disk (one folder, LIVE):
+  CURRENT              {"generation": N, "name": "gen-00000N", "published": ISO time}; replaced atomically
+                       (written beside, then os.replace) once generation N is complete
+  removed.json         {"product_ids": {product_id: ISO time removed}}: sold or withdrawn listings, left
+                       out of every answer at once; compaction folds them into a new generation
+  gen-00000N/          one generation, never changed once in place (written in a hidden folder, renamed):
+    catalogue/         the Catalogue folder (marketplace_search.search: index, id map, listings, meta)
+    vectors.npy        (n, d) float32, L2-normalised, row i = the id map's image i (adds and compactions
+                       rebuild the index from exact vectors, whatever the index type)
+    generation.json    number, parent, created, what changed, and "model": the sha256 of the checkpoint
+                       whose weights made the vectors
+  .lock                held by writers (scripts.catalogue) so two changes never interleave
+
+A worker (LiveFollower) checks the stat of CURRENT and removed.json at most every CHECK_SECONDS, on
+its next batch; a new removal list applies at once, a new generation is loaded whole (beside the
+batches, in a thread) and then swapped in with one reference, so a batch is answered from one generation. It refuses a generation embedded by other weights than its own.
+Writers publish CURRENT before pruning removed.json and readers read removed.json before CURRENT,
+so a reader never pairs an old generation with a pruned removal list.
+"""
+import fcntl
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from marketplace_search.search import Catalogue, make_catalogue
+
+CURRENT_FILE = "CURRENT"
+REMOVED_FILE = "removed.json"
+LOCK_FILE = ".lock"
+CATALOGUE_DIR = "catalogue"
+VECTORS_FILE = "vectors.npy"
+GENERATION_FILE = "generation.json"
+GENERATION_PREFIX = "gen-"
+CHECK_SECONDS = 0.5  # a worker looks at the folder at most this often: a stat of two files
+BUNDLED = 0  # the generation number of the archive's own catalogue snapshot
+
+logger = logging.getLogger(__name__)
+
+
+class GenerationRefused(ValueError):
+    """A generation this model must not serve (other weights, other dimension, unreadable)."""
+
+
+def generation_name(number: int) -> str:
+    return f"{GENERATION_PREFIX}{number:06d}"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def write_json_atomically(path: Path, value) -> None:
+    """Readers see the old file or the new one, never a part (written beside, fsynced, renamed)."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as out:
+            json.dump(value, out, indent=2, sort_keys=True)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
+
+
+def read_current(live: Path) -> dict | None:
+    """CURRENT's content, or None for a folder no generation was published in."""
+    try:
+        return json.loads((Path(live) / CURRENT_FILE).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def read_removed(live: Path) -> dict[str, str]:
+    """`{product_id: when removed}`; empty when nothing was removed."""
+    try:
+        return json.loads((Path(live) / REMOVED_FILE).read_text())["product_ids"]
+    except FileNotFoundError:
+        return {}
+
+
+def write_removed(live: Path, removed: dict[str, str]) -> None:
+    write_json_atomically(Path(live) / REMOVED_FILE, {"product_ids": removed, "updated": now()})
+
+
+def read_generation_info(live: Path, name: str) -> dict:
+    return json.loads((Path(live) / name / GENERATION_FILE).read_text())
+
+
+def generation_weights(info: dict) -> str | None:
+    return (info.get("model") or {}).get("checkpoint_sha256")
+
+
+def list_generations(live: Path) -> list[str]:
+    return sorted(path.name for path in Path(live).glob(f"{GENERATION_PREFIX}*") if path.is_dir())
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+@contextmanager
+def writer_lock(live: Path):
+    """One writer at a time on LIVE (remove, add, compact, init); readers never wait for it."""
+    Path(live).mkdir(parents=True, exist_ok=True)
+    with open(Path(live) / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@dataclass
+class Generation:
+    """A loaded generation: its catalogue (whole, no removals applied), exact vectors and generation.json."""
+
+    number: int
+    catalogue: Catalogue
+    vectors: np.ndarray
+    info: dict
+
+
+def load_generation(live: Path, name: str | None = None) -> Generation:
+    """Generation NAME (default: the current one) with its vectors, for writers."""
+    live = Path(live)
+    if name is None:
+        current = read_current(live)
+        if current is None:
+            raise FileNotFoundError(f"{live} has no current generation: seed it with `python -m scripts.catalogue "
+                                    f"init` first")
+        name = current["name"]
+    info = read_generation_info(live, name)
+    catalogue = Catalogue.load(live / name / CATALOGUE_DIR)
+    vectors = np.load(live / name / VECTORS_FILE)
+    if vectors.shape[0] != catalogue.index.ntotal:
+        raise ValueError(f"{live / name / VECTORS_FILE} holds {vectors.shape[0]} vectors, its catalogue "
+                         f"{catalogue.index.ntotal}: the generation is damaged")
+    return Generation(info["number"], catalogue, vectors, info)
+
+
+def write_generation(live: Path, vectors: np.ndarray, image_ids: list[str], listings: dict[str, dict],
+                     weights_sha256: str, change: dict, index_type: str = "auto", meta: dict | None = None) -> int:
+    """Build and publish the next generation of LIVE; returns its number. The caller holds writer_lock.
+
+    The folder is complete on disk (fsynced, renamed into place) before CURRENT names it.
+    """
+    live = Path(live)
+    live.mkdir(parents=True, exist_ok=True)
+    current = read_current(live)
+    existing = [int(name[len(GENERATION_PREFIX):]) for name in list_generations(live)]
+    number = max(existing + [current["generation"] if current else 0]) + 1
+    info = {"number": number, "name": generation_name(number), "parent": current and current["generation"],
+            "created": now(), "model": {"checkpoint_sha256": weights_sha256}, "change": change}
+    catalogue = make_catalogue(vectors, image_ids, listings,
+                               {**(meta or {}), "model": {**(meta or {}).get("model", {}),
+                                                          "checkpoint_sha256": weights_sha256},
+                                "generation": number},
+                               index_type)
+    info.update(photos=len(image_ids), listings=len({listing["product_id"] for listing in catalogue.listings.values()}),
+                index=catalogue.meta["index"]["type"])
+    staging = Path(tempfile.mkdtemp(prefix=f".{generation_name(number)}.", suffix=".tmp", dir=live))
+    try:
+        catalogue.save(staging / CATALOGUE_DIR)
+        np.save(staging / VECTORS_FILE, np.ascontiguousarray(vectors, dtype=np.float32))
+        (staging / GENERATION_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+        for name in (VECTORS_FILE, GENERATION_FILE):
+            _fsync(staging / name)
+        os.chmod(staging, 0o755)
+        _fsync(staging)
+        os.rename(staging, live / generation_name(number))  # a new name: fails rather than replace anything
+        _fsync(live)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    write_json_atomically(live / CURRENT_FILE, {"generation": number, "name": generation_name(number),
+                                                "published": now()})
+    return number
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a batch is answered from: a catalogue view without the removed listings, and where it came from."""
+
+    catalogue: Catalogue
+    generation: int
+    removed: frozenset = field(default_factory=frozenset)
+
+    @property
+    def info(self) -> dict:
+        """The answer's `catalogue` field."""
+        return {"generation": self.generation, "photos": self.catalogue.visible}
+
+
+def file_identity(path: Path) -> tuple | None:
+    """Changes whenever the file is replaced (os.replace gives a new inode; mtime and size too)."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return status.st_ino, status.st_mtime_ns, status.st_size
+
+
+class LiveFollower:
+    """A worker's view of LIVE: `current()` returns what to answer from, checking the folder cheaply.
+
+    `bundled` (the archive's snapshot) serves until a generation is published, and whenever the
+    current one is refused; the removal list applies to whichever is served. `weights_sha256` is the
+    sha256 of the checkpoint this worker serves: a generation embedded by other weights is refused
+    (logged once) and the worker keeps what it has.
+
+    A new removal list applies on the batch that sees it. A new generation is loaded whole, then
+    swapped in: on the batch that sees it, or with `background`, by a thread beside the batches
+    (a large catalogue takes seconds to load and verify), swapped in on the first batch after it is
+    loaded. Either way at most two generations are in memory, and only while one loads.
+    """
+
+    def __init__(self, live: Path | str, bundled: Catalogue, weights_sha256: str,
+                 check_seconds: float = CHECK_SECONDS, clock=time.monotonic, background: bool = False):
+        self.live = Path(live)
+        self.bundled = bundled
+        self.weights_sha256 = weights_sha256
+        self.check_seconds = check_seconds
+        self.clock = clock
+        self.background = False  # the first generation loads before the worker answers anything
+        self.base, self.generation = bundled, BUNDLED
+        self.refused: set[str] = set()
+        self.served = Served(bundled, BUNDLED)
+        self.removed: frozenset = frozenset()
+        self.loading: str | None = None  # the generation a thread is loading
+        self.loaded: tuple[int, Catalogue, float] | None = None  # (generation, catalogue, load ms), to swap in
+        self.seen = None
+        self.next_check = 0.0
+        if not self.live.is_dir():
+            logger.warning("live catalogue %s does not exist (yet): serving the archive's catalogue snapshot "
+                           "(%d photos) and checking for it every %.1f s", self.live, bundled.index.ntotal,
+                           check_seconds)
+        self.current()
+        self.background = background
+
+    def current(self) -> Served:
+        """The Served to answer this batch from; looks at LIVE when CHECK_SECONDS have passed."""
+        if self.loaded is not None:
+            self.install()
+        moment = self.clock()
+        if moment < self.next_check:
+            return self.served
+        self.next_check = moment + self.check_seconds
+        seen = (file_identity(self.live / REMOVED_FILE), file_identity(self.live / CURRENT_FILE))
+        if seen != self.seen:
+            self.seen = seen  # the identities before reading: a change while reading is seen next time
+            self.follow()
+        return self.served
+
+    def follow(self) -> None:
+        try:
+            removed = frozenset(read_removed(self.live))  # before CURRENT (see the module docstring)
+            current = read_current(self.live)
+        except (OSError, ValueError, KeyError) as error:
+            logger.error("live catalogue %s: cannot read its pointer or removal list (%s); still serving "
+                         "generation %d", self.live, error, self.generation)
+            return
+        self.removed = removed
+        if current is not None and current["generation"] != self.generation and current["name"] not in self.refused:
+            if self.loading is not None:
+                self.seen = None  # one load at a time: look again once this one is in
+            elif self.background:
+                self.loading = current["name"]
+                threading.Thread(target=self.load_beside, args=(current["generation"], current["name"]),
+                                 name=f"live-{current['name']}", daemon=True).start()
+            else:
+                self.load_beside(current["generation"], current["name"])
+                if self.loaded is not None:
+                    self.install()
+                    return
+        if removed != self.served.removed:
+            self.swap(self.served.generation, 0.0)
+
+    def load_beside(self, generation: int, name: str) -> None:
+        """Load generation NAME while the current one serves; `current()` swaps it in (or it is refused)."""
+        started = time.perf_counter()
+        try:
+            catalogue = self.load(name)
+        except (OSError, RuntimeError, ValueError) as error:  # Faiss reports a bad file as RuntimeError
+            self.refused.add(name)
+            logger.error("live catalogue %s: REFUSED generation %s: %s; still serving generation %d",
+                         self.live, name, error, self.generation)
+        else:
+            self.loaded = (generation, catalogue, (time.perf_counter() - started) * 1000)
+        finally:
+            self.loading = None
+
+    def install(self) -> None:
+        generation, catalogue, milliseconds = self.loaded
+        self.loaded = None
+        self.base, self.generation = catalogue, generation
+        self.swap(generation, milliseconds)
+
+    def swap(self, generation: int, load_milliseconds: float) -> None:
+        started, previous = time.perf_counter(), self.served
+        view = self.base.without_products(self.removed) if self.removed else self.base
+        self.served = Served(view, generation, self.removed)  # the swap: one reference
+        logger.info("live catalogue %s: serving generation %d (%d photos, %d listings removed); was generation "
+                    "%d (%d photos); loaded in %.0f ms, switched in %.0f ms", self.live, generation, view.visible,
+                    len(self.removed), previous.generation, previous.catalogue.visible, load_milliseconds,
+                    (time.perf_counter() - started) * 1000)
+
+    def load(self, name: str) -> Catalogue:
+        """Generation NAME loaded whole, after checking it was embedded by this worker's weights."""
+        folder = self.live / name
+        info = read_generation_info(self.live, name)
+        embedded_with = generation_weights(info)
+        if embedded_with != self.weights_sha256:
+            raise GenerationRefused(
+                f"its vectors were embedded by checkpoint sha256 {str(embedded_with)[:12]}, this worker serves "
+                f"{self.weights_sha256[:12]}: vectors of other weights would answer with unrelated listings. "
+                f"Seed a live folder of its own for this model (python -m scripts.catalogue init)")
+        catalogue = Catalogue.load(folder / CATALOGUE_DIR)
+        if catalogue.dimension != self.bundled.dimension:
+            raise GenerationRefused(f"{catalogue.dimension}-d vectors, this model makes {self.bundled.dimension}-d")
+        return catalogue

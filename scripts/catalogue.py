@@ -1,0 +1,290 @@
+"""The live catalogue: remove sold listings at once, add new ones in minutes, without a new model version.
+
+  python -m scripts.catalogue --live LIVE init --archive model_store/marketplace.mar   # or --run RUN
+  python -m scripts.catalogue --live LIVE remove PRODUCT_ID [PRODUCT_ID ...]
+  python -m scripts.catalogue --live LIVE add --data NEW_LISTINGS/ --archive model_store/marketplace.mar
+  python -m scripts.catalogue --live LIVE status
+  python -m scripts.catalogue --live LIVE compact
+
+Workers follow LIVE when their archive was built with `scripts.archive --live-catalogue LIVE`
+(marketplace_search/live.py describes the folder). Every change is a new generation or a new removal
+list, which the workers pick up on their next batch (they look at most every 0.5 s):
+  init     seed generation 1 from an archive's bundled catalogue or a run's index and embeddings
+           (--force: publish it as the next generation of a folder that has some)
+  remove   record PRODUCT_IDs as sold or withdrawn: out of every answer at once, no index rebuilt
+  add      clean NEW_LISTINGS (Products.csv, Images.csv, images/, the raw format of training.tables),
+           normalise their photos (training.photos), embed only them with the served model's own
+           weights (the archive's or the run's checkpoint, which must be the one the current
+           generation was embedded with), and publish a new generation: the current one plus these
+           listings (a product_id already there is replaced; one on the removal list comes back)
+  status   current generation, photos, listings, removed listings, the weights it was embedded with
+  compact  fold the removal list into a new generation (the index loses the removed photos)
+"""
+import faiss  # noqa: F401  (before torch: OpenMP, see README)
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from training import photos, tables
+from training.dataset import drop_missing_photos
+from training.embed import embed_rows, load_embeddings
+from training.index import listing_metadata
+from marketplace_search.layout import (ARCHIVE_CATALOGUE, ARCHIVE_MANIFEST, CHECKPOINT, EMBEDDINGS_DIR, INDEX_DIR,
+                                       sha256_file)
+from marketplace_search.live import (CATALOGUE_DIR, CURRENT_FILE, list_generations, load_generation, now, read_current,
+                                     read_removed, write_generation, write_removed, writer_lock)
+from marketplace_search.models import load_checkpoint
+from marketplace_search.presets import Preprocess
+from marketplace_search.search import INDEX_TYPES, LISTINGS_FILE, Catalogue
+
+DEFAULT_PHOTO_SIZE = 512  # training.photos' default
+
+
+class CatalogueError(ValueError):
+    """A change the live folder refuses (other weights, nothing to add, no generation yet)."""
+
+
+def archive_member(archive: Path, name: str, destination: Path) -> Path:
+    """File NAME of an archive (a .mar or its extracted folder), copied under DESTINATION if zipped."""
+    if archive.is_dir():
+        return archive / name
+    with zipfile.ZipFile(archive) as members:
+        members.extract(name, destination)
+    return destination / name
+
+
+def archived_checkpoint(archive: Path, scratch: Path) -> Path:
+    """The checkpoint an archive's workers load (its manifest's serializedFile)."""
+    manifest = json.loads(archive_member(archive, str(ARCHIVE_MANIFEST), scratch).read_text())
+    return archive_member(archive, manifest["model"]["serializedFile"], scratch)
+
+
+def model_checkpoint(args, scratch: Path) -> Path:
+    if bool(args.archive) == bool(args.run):
+        raise CatalogueError("give the served model as --archive MAR (or its extracted folder) or --run RUN")
+    return archived_checkpoint(args.archive, scratch) if args.archive else args.run / CHECKPOINT
+
+
+def all_vectors(catalogue: Catalogue) -> np.ndarray:
+    """Every vector of a catalogue's index, in row order (exact for flat, HNSW and IVF-flat indexes)."""
+    index = faiss.downcast_index(catalogue.index)
+    if isinstance(index, faiss.IndexIVF):
+        index.make_direct_map()
+    elif isinstance(index, faiss.IndexHNSWSQ) or not isinstance(index, (faiss.IndexFlat, faiss.IndexHNSWFlat)):
+        print(f"warning: {type(index).__name__} stores approximate vectors: the seed reconstructs them; "
+              f"seed from --run (its exact embeddings) for exact ones", file=sys.stderr)
+    return catalogue.index.reconstruct_n(0, catalogue.index.ntotal)
+
+
+def seed_from(args, scratch: Path) -> tuple[Catalogue, np.ndarray, str, str]:
+    """(catalogue, its exact vectors, the sha256 of the weights that made them, where they came from)."""
+    checkpoint = model_checkpoint(args, scratch)
+    weights = sha256_file(checkpoint)
+    if args.archive:
+        catalogue = Catalogue.load(archive_member(args.archive, ARCHIVE_CATALOGUE, scratch)
+                                   if args.archive.is_dir() else extract_catalogue(args.archive, scratch))
+        vectors, source = all_vectors(catalogue), f"archive {args.archive}"
+    else:
+        catalogue = Catalogue.load(args.run / INDEX_DIR)
+        vectors, source = run_vectors(args.run, catalogue), f"run {args.run}"
+    indexed_with = catalogue.meta.get("model", {}).get("checkpoint_sha256")
+    if indexed_with and indexed_with != weights:
+        raise CatalogueError(f"the catalogue of {source} was embedded by checkpoint sha256 {indexed_with[:12]}, "
+                             f"not by its checkpoint {weights[:12]}")
+    return catalogue, vectors, weights, source
+
+
+def run_vectors(run: Path, catalogue: Catalogue) -> np.ndarray:
+    """The run's exact embeddings in the index's row order (a run without embeddings/: from the index)."""
+    if not (run / EMBEDDINGS_DIR).is_dir():
+        return all_vectors(catalogue)
+    image_ids, embeddings, _, _ = load_embeddings(run)
+    row = {image_id: position for position, image_id in enumerate(image_ids)}
+    missing = [image_id for image_id in catalogue.image_ids if image_id not in row]
+    if missing:
+        raise CatalogueError(f"{run / EMBEDDINGS_DIR} lacks {len(missing)} indexed photos, e.g. {missing[0]}")
+    return embeddings[[row[image_id] for image_id in catalogue.image_ids]]
+
+
+def extract_catalogue(archive: Path, scratch: Path) -> Path:
+    with zipfile.ZipFile(archive) as members:
+        for name in members.namelist():
+            if name.startswith(ARCHIVE_CATALOGUE + "/"):
+                members.extract(name, scratch)
+    return scratch / ARCHIVE_CATALOGUE
+
+
+def init(args) -> dict:
+    with tempfile.TemporaryDirectory(prefix="catalogue-init-") as scratch, writer_lock(args.live):
+        if read_current(args.live) is not None and not args.force:
+            raise CatalogueError(f"{args.live} already has generations ({read_current(args.live)['name']} is "
+                                 f"current); --force publishes the seed as the next one")
+        catalogue, vectors, weights, source = seed_from(args, Path(scratch))
+        number = write_generation(args.live, vectors, catalogue.image_ids, catalogue.listings, weights,
+                                  {"seeded_from": source}, args.index_type or catalogue.meta["index"]["type"],
+                                  {"model": catalogue.meta.get("model", {})})
+    return {"generation": number, "photos": len(catalogue.image_ids), "seeded_from": source}
+
+
+def remove(args) -> dict:
+    with writer_lock(args.live):
+        removed = read_removed(args.live)
+        stamp = now()
+        added = [product for product in args.product_ids if product not in removed]
+        removed.update({product: stamp for product in added})
+        write_removed(args.live, removed)  # effective now; the check below only informs
+    current = read_current(args.live)
+    unknown = []
+    if current is not None:
+        listings = json.loads((args.live / current["name"] / CATALOGUE_DIR / LISTINGS_FILE).read_text())
+        known = {listing["product_id"] for listing in listings.values()}
+        unknown = [product for product in args.product_ids if product not in known]
+    return {"removed": added, "already_removed": sorted(set(args.product_ids) - set(added)),
+            "not_in_current_generation": unknown, "removal_list": len(removed)}
+
+
+def clean_new_listings(data: Path, work: Path, size: int, workers: int) -> tuple:
+    """Stages 1-2 on DATA into WORK: the rows whose photo could be normalised, and what was dropped."""
+    report = tables.clean_tables(data, work)
+    table = tables.read_training_table(work)
+    photo_report = photos.normalise_photos(list(table["image_id"]), data / "images", work / photos.PHOTOS_DIR,
+                                           size, max(1, workers))
+    usable, missing = drop_missing_photos(table, work / photos.PHOTOS_DIR)
+    dropped = {"listing_rows": sum(report["products"]["dropped"].values()),
+               "photo_rows": sum(report["images"]["dropped"].values()),
+               "unreadable_photos": photo_report["failed"], "photos_without_file": len(missing)}
+    return usable, dropped
+
+
+def add(args) -> dict:
+    timings = {}
+    with tempfile.TemporaryDirectory(prefix="catalogue-add-") as scratch, writer_lock(args.live):
+        scratch = Path(scratch)
+        generation = load_generation(args.live)
+        checkpoint_path = model_checkpoint(args, scratch)
+        weights = sha256_file(checkpoint_path)
+        embedded_with = generation.info["model"]["checkpoint_sha256"]
+        if weights != embedded_with:
+            raise CatalogueError(f"generation {generation.number} of {args.live} was embedded by checkpoint sha256 "
+                                 f"{embedded_with[:12]}, the model given is {weights[:12]}: one generation holds "
+                                 f"vectors of one model; seed a live folder of its own for this model")
+        model, checkpoint = load_checkpoint(checkpoint_path)
+        size = args.size or int(checkpoint.get("config", {}).get("size") or DEFAULT_PHOTO_SIZE)
+        started = time.perf_counter()
+        work = args.work or scratch / "work"
+        table, dropped = clean_new_listings(args.data, work, size, args.workers)
+        if table.empty:
+            raise CatalogueError(f"{args.data} has no listing with a usable photo ({dropped}): nothing to add")
+        timings["clean_s"] = round(time.perf_counter() - started, 2)
+        started = time.perf_counter()
+        new_vectors, _ = embed_rows(model, Preprocess.from_dict(checkpoint["preprocess"]), table,
+                                    work / photos.PHOTOS_DIR, args.embed_batch_size, 0)
+        timings["embed_s"] = round(time.perf_counter() - started, 2)
+        started = time.perf_counter()
+        old = generation.catalogue
+        new_listings = listing_metadata(table)
+        new_products = {listing["product_id"] for listing in new_listings.values()}
+        keep = [row for row, image_id in enumerate(old.image_ids)
+                if image_id not in new_listings and old.listings[image_id]["product_id"] not in new_products]
+        image_ids = [old.image_ids[row] for row in keep] + list(table["image_id"])
+        vectors = np.concatenate([generation.vectors[keep], new_vectors])
+        listings = {**{image_id: old.listings[image_id] for image_id in image_ids[:len(keep)]}, **new_listings}
+        replaced = len({old.listings[old.image_ids[row]]["product_id"] for row in range(len(old.image_ids))}
+                       & new_products)
+        change = {"added_photos": len(table), "added_listings": len(new_products) - replaced,
+                  "replaced_listings": replaced, "dropped": dropped, "data": str(args.data.resolve())}
+        number = write_generation(args.live, vectors, image_ids, listings, weights, change,
+                                  args.index_type or old.meta["index"]["type"], {"model": old.meta.get("model", {})})
+        timings["index_s"] = round(time.perf_counter() - started, 2)
+        removed = read_removed(args.live)  # after CURRENT names the new generation (marketplace_search.live)
+        back = sorted(new_products & removed.keys())
+        if back:
+            write_removed(args.live, {product: when for product, when in removed.items() if product not in back})
+    return {"generation": number, "photos": len(image_ids), **change, "back_from_removal_list": back,
+            "seconds": timings, "photo_size": size}
+
+
+def compact(args) -> dict:
+    with writer_lock(args.live):
+        generation = load_generation(args.live)
+        removed = read_removed(args.live)
+        old = generation.catalogue
+        keep = [row for row, image_id in enumerate(old.image_ids) if old.listings[image_id]["product_id"] not in removed]
+        image_ids = [old.image_ids[row] for row in keep]
+        folded = sorted({old.listings[old.image_ids[row]]["product_id"] for row in range(len(old.image_ids))} & removed.keys())
+        change = {"compacted": {"removed_listings": len(folded), "removed_photos": len(old.image_ids) - len(keep)}}
+        number = write_generation(args.live, generation.vectors[keep], image_ids,
+                                  {image_id: old.listings[image_id] for image_id in image_ids},
+                                  generation.info["model"]["checkpoint_sha256"], change,
+                                  args.index_type or old.meta["index"]["type"], {"model": old.meta.get("model", {})})
+        # Every id read above is absent from the new generation, which CURRENT already names.
+        write_removed(args.live, {product: when for product, when in read_removed(args.live).items()
+                                  if product not in removed})
+    return {"generation": number, "photos": len(image_ids), **change["compacted"]}
+
+
+def status(args) -> dict:
+    current = read_current(args.live)
+    if current is None:
+        return {"live": str(args.live), "generation": None, "removed": len(read_removed(args.live)),
+                "note": f"no {CURRENT_FILE}: workers serve their archive's catalogue snapshot"}
+    generation = load_generation(args.live)
+    removed = read_removed(args.live)
+    listings = {listing["product_id"] for listing in generation.catalogue.listings.values()}
+    return {"live": str(args.live), "generation": generation.number, "published": current["published"],
+            "photos": len(generation.catalogue.image_ids), "listings": len(listings),
+            "removed": len(removed), "removed_in_generation": len(listings & removed.keys()),
+            "model": {**generation.catalogue.meta.get("model", {}), **generation.info["model"]},
+            "index": generation.info.get("index"),
+            "created": generation.info["created"], "change": generation.info.get("change"),
+            "generations": list_generations(args.live)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m scripts.catalogue", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--live", required=True, type=Path, help="the live catalogue folder")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def model_options(command):
+        command.add_argument("--archive", type=Path, help="the served archive (.mar or its extracted folder)")
+        command.add_argument("--run", type=Path, help="or the training run whose checkpoint it serves")
+        command.add_argument("--index-type", choices=INDEX_TYPES, help="default: the current generation's")
+
+    seed = commands.add_parser("init", help="seed generation 1 from an archive or a run")
+    model_options(seed)
+    seed.add_argument("--force", action="store_true", help="publish the seed even if LIVE has generations")
+    gone = commands.add_parser("remove", help="sold or withdrawn listings: out of every answer at once")
+    gone.add_argument("product_ids", nargs="+", metavar="PRODUCT_ID")
+    new = commands.add_parser("add", help="new listings (raw format) into a new generation")
+    new.add_argument("--data", required=True, type=Path, help="Products.csv, Images.csv, images/")
+    model_options(new)
+    new.add_argument("--work", type=Path, help="keep the cleaned tables and photos here (default: a temp folder)")
+    new.add_argument("--size", type=int, help="photo side (default: the checkpoint's training size, else 512)")
+    new.add_argument("--workers", type=int, default=2, help="photo normalisation processes")
+    new.add_argument("--embed-batch-size", type=int, default=32)
+    commands.add_parser("status", help="the current generation and the removal list")
+    fold = commands.add_parser("compact", help="fold the removal list into a new generation")
+    fold.add_argument("--index-type", choices=INDEX_TYPES, help="default: the current generation's")
+    return parser
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    try:
+        result = {"init": init, "remove": remove, "add": add, "status": status, "compact": compact}[args.command](args)
+    except (CatalogueError, FileNotFoundError) as error:
+        raise SystemExit(f"{args.command} refused: {error}") from error
+    print(json.dumps(result, indent=2, default=str))
+    return result
+
+
+if __name__ == "__main__":
+    main()
