@@ -79,33 +79,43 @@ def calibration_batches(paths: list[Path], preprocess: Preprocess) -> list[torch
 def compare(reference: Backend, candidate: Backend, rows: pd.DataFrame, photos_dir: Path,
             preprocess: Preprocess, catalogue: Catalogue) -> dict:
     """Top-1 and precision@5 of both backends on `rows`, the embeddings' cosine, and whether the candidate passes."""
+    return compare_many(reference, [candidate], rows, photos_dir, preprocess, catalogue)[0]
+
+
+def compare_many(reference: Backend, candidates: list[Backend], rows: pd.DataFrame, photos_dir: Path,
+                 preprocess: Preprocess, catalogue: Catalogue) -> list[dict]:
+    """`compare` for several candidates, each photo decoded and the reference run once."""
     paths = [Path(photos_dir) / f"{image_id}.jpg" for image_id in rows["image_id"]]
-    outputs = {"reference": ([], []), "candidate": ([], [])}
-    seconds = {"reference": 0.0, "candidate": 0.0}
+    backends = [reference, *candidates]
+    outputs = [([], []) for _ in backends]
+    seconds = [0.0 for _ in backends]
     for images in photo_batches(paths, preprocess):
-        for role, backend in (("reference", reference), ("candidate", candidate)):
+        for number, backend in enumerate(backends):
             started = time.perf_counter()
             probabilities, vectors = backend.forward(images)
-            seconds[role] += time.perf_counter() - started
-            outputs[role][0].append(probabilities)
-            outputs[role][1].append(vectors)
+            seconds[number] += time.perf_counter() - started
+            outputs[number][0].append(probabilities)
+            outputs[number][1].append(vectors)
     labels = rows["label"].to_numpy()
     product_ids = list(rows["product_id"])
     categories = [catalogue.listings[image_id]["category"] if image_id in catalogue.listings else None
                   for image_id in rows["image_id"]]
-    figures = {}
-    for role, backend in (("reference", reference), ("candidate", candidate)):
-        probabilities, vectors = (np.concatenate(part) for part in outputs[role])
-        figures[role] = {"backend": backend.name, "top1_accuracy": top_k_accuracy(probabilities, labels, 1),
-                         f"precision@{GUARD_K}": retrieval_precision(catalogue, vectors, product_ids, categories,
-                                                                     ks=(GUARD_K,))[f"precision@{GUARD_K}"],
-                         "forward_seconds": round(seconds[role], 2)}
-        figures[role]["_vectors"] = vectors
-    cosine = (figures["reference"].pop("_vectors") * figures["candidate"].pop("_vectors")).sum(axis=1)
-    drop = figures["reference"]["top1_accuracy"] - figures["candidate"]["top1_accuracy"]
-    return {"photos": len(rows), "fp32": figures["reference"], "candidate": figures["candidate"],
-            "top1_drop": drop, "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
-            "max_top1_drop": MAX_TOP1_DROP, "passed": bool(drop <= MAX_TOP1_DROP + 1e-9)}
+    figures, vectors = [], []
+    for number, backend in enumerate(backends):
+        probabilities, embeddings = (np.concatenate(part) for part in outputs[number])
+        vectors.append(embeddings)
+        figures.append({"backend": backend.name, "top1_accuracy": top_k_accuracy(probabilities, labels, 1),
+                        f"precision@{GUARD_K}": retrieval_precision(catalogue, embeddings, product_ids, categories,
+                                                                    ks=(GUARD_K,))[f"precision@{GUARD_K}"],
+                        "forward_seconds": round(seconds[number], 2)})
+    reports = []
+    for number in range(1, len(backends)):
+        cosine = (vectors[0] * vectors[number]).sum(axis=1)
+        drop = figures[0]["top1_accuracy"] - figures[number]["top1_accuracy"]
+        reports.append({"photos": len(rows), "fp32": figures[0], "candidate": figures[number], "top1_drop": drop,
+                        "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
+                        "max_top1_drop": MAX_TOP1_DROP, "passed": bool(drop <= MAX_TOP1_DROP + 1e-9)})
+    return reports
 
 
 def candidate_backend(checkpoint_path: Path, runtime: str, precision: str, preprocess: Preprocess,
@@ -148,23 +158,29 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, type=Path, help="run folder (WORK/model_evaluation/<timestamp>)")
     parser.add_argument("--work", type=Path, help="work folder with split.csv and photos/ (default: RUN/../..)")
-    parser.add_argument("--runtime", choices=RUNTIMES, default="openvino")
-    parser.add_argument("--precision", choices=PRECISIONS, default="int8")
+    parser.add_argument("--backends", default="openvino bf16,openvino int8",
+                        help="comma separated 'RUNTIME PRECISION' pairs to check, the fp32 reference run once "
+                             f"(runtimes {', '.join(RUNTIMES)}; precisions {', '.join(PRECISIONS)})")
     parser.add_argument("--calibration", type=Path, help="folder of calibration photos for int8 "
                                                          "(default: 300 train-split photos of WORK)")
     parser.add_argument("--limit", type=int, default=0, help="check on the first N test listings only (0: all)")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = args.work or args.run.resolve().parents[1]
-    _, checkpoint = load_checkpoint(args.run / CHECKPOINT)
+    model, checkpoint = load_checkpoint(args.run / CHECKPOINT)
     preprocess = Preprocess.from_dict(checkpoint["preprocess"])
+    pairs = [tuple(item.split()) for item in args.backends.split(",") if item.strip()]
     calibration = (calibration_batches(calibration_paths(work, args.calibration), preprocess)
-                   if args.precision == "int8" else None)
-    candidate, _ = candidate_backend(args.run / CHECKPOINT, args.runtime, args.precision, preprocess, calibration,
-                                     args.threads)
-    report = run_guard(args.run, work, candidate, args.limit)
-    print(format_guard(report))
-    print(json.dumps(report, indent=2))
+                   if any(precision == "int8" for _, precision in pairs) else None)
+    candidates = [candidate_backend(args.run / CHECKPOINT, runtime, precision, preprocess, calibration,
+                                    args.threads)[0] for runtime, precision in pairs]
+    reports = compare_many(torch_backend(model, "fp32"), candidates, guard_rows(work, limit=args.limit),
+                           Path(work) / PHOTOS_DIR, preprocess, Catalogue.load(Path(args.run) / INDEX_DIR))
+    for report in reports:
+        print(format_guard(report) + "\n")
+    print(json.dumps(reports, indent=2))
 
 
 if __name__ == "__main__":
