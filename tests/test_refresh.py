@@ -71,7 +71,7 @@ def old(tmp_path_factory) -> Old:
     (run / "evaluation.json").write_text(json.dumps({"fine_tuned": {"top1_accuracy": 0.5}}))
     store = root / "model_store"
     store.mkdir()
-    mar = build_archive(run, store, NAME, "1.0", "{name}-v{version}")
+    mar = build_archive(run, store, NAME, "1.0", "{name}-v{version}", runtime="torch", precision="fp32")
     return Old(data, work, run, store, mar)
 
 
@@ -176,6 +176,7 @@ def test_refresh_released_without_downtime(old, tmp_path):
             time.sleep(0.5)
             summary = refresh.main(["--run", str(old.run), "--data", str(changes.data), "--work", str(work),
                                     "--version", "2.0", "--store", str(old.store), "--workers", "0", "--release",
+                                    "--runtime", "torch", "--precision", "fp32",
                                     "--management-url", server.management_url,
                                     "--key-file", str(server.workdir / api.KEY_FILE),
                                     "--inference-url", server.inference_url])

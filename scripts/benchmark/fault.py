@@ -122,7 +122,7 @@ def bench_fault(settings: dict, scratch: Path) -> dict:
     run = make_tiny_run(scratch / "fault" / "run")
     store = scratch / "fault" / "store"
     store.mkdir(parents=True)
-    mar = build_archive(run.run_dir, store, "fault", "1.0")
+    mar = build_archive(run.run_dir, store, "fault", "1.0", guard=False)  # the default backend; no test split
     photos = generate_photos(16, (320, 240))
     with served_model(store, mar, "fault", scratch / "fault" / "ts") as (server, _):
         figures = load_and_kill(server, "fault", photos, settings["fault_clients"], settings["fault_requests"])
