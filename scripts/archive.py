@@ -201,10 +201,13 @@ def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketpla
                   output_name: str = "{name}", batch_size: int = BATCH_SIZE,
                   max_batch_delay: int = MAX_BATCH_DELAY, min_workers: int = 1, max_workers: int = 1,
                   response_timeout: int = 120, threads: int = 0, layout: str = "auto",
-                  warm_up: bool = True, category_blend: bool = True, runtime: str = RUNTIME,
-                  precision: str = PRECISION, force: bool = False, work_dir: Path | str | None = None,
+                  warm_up: bool = True, category_blend: bool = True, runtime: str = "torch",
+                  precision: str = "fp32", force: bool = False, work_dir: Path | str | None = None,
                   calibration: Path | str | None = None, guard_limit: int = 0, guard: bool = True) -> Path:
     """Build STORE/<output_name>.mar from a run folder; returns its path.
+
+    `runtime`/`precision` default to the fp32 reference here; the command line, the demo and
+    scripts.refresh build RUNTIME/PRECISION (the default for new archives) unless told otherwise.
 
     A file name that carries the version (`{version}` in output_name, e.g. marketplace-v2.0.mar) names
     one archive for good: an existing one is never overwritten. A name without it (marketplace.mar,

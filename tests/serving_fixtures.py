@@ -29,16 +29,10 @@ def png_with_declared_size(width: int, height: int) -> bytes:
 
 def archive_tiny_run(run: TinyRun, store: Path, name: str = "marketplace", version: str = "1.0",
                      output_name: str = "{name}-v{version}", **options) -> Path:
-    """scripts.archive.build_archive on a tiny run; returns the .mar path.
-
-    The backend is torch fp32 (the reference) unless `runtime`/`precision` say otherwise: a tiny run
-    has no test split for the accuracy guard of another one (tests/test_runtime.py makes one).
-    """
+    """scripts.archive.build_archive on a tiny run; returns the .mar path."""
     from scripts.archive import build_archive
 
     store.mkdir(parents=True, exist_ok=True)
-    options.setdefault("runtime", "torch")
-    options.setdefault("precision", "fp32")
     return build_archive(run.run_dir, store, name, version, output_name, **options)
 
 

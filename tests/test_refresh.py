@@ -71,7 +71,7 @@ def old(tmp_path_factory) -> Old:
     (run / "evaluation.json").write_text(json.dumps({"fine_tuned": {"top1_accuracy": 0.5}}))
     store = root / "model_store"
     store.mkdir()
-    mar = build_archive(run, store, NAME, "1.0", "{name}-v{version}", runtime="torch", precision="fp32")
+    mar = build_archive(run, store, NAME, "1.0", "{name}-v{version}")
     return Old(data, work, run, store, mar)
 
 
