@@ -25,8 +25,9 @@ from marketplace_search.inference import (BODY_PARTS, Batch, CategoryBlend, Requ
                                           blend_categories, internal_error, parse_request, search_batch)
 from marketplace_search.layout import ARCHIVE_CATALOGUE, ARCHIVE_CHECKPOINT, sha256_file
 from marketplace_search.live import BUNDLED, LiveFollower, Served
-from marketplace_search.models import load_checkpoint, prepare_for_serving, serve_forward
+from marketplace_search.models import load_checkpoint
 from marketplace_search.presets import Preprocess, eval_transform
+from marketplace_search.runtime import load_backend
 from marketplace_search.search import Catalogue
 
 logger = logging.getLogger(__name__)
@@ -54,9 +55,11 @@ class MarketplaceHandler(BaseHandler):
         # wait on each other, and far faster than several while torch holds the cores (README, "Benchmarks").
         faiss.omp_set_num_threads(1)
         checkpoint_path = required_path(model_dir, self.manifest["model"].get("serializedFile", ARCHIVE_CHECKPOINT))
-        self.model, checkpoint = load_checkpoint(checkpoint_path)
-        self.model = prepare_for_serving(self.model.to(self.device), settings.get("layout", "auto"),
-                                         self.device.type)
+        model, checkpoint = load_checkpoint(checkpoint_path)
+        # The archive's backend (marketplace_search.runtime), or fp32 torch where this CPU cannot run it.
+        self.backend = load_backend(model, settings.get("runtime", "torch"), settings.get("precision", "fp32"),
+                                    model_dir, settings.get("layout", "auto"), self.device.type, threads)
+        self.model = self.backend.model
         self.classes = checkpoint["classes"]
         self.preprocess_settings = Preprocess.from_dict(checkpoint["preprocess"])
         self.transform = eval_transform(self.preprocess_settings)
@@ -78,10 +81,10 @@ class MarketplaceHandler(BaseHandler):
         if settings.get("warm_up", True):
             self.warm_up(int(context.system_properties.get("batch_size") or 1))
         self.initialized = True
-        logger.info("loaded %s (%s, %d classes) and %d catalogue photos (generation %d%s); %d threads, layout %s, "
+        logger.info("loaded %s (%s, %d classes) and %d catalogue photos (generation %d%s); %d threads, backend %s, "
                     "device %s, category blend %s", checkpoint_path.name, checkpoint["arch"], len(self.classes),
                     self.served.catalogue.visible, self.served.generation,
-                    f", following {self.live.live}" if self.live else "", threads, self.model.serving_layout, self.device,
+                    f", following {self.live.live}" if self.live else "", threads, self.backend.name, self.device,
                     self.category_blend.to_dict() if self.category_blend.weight else "off (head alone)")
 
     def preprocess(self, data):
@@ -123,9 +126,7 @@ class MarketplaceHandler(BaseHandler):
         if batch.images is None:
             return batch
         started = time.perf_counter()
-        probabilities, vectors = serve_forward(self.model, batch.images.to(self.device))
-        batch.probabilities = probabilities.float().cpu().numpy()
-        batch.vectors = vectors.cpu().numpy()
+        batch.probabilities, batch.vectors = self.backend.forward(batch.images)
         searched = time.perf_counter()
         batch.neighbours, voters = search_batch(self.catalogue, batch.vectors, batch.queries,
                                                 self.category_blend.vote_k)
@@ -153,7 +154,7 @@ class MarketplaceHandler(BaseHandler):
         """
         crop = self.preprocess_settings.crop
         for size in range(1, max(1, batch_size) + 1):
-            serve_forward(self.model, torch.zeros(size, 3, crop, crop, device=self.device))
+            self.backend.forward(torch.zeros(size, 3, crop, crop))
             self.warmed_batch_sizes.append(size)
 
     def record_batch(self, size: int, milliseconds: dict[str, float]) -> None:

@@ -9,7 +9,8 @@ A run folder, `WORK/model_evaluation/<timestamp>/`:
   evaluation.json          the evaluation table (training.evaluate)
 An archive (`.mar`, unpacked by TorchServe into the worker's model folder):
   best.pt, catalogue/, decoder.json, model_card.json, model_config.yaml, MAR-INF/MANIFEST.json,
-  the handler module, and this package whole (marketplace_search/).
+  the handler module, this package whole (marketplace_search/), and openvino/ (model.xml, model.bin)
+  when the archive's runtime is OpenVINO.
 """
 import hashlib
 import json
@@ -32,6 +33,7 @@ ARCHIVE_CHECKPOINT = BEST_CHECKPOINT
 ARCHIVE_CATALOGUE = "catalogue"
 ARCHIVE_DECODER = "decoder.json"
 ARCHIVE_MODEL_CARD = "model_card.json"
+ARCHIVE_OPENVINO = "openvino"  # the OpenVINO IR of an archive built with --runtime openvino
 ARCHIVE_MANIFEST = Path("MAR-INF") / "MANIFEST.json"
 CORE_PACKAGE = __name__.split(".")[0]
 

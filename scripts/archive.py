@@ -12,7 +12,15 @@ archive holds, beside MAR-INF/MANIFEST.json:
   catalogue/              the Faiss index, id map, listings and index meta from RUN/index
   decoder.json            {"0": category, ...} from the checkpoint's classes
   model_config.yaml       batching and workers (batchSize, maxBatchDelay, minWorkers, maxWorkers, ...)
-  model_card.json         data source, training config, evaluation figures, checkpoint sha256, creation time
+  model_card.json         data source, training config, evaluation figures, checkpoint sha256, creation time,
+                          the inference backend and its accuracy guard
+  openvino/               model.xml + model.bin, the IR converted (and for int8 quantized) here (--runtime openvino)
+
+The inference backend (--runtime torch|openvino, --precision fp32|bf16|int8; marketplace_search.runtime)
+is chosen here and recorded in model_config.yaml (handler.runtime, handler.precision). Anything but
+torch fp32 is first checked by training.guard on WORK's test split against fp32: a precision whose
+top-1 drops more than 1 point is refused unless --force. int8 is calibrated on 300 train-split photos
+of WORK (or --calibration DIR).
 Everything is derived from the run, so two builds from the same run have byte-identical members;
 only MANIFEST.json's createdOn (written by torch-model-archiver) differs.
 """
@@ -25,14 +33,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
 
 from marketplace_search.models import SERVING_LAYOUTS, load_checkpoint, serving_layout, sha256_file
-from marketplace_search.layout import (ARCHIVE_CATALOGUE, ARCHIVE_DECODER, ARCHIVE_MODEL_CARD, CHECKPOINT, CORE_PACKAGE,
-                                       EVALUATION, INDEX_DIR, RUN_INFO, RUN_STAMP_FORMAT, read_run_info)
+from marketplace_search.layout import (ARCHIVE_CATALOGUE, ARCHIVE_DECODER, ARCHIVE_MODEL_CARD, ARCHIVE_OPENVINO,
+                                       CHECKPOINT, CORE_PACKAGE, EVALUATION, INDEX_DIR, RUN_INFO, RUN_STAMP_FORMAT,
+                                       read_run_info)
+from marketplace_search.presets import Preprocess
+from marketplace_search.runtime import PRECISIONS, RUNTIMES, check_backend, save_openvino
 from marketplace_search.search import ID_MAP_FILE, INDEX_FILE, LISTINGS_FILE, META_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +57,13 @@ CATALOGUE_FILES = (INDEX_FILE, ID_MAP_FILE, LISTINGS_FILE, META_FILE)
 # (README, "Benchmarks": more photos/s under load, the same single-request latency).
 BATCH_SIZE = 8
 MAX_BATCH_DELAY = 1
+# The backend new archives get: the fastest on these machines within the accuracy guard (README, "Inference backends").
+RUNTIME = "openvino"
+PRECISION = "bf16"
+
+
+class GuardRefused(ValueError):
+    """A precision whose accuracy guard failed, archived only with --force."""
 
 
 def check_run(run_dir: Path) -> None:
@@ -101,9 +120,11 @@ def model_card(run_dir: Path, info: dict, checkpoint: dict, checkpoint_sha256: s
 
 def model_config(batch_size: int, max_batch_delay: int, min_workers: int, max_workers: int,
                  response_timeout: int, threads: int, layout: str = "auto", warm_up: bool = True,
-                 category_blend: dict | None = None, live_catalogue: Path | None = None) -> dict:
+                 category_blend: dict | None = None, runtime: str = "torch", precision: str = "fp32",
+                 live_catalogue: Path | None = None) -> dict:
     """TorchServe's model_config.yaml; the `handler` section is read by MarketplaceHandler.initialize."""
-    handler = {"layout": layout, "warm_up": warm_up, **({"threads": threads} if threads else {}),
+    handler = {"layout": layout, "warm_up": warm_up, "runtime": runtime, "precision": precision,
+               **({"threads": threads} if threads else {}),
                **({"category_blend": category_blend} if category_blend else {}),
                **({"live_catalogue": str(Path(live_catalogue).resolve())} if live_catalogue else {})}
     return {"minWorkers": min_workers, "maxWorkers": max_workers, "batchSize": batch_size,
@@ -113,7 +134,7 @@ def model_config(batch_size: int, max_batch_delay: int, min_workers: int, max_wo
 def stage_extra_files(stage: Path, run_dir: Path, classes: list[str], card: dict) -> Path:
     """The --extra-files folder: model-archiver copies its items (and sub-folders) beside the handler."""
     extra = stage / "extra"
-    extra.mkdir()
+    extra.mkdir(exist_ok=True)  # prepare_backend may have put the OpenVINO IR there
     # The core package whole, so workers and --local run the code this archive was built with.
     shutil.copytree(CORE, extra / CORE_PACKAGE, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (extra / ARCHIVE_CATALOGUE).mkdir()
@@ -140,12 +161,56 @@ def run_archiver(stage: Path, name: str, version: str, checkpoint: Path, extra: 
     return out / f"{name}.mar"
 
 
+def prepare_backend(run_dir: Path, extra: Path, runtime: str, precision: str, preprocess: Preprocess,
+                    work_dir: Path | None, calibration: Path | None, force: bool, guard_limit: int,
+                    threads: int, check: bool = True) -> dict:
+    """Convert (openvino: the IR into extra/openvino/), run the accuracy guard (unless not `check`), and
+    return the model card's `inference` section; raises GuardRefused for a failed guard without `force`."""
+    from training import guard  # the guard's data and OpenVINO/NNCF are needed only here
+
+    section = {"runtime": runtime, "precision": precision}
+    if (runtime, precision) == ("torch", "fp32"):
+        return {**section, "guard": "not needed: the fp32 reference itself"}
+    work_dir = Path(work_dir) if work_dir else run_dir.resolve().parents[1]
+    batches = None
+    if precision == "int8":
+        paths = guard.calibration_paths(work_dir, calibration)
+        section["calibration"] = {"photos": len(paths), "source": str(calibration) if calibration else
+                                  f"{len(paths)} train-split photos of {work_dir} (seed 0)"}
+        batches = guard.calibration_batches(paths, preprocess)
+    started = time.perf_counter()
+    candidate, converted = guard.candidate_backend(run_dir / CHECKPOINT, runtime, precision, preprocess, batches,
+                                                   threads)
+    print(f"{runtime} {precision}: prepared in {time.perf_counter() - started:.1f} s", flush=True)
+    if converted is not None:
+        save_openvino(converted, extra / ARCHIVE_OPENVINO)
+    if not check:
+        return {**section, "guard": "not run (--no-guard): accuracy against fp32 unchecked"}
+    report = guard.run_guard(run_dir, work_dir, candidate, guard_limit)
+    print(guard.format_guard(report))
+    for role in ("fp32", "candidate"):  # timings would make two builds from one run differ
+        report[role].pop("forward_seconds")
+    section.update(guard={**report, "split": "test", "work": str(work_dir), "limit_listings": guard_limit or None},
+                   forced=bool(force and not report["passed"]))
+    if not report["passed"] and not force:
+        raise GuardRefused(f"{runtime} {precision} loses {100 * report['top1_drop']:.2f} points of top-1 against "
+                           f"fp32 on {report['photos']} test photos (limit {100 * guard.MAX_TOP1_DROP:.0f}): "
+                           f"not archived (--force to archive it anyway)")
+    return section
+
+
 def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketplace", version: str | None = None,
                   output_name: str = "{name}", batch_size: int = BATCH_SIZE,
                   max_batch_delay: int = MAX_BATCH_DELAY, min_workers: int = 1, max_workers: int = 1,
                   response_timeout: int = 120, threads: int = 0, layout: str = "auto",
-                  warm_up: bool = True, category_blend: bool = True, live_catalogue: Path | None = None) -> Path:
+                  warm_up: bool = True, category_blend: bool = True, runtime: str = "torch",
+                  precision: str = "fp32", force: bool = False, work_dir: Path | str | None = None,
+                  calibration: Path | str | None = None, guard_limit: int = 0, guard: bool = True,
+                  live_catalogue: Path | None = None) -> Path:
     """Build STORE/<output_name>.mar from a run folder; returns its path.
+
+    `runtime`/`precision` default to the fp32 reference here; the command line, the demo and
+    scripts.refresh build RUNTIME/PRECISION (the default for new archives) unless told otherwise.
 
     A file name that carries the version (`{version}` in output_name, e.g. marketplace-v2.0.mar) names
     one archive for good: an existing one is never overwritten. A name without it (marketplace.mar,
@@ -158,6 +223,7 @@ def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketpla
     info = read_run_info(run_dir)
     _, checkpoint = load_checkpoint(run_dir / CHECKPOINT)
     serving_layout(checkpoint["arch"], layout)  # an unknown layout fails here, not in every worker
+    check_backend(runtime, precision)
     checkpoint_sha256 = sha256_file(run_dir / CHECKPOINT)
     index_meta = check_index_matches(run_dir, checkpoint_sha256)
     created = run_created(run_dir, info)
@@ -169,6 +235,9 @@ def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketpla
                               f"is never rebuilt; choose a new --version")
     with tempfile.TemporaryDirectory(prefix="archive-") as stage:
         stage = Path(stage)
+        card["inference"] = prepare_backend(run_dir, stage / "extra", runtime, precision,
+                                            Preprocess.from_dict(checkpoint["preprocess"]), work_dir,
+                                            calibration and Path(calibration), force, guard_limit, threads, guard)
         extra = stage_extra_files(stage, run_dir, checkpoint["classes"], card)
         config_file = stage / "model_config.yaml"
         # The category blend training.evaluate chose on the validation split, if it beat the head alone.
@@ -177,7 +246,7 @@ def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketpla
                                                            response_timeout, threads, layout, warm_up,
                                                            blend and {key: blend[key] for key in
                                                                       ("k", "temperature", "weight")},
-                                                           live_catalogue),
+                                                           runtime, precision, live_catalogue),
                                               sort_keys=True))
         built = run_archiver(stage, name, version, run_dir / CHECKPOINT, extra, config_file)
         shutil.move(str(built), target)
@@ -213,12 +282,29 @@ def main(argv=None) -> None:
     parser.add_argument("--live-catalogue", type=Path,
                         help="a live catalogue folder (python -m scripts.catalogue) the workers follow instead of "
                              "the bundled snapshot, once it holds a generation embedded by these weights")
+    parser.add_argument("--runtime", choices=RUNTIMES, default=RUNTIME,
+                        help=f"inference backend (default {RUNTIME}; marketplace_search.runtime)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=PRECISION,
+                        help=f"inference precision (default {PRECISION}; int8 with --runtime openvino); anything "
+                             "but torch fp32 must pass the accuracy guard on WORK's test split")
+    parser.add_argument("--work", type=Path, help="work folder with split.csv and photos/ for the guard and int8 "
+                                                  "calibration (default: RUN/../..)")
+    parser.add_argument("--calibration", type=Path, help="folder of photos to calibrate int8 on "
+                                                         "(default: 300 train-split photos of WORK)")
+    parser.add_argument("--guard-limit", type=int, default=0,
+                        help="run the guard on the first N test listings only (0: the whole test split)")
+    parser.add_argument("--force", action="store_true", help="archive a precision that failed the accuracy guard")
+    parser.add_argument("--guard", action=argparse.BooleanOptionalAction, default=True,
+                        help="check the precision against fp32 on the test split (--no-guard: unchecked, and the "
+                             "model card says so)")
     args = parser.parse_args(argv)
     try:
         target = build_archive(args.run, args.store, args.name, args.version, args.output_name, args.batch_size,
                                args.max_batch_delay, args.min_workers, args.max_workers, args.response_timeout,
-                               args.threads, args.layout, args.warm_up, args.category_blend, args.live_catalogue)
-    except FileExistsError as error:
+                               args.threads, args.layout, args.warm_up, args.category_blend, args.runtime,
+                               args.precision, args.force, args.work, args.calibration, args.guard_limit,
+                               args.guard, live_catalogue=args.live_catalogue)
+    except (FileExistsError, GuardRefused) as error:
         raise SystemExit(f"refused: {error}") from error
     print(f"{target} ({target.stat().st_size / 1e6:.1f} MB)")
 

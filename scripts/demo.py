@@ -14,7 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-from scripts.archive import build_archive
+from scripts.archive import PRECISION, RUNTIME, build_archive
 from scripts import api
 from scripts.client import format_answer
 from scripts.serve import start_server
@@ -87,7 +87,7 @@ def main(argv=None) -> None:
     ])
 
     store = REPO / "model_store"
-    mar = build_archive(run_dir, store, name=MODEL_NAME, version="1.0")
+    mar = build_archive(run_dir, store, name=MODEL_NAME, version="1.0", runtime=RUNTIME, precision=PRECISION)
     print(f"\narchive: {mar}")
     server = start_server(store, workdir=REPO / "logs" / "demo", models={MODEL_NAME: mar.name})
     try:

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scripts.archive import BATCH_SIZE, MAX_BATCH_DELAY, build_archive
+from scripts.archive import BATCH_SIZE, MAX_BATCH_DELAY, PRECISION, RUNTIME, build_archive
+from marketplace_search.runtime import PRECISIONS, RUNTIMES
 from scripts import api
 from scripts.api import DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL
 from scripts.versions import HISTORY_FILE, ReleaseError, release
@@ -236,6 +237,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--live-catalogue", type=Path,
                         help="archive: the live catalogue folder its workers follow (scripts.catalogue); the same "
                              "weights, so the same folder as the version it refreshes")
+    parser.add_argument("--runtime", choices=RUNTIMES, default=RUNTIME, help="archive: inference backend")
+    parser.add_argument("--precision", choices=PRECISIONS, default=PRECISION,
+                        help="archive: inference precision (checked against fp32 on WORK's test split)")
     parser.add_argument("--release", action="store_true", help="register, canary and make the new version default")
     parser.add_argument("--management-url", default=DEFAULT_MANAGEMENT_URL)
     parser.add_argument("--inference-url", default=DEFAULT_INFERENCE_URL)
@@ -253,8 +257,8 @@ def main(argv=None) -> dict:
     print(format_refresh(refresh))
     print(f"run: {new_run}")
     mar = build_archive(new_run, args.store, args.name, args.version, args.output_name,
-                        batch_size=args.batch_size, max_batch_delay=args.max_batch_delay,
-                        live_catalogue=args.live_catalogue)
+                        batch_size=args.batch_size, max_batch_delay=args.max_batch_delay, runtime=args.runtime,
+                        precision=args.precision, live_catalogue=args.live_catalogue)
     print(f"archive: {mar} ({mar.stat().st_size / 1e6:.1f} MB)")
     summary = {"run": str(new_run), "archive": str(mar), **refresh}
     if args.release:

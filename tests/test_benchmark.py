@@ -208,6 +208,12 @@ def test_main_bare_section_has_a_row_per_knob_and_the_promised_columns(tmp_path)
     assert {"int8 dynamic Linear", "torch.compile"} <= variants
     assert any(variant.startswith("crop 160") for variant in variants)
     assert sum(variant.startswith("phone photo") for variant in variants) == 2  # draft and full decoding
+    backends = [row for row in rows if row["variant"].startswith("backend ")]
+    assert {"backend torch fp32", "backend openvino fp32"} <= {row["variant"] for row in backends}
+    assert {row["batch"] for row in backends} == {1, 2}
+    assert all(row["speedup"] == 1.0 for row in backends if row["variant"] == "backend torch fp32")
+    assert all(row["cosine_min"] > 0.99 for row in backends if row["variant"] == "backend openvino fp32" and
+               row["batch"] == 2)  # the same network, converted
     assert all(row["photos_per_s"] > 0 for row in rows if "photos_per_s" in row)
     assert all(0 <= row["top1_agreement"] <= 1 and -1 <= row["cosine_min"] <= 1.0001
                for row in rows if "top1_agreement" in row)
@@ -483,7 +489,12 @@ def test_serve_configs_pair_batching_on_and_off_per_worker_layout():
     assert configs[0].labels["worker_threads"].endswith("(default)") and configs[2].labels["worker_threads"] == "2 × 1"
     assert len({config.archive_name("resnet50") for config in configs}) == 4
     run_archive = configs[0].archive_name("mobilenet_v2 (2025-01-31_142233)")
-    assert run_archive == "mobilenet_v2-2025-01-31_142233-batch8-workers1-threads0"
+    assert run_archive == "mobilenet_v2-2025-01-31_142233-torch-fp32-batch8-workers1-threads0"
+    both = served.serve_configs({"workers": ["1x0"], "batch_size": 8, "max_batch_delay": 5,
+                                 "served_backends": ["torch fp32", "openvino bf16"]})
+    assert [(c.backend, c.batch_size) for c in both] == [("torch fp32", 8), ("torch fp32", 1), ("openvino bf16", 8),
+                                                          ("openvino bf16", 1)]
+    assert both[2].labels["backend"] == "openvino bf16" and len({c.archive_name("m") for c in both}) == 4
 
 
 @pytest.mark.parametrize("text, layout", [("1x0", (1, 0)), ("2X1", (2, 1)), ("3", (3, 0))])
@@ -530,6 +541,26 @@ def test_served_verdicts_also_compare_with_the_workers_own_forward_passes():
     rows[1]["forward_share"] = 0.5
     share, _ = served.served_verdicts(rows)
     assert "FAIL" in share and "0.880" in share  # concurrency 1 does not count, whatever its share
+
+
+def test_backends_are_compared_with_torch_fp32_served_the_same_way():
+    rows = [served_row(backend="torch fp32", concurrency=1, p50_ms=80.0, photos_per_s=12.0),
+            served_row(backend="torch fp32", concurrency=32, photos_per_s=20.0),
+            served_row(backend="openvino bf16", concurrency=1, p50_ms=40.0, photos_per_s=25.0),
+            served_row(backend="openvino bf16", concurrency=32, photos_per_s=45.0),
+            served_row(backend="openvino bf16", concurrency=32, photos_per_s=30.0, batching="off (1)")]
+    lines = served.backend_verdicts("m", rows)
+    assert len(lines) == 2  # the unbatched row has no torch fp32 row to compare with
+    assert "PASS, 40.0 vs 80.0 ms" in lines[0] and "PASS, 2.25 ×" in lines[1]
+    rows[3]["photos_per_s"] = 30.0
+    assert "FAIL, 1.50 ×" in served.backend_verdicts("m", rows)[1]
+    rates = served.bare_rates([{"model": "m", "variant": "baseline", "batch": 8, "photos_per_s": 20.0},
+                               {"model": "m", "variant": "backend openvino bf16", "batch": 8, "photos_per_s": 50.0}])
+    assert served.bare_key("m", "openvino bf16", rates) == "m|openvino bf16"
+    assert served.bare_key("m", "torch fp32", rates) == "m"  # the baseline is torch fp32
+    batched = {"photos_per_s": 45.0, "mean_batch": 8.0}
+    served.compare_with_bare(batched, "m|openvino bf16", rates)
+    assert batched["served_vs_bare"] == pytest.approx(0.9)
 
 
 def test_served_figures_are_compared_with_bare_at_the_batch_size_run():

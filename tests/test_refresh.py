@@ -176,6 +176,7 @@ def test_refresh_released_without_downtime(old, tmp_path):
             time.sleep(0.5)
             summary = refresh.main(["--run", str(old.run), "--data", str(changes.data), "--work", str(work),
                                     "--version", "2.0", "--store", str(old.store), "--workers", "0", "--release",
+                                    "--runtime", "torch", "--precision", "fp32",
                                     "--management-url", server.management_url,
                                     "--key-file", str(server.workdir / api.KEY_FILE),
                                     "--inference-url", server.inference_url])

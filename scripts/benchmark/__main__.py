@@ -54,7 +54,8 @@ PROFILES = {
     "full": {
         "arch": ["resnet50", "mobilenet_v2"], "batches": [1, 8, 32], "knob_batch": 8, "compare_photos": 16,
         "test_photos": 128, "min_seconds": 2.0, "min_repeats": 3, "compile": True, "crops": [192, 160],
-        "phone_photos": 4, "phone_size": (4032, 3024),
+        "phone_photos": 4, "phone_size": (4032, 3024), "calibration_photos": 300,
+        "served_backends": ["torch fp32", "openvino bf16"],
         "concurrency": [1, 8, 32], "requests": 64, "max_load_seconds": 20.0, "workers": ["1x0", "2x1"],
         "warm_up_requests": 200,
         "sizes": [10_000, 100_000, 1_000_000],
@@ -68,7 +69,8 @@ PROFILES = {
     "quick": {
         "arch": ["resnet50"], "batches": [1, 8, 32], "knob_batch": 8, "compare_photos": 8,
         "test_photos": 64, "min_seconds": 1.0, "min_repeats": 2, "compile": False, "crops": [160],
-        "phone_photos": 2, "phone_size": (4032, 3024),
+        "phone_photos": 2, "phone_size": (4032, 3024), "calibration_photos": 32,
+        "served_backends": ["torch fp32", "openvino bf16"],
         "concurrency": [1, 8, 32], "requests": 32, "max_load_seconds": 5.0, "workers": ["1x0"],
         "warm_up_requests": 100,
         "sizes": [10_000, 100_000], "hnsw_m": [32], "hnsw_m_max_size": 100_000, "ef_search": [32, 64, 128],
@@ -126,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     bare.add_argument("--crops", type=parse_list, help="smaller crops to try (full: 192,160)")
     bare.add_argument("--compile", action=argparse.BooleanOptionalAction, help="try torch.compile (full run: yes)")
     bare.add_argument("--min-seconds", type=float, help="time each measurement for at least this long")
+    bare.add_argument("--backends", action=argparse.BooleanOptionalAction,
+                      help="rows per inference backend (runtime × precision) at each batch size (default: yes)")
+    bare.add_argument("--backends-only", action="store_true", help="the backend rows without the knobs")
+    bare.add_argument("--calibration-photos", type=int, help="train-split photos int8 is calibrated on (full: 300)")
     served = parser.add_argument_group("served and startup")
     served.add_argument("--concurrency", type=parse_list, help="client concurrency levels (default 1,8,32)")
     served.add_argument("--requests", type=int, help="requests per concurrency level (at least 2 x concurrency)")
@@ -134,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     served.add_argument("--workers", type=lambda text: parse_list(text, str),
                         help="worker layouts to compare, WORKERSxTHREADS; threads 0 = the handler's default, "
                              "cores / workers (full: 1x0,2x1; quick: 1x0)")
+    served.add_argument("--served-backends", type=lambda text: parse_list(text, str),
+                        help="backends to serve, 'RUNTIME PRECISION' comma separated (default: torch fp32, today's "
+                             "path, and openvino bf16, the archive's default)")
     served.add_argument("--batch-size", type=int, default=BATCHED, help="TorchServe batch_size with batching on")
     served.add_argument("--max-batch-delay", type=int, default=MAX_BATCH_DELAY,
                         help="TorchServe max_batch_delay ms with batching on (default: the archive's)")

@@ -275,11 +275,17 @@ BARE_COLUMNS = [("model", "model"), ("variant", "variant"), ("batch", "batch"), 
 
 
 def bench_bare(subjects: list[Subject], photos: list[bytes], settings: dict) -> dict:
+    from scripts.benchmark.backends import bench_backends, calibration_photos
+
     test_set = read_test_set(settings["work"], settings["test_photos"]) if settings.get("work") else None
     rows = []
     for subject in subjects:
         print(f"bare: {subject.name}", flush=True)
-        rows += bench_subject(subject, photos, settings, test_set if subject.trained else None)
+        if not settings.get("backends_only"):
+            rows += bench_subject(subject, photos, settings, test_set if subject.trained else None)
+        if settings.get("backends", True):
+            rows += bench_backends(subject, photos, settings, test_set if subject.trained else None,
+                                   calibration_photos(settings) if subject.trained else None)
     legend = (f"× baseline: photos/s over the baseline's at batch {settings['knob_batch']}; the baseline rows are "
               f"timed each batch size in its own block of back-to-back calls (as a busy worker runs them), the knobs"
               f" in turns with the baseline (a burst of load from elsewhere slows them alike), each against the "
@@ -291,6 +297,10 @@ def bench_bare(subjects: list[Subject], photos: list[bytes], settings: dict) -> 
               f"the handler does (JPEG draft decoding down to the size the photo is resized to). Output columns "
               f"compare each variant with the baseline on {len(photos)} photos (the phone-photo draft row: with full"
               f" decoding): max abs difference of probabilities, top-1 category agreement, cosine similarity of "
-              f"embeddings.")
+              f"embeddings. Backend rows (marketplace_search.runtime, scripts.archive --runtime/--precision): each "
+              f"runtime × precision at each batch size, timed in turns with `backend torch fp32` (today's path), "
+              f"× baseline meaning × torch fp32 at the same batch; output columns at the knob batch size against torch fp32; "
+              f"int8 calibrated on train-split photos of --work (else the benchmark's photos); OpenVINO compiled "
+              f"with PERFORMANCE_HINT=LATENCY and the baseline's threads.")
     return {"rows": rows, "columns": BARE_COLUMNS, "legend": legend,
             "models": {subject.name: subject.source for subject in subjects}}

@@ -17,7 +17,7 @@ import psutil
 import requests
 
 from scripts import api
-from scripts.archive import build_archive
+from scripts.archive import PRECISION, RUNTIME, build_archive
 from scripts.benchmark.common import percentiles_ms
 from scripts.benchmark.photos import generate_photos
 from scripts.benchmark.startup import served_model
@@ -122,7 +122,8 @@ def bench_fault(settings: dict, scratch: Path) -> dict:
     run = make_tiny_run(scratch / "fault" / "run")
     store = scratch / "fault" / "store"
     store.mkdir(parents=True)
-    mar = build_archive(run.run_dir, store, "fault", "1.0")
+    mar = build_archive(run.run_dir, store, "fault", "1.0", runtime=RUNTIME, precision=PRECISION,
+                        guard=False)  # the default backend; a tiny run has no test split to guard on
     photos = generate_photos(16, (320, 240))
     with served_model(store, mar, "fault", scratch / "fault" / "ts") as (server, _):
         figures = load_and_kill(server, "fault", photos, settings["fault_clients"], settings["fault_requests"])

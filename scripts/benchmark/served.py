@@ -37,6 +37,7 @@ BATCH_TOLERANCE = 0.1  # a served mean batch within 10% of a bare batch size cou
 # Targets from the brief.
 TARGET_SERVED_RATIO = 0.9
 TARGET_EXTRA_MS = 10.0
+TARGET_BACKEND_RATIO = 2.0  # issue 15: the archive's default backend against today's torch fp32
 FRONTEND_COUNTERS = ("ts_inference_requests_total", "ts_inference_latency_microseconds",
                      "ts_queue_latency_microseconds")
 SAMPLE = re.compile(r'(?P<name>\w+)\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)')
@@ -209,22 +210,24 @@ def server_figures(before: dict, after: dict, figures: dict) -> dict:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """One way of serving: dynamic batching on or off, workers, and each worker's torch threads."""
+    """One way of serving: dynamic batching on or off, workers, each worker's torch threads, and the
+    inference backend ("RUNTIME PRECISION", scripts.archive --runtime/--precision)."""
 
     batch_size: int
     max_batch_delay: int
     workers: int
     threads: int  # 0: the handler's default, cores / workers
+    backend: str = "torch fp32"
 
     @property
     def labels(self) -> dict:
         batching = f"on ({self.batch_size}, {self.max_batch_delay} ms)" if self.batch_size > 1 else "off (1)"
         threads = self.threads or max(1, (os.cpu_count() or 1) // self.workers)
         default = "" if self.threads else " (default)"
-        return {"batching": batching, "worker_threads": f"{self.workers} × {threads}{default}"}
+        return {"backend": self.backend, "batching": batching, "worker_threads": f"{self.workers} × {threads}{default}"}
 
     def archive_name(self, model: str) -> str:
-        return (re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-")
+        return (re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-") + f"-{self.backend.replace(' ', '-')}"
                 + f"-batch{self.batch_size}-workers{self.workers}-threads{self.threads}")
 
 
@@ -241,7 +244,8 @@ def parse_workers(text: str) -> tuple[int, int]:
 
 
 def serve_configs(settings: dict) -> list[ServeConfig]:
-    return [ServeConfig(batch, delay if batch > 1 else 0, workers, threads)
+    return [ServeConfig(batch, delay if batch > 1 else 0, workers, threads, backend)
+            for backend in settings.get("served_backends", ["torch fp32"])
             for workers, threads in map(parse_workers, settings["workers"])
             for batch, delay in ((settings["batch_size"], settings["max_batch_delay"]), (1, 0))]
 
@@ -264,10 +268,12 @@ def serving_runs(subjects: list[Subject], settings: dict, scratch: Path) -> list
 
 
 def build_archives(model: str, run_dir: Path, store: Path, configs: list[ServeConfig]) -> dict[ServeConfig, Path]:
+    """An archive per configuration; the accuracy of a backend is the bare section's business (no guard here)."""
     store.mkdir(parents=True, exist_ok=True)
     return {config: build_archive(run_dir, store, SERVED_NAME, "1.0", config.archive_name(model),
                                   batch_size=config.batch_size, max_batch_delay=config.max_batch_delay,
-                                  min_workers=config.workers, max_workers=config.workers, threads=config.threads)
+                                  min_workers=config.workers, max_workers=config.workers, threads=config.threads,
+                                  runtime=config.backend.split()[0], precision=config.backend.split()[1], guard=False)
             for config in configs}
 
 
@@ -279,9 +285,20 @@ def bare_rates(bare_rows: list[dict]) -> dict[tuple[str, int | str], float]:
     for row in bare_rows:
         if row["variant"] == "baseline":
             rates[row["model"], row["batch"]] = row["photos_per_s"]
+        elif row["variant"].startswith("backend "):  # scripts.benchmark.backends: per backend, as `MODEL|BACKEND`
+            rates[f"{row['model']}|{row['variant'][len('backend '):]}", row["batch"]] = row["photos_per_s"]
         elif row["variant"].startswith("decode"):  # the first decode row: at the baseline's threads
             rates.setdefault((row["model"], "decode"), row["photos_per_s"])
+    for name, _ in list(rates):
+        if "|" in name and (name.split("|")[0], "decode") in rates:
+            rates[name, "decode"] = rates[name.split("|")[0], "decode"]
     return rates
+
+
+def bare_key(model: str, backend: str, rates: dict) -> str:
+    """The bare rows a served backend compares with: its own backend row, else (torch fp32) the baseline."""
+    own = f"{model}|{backend}"
+    return own if any(name == own for name, _ in rates) else model
 
 
 def compare_with_bare(row: dict, model: str, rates: dict) -> None:
@@ -319,7 +336,7 @@ def forward_share(row: dict, workers: int) -> dict:
 
 def configuration(row: dict, with_concurrency: bool = True) -> str:
     """How a row was served, for a verdict line."""
-    text = f"batching {row['batching']}, {row['worker_threads']}"
+    text = f"{row.get('backend', 'torch fp32')}, batching {row['batching']}, {row['worker_threads']}"
     return text + (f", concurrency {row['concurrency']}" if with_concurrency else "")
 
 
@@ -373,6 +390,33 @@ def served_verdicts(rows: list[dict]) -> list[str]:
     for model in dict.fromkeys(row["model"] for row in rows):
         own = [row for row in rows if row["model"] == model]
         lines += [line for target in SERVED_TARGETS if (line := target_verdict(target, model, own))]
+        lines += backend_verdicts(model, own)
+    return lines
+
+
+def backend_verdicts(model: str, rows: list[dict], reference: str = "torch fp32") -> list[str]:
+    """Each other backend against `reference` (today's default) with the same batching and workers:
+    photos/s at the highest concurrency (target ≥ TARGET_BACKEND_RATIO ×) and single-request p50 (lower)."""
+    lines = []
+    top = max((row["concurrency"] for row in rows), default=None)
+    for row in rows:
+        if row.get("backend", reference) == reference or row["concurrency"] not in (1, top):
+            continue
+        same = [other for other in rows if other.get("backend", reference) == reference
+                and (other["batching"], other["worker_threads"], other["concurrency"]) ==
+                (row["batching"], row["worker_threads"], row["concurrency"])]
+        if not same:
+            continue
+        if row["concurrency"] == top:
+            ratio = row["photos_per_s"] / same[0]["photos_per_s"]
+            lines.append(f"Target {model}: {row['backend']} photos/s ≥ {TARGET_BACKEND_RATIO:g} × {reference} at "
+                         f"concurrency {top}: {'PASS' if ratio >= TARGET_BACKEND_RATIO else 'FAIL'}, {ratio:.2f} × "
+                         f"({row['photos_per_s']:.1f} vs {same[0]['photos_per_s']:.1f}; {configuration(row)}).")
+        if row["concurrency"] == 1:
+            lower = row["p50_ms"] < same[0]["p50_ms"]
+            lines.append(f"Target {model}: {row['backend']} single-request p50 below {reference}'s: "
+                         f"{'PASS' if lower else 'FAIL'}, {row['p50_ms']:.1f} vs {same[0]['p50_ms']:.1f} ms "
+                         f"({configuration(row, with_concurrency=False)}).")
     return lines
 
 
@@ -407,14 +451,14 @@ def bench_served_model(model: str, archives: dict[ServeConfig, Path], photos: li
                 for concurrency in settings["concurrency"]:
                     row = {**label, **load_level(server, url, photos, concurrency, settings)}
                     row.update(forward_share(row, config.workers))
-                    compare_with_bare(row, model, rates)
+                    compare_with_bare(row, bare_key(model, config.backend, rates), rates)
                     served_rows.append(row)
                 startup.update(memory_after_load(server))
             startup_rows.append({**label, **startup})
     return served_rows, startup_rows
 
 
-SERVED_COLUMNS = [("model", "model"), ("batching", "dynamic batching"), ("worker_threads", "worker threads"),
+SERVED_COLUMNS = [("model", "model"), ("backend", "backend"), ("batching", "dynamic batching"), ("worker_threads", "worker threads"),
                   ("concurrency", "concurrency"),
                   ("requests", "requests"), ("errors", "errors"), ("photos_per_s", "photos/s"),
                   ("p50_ms", "p50 ms"), ("p95_ms", "p95 ms"), ("p99_ms", "p99 ms"),

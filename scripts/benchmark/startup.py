@@ -10,7 +10,7 @@ import psutil
 from scripts import api
 from scripts.serve import free_ports, start_server
 
-STARTUP_COLUMNS = [("model", "model"), ("batching", "dynamic batching"), ("worker_threads", "worker threads"),
+STARTUP_COLUMNS = [("model", "model"), ("backend", "backend"), ("batching", "dynamic batching"), ("worker_threads", "worker threads"),
                    ("api_s", "APIs up s"),
                    ("ready_s", "READY s"), ("workers", "workers"), ("worker_rss_mb", "worker RSS MB"),
                    ("worker_uss_mb", "worker USS MB"), ("worker_rss_after_mb", "RSS after load MB"),

@@ -1,0 +1,213 @@
+"""Inference backends: a preprocessed batch in, `(probabilities, L2-normalised embeddings)` out.
+
+Every backend answers the same thing as `models.serve_forward` (fp32 torch, the reference), from
+the same `(n, 3, crop, crop)` float32 batch that `presets.eval_transform` makes:
+
+  torch    fp32   the checkpoint, laid out by `models.prepare_for_serving`
+  torch    bf16   the same under `torch.autocast` (bfloat16 matmuls/convolutions on AVX512-BF16/AMX)
+  openvino fp32   an OpenVINO IR converted at archive time (`convert_openvino`), `INFERENCE_PRECISION_HINT=f32`
+  openvino bf16   the same IR with `INFERENCE_PRECISION_HINT=bf16`
+  openvino int8   an IR quantized at archive time by NNCF post-training quantization (`quantize_openvino`)
+
+bf16 needs a CPU with AVX512-BF16 (or AMX-BF16), int8 one with VNNI (AVX512-VNNI, AVX-VNNI or AMX-INT8).
+Without it `load_backend` serves fp32 from the checkpoint instead, says so once in the log and
+reports it in `Backend.precision`: never a crash, never an unreported change of answers.
+Set MARKETPLACE_CPU_FLAGS_OFF (e.g. "bf16,vnni") to behave as if the CPU lacked those features.
+OpenVINO and NNCF are imported only by the backends that need them.
+"""
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from marketplace_search.models import MarketplaceNet, prepare_for_serving, serve_forward
+
+logger = logging.getLogger(__name__)
+
+RUNTIMES = ("torch", "openvino")
+PRECISIONS = ("fp32", "bf16", "int8")
+SUPPORTED = {("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16"),
+             ("openvino", "int8")}
+OPENVINO_MODEL = "model.xml"  # beside it model.bin: the IR in the archive (ARCHIVE_OPENVINO/)
+# The CPU features each reduced precision needs, as /proc/cpuinfo flags (any one of them will do).
+CPU_FEATURES = {"bf16": ("avx512_bf16", "amx_bf16"), "int8": ("avx512_vnni", "avx_vnni", "amx_int8")}
+FEATURE_NAMES = {"bf16": "bf16", "int8": "vnni"}  # the names MARKETPLACE_CPU_FLAGS_OFF takes
+FLAGS_OFF_ENV = "MARKETPLACE_CPU_FLAGS_OFF"
+_warned: set = set()
+
+
+def check_backend(runtime: str, precision: str) -> None:
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if (runtime, precision) not in SUPPORTED:
+        raise ValueError(f"{runtime} {precision} is not supported: int8 runs on openvino "
+                         f"(supported: {', '.join(f'{r} {p}' for r, p in sorted(SUPPORTED))})")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo), less those MARKETPLACE_CPU_FLAGS_OFF switches off."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    off = {name.strip().lower() for name in os.environ.get(FLAGS_OFF_ENV, "").split(",") if name.strip()}
+    for precision, feature in FEATURE_NAMES.items():
+        if feature in off:
+            flags -= set(CPU_FEATURES[precision])
+    return flags
+
+
+def precision_supported(precision: str, flags: set[str] | None = None) -> bool:
+    """Whether this CPU runs `precision` natively (fp32 always)."""
+    if precision == "fp32":
+        return True
+    flags = cpu_flags() if flags is None else flags
+    return any(flag in flags for flag in CPU_FEATURES[precision])
+
+
+@dataclass
+class Backend:
+    """A ready model: `forward(images)` -> `(probabilities (n, c), embeddings (n, d))`, float32 numpy,
+    the embeddings L2-normalised. `runtime`/`precision` say what actually runs (after any fallback);
+    `model` is the torch module or OpenVINO compiled model behind it."""
+
+    runtime: str
+    precision: str
+    forward: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]] = field(repr=False)
+    model: object = field(default=None, repr=False)
+    requested: str = ""  # "runtime precision" as archived, when it differs from what runs
+
+    @property
+    def name(self) -> str:
+        return f"{self.runtime} {self.precision}"
+
+
+def torch_backend(model: MarketplaceNet, precision: str = "fp32", layout: str = "auto",
+                  device: str = "cpu") -> Backend:
+    """The checkpoint's model in torch, fp32 or under bf16 autocast."""
+    check_backend("torch", precision)
+    prepared = prepare_for_serving(model.to(device), layout, device)
+
+    def forward(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            probabilities, vectors = serve_forward(prepared, images.to(device))
+        return probabilities.float().cpu().numpy(), vectors.float().cpu().numpy()
+
+    return Backend("torch", precision, forward, prepared)
+
+
+class ServingGraph(nn.Module):
+    """What is exported: images -> (softmax probabilities, L2-normalised embedding), as `models.embed`."""
+
+    def __init__(self, model: MarketplaceNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, embedding = self.model(images)
+        return logits.softmax(dim=1), nn.functional.normalize(embedding, dim=1)
+
+
+def convert_openvino(model: MarketplaceNet, crop: int):
+    """The model as an OpenVINO `ov.Model` with a dynamic batch dimension (fp32 weights)."""
+    import openvino as ov
+
+    model.eval()
+    with torch.no_grad():
+        converted = ov.convert_model(ServingGraph(model), example_input=torch.zeros(1, 3, crop, crop),
+                                     input=[(-1, 3, crop, crop)])
+    converted.outputs[0].get_tensor().set_names({"probabilities"})
+    converted.outputs[1].get_tensor().set_names({"embedding"})
+    return converted
+
+
+def quantize_openvino(converted, calibration: list[torch.Tensor]):
+    """int8 post-training quantization (NNCF) of a converted model, calibrated on `calibration` batches."""
+    import nncf
+
+    dataset = nncf.Dataset(calibration, lambda batch: batch.numpy())
+    return nncf.quantize(converted, dataset, subset_size=len(calibration),
+                         preset=nncf.QuantizationPreset.MIXED)
+
+
+def save_openvino(converted, folder: Path) -> Path:
+    """Write the IR (model.xml + model.bin, weights kept as they are: no fp16 compression)."""
+    import openvino as ov
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ov.save_model(converted, folder / OPENVINO_MODEL, compress_to_fp16=False)
+    return folder / OPENVINO_MODEL
+
+
+def openvino_backend(model_or_path, precision: str = "fp32", threads: int = 0) -> Backend:
+    """An OpenVINO CPU backend from an IR path (or an `ov.Model`), compiled for latency.
+
+    fp32/bf16 use the same fp32 IR with a different inference precision; int8 is a quantized IR
+    (its non-quantized operations run in bf16 where the CPU has it, as OpenVINO's default).
+    """
+    import openvino as ov
+
+    check_backend("openvino", precision)
+    core = ov.Core()
+    source = core.read_model(str(model_or_path)) if isinstance(model_or_path, (str, Path)) else model_or_path
+    config = {"PERFORMANCE_HINT": "LATENCY"}
+    if precision != "int8":
+        config["INFERENCE_PRECISION_HINT"] = "bf16" if precision == "bf16" else "f32"
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    compiled = core.compile_model(source, "CPU", config)
+    request = compiled.create_infer_request()
+
+    def forward(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        outputs = request.infer({0: images.detach().cpu().numpy()}, share_inputs=True)
+        return (np.asarray(outputs[0], np.float32).copy(), np.asarray(outputs[1], np.float32).copy())
+
+    return Backend("openvino", precision, forward, compiled)
+
+
+def load_backend(model: MarketplaceNet, runtime: str = "torch", precision: str = "fp32", model_dir: Path | None = None,
+                 layout: str = "auto", device: str = "cpu", threads: int = 0) -> Backend:
+    """The backend an archive asked for, or fp32 torch from the checkpoint when this machine cannot run it.
+
+    `model_dir` holds the archive's files (ARCHIVE_OPENVINO/ for openvino). A CUDA device runs torch
+    (OpenVINO here targets the CPU); bf16 autocast is kept there, int8 falls back.
+    """
+    from marketplace_search.layout import ARCHIVE_OPENVINO
+
+    check_backend(runtime, precision)
+    requested = f"{runtime} {precision}"
+    reason = None
+    if device != "cpu" and runtime == "openvino":
+        reason = f"device {device}: OpenVINO runs on the CPU here"
+    elif device == "cpu" and not precision_supported(precision):
+        reason = (f"this CPU has none of {', '.join(CPU_FEATURES[precision])}"
+                  + (f" ({FLAGS_OFF_ENV}={os.environ.get(FLAGS_OFF_ENV)})" if os.environ.get(FLAGS_OFF_ENV) else ""))
+    if reason:
+        if requested not in _warned:
+            _warned.add(requested)
+            logger.warning("archive asks for %s but %s: serving torch fp32 from the checkpoint instead "
+                           "(the answers are the fp32 reference's)", requested, reason)
+        backend = torch_backend(model, "fp32", layout, device)
+        backend.requested = requested
+        return backend
+    if runtime == "torch":
+        return torch_backend(model, precision, layout, device)
+    if model_dir is None:
+        raise ValueError("an openvino backend needs the archive folder holding its IR")
+    ir = Path(model_dir) / ARCHIVE_OPENVINO / OPENVINO_MODEL
+    if not ir.is_file():
+        raise FileNotFoundError(f"{ARCHIVE_OPENVINO}/{OPENVINO_MODEL} is missing from {model_dir}: the archive "
+                                f"says runtime openvino (rebuild it with scripts.archive --runtime openvino)")
+    return openvino_backend(ir, precision, threads)

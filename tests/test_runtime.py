@@ -1,0 +1,184 @@
+"""Inference backends (marketplace_search.runtime): every runtime and precision answers through a real
+TorchServe with the same fields, the accuracy guard refuses a broken int8 calibration, and a CPU
+without BF16/VNNI serves fp32 from the checkpoint.
+
+The tiny run here is trained (its head, on a random ResNet18 trunk) until it tells its 3 categories
+apart on its 24 photos, so top-1 means something: a broken precision loses it.
+"""
+import faiss  # noqa: F401  (before torch: OpenMP, see README)
+
+import json
+import logging
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import requests
+import torch
+import yaml
+from PIL import Image
+
+from handlers.local import load_local_handler, predict_local
+from marketplace_search import runtime
+from marketplace_search.images import decode_image
+from marketplace_search.models import MarketplaceNet, load_checkpoint
+from marketplace_search.presets import collate_images
+from marketplace_search.schema import check_answer
+from scripts import api
+from scripts.archive import GuardRefused, build_archive
+from scripts.benchmark.subjects import calibrate_batchnorm
+from tests.serving_fixtures import (CLASSES, TINY_PREPROCESS, TinyRun, archive_tiny_run, extract_archive,
+                                    make_tiny_run, photo_jpeg, running_server)
+
+LISTINGS, PHOTOS_PER_LISTING = 12, 2
+BACKENDS = [("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8")]
+
+
+def trained_model(seed: int = 0) -> MarketplaceNet:
+    """A ResNet18 with a random trunk (BatchNorm statistics from the photos) whose embedding and head
+    are fitted to the tiny run's photos."""
+    torch.manual_seed(seed)
+    model = MarketplaceNet("resnet18", len(CLASSES), embedding_dim=32)
+    count = LISTINGS * PHOTOS_PER_LISTING
+    images = collate_images([decode_image(photo_jpeg(number)) for number in range(count)], TINY_PREPROCESS)
+    labels = torch.tensor([(number // PHOTOS_PER_LISTING) % len(CLASSES) for number in range(count)])
+    calibrate_batchnorm(model, images)
+    with torch.no_grad():
+        features = model.backbone(images)
+    head = list(model.embedding.parameters()) + list(model.classifier.parameters())
+    optimizer = torch.optim.Adam(head, lr=1e-2)
+    for _ in range(150):  # eval mode throughout: BatchNorm and dropout as served
+        optimizer.zero_grad()
+        logits, _ = model.forward_features(features)
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+        optimizer.step()
+    return model
+
+
+def write_split(run: TinyRun, work: Path) -> None:
+    """WORK/split.csv: every photo in test (the guard's set) and in train (int8's calibration)."""
+    rows = [{"image_id": image_id, "product_id": listing["product_id"], "label": CLASSES.index(listing["category"])}
+            for image_id, listing in sorted(run.listings.items())]
+    split = pd.DataFrame([{**row, "split": name} for name in ("test", "train") for row in rows])
+    split.to_csv(work / "split.csv", index=False)
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory) -> TinyRun:
+    """A trained tiny run in WORK/model_evaluation/<stamp>, WORK holding photos/ and split.csv."""
+    work = tmp_path_factory.mktemp("work")
+    run = make_tiny_run(work / "model_evaluation" / "2025-01-31_142233", listings=LISTINGS,
+                        photos_per_listing=PHOTOS_PER_LISTING, photos_dir=work / "photos", model=trained_model())
+    write_split(run, work)
+    return run
+
+
+def archive_member(mar: Path, name: str) -> bytes:
+    with zipfile.ZipFile(mar) as archive:
+        return archive.read(name)
+
+
+@pytest.fixture(scope="module")
+def archives(guarded, tmp_path_factory) -> dict[tuple[str, str], Path]:
+    store = tmp_path_factory.mktemp("store")
+    return {(name, precision): archive_tiny_run(guarded, store, name=f"m-{name}-{precision}", output_name="{name}",
+                                                runtime=name, precision=precision, max_batch_delay=5)
+            for name, precision in BACKENDS}
+
+
+@pytest.mark.server
+def test_every_backend_answers_a_photo_with_the_same_fields(guarded, archives, tmp_path):
+    models = {mar.stem: mar.name for mar in archives.values()}
+    store = next(iter(archives.values())).parent
+    photo_id = "img-004"
+    with running_server(store, tmp_path / "torchserve", models, ready_timeout=240) as server:
+        answers = {}
+        for backend, mar in archives.items():
+            response = requests.post(api.prediction_url(server, mar.stem), data=guarded.photo_bytes(photo_id),
+                                     headers=api.prediction_headers(guarded.photo_bytes(photo_id),
+                                                                    server.token("inference")), timeout=60)
+            assert response.status_code == 200, (backend, response.text[:300])
+            answers[backend] = response.json()
+    reference = answers["torch", "fp32"]
+    for backend, answer in answers.items():
+        check_answer(answer)
+        assert answer.keys() == reference.keys(), backend
+        assert answer["neighbours"][0].keys() == reference["neighbours"][0].keys(), backend
+        assert answer["category"] == guarded.listings[photo_id]["category"], backend
+        assert answer["neighbours"][0]["image_id"] == photo_id, backend  # a catalogue photo finds itself
+        assert answer["probability"] == pytest.approx(reference["probability"], abs=0.05), backend
+
+
+def test_the_archive_records_its_backend_and_guard(archives):
+    for (name, precision), mar in archives.items():
+        config = yaml.safe_load(archive_member(mar, "model_config.yaml"))
+        card = json.loads(archive_member(mar, "model_card.json"))
+        assert (config["handler"]["runtime"], config["handler"]["precision"]) == (name, precision)
+        assert (card["inference"]["runtime"], card["inference"]["precision"]) == (name, precision)
+        members = zipfile.ZipFile(mar).namelist()
+        assert ("openvino/model.xml" in members and "openvino/model.bin" in members) == (name == "openvino")
+        if (name, precision) == ("torch", "fp32"):
+            continue
+        guard = card["inference"]["guard"]
+        assert guard["passed"] and not card["inference"]["forced"] and guard["photos"] == 24
+        assert guard["fp32"]["top1_accuracy"] == 1.0 and guard["top1_drop"] <= 0.01
+        assert 0.9 < guard["cosine_min"] <= guard["cosine_mean"] < 1.01
+    assert json.loads(archive_member(archives["openvino", "int8"], "model_card.json"))[
+        "inference"]["calibration"]["photos"] == 24
+
+
+def test_the_guard_refuses_int8_calibrated_on_blank_photos(guarded, tmp_path):
+    """Calibrated on flat grey photos, int8's activation ranges are far too narrow for real photos."""
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    for number in range(8):
+        Image.new("RGB", (96, 80), (128, 128, 128)).save(blank / f"grey-{number}.jpg")
+    with pytest.raises(GuardRefused, match=r"openvino int8 loses .* points of top-1 .*--force"):
+        build_archive(guarded.run_dir, tmp_path, "refused", "1.0", runtime="openvino", precision="int8",
+                      calibration=blank)
+    assert not (tmp_path / "refused.mar").exists()
+    forced = build_archive(guarded.run_dir, tmp_path, "forced", "1.0", runtime="openvino", precision="int8",
+                           calibration=blank, force=True)
+    card = json.loads(archive_member(forced, "model_card.json"))["inference"]
+    assert card["forced"] and not card["guard"]["passed"] and card["guard"]["top1_drop"] > 0.01
+
+
+def test_a_reduced_precision_needs_a_test_split_to_check(tmp_path):
+    run = make_tiny_run(tmp_path / "runs" / "2025-01-31_142233")
+    with pytest.raises(FileNotFoundError, match="split.csv"):
+        archive_tiny_run(run, tmp_path / "store", runtime="openvino", precision="bf16")
+
+
+def test_a_cpu_without_bf16_or_vnni_serves_fp32_and_says_so_once(guarded, archives, tmp_path, monkeypatch, caplog):
+    fp32 = load_local_handler(extract_archive(archives["torch", "fp32"], tmp_path / "fp32"))
+    native = load_local_handler(extract_archive(archives["openvino", "bf16"], tmp_path / "native"))
+    expected = "openvino bf16" if runtime.precision_supported("bf16") else "torch fp32"
+    assert native.backend.name == expected
+    monkeypatch.setenv(runtime.FLAGS_OFF_ENV, "bf16,vnni")
+    assert not runtime.precision_supported("bf16") and not runtime.precision_supported("int8")
+    with caplog.at_level(logging.WARNING):
+        fallen_back = {precision: load_local_handler(extract_archive(archives[name, precision], tmp_path / precision))
+                       for name, precision in (("openvino", "bf16"), ("torch", "bf16"), ("openvino", "int8"))}
+    photo = {"body": guarded.photo_bytes("img-007")}
+    [(_, reference)] = predict_local(fp32, [photo])
+    for precision, handler in fallen_back.items():
+        assert handler.backend.name == "torch fp32" and handler.backend.requested.endswith(precision)
+        [(status, answer)] = predict_local(handler, [photo])
+        assert status == 200 and answer["probability"] == pytest.approx(reference["probability"], abs=1e-6)
+        assert [n["image_id"] for n in answer["neighbours"]] == [n["image_id"] for n in reference["neighbours"]]
+    warnings = [record.getMessage() for record in caplog.records if "serving torch fp32" in record.getMessage()]
+    assert len(warnings) == 3 and all("this CPU has none of" in message for message in warnings)
+    model, _ = load_checkpoint(guarded.run_dir / "weights" / "best.pt")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="marketplace_search.runtime"):
+        for _ in range(2):
+            assert runtime.load_backend(model, "torch", "bf16").name == "torch fp32"
+    assert len([record for record in caplog.records if "serving torch fp32" in record.getMessage()]) <= 1
+
+
+def test_unsupported_backends_are_refused_before_anything_is_built(guarded, tmp_path):
+    with pytest.raises(ValueError, match="int8 runs on openvino"):
+        build_archive(guarded.run_dir, tmp_path, runtime="torch", precision="int8")
+    with pytest.raises(ValueError, match="runtime 'onnx'"):
+        build_archive(guarded.run_dir, tmp_path, runtime="onnx", precision="fp32")

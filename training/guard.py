@@ -1,0 +1,187 @@
+"""The accuracy guard of a reduced precision: a candidate backend against fp32 on the test split.
+
+For every photo of the split the fp32 reference (torch, the checkpoint) and the candidate answer
+from the same preprocessed batch; the guard reports, for both, category top-1 (the head) and
+retrieval precision@5 against the run's catalogue (own listing excluded, as training.evaluate),
+and the cosine between the two embeddings of each photo (mean and minimum). A candidate whose
+top-1 is more than MAX_TOP1_DROP below fp32 fails. scripts.archive runs it before shipping a
+precision, and int8's calibration photos come from here too (`calibration_batches`).
+
+  python -m training.guard --run RUN --runtime openvino --precision int8   # the figures, nothing written
+"""
+import faiss  # noqa: F401  (before torch: OpenMP, see README)
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from marketplace_search.images import decode_image
+from marketplace_search.layout import CHECKPOINT, INDEX_DIR
+from marketplace_search.models import load_checkpoint
+from marketplace_search.presets import Preprocess, collate_images
+from marketplace_search.runtime import (Backend, PRECISIONS, RUNTIMES, check_backend, convert_openvino,
+                                        openvino_backend, quantize_openvino, torch_backend)
+from marketplace_search.search import Catalogue
+from training.dataset import load_split
+from training.evaluate import retrieval_precision, top_k_accuracy
+from training.photos import PHOTOS_DIR
+
+MAX_TOP1_DROP = 0.01  # one point of top-1
+GUARD_K = 5
+CALIBRATION_PHOTOS = 300  # NNCF's default subset size
+BATCH = 32
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def photo_batches(paths: list[Path], preprocess: Preprocess, batch_size: int = BATCH):
+    """Preprocessed `(n, 3, crop, crop)` batches of the photos at `paths`, in order."""
+    for start in range(0, len(paths), batch_size):
+        yield collate_images([decode_image(path.read_bytes()) for path in paths[start:start + batch_size]],
+                             preprocess)
+
+
+def guard_rows(work_dir: Path, split_name: str = "test", limit: int = 0) -> pd.DataFrame:
+    """The split's rows (all, or the first `limit` listings' photos) whose photos are in WORK/photos."""
+    split = load_split(work_dir)
+    rows = split[split["split"] == split_name]
+    if limit:
+        rows = rows[rows["product_id"].isin(rows["product_id"].drop_duplicates().head(limit))]
+    if rows.empty:
+        raise ValueError(f"{Path(work_dir) / 'split.csv'} has no {split_name} rows to check a precision on")
+    return rows
+
+
+def calibration_paths(work_dir: Path | None = None, folder: Path | None = None,
+                      count: int = CALIBRATION_PHOTOS, seed: int = 0) -> list[Path]:
+    """Catalogue photos for int8 calibration: every photo of `folder`, or `count` train-split photos of WORK."""
+    if folder is not None:
+        paths = sorted(path for path in Path(folder).iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise ValueError(f"calibration folder {folder} holds no photos ({', '.join(IMAGE_SUFFIXES)})")
+        return paths
+    split = load_split(work_dir)
+    train = split[split["split"] == "train"]
+    chosen = train.sample(min(count, len(train)), random_state=seed) if len(train) else train
+    if chosen.empty:
+        raise ValueError(f"{Path(work_dir) / 'split.csv'} has no train photos to calibrate int8 with")
+    return [Path(work_dir) / PHOTOS_DIR / f"{image_id}.jpg" for image_id in chosen["image_id"]]
+
+
+def calibration_batches(paths: list[Path], preprocess: Preprocess) -> list[torch.Tensor]:
+    return list(photo_batches(paths, preprocess, batch_size=8))
+
+
+def compare(reference: Backend, candidate: Backend, rows: pd.DataFrame, photos_dir: Path,
+            preprocess: Preprocess, catalogue: Catalogue) -> dict:
+    """Top-1 and precision@5 of both backends on `rows`, the embeddings' cosine, and whether the candidate passes."""
+    return compare_many(reference, [candidate], rows, photos_dir, preprocess, catalogue)[0]
+
+
+def compare_many(reference: Backend, candidates: list[Backend], rows: pd.DataFrame, photos_dir: Path,
+                 preprocess: Preprocess, catalogue: Catalogue) -> list[dict]:
+    """`compare` for several candidates, each photo decoded and the reference run once."""
+    paths = [Path(photos_dir) / f"{image_id}.jpg" for image_id in rows["image_id"]]
+    backends = [reference, *candidates]
+    outputs = [([], []) for _ in backends]
+    seconds = [0.0 for _ in backends]
+    for images in photo_batches(paths, preprocess):
+        for number, backend in enumerate(backends):
+            started = time.perf_counter()
+            probabilities, vectors = backend.forward(images)
+            seconds[number] += time.perf_counter() - started
+            outputs[number][0].append(probabilities)
+            outputs[number][1].append(vectors)
+    labels = rows["label"].to_numpy()
+    product_ids = list(rows["product_id"])
+    categories = [catalogue.listings[image_id]["category"] if image_id in catalogue.listings else None
+                  for image_id in rows["image_id"]]
+    figures, vectors = [], []
+    for number, backend in enumerate(backends):
+        probabilities, embeddings = (np.concatenate(part) for part in outputs[number])
+        vectors.append(embeddings)
+        figures.append({"backend": backend.name, "top1_accuracy": top_k_accuracy(probabilities, labels, 1),
+                        f"precision@{GUARD_K}": retrieval_precision(catalogue, embeddings, product_ids, categories,
+                                                                    ks=(GUARD_K,))[f"precision@{GUARD_K}"],
+                        "forward_seconds": round(seconds[number], 2)})
+    reports = []
+    for number in range(1, len(backends)):
+        cosine = (vectors[0] * vectors[number]).sum(axis=1)
+        drop = figures[0]["top1_accuracy"] - figures[number]["top1_accuracy"]
+        reports.append({"photos": len(rows), "fp32": figures[0], "candidate": figures[number], "top1_drop": drop,
+                        "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
+                        "max_top1_drop": MAX_TOP1_DROP, "passed": bool(drop <= MAX_TOP1_DROP + 1e-9)})
+    return reports
+
+
+def candidate_backend(checkpoint_path: Path, runtime: str, precision: str, preprocess: Preprocess,
+                      calibration: list[torch.Tensor] | None = None, threads: int = 0):
+    """`(backend, ov.Model or None)`: the candidate as the archive would ship it (its IR, for openvino)."""
+    check_backend(runtime, precision)
+    model, _ = load_checkpoint(checkpoint_path)
+    if runtime == "torch":
+        return torch_backend(model, precision), None
+    converted = convert_openvino(model, preprocess.crop)
+    if precision == "int8":
+        if not calibration:
+            raise ValueError("int8 needs calibration photos")
+        converted = quantize_openvino(converted, calibration)
+    return openvino_backend(converted, precision, threads), converted
+
+
+def run_guard(run_dir: Path, work_dir: Path, candidate: Backend, limit: int = 0) -> dict:
+    """The guard's figures for `candidate` on WORK's test split against the run's fp32 checkpoint."""
+    model, checkpoint = load_checkpoint(Path(run_dir) / CHECKPOINT)
+    catalogue = Catalogue.load(Path(run_dir) / INDEX_DIR)
+    return compare(torch_backend(model, "fp32"), candidate, guard_rows(work_dir, limit=limit),
+                   Path(work_dir) / PHOTOS_DIR, Preprocess.from_dict(checkpoint["preprocess"]), catalogue)
+
+
+def format_guard(report: dict) -> str:
+    rows = [("", "top-1", f"P@{GUARD_K}", "forward s")]
+    for role in ("fp32", "candidate"):
+        figures = report[role]
+        rows.append((figures["backend"], f"{figures['top1_accuracy']:.4f}", f"{figures[f'precision@{GUARD_K}']:.4f}",
+                     f"{figures['forward_seconds']:.1f}"))
+    lines = [f"| {a:<14} | {b:>7} | {c:>7} | {d:>9} |" for a, b, c, d in rows]
+    lines.append(f"{report['photos']} test photos; top-1 drop {100 * report['top1_drop']:+.2f} points "
+                 f"(limit {100 * report['max_top1_drop']:.0f}); embedding cosine mean {report['cosine_mean']:.4f}, "
+                 f"min {report['cosine_min']:.4f}: {'PASS' if report['passed'] else 'FAIL'}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, type=Path, help="run folder (WORK/model_evaluation/<timestamp>)")
+    parser.add_argument("--work", type=Path, help="work folder with split.csv and photos/ (default: RUN/../..)")
+    parser.add_argument("--backends", default="openvino bf16,openvino int8",
+                        help="comma separated 'RUNTIME PRECISION' pairs to check, the fp32 reference run once "
+                             f"(runtimes {', '.join(RUNTIMES)}; precisions {', '.join(PRECISIONS)})")
+    parser.add_argument("--calibration", type=Path, help="folder of calibration photos for int8 "
+                                                         "(default: 300 train-split photos of WORK)")
+    parser.add_argument("--limit", type=int, default=0, help="check on the first N test listings only (0: all)")
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = args.work or args.run.resolve().parents[1]
+    model, checkpoint = load_checkpoint(args.run / CHECKPOINT)
+    preprocess = Preprocess.from_dict(checkpoint["preprocess"])
+    pairs = [tuple(item.split()) for item in args.backends.split(",") if item.strip()]
+    calibration = (calibration_batches(calibration_paths(work, args.calibration), preprocess)
+                   if any(precision == "int8" for _, precision in pairs) else None)
+    candidates = [candidate_backend(args.run / CHECKPOINT, runtime, precision, preprocess, calibration,
+                                    args.threads)[0] for runtime, precision in pairs]
+    reports = compare_many(torch_backend(model, "fp32"), candidates, guard_rows(work, limit=args.limit),
+                           Path(work) / PHOTOS_DIR, preprocess, Catalogue.load(Path(args.run) / INDEX_DIR))
+    for report in reports:
+        print(format_guard(report) + "\n")
+    print(json.dumps(reports, indent=2))
+
+
+if __name__ == "__main__":
+    main()
