@@ -118,6 +118,7 @@ def _ivfpq_index(vectors: np.ndarray, nlist: int | None, nprobe: int | None, pq_
     quantizer = "_HNSW32" if nlist >= 1024 else ""
     base = faiss.index_factory(dimension, f"IVF{nlist}{quantizer},PQ{pq_m}x8", faiss.METRIC_INNER_PRODUCT)
     refine = faiss.IndexScalarQuantizer(dimension, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+    base.do_polysemous_training = False  # slow, and only for polysemous search
     index = faiss.IndexRefine(base, refine)
     # k-means and the PQ codebooks converge on a sample: 64 vectors per list, at least 256 per code.
     size = min(n, max(64 * nlist, 256 * 64))
