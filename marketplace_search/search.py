@@ -54,7 +54,7 @@ class CatalogueMismatchError(ValueError):
 
 def build_index(vectors: np.ndarray, index_type: str = "auto", *, hnsw_m: int = 32,
                 ef_construction: int = 80, ef_search: int = 128, nlist: int | None = None,
-                nprobe: int | None = None, pq_m: int | None = None, k_factor: int = 8,
+                nprobe: int | None = None, pq_m: int | None = None, k_factor: int = 16,
                 seed: int = 0) -> tuple[faiss.Index, dict]:
     """Index (n, d) L2-normalised float32 vectors by inner product; ids are row numbers.
 

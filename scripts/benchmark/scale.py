@@ -134,8 +134,16 @@ def smaps_mb(pid: int) -> dict[str, float]:
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
         name, value = line.split(":")[0], line.split()[1]
         fields[name] = int(value) / 1024
+    index = {"Rss": 0, "Pss": 0}
+    mapping = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if "-" in line.split(" ")[0] and len(line.split()) >= 5:  # a mapping's header line
+            mapping = line.endswith(search.INDEX_FILE)
+        elif mapping and line.split(":")[0] in index:
+            index[line.split(":")[0]] += int(line.split()[1])
     return {"rss_mb": fields["Rss"], "pss_mb": fields["Pss"],
-            "uss_mb": fields["Private_Clean"] + fields["Private_Dirty"]}
+            "uss_mb": fields["Private_Clean"] + fields["Private_Dirty"],
+            "index_map_rss_mb": index["Rss"] / 1024, "index_map_pss_mb": index["Pss"] / 1024}
 
 
 def load_and_wait(folder: str, queries: np.ndarray, ready, stop) -> None:
@@ -158,7 +166,15 @@ def bench_memory(args) -> list[dict]:
             image_ids = [f"img-{row}" for row in range(args.vectors)]
             listings = {image_id: {"product_id": image_id, "title": "", "price": None, "location": "",
                                    "category": f"c{row % NUM_CLASSES}"} for row, image_id in enumerate(image_ids)}
-            catalogue = search.make_catalogue(vectors, image_ids, listings, {}, index_type)
+            built = work / f"{index_type}-{args.vectors}.faiss"  # the index section's, if it ran
+            if built.exists():
+                index = faiss.read_index(str(built))
+                params = {"type": index_type, **({"nprobe": faiss.extract_index_ivf(index).nprobe,
+                                                   "k_factor": faiss.downcast_index(index).k_factor}
+                                                  if index_type == "ivfpq" else {})}
+                catalogue = search.Catalogue(index, image_ids, listings, {"index": params, "dimension": DIMENSION})
+            else:
+                catalogue = search.make_catalogue(vectors, image_ids, listings, {}, index_type)
             catalogue.save(folder)
             del catalogue
         index_mb = (folder / search.INDEX_FILE).stat().st_size / 2**20
@@ -222,7 +238,7 @@ def main(argv=None) -> None:
     parser.add_argument("--nlist", type=int)
     parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--k-factor", type=int, nargs="+", default=[4, 8, 16])
-    parser.add_argument("--types", nargs="+", default=["ivfpq", "hnsw"])
+    parser.add_argument("--types", nargs="+", default=["ivfpq"])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--archive", type=Path)
     parser.add_argument("--photos", type=Path)
