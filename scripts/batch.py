@@ -382,15 +382,15 @@ def answers_in_pool(items: list[Item], answer, concurrency: int):
 # --- local --------------------------------------------------------------------------------------------
 
 @contextmanager
-def model_folder(archive: Path):
-    """An extracted archive folder: `archive` itself, or a .mar unzipped into a temporary folder."""
+def model_folder(archive: Path, parent: Path | None = None):
+    """An extracted archive folder: `archive` itself, or a .mar unzipped into a temporary folder (in PARENT)."""
     archive = Path(archive)
     if archive.is_dir():
         yield archive
         return
     if not zipfile.is_zipfile(archive):
         raise FileNotFoundError(f"--local {archive} is neither an extracted archive folder nor a .mar file")
-    with tempfile.TemporaryDirectory(prefix="batch-model-") as folder:
+    with tempfile.TemporaryDirectory(prefix="batch-model-", dir=parent) as folder:
         extract_archive(archive, Path(folder))
         yield Path(folder)
 

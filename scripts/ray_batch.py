@@ -9,7 +9,8 @@ Each actor loads the archive once (handlers.local, as --engine local does) and a
 (scripts.batch.read_input): an unreadable, refused or undecodable file is an error line, never a
 failed task. Without --address a local Ray starts on this machine (every core, no dashboard,
 --ray-temp-dir) and stops at the end; with one, the run joins that cluster and photos, archive and
-OUTPUT must be paths every node reads alike (shared storage).
+OUTPUT must be paths every node reads alike (shared storage): a .mar is then unzipped beside OUTPUT,
+where every node finds it, instead of into this machine's temporary folder.
 
 Output and resuming: JSON Lines as the other engines write them (a re-run skips every input with
 a line), or with --format parquet a folder of shards part-NNNNN.parquet of --shard-size inputs
@@ -104,6 +105,13 @@ def short_path(folder: Path | None):
         yield str(link)
 
 
+def shared_parent(args) -> Path | None:
+    """Where a .mar is unzipped: beside OUTPUT on a cluster (shared storage), else a local temporary folder."""
+    if not args.address:
+        return None
+    return args.output if args.format == "parquet" else args.output.parent
+
+
 def actor_cpus(cluster_cpus: float, actors: int, asked: float | None) -> tuple[float, int]:
     """(CPUs per actor, torch threads per actor): ASKED, else an equal share of all but RESERVED_CPUS."""
     cpus = asked if asked else max(0.25, (cluster_cpus - RESERVED_CPUS) / actors)
@@ -114,7 +122,7 @@ def actor_cpus(cluster_cpus: float, actors: int, asked: float | None) -> tuple[f
     return cpus, max(1, round(cpus))
 
 
-def ray_answers(ray, todo: list[Item], positions: list[int], model_dir: Path, args):
+def ray_answers(ray, todo: list[Item], positions: list[int], model_dir: Path, args, clock=None):
     """Yield `(position, record)` for every item of TODO as the actors answer them (any order)."""
     import ray.data
 
@@ -133,16 +141,43 @@ def ray_answers(ray, todo: list[Item], positions: list[int], model_dir: Path, ar
                                "batch_size": args.batch_size, "max_file_bytes": args.max_file_bytes,
                                "threads": threads})
     for block in answered.iter_batches(batch_size=None, batch_format="numpy"):
+        if clock is not None:
+            clock.block(len(block["position"]))
         for position, record in zip(block["position"], block["record"]):
             yield int(position), json.loads(record)
 
 
+class SteadyClock:
+    """The seconds of a run at its steady rate, as --engine local counts them (model loading excluded).
+
+    Ray starts the actors and loads the archive inside the run: the clock starts at the first answer,
+    and the rate of the answers after it stands for the whole run.
+    """
+
+    def __init__(self):
+        self.first_at, self.first_count, self.count = None, 0, 0
+
+    def block(self, size: int) -> None:
+        if self.first_at is None:
+            self.first_at, self.first_count = time.perf_counter(), size
+        self.count += size
+
+    def seconds(self) -> float:
+        if self.first_at is None:
+            return 0.0
+        elapsed = time.perf_counter() - self.first_at
+        after = self.count - self.first_count
+        return elapsed * self.count / after if after > 0 else elapsed
+
+
 def run_ray(args, todo: list[Item], tally: batch.Tally) -> float:
     """--engine ray, JSON Lines: answer TODO into args.output; the seconds spent answering."""
-    with batch.model_folder(args.archive) as model_dir, \
+    clock = SteadyClock()
+    with batch.model_folder(args.archive, shared_parent(args)) as model_dir, \
             ray_cluster(args.address, args.ray_temp_dir, args.ray_cpus) as ray:
-        answers = (record for _, record in ray_answers(ray, todo, list(range(len(todo))), model_dir, args))
-        return batch.timed_write(answers, args.output, tally, len(todo))
+        answers = ray_answers(ray, todo, list(range(len(todo))), model_dir, args, clock)
+        batch.timed_write((record for _, record in answers), args.output, tally, len(todo))
+    return clock.seconds()
 
 
 # --- Parquet shards -----------------------------------------------------------------------------------
@@ -230,11 +265,12 @@ def run_parquet(args, items: list[Item]) -> dict:
     if positions:
         todo = [items[position] for position in positions]
         pending: dict[int, dict[int, dict]] = {}
+        clock = SteadyClock()
         expected = {shard: min(size, len(items) - shard * size) for shard in {p // size for p in positions}}
-        with batch.model_folder(args.archive) as model_dir, \
+        with batch.model_folder(args.archive, shared_parent(args)) as model_dir, \
                 ray_cluster(args.address, args.ray_temp_dir, args.ray_cpus) as ray:
             def answers():
-                for position, record in ray_answers(ray, todo, positions, model_dir, args):
+                for position, record in ray_answers(ray, todo, positions, model_dir, args, clock):
                     shard = position // size
                     pending.setdefault(shard, {})[position] = record
                     if len(pending[shard]) == expected[shard]:
@@ -242,9 +278,8 @@ def run_parquet(args, items: list[Item]) -> dict:
                         write_shard(shard_path(output, shard), [records[p] for p in sorted(records)])
                     yield record
 
-            started = time.perf_counter()
             batch.write_answers(answers(), ShardsOnly(), tally, len(todo))
-            seconds = time.perf_counter() - started
+            seconds = clock.seconds()
     summary = batch.summarise(tally, len(items), seconds)
     print(batch.format_summary(summary, output))
     return summary

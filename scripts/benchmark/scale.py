@@ -224,7 +224,8 @@ def bench_batch(args) -> list[dict]:
             rows.append({"engine": name, "photos": len(photos), "photos_per_s": rate,
                          "vs_local": round(rate / local_rate, 2),
                          "overhead_ms_per_photo": round(1000 / rate - 1000 / local_rate, 1),
-                         "wall_s_with_startup": round(time.perf_counter() - started, 1), "load": os.getloadavg()[0]})
+                         "wall_s_with_startup": round(time.perf_counter() - started, 1), "load": os.getloadavg()[0],
+                         "ray_worker_niceness": os.environ.get("RAY_worker_niceness", "default")})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
