@@ -80,6 +80,9 @@ def ray_cluster(address: str | None, temp_dir: Path | None = None, num_cpus: int
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
+            # Ray nices its workers by default: on a machine shared with other jobs the actors then get
+            # a fraction of their CPUs (README, "Scale out"); Ray's own job API starts them at 0 too.
+            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
                      _temp_dir=temp_dir)
         try:
