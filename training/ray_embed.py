@@ -62,6 +62,7 @@ def ray_cluster(address: str | None, temp_dir: Path | None = None):
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
+        os.environ.setdefault("RAY_worker_niceness", "0")  # Ray nices its workers by default (README, "Scale out")
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  _temp_dir=str(temp_dir) if temp_dir else None)
     try:
