@@ -98,14 +98,23 @@ def bench_index(args) -> list[dict]:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     vectors, queries = vectors_on_disk(work, args.vectors, args.queries)
-    started = time.perf_counter()
-    exact = exact_top_k(vectors, queries)
-    print(f"exact top-{TOP_K} of {len(queries)} queries in {time.perf_counter() - started:.0f} s", flush=True)
-    rss_before = peak_rss_mb()
-    index, params = search.build_index(vectors, "ivfpq", nlist=args.nlist)
+    exact_path = work / f"exact-{args.vectors}x{len(queries)}.npy"
+    if exact_path.exists():
+        exact = np.load(exact_path)
+    else:
+        started = time.perf_counter()
+        exact = exact_top_k(vectors, queries)
+        np.save(exact_path, exact)
+        print(f"exact top-{TOP_K} of {len(queries)} queries in {time.perf_counter() - started:.0f} s", flush=True)
     path = work / f"ivfpq-{args.vectors}.faiss"
-    faiss.write_index(index, str(path))
-    print(f"built {params} ; peak RSS {peak_rss_mb():.0f} MB (before the build {rss_before:.0f} MB)", flush=True)
+    if args.reuse and path.exists():  # another sweep of the index built before: search-time knobs only
+        index = faiss.read_index(str(path))
+        params = {"nlist": faiss.extract_index_ivf(index).nlist, "build_seconds": None}
+    else:
+        rss_before = peak_rss_mb()
+        index, params = search.build_index(vectors, "ivfpq", nlist=args.nlist)
+        faiss.write_index(index, str(path))
+        print(f"built {params} ; peak RSS {peak_rss_mb():.0f} MB (before the build {rss_before:.0f} MB)", flush=True)
     faiss.omp_set_num_threads(1)
     ivf = faiss.extract_index_ivf(index)
     rows = []
@@ -237,6 +246,7 @@ def main(argv=None) -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "scale-bench")
     parser.add_argument("--nlist", type=int)
+    parser.add_argument("--reuse", action="store_true", help="index: sweep the index built by an earlier run")
     parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--k-factor", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--types", nargs="+", default=["ivfpq"])
