@@ -31,11 +31,16 @@ INDEX_FILE = "catalogue.faiss"
 ID_MAP_FILE = "id_map.json"
 LISTINGS_FILE = "listings.json"
 META_FILE = "index_meta.json"
-INDEX_TYPES = ("auto", "flat", "hnsw", "hnsw_sq8", "ivf")
+INDEX_TYPES = ("auto", "flat", "hnsw", "hnsw_sq8", "ivf", "ivfpq")
 # "auto" switches to HNSW above this many vectors: below it an exact search is still well under a
 # millisecond, above it exact search grows linearly while HNSW stays flat at full recall
 # (README, "Benchmarks", index section).
 FLAT_MAX = 20_000
+# Above this many vectors "auto" builds "ivfpq": HNSW keeps every float32 vector and its graph in each
+# worker's memory (1.2 GB at 1M, 12 GB at 10M); IVF-PQ keeps 40 bytes per vector for the search and
+# 256 (8-bit, d=256) for the re-ranking, memory-mapped and shared by the workers (README, "Scale out").
+HNSW_MAX = 2_000_000
+ADD_CHUNK = 200_000  # vectors added per call: a memory-mapped (n, d) array is never copied whole
 MAX_K = 100
 CATALOGUE_FILES = (INDEX_FILE, ID_MAP_FILE, LISTINGS_FILE, META_FILE)
 HASHED_FILES = (INDEX_FILE, ID_MAP_FILE, LISTINGS_FILE)
@@ -50,7 +55,8 @@ class CatalogueMismatchError(ValueError):
 
 def build_index(vectors: np.ndarray, index_type: str = "auto", *, hnsw_m: int = 32,
                 ef_construction: int = 80, ef_search: int = 128, nlist: int | None = None,
-                nprobe: int = 16) -> tuple[faiss.Index, dict]:
+                nprobe: int | None = None, pq_m: int | None = None, k_factor: int = 16,
+                seed: int = 0) -> tuple[faiss.Index, dict]:
     """Index (n, d) L2-normalised float32 vectors by inner product; ids are row numbers.
 
     Returns the index and the parameters it was built with (stored in index_meta.json).
@@ -58,13 +64,16 @@ def build_index(vectors: np.ndarray, index_type: str = "auto", *, hnsw_m: int = 
     would not fit in memory, at a small cost in recall (scripts.benchmark, index section).
     efSearch 128: the recall@10 target holds with margin at 1M vectors for a fraction of a
     millisecond more than 64 (README, "Benchmarks", index section).
+    "ivfpq" is IVF (HNSW coarse quantizer) over PQ codes of PQ_M bytes, whose K_FACTOR * k best
+    candidates are re-ranked on 8-bit scalar-quantised vectors: for 10M+ photos (README, "Scale out").
+    VECTORS may be a memory-mapped array: it is added in chunks, and trained on a sample.
     """
     vectors = _as_queries(vectors)
     n, dimension = vectors.shape
     if index_type not in INDEX_TYPES:
         raise ValueError(f"index_type {index_type!r} is not one of {INDEX_TYPES}")
     if index_type == "auto":
-        index_type = "flat" if n <= FLAT_MAX else "hnsw"
+        index_type = "flat" if n <= FLAT_MAX else "hnsw" if n <= HNSW_MAX else "ivfpq"
     started = time.perf_counter()
     if index_type == "flat":
         index = faiss.IndexFlatIP(dimension)
@@ -79,16 +88,50 @@ def build_index(vectors: np.ndarray, index_type: str = "auto", *, hnsw_m: int = 
         index.hnsw.efConstruction = ef_construction
         index.hnsw.efSearch = ef_search
         params = {"M": hnsw_m, "efConstruction": ef_construction, "efSearch": ef_search}
-    else:
+    elif index_type == "ivf":
         nlist = nlist or max(1, min(int(4 * np.sqrt(n)), n // 39))
         quantizer = faiss.IndexFlatIP(dimension)
         index = faiss.IndexIVFFlat(quantizer, dimension, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(vectors)
-        index.nprobe = min(nprobe, nlist)
+        index.nprobe = min(nprobe or 16, nlist)
         params = {"nlist": nlist, "nprobe": index.nprobe}
-    index.add(vectors)
+    else:
+        index, params = _ivfpq_index(vectors, nlist, nprobe, pq_m, k_factor, seed)
+    for start in range(0, n, ADD_CHUNK):
+        index.add(np.ascontiguousarray(vectors[start:start + ADD_CHUNK], dtype=np.float32))
     params.update(type=index_type, build_seconds=round(time.perf_counter() - started, 3))
     return index, params
+
+
+def ivfpq_nlist(n: int) -> int:
+    """Inverted lists for N vectors: a power of two near sqrt(N), each list trained on 39+ vectors."""
+    return int(max(1, min(2 ** round(np.log2(max(np.sqrt(n), 1))), n // 39)))
+
+
+def _ivfpq_index(vectors: np.ndarray, nlist: int | None, nprobe: int | None, pq_m: int | None,
+                 k_factor: int, seed: int) -> tuple[faiss.Index, dict]:
+    n, dimension = vectors.shape
+    nlist = nlist or ivfpq_nlist(n)
+    pq_m = pq_m or max(1, dimension // 8)
+    if dimension % pq_m:
+        raise ValueError(f"pq_m {pq_m} does not divide the dimension {dimension}")
+    # An HNSW graph over the centroids assigns each vector to its list in microseconds at any nlist.
+    quantizer = "_HNSW32" if nlist >= 1024 else ""
+    base = faiss.index_factory(dimension, f"IVF{nlist}{quantizer},PQ{pq_m}x8", faiss.METRIC_INNER_PRODUCT)
+    refine = faiss.IndexScalarQuantizer(dimension, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+    base.do_polysemous_training = False  # slow, and only for polysemous search
+    index = faiss.IndexRefine(base, refine)
+    # k-means and the PQ codebooks converge on a sample: 64 vectors per list, at least 256 per code.
+    size = min(n, max(64 * nlist, 256 * 64))
+    rows = np.sort(np.random.default_rng(seed).choice(n, size, replace=False)) if size < n else slice(None)
+    index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
+    index.k_factor = k_factor
+    ivf = faiss.extract_index_ivf(index)
+    ivf.nprobe = min(nprobe or 32, nlist)
+    if quantizer:
+        faiss.downcast_index(ivf.quantizer).hnsw.efSearch = max(64, 2 * ivf.nprobe)
+    return index, {"nlist": nlist, "nprobe": ivf.nprobe, "pq_m": pq_m, "k_factor": k_factor,
+                   "refine": "sq8", "quantizer": "hnsw" if quantizer else "flat"}
 
 
 def _as_queries(vectors: np.ndarray) -> np.ndarray:
@@ -142,8 +185,14 @@ class Catalogue:
         return view
 
     @classmethod
-    def load(cls, directory: Path | str, mmap: bool = False) -> "Catalogue":
-        """Load a folder written by `save`; refuses files of different builds (CatalogueMismatchError)."""
+    def load(cls, directory: Path | str, mmap: bool | None = None) -> "Catalogue":
+        """Load a folder written by `save`; refuses files of different builds (CatalogueMismatchError).
+
+        MMAP maps the index's vectors and codes from the file instead of copying them, so every
+        process that loads the same folder (TorchServe's workers) shares one copy in the page cache;
+        such an index is read-only. None: mapped for "ivfpq", the type made for catalogues too big
+        to copy per worker.
+        """
         directory = Path(directory)
         for attempt in range(1, LOAD_ATTEMPTS + 1):
             identity = _folder_identity(directory)
@@ -177,7 +226,11 @@ class Catalogue:
             _check_file(directory, ID_MAP_FILE, hashlib.sha256(id_map_bytes).hexdigest(), recorded)
             _check_file(directory, LISTINGS_FILE, hashlib.sha256(listings_bytes).hexdigest(), recorded)
             _check_file(directory, INDEX_FILE, sha256_file(directory / INDEX_FILE), recorded)
-        index = faiss.read_index(str(directory / INDEX_FILE), faiss.IO_FLAG_MMAP if mmap else 0)
+        if mmap is None:
+            mmap = meta.get("index", {}).get("type") == "ivfpq"
+        # IO_FLAG_MMAP_IFC maps flat codes (flat, SQ8, PQ) and IVF lists alike; IO_FLAG_MMAP only the lists.
+        index = faiss.read_index(str(directory / INDEX_FILE),
+                                 faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0)
         image_ids = json.loads(id_map_bytes)
         if index.ntotal != len(image_ids):
             raise CatalogueMismatchError(
@@ -187,6 +240,8 @@ class Catalogue:
             faiss.downcast_index(index).hnsw.efSearch = meta["index"]["efSearch"]
         if "nprobe" in meta.get("index", {}):
             faiss.extract_index_ivf(index).nprobe = meta["index"]["nprobe"]
+        if "k_factor" in meta.get("index", {}):
+            faiss.downcast_index(index).k_factor = meta["index"]["k_factor"]
         return cls(index, image_ids, json.loads(listings_bytes), meta)
 
     def save(self, directory: Path | str) -> None:
@@ -307,6 +362,11 @@ class Catalogue:
 
 def _search_parameters(index: faiss.Index, selector) -> faiss.SearchParameters:
     inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexRefine):  # the selector filters the candidates; re-ranking keeps them
+        parameters = faiss.IndexRefineSearchParameters(k_factor=inner.k_factor)
+        parameters.base_index_params = _search_parameters(inner.base_index, selector)
+        parameters.keep_alive = parameters.base_index_params  # faiss holds a bare pointer to it
+        return parameters
     if isinstance(inner, faiss.IndexHNSW):
         return faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
     if isinstance(inner, faiss.IndexIVF):
@@ -317,6 +377,9 @@ def _search_parameters(index: faiss.Index, selector) -> faiss.SearchParameters:
 def _exhaustive_search(index: faiss.Index, selector) -> tuple[faiss.Index, faiss.SearchParameters | None]:
     """The index (or part of it) and parameters that compare the query with every (selected) vector."""
     inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexRefine):  # the re-ranking vectors (8-bit), ids = rows
+        refine = faiss.downcast_index(inner.refine_index)
+        return refine, None if selector is None else faiss.SearchParameters(sel=selector)
     if isinstance(inner, faiss.IndexHNSW):  # its storage: the flat (or 8-bit) vectors, ids = rows
         return faiss.downcast_index(inner.storage), None if selector is None else faiss.SearchParameters(sel=selector)
     if isinstance(inner, faiss.IndexIVF):  # every list, not nprobe of them
@@ -389,7 +452,8 @@ def make_catalogue(vectors: np.ndarray, image_ids: list[str], listings: dict[str
     vectors = _as_queries(vectors)
     if len(vectors) != len(image_ids):
         raise ValueError(f"{len(vectors)} vectors but {len(image_ids)} image ids")
-    norms = np.linalg.norm(vectors, axis=1)
+    norms = np.concatenate([np.linalg.norm(vectors[start:start + ADD_CHUNK], axis=1)
+                            for start in range(0, len(vectors), ADD_CHUNK)] or [np.ones(0)])
     if len(norms) and not np.allclose(norms, 1.0, atol=1e-3):
         raise ValueError("vectors must be L2-normalised for a cosine (inner product) index")
     index, params = build_index(vectors, index_type, **index_options)

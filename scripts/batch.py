@@ -27,7 +27,10 @@ off first. Error lines are answers too and are not re-sent, unless --retry-error
 line is a transient error (codes above) are removed from OUTPUT and sent again, so every input still
 has exactly one line. 4xx answers are never re-sent.
 
---local ARCHIVE.mar|FOLDER runs the archive's handler in this process, in batches of --batch-size,
+--engine ray --archive ARCHIVE.mar|FOLDER runs it in a pool of Ray actors, on this machine or a cluster
+(--address), into the same JSON lines or Parquet shards: see scripts/ray_batch.py.
+
+--local ARCHIVE.mar|FOLDER (= --engine local --archive ...) runs the archive's handler in this process, in batches of --batch-size,
 with the same output: the path for a machine without TorchServe. A .mar is unzipped only within
 MAX_ARCHIVE_BYTES and MAX_ARCHIVE_MEMBERS, and not at all if a member's name is absolute or has `..`. Throughput in the summary counts
 the photos answered in this run over the time spent answering them (model loading excluded).
@@ -68,6 +71,7 @@ MAX_ARCHIVE_MEMBERS = 10_000
 FSYNC_EVERY_LINES = 200
 FSYNC_EVERY_SECONDS = 5.0
 CSV_COLUMNS = ("image_id", "path")
+ENGINES = ("served", "local", "ray")
 
 
 @dataclass(frozen=True)
@@ -378,15 +382,15 @@ def answers_in_pool(items: list[Item], answer, concurrency: int):
 # --- local --------------------------------------------------------------------------------------------
 
 @contextmanager
-def model_folder(archive: Path):
-    """An extracted archive folder: `archive` itself, or a .mar unzipped into a temporary folder."""
+def model_folder(archive: Path, parent: Path | None = None):
+    """An extracted archive folder: `archive` itself, or a .mar unzipped into a temporary folder (in PARENT)."""
     archive = Path(archive)
     if archive.is_dir():
         yield archive
         return
     if not zipfile.is_zipfile(archive):
         raise FileNotFoundError(f"--local {archive} is neither an extracted archive folder nor a .mar file")
-    with tempfile.TemporaryDirectory(prefix="batch-model-") as folder:
+    with tempfile.TemporaryDirectory(prefix="batch-model-", dir=parent) as folder:
         extract_archive(archive, Path(folder))
         yield Path(folder)
 
@@ -527,9 +531,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="re-send inputs whose line in OUTPUT is a transient error (503, timeout, ...)")
     parser.add_argument("--token", help="inference key when tokens are on (default: --key-file's, else $TS_TOKEN)")
     parser.add_argument("--key-file", type=Path, help="the server's key_file.json: its inference key is used")
+    parser.add_argument("--engine", choices=ENGINES,
+                        help="served: TorchServe at --url (default); local: --archive in this process; "
+                             "ray: --archive in Ray actors (default: local when --local is given)")
+    parser.add_argument("--archive", type=Path, metavar="MAR_OR_DIR",
+                        help="the archive (.mar or extracted folder) that --engine local/ray runs")
     parser.add_argument("--local", type=Path, metavar="MAR_OR_DIR",
-                        help="no server: run this archive (.mar or extracted folder) in-process")
-    parser.add_argument("--batch-size", type=int, default=8, help="photos per forward pass (--local)")
+                        help="= --engine local --archive MAR_OR_DIR: no server, the archive in-process")
+    parser.add_argument("--batch-size", type=int, default=8, help="photos per forward pass (local, ray)")
+    ray_options = parser.add_argument_group("--engine ray (scripts/ray_batch.py)")
+    ray_options.add_argument("--address", help="join this Ray cluster (auto, ray://HOST:PORT); "
+                                               "default: start a local Ray on this machine")
+    ray_options.add_argument("--actors", type=int, default=1, help="actors, each loading the archive once")
+    ray_options.add_argument("--cpus-per-actor", type=float,
+                             help="CPUs (= torch threads) per actor; default: an equal share of the cluster's "
+                                  "CPUs less a half left to Ray Data")
+    ray_options.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray (default: every core)")
+    ray_options.add_argument("--ray-temp-dir", type=Path, help="the local Ray's session folder (default /tmp/ray)")
+    ray_options.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl",
+                             help="parquet: OUTPUT is a folder of shards, resumed shard by shard")
+    ray_options.add_argument("--shard-size", type=int, default=1000, help="inputs per Parquet shard")
     parser.add_argument("--max-file-bytes", type=int, default=MAX_FILE_BYTES,
                         help="larger inputs are refused unread (default: the server's max_request_size, 20 MiB)")
     return parser
@@ -541,14 +562,34 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.retries < 0:
         raise SystemExit(f"--retries must be 0 or more, got {args.retries}")
-    if args.local and not args.local.exists():
-        raise SystemExit(f"--local {args.local}: no such file or folder")
+    if args.local:
+        if args.engine not in (None, "local") or (args.archive and args.archive != args.local):
+            raise SystemExit("--local ARCHIVE means --engine local --archive ARCHIVE: give one or the other")
+        args.engine, args.archive = "local", args.local
+    args.engine = args.engine or "served"
+    if args.engine != "served" and not args.archive:
+        raise SystemExit(f"--engine {args.engine} runs an archive: pass --archive MAR_OR_DIR")
+    if args.archive and not args.archive.exists():
+        raise SystemExit(f"--archive {args.archive}: no such file or folder")
+    if args.format == "parquet" and args.engine != "ray":
+        raise SystemExit("--format parquet is written by --engine ray")
+    for name in ("actors", "shard_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     check_arguments(args)
     items = list_inputs(args.input, args.images)
+    if args.format == "parquet":
+        from scripts.ray_batch import run_parquet
+
+        try:
+            return run_parquet(args, items)
+        except FatalError as error:
+            raise SystemExit(f"stopped: {error}\nfinished shards stay in {args.output}; "
+                             f"fix the cause and re-run the same command to resume") from error
     args.output.parent.mkdir(parents=True, exist_ok=True)
     todo, cut, redo = pending_inputs(items, args.output, args.retry_errors)
     if cut:
@@ -568,8 +609,12 @@ def main(argv=None) -> dict:
 
 def run(args: argparse.Namespace, todo: list[Item], tally: Tally) -> float:
     """Answer `todo` into args.output; returns the seconds spent answering."""
-    if args.local:
-        with model_folder(args.local) as folder:
+    if args.engine == "ray":
+        from scripts.ray_batch import run_ray  # Ray is imported by this engine alone
+
+        return run_ray(args, todo, tally)
+    if args.engine == "local":
+        with model_folder(args.archive) as folder:
             handler = load_handler(folder, args.version, args.batch_size)
             answers = local_answers(handler, todo, args.k, args.batch_size, args.max_file_bytes)
             return timed_write(answers, args.output, tally, len(todo))

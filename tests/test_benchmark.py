@@ -259,7 +259,7 @@ def test_bench_index_measures_flat_hnsw_and_ivf_against_exact_search():
     rows = section["rows"]
     swept = sorted({16, 64, index.search_default("ef_search")})  # the shipped value is always added
     assert [row["type"] for row in rows] == (["flat"] + ["hnsw"] * 2 * len(swept) + ["hnsw_sq8"] * len(swept)
-                                             + ["ivf"] * 2)
+                                             + ["ivf"] * 2 + ["ivfpq"])
     flat = rows[0]
     assert flat["recall_at_10"] == 1.0 and flat["auto"] == "yes"  # 300 vectors: auto is exact search
     assert all(0 <= row["recall_at_10"] <= 1 for row in rows)
@@ -347,7 +347,7 @@ def test_main_index_section_writes_tables_and_raw_figures(tmp_path, capsys):
     section = {**figures["sections"]["index"], "columns": index.INDEX_COLUMNS}
     assert report.markdown_table(section["rows"], section["columns"]) in markdown
     types = [row["type"] for row in section["rows"]]
-    assert types[0] == "flat" and types[-1] == "ivf" and set(types[1:-1]) == {"hnsw"}  # --no-hnsw-sq8
+    assert types[0] == "flat" and types[-2:] == ["ivf", "ivfpq"] and set(types[1:-2]) == {"hnsw"}  # --no-hnsw-sq8
     assert all(row["vectors"] == 400 and 0 <= row["recall_at_10"] <= 1 and row["p95_ms"] > 0
                for row in section["rows"])
 

@@ -13,7 +13,7 @@ ALLOWED = {
     "scripts": {"marketplace_search", "training", "handlers", "scripts"},
 }
 # The core knows nothing of serving or command lines.
-CORE_FORBIDDEN = {"ts", "requests", "argparse", "tenacity", "yaml"}
+CORE_FORBIDDEN = {"ts", "requests", "argparse", "tenacity", "yaml", "ray"}
 
 
 def project_imports(path: Path) -> set[str]:

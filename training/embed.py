@@ -75,13 +75,16 @@ def load_photo_hashes(run_dir: Path) -> dict[str, str] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def load_embeddings(run_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
-    """`(image_ids, embeddings, probabilities, meta)` written by this stage."""
+def load_embeddings(run_dir: Path, mmap: bool = False) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
+    """`(image_ids, embeddings, probabilities, meta)` written by this stage; MMAP: the arrays read-only
+    from disk, read as they are used (the index stage: no second copy of every vector beside the index)."""
     folder = Path(run_dir) / EMBEDDINGS_DIR
     if not (folder / "embeddings.npy").is_file():
         raise FileNotFoundError(f"{folder / 'embeddings.npy'} is missing; run training.embed first")
-    return (json.loads((folder / "image_ids.json").read_text()), np.load(folder / "embeddings.npy"),
-            np.load(folder / "probabilities.npy"), json.loads((folder / "embeddings_meta.json").read_text()))
+    mode = "r" if mmap else None
+    return (json.loads((folder / "image_ids.json").read_text()), np.load(folder / "embeddings.npy", mmap_mode=mode),
+            np.load(folder / "probabilities.npy", mmap_mode=mode),
+            json.loads((folder / "embeddings_meta.json").read_text()))
 
 
 def main(argv=None) -> None:
@@ -91,7 +94,14 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint", default=BEST_CHECKPOINT, help="file name under RUN/weights")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="ray: embed in Ray actors into Parquet shards (training/ray_embed.py), resumable")
+    parser.add_argument("--address", help="--engine ray: join this Ray cluster (default: a local Ray)")
+    parser.add_argument("--actors", type=int, default=1, help="--engine ray: actors, each loading the model once")
+    parser.add_argument("--shard-size", type=int, default=10_000, help="--engine ray: photos per Parquet shard")
     args = parser.parse_args(argv)
+    if args.engine == "ray":
+        return embed_on_ray(args)
     run_dir = args.run or latest_run(args.work)
     checkpoint_path = run_dir / WEIGHTS_DIR / args.checkpoint
     model, checkpoint = load_checkpoint(checkpoint_path)
@@ -112,6 +122,32 @@ def main(argv=None) -> None:
     update_run_info(run_dir, stage_seconds={"embed": round(seconds, 1)})
     print(f"embedded {len(rows)} photos ({vectors.shape[1]}-d, {len(rows) / seconds:.1f} photos/s) "
           f"-> {run_dir / EMBEDDINGS_DIR}")
+
+
+def embed_on_ray(args) -> None:
+    """--engine ray: shards under RUN/embeddings/shards, then this stage's usual files assembled from them."""
+    from training.ray_embed import SHARDS_DIR, assemble, embed_shards
+
+    run_dir = args.run or latest_run(args.work)
+    checkpoint_path = run_dir / WEIGHTS_DIR / args.checkpoint
+    _, checkpoint = load_checkpoint(checkpoint_path)
+    image_ids = [str(image_id) for image_id in load_split(args.work)["image_id"]]
+    out_dir = run_dir / EMBEDDINGS_DIR
+    started = time.perf_counter()
+    shards = embed_shards(checkpoint_path, image_ids, Path(args.work) / "photos", out_dir / SHARDS_DIR,
+                          shard_size=args.shard_size, actors=args.actors, batch_size=args.batch_size,
+                          address=args.address)
+    seconds = time.perf_counter() - started
+    _, dimension = assemble(shards, out_dir)
+    meta = {"count": len(image_ids), "dimension": dimension, "dtype": "float32", "normalisation": "l2",
+            "checkpoint": str(checkpoint_path), "checkpoint_sha256": sha256_file(checkpoint_path),
+            "epoch": checkpoint["epoch"], "arch": checkpoint["arch"], "engine": "ray", "shards": len(shards)}
+    (out_dir / "embeddings_meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    source = source_photos(args.work)
+    if source:
+        (out_dir / PHOTO_HASHES_FILE).write_text(json.dumps(hash_photos(image_ids, source), sort_keys=True))
+    update_run_info(run_dir, stage_seconds={"embed": round(seconds, 1)})
+    print(f"embedded {len(image_ids)} photos on Ray ({len(shards)} shards, {dimension}-d) -> {out_dir}")
 
 
 if __name__ == "__main__":

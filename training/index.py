@@ -27,7 +27,7 @@ def listing_metadata(table: pd.DataFrame) -> dict[str, dict]:
 
 
 def build_catalogue(run_dir: Path, work_dir: Path, index_type: str = "auto", **index_options) -> Catalogue:
-    image_ids, vectors, _, embeddings_meta = load_embeddings(run_dir)
+    image_ids, vectors, _, embeddings_meta = load_embeddings(run_dir, mmap=True)  # read in chunks, not copied
     table = pd.read_csv(Path(work_dir) / "tables" / "training_table.csv", dtype={"image_id": str, "product_id": str})
     meta = {"model": {key: embeddings_meta[key] for key in ("checkpoint", "checkpoint_sha256", "epoch", "arch")},
             "run": Path(run_dir).name}

@@ -34,7 +34,8 @@ def run_pipeline(args: argparse.Namespace) -> Path:
     train_args = argparse.Namespace(**{**vars(args), "work": out, "run": None})
     run_dir = timed("train", train, train_args)
     common = ["--work", str(out), "--run", str(run_dir)]
-    timed("embed", embed.main, [*common, "--workers", str(args.workers)])
+    timed("embed", embed.main, [*common, "--workers", str(args.workers), "--engine", args.embed_engine,
+                                "--actors", str(args.actors)])
     timed("index", index.main, [*common, "--index-type", args.index_type])
     timed("evaluate", evaluate.main, common + ([] if args.baseline else ["--no-baseline"]))
     update_run_info(run_dir, data=str(Path(args.data).resolve()), pipeline_seconds=timings)
@@ -49,6 +50,9 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-listings", type=int, default=0, help="use a seeded sample of N listings (0 = all)")
     parser.add_argument("--size", type=int, default=512, help="normalised photo size (square, padded)")
     parser.add_argument("--index-type", default="auto", choices=index.INDEX_TYPES)
+    parser.add_argument("--embed-engine", default="local", choices=("local", "ray"),
+                        help="ray: the embed stage in Ray actors, into Parquet shards (training/ray_embed.py)")
+    parser.add_argument("--actors", type=int, default=1, help="--embed-engine ray: actors")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false",
                         help="skip evaluating the frozen pretrained backbone")
     add_arguments(parser)

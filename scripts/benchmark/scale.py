@@ -1,0 +1,268 @@
+"""Scale-out figures (README, "Scale out"): the IVF-PQ index at millions of vectors, the memory of
+workers sharing one memory-mapped catalogue, and Ray batch throughput against --engine local.
+
+  python -m scripts.benchmark.scale index --vectors 10000000 --work /tmp/scale    # vectors in a disk memmap
+  python -m scripts.benchmark.scale memory --vectors 1000000 --work /tmp/scale --workers 1 2 4
+  python -m scripts.benchmark.scale batch --archive model_store/marketplace.mar --photos DIR --limit 200
+
+index: N clustered vectors (the product model's dimension, 256) are generated chunk by chunk into
+a disk-backed memmap, indexed with `build_index(..., "ivfpq")` (added in chunks, never copied whole),
+and searched: single-query p50/p95 (1 Faiss thread, as the handler runs), recall@10 against an exact
+chunked scan, per nprobe / k_factor; build seconds, index bytes, and the process's peak memory.
+memory: a catalogue of N vectors is saved, then W separate processes each load it with
+`Catalogue.load(folder)`, as the handler's initialize does, and search it; their PSS/USS/RSS are
+read from /proc/PID/smaps_rollup while all W are alive.
+batch: photos/s of scripts.batch with --engine local, and --engine ray with 1 and 2 actors, on the
+same photos and archive; Ray's overhead per photo = 1/ray - 1/local.
+"""
+import faiss  # noqa: F401  (before torch: OpenMP, see README)
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from marketplace_search import search
+from scripts.benchmark.index import TOP_K, recall_at_k
+from scripts.benchmark.common import NUM_CLASSES, percentiles_ms
+
+DIMENSION = 256  # the product model's embedding (index_meta.json of the shipped run)
+CHUNK = 100_000
+
+
+def clustered_chunks(n: int, dimension: int, seed: int = 0, rank: int = 32, spread: float = 0.6,
+                     noise: float = 0.25, chunk: int = CHUNK):
+    """Yield (start, block): the mixture of scripts.benchmark.index.clustered_vectors, a chunk at a time."""
+    rng = np.random.default_rng(seed)
+    clusters = max(16, n // 1000)
+    centres = rng.standard_normal((clusters, dimension)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    basis = rng.standard_normal((rank, dimension)).astype(np.float32)
+    basis /= np.linalg.norm(basis, axis=1, keepdims=True)
+    for start in range(0, n, chunk):
+        size = min(chunk, n - start)
+        block = centres[rng.integers(0, clusters, size)]
+        block += (rng.standard_normal((size, rank), dtype=np.float32) @ basis) * (spread / np.sqrt(rank))
+        block += rng.standard_normal((size, dimension), dtype=np.float32) * (noise / np.sqrt(dimension))
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        yield start, block
+
+
+def vectors_on_disk(work: Path, n: int, queries: int, dimension: int = DIMENSION) -> tuple[np.ndarray, np.ndarray]:
+    """(catalogue memmap (n, d), queries (q, d)), generated once into WORK and reused."""
+    path = work / f"vectors-{n}x{dimension}.npy"
+    total = n + queries
+    if not path.exists():
+        started = time.perf_counter()
+        tmp = path.with_suffix(".tmp.npy")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, dimension))
+        for start, block in clustered_chunks(total, dimension, seed=n):
+            out[start:start + len(block)] = block
+        out.flush()
+        del out
+        os.replace(tmp, path)
+        print(f"generated {total:,} x {dimension} vectors in {time.perf_counter() - started:.0f} s -> {path}",
+              flush=True)
+    data = np.load(path, mmap_mode="r")
+    return data[:n], np.ascontiguousarray(data[n:])
+
+
+def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int = TOP_K) -> np.ndarray:
+    """Exact inner-product top-k ids by a chunked scan (the memmap is read once, never held)."""
+    best_d = np.full((len(queries), k), -np.inf, np.float32)
+    best_i = np.full((len(queries), k), -1, np.int64)
+    for start in range(0, len(vectors), 4 * CHUNK):
+        block = np.asarray(vectors[start:start + 4 * CHUNK])
+        scores = queries @ block.T
+        top = np.argpartition(-scores, k, axis=1)[:, :k]
+        d = np.concatenate([best_d, np.take_along_axis(scores, top, axis=1)], axis=1)
+        i = np.concatenate([best_i, top + start], axis=1)
+        order = np.argsort(-d, axis=1)[:, :k]
+        best_d, best_i = np.take_along_axis(d, order, axis=1), np.take_along_axis(i, order, axis=1)
+    return best_i
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_index(args) -> list[dict]:
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    vectors, queries = vectors_on_disk(work, args.vectors, args.queries)
+    exact_path = work / f"exact-{args.vectors}x{len(queries)}.npy"
+    if exact_path.exists():
+        exact = np.load(exact_path)
+    else:
+        started = time.perf_counter()
+        exact = exact_top_k(vectors, queries)
+        np.save(exact_path, exact)
+        print(f"exact top-{TOP_K} of {len(queries)} queries in {time.perf_counter() - started:.0f} s", flush=True)
+    path = work / f"ivfpq-{args.vectors}.faiss"
+    if args.reuse and path.exists():  # another sweep of the index built before: search-time knobs only
+        index = faiss.read_index(str(path))
+        params = {"nlist": faiss.extract_index_ivf(index).nlist, "build_seconds": None}
+    else:
+        rss_before = peak_rss_mb()
+        index, params = search.build_index(vectors, "ivfpq", nlist=args.nlist)
+        faiss.write_index(index, str(path))
+        print(f"built {params} ; peak RSS {peak_rss_mb():.0f} MB (before the build {rss_before:.0f} MB)", flush=True)
+    faiss.omp_set_num_threads(1)
+    ivf = faiss.extract_index_ivf(index)
+    rows = []
+    for nprobe in args.nprobe:
+        for k_factor in args.k_factor:
+            ivf.nprobe, index.k_factor = nprobe, k_factor
+            times, found = [], []
+            for row in range(len(queries)):
+                start = time.perf_counter()
+                found.append(index.search(queries[row:row + 1], TOP_K)[1][0])
+                times.append(time.perf_counter() - start)
+            rows.append({"vectors": args.vectors, "nlist": params["nlist"], "nprobe": nprobe, "k_factor": k_factor,
+                         **{key: round(value, 3) for key, value in percentiles_ms(times, (50, 95)).items()},
+                         "recall_at_10": round(recall_at_k(np.array(found), exact), 4),
+                         "index_mb": round(path.stat().st_size / 2**20), "build_s": params["build_seconds"],
+                         "peak_rss_mb": round(peak_rss_mb()), "load": os.getloadavg()[0]})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# --- memory of workers sharing a catalogue --------------------------------------------------------
+
+def smaps_mb(pid: int) -> dict[str, float]:
+    """Rss, Pss and USS (private clean + dirty) of a process, in MB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, value = line.split(":")[0], line.split()[1]
+        fields[name] = int(value) / 1024
+    index = {"Rss": 0, "Pss": 0}
+    mapping = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if "-" in line.split(" ")[0] and len(line.split()) >= 5:  # a mapping's header line
+            mapping = line.endswith(search.INDEX_FILE)
+        elif mapping and line.split(":")[0] in index:
+            index[line.split(":")[0]] += int(line.split()[1])
+    return {"rss_mb": fields["Rss"], "pss_mb": fields["Pss"],
+            "uss_mb": fields["Private_Clean"] + fields["Private_Dirty"],
+            "index_map_rss_mb": index["Rss"] / 1024, "index_map_pss_mb": index["Pss"] / 1024}
+
+
+def load_and_wait(folder: str, queries: np.ndarray, ready, stop) -> None:
+    """A worker: load the catalogue as the handler does, search it (touching its pages), then wait."""
+    catalogue = search.Catalogue.load(folder)
+    faiss.omp_set_num_threads(1)
+    for row in range(len(queries)):
+        catalogue.search(queries[row:row + 1], k=10)
+    ready.release()
+    stop.wait()
+
+
+def bench_memory(args) -> list[dict]:
+    work = Path(args.work)
+    vectors, queries = vectors_on_disk(work, args.vectors, args.queries)
+    rows = []
+    for index_type in args.types:
+        folder = work / f"catalogue-{index_type}-{args.vectors}"
+        if not (folder / search.META_FILE).exists():
+            image_ids = [f"img-{row}" for row in range(args.vectors)]
+            listings = {image_id: {"product_id": image_id, "title": "", "price": None, "location": "",
+                                   "category": f"c{row % NUM_CLASSES}"} for row, image_id in enumerate(image_ids)}
+            built = work / f"{index_type}-{args.vectors}.faiss"  # the index section's, if it ran
+            if built.exists():
+                index = faiss.read_index(str(built))
+                params = {"type": index_type, **({"nprobe": faiss.extract_index_ivf(index).nprobe,
+                                                   "k_factor": faiss.downcast_index(index).k_factor}
+                                                  if index_type == "ivfpq" else {})}
+                catalogue = search.Catalogue(index, image_ids, listings, {"index": params, "dimension": DIMENSION})
+            else:
+                catalogue = search.make_catalogue(vectors, image_ids, listings, {}, index_type)
+            catalogue.save(folder)
+            del catalogue
+        index_mb = (folder / search.INDEX_FILE).stat().st_size / 2**20
+        context = multiprocessing.get_context("spawn")
+        for workers in args.workers:
+            ready, stop = context.Semaphore(0), context.Event()
+            processes = [context.Process(target=load_and_wait, args=(str(folder), queries[:50], ready, stop))
+                         for _ in range(workers)]
+            for process in processes:
+                process.start()
+            for _ in processes:
+                ready.acquire()
+            figures = [smaps_mb(process.pid) for process in processes]
+            stop.set()
+            for process in processes:
+                process.join()
+            row = {"type": index_type, "vectors": args.vectors, "index_file_mb": round(index_mb),
+                   "workers": workers, **{key: round(float(np.mean([f[key] for f in figures]))) for key in figures[0]},
+                   "pss_total_mb": round(sum(f["pss_mb"] for f in figures)), "load": os.getloadavg()[0]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+# --- Ray batch throughput ---------------------------------------------------------------------------
+
+def bench_batch(args) -> list[dict]:
+    from scripts import batch
+
+    photos = sorted(Path(args.photos).glob("*.jpg"))[:args.limit]
+    with tempfile.TemporaryDirectory(prefix="scale-batch-") as tmp:
+        inputs = Path(tmp) / "photos"
+        inputs.mkdir()
+        for path in photos:
+            shutil.copyfile(path, inputs / path.name)
+        runs = [("local", ["--engine", "local"])] + [
+            (f"ray, {actors} actor(s)", ["--engine", "ray", "--actors", str(actors), "--ray-temp-dir", f"{tmp}/ray"])
+            for actors in args.actors]
+        rows, local_rate = [], None
+        for name, options in runs:
+            output = Path(tmp) / f"{name.replace(' ', '_')}.jsonl"
+            started = time.perf_counter()
+            summary = batch.main([str(inputs), "--output", str(output), "--archive", str(args.archive),
+                                  "--batch-size", str(args.batch_size), *options])
+            rate = summary["photos_per_s"]
+            local_rate = local_rate or rate
+            rows.append({"engine": name, "photos": len(photos), "photos_per_s": rate,
+                         "vs_local": round(rate / local_rate, 2),
+                         "overhead_ms_per_photo": round(1000 / rate - 1000 / local_rate, 1),
+                         "wall_s_with_startup": round(time.perf_counter() - started, 1), "load": os.getloadavg()[0],
+                         "ray_worker_niceness": os.environ.get("RAY_worker_niceness", "default")})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("section", choices=("index", "memory", "batch"))
+    parser.add_argument("--vectors", type=int, default=1_000_000)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "scale-bench")
+    parser.add_argument("--nlist", type=int)
+    parser.add_argument("--reuse", action="store_true", help="index: sweep the index built by an earlier run")
+    parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--k-factor", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--types", nargs="+", default=["ivfpq"])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--archive", type=Path)
+    parser.add_argument("--photos", type=Path)
+    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--actors", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--output", type=Path, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    print(f"load average {os.getloadavg()}", flush=True)
+    rows = {"index": bench_index, "memory": bench_memory, "batch": bench_batch}[args.section](args)
+    if args.output:
+        args.output.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""scripts.batch --engine ray on a real local Ray (2 CPUs, no dashboard): the same answers as
+--engine local per input, bad files as error lines, a SIGKILLed run resumed to one line per input,
+Parquet shards resumed shard by shard."""
+import faiss  # noqa: F401  (before torch: OpenMP, see README)
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from scripts import batch, ray_batch
+from tests.serving_fixtures import archive_tiny_run, make_tiny_run, photo_jpeg
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = 12
+BAD_FILES = {"corrupt.jpg": photo_jpeg(99)[:300], "empty.jpg": b"", "notes.txt": b"not a photo\n"}
+RAY = ["--engine", "ray", "--ray-cpus", "2"]
+
+
+@dataclass
+class Tiny:
+    mar: Path
+    inputs: Path
+    root: Path
+
+    def keys(self) -> set[tuple[str, str]]:
+        return {(path.stem, str(path)) for path in self.inputs.iterdir() if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Tiny:
+    root = tmp_path_factory.mktemp("raybatch")
+    run = make_tiny_run(root / "runs" / "2025-01-31_142233")
+    mar = archive_tiny_run(run, root / "store", version="1.0")
+    inputs = root / "inputs"
+    inputs.mkdir()
+    for number in range(PHOTOS):
+        (inputs / f"p{number:03d}.jpg").write_bytes(photo_jpeg(number))
+    for name, data in BAD_FILES.items():
+        (inputs / name).write_bytes(data)
+    return Tiny(mar, inputs, root)
+
+
+@pytest.fixture(scope="module")
+def local_lines(tiny) -> dict:
+    output = tiny.root / "local.jsonl"
+    batch.main([str(tiny.inputs), "--output", str(output), "--engine", "local", "--archive", str(tiny.mar),
+                "--batch-size", "4"])
+    return by_key([json.loads(line) for line in output.read_text().splitlines()])
+
+
+def ray_options(tmp_path: Path) -> list[str]:
+    return [*RAY, "--ray-temp-dir", str(tmp_path / "ray")]
+
+
+def by_key(records: list[dict]) -> dict[tuple[str, str], dict]:
+    keyed = {(record["image_id"], record["path"]): record for record in records}
+    assert len(keyed) == len(records), "an input has more than one result"
+    return keyed
+
+
+def assert_same_answers(found: dict, expected: dict) -> None:
+    assert found.keys() == expected.keys()
+    for key, record in found.items():
+        reference = expected[key]
+        assert record["status"] == reference["status"], key
+        if record["status"] == "ok":
+            assert record["category"] == reference["category"], key
+            assert record["probability"] == pytest.approx(reference["probability"], abs=1e-4)
+            assert [n["image_id"] for n in record["neighbours"]] == [n["image_id"] for n in reference["neighbours"]]
+        else:
+            assert record["code"] == reference["code"], key
+
+
+def ray_is_down() -> None:
+    import ray
+
+    assert not ray.is_initialized(), "the run left Ray initialised in this process"
+
+
+def test_ray_answers_as_local_per_input_and_bad_files_are_error_lines(tiny, local_lines, tmp_path):
+    output = tmp_path / "ray.jsonl"
+    summary = batch.main([str(tiny.inputs), "--output", str(output), "--archive", str(tiny.mar), "--batch-size", "4",
+                          "--actors", "2", *ray_options(tmp_path)])
+    ray_is_down()
+    found = by_key([json.loads(line) for line in output.read_text().splitlines()])
+    assert found.keys() == tiny.keys()
+    assert_same_answers(found, local_lines)
+    assert summary["ok"] == PHOTOS and summary["failed"] == len(BAD_FILES)
+    for name in BAD_FILES:
+        assert found[(name.split(".")[0], str(tiny.inputs / name))]["code"] in (400, 415)
+    # a re-run finds every input answered and starts nothing
+    again = batch.main([str(tiny.inputs), "--output", str(output), "--archive", str(tiny.mar), *ray_options(tmp_path)])
+    assert again["skipped"] == len(found) and again["ok"] + again["failed"] == 0
+
+
+def test_sigkill_mid_run_then_resume_gives_exactly_one_result_per_input(tiny, local_lines, tmp_path, request):
+    inputs = tmp_path / "many"
+    inputs.mkdir()
+    for copy in range(20):  # 300 inputs answered one per batch: the run is still going when killed
+        for path in tiny.inputs.iterdir():
+            (inputs / f"{path.stem}-{copy:02d}{path.suffix}").write_bytes(path.read_bytes())
+    total = len(list(inputs.iterdir()))
+    output = tmp_path / "killed.jsonl"
+    # A SIGKILLed run cannot remove the short link it would make to a long --ray-temp-dir: give it a short one.
+    ray_dir = Path(tempfile.mkdtemp(prefix="ray-test-"))
+    request.addfinalizer(lambda: shutil.rmtree(ray_dir, ignore_errors=True))
+    command = [sys.executable, "-m", "scripts.batch", str(inputs), "--output", str(output), "--archive",
+               str(tiny.mar), "--batch-size", "1", *RAY, "--ray-temp-dir", str(ray_dir)]
+    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (output.exists() and output.read_bytes().count(b"\n") >= 5):
+            assert child.poll() is None, "the batch died before answering"
+            assert time.monotonic() < deadline, "no answers within 180 s"
+            time.sleep(0.05)
+        assert child.poll() is None, "the batch finished before it could be killed"
+        os.killpg(child.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    written = output.read_bytes().count(b"\n")
+    assert 5 <= written < total
+    summary = batch.main([str(inputs), "--output", str(output), "--archive", str(tiny.mar), "--batch-size", "8",
+                          *ray_options(tmp_path)])
+    ray_is_down()
+    found = by_key([json.loads(line) for line in output.read_text().splitlines()])
+    assert len(found) == total and summary["skipped"] >= written
+    expected = {}
+    for (image_id, path), record in local_lines.items():
+        for copy in range(20):
+            name = f"{image_id}-{copy:02d}"
+            expected[(name, str(inputs / f"{name}{Path(path).suffix}"))] = record
+    assert_same_answers(found, expected)
+
+def test_parquet_shards_resume_shard_by_shard(tiny, local_lines, tmp_path):
+    output = tmp_path / "shards"
+    arguments = [str(tiny.inputs), "--output", str(output), "--archive", str(tiny.mar), "--format", "parquet",
+                 "--shard-size", "4", "--batch-size", "3", *ray_options(tmp_path)]
+    first = batch.main(arguments)
+    ray_is_down()
+    shards = sorted(path.name for path in output.glob("part-*.parquet"))
+    assert shards == [f"part-{n:05d}.parquet" for n in range(4)]  # 15 inputs in shards of 4
+    assert first["ok"] + first["failed"] == len(tiny.keys())
+    assert_same_answers(by_key(ray_batch.read_shards(output)), local_lines)
+    (output / "part-00002.parquet").unlink()  # as if the run had been killed before its last shard
+    second = batch.main(arguments)
+    assert second["skipped"] == len(tiny.keys()) - 4 and second["ok"] + second["failed"] == 4
+    assert_same_answers(by_key(ray_batch.read_shards(output)), local_lines)
+    with pytest.raises(SystemExit, match="other inputs than shard 0"):
+        batch.main([*arguments, "--shard-size", "5"])
+
+def test_actors_leave_cpus_to_ray_data():
+    assert ray_batch.actor_cpus(2, 2, None) == (0.75, 1)
+    assert ray_batch.actor_cpus(16, 2, None) == (7.75, 8)
+    with pytest.raises(batch.FatalError, match="would hang"):
+        ray_batch.actor_cpus(2, 2, 1.0)

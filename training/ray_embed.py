@@ -1,0 +1,165 @@
+"""Stage 5 on Ray (training.embed --engine ray): embed the catalogue in a pool of Ray actors into
+Parquet shards, then assemble the stage's usual files from them without holding every vector twice.
+
+RUN/embeddings/shards/part-NNNNN.parquet: `image_id` (string), `vector` (d float32, L2-normalised),
+`probabilities` (classes float32), --shard-size rows each in split order, each written whole when its
+last row arrives (a temporary name, then renamed): a re-run embeds only the shards that are missing.
+Each actor loads the checkpoint once and uses as many torch threads as the CPUs Ray gives it.
+Without --address a local Ray starts on this machine (no dashboard) and stops at the end.
+"""
+import json
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+SHARDS_DIR = "shards"
+SHARD_PATTERN = "part-{:05d}.parquet"
+RESERVED_CPUS = 0.5  # left to Ray Data's own tasks: an actor pool holding every CPU hangs the job
+
+
+class Embedder:
+    """One Ray actor: the checkpoint loaded once; batches of image ids in, vectors and probabilities out."""
+
+    def __init__(self, checkpoint: str, photos_dir: str, threads: int):
+        import faiss  # noqa: F401  (before torch: OpenMP, see README)
+        import torch
+
+        from marketplace_search.models import load_checkpoint
+        from marketplace_search.presets import Preprocess, eval_transform
+
+        torch.set_num_threads(threads)
+        self.model, saved = load_checkpoint(Path(checkpoint))
+        self.model.eval()
+        self.transform = eval_transform(Preprocess.from_dict(saved["preprocess"]))
+        self.photos_dir = Path(photos_dir)
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+        from PIL import Image
+
+        from marketplace_search.models import embed
+
+        images = []
+        for image_id in rows["image_id"]:
+            with Image.open(self.photos_dir / f"{image_id}.jpg") as photo:  # as training.dataset.ListingPhotos
+                images.append(self.transform(photo.convert("RGB")))
+        with torch.inference_mode():
+            probabilities, vectors = embed(self.model, torch.stack(images))
+        return {"position": rows["position"], "image_id": rows["image_id"],
+                "vector": vectors.numpy().astype(np.float32), "probabilities": probabilities.float().numpy()}
+
+
+@contextmanager
+def ray_cluster(address: str | None, temp_dir: Path | None = None):
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        os.environ.setdefault("RAY_worker_niceness", "0")  # Ray nices its workers by default (README, "Scale out")
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 _temp_dir=str(temp_dir) if temp_dir else None)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def write_shard(path: Path, image_ids: list[str], vectors: np.ndarray, probabilities: np.ndarray) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"image_id": pa.array(image_ids, pa.string()),
+                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), pa.float32()),
+                                                                  vectors.shape[1]),
+                      "probabilities": pa.FixedSizeListArray.from_arrays(
+                          pa.array(probabilities.ravel(), pa.float32()), probabilities.shape[1])})
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def read_shard(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(image ids, vectors (n, d), probabilities (n, classes)) of one shard."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+
+    def matrix(name):
+        column = table[name].combine_chunks()
+        return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
+
+    return table["image_id"].to_pylist(), matrix("vector"), matrix("probabilities")
+
+
+def embed_shards(checkpoint: Path, image_ids: list[str], photos_dir: Path, shards_dir: Path, *,
+                 shard_size: int = 10_000, actors: int = 1, batch_size: int = 32, address: str | None = None,
+                 temp_dir: Path | None = None) -> list[Path]:
+    """Write every missing shard of IMAGE_IDS into SHARDS_DIR; returns all the shard paths, in order."""
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    paths = [shards_dir / SHARD_PATTERN.format(shard) for shard in range(math.ceil(len(image_ids) / shard_size))]
+    for shard, path in enumerate(paths):
+        if path.exists() and read_shard(path)[0] != image_ids[shard * shard_size:(shard + 1) * shard_size]:
+            raise ValueError(f"{path} holds other photos than shard {shard} of this split (--shard-size "
+                             f"{shard_size}): the split changed since; delete {shards_dir} to embed again")
+    positions = [p for p in range(len(image_ids)) if not paths[p // shard_size].exists()]
+    if not positions:
+        return paths
+    with ray_cluster(address, temp_dir) as ray:
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        cpus = max(0.25, (ray.cluster_resources().get("CPU", 1) - RESERVED_CPUS) / actors)
+        rows = [{"position": p, "image_id": image_ids[p]} for p in positions]
+        dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 1000)))
+        answered = dataset.map_batches(
+            Embedder, batch_size=batch_size, concurrency=actors, num_cpus=cpus,
+            fn_constructor_kwargs={"checkpoint": str(checkpoint), "photos_dir": str(photos_dir),
+                                   "threads": max(1, round(cpus))})
+        pending: dict[int, dict[int, tuple]] = {}
+        for block in answered.iter_batches(batch_size=None, batch_format="numpy"):
+            for position, vector, probability in zip(block["position"], block["vector"], block["probabilities"]):
+                shard = int(position) // shard_size
+                pending.setdefault(shard, {})[int(position)] = (vector, probability)
+                size = min(shard_size, len(image_ids) - shard * shard_size)
+                if len(pending[shard]) == size:
+                    done = pending.pop(shard)
+                    order = sorted(done)
+                    write_shard(paths[shard], [image_ids[p] for p in order], np.stack([done[p][0] for p in order]),
+                                np.stack([done[p][1] for p in order]))
+    return paths
+
+
+def assemble(paths: list[Path], out_dir: Path) -> tuple[list[str], int]:
+    """Write embeddings.npy, probabilities.npy, image_ids.json and image_embeddings.json from the shards,
+    one shard in memory at a time; returns (image ids, dimension)."""
+    counts, first = [], read_shard(paths[0])
+    import pyarrow.parquet as pq
+
+    counts = [pq.ParquetFile(path).metadata.num_rows for path in paths]
+    total, dimension, classes = sum(counts), first[1].shape[1], first[2].shape[1]
+    vectors = np.lib.format.open_memmap(out_dir / "embeddings.npy", "w+", np.float32, (total, dimension))
+    probabilities = np.lib.format.open_memmap(out_dir / "probabilities.npy", "w+", np.float32, (total, classes))
+    image_ids, start = [], 0
+    with open(out_dir / "image_embeddings.json", "w") as as_json:
+        as_json.write("{")
+        for path in paths:
+            ids, shard_vectors, shard_probabilities = read_shard(path)
+            vectors[start:start + len(ids)] = shard_vectors
+            probabilities[start:start + len(ids)] = shard_probabilities
+            for image_id, vector in zip(ids, shard_vectors):
+                as_json.write(("" if start == 0 and image_id == ids[0] else ", ")
+                              + json.dumps(image_id) + ": " + json.dumps([round(float(x), 7) for x in vector]))
+            image_ids += ids
+            start += len(ids)
+        as_json.write("}")
+    vectors.flush()
+    probabilities.flush()
+    (out_dir / "image_ids.json").write_text(json.dumps(image_ids))
+    return image_ids, dimension
