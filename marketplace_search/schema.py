@@ -34,6 +34,7 @@ class Answer(TypedDict):
     top_categories: list[TopCategory]
     neighbours: list[Neighbour]
     model: ModelInfo
+    inputs: list[str]  # what the category was made from: "photo", "title", "description"
     embedding: NotRequired[list[float]]  # only when asked for (option `embedding`)
 
 

@@ -47,7 +47,7 @@ def test_run_folder_has_a_checkpoint_per_epoch_logs_and_reports(tiny_run):
     assert list((run_dir / "logs").glob("events.out.tfevents.*"))
     info = json.loads((run_dir / "run.json").read_text())
     assert len(info["train"]["history"]) == 15
-    assert set(info["pipeline_seconds"]) == {"tables", "photos", "split", "train", "embed", "index", "evaluate"}
+    assert set(info["pipeline_seconds"]) == {"tables", "photos", "split", "train", "embed", "index", "evaluate", "text"}
     assert info["weights_source"] == "random initialisation"
 
 

@@ -1,0 +1,244 @@
+"""Stage 8: the text model (title, description) and its fusion with the photo model.
+
+Trains TF-IDF (word 1-2-grams + character 2-5-grams, marketplace_search.text cuts them) and a linear
+classifier on the training listings, each listing twice: its title alone and its title with its
+description, so one model reads both kinds of request. On the validation split it fits one small
+calibration per combination of inputs (title; title+description; photo+title; photo+title+description):
+a multinomial logistic regression over the text scores and, with a photo, the served photo model's
+log-probabilities (head + the neighbour vote training.evaluate chose), its strength chosen by
+cross-validation grouped by listing. Nothing is fixed by hand, so it follows whatever photo model the
+run has. On the test split it reports the rows photo only / title only / title+description /
+photo+title / photo+title+description (top-1, top-3, P@1/5/10) and per category which input wins.
+
+Reads WORK/tables/listings.csv, WORK/split.csv, RUN/embeddings, RUN/index, RUN/evaluation.json
+(run training.evaluate first); writes RUN/text_model/ (marketplace_search.text: JSON + .npz) and adds
+a "text" section to RUN/evaluation.json.
+
+Example:
+  python -m training.text --work work/marketplace --run work/marketplace/model_evaluation/<timestamp>
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GroupKFold
+from sklearn.svm import LinearSVC
+
+from marketplace_search.inference import CategoryBlend, blend_categories
+from marketplace_search.layout import EVALUATION, INDEX_DIR, TEXT_MODEL_DIR, latest_run, read_run_info, update_run_info
+from marketplace_search.search import Catalogue
+from marketplace_search.text import INPUT_KINDS, TextModel, char_terms, kind_name, listing_text, word_terms
+from training.dataset import load_split
+from training.embed import load_embeddings
+from training.evaluate import own_listing_excluded_voters, per_category, print_table, retrieval_precision, top_k_accuracy
+from training.tables import TABLES_DIR
+
+SVM_C = 0.3  # chosen on the validation split of the real listings (README, "Title and description")
+CALIBRATION_CS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+FOLDS = 5
+
+
+def read_listings(work_dir: Path) -> pd.DataFrame:
+    """WORK/tables/listings.csv indexed by product_id, missing descriptions as ""."""
+    path = Path(work_dir) / TABLES_DIR / "listings.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; run training.tables first")
+    listings = pd.read_csv(path, dtype={"product_id": str, "title": str, "description": str, "category": str})
+    return listings.assign(description=listings["description"].fillna("")).set_index("product_id")
+
+
+def train_classifier(titles: list[str], descriptions: list[str], labels: np.ndarray, classes: list[str],
+                     c: float = SVM_C) -> TextModel:
+    """TF-IDF + linear SVM on each listing twice (title alone, title + description); no calibration yet."""
+    texts = list(titles) + [listing_text(t, d) for t, d in zip(titles, descriptions)]
+    targets = np.concatenate([labels, labels])
+    # min_df 2 for characters: an n-gram seen in one listing only is noise, and the model 4x larger.
+    words = TfidfVectorizer(analyzer=word_terms, sublinear_tf=True, dtype=np.float32).fit(texts)
+    chars = TfidfVectorizer(analyzer=char_terms, sublinear_tf=True, min_df=2, dtype=np.float32).fit(texts)
+    from scipy.sparse import hstack
+
+    features = hstack([words.transform(texts), chars.transform(texts)]).tocsr()
+    svm = LinearSVC(C=c).fit(features, targets)
+    coef = np.zeros((len(classes), features.shape[1]), np.float32)
+    intercept = np.full(len(classes), -1e3, np.float32)  # a class absent from training is never chosen
+    coef[svm.classes_], intercept[svm.classes_] = svm.coef_, svm.intercept_
+    if len(svm.classes_) == 2:  # scikit-learn keeps one row for two classes: the second class's score
+        coef[svm.classes_] = np.stack([-svm.coef_[0], svm.coef_[0]])
+        intercept[svm.classes_] = [-svm.intercept_[0], svm.intercept_[0]]
+    model = TextModel(list(classes), dict(words.vocabulary_), dict(chars.vocabulary_),
+                      words.idf_.astype(np.float32), chars.idf_.astype(np.float32), coef, intercept,
+                      info={"classifier": f"LinearSVC(C={c})", "training_listings": len(titles),
+                            "word_features": len(words.vocabulary_), "char_features": len(chars.vocabulary_)})
+    # The served scorer (numpy) must give scikit-learn's scores: checked here on a sample, every time.
+    sample = np.arange(0, len(texts), max(1, len(texts) // 200))
+    expected = svm.decision_function(features[sample])
+    expected = np.stack([-expected, expected], axis=1) if expected.ndim == 1 else expected
+    difference = float(np.abs(model.scores([texts[i] for i in sample])[:, svm.classes_] - expected).max())
+    if difference > 1e-3:
+        raise AssertionError(f"the numpy text scorer differs from scikit-learn by {difference:.2e}")
+    model.info["scorer_check_max_difference"] = difference
+    return model
+
+
+def fit_calibration(features: np.ndarray, labels: np.ndarray, groups: np.ndarray,
+                    classes: list[str]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A multinomial logistic regression over FEATURES, its C chosen by CV grouped by listing: (A, b, chosen)."""
+    folds = min(FOLDS, len(set(groups)))
+    present = np.unique(labels)
+    cv = {}
+    for c in CALIBRATION_CS:
+        hits = []
+        if folds >= 2:
+            for fit_rows, held_rows in GroupKFold(folds).split(features, labels, groups):
+                if len(np.unique(labels[fit_rows])) < 2:
+                    continue
+                model = LogisticRegression(C=c, max_iter=3000).fit(features[fit_rows], labels[fit_rows])
+                hits.append(model.predict(features[held_rows]) == labels[held_rows])
+        cv[c] = float(np.concatenate(hits).mean()) if hits else 0.0
+    best = max(CALIBRATION_CS, key=lambda c: (cv[c], -c))
+    if len(present) < 2:
+        raise ValueError(f"the validation split holds one category only ({classes[present[0]]}): nothing to calibrate")
+    model = LogisticRegression(C=best, max_iter=3000).fit(features, labels)
+    matrix = np.zeros((len(classes), features.shape[1]), np.float32)
+    bias = np.full(len(classes), -1e3, np.float32)  # a category absent from validation: never chosen
+    if len(model.classes_) == 2:
+        matrix[model.classes_] = np.stack([-model.coef_[0], model.coef_[0]]) / 2
+        bias[model.classes_] = np.array([-model.intercept_[0], model.intercept_[0]]) / 2
+    else:
+        matrix[model.classes_], bias[model.classes_] = model.coef_, model.intercept_
+    return matrix, bias, {"C": best, "val_cv_top1": cv[best]}
+
+
+def served_photo_probabilities(run_dir: Path, split: pd.DataFrame, rows: np.ndarray, probabilities: np.ndarray,
+                               vectors: np.ndarray, catalogue: Catalogue, classes: list[str]) -> np.ndarray:
+    """The photo model's probabilities as served (head + the chosen neighbour vote), own listing excluded."""
+    evaluation = json.loads((Path(run_dir) / EVALUATION).read_text())
+    blend = CategoryBlend.from_dict(evaluation.get("category_blend"))
+    if blend.weight <= 0:
+        return probabilities[rows]
+    return blend_categories(probabilities[rows], own_listing_excluded_voters(catalogue, vectors[rows], split[rows]),
+                            classes, blend)
+
+
+def input_texts(listings: pd.DataFrame, product_ids, inputs) -> list[str]:
+    chosen = listings.loc[list(product_ids)]
+    if "description" in inputs:
+        return [listing_text(t, d) for t, d in zip(chosen["title"], chosen["description"])]
+    return list(chosen["title"])
+
+
+def figures(probabilities: np.ndarray, labels: np.ndarray, precision: dict | None) -> dict:
+    nan = float("nan")
+    return {"top1_accuracy": top_k_accuracy(probabilities, labels, 1),
+            "top3_accuracy": top_k_accuracy(probabilities, labels, 3),
+            **(precision or {"precision@1": nan, "precision@5": nan, "precision@10": nan})}
+
+
+def train_text(run_dir: Path, work_dir: Path) -> dict:
+    """Train, calibrate on val, evaluate on test; saves RUN/text_model and returns the report."""
+    started = time.perf_counter()
+    split = load_split(work_dir)
+    listings = read_listings(work_dir)
+    classes = read_run_info(run_dir)["classes"]
+    image_ids, vectors, probabilities, _ = load_embeddings(run_dir)
+    if image_ids != list(split["image_id"]):
+        raise ValueError(f"{run_dir}/embeddings do not match {work_dir}/split.csv; re-run training.embed")
+    catalogue = Catalogue.load(Path(run_dir) / INDEX_DIR)
+    by_listing = split.drop_duplicates("product_id")
+    train_ids = list(by_listing.loc[by_listing["split"] == "train", "product_id"])
+    train_rows = listings.loc[train_ids]
+    model = train_classifier(list(train_rows["title"]), list(train_rows["description"]),
+                             train_rows["label"].to_numpy(int), classes)
+    trained = time.perf_counter()
+    is_val, is_test = (split["split"] == "val").to_numpy(), (split["split"] == "test").to_numpy()
+    labels = split["label"].to_numpy(int)
+    photo = {name: served_photo_probabilities(run_dir, split, rows, probabilities, vectors, catalogue, classes)
+             for name, rows in (("val", is_val), ("test", is_test))}
+    scores = {(name, kind): model.scores(input_texts(listings, split.loc[rows, "product_id"], kind))
+              for name, rows in (("val", is_val), ("test", is_test)) for kind in ("title", "description")}
+    chosen = {}
+    for inputs in INPUT_KINDS:
+        text = "description" if "description" in inputs else "title"
+        features = calibration_inputs(scores[("val", text)], photo["val"], inputs)
+        matrix, bias, chosen[kind_name(inputs)] = fit_calibration(
+            features, labels[is_val], split.loc[is_val, "product_id"].to_numpy(), classes)
+        model.calibrations[kind_name(inputs)] = (matrix, bias)
+    model.info.update(calibrations=chosen, train_seconds=round(trained - started, 1))
+    report = evaluate_text(model, photo["test"], scores, labels[is_test], catalogue, vectors[is_test],
+                           split[is_test], classes)
+    model.info["evaluation"] = {row["inputs"]: {k: row[k] for k in ("top1_accuracy", "top3_accuracy")}
+                                for row in report["rows"]}
+    model.save(Path(run_dir) / TEXT_MODEL_DIR)
+    report["model"] = {key: model.info[key] for key in ("classifier", "training_listings", "word_features",
+                                                        "char_features", "calibrations", "train_seconds")}
+    return report
+
+
+def calibration_inputs(scores: np.ndarray, photo: np.ndarray, inputs) -> np.ndarray:
+    from marketplace_search.text import calibration_features
+
+    return calibration_features(scores, photo if "photo" in inputs else None)
+
+
+def evaluate_text(model: TextModel, photo: np.ndarray, scores: dict, labels: np.ndarray, catalogue: Catalogue,
+                  vectors: np.ndarray, test_rows: pd.DataFrame, classes: list[str]) -> dict:
+    """The test rows per input combination and the per-category recall of each."""
+    precision = retrieval_precision(catalogue, vectors, list(test_rows["product_id"]),
+                                    [classes[label] for label in labels])
+    answers = {"photo": photo}
+    for inputs in INPUT_KINDS:
+        text = "description" if "description" in inputs else "title"
+        answers[kind_name(inputs)] = model.probabilities(inputs, scores[("test", text)], photo)
+    rows = [{"inputs": name, "model": f"{name} (photo neighbours)" if "photo" in name else f"{name} (no neighbours)",
+             **figures(probabilities, labels, precision if "photo" in name else None)}
+            for name, probabilities in answers.items()]
+    recalls = {name: per_category(probabilities.argmax(axis=1), labels, classes)[0]
+               for name, probabilities in answers.items()}
+    by_category = []
+    for index, category in enumerate(classes):
+        recall = {name: rows_[index]["recall"] for name, rows_ in recalls.items()}
+        known = {name: value for name, value in recall.items() if value is not None and "+" not in name}
+        by_category.append({"category": category, "count": recalls["photo"][index]["count"], "recall": recall,
+                            "best_single_input": max(known, key=known.get) if known else None})
+    return {"test_photos": int(len(labels)), "rows": rows, "per_category": by_category}
+
+
+def print_report(report: dict) -> None:
+    print(f"text stage: {report['model']}")
+    print_table(report["rows"])
+    names = [row["inputs"] for row in report["rows"]]
+    width = max(len(row["category"]) for row in report["per_category"])
+    print(f"\nrecall per category | {' | '.join(names)} | best single input")
+    for row in report["per_category"]:
+        cells = " | ".join("–" if row["recall"][n] is None else f"{row['recall'][n]:.3f}" for n in names)
+        print(f"{row['category']:<{width}} ({row['count']:>4}) | {cells} | {row['best_single_input']}")
+
+
+def add_to_evaluation(run_dir: Path, report: dict) -> None:
+    path = Path(run_dir) / EVALUATION
+    evaluation = json.loads(path.read_text())
+    evaluation["text"] = report
+    path.write_text(json.dumps(evaluation, indent=2))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", required=True, type=Path, help="work folder with tables/ and split.csv")
+    parser.add_argument("--run", type=Path, help="run folder (default: the latest under WORK/model_evaluation)")
+    args = parser.parse_args(argv)
+    run_dir = args.run or latest_run(args.work)
+    started = time.perf_counter()
+    report = train_text(run_dir, args.work)
+    add_to_evaluation(run_dir, report)
+    update_run_info(run_dir, stage_seconds={"text": round(time.perf_counter() - started, 1)})
+    print_report(report)
+    print(f"-> {run_dir / TEXT_MODEL_DIR}, {run_dir / EVALUATION} (\"text\")")
+
+
+if __name__ == "__main__":
+    main()
