@@ -217,3 +217,20 @@ def test_served_bad_words_get_their_4xx_while_the_batch_is_answered(tiny, served
         body = response.json()
         assert body["code"] == status and body["error"] if status != 200 else check_answer(body)
     assert json.loads(responses[-1].text)["category"] == "Music"
+
+
+def test_the_blend_weighs_the_photo_by_what_it_adds_on_validation():
+    from training.text import fit_calibration
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 600)
+    scores = np.eye(3)[labels] * 0.5 + rng.normal(0, 0.6, (600, 3))  # the words: right about 75% of the time
+    informative = np.exp(np.eye(3)[labels] * 2.0 + rng.normal(0, 1.0, (600, 3)))
+    informative /= informative.sum(axis=1, keepdims=True)
+    noise = rng.dirichlet(np.ones(3), 600)
+    _, _, useful = fit_calibration(scores, labels, list(CLASSES), informative)
+    _, _, useless = fit_calibration(scores, labels, list(CLASSES), noise)
+    _, _, alone = fit_calibration(scores, labels, list(CLASSES))
+    assert useful["photo_weight"] > 0.1 > useless["photo_weight"] and alone["photo_weight"] == 0
+    assert useful["val_log_loss"] < alone["val_log_loss"]
+    assert useful["val_top1"] > alone["val_top1"]
