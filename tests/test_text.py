@@ -68,12 +68,11 @@ def test_numpy_scorer_gives_the_trained_categories_and_survives_save_and_load(ti
 
 def test_fusion_leans_on_both_inputs(tiny):
     _, model, _, _ = tiny
-    scores = model.scores(["small spade"] * 2)
-    title = model.probabilities(("title",), scores)
-    agree = model.probabilities(("photo", "title"), scores, np.array([[0.9, 0.05, 0.05]] * 2))
-    disagree = model.probabilities(("photo", "title"), scores, np.array([[0.05, 0.9, 0.05]] * 2))
-    assert title.argmax(axis=1).tolist() == [0, 0]
-    assert agree[0, 0] > disagree[0, 0]  # the photo moves the answer: both inputs count
+    photos = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])
+    vague = model.probabilities(("photo", "title"), model.scores(["blue wooden"] * 3), photos)  # no noun
+    named = model.probabilities(("photo", "title"), model.scores(["small spade"] * 3), photos)
+    assert vague.argmax(axis=1).tolist() == [0, 1, 2]  # words that say nothing: the photo decides
+    assert named.argmax(axis=1).tolist() == [0, 0, 0]  # a spade is Garden whatever the photo looks like
 
 
 def parse(request, headers=None, content_type=None):
@@ -192,6 +191,9 @@ def test_served_photo_and_title_get_the_fused_category(tiny, served):
     assert (multipart.json()["inputs"], multipart.json()["category"]) == (["photo", "title", "description"], "Home")
     assert (title_only.json()["inputs"], title_only.json()["category"]) == (["title"], "Music")
     assert fused.json()["neighbours"] == photo_only.json()["neighbours"]
+    # the client sends a non-ASCII title as UTF-8 header bytes, and the handler reads the same words
+    via_client = api.predict(served, jpeg, model=NAME, title="Étagère lawnmower", token=served.token("inference"))
+    assert (via_client["inputs"], via_client["category"]) == (["photo", "title"], "Garden")
 
 
 @pytest.mark.server
