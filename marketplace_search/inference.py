@@ -403,9 +403,8 @@ def text_categories(text_model: TextModel | None, queries: list[Query], probabil
     out = np.array(probabilities, np.float32, copy=True)
     for row in worded:
         query = queries[row]
-        scores = text_model.scores([listing_text(query.title, query.description)])
         photo = probabilities[row:row + 1] if query.image is not None else None
-        out[row] = text_model.probabilities(query.inputs, scores, photo)[0]
+        out[row] = text_model.predict(query.inputs, [listing_text(query.title, query.description)], photo)[0]
     return out
 
 

@@ -59,18 +59,53 @@ def test_numpy_scorer_gives_the_trained_categories_and_survives_save_and_load(ti
     loaded = TextModel.load(tmp_path / "copy")
     np.testing.assert_array_equal(loaded.scores(texts), model.scores(texts))
     with np.load(tmp_path / "copy" / "text_model.npz", allow_pickle=False) as arrays:  # plain arrays only
-        assert all(arrays[name].dtype == np.float32 for name in arrays.files)
-    probabilities = loaded.probabilities(("title",), loaded.scores(texts))
+        assert {arrays[name].dtype for name in arrays.files} == {np.dtype(np.float32), np.dtype(np.int32),
+                                                                 np.dtype(np.int64)}
+    np.testing.assert_array_equal(loaded.votes(texts), model.votes(texts))
+    probabilities = loaded.predict(("title",), texts)
+    np.testing.assert_array_equal(probabilities, model.predict(("title",), texts))
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
     with pytest.raises(KeyError, match="no calibration"):
-        loaded.probabilities(("description",), loaded.scores(texts))
+        loaded.predict(("description",), texts)
+    with pytest.raises(ValueError, match="votes are required"):  # a model with a catalogue vote needs the votes
+        loaded.probabilities(("title",), loaded.scores(texts))
+
+
+def test_catalogue_vote_is_the_k_nearest_listings_by_cosine_own_listing_excluded(tiny):
+    _, model, _, _ = tiny
+    neighbours = model.neighbours
+    width = len(model.word_vocabulary) + len(model.char_vocabulary)
+    dense = np.zeros((len(neighbours.product_ids), width))
+    for column in range(width):  # the stored CSC rows, unpacked the slow way
+        span = slice(neighbours.indptr[column], neighbours.indptr[column + 1])
+        dense[neighbours.rows[span], column] = neighbours.values[span]
+    query = np.zeros(width)
+    columns, values = model.features("Vintage spade and rake")
+    query[columns] = values
+    similarities = neighbours.similarities(columns, values)
+    np.testing.assert_allclose(similarities, dense @ query / 2, atol=1e-5)
+    assert similarities.max() <= 1.0 + 1e-5
+    ranked = np.sort(similarities)[::-1]
+    assert ranked[neighbours.k - 1] > ranked[neighbours.k] + 1e-4  # (no tie at the k-th: one right answer)
+    nearest = np.argsort(-similarities)[:neighbours.k]
+    weights = np.exp((similarities[nearest] - similarities[nearest].max()) / neighbours.temperature)
+    expected = np.bincount(neighbours.labels[nearest], weights, minlength=len(CLASSES))
+    np.testing.assert_allclose(neighbours.vote(similarities, len(CLASSES)), expected / expected.sum(), atol=1e-5)
+    # a listing already in the catalogue does not vote for itself
+    own = int(similarities.argmax())
+    rest = similarities.copy()
+    rest[own] = -np.inf
+    excluded = neighbours.vote(similarities, len(CLASSES), exclude=neighbours.product_ids[own], k=1)
+    assert excluded.max() == pytest.approx(1.0)
+    assert excluded.argmax() in set(neighbours.labels[rest == rest.max()].tolist())
+    np.testing.assert_allclose(model.votes(["zzqx"]), [[1 / 3] * 3])  # no known term: no opinion
 
 
 def test_fusion_leans_on_both_inputs(tiny):
     _, model, _, _ = tiny
     photos = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])
-    vague = model.probabilities(("photo", "title"), model.scores(["blue wooden"] * 3), photos)  # no noun
-    named = model.probabilities(("photo", "title"), model.scores(["small spade"] * 3), photos)
+    vague = model.predict(("photo", "title"), ["blue wooden"] * 3, photos)  # no noun
+    named = model.predict(("photo", "title"), ["small spade"] * 3, photos)
     assert vague.argmax(axis=1).tolist() == [0, 1, 2]  # words that say nothing: the photo decides
     assert named.argmax(axis=1).tolist() == [0, 0, 0]  # a spade is Garden whatever the photo looks like
 
@@ -131,8 +166,8 @@ def test_handler_answers_photo_title_and_both_in_one_batch(tiny, handler):
     assert photo[1]["inputs"] == ["photo"] and fused[1]["inputs"] == ["photo", "title"]
     assert (fused[1]["category"], title[1]["category"], described[1]["category"]) == ("Garden", "Home", "Music")
     assert title[1]["neighbours"] == [] and fused[1]["neighbours"] == photo[1]["neighbours"]
-    expected = model.probabilities(("photo", "title"), model.scores(["vintage lawnmower"]),
-                                   np.array([[top["probability"] for top in sorted(
+    expected = model.predict(("photo", "title"), ["vintage lawnmower"],
+                             np.array([[top["probability"] for top in sorted(
                                        photo[1]["top_categories"], key=lambda t: CLASSES.index(t["category"]))]]))
     assert fused[1]["probability"] == pytest.approx(float(expected.max()), abs=1e-4)
 
@@ -236,3 +271,35 @@ def test_the_blend_weighs_the_photo_by_what_it_adds_on_validation():
     assert useful["photo_weight"] > 0.1 > useless["photo_weight"] and alone["photo_weight"] == 0
     assert useful["val_log_loss"] < alone["val_log_loss"]
     assert useful["val_top1"] > alone["val_top1"]
+
+
+def test_the_blend_weighs_the_catalogue_vote_by_what_it_adds_on_validation():
+    from training.text import fit_calibration
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 600)
+    scores = np.eye(3)[labels] * 0.5 + rng.normal(0, 0.6, (600, 3))
+    informative = 0.6 * np.eye(3)[labels] * (rng.random((600, 1)) < 0.8) + rng.dirichlet(np.ones(3), 600)
+    informative /= informative.sum(axis=1, keepdims=True)
+    matrix, _, useful = fit_calibration(scores, labels, list(CLASSES), votes=informative)
+    _, _, useless = fit_calibration(scores, labels, list(CLASSES), votes=rng.dirichlet(np.ones(3), 600))
+    assert useful["vote_weight"] > useless["vote_weight"] and useless["vote_weight"] <= 0.05
+    assert matrix.shape == (3, 6) and useful["val_top1"] > fit_calibration(scores, labels, list(CLASSES))[2]["val_top1"]
+
+
+def test_cross_fitted_scores_come_from_models_that_did_not_read_the_listing():
+    import pandas as pd
+
+    from training.text import cross_fitted_scores, train_on
+
+    rng = np.random.default_rng(2)
+    ids = [f"p{i:03d}" for i in range(120)]
+    # labels that the words cannot predict: each title is its own random word, so only memorising helps
+    titles = ["".join(rng.choice(list("bcdfghjklmnpqrstvwxz"), 8)) for _ in ids]
+    listings = pd.DataFrame({"title": titles, "description": "", "label": rng.integers(0, 3, len(ids))}, index=ids)
+    crossed = cross_fitted_scores(listings, ids, ids[:60], list(CLASSES), folds=5)
+    assert set(crossed["title"]) == set(ids[:60]) and set(crossed["description"]) == set(ids[:60])
+    held_out = np.mean([crossed["title"][p].argmax() == listings.at[p, "label"] for p in ids[:60]])
+    in_sample = train_on(listings, ids, list(CLASSES)).scores(titles[:60]).argmax(axis=1)
+    assert np.mean(in_sample == listings["label"].to_numpy()[:60]) > 0.9  # a model that read them: memorised
+    assert held_out < 0.6  # out of fold: about chance (1/3)
