@@ -21,14 +21,18 @@ import torch
 from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
+import numpy as np
+
 from marketplace_search.inference import (BODY_PARTS, Batch, CategoryBlend, RequestError, batch_answers,
-                                          blend_categories, internal_error, parse_request, search_batch)
-from marketplace_search.layout import ARCHIVE_CATALOGUE, ARCHIVE_CHECKPOINT, sha256_file
+                                          blend_categories, internal_error, parse_request, search_batch,
+                                          text_categories)
+from marketplace_search.layout import ARCHIVE_CATALOGUE, ARCHIVE_CHECKPOINT, ARCHIVE_TEXT_MODEL, sha256_file
 from marketplace_search.live import BUNDLED, LiveFollower, Served
 from marketplace_search.models import load_checkpoint
 from marketplace_search.presets import Preprocess, eval_transform
 from marketplace_search.runtime import load_backend
 from marketplace_search.search import Catalogue
+from marketplace_search.text import TextModel
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +40,7 @@ logger = logging.getLogger(__name__)
 # milliseconds per stage of a batch (dimension Stage), which tell the model's own time from the rest.
 BATCH_METRIC = "MarketplaceBatches"
 STAGE_METRIC = "MarketplaceStageMilliseconds"
-STAGES = ("decode", "forward", "search", "answer")  # decode = decode + transform of every request
+STAGES = ("decode", "forward", "search", "text", "answer")  # decode = decode + transform of every request
 
 
 class MarketplaceHandler(BaseHandler):
@@ -65,6 +69,11 @@ class MarketplaceHandler(BaseHandler):
         self.transform = eval_transform(self.preprocess_settings)
         self.catalogue = Catalogue.load(required_path(model_dir, ARCHIVE_CATALOGUE))
         self.category_blend = CategoryBlend.from_dict(settings.get("category_blend"))
+        # The title/description model, when the run trained one (archives before it: photos only).
+        text_dir = model_dir / ARCHIVE_TEXT_MODEL
+        self.text_model = TextModel.load(text_dir) if text_dir.is_dir() else None
+        if self.text_model is not None and self.text_model.classes != checkpoint["classes"]:
+            raise ValueError(f"{text_dir} was trained on other categories than {checkpoint_path.name}")
         if self.catalogue.dimension != checkpoint["embedding_dim"]:
             raise ValueError(f"{model_dir / ARCHIVE_CATALOGUE} holds {self.catalogue.dimension}-d vectors but "
                              f"{checkpoint_path.name} makes {checkpoint['embedding_dim']}-d embeddings")
@@ -96,7 +105,7 @@ class MarketplaceHandler(BaseHandler):
         pool = self.decoders if len(data) > 1 else None  # a lone request skips the hand-off to a thread
         prepared = list((pool.map if pool else map)(self.prepare_request, range(len(data)), data))
         batch = Batch([item if isinstance(item, RequestError) else item[0] for item in prepared])
-        tensors = [item[1] for item in prepared if not isinstance(item, RequestError)]
+        tensors = [item[1] for item in prepared if not isinstance(item, RequestError) and item[1] is not None]
         if tensors:
             batch.images = torch.stack(tensors)
         batch.milliseconds["decode"] = (time.perf_counter() - started) * 1000
@@ -112,7 +121,10 @@ class MarketplaceHandler(BaseHandler):
             headers = self.context.get_all_request_header(idx)
             query = parse_request(request, self.catalogue.categories, body_content_type(headers), headers,
                                   fit_size=self.preprocess_settings.resize)
-            return query, self.transform(query.image)
+            if query.title is not None and self.text_model is None:
+                return RequestError("this model version reads photos only (its archive has no text model): "
+                                    "send the request without title/description", kind="text_not_supported")
+            return query, None if query.image is None else self.transform(query.image)
         except RequestError as error:
             return error
         except MemoryError:
@@ -123,16 +135,29 @@ class MarketplaceHandler(BaseHandler):
             return internal_error()
 
     def inference(self, batch, *args, **kwargs):
-        if batch.images is None:
+        queries = batch.queries
+        if not queries:
             return batch
-        started = time.perf_counter()
-        batch.probabilities, batch.vectors = self.backend.forward(batch.images)
-        searched = time.perf_counter()
-        batch.neighbours, voters = search_batch(self.catalogue, batch.vectors, batch.queries,
-                                                self.category_blend.vote_k)
-        batch.probabilities = blend_categories(batch.probabilities, voters, self.classes, self.category_blend)
+        started = searched = time.perf_counter()
+        rows = batch.photo_rows
+        batch.probabilities = np.zeros((len(queries), len(self.classes)), np.float32)
+        batch.vectors = np.zeros((len(queries), self.catalogue.dimension), np.float32)
+        batch.neighbours = [[] for _ in queries]
+        if rows:
+            probabilities, vectors = self.backend.forward(batch.images)
+            batch.vectors[rows] = vectors
+            searched = time.perf_counter()
+            neighbours, voters = search_batch(self.catalogue, batch.vectors[rows], [queries[row] for row in rows],
+                                              self.category_blend.vote_k)
+            batch.probabilities[rows] = blend_categories(probabilities, voters, self.classes,
+                                                         self.category_blend)
+            for row, found in zip(rows, neighbours):
+                batch.neighbours[row] = found
         batch.milliseconds["forward"] = (searched - started) * 1000
-        batch.milliseconds["search"] = (time.perf_counter() - searched) * 1000
+        texted = time.perf_counter()
+        batch.milliseconds["search"] = (texted - searched) * 1000
+        batch.probabilities = text_categories(self.text_model, queries, batch.probabilities)
+        batch.milliseconds["text"] = (time.perf_counter() - texted) * 1000
         return batch
 
     def postprocess(self, batch):

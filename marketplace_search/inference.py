@@ -11,6 +11,9 @@ Options: `k` (1..MAX_K, default 10), `category` (restrict neighbours to one cate
 `embedding` (true to return the query's embedding). They go in the JSON document, as multipart
 fields, or as request headers `X-K`, `X-Category`, `X-Embedding` (the only way with a raw upload:
 TorchServe drops the query string of a POST). A JSON field or form field wins over a header.
+The seller's words: `title` (JSON field, multipart field or `X-Title` header, UTF-8) and
+`description` (JSON or multipart field, with a title). A request carries a photo, a title, or both;
+without a photo there are no neighbours, so `embedding` and `category` need one.
 """
 import base64
 import binascii
@@ -24,13 +27,18 @@ from PIL import Image
 
 from marketplace_search.images import MAX_PIXELS, ImageError, ImageTooLarge, UnsupportedFormat, decode_image
 from marketplace_search.search import MAX_K, Catalogue
+from marketplace_search.text import (DESCRIPTION, MAX_DESCRIPTION_CHARS, MAX_TITLE_CHARS, PHOTO, TITLE, TextModel,
+                                     listing_text)
 
 DEFAULT_K = 10
 TOP_CATEGORIES = 3
 OPTIONS = ("k", "category", "embedding")
 BODY_PARTS = ("body", "data")  # "data" is what gRPC and KServe-style clients send
 JSON_TYPES = ("application/json",)
-HEADER_OPTIONS = {f"x-{name}": name for name in OPTIONS}
+TEXT_FIELDS = (TITLE, DESCRIPTION)
+TEXT_LIMITS = {TITLE: MAX_TITLE_CHARS, DESCRIPTION: MAX_DESCRIPTION_CHARS}
+FIELDS = OPTIONS + TEXT_FIELDS
+HEADER_OPTIONS = {f"x-{name}": name for name in (*OPTIONS, TITLE)}
 TRUE_WORDS = {"true", "1", "yes", "on"}
 FALSE_WORDS = {"false", "0", "no", "off", ""}
 
@@ -49,20 +57,29 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class Query:
-    """One valid request: the decoded photo and its options."""
+    """One valid request: the decoded photo (None when only words were sent), the words and the options."""
 
-    image: Image.Image = field(repr=False)
+    image: Image.Image | None = field(repr=False)
     k: int = DEFAULT_K
     category: str | None = None
     embedding: bool = False
+    title: str | None = None
+    description: str | None = None
+
+    @property
+    def inputs(self) -> list[str]:
+        """What the answer was made from, as the answer's `inputs` names it."""
+        return [name for name, value in ((PHOTO, self.image), (TITLE, self.title), (DESCRIPTION, self.description))
+                if value is not None]
 
 
 @dataclass
 class Batch:
     """A handler batch: one slot per request, a Query or the RequestError that refused it.
 
-    `images` stacks the valid queries' tensors in slot order; the model and the index fill
-    `probabilities`, `vectors` ((valid, d) float32, L2-normalised) and `neighbours`; `milliseconds`
+    `images` stacks the tensors of the valid queries that sent a photo, in slot order; the model, the
+    index and the text model fill `probabilities` ((valid, classes)), `vectors` ((valid, d) float32,
+    L2-normalised; zeros for a query without a photo) and `neighbours` (one list per valid query); `milliseconds`
     holds the time each stage took (decode, forward, search, answer).
     """
 
@@ -76,6 +93,11 @@ class Batch:
     @property
     def queries(self) -> list[Query]:
         return [slot for slot in self.slots if isinstance(slot, Query)]
+
+    @property
+    def photo_rows(self) -> list[int]:
+        """Rows of `queries` (and of `probabilities`, `vectors`) that sent a photo: `images` in that order."""
+        return [row for row, query in enumerate(self.queries) if query.image is not None]
 
 
 def parse_request(request: dict, categories: list[str], content_type: str | None = None,
@@ -96,22 +118,35 @@ def parse_request(request: dict, categories: list[str], content_type: str | None
         return make_query(photo, parts, categories, fit_size)
     body = parts.pop(body_name)
     if isinstance(body, (bytes, bytearray)) and not looks_like_json(body, content_type):
-        return make_query(body, parts, categories, fit_size)
+        # An empty body with an X-Title header is a request for the words alone.
+        return make_query(body if len(body) or TITLE not in parts else None, parts, categories, fit_size)
     document = parse_json_body(body)
-    unknown = sorted(set(document) - {"image", *OPTIONS})
+    unknown = sorted(set(document) - {"image", *FIELDS})
     if unknown:
-        raise RequestError(f"unknown JSON field(s) {', '.join(unknown)}; expected image, {', '.join(OPTIONS)}",
+        raise RequestError(f"unknown JSON field(s) {', '.join(unknown)}; expected image, {', '.join(FIELDS)}",
                            kind="unknown_field")
-    if "image" not in document:
-        raise RequestError("JSON body has no \"image\" field (the photo, base64-encoded)", kind="missing_image")
-    options = {**parts, **{name: document[name] for name in OPTIONS if name in document}}
-    return make_query(decode_base64(document["image"]), options, categories, fit_size)
+    if document.get("image") is None and document.get(TITLE) is None:
+        raise RequestError("JSON body has no \"image\" field (the photo, base64-encoded) and no \"title\"",
+                           kind="missing_image")
+    options = {**parts, **{name: document[name] for name in FIELDS if name in document}}
+    photo = None if document.get("image") is None else decode_base64(document["image"])
+    return make_query(photo, options, categories, fit_size)
 
 
 def header_options(headers: dict) -> dict:
-    """Options sent as X-K / X-Category / X-Embedding request headers, by option name."""
-    return {HEADER_OPTIONS[key.lower()]: value for key, value in headers.items()
+    """Options sent as X-K / X-Category / X-Embedding / X-Title request headers, by option name."""
+    return {HEADER_OPTIONS[key.lower()]: header_text(value) for key, value in headers.items()
             if isinstance(key, str) and key.lower() in HEADER_OPTIONS}
+
+
+def header_text(value):
+    """A header value as the client's UTF-8 text: HTTP servers hand non-ASCII header bytes on as Latin-1."""
+    if isinstance(value, str) and not value.isascii():
+        try:
+            return value.encode("latin-1").decode("utf-8")
+        except (UnicodeEncodeError, UnicodeDecodeError):
+            return value
+    return value
 
 
 def looks_like_json(body: bytes, content_type: str | None) -> bool:
@@ -138,15 +173,17 @@ def parse_json_body(body) -> dict:
     return body
 
 
-def pop_photo_field(parts: dict) -> bytes:
-    """The one multipart field that is not an option; removes it from `parts`."""
-    fields = [name for name in parts if name not in OPTIONS]
+def pop_photo_field(parts: dict) -> bytes | None:
+    """The one multipart field that is not an option or text (None if there is none but a title); removes it."""
+    fields = [name for name in parts if name not in FIELDS]
+    if not fields and TITLE in parts:
+        return None
     if not fields:
-        raise RequestError("no photo in the request: send it as the body or as a multipart file field",
-                           kind="missing_image")
+        raise RequestError("no photo in the request: send it as the body or as a multipart file field, "
+                           "or send a title", kind="missing_image")
     if len(fields) > 1:
         raise RequestError(f"one photo per request: got fields {', '.join(sorted(fields))} besides options "
-                           f"({', '.join(OPTIONS)})", kind="unknown_field")
+                           f"({', '.join(FIELDS)})", kind="unknown_field")
     photo = parts.pop(fields[0])
     if not isinstance(photo, (bytes, bytearray)):
         raise RequestError(f"field {fields[0]!r} holds text, not a photo file", 415, "unsupported_format")
@@ -164,15 +201,46 @@ def decode_base64(value) -> bytes:
         raise RequestError(f"\"image\" is not valid base64 ({error})", kind="bad_base64") from error
 
 
-def make_query(photo: bytes, options: dict, categories: list[str], fit_size: int | None = None) -> Query:
-    unknown = sorted(set(options) - set(OPTIONS))
+def make_query(photo: bytes | None, options: dict, categories: list[str], fit_size: int | None = None) -> Query:
+    unknown = sorted(set(options) - set(FIELDS))
     if unknown:
-        raise RequestError(f"unknown option(s) {', '.join(unknown)}; expected {', '.join(OPTIONS)}",
+        raise RequestError(f"unknown option(s) {', '.join(unknown)}; expected {', '.join(FIELDS)}",
                            kind="unknown_field")
     k = parse_k(options.get("k", DEFAULT_K))  # options first: they are cheap to check, the photo is not
     category = parse_category(options.get("category"), categories)
     embedding = parse_bool(options.get("embedding", False), "embedding")
-    return Query(read_photo(photo, fit_size=fit_size), k, category, embedding)
+    title, description = (parse_text(options.get(name), name) for name in TEXT_FIELDS)
+    if description is not None and title is None:
+        raise RequestError("a description needs a title: send the listing's title too", kind="missing_title")
+    if photo is None:
+        if title is None:
+            raise RequestError("send a photo, a title or both", kind="missing_image")
+        wants = [name for name, value in (("embedding", embedding), ("category", category)) if value]
+        if wants:
+            raise RequestError(f"option(s) {', '.join(wants)} need a photo (neighbours and embeddings come from "
+                               f"the photo); send one, or drop the option", kind="missing_image")
+        return Query(None, k, category, embedding, title, description)
+    return Query(read_photo(photo, fit_size=fit_size), k, category, embedding, title, description)
+
+
+def parse_text(value, name: str) -> str | None:
+    """A title or description: UTF-8 text, not empty, at most TEXT_LIMITS[name] characters (413 above)."""
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise RequestError(f"{name} is not UTF-8 text ({error})", kind="bad_text") from error
+    if not isinstance(value, str):
+        raise RequestError(f"{name} must be text, got {type(value).__name__}", kind="bad_text")
+    text = value.strip()
+    if not text:
+        raise RequestError(f"{name} is empty", kind="bad_text")
+    if len(text) > TEXT_LIMITS[name]:
+        raise RequestError(f"{name} is {len(text)} characters long; at most {TEXT_LIMITS[name]} are read",
+                           413, "text_too_long")
+    return text
 
 
 def as_text(value) -> str:
@@ -324,13 +392,31 @@ def top_categories(probabilities: np.ndarray, classes: list[str], n: int = TOP_C
     return [{"category": classes[i], "probability": round(float(probabilities[i]), 6)} for i in order]
 
 
+def text_categories(text_model: TextModel | None, queries: list[Query], probabilities: np.ndarray) -> np.ndarray:
+    """The category probabilities of each query from what it sent: `probabilities` (the photo's) where it
+    sent a photo alone, the text model's calibration for its inputs where it sent words."""
+    worded = [row for row, query in enumerate(queries) if query.title is not None]
+    if not worded:
+        return probabilities
+    if text_model is None:
+        raise ValueError("queries with words reached a handler without a text model")
+    out = np.array(probabilities, np.float32, copy=True)
+    for row in worded:
+        query = queries[row]
+        photo = probabilities[row:row + 1] if query.image is not None else None
+        out[row] = text_model.predict(query.inputs, [listing_text(query.title, query.description)], photo)[0]
+    return out
+
+
 def build_answer(probabilities: np.ndarray, classes: list[str], neighbours: list[dict], model: dict,
-                 embedding: np.ndarray | None = None, catalogue: dict | None = None) -> dict:
+                 embedding: np.ndarray | None = None, inputs: list[str] | None = None,
+                 catalogue: dict | None = None) -> dict:
     """The answer for one query: best category, top 3, nearest listings, model, the catalogue generation
-    that answered (marketplace_search.live); embedding if asked."""
+    that answered (marketplace_search.live), the inputs used; embedding if asked."""
     top = top_categories(probabilities, classes)
     answer = {"category": top[0]["category"], "probability": top[0]["probability"], "top_categories": top,
-              "neighbours": neighbours, "model": model, **({"catalogue": catalogue} if catalogue else {})}
+              "neighbours": neighbours, "model": model, **({"catalogue": catalogue} if catalogue else {}),
+              "inputs": inputs or [PHOTO]}
     if embedding is not None:
         answer["embedding"] = [float(x) for x in embedding]
     return answer
@@ -345,6 +431,6 @@ def batch_answers(batch: Batch, classes: list[str], model: dict, catalogue: dict
             continue
         vector = batch.vectors[row] if slot.embedding else None
         answers.append(build_answer(batch.probabilities[row], classes, batch.neighbours[row], model, vector,
-                                    catalogue))
+                                    slot.inputs, catalogue))
         row += 1
     return answers

@@ -6,11 +6,12 @@ A run folder, `WORK/model_evaluation/<timestamp>/`:
   logs/                    TensorBoard
   embeddings/              catalogue vectors (training.embed)
   index/                   the Faiss catalogue (training.index; file names in marketplace_search.search)
-  evaluation.json          the evaluation table (training.evaluate)
+  evaluation.json          the evaluation table (training.evaluate; "text": training.text)
+  text_model/              the title/description model and its calibrations (training.text)
 An archive (`.mar`, unpacked by TorchServe into the worker's model folder):
-  best.pt, catalogue/, decoder.json, model_card.json, model_config.yaml, MAR-INF/MANIFEST.json,
-  the handler module, this package whole (marketplace_search/), and openvino/ (model.xml, model.bin)
-  when the archive's runtime is OpenVINO.
+  best.pt, catalogue/, text_model/ (when the run has one), decoder.json, model_card.json, model_config.yaml,
+  MAR-INF/MANIFEST.json, the handler module, this package whole (marketplace_search/), and openvino/
+  (model.xml, model.bin) when the archive's runtime is OpenVINO.
 """
 import hashlib
 import json
@@ -35,6 +36,8 @@ ARCHIVE_DECODER = "decoder.json"
 ARCHIVE_MODEL_CARD = "model_card.json"
 ARCHIVE_OPENVINO = "openvino"  # the OpenVINO IR of an archive built with --runtime openvino
 ARCHIVE_MANIFEST = Path("MAR-INF") / "MANIFEST.json"
+TEXT_MODEL_DIR = "text_model"  # in a run folder and in an archive (marketplace_search.text; training.text)
+ARCHIVE_TEXT_MODEL = TEXT_MODEL_DIR
 CORE_PACKAGE = __name__.split(".")[0]
 
 

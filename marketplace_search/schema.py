@@ -42,6 +42,7 @@ class Answer(TypedDict):
     neighbours: list[Neighbour]
     model: ModelInfo
     catalogue: CatalogueInfo
+    inputs: list[str]  # what the category was made from: "photo", "title", "description"
     embedding: NotRequired[list[float]]  # only when asked for (option `embedding`)
 
 

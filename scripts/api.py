@@ -148,7 +148,7 @@ def prediction_url(target, model: str = "marketplace", version: str | None = Non
 
 
 def prediction_headers(photo: bytes, token: str | None = None, k: int | None = None, category: str | None = None,
-                       embedding: bool = False) -> dict:
+                       embedding: bool = False, title: str | None = None) -> dict:
     """Headers of a raw-photo POST; options go as X- headers, since TorchServe drops a POST's query string."""
     headers = {"Content-Type": content_type(photo), **auth_headers(token)}
     if k is not None:
@@ -157,6 +157,8 @@ def prediction_headers(photo: bytes, token: str | None = None, k: int | None = N
         headers["X-Category"] = category
     if embedding:
         headers["X-Embedding"] = "true"
+    if title is not None:
+        headers["X-Title"] = title.encode("utf-8")  # UTF-8 bytes: the handler reads them back as such
     return headers
 
 
@@ -175,13 +177,13 @@ def post_photo(url: str, photo: bytes, headers: dict, timeout: float = 60) -> re
 
 def predict(target, photo: bytes, *, model: str = "marketplace", version: str | None = None,
             k: int | None = None, category: str | None = None, embedding: bool = False,
-            token: str | None = None, timeout: float = 60, retries: int = 2) -> dict:
+            token: str | None = None, timeout: float = 60, retries: int = 2, title: str | None = None) -> dict:
     """POST the photo to /predictions/MODEL[/VERSION]; the answer JSON, or ApiError with the server's message.
 
     Overload answers (TRANSIENT_STATUSES) and dropped connections are asked again `retries` times.
     """
     url, token = endpoint(target, "inference", token)
-    headers = prediction_headers(photo, token, k, category, embedding)
+    headers = prediction_headers(photo, token, k, category, embedding, title)
     try:
         response = retrying(retries)(post_photo, prediction_url(url, model, version), photo, headers, timeout)
     except TransientError as error:

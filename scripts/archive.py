@@ -10,6 +10,8 @@ archive holds, beside MAR-INF/MANIFEST.json:
   marketplace_handler.py  the handler
   marketplace_search/     the core package, whole (decoding, transform, model, catalogue, requests and answers)
   catalogue/              the Faiss index, id map, listings and index meta from RUN/index
+  text_model/             the title/description model and its calibrations from RUN/text_model (JSON + .npz,
+                          nothing pickled), when the run has one (training.text)
   decoder.json            {"0": category, ...} from the checkpoint's classes
   model_config.yaml       batching and workers (batchSize, maxBatchDelay, minWorkers, maxWorkers, ...)
   model_card.json         data source, training config, evaluation figures, checkpoint sha256, creation time,
@@ -42,10 +44,11 @@ import yaml
 from marketplace_search.models import SERVING_LAYOUTS, load_checkpoint, serving_layout, sha256_file
 from marketplace_search.layout import (ARCHIVE_CATALOGUE, ARCHIVE_DECODER, ARCHIVE_MODEL_CARD, ARCHIVE_OPENVINO,
                                        CHECKPOINT, CORE_PACKAGE, EVALUATION, INDEX_DIR, RUN_INFO, RUN_STAMP_FORMAT,
-                                       read_run_info)
+                                       TEXT_MODEL_DIR, read_run_info)
 from marketplace_search.presets import Preprocess
 from marketplace_search.runtime import PRECISIONS, RUNTIMES, check_backend, save_openvino
 from marketplace_search.search import ID_MAP_FILE, INDEX_FILE, LISTINGS_FILE, META_FILE
+from marketplace_search.text import MODEL_FILE as TEXT_MODEL_FILE, WEIGHTS_FILE as TEXT_WEIGHTS_FILE, TextModel
 
 REPO = Path(__file__).resolve().parents[1]
 HANDLER = REPO / "handlers" / "marketplace_handler.py"
@@ -115,7 +118,17 @@ def model_card(run_dir: Path, info: dict, checkpoint: dict, checkpoint_sha256: s
         "classes": checkpoint["classes"],
         "catalogue": {key: index_meta.get(key) for key in ("count", "dimension", "metric", "normalisation", "index")},
         "evaluation": json.loads((run_dir / EVALUATION).read_text()),
+        "text_model": text_model_card(run_dir),
     }
+
+
+def text_model_card(run_dir: Path) -> dict | None:
+    """The text model's settings and test figures per input (None: the run has no text model)."""
+    if not (run_dir / TEXT_MODEL_DIR).is_dir():
+        return None
+    info = TextModel.load(run_dir / TEXT_MODEL_DIR).info
+    return {"files": {name: sha256_file(run_dir / TEXT_MODEL_DIR / name) for name in (TEXT_MODEL_FILE, TEXT_WEIGHTS_FILE)},
+            **info}
 
 
 def model_config(batch_size: int, max_batch_delay: int, min_workers: int, max_workers: int,
@@ -140,6 +153,10 @@ def stage_extra_files(stage: Path, run_dir: Path, classes: list[str], card: dict
     (extra / ARCHIVE_CATALOGUE).mkdir()
     for name in CATALOGUE_FILES:
         shutil.copyfile(run_dir / INDEX_DIR / name, extra / ARCHIVE_CATALOGUE / name)
+    if (run_dir / TEXT_MODEL_DIR).is_dir():
+        (extra / TEXT_MODEL_DIR).mkdir()
+        for name in (TEXT_MODEL_FILE, TEXT_WEIGHTS_FILE):
+            shutil.copyfile(run_dir / TEXT_MODEL_DIR / name, extra / TEXT_MODEL_DIR / name)
     (extra / ARCHIVE_DECODER).write_text(json.dumps({str(i): name for i, name in enumerate(classes)}, indent=2))
     (extra / ARCHIVE_MODEL_CARD).write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
     return extra

@@ -6,7 +6,8 @@
 
 INPUT is a folder (every file in it, sorted by name, dot-files skipped; image id = file stem) or a
 CSV with an `image_id` and/or a `path` column (paths relative to the CSV's folder; image_id alone
-reads --images DIR/<image_id>.jpg). Inputs are identified by (image_id, absolute path). Every input
+reads --images DIR/<image_id>.jpg), and optionally `title` and `description` columns: a row with a
+title is sent as JSON with its photo and words, and answered from both (the answer's `inputs`). Inputs are identified by (image_id, absolute path). Every input
 must be a regular file of at most --max-file-bytes inside its folder (the folder given, the CSV's,
 --images): an absolute path, a `..` or a symlink that leads out of it is refused ("refused_input").
 
@@ -36,6 +37,7 @@ MAX_ARCHIVE_BYTES and MAX_ARCHIVE_MEMBERS, and not at all if a member's name is 
 the photos answered in this run over the time spent answering them (model loading excluded).
 """
 import argparse
+import base64
 import csv
 import itertools
 import json
@@ -72,6 +74,7 @@ FSYNC_EVERY_LINES = 200
 FSYNC_EVERY_SECONDS = 5.0
 CSV_COLUMNS = ("image_id", "path")
 ENGINES = ("served", "local", "ray")
+TEXT_COLUMNS = ("title", "description")
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,13 @@ class Item:
     image_id: str
     path: str
     root: str = field(default="", compare=False)
+    title: str | None = field(default=None, compare=False)
+    description: str | None = field(default=None, compare=False)
+
+    @property
+    def words(self) -> dict[str, str]:
+        """The listing's title and description, when the CSV gave them."""
+        return {name: value for name, value in (("title", self.title), ("description", self.description)) if value}
 
     @property
     def key(self) -> tuple[str, str]:
@@ -159,11 +169,12 @@ def csv_inputs(csv_path: Path, images_dir: Path | None) -> list[Item]:
 def csv_item(row: dict, csv_path: Path, line: int, images_dir: Path | None) -> Item:
     image_id = (row.get("image_id") or "").strip()
     path = (row.get("path") or "").strip()
+    words = {name: (row.get(name) or "").strip() or None for name in TEXT_COLUMNS}
     if path:
         full = absolute(csv_path.parent / path)  # an absolute `path` stays as it is: read_input refuses it
-        return Item(image_id or full.stem, str(full), str(csv_path.parent))
+        return Item(image_id or full.stem, str(full), str(csv_path.parent), **words)
     if image_id and images_dir is not None:
-        return Item(image_id, str(absolute(images_dir / f"{image_id}.jpg")), str(absolute(images_dir)))
+        return Item(image_id, str(absolute(images_dir / f"{image_id}.jpg")), str(absolute(images_dir)), **words)
     raise ValueError(f"{csv_path} line {line}: no path" + ("" if image_id else " and no image_id")
                      + ("" if images_dir or not image_id else " (pass --images DIR to read DIR/<image_id>.jpg)"))
 
@@ -323,12 +334,21 @@ def check_server(url: str, timeout: float) -> None:
                          f"(python -m scripts.serve start ...) or run in-process with --local ARCHIVE") from error
 
 
-def post_photo(target: Target, photo: bytes) -> tuple[int, dict]:
+def request_payload(photo: bytes, words: dict[str, str]) -> tuple[bytes, dict]:
+    """(body, extra headers): the raw photo, or JSON with the photo (base64) and the listing's words."""
+    if not words:
+        return photo, {}
+    document = {"image": base64.b64encode(photo).decode("ascii"), **words}
+    return json.dumps(document, ensure_ascii=False).encode("utf-8"), {"Content-Type": "application/json"}
+
+
+def post_photo(target: Target, photo: bytes, words: dict[str, str] | None = None) -> tuple[int, dict]:
     """One POST: the final (status, JSON answer), or TransientError when it is worth asking again."""
-    response = api.post_photo(target.url, photo, target.headers(photo), target.timeout)
+    data, extra = request_payload(photo, words or {})
+    response = api.post_photo(target.url, data, {**target.headers(photo), **extra}, target.timeout)
     if api.key_refused(response):
         if target.renewed_token():
-            response = api.post_photo(target.url, photo, target.headers(photo), target.timeout)
+            response = api.post_photo(target.url, data, {**target.headers(photo), **extra}, target.timeout)
         if api.key_refused(response):
             raise FatalError(f"POST {target.url}: the inference key was refused ({api.error_text(response)}); "
                              f"keys expire: renew it (README, Security) and re-run to resume")
@@ -350,7 +370,7 @@ def answer_served(item: Item, target: Target, policy: Retrying) -> dict:
     except (OSError, RefusedInput) as error:
         return file_error(item, error)
     try:
-        status, answer = policy(post_photo, target, photo)
+        status, answer = policy(post_photo, target, photo, item.words)
     except TransientError as error:
         attempts = policy.stop.max_attempt_number
         return error_record(item, error.code, f"no answer after {attempts} attempt(s): {error}")
@@ -425,8 +445,9 @@ def answer_local_batch(handler, items: list[Item], k: int, predict, max_file_byt
             records[item.key] = file_error(item, error)
             continue
         sent.append(item)
-        bodies.append({"body": photo})
-        headers.append(api.prediction_headers(photo, k=k))
+        data, extra = request_payload(photo, item.words)
+        bodies.append({"body": json.loads(data) if extra else photo})  # TorchServe hands JSON over parsed
+        headers.append({**api.prediction_headers(photo, k=k), **extra})
     if sent:
         for item, (status, answer) in zip(sent, predict_each_on_failure(handler, bodies, headers, predict), strict=True):
             records[item.key] = answer_record(item, status, answer)

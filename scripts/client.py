@@ -3,6 +3,7 @@
   python -m scripts.client photo.jpg
   python -m scripts.client photo.jpg --k 5 --category "Home & Garden" --url http://127.0.0.1:8080
   python -m scripts.client photo.jpg --json            # the raw answer JSON
+  python -m scripts.client photo.jpg --title "Ikea Kallax shelf, white"   # category from photo + title
 
 The same call with curl (options as headers, since TorchServe drops a POST's query string):
   curl -H 'Content-Type: image/jpeg' -H 'X-K: 5' --data-binary @photo.jpg http://127.0.0.1:8080/predictions/marketplace
@@ -26,7 +27,8 @@ def format_answer(answer: dict) -> str:
     """Category, probability and a neighbours table, as printed by the CLI."""
     lines = [f"category: {answer['category']} ({answer['probability']:.1%})",
              "also: " + ", ".join(f"{c['category']} {c['probability']:.1%}" for c in answer["top_categories"][1:]),
-             f"model: {answer['model']['name']} {answer['model']['version']}", ""]
+             f"model: {answer['model']['name']} {answer['model']['version']}"
+             + (f" (from {' + '.join(answer['inputs'])})" if answer.get("inputs") else ""), ""]
     rows = [("#", "title", "price", "location", "category", "similarity")]
     rows += [(str(rank), n["title"][:40], format_price(n["price"]), n["location"][:20], n["category"],
               f"{n['similarity']:.3f}") for rank, n in enumerate(answer["neighbours"], 1)]
@@ -46,6 +48,7 @@ def main(argv=None) -> None:
     parser.add_argument("--k", type=int, help="number of similar listings (1-100, server default 10)")
     parser.add_argument("--category", help="only listings of this category")
     parser.add_argument("--embedding", action="store_true", help="also return the photo's embedding")
+    parser.add_argument("--title", help="the listing's title: the category comes from photo + title")
     parser.add_argument("--json", action="store_true", help="print the answer JSON")
     parser.add_argument("--token", help="inference key when tokens are on (default: --key-file's, else $TS_TOKEN)")
     parser.add_argument("--key-file", type=Path, help="the server's key_file.json: its inference key is used")
@@ -54,7 +57,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"{args.photo}: no such file")
     try:
         answer = api.predict(args.url, args.photo.read_bytes(), model=args.model, version=args.version, k=args.k,
-                             category=args.category, embedding=args.embedding,
+                             category=args.category, embedding=args.embedding, title=args.title,
                              token=api.resolve_token("inference", args.token, args.key_file))
     except api.ApiError as error:
         print(f"refused: {error}", file=sys.stderr)

@@ -180,7 +180,7 @@ def test_metrics_endpoint_speaks_prometheus(served):
                                           re.MULTILINE):
         label = dict(re.findall(r'(\w+)="([^"]*)"', labels))
         stages[label["Stage"], int(label["BatchSize"])] = float(milliseconds)
-    assert {stage for stage, _ in stages} == {"decode", "forward", "search", "answer"}
+    assert {stage for stage, _ in stages} == {"decode", "forward", "search", "text", "answer"}
     assert {size for _, size in stages} <= set(batch_sizes(response.text))
     assert all(stages[stage, size] > 0 for stage, size in stages if stage in ("decode", "forward"))
 

@@ -47,7 +47,7 @@ def test_run_folder_has_a_checkpoint_per_epoch_logs_and_reports(tiny_run):
     assert list((run_dir / "logs").glob("events.out.tfevents.*"))
     info = json.loads((run_dir / "run.json").read_text())
     assert len(info["train"]["history"]) == 15
-    assert set(info["pipeline_seconds"]) == {"tables", "photos", "split", "train", "embed", "index", "evaluate"}
+    assert set(info["pipeline_seconds"]) == {"tables", "photos", "split", "train", "embed", "index", "evaluate", "text"}
     assert info["weights_source"] == "random initialisation"
 
 
@@ -337,3 +337,19 @@ def test_the_blend_is_chosen_on_validation_and_only_when_it_helps():
     wrong_voters = [[{"category": classes[1 - label], "similarity": 0.9}] * 20 for label in labels]
     blend, figures = choose_blend(right_head, wrong_voters, labels, classes)
     assert blend.weight == 0 and figures["val_top1_blend"] == 1.0  # the head alone wins: no blend is served
+
+
+def test_text_stage_adds_its_rows_and_a_model_the_handler_loads(tiny_run):
+    from marketplace_search.text import INPUT_KINDS, TextModel, kind_name
+
+    _, run_dir = tiny_run
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    rows = {row["inputs"]: row for row in evaluation["text"]["rows"]}
+    assert set(rows) == {"photo", "title", "title+description", "photo+title", "photo+title+description"}
+    served = evaluation.get("fine_tuned_blend", evaluation["fine_tuned"])
+    assert rows["photo"]["top1_accuracy"] == pytest.approx(served["top1_accuracy"])  # the same test split
+    assert rows["photo+title"]["precision@5"] == served["precision@5"]  # neighbours stay the photo's
+    model = TextModel.load(run_dir / "text_model")
+    assert model.classes == json.loads((run_dir / "run.json").read_text())["classes"]
+    assert set(model.calibrations) == {kind_name(inputs) for inputs in INPUT_KINDS}
+    assert len(evaluation["text"]["per_category"]) == len(model.classes)

@@ -21,7 +21,7 @@ import torch
 from training.dataset import load_split
 from training.embed import load_embeddings
 from marketplace_search.inference import CategoryBlend, blend_categories, category_votes, mix_votes
-from marketplace_search.layout import EVALUATION, INDEX_DIR, latest_run, read_run_info, update_run_info
+from marketplace_search.layout import EVALUATION, INDEX_DIR, TEXT_MODEL_DIR, latest_run, read_run_info, update_run_info
 from marketplace_search.models import MarketplaceNet, default_preprocess, load_pretrained_backbone
 from marketplace_search.search import Catalogue, make_catalogue
 from training.train import autocast_dtype, cache_key, cached_outputs, pick_device
@@ -204,6 +204,9 @@ def evaluate(run_dir: Path, work_dir: Path, baseline: bool = True) -> dict:
     if "category_blend" in report:
         print(f"category blend chosen on val: {report['category_blend']}")
     print_per_category(report["per_category"])
+    if (Path(run_dir) / TEXT_MODEL_DIR).is_dir():  # its fusion was calibrated on the photo blend chosen before
+        print(f"note: {Path(run_dir) / TEXT_MODEL_DIR} was calibrated on the previous evaluation's photo blend and "
+              f"its rows are gone from {EVALUATION}: run training.text again (the pipeline does)")
     return report
 
 

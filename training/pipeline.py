@@ -1,4 +1,4 @@
-"""Run every stage: tables -> photos -> split -> train -> embed -> index -> evaluate.
+"""Run every stage: tables -> photos -> split -> train -> embed -> index -> evaluate -> text.
 
 Example (the real listings with the offline MobileNetV2 backbone):
   python -m training.pipeline --data ../shared/data/marketplace --out work/marketplace \\
@@ -9,13 +9,13 @@ import argparse
 import time
 from pathlib import Path
 
-from training import dataset, embed, evaluate, index, photos, tables
+from training import dataset, embed, evaluate, index, photos, tables, text
 from marketplace_search.layout import update_run_info
 from training.train import add_arguments, train
 
 
 def run_pipeline(args: argparse.Namespace) -> Path:
-    """Run stages 1-7 into `args.out`; returns the run folder."""
+    """Run stages 1-8 into `args.out`; returns the run folder."""
     out = Path(args.out)
     timings = {}
 
@@ -38,6 +38,7 @@ def run_pipeline(args: argparse.Namespace) -> Path:
                                 "--actors", str(args.actors)])
     timed("index", index.main, [*common, "--index-type", args.index_type])
     timed("evaluate", evaluate.main, common + ([] if args.baseline else ["--no-baseline"]))
+    timed("text", text.main, common)  # after evaluate: it calibrates on the photo blend evaluate chose
     update_run_info(run_dir, data=str(Path(args.data).resolve()), pipeline_seconds=timings)
     print("\nstage seconds: " + ", ".join(f"{name} {seconds}" for name, seconds in timings.items()))
     print(f"run folder: {run_dir}")

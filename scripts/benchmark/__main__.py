@@ -16,6 +16,8 @@ Sections (`--sections`, comma separated):
   startup  start to READY, resident memory per worker
   fault    32 clients, 2,000 requests, one worker SIGKILLed half-way: what every request got,
            how soon the server answers again, latency before and after
+  text     what a title costs a served request: p50 of photo alone, photo + title (+ description),
+           title alone, one at a time, and the text model's scoring time
   training items/s of each training stage (frozen trunk, cached tail step, full step, embedding),
            fp32 against bf16 autocast, and peak memory
   live     the live catalogue while serving: remove → effect, seconds per added photo, the check's
@@ -44,10 +46,11 @@ from scripts.benchmark.live import bench_live
 from scripts.benchmark.photos import generate_photos, read_photos
 from scripts.benchmark.report import describe_machine, format_machine, raw_figures, render_report, render_section
 from scripts.benchmark.served import BATCHED, bench_serving
+from scripts.benchmark.text import bench_text
 from scripts.benchmark.training import bench_training
 from scripts.benchmark.subjects import load_subjects, parse_weights
 
-SECTIONS = ("bare", "served", "index", "startup", "fault", "training", "live")
+SECTIONS = ("bare", "served", "index", "startup", "fault", "training", "live", "text")
 
 # Sizes and repeats per profile; any option given on the command line wins.
 PROFILES = {
@@ -65,6 +68,7 @@ PROFILES = {
         "train_arch": ["efficientnet_lite2", "mobilenet_v2", "resnet50"], "train_batch": 32, "train_stages": 2,
         "live_add_photos": 1000, "live_removes": 5, "live_lone_requests": 200,
         "live_memory_sizes": [100_000, 1_000_000],
+        "text_requests": 100,
     },
     "quick": {
         "arch": ["resnet50"], "batches": [1, 8, 32], "knob_batch": 8, "compare_photos": 8,
@@ -79,6 +83,7 @@ PROFILES = {
         "filtered_queries": 20, "dim": 256, "fault_clients": 16, "fault_requests": 400,
         "train_arch": ["efficientnet_lite2"], "train_batch": 16, "train_stages": 2,
         "live_add_photos": 200, "live_removes": 3, "live_lone_requests": 100, "live_memory_sizes": [10_000, 100_000],
+        "text_requests": 30,
     },
 }
 
@@ -235,6 +240,8 @@ def run_sections(settings: dict, photos: list[bytes]) -> dict:
     if "live" in chosen:
         with tempfile.TemporaryDirectory(prefix="benchmark-live-") as scratch:
             done(live=timed(bench_live, settings, Path(scratch)))
+    if "text" in chosen:
+        done(text=timed(bench_text, photos, settings))
     if "fault" in chosen:
         with tempfile.TemporaryDirectory(prefix="benchmark-fault-") as scratch:
             done(fault=timed(bench_fault, settings, Path(scratch)))

@@ -1,0 +1,278 @@
+"""Category from a listing's words, and its fusion with the photo model: numpy only, no scikit-learn.
+
+The text model (trained by training.text) is TF-IDF over word 1-2-grams and character 2-5-grams
+inside words, each block L2-normalised, and one linear classifier over both: `scores(texts)` gives
+(n, classes) decision scores. How text is cut into terms is defined here once: training passes
+`word_terms`/`char_terms` to scikit-learn as its analyzers, serving counts them itself, so the two
+can never drift. Category probabilities come from small linear maps ("calibrations") chosen on the
+validation split, one per combination of inputs a request can carry:
+  title, title+description               softmax(A @ [log votes, text scores] + b)
+  photo+title, photo+title+description   softmax(A @ [log photo probabilities, log votes, text scores] + b)
+A photo alone is answered as before (head + neighbour vote). "votes" is a k-NN vote over the words of
+the catalogue's listings (title + description, the same TF-IDF rows, cosine similarity), as the photo
+model votes over the catalogue's photos: `TextNeighbours`, stored with the model; a model without it
+(format tfidf-linear/1) has calibrations without the votes' columns.
+
+On disk (a folder, shipped whole in the archive; plain JSON and a numpy .npz, nothing unpickled):
+  text_model.json   classes, settings, the two vocabularies (term -> column), calibrations' inputs,
+                    the catalogue listings' product ids and the vote's k and temperature
+  text_model.npz    idf of each block, classifier weights and bias, each calibration's A and b, the
+                    catalogue listings' TF-IDF rows by column (CSC: indptr, rows, values) and labels
+"""
+import json
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+MODEL_FILE = "text_model.json"
+WEIGHTS_FILE = "text_model.npz"
+FORMAT = "tfidf-linear/2"
+FORMATS = ("tfidf-linear/1", FORMAT)  # /1: no catalogue vote
+VOTE_FLOOR = 1e-3  # under the vote's probabilities before the log: a category no neighbour has
+WORD_NGRAMS = (1, 2)
+CHAR_NGRAMS = (2, 5)
+MAX_TITLE_CHARS = 300
+MAX_DESCRIPTION_CHARS = 10_000
+TITLE = "title"
+DESCRIPTION = "description"
+PHOTO = "photo"
+# The combinations of inputs a calibration exists for, as the answer's `inputs` names them.
+INPUT_KINDS = (("title",), ("title", "description"), ("photo", "title"), ("photo", "title", "description"))
+TOKEN = re.compile(r"(?u)\b\w\w+\b")
+WHITESPACE = re.compile(r"\s+")
+# The scraped descriptions carry the site's own line "Posted by <name> in <sub-category> in <town>.
+# <date>": it names the category, and no seller types it, so it is removed before anything else.
+SITE_LINE = re.compile(r"Posted by .{0,400}?\b\d{1,2} (?:January|February|March|April|May|June|July|August|"
+                       r"September|October|November|December) \d{4}", re.S)
+
+
+def normalise_text(text: str) -> str:
+    """Lower case, accents removed (NFKD), the site's "Posted by" line dropped, whitespace collapsed."""
+    text = SITE_LINE.sub(" ", text).lower()
+    text = "".join(char for char in unicodedata.normalize("NFKD", text) if not unicodedata.combining(char))
+    return WHITESPACE.sub(" ", text).strip()
+
+
+def listing_text(title: str, description: str | None = None) -> str:
+    """What the text model reads for one listing: its title, then its description if there is one."""
+    return f"{title}\n{description}" if description else title
+
+
+def word_terms(text: str, ngrams: tuple[int, int] = WORD_NGRAMS) -> list[str]:
+    """Word n-grams of the normalised text (words of 2+ letters or digits)."""
+    tokens = TOKEN.findall(normalise_text(text))
+    terms = []
+    for n in range(ngrams[0], ngrams[1] + 1):
+        terms += [" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return terms
+
+
+def char_terms(text: str, ngrams: tuple[int, int] = CHAR_NGRAMS) -> list[str]:
+    """Character n-grams inside each space-padded word; a word shorter than n counts once whole."""
+    terms = []
+    for word in normalise_text(text).split():
+        word = f" {word} "
+        for n in range(ngrams[0], ngrams[1] + 1):
+            if len(word) <= n:
+                terms.append(word)
+                break
+            terms += [word[i:i + n] for i in range(len(word) - n + 1)]
+    return terms
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def kind_name(inputs) -> str:
+    return "+".join(inputs)
+
+
+@dataclass
+class TextNeighbours:
+    """The catalogue's listings as TF-IDF rows (the text model's features), stored by column (CSC), and
+    the k-NN vote over them: each query's k most similar listings (cosine) vote with weights
+    exp(similarity / temperature), its own listing excluded when it is in the catalogue."""
+
+    product_ids: list[str]
+    labels: np.ndarray  # (listings,) int class index
+    indptr: np.ndarray  # (features + 1,) int64: column c's listings are rows[indptr[c]:indptr[c + 1]]
+    rows: np.ndarray  # int32
+    values: np.ndarray  # float32, each listing's row L2-normalised per block (word, char)
+    k: int = 20
+    temperature: float = 0.05
+
+    def __post_init__(self):
+        self.position = {product_id: row for row, product_id in enumerate(self.product_ids)}
+
+    @classmethod
+    def from_rows(cls, product_ids: list[str], labels, feature_rows, width: int, k: int = 20,
+                  temperature: float = 0.05) -> "TextNeighbours":
+        """From each listing's (columns, values), as TextModel.features gives them."""
+        columns = np.concatenate([columns for columns, _ in feature_rows]).astype(np.int64)
+        values = np.concatenate([values for _, values in feature_rows]).astype(np.float32)
+        rows = np.repeat(np.arange(len(feature_rows), dtype=np.int32), [len(c) for c, _ in feature_rows])
+        order = np.argsort(columns, kind="stable")
+        indptr = np.zeros(width + 1, np.int64)
+        np.cumsum(np.bincount(columns, minlength=width), out=indptr[1:])
+        return cls(list(product_ids), np.asarray(labels, np.int32), indptr, rows[order], values[order], k,
+                   temperature)
+
+    def similarities(self, columns: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """(listings,) cosine similarity of one query row to every catalogue listing (two blocks: / 2)."""
+        starts, ends = self.indptr[columns], self.indptr[columns + 1]
+        lengths = ends - starts
+        if not lengths.sum():
+            return np.zeros(len(self.product_ids), np.float32)
+        positions = np.repeat(ends - lengths.cumsum(), lengths) + np.arange(lengths.sum())
+        weights = self.values[positions] * np.repeat(values, lengths)
+        return (np.bincount(self.rows[positions], weights, minlength=len(self.product_ids)) / 2.0).astype(np.float32)
+
+    def vote(self, similarities: np.ndarray, classes: int, exclude: str | None = None, k: int | None = None,
+             temperature: float | None = None) -> np.ndarray:
+        """(classes,) the k nearest listings' vote, summing to 1 (uniform when nothing is similar)."""
+        k, temperature = k or self.k, temperature or self.temperature
+        similarities = np.array(similarities, np.float64)
+        if exclude is not None and exclude in self.position:
+            similarities[self.position[exclude]] = -np.inf
+        k = min(k, int(np.isfinite(similarities).sum()))
+        votes = np.zeros(classes)
+        if k <= 0 or not np.nanmax(similarities[np.isfinite(similarities)], initial=0.0) > 0:
+            return np.full(classes, 1.0 / classes)
+        top = np.argpartition(-similarities, k - 1)[:k]
+        weights = np.exp((similarities[top] - similarities[top].max()) / temperature)
+        np.add.at(votes, self.labels[top], weights)
+        return votes / votes.sum()
+
+
+@dataclass
+class TextModel:
+    """The trained text classifier and the calibrations that turn scores into category probabilities."""
+
+    classes: list[str]
+    word_vocabulary: dict[str, int]
+    char_vocabulary: dict[str, int]
+    word_idf: np.ndarray
+    char_idf: np.ndarray
+    coef: np.ndarray  # (classes, word + char features) float32
+    intercept: np.ndarray  # (classes,)
+    calibrations: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # kind -> (A, b)
+    info: dict = field(default_factory=dict)  # settings and figures, for the model card
+    neighbours: TextNeighbours | None = None  # the catalogue vote; its calibrations read the votes when set
+
+    def __post_init__(self):
+        width = len(self.word_vocabulary) + len(self.char_vocabulary)
+        if self.coef.shape != (len(self.classes), width):
+            raise ValueError(f"text model weights are {self.coef.shape}, expected ({len(self.classes)}, {width})")
+
+    def block(self, terms: list[str], vocabulary: dict[str, int], idf: np.ndarray,
+              offset: int) -> tuple[np.ndarray, np.ndarray]:
+        """(columns, L2-normalised sublinear TF-IDF values) of the known terms."""
+        counts: dict[int, int] = {}
+        for term in terms:
+            column = vocabulary.get(term)
+            if column is not None:
+                counts[column] = counts.get(column, 0) + 1
+        if not counts:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        columns = np.fromiter(counts, np.int64, len(counts))
+        values = (1.0 + np.log(np.fromiter(counts.values(), np.float64, len(counts)))) * idf[columns]
+        return columns + offset, (values / np.linalg.norm(values)).astype(np.float32)
+
+    def features(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """The sparse TF-IDF row of one text: (columns, values)."""
+        words = self.block(word_terms(text), self.word_vocabulary, self.word_idf, 0)
+        chars = self.block(char_terms(text), self.char_vocabulary, self.char_idf, len(self.word_vocabulary))
+        return np.concatenate([words[0], chars[0]]), np.concatenate([words[1], chars[1]])
+
+    def scores(self, texts: list[str]) -> np.ndarray:
+        """(n, classes) float32 decision scores of the linear classifier."""
+        out = np.empty((len(texts), len(self.classes)), np.float32)
+        for row, text in enumerate(texts):
+            columns, values = self.features(text)
+            out[row] = self.coef[:, columns] @ values + self.intercept
+        return out
+
+    def votes(self, texts: list[str], exclude: list[str | None] | None = None) -> np.ndarray | None:
+        """(n, classes) the catalogue vote of each text (None without a catalogue); `exclude`: each text's
+        own product id, left out of its vote (evaluation: a listing already on sale would find itself)."""
+        if self.neighbours is None:
+            return None
+        exclude = exclude or [None] * len(texts)
+        return np.stack([self.neighbours.vote(self.neighbours.similarities(*self.features(text)), len(self.classes),
+                                              own) for text, own in zip(texts, exclude)]).astype(np.float32)
+
+    def probabilities(self, inputs, scores: np.ndarray, photo: np.ndarray | None = None,
+                      votes: np.ndarray | None = None) -> np.ndarray:
+        """(n, classes) category probabilities for requests that sent `inputs` (e.g. ("photo", "title")).
+
+        `photo`: the photo model's (n, classes) probabilities, required when "photo" is among the inputs;
+        `votes`: `self.votes(texts)`, required when the model has a catalogue vote.
+        """
+        name = kind_name(inputs)
+        if name not in self.calibrations:
+            raise KeyError(f"no calibration for inputs {name!r}; the text model has {sorted(self.calibrations)}")
+        if (votes is None) != (self.neighbours is None):
+            raise ValueError("votes are required by a text model with a catalogue vote, and only by it")
+        return softmax(calibration_features(scores, photo if PHOTO in inputs else None, votes)
+                       @ self.calibrations[name][0].T + self.calibrations[name][1]).astype(np.float32)
+
+    def predict(self, inputs, texts: list[str], photo: np.ndarray | None = None) -> np.ndarray:
+        """(n, classes) category probabilities of `texts` (listing_text of each request's words)."""
+        return self.probabilities(inputs, self.scores(texts), photo, self.votes(texts))
+
+    def save(self, directory: Path | str) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        document = {"format": FORMAT if self.neighbours is not None else FORMATS[0], "classes": self.classes,
+                    "word_ngrams": list(WORD_NGRAMS), "char_ngrams": list(CHAR_NGRAMS), "calibrations": sorted(self.calibrations), "info": self.info,
+                    "word_vocabulary": sorted(self.word_vocabulary, key=self.word_vocabulary.get),
+                    "char_vocabulary": sorted(self.char_vocabulary, key=self.char_vocabulary.get)}
+        arrays = {"word_idf": self.word_idf, "char_idf": self.char_idf, "coef": self.coef,
+                  "intercept": self.intercept}
+        for name, (matrix, bias) in self.calibrations.items():
+            arrays[f"calibration:{name}:A"], arrays[f"calibration:{name}:b"] = matrix, bias
+        arrays = {key: np.asarray(value, np.float32) for key, value in arrays.items()}
+        if self.neighbours is not None:
+            document["neighbours"] = {"product_ids": self.neighbours.product_ids, "k": self.neighbours.k,
+                                      "temperature": self.neighbours.temperature}
+            arrays.update({"neighbours:labels": self.neighbours.labels.astype(np.int32),
+                           "neighbours:indptr": self.neighbours.indptr.astype(np.int64),
+                           "neighbours:rows": self.neighbours.rows.astype(np.int32),
+                           "neighbours:values": self.neighbours.values.astype(np.float32)})
+        (directory / MODEL_FILE).write_text(json.dumps(document, ensure_ascii=False))
+        np.savez(directory / WEIGHTS_FILE, **arrays)
+
+    @classmethod
+    def load(cls, directory: Path | str) -> "TextModel":
+        """Load a folder written by `save` (JSON and numpy arrays only: nothing is unpickled)."""
+        directory = Path(directory)
+        document = json.loads((directory / MODEL_FILE).read_text())
+        if document.get("format") not in FORMATS:
+            raise ValueError(f"{directory / MODEL_FILE} is format {document.get('format')!r}, expected one of {FORMATS}")
+        if tuple(document["word_ngrams"]) != WORD_NGRAMS or tuple(document["char_ngrams"]) != CHAR_NGRAMS:
+            raise ValueError(f"{directory / MODEL_FILE} was trained on other n-grams than this code cuts")
+        with np.load(directory / WEIGHTS_FILE, allow_pickle=False) as arrays:
+            calibrations = {name: (arrays[f"calibration:{name}:A"], arrays[f"calibration:{name}:b"])
+                            for name in document["calibrations"]}
+            stored = document.get("neighbours")
+            neighbours = None if stored is None else TextNeighbours(
+                stored["product_ids"], arrays["neighbours:labels"], arrays["neighbours:indptr"],
+                arrays["neighbours:rows"], arrays["neighbours:values"], int(stored["k"]), float(stored["temperature"]))
+            return cls(document["classes"], {term: i for i, term in enumerate(document["word_vocabulary"])},
+                       {term: i for i, term in enumerate(document["char_vocabulary"])}, arrays["word_idf"],
+                       arrays["char_idf"], arrays["coef"], arrays["intercept"], calibrations, document["info"],
+                       neighbours)
+
+
+def calibration_features(scores: np.ndarray, photo: np.ndarray | None = None,
+                         votes: np.ndarray | None = None) -> np.ndarray:
+    """What a calibration reads: [log photo probabilities (with a photo), log votes (with a catalogue
+    vote), text scores]."""
+    parts = [] if photo is None else [np.log(np.clip(photo, 1e-6, 1.0))]
+    parts += [] if votes is None else [np.log(np.clip(votes, VOTE_FLOOR, 1.0))]
+    return np.hstack(parts + [np.asarray(scores, np.float32)]).astype(np.float32)

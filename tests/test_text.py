@@ -1,0 +1,305 @@
+"""The text model (title, description) and its fusion with the photo: training, scoring, requests, serving."""
+import faiss  # noqa: F401  (before torch: OpenMP, see README)
+
+import base64
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+from handlers.local import load_local_handler, predict_local
+from marketplace_search.inference import RequestError, parse_request
+from marketplace_search.schema import ANSWER_FIELDS, check_answer
+from marketplace_search.text import (MAX_TITLE_CHARS, TextModel, char_terms, listing_text, normalise_text,
+                                     word_terms)
+from scripts import api, batch
+from tests.serving_fixtures import archive_tiny_run, extract_archive, make_tiny_run, running_server
+from training.tiny_run import CLASSES, make_tiny_text_model
+
+NAME = "marketplace"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny run with a text model trained on generated titles, and its archive."""
+    root = tmp_path_factory.mktemp("text")
+    run = make_tiny_run(root / "runs" / "2025-01-31_142233")
+    model = make_tiny_text_model(run.run_dir)
+    mar = archive_tiny_run(run, root / "store", version="1.0", batch_size=8, max_batch_delay=50)
+    return run, model, mar, root
+
+
+@pytest.fixture(scope="module")
+def handler(tiny):
+    run, _, mar, root = tiny
+    return load_local_handler(extract_archive(mar, root / "model"))
+
+
+def test_terms_are_cut_once_for_training_and_serving():
+    assert normalise_text("  Élégant  SOFA\r\nPosted by Ann in Sofas in Leeds. 3 May 2022 ") == "elegant sofa"
+    assert word_terms("Red red bike!") == ["red", "red", "bike", "red red", "red bike"]
+    assert char_terms("ab cde", (2, 3)) == [" a", "ab", "b ", " ab", "ab ", " c", "cd", "de", "e ", " cd", "cde", "de "]
+    # scikit-learn's own char_wb analyzer cuts the same n-grams from normalised text, short words included
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    reference = CountVectorizer(analyzer="char_wb", ngram_range=(2, 5), lowercase=False).build_analyzer()
+    for text in ("a bc def ghijkl", "Kallax shelf, white, 4x4 🌈", "x"):
+        assert char_terms(text) == reference(normalise_text(text))
+    assert listing_text("Lamp", "") == "Lamp" and listing_text("Lamp", "Brass.") == "Lamp\nBrass."
+
+
+def test_numpy_scorer_gives_the_trained_categories_and_survives_save_and_load(tiny, tmp_path):
+    _, model, _, _ = tiny
+    assert model.info["scorer_check_max_difference"] < 1e-4  # against scikit-learn, checked at training
+    texts = ["wooden rake", "VIOLIN, hardly played", "Mirror ✨ with gilt frame", "old amplifier"]
+    assert [CLASSES[i] for i in model.scores(texts).argmax(axis=1)] == ["Garden", "Music", "Home", "Music"]
+    model.save(tmp_path / "copy")
+    loaded = TextModel.load(tmp_path / "copy")
+    np.testing.assert_array_equal(loaded.scores(texts), model.scores(texts))
+    with np.load(tmp_path / "copy" / "text_model.npz", allow_pickle=False) as arrays:  # plain arrays only
+        assert {arrays[name].dtype for name in arrays.files} == {np.dtype(np.float32), np.dtype(np.int32),
+                                                                 np.dtype(np.int64)}
+    np.testing.assert_array_equal(loaded.votes(texts), model.votes(texts))
+    probabilities = loaded.predict(("title",), texts)
+    np.testing.assert_array_equal(probabilities, model.predict(("title",), texts))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    with pytest.raises(KeyError, match="no calibration"):
+        loaded.predict(("description",), texts)
+    with pytest.raises(ValueError, match="votes are required"):  # a model with a catalogue vote needs the votes
+        loaded.probabilities(("title",), loaded.scores(texts))
+
+
+def test_catalogue_vote_is_the_k_nearest_listings_by_cosine_own_listing_excluded(tiny):
+    _, model, _, _ = tiny
+    neighbours = model.neighbours
+    width = len(model.word_vocabulary) + len(model.char_vocabulary)
+    dense = np.zeros((len(neighbours.product_ids), width))
+    for column in range(width):  # the stored CSC rows, unpacked the slow way
+        span = slice(neighbours.indptr[column], neighbours.indptr[column + 1])
+        dense[neighbours.rows[span], column] = neighbours.values[span]
+    query = np.zeros(width)
+    columns, values = model.features("Vintage spade and rake")
+    query[columns] = values
+    similarities = neighbours.similarities(columns, values)
+    np.testing.assert_allclose(similarities, dense @ query / 2, atol=1e-5)
+    assert similarities.max() <= 1.0 + 1e-5
+    ranked = np.sort(similarities)[::-1]
+    assert ranked[neighbours.k - 1] > ranked[neighbours.k] + 1e-4  # (no tie at the k-th: one right answer)
+    nearest = np.argsort(-similarities)[:neighbours.k]
+    weights = np.exp((similarities[nearest] - similarities[nearest].max()) / neighbours.temperature)
+    expected = np.bincount(neighbours.labels[nearest], weights, minlength=len(CLASSES))
+    np.testing.assert_allclose(neighbours.vote(similarities, len(CLASSES)), expected / expected.sum(), atol=1e-5)
+    # a listing already in the catalogue does not vote for itself
+    own = int(similarities.argmax())
+    rest = similarities.copy()
+    rest[own] = -np.inf
+    excluded = neighbours.vote(similarities, len(CLASSES), exclude=neighbours.product_ids[own], k=1)
+    assert excluded.max() == pytest.approx(1.0)
+    assert excluded.argmax() in set(neighbours.labels[rest == rest.max()].tolist())
+    np.testing.assert_allclose(model.votes(["zzqx"]), [[1 / 3] * 3])  # no known term: no opinion
+
+
+def test_fusion_leans_on_both_inputs(tiny):
+    _, model, _, _ = tiny
+    photos = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])
+    vague = model.predict(("photo", "title"), ["blue wooden"] * 3, photos)  # no noun
+    named = model.predict(("photo", "title"), ["small spade"] * 3, photos)
+    assert vague.argmax(axis=1).tolist() == [0, 1, 2]  # words that say nothing: the photo decides
+    assert named.argmax(axis=1).tolist() == [0, 0, 0]  # a spade is Garden whatever the photo looks like
+
+
+def parse(request, headers=None, content_type=None):
+    return parse_request(request, list(CLASSES), content_type, headers)
+
+
+def test_title_arrives_as_json_multipart_or_header(tiny):
+    run, _, _, _ = tiny
+    jpeg = run.photo_bytes("img-000")
+    as_json = parse({"body": {"image": base64.b64encode(jpeg).decode(), "title": "Red hose",
+                              "description": "Barely used."}})
+    multipart = parse({"photo": jpeg, "title": "Red hose".encode(), "description": "Barely used."})
+    header = parse({"body": jpeg}, {"X-Title": "Caf\u00e9 table".encode().decode("latin-1")})  # UTF-8 as sent
+    title_only = parse({"body": b""}, {"X-Title": "Red hose"})
+    assert as_json.inputs == multipart.inputs == ["photo", "title", "description"]
+    assert (as_json.title, as_json.description) == (multipart.title, multipart.description) == ("Red hose",
+                                                                                                 "Barely used.")
+    assert header.title == "Caf\u00e9 table" and header.inputs == ["photo", "title"]
+    assert title_only.image is None and title_only.inputs == ["title"]
+    assert parse({"body": {"title": "Red hose", "k": 3}}).inputs == ["title"]
+
+
+BAD_TEXT = {
+    "empty title": ({"body": {"title": "   "}}, None, 400, "bad_text"),
+    "title too long": ({"body": {"title": "x" * (MAX_TITLE_CHARS + 1)}}, None, 413, "text_too_long"),
+    "title not text": ({"body": {"title": 42}}, None, 400, "bad_text"),
+    "title not UTF-8": ({"photo": b"", "title": b"\xff\xfe bad"}, None, 400, "bad_text"),
+    "description alone": ({"body": {"description": "a sofa"}}, None, 400, "missing_image"),
+    "embedding without photo": ({"body": b""}, {"X-Title": "Red hose", "X-Embedding": "true"}, 400, "missing_image"),
+    "category without photo": ({"body": {"title": "Red hose", "category": "Home"}}, None, 400, "missing_image"),
+    "neither": ({"body": {"k": 3}}, None, 400, "missing_image"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TEXT))
+def test_bad_words_are_refused_with_their_4xx(case):
+    request, headers, status, kind = BAD_TEXT[case]
+    with pytest.raises(RequestError) as refused:
+        parse(request, headers)
+    assert (refused.value.status, refused.value.kind) == (status, kind), str(refused.value)
+
+
+def test_handler_answers_photo_title_and_both_in_one_batch(tiny, handler):
+    run, model, _, _ = tiny
+    jpeg = run.photo_bytes("img-004")
+    requests_ = [{"body": jpeg}, {"body": jpeg}, {"body": b""}, {"body": {"title": ""}},
+                 {"body": {"image": base64.b64encode(jpeg).decode(), "title": "old piano",
+                           "description": "Upright, needs tuning."}}]
+    headers = [{}, {"X-Title": "vintage lawnmower"}, {"X-Title": "blue sofa"}, {"Content-Type": "application/json"},
+               {"Content-Type": "application/json"}]
+    (photo, fused, title, empty, described) = predict_local(handler, requests_, headers)
+    assert [answer[0] for answer in (photo, fused, title, empty, described)] == [200, 200, 200, 400, 200]
+    for _, answer in (photo, fused, title, described):
+        check_answer(answer)
+        assert set(answer) == set(ANSWER_FIELDS)
+    assert photo[1]["inputs"] == ["photo"] and fused[1]["inputs"] == ["photo", "title"]
+    assert (fused[1]["category"], title[1]["category"], described[1]["category"]) == ("Garden", "Home", "Music")
+    assert title[1]["neighbours"] == [] and fused[1]["neighbours"] == photo[1]["neighbours"]
+    expected = model.predict(("photo", "title"), ["vintage lawnmower"],
+                             np.array([[top["probability"] for top in sorted(
+                                       photo[1]["top_categories"], key=lambda t: CLASSES.index(t["category"]))]]))
+    assert fused[1]["probability"] == pytest.approx(float(expected.max()), abs=1e-4)
+
+
+def test_a_photo_only_archive_refuses_words_and_answers_photos(tmp_path):
+    run = make_tiny_run(tmp_path / "runs" / "2025-01-31_142233")
+    mar = archive_tiny_run(run, tmp_path / "store", version="1.0")
+    handler = load_local_handler(extract_archive(mar, tmp_path / "model"))
+    jpeg = run.photo_bytes("img-000")
+    (status, answer), (ok, _) = predict_local(handler, [{"body": jpeg}, {"body": jpeg}], [{"X-Title": "sofa"}, {}])
+    assert (status, answer["type"], ok) == (400, "text_not_supported", 200)
+
+
+def test_batch_csv_with_a_title_column_sends_the_words(tiny, handler, tmp_path):
+    run, _, _, _ = tiny
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.jpg").write_bytes(run.photo_bytes("img-004"))
+    (tmp_path / "in.csv").write_text("path,title\na.jpg,wooden rake\nb.jpg,\n", encoding="utf-8")
+    items = batch.list_inputs(tmp_path / "in.csv")
+    assert [item.words for item in items] == [{"title": "wooden rake"}, {}]
+    records = batch.answer_local_batch(handler, items, 5, predict_local)
+    assert records[0]["inputs"] == ["photo", "title"] and records[0]["category"] == "Garden"
+    assert records[1]["inputs"] == ["photo"] and records[1]["neighbours"] == records[0]["neighbours"]
+
+
+@pytest.fixture(scope="module")
+def served(tiny):
+    run, _, mar, root = tiny
+    with running_server(mar.parent, root / "torchserve", {NAME: mar.name}) as server:
+        yield server
+
+
+def post(server, data=b"", content_type="image/jpeg", headers=None, **options):
+    headers = {**({"Content-Type": content_type} if content_type else {}),
+               **api.auth_headers(server.token("inference")), **(headers or {})}
+    return requests.post(f"{server.inference_url}/predictions/{NAME}", data=data, headers=headers, timeout=60,
+                         **options)
+
+
+@pytest.mark.server
+def test_served_photo_and_title_get_the_fused_category(tiny, served):
+    run, _, _, _ = tiny
+    jpeg = run.photo_bytes("img-004")
+    photo_only = post(served, jpeg)
+    fused = post(served, jpeg, headers={"X-Title": "vintage lawnmower"})
+    multipart = requests.post(f"{served.inference_url}/predictions/{NAME}", timeout=60,
+                              headers=api.auth_headers(served.token("inference")),
+                              files={"photo": ("p.jpg", jpeg, "image/jpeg")},
+                              data={"title": "Élégant mirror", "description": "Gilt frame."})
+    title_only = post(served, b"", headers={"X-Title": "drum kit".encode()})
+    for response in (photo_only, fused, multipart, title_only):
+        assert response.status_code == 200, response.text
+        check_answer(response.json())
+    assert photo_only.json()["inputs"] == ["photo"]
+    assert (fused.json()["inputs"], fused.json()["category"]) == (["photo", "title"], "Garden")
+    assert (multipart.json()["inputs"], multipart.json()["category"]) == (["photo", "title", "description"], "Home")
+    assert (title_only.json()["inputs"], title_only.json()["category"]) == (["title"], "Music")
+    assert fused.json()["neighbours"] == photo_only.json()["neighbours"]
+    # the client sends a non-ASCII title as UTF-8 header bytes, and the handler reads the same words
+    via_client = api.predict(served, jpeg, model=NAME, title="Étagère lawnmower", token=served.token("inference"))
+    assert (via_client["inputs"], via_client["category"]) == (["photo", "title"], "Garden")
+
+
+@pytest.mark.server
+def test_served_bad_words_get_their_4xx_while_the_batch_is_answered(tiny, served):
+    run, _, _, _ = tiny
+    jpeg = run.photo_bytes("img-001")
+    key = api.auth_headers(served.token("inference"))
+    url = f"{served.inference_url}/predictions/{NAME}"
+    cases = [
+        (lambda: post(served, jpeg, headers={"X-Title": "red rake"}), 200),
+        (lambda: requests.post(url, json={"title": ""}, headers=key, timeout=60), 400),
+        (lambda: requests.post(url, json={"title": "x" * (MAX_TITLE_CHARS + 1)}, headers=key, timeout=60), 413),
+        (lambda: requests.post(url, json={"image": base64.b64encode(jpeg).decode(), "title": ["a"]}, headers=key,
+                               timeout=60), 400),
+        (lambda: post(served, b"", headers={"X-Title": "red rake", "X-Embedding": "true"}), 400),
+        (lambda: post(served, jpeg), 200),
+        (lambda: requests.post(url, json={"title": "old guitar", "k": 3}, headers=key, timeout=60), 200),
+    ] * 2
+    with ThreadPoolExecutor(len(cases)) as pool:
+        responses = list(pool.map(lambda case: case[0](), cases))
+    for (_, status), response in zip(cases, responses):
+        assert response.status_code == status, response.text
+        body = response.json()
+        assert body["code"] == status and body["error"] if status != 200 else check_answer(body)
+    assert json.loads(responses[-1].text)["category"] == "Music"
+
+
+def test_the_blend_weighs_the_photo_by_what_it_adds_on_validation():
+    from training.text import fit_calibration
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 600)
+    scores = np.eye(3)[labels] * 0.5 + rng.normal(0, 0.6, (600, 3))  # the words: right about 75% of the time
+    informative = np.exp(np.eye(3)[labels] * 2.0 + rng.normal(0, 1.0, (600, 3)))
+    informative /= informative.sum(axis=1, keepdims=True)
+    noise = rng.dirichlet(np.ones(3), 600)
+    _, _, useful = fit_calibration(scores, labels, list(CLASSES), informative)
+    _, _, useless = fit_calibration(scores, labels, list(CLASSES), noise)
+    _, _, alone = fit_calibration(scores, labels, list(CLASSES))
+    assert useful["photo_weight"] > 0.1 > useless["photo_weight"] and alone["photo_weight"] == 0
+    assert useful["val_log_loss"] < alone["val_log_loss"]
+    assert useful["val_top1"] > alone["val_top1"]
+
+
+def test_the_blend_weighs_the_catalogue_vote_by_what_it_adds_on_validation():
+    from training.text import fit_calibration
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 600)
+    scores = np.eye(3)[labels] * 0.5 + rng.normal(0, 0.6, (600, 3))
+    informative = 0.6 * np.eye(3)[labels] * (rng.random((600, 1)) < 0.8) + rng.dirichlet(np.ones(3), 600)
+    informative /= informative.sum(axis=1, keepdims=True)
+    matrix, _, useful = fit_calibration(scores, labels, list(CLASSES), votes=informative)
+    _, _, useless = fit_calibration(scores, labels, list(CLASSES), votes=rng.dirichlet(np.ones(3), 600))
+    assert useful["vote_weight"] > useless["vote_weight"] and useless["vote_weight"] <= 0.05
+    assert matrix.shape == (3, 6) and useful["val_top1"] > fit_calibration(scores, labels, list(CLASSES))[2]["val_top1"]
+
+
+def test_cross_fitted_scores_come_from_models_that_did_not_read_the_listing():
+    import pandas as pd
+
+    from training.text import cross_fitted_scores, train_on
+
+    rng = np.random.default_rng(2)
+    ids = [f"p{i:03d}" for i in range(120)]
+    # labels that the words cannot predict: each title is its own random word, so only memorising helps
+    titles = ["".join(rng.choice(list("bcdfghjklmnpqrstvwxz"), 8)) for _ in ids]
+    listings = pd.DataFrame({"title": titles, "description": "", "label": rng.integers(0, 3, len(ids))}, index=ids)
+    crossed = cross_fitted_scores(listings, ids, ids[:60], list(CLASSES), folds=5)
+    assert set(crossed["title"]) == set(ids[:60]) and set(crossed["description"]) == set(ids[:60])
+    held_out = np.mean([crossed["title"][p].argmax() == listings.at[p, "label"] for p in ids[:60]])
+    in_sample = train_on(listings, ids, list(CLASSES)).scores(titles[:60]).argmax(axis=1)
+    assert np.mean(in_sample == listings["label"].to_numpy()[:60]) > 0.9  # a model that read them: memorised
+    assert held_out < 0.6  # out of fold: about chance (1/3)

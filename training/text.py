@@ -1,0 +1,319 @@
+"""Stage 8: the text model (title, description) and its fusion with the photo model.
+
+Trains TF-IDF (word 1-2-grams + character 2-5-grams, marketplace_search.text cuts them) and a linear
+classifier on the training + validation listings, each listing twice: its title alone and its title
+with its description, so one model reads both kinds of request. The fusion is fitted on the validation
+split with cross-fitted text scores (k folds over training + validation listings: each validation
+listing scored by a model that did not see it), one small calibration per combination of inputs
+(title; title+description; photo+title; photo+title+description): a weighted log-linear blend of the
+text scores, the k-NN vote over the catalogue listings' words (its own listing excluded, k and
+temperature chosen on validation) and, with a photo, the served photo model's log-probabilities (head +
+the neighbour vote training.evaluate chose), weights and temperature chosen on the validation log-loss.
+Nothing is fixed by hand, so it follows whatever photo model the run has. On the test split it reports the rows photo only / title only / title+description /
+photo+title / photo+title+description (top-1, top-3, P@1/5/10) and per category which input wins.
+
+Reads WORK/tables/listings.csv, WORK/split.csv, RUN/embeddings, RUN/index, RUN/evaluation.json
+(run training.evaluate first); writes RUN/text_model/ (marketplace_search.text: JSON + .npz) and adds
+a "text" section to RUN/evaluation.json.
+
+Example:
+  python -m training.text --work work/marketplace --run work/marketplace/model_evaluation/<timestamp>
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.svm import LinearSVC
+
+from marketplace_search.inference import CategoryBlend, blend_categories
+from marketplace_search.layout import EVALUATION, INDEX_DIR, TEXT_MODEL_DIR, latest_run, read_run_info, update_run_info
+from marketplace_search.search import Catalogue
+from marketplace_search.text import (INPUT_KINDS, VOTE_FLOOR, TextModel, TextNeighbours, char_terms, kind_name,
+                                     listing_text, word_terms)
+from training.dataset import load_split
+from training.embed import load_embeddings
+from training.evaluate import own_listing_excluded_voters, per_category, print_table, retrieval_precision, top_k_accuracy
+from training.tables import TABLES_DIR
+
+SVM_C = 0.3  # chosen on the validation split of the real listings (README, "Title and description")
+FOLDS = 5  # cross-fitting of the validation text scores
+# The blend's grids: weight of the photo's and of the catalogue vote's log-probabilities per unit of text
+# score, and the temperature.
+PHOTO_WEIGHTS = tuple(np.round(np.concatenate([np.arange(0, 0.3, 0.02), np.arange(0.3, 1.01, 0.1), [1.5, 2.0]]), 2))
+VOTE_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+SCALES = tuple(np.geomspace(0.1, 30, 30))
+# The catalogue vote's grid (k nearest listings, temperature over cosine similarity), chosen on the
+# validation log-loss of photo + title.
+VOTE_KS = (10, 20, 40)
+VOTE_TEMPERATURES = (0.02, 0.05, 0.1)
+
+
+def read_listings(work_dir: Path) -> pd.DataFrame:
+    """WORK/tables/listings.csv indexed by product_id, missing descriptions as ""."""
+    path = Path(work_dir) / TABLES_DIR / "listings.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; run training.tables first")
+    listings = pd.read_csv(path, dtype={"product_id": str, "title": str, "description": str, "category": str})
+    return listings.assign(description=listings["description"].fillna("")).set_index("product_id")
+
+
+def train_classifier(titles: list[str], descriptions: list[str], labels: np.ndarray, classes: list[str],
+                     c: float = SVM_C) -> TextModel:
+    """TF-IDF + linear SVM on each listing twice (title alone, title + description); no calibration yet."""
+    texts = list(titles) + [listing_text(t, d) for t, d in zip(titles, descriptions)]
+    targets = np.concatenate([labels, labels])
+    # min_df 2 for characters: an n-gram seen in one listing only is noise, and the model 4x larger.
+    words = TfidfVectorizer(analyzer=word_terms, sublinear_tf=True, dtype=np.float32).fit(texts)
+    chars = TfidfVectorizer(analyzer=char_terms, sublinear_tf=True, min_df=2, dtype=np.float32).fit(texts)
+    from scipy.sparse import hstack
+
+    features = hstack([words.transform(texts), chars.transform(texts)]).tocsr()
+    svm = LinearSVC(C=c).fit(features, targets)
+    coef = np.zeros((len(classes), features.shape[1]), np.float32)
+    intercept = np.full(len(classes), -1e3, np.float32)  # a class absent from training is never chosen
+    coef[svm.classes_], intercept[svm.classes_] = svm.coef_, svm.intercept_
+    if len(svm.classes_) == 2:  # scikit-learn keeps one row for two classes: the second class's score
+        coef[svm.classes_] = np.stack([-svm.coef_[0], svm.coef_[0]])
+        intercept[svm.classes_] = [-svm.intercept_[0], svm.intercept_[0]]
+    model = TextModel(list(classes), dict(words.vocabulary_), dict(chars.vocabulary_),
+                      words.idf_.astype(np.float32), chars.idf_.astype(np.float32), coef, intercept,
+                      info={"classifier": f"LinearSVC(C={c})", "training_listings": len(titles),
+                            "word_features": len(words.vocabulary_), "char_features": len(chars.vocabulary_)})
+    # The served scorer (numpy) must give scikit-learn's scores: checked here on a sample, every time.
+    sample = np.arange(0, len(texts), max(1, len(texts) // 200))
+    expected = svm.decision_function(features[sample])
+    expected = np.stack([-expected, expected], axis=1) if expected.ndim == 1 else expected
+    difference = float(np.abs(model.scores([texts[i] for i in sample])[:, svm.classes_] - expected).max())
+    if difference > 1e-3:
+        raise AssertionError(f"the numpy text scorer differs from scikit-learn by {difference:.2e}")
+    model.info["scorer_check_max_difference"] = difference
+    return model
+
+
+def fit_calibration(scores: np.ndarray, labels: np.ndarray, classes: list[str], photo: np.ndarray | None = None,
+                    votes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A weighted log-linear blend, softmax(scale x (text scores + weight x log photo probabilities +
+    vote_weight x log votes)): the weights (0 without a photo / without votes) and `scale` minimise the
+    validation log-loss. Returns (A, b, chosen) in the form TextModel.probabilities applies (A over
+    [log photo probabilities, log votes, text scores], the missing ones left out).
+
+    Two numbers per input combination, not a matrix: a full multinomial stacking layer (26 x 13
+    weights) fitted on the ~1,500 validation photos lost 2 points of top-1 to this on the real listings.
+    """
+    log_photo = None if photo is None else np.log(np.clip(photo, 1e-6, 1.0))
+    log_votes = None if votes is None else np.log(np.clip(votes, VOTE_FLOOR, 1.0))
+    rows = np.arange(len(labels))
+    best = None
+    for weight in PHOTO_WEIGHTS if photo is not None else (0.0,):
+        for vote_weight in VOTE_WEIGHTS if votes is not None else (0.0,):
+            logits = scores + (weight * log_photo if weight else 0) + (vote_weight * log_votes if vote_weight else 0)
+            for scale in SCALES:
+                loss = float(-log_softmax(scale * logits)[rows, labels].mean())
+                if best is None or loss < best[0]:
+                    best = (loss, weight, vote_weight, float(scale), top_k_accuracy(logits, labels, 1))
+    loss, weight, vote_weight, scale, accuracy = best
+    identity = np.eye(len(classes), dtype=np.float32)
+    blocks = ([] if photo is None else [weight * identity]) + ([] if votes is None else [vote_weight * identity])
+    matrix = scale * np.hstack(blocks + [identity])
+    return matrix.astype(np.float32), np.zeros(len(classes), np.float32), {
+        "photo_weight": float(weight), "vote_weight": float(vote_weight), "scale": round(scale, 4),
+        "val_log_loss": round(loss, 4), "val_top1": accuracy}
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def served_photo_probabilities(run_dir: Path, split: pd.DataFrame, rows: np.ndarray, probabilities: np.ndarray,
+                               vectors: np.ndarray, catalogue: Catalogue, classes: list[str]) -> np.ndarray:
+    """The photo model's probabilities as served (head + the chosen neighbour vote), own listing excluded."""
+    evaluation = json.loads((Path(run_dir) / EVALUATION).read_text())
+    blend = CategoryBlend.from_dict(evaluation.get("category_blend"))
+    if blend.weight <= 0:
+        return probabilities[rows]
+    return blend_categories(probabilities[rows], own_listing_excluded_voters(catalogue, vectors[rows], split[rows]),
+                            classes, blend)
+
+
+def input_texts(listings: pd.DataFrame, product_ids, inputs) -> list[str]:
+    chosen = listings.loc[list(product_ids)]
+    if "description" in inputs:
+        return [listing_text(t, d) for t, d in zip(chosen["title"], chosen["description"])]
+    return list(chosen["title"])
+
+
+def figures(probabilities: np.ndarray, labels: np.ndarray, precision: dict | None) -> dict:
+    nan = float("nan")
+    return {"top1_accuracy": top_k_accuracy(probabilities, labels, 1),
+            "top3_accuracy": top_k_accuracy(probabilities, labels, 3),
+            **(precision or {"precision@1": nan, "precision@5": nan, "precision@10": nan})}
+
+
+def train_on(listings: pd.DataFrame, product_ids: list[str], classes: list[str]) -> TextModel:
+    rows = listings.loc[list(product_ids)]
+    return train_classifier(list(rows["title"]), list(rows["description"]), rows["label"].to_numpy(int), classes)
+
+
+def cross_fitted_scores(listings: pd.DataFrame, product_ids: list[str], scored: list[str], classes: list[str],
+                        folds: int = FOLDS, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """{"title"|"description": {product id: text scores}} of each listing in `scored`, from a model trained
+    on the other folds of `product_ids` (folds of listings, so no listing is scored by a model that read it)."""
+    fold = np.arange(len(product_ids)) % folds
+    np.random.default_rng(seed).shuffle(fold)
+    fold_of = dict(zip(product_ids, fold))
+    out = {"title": {}, "description": {}}
+    for k in range(folds):
+        model = train_on(listings, [p for p in product_ids if fold_of[p] != k], classes)
+        held = [p for p in scored if fold_of[p] == k]
+        for kind in out:
+            out[kind].update(zip(held, model.scores(input_texts(listings, held, kind))))
+    return out
+
+
+def catalogue_neighbours(model: TextModel, catalogue: Catalogue, listings: pd.DataFrame) -> TextNeighbours:
+    """The catalogue's listings (title + description where listings.csv has it) as the vote's rows."""
+    known = {}
+    for entry in catalogue.listings.values():
+        if entry.get("category") in model.classes and entry["product_id"] not in known:
+            known[entry["product_id"]] = entry
+    product_ids = sorted(known)
+    texts = [listing_text(listings.at[p, "title"], listings.at[p, "description"]) if p in listings.index
+             else str(known[p].get("title") or "") for p in product_ids]
+    width = len(model.word_vocabulary) + len(model.char_vocabulary)
+    return TextNeighbours.from_rows(product_ids, [model.classes.index(known[p]["category"]) for p in product_ids],
+                                    [model.features(text) for text in texts], width)
+
+
+def choose_vote(model: TextModel, similarities: np.ndarray, product_ids: list[str], scores: np.ndarray,
+                labels: np.ndarray, photo: np.ndarray) -> tuple[int, float, dict]:
+    """The vote's (k, temperature) with the lowest validation log-loss of the photo + title blend."""
+    grid = {}
+    for k in VOTE_KS:
+        for temperature in VOTE_TEMPERATURES:
+            votes = np.stack([model.neighbours.vote(row, len(model.classes), own, k, temperature)
+                              for row, own in zip(similarities, product_ids)])
+            grid[(k, temperature)] = fit_calibration(scores, labels, model.classes, photo, votes)[2]["val_log_loss"]
+    k, temperature = min(grid, key=grid.get)
+    return k, temperature, {f"k={k_} t={t}": loss for (k_, t), loss in grid.items()}
+
+
+def train_text(run_dir: Path, work_dir: Path) -> dict:
+    """Train, calibrate on val (cross-fitted), evaluate on test; saves RUN/text_model and returns the report."""
+    started = time.perf_counter()
+    split = load_split(work_dir)
+    listings = read_listings(work_dir)
+    classes = read_run_info(run_dir)["classes"]
+    image_ids, vectors, probabilities, _ = load_embeddings(run_dir)
+    if image_ids != list(split["image_id"]):
+        raise ValueError(f"{run_dir}/embeddings do not match {work_dir}/split.csv; re-run training.embed")
+    catalogue = Catalogue.load(Path(run_dir) / INDEX_DIR)
+    by_listing = split.drop_duplicates("product_id")
+    ids = {name: list(by_listing.loc[by_listing["split"] == name, "product_id"]) for name in ("train", "val", "test")}
+    cross_fitted = cross_fitted_scores(listings, ids["train"] + ids["val"], ids["val"], classes)
+    model = train_on(listings, ids["train"] + ids["val"], classes)
+    model.neighbours = catalogue_neighbours(model, catalogue, listings)
+    trained = time.perf_counter()
+    is_val, is_test = (split["split"] == "val").to_numpy(), (split["split"] == "test").to_numpy()
+    labels = split["label"].to_numpy(int)
+    photo = {name: served_photo_probabilities(run_dir, split, rows, probabilities, vectors, catalogue, classes)
+             for name, rows in (("val", is_val), ("test", is_test))}
+    products = {"val": list(split.loc[is_val, "product_id"]), "test": list(split.loc[is_test, "product_id"])}
+    # Per listing, then per photo row: text scores (cross-fitted on val) and catalogue similarities.
+    scores, similarities = {}, {}
+    for name in ("val", "test"):
+        for kind in ("title", "description"):
+            texts = dict(zip(ids[name], input_texts(listings, ids[name], kind)))
+            per_listing = cross_fitted[kind] if name == "val" else dict(zip(ids[name], model.scores(list(texts.values()))))
+            scores[(name, kind)] = np.stack([per_listing[p] for p in products[name]])
+            rows = {p: model.neighbours.similarities(*model.features(texts[p])) for p in ids[name]}
+            similarities[(name, kind)] = np.stack([rows[p] for p in products[name]])
+    k, temperature, vote_grid = choose_vote(model, similarities[("val", "title")], products["val"],
+                                            scores[("val", "title")], labels[is_val], photo["val"])
+    model.neighbours.k, model.neighbours.temperature = k, temperature
+    votes = {key: np.stack([model.neighbours.vote(row, len(classes), own)
+                            for row, own in zip(rows, products[key[0]])]).astype(np.float32)
+             for key, rows in similarities.items()}
+    chosen = {}
+    for inputs in INPUT_KINDS:
+        text = "description" if "description" in inputs else "title"
+        matrix, bias, chosen[kind_name(inputs)] = fit_calibration(
+            scores[("val", text)], labels[is_val], classes, photo["val"] if "photo" in inputs else None,
+            votes[("val", text)])
+        model.calibrations[kind_name(inputs)] = (matrix, bias)
+    model.info.update(calibrations=chosen, train_seconds=round(trained - started, 1),
+                      training_splits="train+val", cross_fitting_folds=FOLDS,
+                      catalogue_vote={"k": k, "temperature": temperature, "listings": len(model.neighbours.product_ids),
+                                      "val_log_loss_grid": vote_grid})
+    report = evaluate_text(model, photo["test"], scores, votes, labels[is_test], catalogue, vectors[is_test],
+                           split[is_test], classes)
+    model.info["evaluation"] = {row["inputs"]: {k: row[k] for k in ("top1_accuracy", "top3_accuracy")}
+                                for row in report["rows"]}
+    model.save(Path(run_dir) / TEXT_MODEL_DIR)
+    report["model"] = {key: model.info[key] for key in ("classifier", "training_listings", "word_features",
+                                                        "char_features", "calibrations", "train_seconds",
+                                                        "training_splits", "cross_fitting_folds", "catalogue_vote")}
+    return report
+
+
+def evaluate_text(model: TextModel, photo: np.ndarray, scores: dict, votes: dict, labels: np.ndarray,
+                  catalogue: Catalogue, vectors: np.ndarray, test_rows: pd.DataFrame, classes: list[str]) -> dict:
+    """The test rows per input combination and the per-category recall of each."""
+    precision = retrieval_precision(catalogue, vectors, list(test_rows["product_id"]),
+                                    [classes[label] for label in labels])
+    answers = {"photo": photo}
+    for inputs in INPUT_KINDS:
+        text = "description" if "description" in inputs else "title"
+        answers[kind_name(inputs)] = model.probabilities(inputs, scores[("test", text)], photo, votes[("test", text)])
+    rows = [{"inputs": name, "model": f"{name} (photo neighbours)" if "photo" in name else f"{name} (no neighbours)",
+             **figures(probabilities, labels, precision if "photo" in name else None)}
+            for name, probabilities in answers.items()]
+    recalls = {name: per_category(probabilities.argmax(axis=1), labels, classes)[0]
+               for name, probabilities in answers.items()}
+    by_category = []
+    for index, category in enumerate(classes):
+        recall = {name: rows_[index]["recall"] for name, rows_ in recalls.items()}
+        known = {name: value for name, value in recall.items() if value is not None and "+" not in name}
+        by_category.append({"category": category, "count": recalls["photo"][index]["count"], "recall": recall,
+                            "best_single_input": max(known, key=known.get) if known else None})
+    return {"test_photos": int(len(labels)), "rows": rows, "per_category": by_category}
+
+
+def print_report(report: dict) -> None:
+    print(f"text stage: {report['model']}")
+    print_table(report["rows"])
+    names = [row["inputs"] for row in report["rows"]]
+    width = max(len(row["category"]) for row in report["per_category"])
+    print(f"\nrecall per category | {' | '.join(names)} | best single input")
+    for row in report["per_category"]:
+        cells = " | ".join("–" if row["recall"][n] is None else f"{row['recall'][n]:.3f}" for n in names)
+        print(f"{row['category']:<{width}} ({row['count']:>4}) | {cells} | {row['best_single_input']}")
+
+
+def add_to_evaluation(run_dir: Path, report: dict) -> None:
+    path = Path(run_dir) / EVALUATION
+    evaluation = json.loads(path.read_text())
+    evaluation["text"] = report
+    path.write_text(json.dumps(evaluation, indent=2))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", required=True, type=Path, help="work folder with tables/ and split.csv")
+    parser.add_argument("--run", type=Path, help="run folder (default: the latest under WORK/model_evaluation)")
+    args = parser.parse_args(argv)
+    run_dir = args.run or latest_run(args.work)
+    started = time.perf_counter()
+    report = train_text(run_dir, args.work)
+    add_to_evaluation(run_dir, report)
+    update_run_info(run_dir, stage_seconds={"text": round(time.perf_counter() - started, 1)})
+    print_report(report)
+    print(f"-> {run_dir / TEXT_MODEL_DIR}, {run_dir / EVALUATION} (\"text\")")
+
+
+if __name__ == "__main__":
+    main()
