@@ -12,7 +12,7 @@ must be a regular file of at most --max-file-bytes inside its folder (the folder
 --images): an absolute path, a `..` or a symlink that leads out of it is refused ("refused_input").
 
 OUTPUT gets one JSON line per input, in the order answers arrive:
-  {"image_id", "path", "status": "ok", "category", "probability", "top_categories", "neighbours", "model"}
+  {"image_id", "path", "status": "ok", "category", "probability", "top_categories", "neighbours", "model", "catalogue", "inputs"}
   {"image_id", "path", "status": "error", "code", "error"}
 `code` is the HTTP status of the model's answer (400 unreadable photo, 413 too large, ...), the last
 status of an overload that outlived its retries (503, 507, ...), or, with no answer at all,

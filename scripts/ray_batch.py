@@ -40,7 +40,8 @@ RESERVED_CPUS = 0.5
 # Ray puts SESSION_NAME/sockets/plasma_store (about 64 bytes) under its temp dir.
 MAX_TEMP_DIR_CHARS = 40
 PARQUET_COLUMNS = ("image_id", "path", "status", "code", "error", "category", "probability", "top_categories",
-                   "neighbours", "model")
+                   "neighbours", "model", "catalogue", "inputs")
+NESTED_COLUMNS = ("top_categories", "neighbours", "model", "catalogue", "inputs")  # stored as JSON text
 
 
 class Answerer:
@@ -58,8 +59,9 @@ class Answerer:
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from handlers.local import predict_local
 
-        items = [Item(str(image_id), str(path), str(root))
-                 for image_id, path, root in zip(rows["image_id"], rows["path"], rows["root"])]
+        items = [Item(str(image_id), str(path), str(root), str(title) or None, str(description) or None)
+                 for image_id, path, root, title, description in zip(rows["image_id"], rows["path"], rows["root"],
+                                                                      rows["title"], rows["description"])]
         records = batch.answer_local_batch(self.handler, items, self.k, predict_local, self.max_file_bytes)
         return {"position": rows["position"],
                 "record": np.array([json.dumps(record, ensure_ascii=False) for record in records], dtype=object)}
@@ -135,7 +137,8 @@ def ray_answers(ray, todo: list[Item], positions: list[int], model_dir: Path, ar
     cpus, threads = actor_cpus(cluster_cpus, args.actors, args.cpus_per_actor)
     print(f"ray: {args.actors} actor(s) x {cpus:g} CPU ({threads} torch thread(s)) of {cluster_cpus:g} CPUs",
           file=sys.stderr)
-    rows = [{"position": position, "image_id": item.image_id, "path": item.path, "root": item.root}
+    rows = [{"position": position, "image_id": item.image_id, "path": item.path, "root": item.root,
+             "title": item.title or "", "description": item.description or ""}  # a CSV's words travel too
             for position, item in zip(positions, todo)]
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // args.batch_size, 1000)))
     answered = dataset.map_batches(
@@ -213,7 +216,7 @@ def parquet_row(record: dict) -> dict:
     """One record as a row: scalars as they are, code as text, nested answers as JSON text."""
     row = {name: record.get(name) for name in PARQUET_COLUMNS}
     row["code"] = None if row["code"] is None else str(row["code"])
-    for name in ("top_categories", "neighbours", "model"):
+    for name in NESTED_COLUMNS:
         row[name] = None if row[name] is None else json.dumps(row[name], ensure_ascii=False)
     return row
 
@@ -238,7 +241,7 @@ def read_shards(output: Path) -> list[dict]:
     for path in sorted(output.glob("part-*.parquet")):
         for row in pq.read_table(path).to_pylist():
             record = {name: value for name, value in row.items() if value is not None}
-            for name in ("top_categories", "neighbours", "model"):
+            for name in NESTED_COLUMNS:
                 if name in record:
                     record[name] = json.loads(record[name])
             if record.get("status") == "error" and str(record["code"]).isdigit():

@@ -18,6 +18,7 @@ import pytest
 
 from scripts import batch, ray_batch
 from tests.serving_fixtures import archive_tiny_run, make_tiny_run, photo_jpeg
+from training.tiny_run import make_tiny_text_model
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = 12
@@ -39,6 +40,7 @@ class Tiny:
 def tiny(tmp_path_factory) -> Tiny:
     root = tmp_path_factory.mktemp("raybatch")
     run = make_tiny_run(root / "runs" / "2025-01-31_142233")
+    make_tiny_text_model(run)  # a CSV's titles reach the actors' handler too
     mar = archive_tiny_run(run, root / "store", version="1.0")
     inputs = root / "inputs"
     inputs.mkdir()
@@ -160,6 +162,25 @@ def test_parquet_shards_resume_shard_by_shard(tiny, local_lines, tmp_path):
     assert_same_answers(by_key(ray_batch.read_shards(output)), local_lines)
     with pytest.raises(SystemExit, match="other inputs than shard 0"):
         batch.main([*arguments, "--shard-size", "5"])
+
+def test_a_csv_with_titles_is_answered_from_photo_and_words_as_local_does(tiny, tmp_path):
+    titles = ["wooden rake", "", "guitar amplifier", "sofa cushion"]
+    for number in range(len(titles)):
+        shutil.copy(tiny.inputs / f"p{number:03d}.jpg", tmp_path)
+    rows = ["path,title", *(f"p{number:03d}.jpg,{title}" for number, title in enumerate(titles))]
+    (tmp_path / "in.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    batch.main([str(tmp_path / "in.csv"), "--output", str(tmp_path / "local.jsonl"), "--engine", "local",
+                "--archive", str(tiny.mar)])
+    local = by_key([json.loads(line) for line in (tmp_path / "local.jsonl").read_text().splitlines()])
+    batch.main([str(tmp_path / "in.csv"), "--output", str(tmp_path / "shards"), "--archive", str(tiny.mar),
+                "--format", "parquet", "--actors", "1", *ray_options(tmp_path)])
+    ray_is_down()
+    found = by_key(ray_batch.read_shards(tmp_path / "shards"))
+    assert_same_answers(found, local)
+    assert [found[key]["inputs"] for key in sorted(found)] == [local[key]["inputs"] for key in sorted(found)]
+    assert sorted(tuple(record["inputs"]) for record in found.values()) == [("photo",)] + [("photo", "title")] * 3
+    assert all(record["catalogue"]["generation"] == 0 for record in found.values())
+
 
 def test_actors_leave_cpus_to_ray_data():
     assert ray_batch.actor_cpus(2, 2, None) == (0.75, 1)
