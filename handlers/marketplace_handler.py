@@ -25,7 +25,7 @@ import numpy as np
 
 from marketplace_search.inference import (BODY_PARTS, Batch, CategoryBlend, RequestError, batch_answers,
                                           blend_categories, internal_error, parse_request, search_batch,
-                                          text_categories)
+                                          text_categories, text_neighbours)
 from marketplace_search.layout import ARCHIVE_CATALOGUE, ARCHIVE_CHECKPOINT, ARCHIVE_TEXT_MODEL, sha256_file
 from marketplace_search.live import BUNDLED, LiveFollower, Served
 from marketplace_search.models import load_checkpoint
@@ -157,6 +157,7 @@ class MarketplaceHandler(BaseHandler):
         texted = time.perf_counter()
         batch.milliseconds["search"] = (texted - searched) * 1000
         batch.probabilities = text_categories(self.text_model, queries, batch.probabilities)
+        batch.neighbours = text_neighbours(self.catalogue, self.text_model, batch.vectors, queries, batch.neighbours)
         batch.milliseconds["text"] = (time.perf_counter() - texted) * 1000
         return batch
 

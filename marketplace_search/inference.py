@@ -27,8 +27,8 @@ from PIL import Image
 
 from marketplace_search.images import MAX_PIXELS, ImageError, ImageTooLarge, UnsupportedFormat, decode_image
 from marketplace_search.search import MAX_K, Catalogue
-from marketplace_search.text import (DESCRIPTION, MAX_DESCRIPTION_CHARS, MAX_TITLE_CHARS, PHOTO, TITLE, TextModel,
-                                     listing_text)
+from marketplace_search.text import (DESCRIPTION, MAX_DESCRIPTION_CHARS, MAX_TITLE_CHARS, PHOTO, RERANK_POOL, TITLE,
+                                     TextModel, listing_text)
 
 DEFAULT_K = 10
 TOP_CATEGORIES = 3
@@ -405,6 +405,20 @@ def text_categories(text_model: TextModel | None, queries: list[Query], probabil
         query = queries[row]
         photo = probabilities[row:row + 1] if query.image is not None else None
         out[row] = text_model.predict(query.inputs, [listing_text(query.title, query.description)], photo)[0]
+    return out
+
+
+def text_neighbours(catalogue: Catalogue, text_model: TextModel | None, vectors: np.ndarray, queries: list[Query],
+                    neighbours: list[list[dict]]) -> list[list[dict]]:
+    """Each photo + words query's neighbours re-ranked by its words (TextModel.rerank: the nearest
+    RERANK_POOL photo neighbours ordered by photo + word similarity), the others' as they are."""
+    if text_model is None or text_model.neighbours is None or not text_model.neighbours.rerank_weight:
+        return neighbours
+    out = list(neighbours)
+    for row, query in enumerate(queries):
+        if query.image is not None and query.title is not None:
+            pool = catalogue.search(vectors[row:row + 1], k=RERANK_POOL, category=query.category)[0]
+            out[row] = text_model.rerank(pool, listing_text(query.title, query.description), query.k)
     return out
 
 

@@ -32,6 +32,7 @@ WEIGHTS_FILE = "text_model.npz"
 FORMAT = "tfidf-linear/2"
 FORMATS = ("tfidf-linear/1", FORMAT)  # /1: no catalogue vote
 VOTE_FLOOR = 1e-3  # under the vote's probabilities before the log: a category no neighbour has
+RERANK_POOL = 100  # photo neighbours re-ranked by words when a request sends both (the search's MAX_K)
 WORD_NGRAMS = (1, 2)
 CHAR_NGRAMS = (2, 5)
 MAX_TITLE_CHARS = 300
@@ -105,13 +106,14 @@ class TextNeighbours:
     values: np.ndarray  # float32, each listing's row L2-normalised per block (word, char)
     k: int = 20
     temperature: float = 0.05
+    rerank_weight: float = 0.0  # photo neighbours ranked by photo similarity + this x word similarity
 
     def __post_init__(self):
         self.position = {product_id: row for row, product_id in enumerate(self.product_ids)}
 
     @classmethod
     def from_rows(cls, product_ids: list[str], labels, feature_rows, width: int, k: int = 20,
-                  temperature: float = 0.05) -> "TextNeighbours":
+                  temperature: float = 0.05, rerank_weight: float = 0.0) -> "TextNeighbours":
         """From each listing's (columns, values), as TextModel.features gives them."""
         columns = np.concatenate([columns for columns, _ in feature_rows]).astype(np.int64)
         values = np.concatenate([values for _, values in feature_rows]).astype(np.float32)
@@ -120,7 +122,7 @@ class TextNeighbours:
         indptr = np.zeros(width + 1, np.int64)
         np.cumsum(np.bincount(columns, minlength=width), out=indptr[1:])
         return cls(list(product_ids), np.asarray(labels, np.int32), indptr, rows[order], values[order], k,
-                   temperature)
+                   temperature, rerank_weight)
 
     def similarities(self, columns: np.ndarray, values: np.ndarray) -> np.ndarray:
         """(listings,) cosine similarity of one query row to every catalogue listing (two blocks: / 2)."""
@@ -147,6 +149,19 @@ class TextNeighbours:
         weights = np.exp((similarities[top] - similarities[top].max()) / temperature)
         np.add.at(votes, self.labels[top], weights)
         return votes / votes.sum()
+
+    def rerank(self, candidates: list[dict], similarities: np.ndarray, k: int,
+               weight: float | None = None) -> list[dict]:
+        """The k best of `candidates` (photo neighbours, each with its photo "similarity") by photo
+        similarity + weight x the words' similarity to each listing (0 for a listing not in the vote's
+        catalogue); the answer's "similarity" stays the photo's."""
+        weight = self.rerank_weight if weight is None else weight
+        if not weight:
+            return candidates[:k]
+        def score(candidate):
+            row = self.position.get(candidate["product_id"])
+            return candidate["similarity"] + weight * (0.0 if row is None else float(similarities[row]))
+        return sorted(candidates, key=score, reverse=True)[:k]
 
 
 @dataclass
@@ -221,6 +236,13 @@ class TextModel:
         return softmax(calibration_features(scores, photo if PHOTO in inputs else None, votes)
                        @ self.calibrations[name][0].T + self.calibrations[name][1]).astype(np.float32)
 
+    def rerank(self, candidates: list[dict], text: str, k: int) -> list[dict]:
+        """Photo neighbours re-ranked by the words of `text` (TextNeighbours.rerank); as they came without
+        a catalogue vote."""
+        if self.neighbours is None or not self.neighbours.rerank_weight:
+            return candidates[:k]
+        return self.neighbours.rerank(candidates, self.neighbours.similarities(*self.features(text)), k)
+
     def predict(self, inputs, texts: list[str], photo: np.ndarray | None = None) -> np.ndarray:
         """(n, classes) category probabilities of `texts` (listing_text of each request's words)."""
         return self.probabilities(inputs, self.scores(texts), photo, self.votes(texts))
@@ -239,7 +261,8 @@ class TextModel:
         arrays = {key: np.asarray(value, np.float32) for key, value in arrays.items()}
         if self.neighbours is not None:
             document["neighbours"] = {"product_ids": self.neighbours.product_ids, "k": self.neighbours.k,
-                                      "temperature": self.neighbours.temperature}
+                                      "temperature": self.neighbours.temperature,
+                                      "rerank_weight": self.neighbours.rerank_weight}
             arrays.update({"neighbours:labels": self.neighbours.labels.astype(np.int32),
                            "neighbours:indptr": self.neighbours.indptr.astype(np.int64),
                            "neighbours:rows": self.neighbours.rows.astype(np.int32),
@@ -262,7 +285,8 @@ class TextModel:
             stored = document.get("neighbours")
             neighbours = None if stored is None else TextNeighbours(
                 stored["product_ids"], arrays["neighbours:labels"], arrays["neighbours:indptr"],
-                arrays["neighbours:rows"], arrays["neighbours:values"], int(stored["k"]), float(stored["temperature"]))
+                arrays["neighbours:rows"], arrays["neighbours:values"], int(stored["k"]), float(stored["temperature"]),
+                float(stored.get("rerank_weight", 0.0)))
             return cls(document["classes"], {term: i for i, term in enumerate(document["word_vocabulary"])},
                        {term: i for i, term in enumerate(document["char_vocabulary"])}, arrays["word_idf"],
                        arrays["char_idf"], arrays["coef"], arrays["intercept"], calibrations, document["info"],

@@ -16,7 +16,7 @@ from marketplace_search.text import (MAX_TITLE_CHARS, TextModel, char_terms, lis
                                      word_terms)
 from scripts import api, batch
 from tests.serving_fixtures import archive_tiny_run, extract_archive, make_tiny_run, running_server
-from training.tiny_run import CLASSES, make_tiny_text_model
+from training.tiny_run import CLASSES, TINY_WORDS, make_tiny_text_model
 
 NAME = "marketplace"
 
@@ -303,3 +303,37 @@ def test_cross_fitted_scores_come_from_models_that_did_not_read_the_listing():
     in_sample = train_on(listings, ids, list(CLASSES)).scores(titles[:60]).argmax(axis=1)
     assert np.mean(in_sample == listings["label"].to_numpy()[:60]) > 0.9  # a model that read them: memorised
     assert held_out < 0.6  # out of fold: about chance (1/3)
+
+
+def test_photo_neighbours_are_reranked_by_the_words_when_both_are_sent(tiny, handler):
+    from marketplace_search.text import TextNeighbours
+
+    run, _, _, _ = tiny
+    model = handler.text_model
+    # a vote catalogue over the archive's own listings, each described by words of its category
+    listings = {entry["product_id"]: entry for entry in handler.catalogue.listings.values()}
+    product_ids = sorted(listings)
+    texts = [f"{listings[p]['title']} {' '.join(TINY_WORDS[listings[p]['category']])}" for p in product_ids]
+    saved = model.neighbours
+    model.neighbours = TextNeighbours.from_rows(
+        product_ids, [CLASSES.index(listings[p]["category"]) for p in product_ids], [model.features(t) for t in texts],
+        len(model.word_vocabulary) + len(model.char_vocabulary), k=3, temperature=0.05, rerank_weight=5.0)
+    try:
+        jpeg = run.photo_bytes("img-004")
+        (_, photo), (_, worded), (_, described) = predict_local(
+            handler, [{"body": jpeg}, {"body": jpeg}, {"body": {"image": base64.b64encode(jpeg).decode(),
+                                                                "title": "old violin", "description": "A drum too."}}],
+            [{"X-K": "6"}, {"X-Title": "red spade", "X-K": "6"}, {"Content-Type": "application/json", "X-K": "6"}])
+    finally:
+        model.neighbours = saved
+    by_photo = {n["product_id"]: n["similarity"] for n in photo["neighbours"]}
+    assert len(by_photo) == 6 == len(worded["neighbours"])  # every listing of the tiny catalogue
+    # the same listings with their photo similarities, the Garden ones first: the words outweigh the photo
+    assert {n["product_id"]: n["similarity"] for n in worded["neighbours"]} == by_photo
+    gardens = sum(listings[p]["category"] == "Garden" for p in by_photo)
+    assert 0 < gardens < 6 and all(n["category"] == "Garden" for n in worded["neighbours"][:gardens])
+    assert all(n["category"] == "Music" for n in described["neighbours"][:sum(
+        listings[p]["category"] == "Music" for p in by_photo)])
+    # photo order kept without a weight
+    pool = [dict(n) for n in photo["neighbours"]]
+    assert saved.rerank(pool, np.zeros(len(saved.product_ids)), 6, weight=0.0) == pool

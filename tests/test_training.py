@@ -348,8 +348,13 @@ def test_text_stage_adds_its_rows_and_a_model_the_handler_loads(tiny_run):
     assert set(rows) == {"photo", "title", "title+description", "photo+title", "photo+title+description"}
     served = evaluation.get("fine_tuned_blend", evaluation["fine_tuned"])
     assert rows["photo"]["top1_accuracy"] == pytest.approx(served["top1_accuracy"])  # the same test split
-    assert rows["photo+title"]["precision@5"] == served["precision@5"]  # neighbours stay the photo's
     model = TextModel.load(run_dir / "text_model")
+    rerank = model.info["rerank"]  # photo neighbours re-ranked by the words: the weight with the best val P@10
+    assert rerank["weight"] == model.neighbours.rerank_weight and model.neighbours.product_ids
+    best = max(p["precision@10"] for p in rerank["val_precision"].values())
+    assert rerank["val_precision"][str(rerank["weight"])]["precision@10"] == best
+    if not rerank["weight"]:
+        assert rows["photo+title"]["precision@5"] == served["precision@5"]  # neighbours stay the photo's
     assert model.classes == json.loads((run_dir / "run.json").read_text())["classes"]
     assert set(model.calibrations) == {kind_name(inputs) for inputs in INPUT_KINDS}
     assert len(evaluation["text"]["per_category"]) == len(model.classes)

@@ -32,7 +32,7 @@ from sklearn.svm import LinearSVC
 from marketplace_search.inference import CategoryBlend, blend_categories
 from marketplace_search.layout import EVALUATION, INDEX_DIR, TEXT_MODEL_DIR, latest_run, read_run_info, update_run_info
 from marketplace_search.search import Catalogue
-from marketplace_search.text import (INPUT_KINDS, VOTE_FLOOR, TextModel, TextNeighbours, char_terms, kind_name,
+from marketplace_search.text import (INPUT_KINDS, RERANK_POOL, VOTE_FLOOR, TextModel, TextNeighbours, char_terms, kind_name,
                                      listing_text, word_terms)
 from training.dataset import load_split
 from training.embed import load_embeddings
@@ -50,6 +50,9 @@ SCALES = tuple(np.geomspace(0.1, 30, 30))
 # validation log-loss of photo + title.
 VOTE_KS = (10, 20, 40)
 VOTE_TEMPERATURES = (0.02, 0.05, 0.1)
+# Photo neighbours re-ranked by photo + weight x word similarity when words come with the photo: the weight
+# with the best validation precision@10 (0: photo order kept).
+RERANK_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0)
 
 
 def read_listings(work_dir: Path) -> pd.DataFrame:
@@ -202,6 +205,14 @@ def choose_vote(model: TextModel, similarities: np.ndarray, product_ids: list[st
     return k, temperature, {f"k={k_} t={t}": loss for (k_, t), loss in grid.items()}
 
 
+def reranked_precision(neighbours: TextNeighbours, pools: list[list[dict]], similarities: np.ndarray,
+                       categories: list[str], weight: float, ks=(1, 5, 10)) -> dict[str, float]:
+    """Mean precision@k of same-category listings among the photo neighbours re-ranked by the words."""
+    answers = [neighbours.rerank(pool, row, max(ks), weight) for pool, row in zip(pools, similarities)]
+    return {f"precision@{k}": float(np.mean([sum(n["category"] == category for n in answer[:k]) / k
+                                             for answer, category in zip(answers, categories)])) for k in ks}
+
+
 def train_text(run_dir: Path, work_dir: Path) -> dict:
     """Train, calibrate on val (cross-fitted), evaluate on test; saves RUN/text_model and returns the report."""
     started = time.perf_counter()
@@ -238,6 +249,15 @@ def train_text(run_dir: Path, work_dir: Path) -> dict:
     votes = {key: np.stack([model.neighbours.vote(row, len(classes), own)
                             for row, own in zip(rows, products[key[0]])]).astype(np.float32)
              for key, rows in similarities.items()}
+    pools = {name: catalogue.search(vectors[rows], k=RERANK_POOL, exclude_products=products[name])
+             for name, rows in (("val", is_val), ("test", is_test))}
+    categories = {name: [classes[label] for label in labels[rows]] for name, rows in (("val", is_val), ("test", is_test))}
+    rerank_grid = {weight: reranked_precision(model.neighbours, pools["val"], similarities[("val", "title")],
+                                              categories["val"], weight) for weight in RERANK_WEIGHTS}
+    model.neighbours.rerank_weight = max(RERANK_WEIGHTS, key=lambda w: (rerank_grid[w]["precision@10"], -w))
+    reranked = {kind: reranked_precision(model.neighbours, pools["test"], similarities[("test", text)],
+                                         categories["test"], model.neighbours.rerank_weight)
+                for kind, text in (("photo+title", "title"), ("photo+title+description", "description"))}
     chosen = {}
     for inputs in INPUT_KINDS:
         text = "description" if "description" in inputs else "title"
@@ -248,20 +268,25 @@ def train_text(run_dir: Path, work_dir: Path) -> dict:
     model.info.update(calibrations=chosen, train_seconds=round(trained - started, 1),
                       training_splits="train+val", cross_fitting_folds=FOLDS,
                       catalogue_vote={"k": k, "temperature": temperature, "listings": len(model.neighbours.product_ids),
-                                      "val_log_loss_grid": vote_grid})
+                                      "val_log_loss_grid": vote_grid},
+                      rerank={"weight": model.neighbours.rerank_weight, "pool": RERANK_POOL,
+                              "val_precision": {str(w): {key: round(v, 4) for key, v in p.items()}
+                                                for w, p in rerank_grid.items()}})
     report = evaluate_text(model, photo["test"], scores, votes, labels[is_test], catalogue, vectors[is_test],
-                           split[is_test], classes)
+                           split[is_test], classes, reranked)
     model.info["evaluation"] = {row["inputs"]: {k: row[k] for k in ("top1_accuracy", "top3_accuracy")}
                                 for row in report["rows"]}
     model.save(Path(run_dir) / TEXT_MODEL_DIR)
     report["model"] = {key: model.info[key] for key in ("classifier", "training_listings", "word_features",
                                                         "char_features", "calibrations", "train_seconds",
-                                                        "training_splits", "cross_fitting_folds", "catalogue_vote")}
+                                                        "training_splits", "cross_fitting_folds", "catalogue_vote",
+                                                        "rerank")}
     return report
 
 
 def evaluate_text(model: TextModel, photo: np.ndarray, scores: dict, votes: dict, labels: np.ndarray,
-                  catalogue: Catalogue, vectors: np.ndarray, test_rows: pd.DataFrame, classes: list[str]) -> dict:
+                  catalogue: Catalogue, vectors: np.ndarray, test_rows: pd.DataFrame, classes: list[str],
+                  reranked: dict | None = None) -> dict:
     """The test rows per input combination and the per-category recall of each."""
     precision = retrieval_precision(catalogue, vectors, list(test_rows["product_id"]),
                                     [classes[label] for label in labels])
@@ -269,8 +294,13 @@ def evaluate_text(model: TextModel, photo: np.ndarray, scores: dict, votes: dict
     for inputs in INPUT_KINDS:
         text = "description" if "description" in inputs else "title"
         answers[kind_name(inputs)] = model.probabilities(inputs, scores[("test", text)], photo, votes[("test", text)])
-    rows = [{"inputs": name, "model": f"{name} (photo neighbours)" if "photo" in name else f"{name} (no neighbours)",
-             **figures(probabilities, labels, precision if "photo" in name else None)}
+    def described(name):
+        if "photo" not in name:
+            return f"{name} (no neighbours)"
+        return f"{name} (photo neighbours re-ranked by words)" if name in (reranked or {}) else f"{name} (photo neighbours)"
+
+    rows = [{"inputs": name, "model": described(name),
+             **figures(probabilities, labels, (reranked or {}).get(name, precision) if "photo" in name else None)}
             for name, probabilities in answers.items()]
     recalls = {name: per_category(probabilities.argmax(axis=1), labels, classes)[0]
                for name, probabilities in answers.items()}
