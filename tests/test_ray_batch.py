@@ -40,7 +40,7 @@ class Tiny:
 def tiny(tmp_path_factory) -> Tiny:
     root = tmp_path_factory.mktemp("raybatch")
     run = make_tiny_run(root / "runs" / "2025-01-31_142233")
-    make_tiny_text_model(run)  # a CSV's titles reach the actors' handler too
+    make_tiny_text_model(run.run_dir)  # a CSV's titles reach the actors' handler too
     mar = archive_tiny_run(run, root / "store", version="1.0")
     inputs = root / "inputs"
     inputs.mkdir()
