@@ -6,6 +6,8 @@ RUN/weights/epoch_<N>.pt that also holds the optimizer, scheduler, epoch, random
 arguments (`--resume RUN` continues from the last one); the best by validation accuracy is copied,
 without the training state, to best.pt. TensorBoard scalars go to RUN/logs and the curves to
 RUN/training_curves.png.
+With `--ema-decay D` the weights validated and saved are an exponential moving average of the
+trained ones (training.ema); the live weights travel in the resumable state.
 
 Two ways to feed the trainable part:
 - cached (default): the frozen trunk runs once per view of each photo (as is, mirrored, then random
