@@ -34,8 +34,8 @@ def test_the_average_follows_the_decay_and_copies_integer_buffers():
 
 
 def test_training_saves_the_averaged_weights_and_resumes_with_them(sample_work, tmp_path, monkeypatch):
-    whole = train.train(train_args(sample_work, tmp_path / "whole", ema_decay=0.9))
-    checkpoint = torch.load(whole / "weights" / "epoch_3.pt", map_location="cpu", weights_only=True)
+    whole = train.train(train_args(sample_work, tmp_path / "whole", ema_decay=0.9, epochs=2))
+    checkpoint = torch.load(whole / "weights" / "epoch_2.pt", map_location="cpu", weights_only=True)
     state = checkpoint["training_state"]
     averaged, live = state["ema"]["average"], state["live_state_dict"]
     trained = [name for name in checkpoint["state_dict"] if name.startswith(("embedding", "classifier"))]
@@ -52,16 +52,16 @@ def test_training_saves_the_averaged_weights_and_resumes_with_them(sample_work, 
 
     def interrupted(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 5:  # epoch 3's training pass
+        if len(calls) == 3:  # epoch 2's training pass
             raise KeyboardInterrupt
         return real_run_epoch(*args, **kwargs)
 
     monkeypatch.setattr(train, "run_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train.train(train_args(sample_work, tmp_path / "broken", ema_decay=0.9))
+        train.train(train_args(sample_work, tmp_path / "broken", ema_decay=0.9, epochs=2))
     monkeypatch.setattr(train, "run_epoch", real_run_epoch)
     resumed = train.train(argparse.Namespace(resume=tmp_path / "broken"))
-    got = torch.load(resumed / "weights" / "epoch_3.pt", map_location="cpu", weights_only=True)
+    got = torch.load(resumed / "weights" / "epoch_2.pt", map_location="cpu", weights_only=True)
     for name, tensor in checkpoint["state_dict"].items():
         torch.testing.assert_close(got["state_dict"][name], tensor, msg=name)
     for name, tensor in live.items():
