@@ -9,7 +9,7 @@ import argparse
 import time
 from pathlib import Path
 
-from training import dataset, embed, evaluate, index, photos, tables
+from training import dataset, embed, evaluate, index, photos, refit, tables
 from marketplace_search.layout import update_run_info
 from training.train import add_arguments, train
 
@@ -37,6 +37,14 @@ def run_pipeline(args: argparse.Namespace) -> Path:
     timed("embed", embed.main, [*common, "--workers", str(args.workers)])
     timed("index", index.main, [*common, "--index-type", args.index_type])
     timed("evaluate", evaluate.main, common + ([] if args.baseline else ["--no-baseline"]))
+    if getattr(args, "refit_train_val", False):  # training.refit: stages 4-7 again on train + val
+        first_run = run_dir
+        update_run_info(first_run, data=str(Path(args.data).resolve()), pipeline_seconds=dict(timings))
+        run_dir = timed("refit train", refit.refit_train_val, train_args, first_run)
+        common = ["--work", str(out), "--run", str(run_dir)]
+        timed("refit embed", embed.main, [*common, "--workers", str(args.workers)])
+        timed("refit index", index.main, [*common, "--index-type", args.index_type])
+        timed("refit evaluate", evaluate.main, [*common, "--no-baseline", "--blend-from", str(first_run)])
     update_run_info(run_dir, data=str(Path(args.data).resolve()), pipeline_seconds=timings)
     print("\nstage seconds: " + ", ".join(f"{name} {seconds}" for name, seconds in timings.items()))
     print(f"run folder: {run_dir}")
@@ -51,6 +59,9 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index-type", default="auto", choices=index.INDEX_TYPES)
     parser.add_argument("--no-baseline", dest="baseline", action="store_false",
                         help="skip evaluating the frozen pretrained backbone")
+    parser.add_argument("--refit-train-val", action="store_true",
+                        help="then train again on train + val for the epochs chosen on val, and serve that "
+                             "run with the blend chosen on val (training.refit)")
     add_arguments(parser)
 
 

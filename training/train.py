@@ -306,7 +306,8 @@ def plot_curves(history: list[dict], path: Path) -> None:
 def prepare_data(model: MarketplaceNet, args, work_dir: Path, preprocess: Preprocess, device, dtype):
     """(forward, train set, val set, batch size, loader workers) for the chosen way of feeding the model."""
     split = load_split(work_dir)
-    train_rows = split[split["split"] == "train"].reset_index(drop=True)
+    # A refit (training.refit) trains on train + val photos: val accuracy is then not a held-out figure.
+    train_rows = split[split["split"].isin(training_splits(args))].reset_index(drop=True)
     val_rows = split[split["split"] == "val"].reset_index(drop=True)
     photos_dir = work_dir / "photos"
     if not args.cache:
@@ -335,6 +336,10 @@ def prepare_data(model: MarketplaceNet, args, work_dir: Path, preprocess: Prepro
         return model.forward_features(tail(inputs))
 
     return forward, train_set, val_set, args.head_batch_size, 0, cache
+
+
+def training_splits(args: argparse.Namespace) -> list[str]:
+    return list(getattr(args, "train_splits", None) or ["train"])
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -393,7 +398,10 @@ def train(args: argparse.Namespace) -> Path:
                         classes=classes, work=str(work_dir.resolve()))
     writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
     started = time.perf_counter()
-    for epoch in range(first_epoch, args.epochs + 1):
+    # The schedule spans --epochs; a refit stops where the train-only run chose (--stop-epoch).
+    last_epoch = min(args.epochs, getattr(args, "stop_epoch", 0) or args.epochs)
+    held_out = "val" not in training_splits(args)
+    for epoch in range(first_epoch, last_epoch + 1):
         epoch_started = time.perf_counter()
         set_mode(model, True, unfrozen)
         loader = epoch_loader(train_set, batch_size, args.seed, epoch, workers, device)
@@ -423,7 +431,7 @@ def train(args: argparse.Namespace) -> Path:
         checkpoint = epoch_checkpoint(run_dir, epoch)
         save_checkpoint(checkpoint, model, classes=classes, preprocess=preprocess, epoch=epoch, metrics=metrics,
                         config=config, training_state=training_state)
-        best_epoch = max(history, key=lambda row: row["val_accuracy"])["epoch"]
+        best_epoch = max(history, key=lambda row: row["val_accuracy"])["epoch"] if held_out else epoch
         if best_epoch == epoch:
             save_checkpoint(run_dir / WEIGHTS_DIR / BEST_CHECKPOINT, model, classes=classes, preprocess=preprocess,
                             epoch=epoch, metrics=metrics, config=config)
@@ -434,7 +442,7 @@ def train(args: argparse.Namespace) -> Path:
               f"val loss {val_loss:.3f} acc {val_accuracy:.3f}  ({seconds:.0f} s)", flush=True)
     writer.close()
     plot_curves(history, run_dir / CURVES_FILE)
-    best = max(history, key=lambda row: row["val_accuracy"])
+    best = max(history, key=lambda row: row["val_accuracy"]) if held_out else history[-1]
     update_run_info(run_dir, train={"history": history, "best_epoch": best["epoch"],
                                     "best_val_accuracy": best["val_accuracy"], "cache": cache,
                                     "device": str(device), "autocast": str(dtype) if dtype else "fp32",
