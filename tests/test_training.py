@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -178,6 +179,38 @@ def test_one_fine_tuning_step_changes_the_unfrozen_block(tmp_path):
     assert not torch.equal(trained["backbone.layer4.0.conv1.weight"], initial["backbone.layer4.0.conv1.weight"])
     assert torch.equal(trained["backbone.layer1.0.conv1.weight"], initial["backbone.layer1.0.conv1.weight"])
     assert not torch.equal(trained["classifier.2.weight"], initial["classifier.2.weight"])
+
+
+def test_refit_trains_on_train_and_val_for_the_chosen_epochs_and_serves_the_chosen_blend(tmp_path):
+    make_sample_catalogue(tmp_path / "data", listings=40, categories=2, photos_per_listing=1, seed=2, size=64)
+    args = argparse_pipeline(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "work"), *TINY,
+                              "--no-baseline", "--refit-train-val"])
+    refit_dir = pipeline.run_pipeline(args)
+    info = json.loads((refit_dir / "run.json").read_text())
+    first = Path(info["refit"]["from_run"])
+    first_info = json.loads((first / "run.json").read_text())
+    assert first != refit_dir.resolve() and first_info["refit"]["run"] == str(refit_dir.resolve())
+    chosen = first_info["train"]["best_epoch"]
+    assert [row["epoch"] for row in info["train"]["history"]] == list(range(1, chosen + 1))
+    assert info["train"]["best_epoch"] == chosen == info["refit"]["epochs"]
+    split = pd.read_csv(tmp_path / "work" / "split.csv")
+    counts = split["split"].value_counts()
+    assert first_info["train"]["cache"]["train_items"] == 2 * counts["train"]
+    assert info["train"]["cache"]["train_items"] == 2 * (counts["train"] + counts["val"])
+    _, checkpoint = load_checkpoint(refit_dir / "weights" / "epoch_1.pt")
+    assert checkpoint["training_state"]["args"]["epochs"] == 3  # the same schedule, stopped at the chosen epoch
+    assert load_checkpoint(refit_dir / "weights" / "best.pt")[1]["epoch"] == chosen
+    first_blend = json.loads((first / "evaluation.json").read_text())["category_blend"]
+    report = json.loads((refit_dir / "evaluation.json").read_text())
+    assert {key: report["category_blend"][key] for key in ("k", "temperature", "weight")} == \
+        {key: first_blend[key] for key in ("k", "temperature", "weight")}
+    assert report["category_blend"]["chosen_by_run"] == str(first.resolve())
+    assert report["refit"]["train_splits"] == ["train", "val"] and report["test_photos"] == counts["test"]
+    assert {"refit train", "refit embed", "refit index", "refit evaluate"} <= set(info["pipeline_seconds"])
+    # the text fusion stays the one calibrated against the train-only photo model (which never saw val)
+    assert (refit_dir / "text_model" / "text_model.json").read_bytes() == \
+        (first / "text_model" / "text_model.json").read_bytes()
+    assert report["text"]["photo_model_run"] == first.name
 
 
 def test_pretrained_weights_from_a_file_and_clear_failures(tmp_path):

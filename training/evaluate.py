@@ -165,23 +165,32 @@ def print_table(rows: list[dict]) -> None:
         print(f"| {row['model']:<{width}} | " + " | ".join(f"{row[name]:>13.3f}" for name in columns) + " |")
 
 
-def evaluate(run_dir: Path, work_dir: Path, baseline: bool = True) -> dict:
+def evaluate(run_dir: Path, work_dir: Path, baseline: bool = True, blend_from: Path | None = None) -> dict:
+    """`blend_from`: serve the blend that run chose on validation (a refit has trained on validation)."""
     split = load_split(work_dir)
     image_ids, vectors, probabilities, meta = load_embeddings(run_dir)
     if image_ids != list(split["image_id"]):
         raise ValueError(f"{run_dir}/embeddings do not match {work_dir}/split.csv; re-run training.embed")
     catalogue = Catalogue.load(Path(run_dir) / INDEX_DIR)
-    classes = read_run_info(run_dir)["classes"]
+    info = read_run_info(run_dir)
+    classes = info["classes"]
     is_test, is_val = (split["split"] == "test").to_numpy(), (split["split"] == "val").to_numpy()
     test_rows, labels = split[is_test], split["label"].to_numpy()
     fine_tuned = {"model": f"fine-tuned {meta['arch']} (epoch {meta['epoch']})", **scores_for(
         probabilities[is_test], labels[is_test], catalogue, vectors[is_test], test_rows)}
     report = {"test_photos": int(is_test.sum()), "test_listings": int(test_rows["product_id"].nunique()),
-              "catalogue_photos": catalogue.index.ntotal, "fine_tuned": fine_tuned}
+              "catalogue_photos": catalogue.index.ntotal, "fine_tuned": fine_tuned,
+              **({"refit": info["refit"]} if "refit" in info else {})}  # trained on train + val (training.refit)
     served = probabilities[is_test]
-    if is_val.any():
+    if blend_from is not None:
+        chosen = json.loads((Path(blend_from) / EVALUATION).read_text()).get("category_blend")
+        blend = CategoryBlend.from_dict(chosen)
+        chosen_on = {**{key: value for key, value in (chosen or {}).items() if key.startswith("val_")},
+                     "chosen_by_run": str(Path(blend_from).resolve())}
+    elif is_val.any():
         blend, chosen_on = choose_blend(probabilities[is_val], own_listing_excluded_voters(
             catalogue, vectors[is_val], split[is_val]), labels[is_val], classes)
+    if blend_from is not None or is_val.any():
         if blend.weight > 0:
             served = blend_categories(served, own_listing_excluded_voters(catalogue, vectors[is_test], test_rows),
                                       classes, blend)
@@ -224,9 +233,11 @@ def main(argv=None) -> None:
     parser.add_argument("--work", required=True, type=Path, help="work folder with split.csv, photos/")
     parser.add_argument("--run", type=Path, help="run folder (default: the latest under WORK/model_evaluation)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the frozen-backbone figures")
+    parser.add_argument("--blend-from", type=Path, metavar="RUN",
+                        help="serve the category blend RUN chose on validation instead of choosing one here")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
-    evaluate(args.run or latest_run(args.work), args.work, baseline=not args.no_baseline)
+    evaluate(args.run or latest_run(args.work), args.work, baseline=not args.no_baseline, blend_from=args.blend_from)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ RUN/weights/epoch_<N>.pt that also holds the optimizer, scheduler, epoch, random
 arguments (`--resume RUN` continues from the last one); the best by validation accuracy is copied,
 without the training state, to best.pt. TensorBoard scalars go to RUN/logs and the curves to
 RUN/training_curves.png.
+With `--ema-decay D` the weights validated and saved are an exponential moving average of the
+trained ones (training.ema); the live weights travel in the resumable state.
 
 Two ways to feed the trainable part:
 - cached (default): the frozen trunk runs once per view of each photo (as is, mirrored, then random
@@ -43,6 +45,7 @@ from marketplace_search.models import (ARCHS, MarketplaceNet, default_preprocess
                                        save_checkpoint, set_trainable, split_backbone)
 from marketplace_search.presets import Preprocess, eval_transform, train_transform
 from training.dataset import ListingPhotos, load_split
+from training.ema import WeightAverage
 
 CACHE_DIR = "cache"
 CURVES_FILE = "training_curves.png"
@@ -167,9 +170,10 @@ def cached_outputs(work_dir: Path, trunk: nn.Module, rows, photos_dir: Path, vie
 # --- one epoch ---------------------------------------------------------------------------------------
 
 def run_epoch(forward, loader, criterion, device: torch.device, dtype: torch.dtype | None, optimizer=None,
-              scheduler=None, scaler=None, progress: bool = False) -> tuple[float, float]:
+              scheduler=None, scaler=None, progress: bool = False, after_step=None) -> tuple[float, float]:
     """One pass over `loader` with `forward(inputs) -> (logits, embedding)`; trains when an optimizer
-    is given. Returns (mean loss, accuracy)."""
+    is given (calling `after_step()` after each step, e.g. to update a weight average). Returns (mean
+    loss, accuracy)."""
     training = optimizer is not None
     total_loss, correct, seen = 0.0, 0, 0
     with torch.set_grad_enabled(training):
@@ -192,6 +196,8 @@ def run_epoch(forward, loader, criterion, device: torch.device, dtype: torch.dty
                     loss.backward()
                     optimizer.step()
                 scheduler.step()
+                if after_step is not None:
+                    after_step()
             total_loss += loss.item() * len(labels)
             correct += (logits.argmax(dim=1) == labels).sum().item()
             seen += len(labels)
@@ -300,7 +306,8 @@ def plot_curves(history: list[dict], path: Path) -> None:
 def prepare_data(model: MarketplaceNet, args, work_dir: Path, preprocess: Preprocess, device, dtype):
     """(forward, train set, val set, batch size, loader workers) for the chosen way of feeding the model."""
     split = load_split(work_dir)
-    train_rows = split[split["split"] == "train"].reset_index(drop=True)
+    # A refit (training.refit) trains on train + val photos: val accuracy is then not a held-out figure.
+    train_rows = split[split["split"].isin(training_splits(args))].reset_index(drop=True)
     val_rows = split[split["split"] == "val"].reset_index(drop=True)
     photos_dir = work_dir / "photos"
     if not args.cache:
@@ -329,6 +336,10 @@ def prepare_data(model: MarketplaceNet, args, work_dir: Path, preprocess: Prepro
         return model.forward_features(tail(inputs))
 
     return forward, train_set, val_set, args.head_batch_size, 0, cache
+
+
+def training_splits(args: argparse.Namespace) -> list[str]:
+    return list(getattr(args, "train_splits", None) or ["train"])
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -365,10 +376,15 @@ def train(args: argparse.Namespace) -> Path:
     scheduler = cosine_schedule(optimizer, args.epochs, steps_per_epoch, args.warmup_epochs)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    # With --ema-decay, the averaged weights are the ones validated and saved (epoch_N.pt, best.pt);
+    # the live weights the optimizer moves travel in the training state for --resume.
+    average = WeightAverage(model, args.ema_decay) if getattr(args, "ema_decay", 0) else None
     history, first_epoch = [], 1
     if getattr(args, "resume", None):
         state = torch.load(last_epoch_checkpoint(run_dir), map_location=device, weights_only=True)
-        model.load_state_dict(state["state_dict"])
+        model.load_state_dict(state["training_state"].get("live_state_dict") or state["state_dict"])
+        if average is not None:
+            average.load_state_dict(state["training_state"]["ema"])
         optimizer.load_state_dict(state["training_state"]["optimizer"])
         scheduler.load_state_dict(state["training_state"]["scheduler"])
         if scaler is not None and state["training_state"].get("scaler"):
@@ -382,13 +398,21 @@ def train(args: argparse.Namespace) -> Path:
                         classes=classes, work=str(work_dir.resolve()))
     writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
     started = time.perf_counter()
-    for epoch in range(first_epoch, args.epochs + 1):
+    # The schedule spans --epochs; a refit stops where the train-only run chose (--stop-epoch).
+    last_epoch = min(args.epochs, getattr(args, "stop_epoch", 0) or args.epochs)
+    held_out = "val" not in training_splits(args)
+    for epoch in range(first_epoch, last_epoch + 1):
         epoch_started = time.perf_counter()
         set_mode(model, True, unfrozen)
         loader = epoch_loader(train_set, batch_size, args.seed, epoch, workers, device)
         train_loss, train_accuracy = run_epoch(forward, loader, criterion, device, dtype, optimizer, scheduler,
-                                               scaler, progress=not args.cache)
+                                               scaler, progress=not args.cache,
+                                               after_step=(lambda: average.update(model)) if average else None)
         set_mode(model, False, unfrozen)
+        live_weights = ({name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
+                        if average is not None else None)
+        if average is not None:
+            model.load_state_dict(average.weights_for(model))
         val_loss, val_accuracy = run_epoch(forward, epoch_loader(val_set, batch_size * 2, args.seed, epoch, workers,
                                                                  device, shuffle=False),
                                            criterion, device, dtype, progress=not args.cache)
@@ -402,20 +426,23 @@ def train(args: argparse.Namespace) -> Path:
             writer.add_scalar(f"{metric}/{split_name}", value, epoch)
         training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                           "scaler": scaler.state_dict() if scaler is not None else None,
-                          "random": random_states(), "args": config}
+                          "random": random_states(), "args": config,
+                          **({"live_state_dict": live_weights, "ema": average.state_dict()} if average else {})}
         checkpoint = epoch_checkpoint(run_dir, epoch)
         save_checkpoint(checkpoint, model, classes=classes, preprocess=preprocess, epoch=epoch, metrics=metrics,
                         config=config, training_state=training_state)
-        best_epoch = max(history, key=lambda row: row["val_accuracy"])["epoch"]
+        best_epoch = max(history, key=lambda row: row["val_accuracy"])["epoch"] if held_out else epoch
         if best_epoch == epoch:
             save_checkpoint(run_dir / WEIGHTS_DIR / BEST_CHECKPOINT, model, classes=classes, preprocess=preprocess,
                             epoch=epoch, metrics=metrics, config=config)
+        if average is not None:
+            model.load_state_dict(live_weights)  # the optimizer goes on from the live weights
         update_run_info(run_dir, train={"history": history})
         print(f"epoch {epoch:3d}  train loss {train_loss:.3f} acc {train_accuracy:.3f}  "
               f"val loss {val_loss:.3f} acc {val_accuracy:.3f}  ({seconds:.0f} s)", flush=True)
     writer.close()
     plot_curves(history, run_dir / CURVES_FILE)
-    best = max(history, key=lambda row: row["val_accuracy"])
+    best = max(history, key=lambda row: row["val_accuracy"]) if held_out else history[-1]
     update_run_info(run_dir, train={"history": history, "best_epoch": best["epoch"],
                                     "best_val_accuracy": best["val_accuracy"], "cache": cache,
                                     "device": str(device), "autocast": str(dtype) if dtype else "fp32",
@@ -449,6 +476,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up before the cosine decay")
     group.add_argument("--weight-decay", type=float, default=5e-2)
     group.add_argument("--label-smoothing", type=float, default=0.1)
+    group.add_argument("--ema-decay", type=float, default=0.0,
+                       help="validate and save an exponential moving average of the weights, updated every "
+                            "step with this decay (e.g. 0.998; 0 = off: the last weights)")
     group.add_argument("--batch-size", type=int, default=32, help="photos per forward pass")
     group.add_argument("--head-batch-size", type=int, default=256, help="cached: items per training step")
     group.add_argument("--resize", type=int, help="square photo side before the crop (default: the arch's)")
