@@ -67,22 +67,21 @@ class MarketplaceHandler(BaseHandler):
         self.classes = checkpoint["classes"]
         self.preprocess_settings = Preprocess.from_dict(checkpoint["preprocess"])
         self.transform = eval_transform(self.preprocess_settings)
-        self.catalogue = Catalogue.load(required_path(model_dir, ARCHIVE_CATALOGUE))
+        bundled = Catalogue.load(required_path(model_dir, ARCHIVE_CATALOGUE))
         self.category_blend = CategoryBlend.from_dict(settings.get("category_blend"))
         # The title/description model, when the run trained one (archives before it: photos only).
         text_dir = model_dir / ARCHIVE_TEXT_MODEL
         self.text_model = TextModel.load(text_dir) if text_dir.is_dir() else None
         if self.text_model is not None and self.text_model.classes != checkpoint["classes"]:
             raise ValueError(f"{text_dir} was trained on other categories than {checkpoint_path.name}")
-        if self.catalogue.dimension != checkpoint["embedding_dim"]:
-            raise ValueError(f"{model_dir / ARCHIVE_CATALOGUE} holds {self.catalogue.dimension}-d vectors but "
+        if bundled.dimension != checkpoint["embedding_dim"]:
+            raise ValueError(f"{model_dir / ARCHIVE_CATALOGUE} holds {bundled.dimension}-d vectors but "
                              f"{checkpoint_path.name} makes {checkpoint['embedding_dim']}-d embeddings")
         # The live catalogue folder (handler.live_catalogue), if any, replaces the snapshot above as soon
         # as it has a generation embedded by these very weights; its removal list applies either way.
         live = settings.get("live_catalogue")
-        self.live = LiveFollower(live, self.catalogue, sha256_file(checkpoint_path), background=True) if live else None
-        self.served = self.live.current() if self.live else Served(self.catalogue, BUNDLED)
-        self.catalogue = self.served.catalogue
+        self.live = LiveFollower(live, bundled, sha256_file(checkpoint_path), background=True) if live else None
+        self.served = self.live.current() if self.live else Served(bundled, BUNDLED)
         # TorchServe's Context knows the registered name; its unit-test MockContext does not.
         self.model_info = {"name": getattr(context, "model_name", None) or self.manifest["model"].get("modelName"),
                            "version": self.manifest["model"].get("modelVersion")}
@@ -92,16 +91,20 @@ class MarketplaceHandler(BaseHandler):
         self.initialized = True
         logger.info("loaded %s (%s, %d classes) and %d catalogue photos (generation %d%s); %d threads, backend %s, "
                     "device %s, category blend %s", checkpoint_path.name, checkpoint["arch"], len(self.classes),
-                    self.served.catalogue.visible, self.served.generation,
+                    self.catalogue.visible, self.served.generation,
                     f", following {self.live.live}" if self.live else "", threads, self.backend.name, self.device,
                     self.category_blend.to_dict() if self.category_blend.weight else "off (head alone)")
+
+    @property
+    def catalogue(self) -> Catalogue:
+        """What this batch searches: the served generation's view (the archive's snapshot without a live folder)."""
+        return self.served.catalogue
 
     def preprocess(self, data):
         """Decode and transform every request of the batch, several at a time; a bad one becomes its error."""
         started = time.perf_counter()
         if self.live:  # the whole batch is answered from one generation, whatever changes meanwhile
             self.served = self.live.current()
-            self.catalogue = self.served.catalogue
         pool = self.decoders if len(data) > 1 else None  # a lone request skips the hand-off to a thread
         prepared = list((pool.map if pool else map)(self.prepare_request, range(len(data)), data))
         batch = Batch([item if isinstance(item, RequestError) else item[0] for item in prepared])
