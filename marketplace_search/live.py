@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from marketplace_search.search import Catalogue, make_catalogue
+from marketplace_search.search import Catalogue, fsync_path, make_catalogue
 
 CURRENT_FILE = "CURRENT"
 REMOVED_FILE = "removed.json"
@@ -75,7 +75,7 @@ def write_json_atomically(path: Path, value) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    _fsync(path.parent)
+    fsync_path(path.parent)
 
 
 def read_current(live: Path) -> dict | None:
@@ -108,14 +108,6 @@ def generation_weights(info: dict) -> str | None:
 
 def list_generations(live: Path) -> list[str]:
     return sorted(path.name for path in Path(live).glob(f"{GENERATION_PREFIX}*") if path.is_dir())
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 @contextmanager
@@ -184,11 +176,11 @@ def write_generation(live: Path, vectors: np.ndarray, image_ids: list[str], list
         np.save(staging / VECTORS_FILE, np.ascontiguousarray(vectors, dtype=np.float32))
         (staging / GENERATION_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
         for name in (VECTORS_FILE, GENERATION_FILE):
-            _fsync(staging / name)
+            fsync_path(staging / name)
         os.chmod(staging, 0o755)
-        _fsync(staging)
+        fsync_path(staging)
         os.rename(staging, live / generation_name(number))  # a new name: fails rather than replace anything
-        _fsync(live)
+        fsync_path(live)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -263,9 +263,9 @@ class Catalogue:
             self.meta = {**self.meta, "files": files}
             (staging / META_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True))
             for name in CATALOGUE_FILES:
-                _fsync(staging / name)
+                fsync_path(staging / name)
             os.chmod(staging, directory.stat().st_mode & 0o7777 if directory.is_dir() else 0o755)
-            _fsync(staging)
+            fsync_path(staging)
             _replace_folder(staging, directory)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -417,7 +417,8 @@ def _check_replaceable(directory: Path) -> None:
                                   f"refusing to replace it; save into a folder of its own")
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder: so a rename inside it survives a crash)."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -441,7 +442,7 @@ def _replace_folder(staging: Path, directory: Path) -> None:
         if previous is not None:
             os.replace(previous, directory)
         raise
-    _fsync(directory.parent)
+    fsync_path(directory.parent)
     if previous is not None:
         shutil.rmtree(previous)
 

@@ -11,6 +11,7 @@ import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from training.tiny_run import CLASSES, CREATED, TINY_PREPROCESS, TinyRun, make_tiny_run, photo_jpeg  # noqa: F401
@@ -61,3 +62,18 @@ def running_server(model_store: Path, workdir: Path, models: dict[str, str] | No
         yield server
     finally:
         server.stop()
+
+
+def assert_same_answers(found: dict, expected: dict) -> None:
+    """Batch records keyed by (image_id, path): the same inputs, and for each the same status, category,
+    probability and neighbours (or the same error code)."""
+    assert found.keys() == expected.keys()
+    for key, record in found.items():
+        reference = expected[key]
+        assert record["status"] == reference["status"], key
+        if record["status"] == "ok":
+            assert record["category"] == reference["category"], key
+            assert record["probability"] == pytest.approx(reference["probability"], abs=1e-4)
+            assert [n["image_id"] for n in record["neighbours"]] == [n["image_id"] for n in reference["neighbours"]]
+        else:
+            assert record["code"] == reference["code"], key

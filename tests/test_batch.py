@@ -22,7 +22,7 @@ import requests
 
 from handlers import local
 from scripts import api, batch
-from tests.serving_fixtures import archive_tiny_run, make_tiny_run, photo_jpeg, running_server
+from tests.serving_fixtures import archive_tiny_run, assert_same_answers, make_tiny_run, photo_jpeg, running_server
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "marketplace"
@@ -79,19 +79,6 @@ def by_key(output: Path) -> dict[tuple[str, str], dict]:
     keyed = {(line["image_id"], line["path"]): line for line in lines}
     assert len(keyed) == len(lines), "an input has more than one line"
     return keyed
-
-
-def assert_same_answers(found: dict, expected: dict) -> None:
-    assert found.keys() == expected.keys()
-    for key, line in found.items():
-        reference = expected[key]
-        assert line["status"] == reference["status"], key
-        if line["status"] == "ok":
-            assert line["category"] == reference["category"]
-            assert line["probability"] == pytest.approx(reference["probability"], abs=1e-4)
-            assert [n["image_id"] for n in line["neighbours"]] == [n["image_id"] for n in reference["neighbours"]]
-        else:
-            assert line["code"] == reference["code"]
 
 
 # --- inputs and the output file ---------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from scripts import batch, ray_batch
-from tests.serving_fixtures import archive_tiny_run, make_tiny_run, photo_jpeg
+from tests.serving_fixtures import archive_tiny_run, assert_same_answers, make_tiny_run, photo_jpeg
 from training.tiny_run import make_tiny_text_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,19 +67,6 @@ def by_key(records: list[dict]) -> dict[tuple[str, str], dict]:
     keyed = {(record["image_id"], record["path"]): record for record in records}
     assert len(keyed) == len(records), "an input has more than one result"
     return keyed
-
-
-def assert_same_answers(found: dict, expected: dict) -> None:
-    assert found.keys() == expected.keys()
-    for key, record in found.items():
-        reference = expected[key]
-        assert record["status"] == reference["status"], key
-        if record["status"] == "ok":
-            assert record["category"] == reference["category"], key
-            assert record["probability"] == pytest.approx(reference["probability"], abs=1e-4)
-            assert [n["image_id"] for n in record["neighbours"]] == [n["image_id"] for n in reference["neighbours"]]
-        else:
-            assert record["code"] == reference["code"], key
 
 
 def ray_is_down() -> None:
