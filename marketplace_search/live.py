@@ -110,6 +110,25 @@ def list_generations(live: Path) -> list[str]:
     return sorted(path.name for path in Path(live).glob(f"{GENERATION_PREFIX}*") if path.is_dir())
 
 
+def prune_generations(live: Path, keep: int) -> list[str]:
+    """Delete all but the KEEP newest generations (the current one always kept); returns the names deleted.
+
+    The caller holds the writer lock. KEEP >= 2 so that a worker still loading the generation CURRENT named
+    just before the newest finds it whole; a worker serving an older one keeps its open and mapped files
+    (Linux frees them when the last one closes), and its next check loads the current one.
+    """
+    if keep < 2:
+        raise ValueError(f"keep {keep}: at least 2 generations stay (the current one and the one before it)")
+    current = (read_current(live) or {}).get("name")
+    names = list_generations(live)
+    doomed = [name for name in names[:-keep] if name != current]
+    for name in doomed:
+        shutil.rmtree(Path(live) / name)
+    if doomed:
+        fsync_path(Path(live))
+    return doomed
+
+
 @contextmanager
 def writer_lock(live: Path):
     """One writer at a time on LIVE (remove, add, compact, init); readers never wait for it."""

@@ -19,6 +19,7 @@ list, which the workers pick up on their next batch (they look at most every 0.5
            listings (a product_id already there is replaced; one on the removal list comes back)
   status   current generation, photos, listings, removed listings, the weights it was embedded with
   compact  fold the removal list into a new generation (the index loses the removed photos)
+  prune    delete old generations, keeping the newest --keep (default 3, at least 2); nothing else does
 """
 import faiss  # noqa: F401  (before torch: OpenMP, see README)
 
@@ -38,8 +39,9 @@ from training.embed import embed_rows, load_embeddings
 from training.index import listing_metadata
 from marketplace_search.layout import (ARCHIVE_CATALOGUE, ARCHIVE_MANIFEST, CHECKPOINT, EMBEDDINGS_DIR, INDEX_DIR,
                                        sha256_file)
-from marketplace_search.live import (CATALOGUE_DIR, CURRENT_FILE, list_generations, load_generation, now, read_current,
-                                     read_removed, write_generation, write_removed, writer_lock)
+from marketplace_search.live import (CATALOGUE_DIR, CURRENT_FILE, list_generations, load_generation, now,
+                                     prune_generations, read_current, read_removed, write_generation, write_removed,
+                                     writer_lock)
 from marketplace_search.models import load_checkpoint
 from marketplace_search.presets import Preprocess
 from marketplace_search.search import INDEX_TYPES, LISTINGS_FILE, Catalogue
@@ -230,6 +232,15 @@ def compact(args) -> dict:
     return {"generation": number, "photos": len(image_ids), **change["compacted"]}
 
 
+def prune(args) -> dict:
+    with writer_lock(args.live):
+        try:
+            deleted = prune_generations(args.live, args.keep)
+        except ValueError as error:
+            raise CatalogueError(str(error)) from error
+        return {"deleted": deleted, "kept": list_generations(args.live)}
+
+
 def status(args) -> dict:
     current = read_current(args.live)
     if current is None:
@@ -273,13 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("status", help="the current generation and the removal list")
     fold = commands.add_parser("compact", help="fold the removal list into a new generation")
     fold.add_argument("--index-type", choices=INDEX_TYPES, help="default: the current generation's")
+    trim = commands.add_parser("prune", help="delete old generations (each holds a full index and vectors)")
+    trim.add_argument("--keep", type=int, default=3, help="newest generations kept, the current one among them "
+                      "(at least 2: a worker may still be loading the one before the current)")
     return parser
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     try:
-        result = {"init": init, "remove": remove, "add": add, "status": status, "compact": compact}[args.command](args)
+        result = {"init": init, "remove": remove, "add": add, "status": status, "compact": compact,
+                  "prune": prune}[args.command](args)
     except (CatalogueError, FileNotFoundError) as error:
         raise SystemExit(f"{args.command} refused: {error}") from error
     print(json.dumps(result, indent=2, default=str))

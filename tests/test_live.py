@@ -349,3 +349,23 @@ def test_add_refuses_other_weights(tiny, tmp_path):
 def tiny_vectors(tiny):
     catalogue = Catalogue.load(tiny.run_dir / "index")
     return catalogue.index.reconstruct_n(0, catalogue.index.ntotal)
+
+
+def test_prune_keeps_the_newest_generations_and_a_follower_on_a_deleted_one_moves_on(tiny, tmp_path):
+    folder = seed_live(tiny, tmp_path / "live")
+    clock = Clock()
+    follower = live.LiveFollower(folder, Catalogue.load(tiny.run_dir / "index"),
+                                 sha256_file(tiny.run_dir / CHECKPOINT), clock=clock)
+    assert follower.current().generation == 1  # serving gen-000001 (its index and files open)
+    for _ in range(3):
+        cli.main(["--live", str(folder), "init", "--run", str(tiny.run_dir), "--force"])
+    with pytest.raises(SystemExit, match="at least 2"):
+        cli.main(["--live", str(folder), "prune", "--keep", "1"])
+    result = cli.main(["--live", str(folder), "prune", "--keep", "2"])
+    assert result == {"deleted": ["gen-000001", "gen-000002"], "kept": ["gen-000003", "gen-000004"]}
+    assert not (folder / "gen-000001").exists() and live.read_current(folder)["generation"] == 4
+    # The deleted generation still answers until the next check, which loads the current one.
+    assert len(follower.current().catalogue.search(tiny_vectors(tiny)[:1], k=3)[0]) == 3
+    clock.now = 1
+    assert follower.current().info == {"generation": 4, "photos": 12}
+    assert cli.main(["--live", str(folder), "prune"])["deleted"] == []  # default --keep 3: nothing more to delete
