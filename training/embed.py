@@ -7,6 +7,7 @@ order), `probabilities.npy` ((n, classes) float32, used by evaluation), `image_e
 vector only for the same bytes).
 """
 import argparse
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -126,6 +127,9 @@ def main(argv=None) -> None:
 
 def embed_on_ray(args) -> None:
     """--engine ray: shards under RUN/embeddings/shards, then this stage's usual files assembled from them."""
+    if importlib.util.find_spec("ray") is None:
+        raise SystemExit("--engine ray needs Ray, the project's 'scale' extra: pip install -e '.[scale]' "
+                         "(make venv installs every extra)")
     from training.ray_embed import SHARDS_DIR, assemble, embed_shards
 
     run_dir = args.run or latest_run(args.work)
