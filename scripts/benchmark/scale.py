@@ -224,6 +224,7 @@ def save_catalogue(folder: Path, work: Path, vectors, image_ids, listings, index
         catalogue = search.Catalogue(index, image_ids, listings, {**meta, "index": params, "dimension": DIMENSION})
     else:
         catalogue = search.make_catalogue(vectors, image_ids, listings, meta, index_type)
+        faiss.write_index(catalogue.index, str(built))  # the next format's catalogue reuses it
     catalogue.save(folder, columnar=columnar)
 
 
@@ -262,6 +263,7 @@ def bench_memory_served(args) -> list[dict]:
     from scripts.serve import free_ports, start_server
 
     work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
     vectors, _ = vectors_on_disk(work, args.vectors, args.queries)
     photos = [path.read_bytes() for path in sorted(Path(args.photos).glob("*.jpg"))[:20]]
     rows = []
