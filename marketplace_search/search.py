@@ -9,7 +9,7 @@ On disk (one folder):
                     `load` (marketplace_search.columns)
   index_meta.json   dimension, metric, normalisation, index type and parameters, count, the
                     model checkpoint (path, sha256, version) that made the vectors, and "files": the
-                    sha256 and size of the other three, so files of different builds refuse to load
+                    sha256 and size of the other files, so files of different builds refuse to load
 
 Vectors are (n, d) float32, L2-normalised, so inner product is cosine similarity.
 A folder is written whole into a temporary folder beside it and renamed into place.
