@@ -132,3 +132,20 @@ def test_a_listing_with_other_fields_is_refused_by_the_table(ivfpq, tmp_path):
     with pytest.raises(ValueError, match=r"listing of img-3 has the fields .*colour"):
         make_catalogue(clustered(20, D), image_ids, listings, {}, "flat").save(tmp_path / "c", columnar=True)
     assert not (tmp_path / "c").exists()
+
+
+def test_an_archive_ships_a_columnar_catalogue_and_its_handler_answers_from_it(tmp_path):
+    from handlers.local import load_local_handler, predict_local
+    from tests.serving_fixtures import archive_tiny_run, extract_archive, make_tiny_run
+
+    run = make_tiny_run(tmp_path / "runs" / "2025-01-31_142233")
+    expected = Catalogue.load(run.run_dir / "index")
+    expected.save(run.run_dir / "index", columnar=True)
+    model = extract_archive(archive_tiny_run(run, tmp_path / "store"), tmp_path / "model")
+    assert sorted(path.name for path in (model / "catalogue").iterdir()) == sorted(search.COLUMNAR_FILES)
+    handler = load_local_handler(model)
+    assert type(handler.catalogue.listings).__name__ == "Listings"  # the archive's own copy of the class
+    [(status, answer)] = predict_local(handler, [{"body": run.photo_bytes("img-004")}])
+    assert status == 200
+    assert answer["neighbours"][0]["image_id"] == "img-004"  # its own photo, found in the mapped table
+    assert answer["neighbours"][0]["title"] == expected.listings["img-004"]["title"]
