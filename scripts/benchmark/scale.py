@@ -62,6 +62,7 @@ def clustered_chunks(n: int, dimension: int, seed: int = 0, rank: int = 32, spre
 
 def vectors_on_disk(work: Path, n: int, queries: int, dimension: int = DIMENSION) -> tuple[np.ndarray, np.ndarray]:
     """(catalogue memmap (n, d), queries (q, d)), generated once into WORK and reused."""
+    work.mkdir(parents=True, exist_ok=True)
     path = work / f"vectors-{n}x{dimension}.npy"
     total = n + queries
     if not path.exists():
@@ -266,7 +267,6 @@ def bench_memory_served(args) -> list[dict]:
     from scripts.serve import free_ports, start_server
 
     work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
     vectors, _ = vectors_on_disk(work, args.vectors, args.queries)
     photos = [path.read_bytes() for path in sorted(Path(args.photos).glob("*.jpg"))[:20]]
     rows = []
