@@ -4,9 +4,12 @@ On disk (one folder):
   catalogue.faiss   the Faiss index; int64 id i is row i of the id map
   id_map.json       [image_id, ...]
   listings.json     {image_id: {product_id, title, price, location, category}}
+  listings.arrow    instead of those two in a columnar catalogue (what "ivfpq" catalogues save): the
+                    image ids and listing fields as columns of one Arrow file, memory-mapped by
+                    `load` (marketplace_search.columns)
   index_meta.json   dimension, metric, normalisation, index type and parameters, count, the
                     model checkpoint (path, sha256, version) that made the vectors, and "files": the
-                    sha256 and size of the other three, so files of different builds refuse to load
+                    sha256 and size of the other files, so files of different builds refuse to load
 
 Vectors are (n, d) float32, L2-normalised, so inner product is cosine similarity.
 A folder is written whole into a temporary folder beside it and renamed into place.
@@ -24,12 +27,14 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from marketplace_search.columns import ImageIds, Listings, ListingTable, write_listing_table
 from marketplace_search.layout import sha256_file
 from marketplace_search.schema import LISTING_FIELDS
 
 INDEX_FILE = "catalogue.faiss"
 ID_MAP_FILE = "id_map.json"
 LISTINGS_FILE = "listings.json"
+LISTING_TABLE_FILE = "listings.arrow"
 META_FILE = "index_meta.json"
 INDEX_TYPES = ("auto", "flat", "hnsw", "hnsw_sq8", "ivf", "ivfpq")
 # "auto" switches to HNSW above this many vectors: below it an exact search is still well under a
@@ -40,10 +45,15 @@ FLAT_MAX = 20_000
 # worker's memory (1.2 GB at 1M, 12 GB at 10M); IVF-PQ keeps 40 bytes per vector for the search and
 # 256 (8-bit, d=256) for the re-ranking, memory-mapped and shared by the workers (README, "Scale out").
 HNSW_MAX = 2_000_000
+# "ivfpq" search defaults, from the 10M sweep (README, "Scale out").
+IVFPQ_NPROBE = 32
+IVFPQ_K_FACTOR = 16
+TRAIN_PER_LIST = 39  # Faiss warns below 39 training vectors per k-means centroid
 ADD_CHUNK = 200_000  # vectors added per call: a memory-mapped (n, d) array is never copied whole
 MAX_K = 100
-CATALOGUE_FILES = (INDEX_FILE, ID_MAP_FILE, LISTINGS_FILE, META_FILE)
-HASHED_FILES = (INDEX_FILE, ID_MAP_FILE, LISTINGS_FILE)
+JSON_FILES = (INDEX_FILE, ID_MAP_FILE, LISTINGS_FILE, META_FILE)
+COLUMNAR_FILES = (INDEX_FILE, LISTING_TABLE_FILE, META_FILE)
+CATALOGUE_FILES = JSON_FILES + (LISTING_TABLE_FILE,)  # every name a catalogue folder may hold
 LOAD_ATTEMPTS = 4  # a save that replaces the folder while it is being read: read the new one whole
 
 logger = logging.getLogger(__name__)
@@ -55,7 +65,7 @@ class CatalogueMismatchError(ValueError):
 
 def build_index(vectors: np.ndarray, index_type: str = "auto", *, hnsw_m: int = 32,
                 ef_construction: int = 80, ef_search: int = 128, nlist: int | None = None,
-                nprobe: int | None = None, pq_m: int | None = None, k_factor: int = 16,
+                nprobe: int | None = None, pq_m: int | None = None, k_factor: int = IVFPQ_K_FACTOR,
                 seed: int = 0) -> tuple[faiss.Index, dict]:
     """Index (n, d) L2-normalised float32 vectors by inner product; ids are row numbers.
 
@@ -104,8 +114,14 @@ def build_index(vectors: np.ndarray, index_type: str = "auto", *, hnsw_m: int = 
 
 
 def ivfpq_nlist(n: int) -> int:
-    """Inverted lists for N vectors: a power of two near sqrt(N), each list trained on 39+ vectors."""
-    return int(max(1, min(2 ** round(np.log2(max(np.sqrt(n), 1))), n // 39)))
+    """Inverted lists for N vectors: the power of two nearest 4 * sqrt(N), each list trained on 39+ vectors.
+
+    Faiss's guidelines put nlist between 4 * sqrt(N) and 16 * sqrt(N) (with an HNSW coarse quantizer
+    from 1M up): 4,096 lists at 1M, 16,384 at 10M. Fewer, longer lists (sqrt(N): 2,048 at 10M) made a
+    probe scan ~5,000 codes coded against a far-away centroid: recall stopped at 0.86 within 10 ms
+    (README, "Scale out").
+    """
+    return int(max(1, min(2 ** round(np.log2(max(4 * np.sqrt(n), 1))), n // TRAIN_PER_LIST)))
 
 
 def _ivfpq_index(vectors: np.ndarray, nlist: int | None, nprobe: int | None, pq_m: int | None,
@@ -121,17 +137,26 @@ def _ivfpq_index(vectors: np.ndarray, nlist: int | None, nprobe: int | None, pq_
     refine = faiss.IndexScalarQuantizer(dimension, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
     base.do_polysemous_training = False  # slow, and only for polysemous search
     index = faiss.IndexRefine(base, refine)
-    # k-means and the PQ codebooks converge on a sample: 64 vectors per list, at least 256 per code.
-    size = min(n, max(64 * nlist, 256 * 64))
+    # k-means and the PQ codebooks converge on a sample: TRAIN_PER_LIST vectors per list, at least 256
+    # per PQ code. The HNSW quantizer is k-means' assignment index too (IndexIVF trains through it),
+    # so an iteration costs a graph over the centroids and one graph search per sampled vector.
+    size = min(n, max(TRAIN_PER_LIST * nlist, 256 * 64))
     rows = np.sort(np.random.default_rng(seed).choice(n, size, replace=False)) if size < n else slice(None)
     index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
-    index.k_factor = k_factor
+    set_ivfpq_search(index, nprobe or IVFPQ_NPROBE, k_factor)
+    return index, {"nlist": nlist, "nprobe": faiss.extract_index_ivf(index).nprobe, "pq_m": pq_m,
+                   "k_factor": k_factor, "refine": "sq8", "quantizer": "hnsw" if quantizer else "flat"}
+
+
+def set_ivfpq_search(index: faiss.Index, nprobe: int, k_factor: int) -> None:
+    """Probe NPROBE lists and re-rank K_FACTOR * k candidates; an HNSW coarse quantizer explores
+    2 * NPROBE centroids (64 at least) so that it finds the NPROBE nearest lists."""
     ivf = faiss.extract_index_ivf(index)
-    ivf.nprobe = min(nprobe or 32, nlist)
-    if quantizer:
-        faiss.downcast_index(ivf.quantizer).hnsw.efSearch = max(64, 2 * ivf.nprobe)
-    return index, {"nlist": nlist, "nprobe": ivf.nprobe, "pq_m": pq_m, "k_factor": k_factor,
-                   "refine": "sq8", "quantizer": "hnsw" if quantizer else "flat"}
+    ivf.nprobe = min(nprobe, ivf.nlist)
+    faiss.downcast_index(index).k_factor = k_factor
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = max(64, 2 * ivf.nprobe)
 
 
 def _as_queries(vectors: np.ndarray) -> np.ndarray:
@@ -145,20 +170,27 @@ class Catalogue:
     """A loaded index with its id map and listings; `search` answers in listings, not bare ids."""
 
     def __init__(self, index: faiss.Index, image_ids: list[str], listings: dict[str, dict], meta: dict):
+        """IMAGE_IDS and LISTINGS: a list and a dict, or the `ImageIds` and `Listings` of one listings table."""
         if index.ntotal != len(image_ids):
             raise ValueError(f"index holds {index.ntotal} vectors but the id map has {len(image_ids)}")
-        missing = [image_id for image_id in image_ids if image_id not in listings]
-        if missing:
-            raise ValueError(f"{len(missing)} indexed photos have no listing metadata, e.g. {missing[0]}")
         self.index = index
         self.image_ids = image_ids
         self.listings = listings
         self.meta = meta
         self.dimension = index.d
-        by_category: dict[str, list[int]] = {}
-        for row, image_id in enumerate(image_ids):
-            by_category.setdefault(listings[image_id]["category"], []).append(row)
-        self.rows_by_category = {name: np.array(rows, dtype=np.int64) for name, rows in by_category.items()}
+        self._table = listings.table if isinstance(listings, Listings) else None
+        if self._table is not None:  # a row per photo by construction
+            if not isinstance(image_ids, ImageIds) or image_ids.table is not self._table:
+                raise ValueError("a listings table's Listings go with the ImageIds of the same table")
+            self.rows_by_category = self._table.rows_by_category()
+        else:
+            missing = [image_id for image_id in image_ids if image_id not in listings]
+            if missing:
+                raise ValueError(f"{len(missing)} indexed photos have no listing metadata, e.g. {missing[0]}")
+            by_category: dict[str, list[int]] = {}
+            for row, image_id in enumerate(image_ids):
+                by_category.setdefault(listings[image_id]["category"], []).append(row)
+            self.rows_by_category = {name: np.array(rows, dtype=np.int64) for name, rows in by_category.items()}
         self._selectors: dict[str, faiss.IDSelector] = {}
         self.visible = index.ntotal  # photos a search can return (fewer in a view made by `without_products`)
         self._visible_rows = None  # (bitmap, selector) of those photos in such a view
@@ -170,8 +202,11 @@ class Catalogue:
         answer at once, the index is rebuilt later (compaction). Faiss filters the hidden rows inside
         the search, so k answers remain whenever k listings are left.
         """
-        hidden = np.array([row for row, image_id in enumerate(self.image_ids)
-                           if self.listings[image_id]["product_id"] in product_ids], dtype=np.int64)
+        if self._table is not None:
+            hidden = self._table.rows_of_products(product_ids)
+        else:
+            hidden = np.array([row for row, image_id in enumerate(self.image_ids)
+                               if self.listings[image_id]["product_id"] in product_ids], dtype=np.int64)
         view = copy.copy(self)
         view._selectors = {}
         if not len(hidden):
@@ -191,7 +226,7 @@ class Catalogue:
         MMAP maps the index's vectors and codes from the file instead of copying them, so every
         process that loads the same folder (TorchServe's workers) shares one copy in the page cache;
         such an index is read-only. None: mapped for "ivfpq", the type made for catalogues too big
-        to copy per worker.
+        to copy per worker. A columnar folder's listings table is always mapped.
         """
         directory = Path(directory)
         for attempt in range(1, LOAD_ATTEMPTS + 1):
@@ -211,58 +246,79 @@ class Catalogue:
 
     @classmethod
     def _load_files(cls, directory: Path, mmap: bool) -> "Catalogue":
-        for name in CATALOGUE_FILES:
+        files = catalogue_files(directory)
+        for name in files:
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"catalogue file {directory / name} is missing")
         meta = json.loads((directory / META_FILE).read_text())
-        id_map_bytes, listings_bytes = (directory / ID_MAP_FILE).read_bytes(), (directory / LISTINGS_FILE).read_bytes()
+        columnar = files == COLUMNAR_FILES
+        id_file = LISTING_TABLE_FILE if columnar else ID_MAP_FILE
+        if not columnar:
+            id_map_bytes, listings_bytes = (directory / ID_MAP_FILE).read_bytes(), (directory / LISTINGS_FILE).read_bytes()
         recorded = meta.get("files")
         if recorded is None:
             logger.warning("%s records no sha256 of the catalogue files (saved before they were recorded): "
-                           "loading %s unchecked against %s and %s; save it again to record them",
-                           directory / META_FILE, directory / INDEX_FILE, directory / ID_MAP_FILE,
-                           directory / LISTINGS_FILE)
+                           "loading %s unchecked against %s; save it again to record them",
+                           directory / META_FILE, directory / INDEX_FILE, " and ".join(files[1:-1]))
+        elif columnar:
+            _check_file(directory, LISTING_TABLE_FILE, sha256_file(directory / LISTING_TABLE_FILE), recorded, id_file)
+            _check_file(directory, INDEX_FILE, sha256_file(directory / INDEX_FILE), recorded, id_file)
         else:
-            _check_file(directory, ID_MAP_FILE, hashlib.sha256(id_map_bytes).hexdigest(), recorded)
-            _check_file(directory, LISTINGS_FILE, hashlib.sha256(listings_bytes).hexdigest(), recorded)
-            _check_file(directory, INDEX_FILE, sha256_file(directory / INDEX_FILE), recorded)
+            _check_file(directory, ID_MAP_FILE, hashlib.sha256(id_map_bytes).hexdigest(), recorded, id_file)
+            _check_file(directory, LISTINGS_FILE, hashlib.sha256(listings_bytes).hexdigest(), recorded, id_file)
+            _check_file(directory, INDEX_FILE, sha256_file(directory / INDEX_FILE), recorded, id_file)
         if mmap is None:
             mmap = meta.get("index", {}).get("type") == "ivfpq"
         # IO_FLAG_MMAP_IFC maps flat codes (flat, SQ8, PQ) and IVF lists alike; IO_FLAG_MMAP only the lists.
         index = faiss.read_index(str(directory / INDEX_FILE),
                                  faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0)
-        image_ids = json.loads(id_map_bytes)
+        if columnar:
+            table = ListingTable.open(directory / LISTING_TABLE_FILE)
+            image_ids, listings = ImageIds(table), Listings(table)
+        else:
+            image_ids = json.loads(id_map_bytes)
         if index.ntotal != len(image_ids):
             raise CatalogueMismatchError(
-                f"{directory / INDEX_FILE} holds {index.ntotal} vectors but {directory / ID_MAP_FILE} lists "
+                f"{directory / INDEX_FILE} holds {index.ntotal} vectors but {directory / id_file} lists "
                 f"{len(image_ids)} image ids: they come from different builds; rebuild the catalogue")
         if "efSearch" in meta.get("index", {}):
             faiss.downcast_index(index).hnsw.efSearch = meta["index"]["efSearch"]
-        if "nprobe" in meta.get("index", {}):
+        if meta.get("index", {}).get("type") == "ivfpq":
+            set_ivfpq_search(index, meta["index"]["nprobe"], meta["index"]["k_factor"])
+        elif "nprobe" in meta.get("index", {}):
             faiss.extract_index_ivf(index).nprobe = meta["index"]["nprobe"]
-        if "k_factor" in meta.get("index", {}):
-            faiss.downcast_index(index).k_factor = meta["index"]["k_factor"]
-        return cls(index, image_ids, json.loads(listings_bytes), meta)
+        return cls(index, image_ids, listings if columnar else json.loads(listings_bytes), meta)
 
-    def save(self, directory: Path | str) -> None:
+    def save(self, directory: Path | str, columnar: bool | None = None) -> None:
         """Write the folder atomically: readers see the previous catalogue or this one, never a mix.
 
         The files go to a temporary folder beside DIRECTORY, which is then renamed into place; an
         existing catalogue folder is replaced (a folder holding anything else is refused).
+        COLUMNAR writes the id map and listings as one Arrow file that `load` maps (shared by the
+        workers of a host) instead of two JSON files that each worker parses. None: columnar for an
+        "ivfpq" index (the type made for catalogues too big to copy per worker) or a catalogue loaded
+        columnar.
         """
         directory = Path(directory)
+        if columnar is None:
+            columnar = self._table is not None or self.meta.get("index", {}).get("type") == "ivfpq"
         directory.parent.mkdir(parents=True, exist_ok=True)
         _check_replaceable(directory)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
         try:
             faiss.write_index(self.index, str(staging / INDEX_FILE))
-            (staging / ID_MAP_FILE).write_text(json.dumps(self.image_ids))
-            (staging / LISTINGS_FILE).write_text(json.dumps(self.listings, sort_keys=True, ensure_ascii=False))
+            if columnar:
+                write_listing_table(staging / LISTING_TABLE_FILE, self.image_ids, self.listings)
+            else:
+                (staging / ID_MAP_FILE).write_text(json.dumps(list(self.image_ids)))
+                (staging / LISTINGS_FILE).write_text(json.dumps(dict(self.listings.items()), sort_keys=True,
+                                                                ensure_ascii=False))
+            written = COLUMNAR_FILES if columnar else JSON_FILES
             files = {name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size}
-                     for name in HASHED_FILES}
+                     for name in written if name != META_FILE}
             self.meta = {**self.meta, "files": files}
             (staging / META_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True))
-            for name in CATALOGUE_FILES:
+            for name in written:
                 fsync_path(staging / name)
             os.chmod(staging, directory.stat().st_mode & 0o7777 if directory.is_dir() else 0o755)
             fsync_path(staging)
@@ -343,13 +399,19 @@ class Catalogue:
                 fetch = min(available, fetch * 4)  # more photos per listing than expected
         return answers
 
+    def _listing_at(self, row: int) -> tuple[str, dict]:
+        """(image_id, listing) of index row ROW; a listings table reads just that row."""
+        if self._table is not None:
+            return self._table.image_id(row), self._table.listing(row)
+        image_id = self.image_ids[row]
+        return image_id, self.listings[image_id]
+
     def _unique_listings(self, distances, rows, k, exclude_product) -> list[dict]:
         neighbours, seen = [], {exclude_product}
         for similarity, row in zip(distances, rows):
             if row < 0:
                 break
-            image_id = self.image_ids[row]
-            listing = self.listings[image_id]
+            image_id, listing = self._listing_at(int(row))
             if listing["product_id"] in seen:
                 continue
             seen.add(listing["product_id"])
@@ -388,10 +450,23 @@ def _exhaustive_search(index: faiss.Index, selector) -> tuple[faiss.Index, faiss
 
 
 
-def _check_file(directory: Path, name: str, sha256: str, recorded: dict) -> None:
+def catalogue_files(directory: Path | str) -> tuple[str, ...]:
+    """The files a catalogue folder consists of: COLUMNAR_FILES if it holds a listings table, else JSON_FILES."""
+    return COLUMNAR_FILES if (Path(directory) / LISTING_TABLE_FILE).is_file() else JSON_FILES
+
+
+def read_listings(directory: Path | str) -> dict[str, dict]:
+    """{image_id: listing} of a saved catalogue folder, either format, without loading its index."""
+    directory = Path(directory)
+    if catalogue_files(directory) == COLUMNAR_FILES:
+        return dict(Listings(ListingTable.open(directory / LISTING_TABLE_FILE)).items())
+    return json.loads((directory / LISTINGS_FILE).read_text())
+
+
+def _check_file(directory: Path, name: str, sha256: str, recorded: dict, id_file: str = ID_MAP_FILE) -> None:
     expected = recorded.get(name, {}).get("sha256")
     if expected != sha256:
-        other = INDEX_FILE if name != INDEX_FILE else ID_MAP_FILE
+        other = INDEX_FILE if name != INDEX_FILE else id_file
         raise CatalogueMismatchError(
             f"{directory / name} does not belong with {directory / other}: its sha256 is {sha256[:12]}, but "
             f"{directory / META_FILE} records {str(expected)[:12]} for the {name} built with them. The files come "

@@ -47,13 +47,12 @@ from marketplace_search.layout import (ARCHIVE_CATALOGUE, ARCHIVE_DECODER, ARCHI
                                        TEXT_MODEL_DIR, read_run_info)
 from marketplace_search.presets import Preprocess
 from marketplace_search.runtime import PRECISIONS, RUNTIMES, check_backend, save_openvino
-from marketplace_search.search import ID_MAP_FILE, INDEX_FILE, LISTINGS_FILE, META_FILE
+from marketplace_search.search import META_FILE, catalogue_files
 from marketplace_search.text import MODEL_FILE as TEXT_MODEL_FILE, WEIGHTS_FILE as TEXT_WEIGHTS_FILE, TextModel
 
 REPO = Path(__file__).resolve().parents[1]
 HANDLER = REPO / "handlers" / "marketplace_handler.py"
 CORE = REPO / CORE_PACKAGE
-CATALOGUE_FILES = (INDEX_FILE, ID_MAP_FILE, LISTINGS_FILE, META_FILE)
 # Dynamic batching up to 8 with a 1 ms delay: a worker takes every request already queued (up to 8)
 # and waits at most 1 ms for more. Under load the queue fills while a batch runs, so batches stay
 # full; a lone request waits only 1 ms. Chosen from the served section of scripts.benchmark
@@ -70,7 +69,7 @@ class GuardRefused(ValueError):
 
 
 def check_run(run_dir: Path) -> None:
-    required = [run_dir / CHECKPOINT, run_dir / EVALUATION] + [run_dir / INDEX_DIR / name for name in CATALOGUE_FILES]
+    required = [run_dir / CHECKPOINT, run_dir / EVALUATION] + [run_dir / INDEX_DIR / name for name in catalogue_files(run_dir / INDEX_DIR)]
     missing = [str(path) for path in required if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"run folder {run_dir} is incomplete; missing: {', '.join(missing)}")
@@ -151,7 +150,7 @@ def stage_extra_files(stage: Path, run_dir: Path, classes: list[str], card: dict
     # The core package whole, so workers and --local run the code this archive was built with.
     shutil.copytree(CORE, extra / CORE_PACKAGE, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (extra / ARCHIVE_CATALOGUE).mkdir()
-    for name in CATALOGUE_FILES:
+    for name in catalogue_files(run_dir / INDEX_DIR):  # JSON or columnar (marketplace_search.search)
         shutil.copyfile(run_dir / INDEX_DIR / name, extra / ARCHIVE_CATALOGUE / name)
     if (run_dir / TEXT_MODEL_DIR).is_dir():
         (extra / TEXT_MODEL_DIR).mkdir()

@@ -44,7 +44,7 @@ from marketplace_search.live import (CATALOGUE_DIR, CURRENT_FILE, list_generatio
                                      writer_lock)
 from marketplace_search.models import load_checkpoint
 from marketplace_search.presets import Preprocess
-from marketplace_search.search import INDEX_TYPES, LISTINGS_FILE, Catalogue
+from marketplace_search.search import INDEX_TYPES, Catalogue, read_listings
 
 DEFAULT_PHOTO_SIZE = 512  # training.photos' default
 
@@ -145,7 +145,7 @@ def remove(args) -> dict:
     current = read_current(args.live)
     unknown = []
     if current is not None:
-        listings = json.loads((args.live / current["name"] / CATALOGUE_DIR / LISTINGS_FILE).read_text())
+        listings = read_listings(args.live / current["name"] / CATALOGUE_DIR)
         known = {listing["product_id"] for listing in listings.values()}
         unknown = [product for product in args.product_ids if product not in known]
     return {"removed": added, "already_removed": sorted(set(args.product_ids) - set(added)),

@@ -93,3 +93,29 @@ def test_auto_chooses_ivfpq_above_the_hnsw_range(monkeypatch):
     assert build_index(vectors, "auto", nlist=4, pq_m=4)[1]["type"] == "ivfpq"
     with pytest.raises(ValueError, match="does not divide"):
         build_index(vectors, "ivfpq", nlist=4, pq_m=5)
+
+
+@pytest.mark.parametrize("n", [1_000_000, 2_000_000, 10_000_000, 100_000_000])
+def test_ivfpq_nlist_follows_faiss_guideline_of_4_sqrt_n(n):
+    nlist = search.ivfpq_nlist(n)
+    assert nlist & (nlist - 1) == 0  # a power of two
+    assert 4 * np.sqrt(n) / np.sqrt(2) <= nlist <= 4 * np.sqrt(n) * np.sqrt(2)
+    assert search.ivfpq_nlist(10_000_000) == 16_384
+
+
+def test_ivfpq_nlist_leaves_k_means_enough_training_vectors():
+    assert search.ivfpq_nlist(4000) == 4000 // search.TRAIN_PER_LIST  # 4*sqrt: 256 lists, but 102 have 39 each
+    assert search.ivfpq_nlist(20) == 1
+
+
+def test_hnsw_quantizer_explores_twice_the_probed_lists():
+    base = faiss.index_factory(16, "IVF2048_HNSW32,PQ4x8", faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexRefine(base, faiss.IndexScalarQuantizer(16, faiss.ScalarQuantizer.QT_8bit,
+                                                               faiss.METRIC_INNER_PRODUCT))
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    search.set_ivfpq_search(index, 128, 32)
+    assert (faiss.extract_index_ivf(index).nprobe, quantizer.hnsw.efSearch, index.k_factor) == (128, 256, 32)
+    search.set_ivfpq_search(index, 8, 16)
+    assert (faiss.extract_index_ivf(index).nprobe, quantizer.hnsw.efSearch) == (8, 64)
+    search.set_ivfpq_search(index, 5000, 16)
+    assert faiss.extract_index_ivf(index).nprobe == 2048

@@ -99,7 +99,7 @@ def synthetic_workload(n: int, settings: dict) -> Workload:
 def run_workload(run_dir: Path, settings: dict, seed: int = 0) -> Workload:
     """A run's real photo embeddings and categories; a random tenth (at most --queries) held out as queries."""
     image_ids, vectors, _, _ = load_embeddings(run_dir)
-    listings = json.loads((Path(run_dir) / "index" / search.LISTINGS_FILE).read_text())
+    listings = search.read_listings(Path(run_dir) / "index")
     categories = np.array([listings[image_id]["category"] for image_id in image_ids])
     held_out = min(settings["queries"], len(vectors) // 10)
     order = np.random.default_rng(seed).permutation(len(vectors))

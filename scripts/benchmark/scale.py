@@ -3,6 +3,7 @@ workers sharing one memory-mapped catalogue, and Ray batch throughput against --
 
   python -m scripts.benchmark.scale index --vectors 10000000 --work /tmp/scale    # vectors in a disk memmap
   python -m scripts.benchmark.scale memory --vectors 1000000 --work /tmp/scale --workers 1 2 4
+  python -m scripts.benchmark.scale memory --served --run RUN --photos DIR --vectors 1000000 --work /tmp/scale
   python -m scripts.benchmark.scale batch --archive model_store/marketplace.mar --photos DIR --limit 200
 
 index: N clustered vectors (the product model's dimension, 256) are generated chunk by chunk into
@@ -11,7 +12,10 @@ and searched: single-query p50/p95 (1 Faiss thread, as the handler runs), recall
 chunked scan, per nprobe / k_factor; build seconds, index bytes, and the process's peak memory.
 memory: a catalogue of N vectors is saved, then W separate processes each load it with
 `Catalogue.load(folder)`, as the handler's initialize does, and search it; their PSS/USS/RSS are
-read from /proc/PID/smaps_rollup while all W are alive.
+read from /proc/PID/smaps_rollup while all W are alive. With --served: the catalogue replaces RUN's
+index in an archive of RUN's model (scripts.archive), one TorchServe serves it and is scaled to W
+workers (management API), each worker answers photos, and the workers' PSS/USS are read the same way;
+--formats columnar json compares the memory-mapped listings table with the JSON id map and listings.
 batch: photos/s of scripts.batch with --engine local, and --engine ray with 1 and 2 actors, on the
 same photos and archive; Ray's overhead per photo = 1/ray - 1/local.
 """
@@ -58,6 +62,7 @@ def clustered_chunks(n: int, dimension: int, seed: int = 0, rank: int = 32, spre
 
 def vectors_on_disk(work: Path, n: int, queries: int, dimension: int = DIMENSION) -> tuple[np.ndarray, np.ndarray]:
     """(catalogue memmap (n, d), queries (q, d)), generated once into WORK and reused."""
+    work.mkdir(parents=True, exist_ok=True)
     path = work / f"vectors-{n}x{dimension}.npy"
     total = n + queries
     if not path.exists():
@@ -108,7 +113,8 @@ def bench_index(args) -> list[dict]:
         print(f"exact top-{TOP_K} of {len(queries)} queries in {time.perf_counter() - started:.0f} s", flush=True)
     path = work / f"ivfpq-{args.vectors}.faiss"
     if args.reuse and path.exists():  # another sweep of the index built before: search-time knobs only
-        index = faiss.read_index(str(path))
+        # memory-mapped, as Catalogue.load maps an ivfpq index in the handler
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
         params = {"nlist": faiss.extract_index_ivf(index).nlist, "build_seconds": None}
     else:
         rss_before = peak_rss_mb()
@@ -116,11 +122,12 @@ def bench_index(args) -> list[dict]:
         faiss.write_index(index, str(path))
         print(f"built {params} ; peak RSS {peak_rss_mb():.0f} MB (before the build {rss_before:.0f} MB)", flush=True)
     faiss.omp_set_num_threads(1)
-    ivf = faiss.extract_index_ivf(index)
+    search.set_ivfpq_search(index, max(args.nprobe), max(args.k_factor))
+    index.search(queries, TOP_K)  # untimed: the pages the sweep reads are in the page cache, as in a warm server
     rows = []
     for nprobe in args.nprobe:
         for k_factor in args.k_factor:
-            ivf.nprobe, index.k_factor = nprobe, k_factor
+            search.set_ivfpq_search(index, nprobe, k_factor)
             times, found = [], []
             for row in range(len(queries)):
                 start = time.perf_counter()
@@ -137,22 +144,35 @@ def bench_index(args) -> list[dict]:
 
 # --- memory of workers sharing a catalogue --------------------------------------------------------
 
+MAPPED_FILES = {"index": search.INDEX_FILE, "listings": search.LISTING_TABLE_FILE}
+
+
 def smaps_mb(pid: int) -> dict[str, float]:
-    """Rss, Pss and USS (private clean + dirty) of a process, in MB."""
+    """Rss, Pss, USS (private clean + dirty) and anonymous memory of a process, in MB, and the Rss/Pss
+    of its mappings of the catalogue's index and listings table."""
     fields = {}
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
         name, value = line.split(":")[0], line.split()[1]
         fields[name] = int(value) / 1024
-    index = {"Rss": 0, "Pss": 0}
-    mapping = False
+    mapped = {(which, key): 0 for which in MAPPED_FILES for key in ("Rss", "Pss")}
+    which = None
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         if "-" in line.split(" ")[0] and len(line.split()) >= 5:  # a mapping's header line
-            mapping = line.endswith(search.INDEX_FILE)
-        elif mapping and line.split(":")[0] in index:
-            index[line.split(":")[0]] += int(line.split()[1])
+            which = next((name for name, file in MAPPED_FILES.items() if line.endswith("/" + file)), None)
+        elif which and (which, line.split(":")[0]) in mapped:
+            mapped[which, line.split(":")[0]] += int(line.split()[1])
     return {"rss_mb": fields["Rss"], "pss_mb": fields["Pss"],
-            "uss_mb": fields["Private_Clean"] + fields["Private_Dirty"],
-            "index_map_rss_mb": index["Rss"] / 1024, "index_map_pss_mb": index["Pss"] / 1024}
+            "uss_mb": fields["Private_Clean"] + fields["Private_Dirty"], "anonymous_mb": fields["Anonymous"],
+            **{f"{which}_map_{key.lower()}_mb": value / 1024 for (which, key), value in mapped.items()}}
+
+
+def synthetic_listings(n: int, categories: list[str]) -> tuple[list[str], dict[str, dict]]:
+    """N photo ids and a listing each, with titles, prices and places of a plausible length."""
+    image_ids = [f"img-{row:08d}" for row in range(n)]
+    listings = {image_id: {"product_id": f"p-{row:08d}", "title": f"Second-hand item number {row}",
+                           "price": float(row % 997), "location": "Berlin",
+                           "category": categories[row % len(categories)]} for row, image_id in enumerate(image_ids)}
+    return image_ids, listings
 
 
 def load_and_wait(folder: str, queries: np.ndarray, ready, stop) -> None:
@@ -172,20 +192,8 @@ def bench_memory(args) -> list[dict]:
     for index_type in args.types:
         folder = work / f"catalogue-{index_type}-{args.vectors}"
         if not (folder / search.META_FILE).exists():
-            image_ids = [f"img-{row}" for row in range(args.vectors)]
-            listings = {image_id: {"product_id": image_id, "title": "", "price": None, "location": "",
-                                   "category": f"c{row % NUM_CLASSES}"} for row, image_id in enumerate(image_ids)}
-            built = work / f"{index_type}-{args.vectors}.faiss"  # the index section's, if it ran
-            if built.exists():
-                index = faiss.read_index(str(built))
-                params = {"type": index_type, **({"nprobe": faiss.extract_index_ivf(index).nprobe,
-                                                   "k_factor": faiss.downcast_index(index).k_factor}
-                                                  if index_type == "ivfpq" else {})}
-                catalogue = search.Catalogue(index, image_ids, listings, {"index": params, "dimension": DIMENSION})
-            else:
-                catalogue = search.make_catalogue(vectors, image_ids, listings, {}, index_type)
-            catalogue.save(folder)
-            del catalogue
+            image_ids, listings = synthetic_listings(args.vectors, [f"c{row}" for row in range(NUM_CLASSES)])
+            save_catalogue(folder, work, vectors, image_ids, listings, index_type, {})
         index_mb = (folder / search.INDEX_FILE).stat().st_size / 2**20
         context = multiprocessing.get_context("spawn")
         for workers in args.workers:
@@ -205,6 +213,105 @@ def bench_memory(args) -> list[dict]:
                    "pss_total_mb": round(sum(f["pss_mb"] for f in figures)), "load": os.getloadavg()[0]}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    return rows
+
+
+def save_catalogue(folder: Path, work: Path, vectors, image_ids, listings, index_type: str, meta: dict,
+                   columnar: bool | None = None) -> None:
+    built = work / f"{index_type}-{len(image_ids)}.faiss"  # the index section's, if it ran
+    if built.exists():
+        index = faiss.read_index(str(built))
+        params = {"type": index_type, **({"nlist": faiss.extract_index_ivf(index).nlist,
+                                           "nprobe": faiss.extract_index_ivf(index).nprobe,
+                                           "k_factor": faiss.downcast_index(index).k_factor}
+                                          if index_type == "ivfpq" else {})}
+        catalogue = search.Catalogue(index, image_ids, listings, {**meta, "index": params, "dimension": DIMENSION})
+    else:
+        catalogue = search.make_catalogue(vectors, image_ids, listings, meta, index_type)
+        faiss.write_index(catalogue.index, str(built))  # the next format's catalogue reuses it
+    catalogue.save(folder, columnar=columnar)
+
+
+def served_run(work: Path, run: Path, vectors, catalogue_format: str, index_type: str) -> Path:
+    """A copy of RUN (links to its files) whose index is a synthetic catalogue of len(VECTORS) photos."""
+    from marketplace_search.layout import INDEX_DIR
+
+    copy = work / f"served-run-{index_type}-{len(vectors)}-{catalogue_format}"
+    if (copy / INDEX_DIR / search.META_FILE).exists():
+        return copy
+    shutil.rmtree(copy, ignore_errors=True)
+    copy.mkdir(parents=True)
+    for path in run.iterdir():
+        if path.name != INDEX_DIR:
+            (copy / path.name).symlink_to(path.resolve())
+    run_meta = json.loads((run / INDEX_DIR / search.META_FILE).read_text())
+    categories = sorted({listing["category"] for listing in search.read_listings(run / INDEX_DIR).values()})
+    image_ids, listings = synthetic_listings(len(vectors), categories)
+    save_catalogue(copy / INDEX_DIR, work, vectors, image_ids, listings, index_type,
+                   {"model": run_meta["model"], "run": run_meta.get("run")}, columnar=catalogue_format == "columnar")
+    return copy
+
+
+def worker_pids(server) -> list[int]:
+    import psutil
+
+    java = psutil.Process(server.pid)
+    return sorted(child.pid for child in java.children(recursive=True)
+                  if any("model_service_worker" in part for part in child.cmdline()))
+
+
+def bench_memory_served(args) -> list[dict]:
+    """W workers of one TorchServe serving an archive whose catalogue has N photos; per-worker memory."""
+    from scripts import api
+    from scripts.archive import build_archive
+    from scripts.serve import free_ports, start_server
+
+    work = Path(args.work)
+    vectors, _ = vectors_on_disk(work, args.vectors, args.queries)
+    photos = [path.read_bytes() for path in sorted(Path(args.photos).glob("*.jpg"))[:20]]
+    rows = []
+    for catalogue_format in args.formats:
+        for index_type in args.types:
+            run = served_run(work, Path(args.run), vectors, catalogue_format, index_type)
+            store = work / f"store-{catalogue_format}"
+            store.mkdir(exist_ok=True)
+            mar = store / "scale.mar"
+            if not mar.exists():
+                started = time.perf_counter()
+                build_archive(run, store, "scale", "1.0", warm_up=False)
+                print(f"archived {mar} ({mar.stat().st_size / 2**20:.0f} MB) in {time.perf_counter() - started:.0f} s",
+                      flush=True)
+            names = ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port")
+            server_dir = Path(tempfile.mkdtemp(prefix="ts-", dir="/tmp"))
+            server = start_server(store, workdir=server_dir, models={"scale": mar.name},
+                                  **dict(zip(names, free_ports(len(names)))))
+            try:
+                server.wait_ready("scale", timeout=600)
+                for workers in args.workers:
+                    started = time.perf_counter()
+                    api.management_call(server, "PUT", "/models/scale", server.token(), min_worker=workers,
+                                        max_worker=workers, synchronous=True, timeout=900)
+                    pids = worker_pids(server)
+                    if len(pids) != workers:
+                        raise RuntimeError(f"asked for {workers} workers, found {len(pids)}: {pids}")
+                    scaled_s = time.perf_counter() - started
+                    for round_ in range(8 * workers):  # each worker answers a few (TorchServe spreads them)
+                        answer = api.predict(server, photos[round_ % len(photos)], model="scale",
+                                             token=server.token("inference"))
+                        assert answer["neighbours"], answer
+                    figures = [smaps_mb(pid) for pid in pids]
+                    row = {"format": catalogue_format, "type": index_type, "vectors": args.vectors,
+                           "index_file_mb": round((run / "index" / search.INDEX_FILE).stat().st_size / 2**20),
+                           "workers": workers, "scale_s": round(scaled_s, 1),
+                           **{key: round(float(np.mean([f[key] for f in figures]))) for key in figures[0]},
+                           "pss_total_mb": round(sum(f["pss_mb"] for f in figures)),
+                           "uss_total_mb": round(sum(f["uss_mb"] for f in figures)),
+                           "load": os.getloadavg()[0]}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+            finally:
+                server.stop()
+                shutil.rmtree(server_dir, ignore_errors=True)
     return rows
 
 
@@ -250,6 +357,10 @@ def main(argv=None) -> None:
     parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--k-factor", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--types", nargs="+", default=["ivfpq"])
+    parser.add_argument("--served", action="store_true", help="memory: of TorchServe's workers (needs --run, --photos)")
+    parser.add_argument("--run", type=Path, help="memory --served: the run whose model is archived")
+    parser.add_argument("--formats", nargs="+", default=["columnar", "json"], choices=("columnar", "json"),
+                        help="memory --served: how the catalogue's id map and listings are saved")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--archive", type=Path)
     parser.add_argument("--photos", type=Path)
@@ -259,7 +370,10 @@ def main(argv=None) -> None:
     parser.add_argument("--output", type=Path, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     print(f"load average {os.getloadavg()}", flush=True)
-    rows = {"index": bench_index, "memory": bench_memory, "batch": bench_batch}[args.section](args)
+    if args.section == "memory" and args.served:
+        rows = bench_memory_served(args)
+    else:
+        rows = {"index": bench_index, "memory": bench_memory, "batch": bench_batch}[args.section](args)
     if args.output:
         args.output.write_text(json.dumps(rows, indent=1))
 
