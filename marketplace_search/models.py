@@ -53,8 +53,8 @@ TIMM_MODELS = {"efficientnet_lite2": "tf_efficientnet_lite2"}
 ARCHS = sorted(HEADS)
 # The search vector (indexed, voted with, returned by `embed`): the embedding layer's output, or that
 # and the backbone's pooled features side by side, each L2-normalised so that the cosine of two
-# vectors is the mean of their two cosines (README, "Train on the real listings": the neighbours'
-# category vote gains, retrieval precision holds).
+# vectors is the mean of their two cosines (README, "The search vector": the neighbours' category
+# vote gains, P@5 holds, and a flat search reads 1,536 floats a photo instead of 256 for Lite2).
 VECTORS = ("embedding", "embedding+features")
 
 
