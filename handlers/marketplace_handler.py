@@ -28,7 +28,7 @@ from marketplace_search.inference import (BODY_PARTS, Batch, CategoryBlend, Requ
                                           text_categories, text_neighbours)
 from marketplace_search.layout import ARCHIVE_CATALOGUE, ARCHIVE_CHECKPOINT, ARCHIVE_TEXT_MODEL, sha256_file
 from marketplace_search.live import BUNDLED, LiveFollower, Served
-from marketplace_search.models import load_checkpoint
+from marketplace_search.models import load_checkpoint, vector_dim
 from marketplace_search.presets import Preprocess, eval_transform
 from marketplace_search.runtime import load_backend
 from marketplace_search.search import Catalogue
@@ -74,9 +74,9 @@ class MarketplaceHandler(BaseHandler):
         self.text_model = TextModel.load(text_dir) if text_dir.is_dir() else None
         if self.text_model is not None and self.text_model.classes != checkpoint["classes"]:
             raise ValueError(f"{text_dir} was trained on other categories than {checkpoint_path.name}")
-        if bundled.dimension != checkpoint["embedding_dim"]:
+        if bundled.dimension != vector_dim(checkpoint):
             raise ValueError(f"{model_dir / ARCHIVE_CATALOGUE} holds {bundled.dimension}-d vectors but "
-                             f"{checkpoint_path.name} makes {checkpoint['embedding_dim']}-d embeddings")
+                             f"{checkpoint_path.name} makes {vector_dim(checkpoint)}-d embeddings")
         # The live catalogue folder (handler.live_catalogue), if any, replaces the snapshot above as soon
         # as it has a generation embedded by these very weights; its removal list applies either way.
         live = settings.get("live_catalogue")

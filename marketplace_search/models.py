@@ -51,6 +51,11 @@ PREPROCESS = {
 }
 TIMM_MODELS = {"efficientnet_lite2": "tf_efficientnet_lite2"}
 ARCHS = sorted(HEADS)
+# The search vector (indexed, voted with, returned by `embed`): the embedding layer's output, or that
+# and the backbone's pooled features side by side, each L2-normalised so that the cosine of two
+# vectors is the mean of their two cosines (README, "The search vector": the neighbours' category
+# vote gains, P@5 holds, and a flat search reads 1,536 floats a photo instead of 256 for Lite2).
+VECTORS = ("embedding", "embedding+features")
 
 
 class WeightsUnavailable(RuntimeError):
@@ -60,15 +65,19 @@ class WeightsUnavailable(RuntimeError):
 class MarketplaceNet(nn.Module):
     """Backbone -> embedding (Linear + BatchNorm) -> category logits.
 
-    `forward` returns `(logits, embedding)`; the embedding is not normalised here: callers
-    L2-normalise it before indexing (see `embed`).
+    `forward` returns `(logits, vector)`: the search vector (see VECTORS), not normalised as a
+    whole here: callers L2-normalise it before indexing (see `embed`).
     """
 
-    def __init__(self, arch: str, num_classes: int, embedding_dim: int = 256, dropout: float = 0.2):
+    def __init__(self, arch: str, num_classes: int, embedding_dim: int = 256, dropout: float = 0.2,
+                 vector: str = "embedding"):
         super().__init__()
         if arch not in HEADS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        if vector not in VECTORS:
+            raise ValueError(f"unknown search vector {vector!r}; choose one of {', '.join(VECTORS)}")
         self.arch = arch
+        self.vector = vector
         self.backbone = make_backbone(arch)
         self.feature_dim = _remove_head(self.backbone, arch)
         self.embedding = nn.Sequential(
@@ -84,7 +93,16 @@ class MarketplaceNet(nn.Module):
     def forward_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The trainable head on pooled backbone features (used with cached features)."""
         embedding = self.embedding(features)
-        return self.classifier(embedding), embedding
+        logits = self.classifier(embedding)
+        if self.vector == "embedding+features":
+            return logits, torch.cat([nn.functional.normalize(embedding, dim=1),
+                                      nn.functional.normalize(features, dim=1)], dim=1)
+        return logits, embedding
+
+    @property
+    def vector_dim(self) -> int:
+        """The search vector's dimension."""
+        return self.embedding[0].out_features + (self.feature_dim if self.vector == "embedding+features" else 0)
 
 
 def make_backbone(arch: str) -> nn.Module:
@@ -323,6 +341,8 @@ def save_checkpoint(path: Path, model: MarketplaceNet, *, classes: list[str], pr
         "classes": list(classes),
         "embedding_dim": model.embedding[0].out_features,
         "feature_dim": model.feature_dim,
+        "vector": model.vector,
+        "vector_dim": model.vector_dim,
         "preprocess": preprocess.to_dict(),
         "epoch": epoch,
         "metrics": metrics,
@@ -335,6 +355,11 @@ def save_checkpoint(path: Path, model: MarketplaceNet, *, classes: list[str], pr
     os.replace(tmp, path)
 
 
+def vector_dim(checkpoint: dict) -> int:
+    """The search vectors' dimension of a checkpoint (those saved before VECTORS: the embedding's)."""
+    return checkpoint.get("vector_dim", checkpoint["embedding_dim"])
+
+
 def load_checkpoint(path: Path | str) -> tuple[MarketplaceNet, dict]:
     """Rebuild the model from a checkpoint alone; returns `(model in eval mode, checkpoint dict)`."""
     path = Path(path)
@@ -343,9 +368,8 @@ def load_checkpoint(path: Path | str) -> tuple[MarketplaceNet, dict]:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: checkpoint format {checkpoint.get('format')!r}, expected {CHECKPOINT_FORMAT}")
-    model = MarketplaceNet(
-        checkpoint["arch"], checkpoint["num_classes"], embedding_dim=checkpoint["embedding_dim"]
-    )
+    model = MarketplaceNet(checkpoint["arch"], checkpoint["num_classes"], embedding_dim=checkpoint["embedding_dim"],
+                           vector=checkpoint.get("vector", "embedding"))
     model.load_state_dict(checkpoint["state_dict"])
     model.eval()
     return model, checkpoint

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import yaml
 
-from marketplace_search.models import SERVING_LAYOUTS, load_checkpoint, serving_layout, sha256_file
+from marketplace_search.models import SERVING_LAYOUTS, load_checkpoint, serving_layout, sha256_file, vector_dim
 from marketplace_search.layout import (ARCHIVE_CATALOGUE, ARCHIVE_DECODER, ARCHIVE_MODEL_CARD, ARCHIVE_OPENVINO,
                                        CHECKPOINT, CORE_PACKAGE, EVALUATION, INDEX_DIR, RUN_INFO, RUN_STAMP_FORMAT,
                                        TEXT_MODEL_DIR, read_run_info)
@@ -113,7 +113,8 @@ def model_card(run_dir: Path, info: dict, checkpoint: dict, checkpoint_sha256: s
         "training": {"config": checkpoint["config"], "epoch": checkpoint["epoch"], "metrics": checkpoint["metrics"],
                      "best_epoch": info.get("train", {}).get("best_epoch")},
         "checkpoint": {"file": CHECKPOINT.name, "sha256": checkpoint_sha256, "arch": checkpoint["arch"],
-                       "embedding_dim": checkpoint["embedding_dim"], "preprocess": checkpoint["preprocess"]},
+                       "embedding_dim": checkpoint["embedding_dim"], "vector": checkpoint.get("vector", "embedding"),
+                       "vector_dim": vector_dim(checkpoint), "preprocess": checkpoint["preprocess"]},
         "classes": checkpoint["classes"],
         "catalogue": {key: index_meta.get(key) for key in ("count", "dimension", "metric", "normalisation", "index")},
         "evaluation": json.loads((run_dir / EVALUATION).read_text()),

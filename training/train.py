@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from marketplace_search.layout import (BEST_CHECKPOINT, TENSORBOARD_DIR, WEIGHTS_DIR, epoch_checkpoint, new_run_dir,
                                        read_run_info, update_run_info)
-from marketplace_search.models import (ARCHS, MarketplaceNet, default_preprocess, load_pretrained_backbone,
+from marketplace_search.models import (ARCHS, VECTORS, MarketplaceNet, default_preprocess, load_pretrained_backbone,
                                        save_checkpoint, set_trainable, split_backbone)
 from marketplace_search.presets import Preprocess, eval_transform, train_transform
 from training.dataset import ListingPhotos, load_split
@@ -356,7 +356,8 @@ def train(args: argparse.Namespace) -> Path:
     classes = [classes[str(label)] for label in range(len(classes))]
     preprocess = default_preprocess(args.arch, resize=args.resize, crop=args.crop)
 
-    model = MarketplaceNet(args.arch, len(classes), embedding_dim=args.embedding_dim, dropout=args.dropout)
+    model = MarketplaceNet(args.arch, len(classes), embedding_dim=args.embedding_dim, dropout=args.dropout,
+                           vector=getattr(args, "vector", "embedding"))
     weights_description = load_pretrained_backbone(model, args.weights)
     if args.weights == "none":
         print("WARNING: training from random initialisation (--weights none): expect low accuracy")
@@ -469,6 +470,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--feature-views", type=int, default=3,
                        help="cached: views per training photo (eval, mirror, then random crops)")
     group.add_argument("--embedding-dim", type=int, default=256)
+    group.add_argument("--vector", default="embedding", choices=VECTORS,
+                       help="the search vector: the embedding, or the embedding and the backbone's pooled "
+                            "features side by side (each L2-normalised)")
     group.add_argument("--dropout", type=float, default=0.5)
     group.add_argument("--lr", type=float, default=1e-3, help="learning rate of the embedding layer and head")
     group.add_argument("--backbone-lr-scale", type=float, default=0.1,

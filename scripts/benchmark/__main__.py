@@ -38,6 +38,7 @@ from typing import Callable
 
 import torch
 
+from marketplace_search.models import vector_dim
 from scripts.archive import MAX_BATCH_DELAY
 from scripts.benchmark.bare import bench_bare
 from scripts.benchmark.fault import bench_fault
@@ -196,7 +197,7 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         settings["arch"] = []  # with a run, fresh models only when --arch asks for them
     if settings.get("run") and args.dim is None:
         checkpoint = torch.load(Path(settings["run"]) / "weights" / "best.pt", map_location="cpu", weights_only=True)
-        settings["dim"] = checkpoint["embedding_dim"]
+        settings["dim"] = vector_dim(checkpoint)
     width, _, height = settings["photo_size"].partition("x")
     settings["photo_size"] = (int(width), int(height))
     return settings
