@@ -84,6 +84,7 @@ def main(argv=None) -> None:
     run_dir = pipeline.main([
         "--data", str(data), "--out", str(args.out), "--max-listings", str(listings), "--size", "256",
         "--arch", arch, "--weights", weights, "--epochs", str(args.epochs), "--feature-views", "2",
+        "--vector", "embedding+features",  # the real-listings recipe's search vector (README)
     ])
 
     store = REPO / "model_store"
