@@ -13,28 +13,21 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import psutil
 import requests
 
 from scripts import api
 from scripts.archive import PRECISION, RUNTIME, build_archive
 from scripts.benchmark.common import percentiles_ms
 from scripts.benchmark.photos import generate_photos
-from scripts.benchmark.startup import served_model
+from scripts.benchmark.startup import served_model, worker_processes
 from training.tiny_run import make_tiny_run
 
-WORKER_MARK = "model_service_worker"  # in the command line of TorchServe's Python workers
 FAULT_COLUMNS = [("clients", "clients"), ("requests", "requests"), ("ok", "200"), ("failed", "failed"),
                  ("failed_by_status", "failed by status"), ("not_json", "failures not JSON"),
                  ("no_answer", "no answer (dropped, hung)"), ("recovery_s", "kill → next 200 s"),
                  ("before_p50_ms", "before p50 ms"), ("before_p95_ms", "before p95 ms"),
                  ("before_p99_ms", "before p99 ms"), ("after_p50_ms", "after p50 ms"),
                  ("after_p95_ms", "after p95 ms"), ("after_p99_ms", "after p99 ms")]
-
-
-def worker_processes(server) -> list[psutil.Process]:
-    return [process for process in psutil.Process(server.pid).children(recursive=True)
-            if WORKER_MARK in " ".join(process.cmdline())]
 
 
 def kill_one_worker(server) -> int:

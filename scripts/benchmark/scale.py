@@ -27,7 +27,6 @@ import multiprocessing
 import os
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -252,19 +251,11 @@ def served_run(work: Path, run: Path, vectors, catalogue_format: str, index_type
     return copy
 
 
-def worker_pids(server) -> list[int]:
-    import psutil
-
-    java = psutil.Process(server.pid)
-    return sorted(child.pid for child in java.children(recursive=True)
-                  if any("model_service_worker" in part for part in child.cmdline()))
-
-
 def bench_memory_served(args) -> list[dict]:
     """W workers of one TorchServe serving an archive whose catalogue has N photos; per-worker memory."""
     from scripts import api
     from scripts.archive import build_archive
-    from scripts.serve import free_ports, start_server
+    from scripts.benchmark.startup import served_model, worker_processes
 
     work = Path(args.work)
     vectors, _ = vectors_on_disk(work, args.vectors, args.queries)
@@ -281,17 +272,13 @@ def bench_memory_served(args) -> list[dict]:
                 build_archive(run, store, "scale", "1.0", warm_up=False)
                 print(f"archived {mar} ({mar.stat().st_size / 2**20:.0f} MB) in {time.perf_counter() - started:.0f} s",
                       flush=True)
-            names = ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port")
-            server_dir = Path(tempfile.mkdtemp(prefix="ts-", dir="/tmp"))
-            server = start_server(store, workdir=server_dir, models={"scale": mar.name},
-                                  **dict(zip(names, free_ports(len(names)))))
-            try:
-                server.wait_ready("scale", timeout=600)
+            with tempfile.TemporaryDirectory(prefix="ts-", dir="/tmp") as server_dir, \
+                    served_model(store, mar, "scale", Path(server_dir), ready_timeout=600) as (server, _):
                 for workers in args.workers:
                     started = time.perf_counter()
                     api.management_call(server, "PUT", "/models/scale", server.token(), min_worker=workers,
                                         max_worker=workers, synchronous=True, timeout=900)
-                    pids = worker_pids(server)
+                    pids = sorted(process.pid for process in worker_processes(server))
                     if len(pids) != workers:
                         raise RuntimeError(f"asked for {workers} workers, found {len(pids)}: {pids}")
                     scaled_s = time.perf_counter() - started
@@ -309,9 +296,6 @@ def bench_memory_served(args) -> list[dict]:
                            "load": os.getloadavg()[0]}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-            finally:
-                server.stop()
-                shutil.rmtree(server_dir, ignore_errors=True)
     return rows
 
 

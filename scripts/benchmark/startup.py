@@ -17,6 +17,15 @@ STARTUP_COLUMNS = [("model", "model"), ("backend", "backend"), ("batching", "dyn
                    ("worker_uss_after_mb", "USS after load MB"), ("frontend_rss_mb", "frontend (Java) RSS MB")]
 
 
+WORKER_MARK = "model_service_worker"  # in the command line of TorchServe's Python workers
+
+
+def worker_processes(server) -> list[psutil.Process]:
+    """TorchServe's Python workers (children of its Java frontend)."""
+    return [process for process in psutil.Process(server.pid).children(recursive=True)
+            if WORKER_MARK in " ".join(process.cmdline())]
+
+
 def process_memory(server) -> dict:
     """Memory of the Java frontend and of its Python worker(s), in MB.
 
