@@ -227,18 +227,18 @@ class TextModel:
         """One read of `text` that scores, votes and re-ranks alike take (instead of reading it each time)."""
         return TextReading(*self.features(text), self.neighbours)
 
-    def readings(self, texts: list) -> list[TextReading]:
+    def readings(self, texts: list[str | TextReading]) -> list[TextReading]:
         """Each of `texts` read (a TextReading is taken as it is)."""
         return [text if isinstance(text, TextReading) else self.read(text) for text in texts]
 
-    def scores(self, texts: list) -> np.ndarray:
+    def scores(self, texts: list[str | TextReading]) -> np.ndarray:
         """(n, classes) float32 decision scores of the linear classifier; `texts`: strings or their readings."""
         out = np.empty((len(texts), len(self.classes)), np.float32)
         for row, reading in enumerate(self.readings(texts)):
             out[row] = self.coef[:, reading.columns] @ reading.values + self.intercept
         return out
 
-    def votes(self, texts: list, exclude: list[str | None] | None = None) -> np.ndarray | None:
+    def votes(self, texts: list[str | TextReading], exclude: list[str | None] | None = None) -> np.ndarray | None:
         """(n, classes) the catalogue vote of each text or reading (None without a catalogue); `exclude`: each
         text's own product id, left out of its vote (evaluation: a listing already on sale would find itself)."""
         if self.neighbours is None:
@@ -267,14 +267,14 @@ class TextModel:
         """Whether `rerank` reorders photo neighbours (a catalogue vote with a re-ranking weight)."""
         return self.neighbours is not None and bool(self.neighbours.rerank_weight)
 
-    def rerank(self, candidates: list[dict], text, k: int) -> list[dict]:
+    def rerank(self, candidates: list[dict], text: str | TextReading, k: int) -> list[dict]:
         """Photo neighbours re-ranked by the words of `text` (a string or its reading; TextNeighbours.rerank);
         the first k as they came without a re-ranking weight."""
         if not self.reranks:
             return candidates[:k]
         return self.neighbours.rerank(candidates, self.readings([text])[0].similarities, k)
 
-    def predict(self, inputs, texts: list, photo: np.ndarray | None = None) -> np.ndarray:
+    def predict(self, inputs, texts: list[str | TextReading], photo: np.ndarray | None = None) -> np.ndarray:
         """(n, classes) category probabilities of `texts` (listing_text of each request's words, or their
         readings: each is read once for the scores and the vote)."""
         readings = self.readings(texts)

@@ -22,7 +22,7 @@ LISTINGS = 150  # more than RERANK_POOL: the pool's depth decides which listings
 
 @pytest.fixture(scope="module")
 def handler(tmp_path_factory):
-    """The in-process handler of a tiny archive whose text model re-ranks the photo neighbours by words
+    """(handler, run, model folder): the in-process handler of a tiny archive whose text model re-ranks by words
     (a vote catalogue over the archive's own listings) and whose photo answer blends a 20-NN vote."""
     root = tmp_path_factory.mktemp("words_once")
     run = make_tiny_run(root / "runs" / "2025-01-31_142233", listings=LISTINGS)
@@ -40,7 +40,7 @@ def handler(tmp_path_factory):
     loaded = load_local_handler(extract_archive(mar, root / "model"))
     # the tiny run's evaluation chose no blend; the vote's voters are part of what must stay the same
     loaded.category_blend = dataclasses.replace(loaded.category_blend, k=20, temperature=0.1, weight=0.3)
-    return loaded, run
+    return loaded, run, root / "model"
 
 
 def inference_before(handler, batch):
@@ -111,7 +111,7 @@ def answer_both_ways(handler, monkeypatch, cases: dict[str, tuple[dict, dict]]):
 
 
 def test_one_search_and_one_read_answer_every_request_as_before(handler, monkeypatch):
-    handler, run = handler
+    handler, run, _ = handler
     assert MAX_K <= RERANK_POOL and len(handler.catalogue.listings) == 2 * LISTINGS
     cases = requests_of_every_kind(run)
     new, before = answer_both_ways(handler, monkeypatch, cases)  # all in one batch
@@ -130,3 +130,24 @@ def test_one_search_and_one_read_answer_every_request_as_before(handler, monkeyp
     assert {n["category"] for n in new["photo + title, category"][1]["neighbours"]} == {"Home"}
     assert new["photo + title"][1]["top_categories"] != new["photo"][1]["top_categories"]
     assert handler.category_blend.vote_k == 20 and handler.text_model.reranks
+
+
+def test_the_versus_benchmark_swaps_only_the_code_and_compares_answers(handler, tmp_path):
+    from scripts.benchmark.versus import compare, with_code_of
+
+    handler, run, model_dir = handler
+    checkout = tmp_path / "checkout"
+    (checkout / "handlers").mkdir(parents=True)
+    (checkout / "handlers" / "marketplace_handler.py").write_text("# the other code's handler\n")
+    (checkout / "marketplace_search").mkdir()
+    (checkout / "marketplace_search" / "__init__.py").write_text("# the other code's core\n")
+    copy = with_code_of(model_dir, checkout, tmp_path / "against")
+    assert (copy / "marketplace_handler.py").read_text() == "# the other code's handler\n"
+    assert [path.name for path in (copy / "marketplace_search").iterdir()] == ["__init__.py"]
+    assert (copy / "text_model" / "text_model.npz").samefile(model_dir / "text_model" / "text_model.npz")
+    assert (model_dir / "marketplace_search" / "text.py").is_file()  # the original is left as it was
+    rows = compare({"against": handler, "this": handler}, [run.photo_bytes("img-004")], ("photo", "photo+title"),
+                   requests=2, warm_up=1)
+    assert [(row["kind"], row["requests"], row["same_answers"]) for row in rows] == [("photo", 2, "2/2"),
+                                                                                     ("photo+title", 2, "2/2")]
+    assert all(row["this_p50_ms"] > 0 and row["p50_ratio"] > 0 for row in rows)
