@@ -20,6 +20,7 @@ from pathlib import Path
 
 from handlers.local import CORE_PACKAGE, HANDLER_MODULE, load_local_handler, predict_local
 from scripts.archive import build_archive
+from scripts.batch import extract_archive
 from scripts.benchmark.common import percentiles_ms
 from scripts.benchmark.photos import generate_photos, read_photos
 from scripts.benchmark.report import markdown_table
@@ -39,14 +40,6 @@ def with_code_of(model_dir: Path, checkout: Path, destination: Path) -> Path:
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (destination / f"{HANDLER_MODULE}.py").unlink()
     shutil.copyfile(checkout / "handlers" / f"{HANDLER_MODULE}.py", destination / f"{HANDLER_MODULE}.py")
-    return destination
-
-
-def extract(mar: Path, destination: Path) -> Path:
-    import zipfile
-
-    with zipfile.ZipFile(mar) as archive:
-        archive.extractall(destination)
     return destination
 
 
@@ -97,7 +90,8 @@ def main(argv=None) -> None:
         scratch = Path(scratch)
         (scratch / "store").mkdir()
         mar = build_archive(args.run, scratch / "store", NAME, "1.0", batch_size=1)
-        this = extract(mar, scratch / "this")
+        this = scratch / "this"
+        extract_archive(mar, this)
         against = with_code_of(this, args.against.resolve(), scratch / "against")
         handlers = {"against": load_local_handler(against), "this": load_local_handler(this)}
         load = os.getloadavg()
