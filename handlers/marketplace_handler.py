@@ -24,8 +24,8 @@ from ts.torch_handler.base_handler import BaseHandler
 import numpy as np
 
 from marketplace_search.inference import (BODY_PARTS, Batch, CategoryBlend, RequestError, batch_answers,
-                                          blend_categories, internal_error, parse_request, search_batch,
-                                          text_categories, text_neighbours)
+                                          blend_categories, internal_error, parse_request, read_words,
+                                          rerank_pool, search_batch, text_categories, text_neighbours)
 from marketplace_search.layout import ARCHIVE_CATALOGUE, ARCHIVE_CHECKPOINT, ARCHIVE_TEXT_MODEL, sha256_file
 from marketplace_search.live import BUNDLED, LiveFollower, Served
 from marketplace_search.models import load_checkpoint, vector_dim
@@ -150,8 +150,9 @@ class MarketplaceHandler(BaseHandler):
             probabilities, vectors = self.backend.forward(batch.images)
             batch.vectors[rows] = vectors
             searched = time.perf_counter()
+            # a query with words keeps the pool its words re-rank (text_neighbours): one search serves both
             neighbours, voters = search_batch(self.catalogue, batch.vectors[rows], [queries[row] for row in rows],
-                                              self.category_blend.vote_k)
+                                              self.category_blend.vote_k, rerank_pool(self.text_model))
             batch.probabilities[rows] = blend_categories(probabilities, voters, self.classes,
                                                          self.category_blend)
             for row, found in zip(rows, neighbours):
@@ -159,8 +160,9 @@ class MarketplaceHandler(BaseHandler):
         batch.milliseconds["forward"] = (searched - started) * 1000
         texted = time.perf_counter()
         batch.milliseconds["search"] = (texted - searched) * 1000
-        batch.probabilities = text_categories(self.text_model, queries, batch.probabilities)
-        batch.neighbours = text_neighbours(self.catalogue, self.text_model, batch.vectors, queries, batch.neighbours)
+        readings = read_words(self.text_model, queries)  # each query's words read once for both
+        batch.probabilities = text_categories(self.text_model, queries, batch.probabilities, readings)
+        batch.neighbours = text_neighbours(self.text_model, queries, batch.neighbours, readings)
         batch.milliseconds["text"] = (time.perf_counter() - texted) * 1000
         return batch
 

@@ -28,7 +28,7 @@ from PIL import Image
 from marketplace_search.images import MAX_PIXELS, ImageError, ImageTooLarge, UnsupportedFormat, decode_image
 from marketplace_search.search import MAX_K, Catalogue
 from marketplace_search.text import (DESCRIPTION, MAX_DESCRIPTION_CHARS, MAX_TITLE_CHARS, PHOTO, RERANK_POOL, TITLE,
-                                     TextModel, listing_text)
+                                     TextModel, TextReading, listing_text)
 
 DEFAULT_K = 10
 TOP_CATEGORIES = 3
@@ -307,24 +307,27 @@ def internal_error() -> RequestError:
     return RequestError("internal error while preparing this request; it has been logged", 500, "internal_error")
 
 
-def search_batch(catalogue: Catalogue, vectors: np.ndarray, queries: list[Query],
-                 vote_k: int = 0) -> tuple[list[list[dict]], list[list[dict]]]:
+def search_batch(catalogue: Catalogue, vectors: np.ndarray, queries: list[Query], vote_k: int = 0,
+                 pool_k: int = 0) -> tuple[list[list[dict]], list[list[dict]]]:
     """`(neighbours, voters)` per query: one catalogue search per distinct category filter in the batch.
 
-    Each group is searched with its largest k and each answer cut to its own k; the first k
-    de-duplicated listings do not depend on how many more were asked for. `voters` are the nearest
-    `vote_k` listings of the whole catalogue (whatever the filter), for CategoryBlend; empty for 0.
+    Each group is searched with its largest depth and each answer cut to its own: its k, or for a query
+    with words its nearest `pool_k` (rerank_pool: the pool text_neighbours re-ranks by the words and
+    cuts to k). The first k de-duplicated listings do not depend on how many more were asked for (an
+    exact search; an approximate one asked for more can only find closer ones). `voters` are the
+    nearest `vote_k` listings of the whole catalogue (whatever the filter), for CategoryBlend; empty for 0.
     """
     groups: dict[str | None, list[int]] = defaultdict(list)
     for row, query in enumerate(queries):
         groups[query.category].append(row)
+    depths = [max(query.k, pool_k) if query.title is not None else query.k for query in queries]
     answers: list[list[dict]] = [[] for _ in queries]
     voters: list[list[dict]] = [[] for _ in queries]
     for category, rows in groups.items():
-        k = max(queries[row].k for row in rows)
+        k = max(depths[row] for row in rows)
         found = catalogue.search(vectors[rows], k=k if category else max(k, vote_k), category=category)
         for row, neighbours in zip(rows, found):
-            answers[row] = neighbours[:queries[row].k]
+            answers[row] = neighbours[:depths[row]]
             if category is None:
                 voters[row] = neighbours[:vote_k]
     filtered = [row for row, query in enumerate(queries) if query.category is not None]
@@ -392,33 +395,50 @@ def top_categories(probabilities: np.ndarray, classes: list[str], n: int = TOP_C
     return [{"category": classes[i], "probability": round(float(probabilities[i]), 6)} for i in order]
 
 
-def text_categories(text_model: TextModel | None, queries: list[Query], probabilities: np.ndarray) -> np.ndarray:
+def read_words(text_model: TextModel | None, queries: list[Query]) -> list[TextReading | None]:
+    """Each query's words read once (TextModel.read), for its category and its neighbours alike; None
+    for a query without words."""
+    if text_model is None and any(query.title is not None for query in queries):
+        raise ValueError("queries with words reached a handler without a text model")
+    return [None if query.title is None else text_model.read(listing_text(query.title, query.description))
+            for query in queries]
+
+
+def rerank_pool(text_model: TextModel | None) -> int:
+    """How many photo neighbours search_batch keeps for a query with words (`pool_k`): the RERANK_POOL
+    that text_neighbours re-ranks by the words, 0 where the text model does not re-rank."""
+    return RERANK_POOL if text_model is not None and text_model.reranks else 0
+
+
+def text_categories(text_model: TextModel | None, queries: list[Query], probabilities: np.ndarray,
+                    readings: list[TextReading | None] | None = None) -> np.ndarray:
     """The category probabilities of each query from what it sent: `probabilities` (the photo's) where it
-    sent a photo alone, the text model's calibration for its inputs where it sent words."""
+    sent a photo alone, the text model's calibration for its inputs where it sent words (`readings`:
+    read_words of the queries, read here when not given)."""
     worded = [row for row, query in enumerate(queries) if query.title is not None]
     if not worded:
         return probabilities
-    if text_model is None:
-        raise ValueError("queries with words reached a handler without a text model")
+    readings = read_words(text_model, queries) if readings is None else readings
     out = np.array(probabilities, np.float32, copy=True)
     for row in worded:
         query = queries[row]
         photo = probabilities[row:row + 1] if query.image is not None else None
-        out[row] = text_model.predict(query.inputs, [listing_text(query.title, query.description)], photo)[0]
+        out[row] = text_model.predict(query.inputs, [readings[row]], photo)[0]
     return out
 
 
-def text_neighbours(catalogue: Catalogue, text_model: TextModel | None, vectors: np.ndarray, queries: list[Query],
-                    neighbours: list[list[dict]]) -> list[list[dict]]:
-    """Each photo + words query's neighbours re-ranked by its words (TextModel.rerank: the nearest
-    RERANK_POOL photo neighbours ordered by photo + word similarity), the others' as they are."""
-    if text_model is None or text_model.neighbours is None or not text_model.neighbours.rerank_weight:
+def text_neighbours(text_model: TextModel | None, queries: list[Query], neighbours: list[list[dict]],
+                    readings: list[TextReading | None] | None = None) -> list[list[dict]]:
+    """Each photo + words query's neighbours re-ranked by its words and cut to its k (TextModel.rerank:
+    photo + word similarity), the others' as they are. `neighbours`: search_batch's with pool_k =
+    rerank_pool(text_model), so a photo + words query's entry is its pool; `readings` as text_categories'."""
+    if not rerank_pool(text_model):
         return neighbours
+    readings = read_words(text_model, queries) if readings is None else readings
     out = list(neighbours)
     for row, query in enumerate(queries):
         if query.image is not None and query.title is not None:
-            pool = catalogue.search(vectors[row:row + 1], k=RERANK_POOL, category=query.category)[0]
-            out[row] = text_model.rerank(pool, listing_text(query.title, query.description), query.k)
+            out[row] = text_model.rerank(neighbours[row], readings[row], query.k)
     return out
 
 

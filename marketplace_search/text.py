@@ -23,6 +23,7 @@ import json
 import re
 import unicodedata
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,24 @@ class TextNeighbours:
 
 
 @dataclass
+class TextReading:
+    """One text as the model reads it, each part computed once however often it is used: its TF-IDF
+    row (TextModel.features) and, on first use, its cosine similarity to every catalogue listing, which
+    the vote and the re-ranking of the photo neighbours both read."""
+
+    columns: np.ndarray
+    values: np.ndarray
+    neighbours: TextNeighbours | None = field(default=None, repr=False)
+
+    @cached_property
+    def similarities(self) -> np.ndarray:
+        """(listings,) TextNeighbours.similarities of this row."""
+        if self.neighbours is None:
+            raise ValueError("the text model has no catalogue vote: a text has no similarities to its listings")
+        return self.neighbours.similarities(self.columns, self.values)
+
+
+@dataclass
 class TextModel:
     """The trained text classifier and the calibrations that turn scores into category probabilities."""
 
@@ -204,22 +223,29 @@ class TextModel:
         chars = self.block(char_terms(text), self.char_vocabulary, self.char_idf, len(self.word_vocabulary))
         return np.concatenate([words[0], chars[0]]), np.concatenate([words[1], chars[1]])
 
-    def scores(self, texts: list[str]) -> np.ndarray:
-        """(n, classes) float32 decision scores of the linear classifier."""
+    def read(self, text: str) -> TextReading:
+        """One read of `text` that scores, votes and re-ranks alike take (instead of reading it each time)."""
+        return TextReading(*self.features(text), self.neighbours)
+
+    def readings(self, texts: list[str | TextReading]) -> list[TextReading]:
+        """Each of `texts` read (a TextReading is taken as it is)."""
+        return [text if isinstance(text, TextReading) else self.read(text) for text in texts]
+
+    def scores(self, texts: list[str | TextReading]) -> np.ndarray:
+        """(n, classes) float32 decision scores of the linear classifier; `texts`: strings or their readings."""
         out = np.empty((len(texts), len(self.classes)), np.float32)
-        for row, text in enumerate(texts):
-            columns, values = self.features(text)
-            out[row] = self.coef[:, columns] @ values + self.intercept
+        for row, reading in enumerate(self.readings(texts)):
+            out[row] = self.coef[:, reading.columns] @ reading.values + self.intercept
         return out
 
-    def votes(self, texts: list[str], exclude: list[str | None] | None = None) -> np.ndarray | None:
-        """(n, classes) the catalogue vote of each text (None without a catalogue); `exclude`: each text's
-        own product id, left out of its vote (evaluation: a listing already on sale would find itself)."""
+    def votes(self, texts: list[str | TextReading], exclude: list[str | None] | None = None) -> np.ndarray | None:
+        """(n, classes) the catalogue vote of each text or reading (None without a catalogue); `exclude`: each
+        text's own product id, left out of its vote (evaluation: a listing already on sale would find itself)."""
         if self.neighbours is None:
             return None
         exclude = exclude or [None] * len(texts)
-        return np.stack([self.neighbours.vote(self.neighbours.similarities(*self.features(text)), len(self.classes),
-                                              own) for text, own in zip(texts, exclude)]).astype(np.float32)
+        return np.stack([self.neighbours.vote(reading.similarities, len(self.classes), own)
+                         for reading, own in zip(self.readings(texts), exclude)]).astype(np.float32)
 
     def probabilities(self, inputs, scores: np.ndarray, photo: np.ndarray | None = None,
                       votes: np.ndarray | None = None) -> np.ndarray:
@@ -236,16 +262,23 @@ class TextModel:
         return softmax(calibration_features(scores, photo if PHOTO in inputs else None, votes)
                        @ self.calibrations[name][0].T + self.calibrations[name][1]).astype(np.float32)
 
-    def rerank(self, candidates: list[dict], text: str, k: int) -> list[dict]:
-        """Photo neighbours re-ranked by the words of `text` (TextNeighbours.rerank); as they came without
-        a catalogue vote."""
-        if self.neighbours is None or not self.neighbours.rerank_weight:
-            return candidates[:k]
-        return self.neighbours.rerank(candidates, self.neighbours.similarities(*self.features(text)), k)
+    @property
+    def reranks(self) -> bool:
+        """Whether `rerank` reorders photo neighbours (a catalogue vote with a re-ranking weight)."""
+        return self.neighbours is not None and bool(self.neighbours.rerank_weight)
 
-    def predict(self, inputs, texts: list[str], photo: np.ndarray | None = None) -> np.ndarray:
-        """(n, classes) category probabilities of `texts` (listing_text of each request's words)."""
-        return self.probabilities(inputs, self.scores(texts), photo, self.votes(texts))
+    def rerank(self, candidates: list[dict], text: str | TextReading, k: int) -> list[dict]:
+        """Photo neighbours re-ranked by the words of `text` (a string or its reading; TextNeighbours.rerank);
+        the first k as they came without a re-ranking weight."""
+        if not self.reranks:
+            return candidates[:k]
+        return self.neighbours.rerank(candidates, self.readings([text])[0].similarities, k)
+
+    def predict(self, inputs, texts: list[str | TextReading], photo: np.ndarray | None = None) -> np.ndarray:
+        """(n, classes) category probabilities of `texts` (listing_text of each request's words, or their
+        readings: each is read once for the scores and the vote)."""
+        readings = self.readings(texts)
+        return self.probabilities(inputs, self.scores(readings), photo, self.votes(readings))
 
     def save(self, directory: Path | str) -> None:
         directory = Path(directory)
