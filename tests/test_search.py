@@ -52,8 +52,21 @@ def test_auto_index_type_follows_catalogue_size(monkeypatch):
     import marketplace_search.search as search
 
     monkeypatch.setattr(search, "FLAT_MAX", 100)
+    monkeypatch.setattr(search, "FLAT_DIMENSION", 8)
     assert build_index(unit_vectors(100, 8), "auto")[1]["type"] == "flat"
     assert build_index(unit_vectors(101, 8), "auto")[1]["type"] == "hnsw"
+    assert build_index(unit_vectors(100, 4), "auto")[1]["type"] == "flat"  # shorter vectors: no more than FLAT_MAX
+    assert build_index(unit_vectors(101, 4), "auto")[1]["type"] == "hnsw"
+    # longer vectors: an exact search reads every float, so as many floats in all (100 x 8 = 50 x 16)
+    assert build_index(unit_vectors(50, 16), "auto")[1]["type"] == "flat"
+    assert build_index(unit_vectors(51, 16), "auto")[1]["type"] == "hnsw"
+
+
+def test_auto_keeps_exact_search_to_as_many_floats_for_longer_vectors():
+    import marketplace_search.search as search
+
+    assert search.flat_max(64) == search.flat_max(256) == 20_000
+    assert search.flat_max(1536) == 3_333  # the search vector (embedding + features): 10k photos get HNSW
 
 
 def test_search_answers_one_entry_per_listing_best_photo_first():

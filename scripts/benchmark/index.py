@@ -312,7 +312,8 @@ def bench_index(settings: dict) -> dict:
         f"queries restricted to their own category (an IDSelectorBatch, as Catalogue.search_ids(category=) does). "
         f"Built with marketplace_search.search.build_index (hnsw_sq8: HNSW over 8-bit scalar-quantised vectors); "
         f"'auto' marks what index_type=\"auto\" ships "
-        f"(FLAT_MAX={search.FLAT_MAX:,}, efSearch default {search_default('ef_search')}).",
+        f"(FLAT_MAX={search.FLAT_MAX:,} vectors of up to {search.FLAT_DIMENSION} floats, as many floats above, "
+        f"efSearch default {search_default('ef_search')}).",
         auto_choices(rows),
         "Target " + index_verdict(rows),
     ])
