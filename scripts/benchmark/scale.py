@@ -37,7 +37,7 @@ from marketplace_search import search
 from scripts.benchmark.index import TOP_K, recall_at_k
 from scripts.benchmark.common import NUM_CLASSES, percentiles_ms
 
-DIMENSION = 256  # the product model's embedding (index_meta.json of the shipped run)
+DIMENSION = 256  # the synthetic vectors' dimension (the trained embedding's); memory --served takes the run's
 CHUNK = 100_000
 
 
@@ -217,14 +217,17 @@ def bench_memory(args) -> list[dict]:
 
 def save_catalogue(folder: Path, work: Path, vectors, image_ids, listings, index_type: str, meta: dict,
                    columnar: bool | None = None) -> None:
-    built = work / f"{index_type}-{len(image_ids)}.faiss"  # the index section's, if it ran
+    dimension = vectors.shape[1]
+    # the index section's, if it ran (256-d); other dimensions get their own file
+    built = work / (f"{index_type}-{len(image_ids)}.faiss" if dimension == DIMENSION
+                    else f"{index_type}-{len(image_ids)}x{dimension}.faiss")
     if built.exists():
         index = faiss.read_index(str(built))
         params = {"type": index_type, **({"nlist": faiss.extract_index_ivf(index).nlist,
                                            "nprobe": faiss.extract_index_ivf(index).nprobe,
                                            "k_factor": faiss.downcast_index(index).k_factor}
                                           if index_type == "ivfpq" else {})}
-        catalogue = search.Catalogue(index, image_ids, listings, {**meta, "index": params, "dimension": DIMENSION})
+        catalogue = search.Catalogue(index, image_ids, listings, {**meta, "index": params, "dimension": dimension})
     else:
         catalogue = search.make_catalogue(vectors, image_ids, listings, meta, index_type)
         faiss.write_index(catalogue.index, str(built))  # the next format's catalogue reuses it
@@ -235,7 +238,7 @@ def served_run(work: Path, run: Path, vectors, catalogue_format: str, index_type
     """A copy of RUN (links to its files) whose index is a synthetic catalogue of len(VECTORS) photos."""
     from marketplace_search.layout import INDEX_DIR
 
-    copy = work / f"served-run-{index_type}-{len(vectors)}-{catalogue_format}"
+    copy = work / f"served-run-{index_type}-{len(vectors)}x{vectors.shape[1]}-{catalogue_format}"
     if (copy / INDEX_DIR / search.META_FILE).exists():
         return copy
     shutil.rmtree(copy, ignore_errors=True)
@@ -257,8 +260,12 @@ def bench_memory_served(args) -> list[dict]:
     from scripts.archive import build_archive
     from scripts.benchmark.startup import served_model, worker_processes
 
+    from marketplace_search.layout import INDEX_DIR
+
     work = Path(args.work)
-    vectors, _ = vectors_on_disk(work, args.vectors, args.queries)
+    # synthetic vectors of the run's search vector's dimension (256 for the embedding, 1,536 with features)
+    dimension = int(json.loads((Path(args.run) / INDEX_DIR / search.META_FILE).read_text())["dimension"])
+    vectors, _ = vectors_on_disk(work, args.vectors, args.queries, dimension)
     photos = [path.read_bytes() for path in sorted(Path(args.photos).glob("*.jpg"))[:20]]
     rows = []
     for catalogue_format in args.formats:
