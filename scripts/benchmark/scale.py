@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from marketplace_search import search
+from marketplace_search.layout import INDEX_DIR
 from scripts.benchmark.index import TOP_K, recall_at_k
 from scripts.benchmark.common import NUM_CLASSES, percentiles_ms
 
@@ -236,8 +237,6 @@ def save_catalogue(folder: Path, work: Path, vectors, image_ids, listings, index
 
 def served_run(work: Path, run: Path, vectors, catalogue_format: str, index_type: str) -> Path:
     """A copy of RUN (links to its files) whose index is a synthetic catalogue of len(VECTORS) photos."""
-    from marketplace_search.layout import INDEX_DIR
-
     copy = work / f"served-run-{index_type}-{len(vectors)}x{vectors.shape[1]}-{catalogue_format}"
     if (copy / INDEX_DIR / search.META_FILE).exists():
         return copy
@@ -259,8 +258,6 @@ def bench_memory_served(args) -> list[dict]:
     from scripts import api
     from scripts.archive import build_archive
     from scripts.benchmark.startup import served_model, worker_processes
-
-    from marketplace_search.layout import INDEX_DIR
 
     work = Path(args.work)
     # synthetic vectors of the run's search vector's dimension (256 for the embedding, 1,536 with features)
