@@ -3,6 +3,7 @@ import faiss  # noqa: F401  (before torch: both bring OpenMP)
 
 import io
 import os
+import shutil
 import struct
 import zlib
 from dataclasses import dataclass, replace
@@ -35,6 +36,38 @@ def leaves_no_global_state():
     for name, value in initial.items():
         if os.environ.get(name) != value:
             os.environ[name] = value
+
+
+# Modules with a failed or erroring test: their folders are kept to look into (pytest keeps the last session's).
+FAILED_MODULES: set[str] = set()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        FAILED_MODULES.add(item.module.__name__)
+    return report
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory):
+    """Factory: `module_tmp(name)` makes a folder for a module's fixtures, removed when the module ends.
+
+    A module's runs, archives and server folders take up to a gigabyte; kept to the end of the session, as
+    `tmp_path_factory.mktemp` keeps them, the whole suite's filled a CI machine's disk. Kept when one of the
+    module's tests failed.
+    """
+    made = []
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    if request.module.__name__ not in FAILED_MODULES:
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def skip_or_fail(reason: str):

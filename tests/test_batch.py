@@ -43,8 +43,8 @@ class Tiny:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Tiny:
-    root = tmp_path_factory.mktemp("batch")
+def tiny(module_tmp) -> Tiny:
+    root = module_tmp("batch")
     run = make_tiny_run(root / "runs" / "2025-01-31_142233")
     mar = archive_tiny_run(run, root / "store", version="1.0")
     inputs = root / "inputs"
@@ -64,8 +64,8 @@ def server(tiny):
 
 
 @pytest.fixture(scope="module")
-def local_output(tiny, tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("local") / "results.jsonl"
+def local_output(tiny, module_tmp) -> Path:
+    output = module_tmp("local") / "results.jsonl"
     batch.main([str(tiny.inputs), "--output", str(output), "--local", str(tiny.mar), "--batch-size", "4"])
     return output
 

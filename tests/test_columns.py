@@ -32,9 +32,9 @@ def ivfpq(data) -> Catalogue:
 
 
 @pytest.fixture(scope="module")
-def folders(ivfpq, tmp_path_factory):
+def folders(ivfpq, module_tmp):
     """The same ivfpq catalogue saved columnar (its default) and as JSON."""
-    root = tmp_path_factory.mktemp("columns")
+    root = module_tmp("columns")
     ivfpq.save(root / "columnar")
     ivfpq.save(root / "json", columnar=False)
     return root / "columnar", root / "json"

@@ -25,8 +25,8 @@ from marketplace_search.schema import ANSWER_FIELDS, NEIGHBOUR_FIELDS, AnswerErr
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("handler")
+def tiny(module_tmp):
+    root = module_tmp("handler")
     run = make_tiny_run(root / "runs" / "2025-01-31_142233")
     mar = archive_tiny_run(run, root / "store", version="1.0")
     return run, extract_archive(mar, root / "model")

@@ -136,8 +136,8 @@ def switches(log: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    served = Live(tmp_path_factory.mktemp("live"))
+def served(module_tmp):
+    served = Live(module_tmp("live"))
     served.start()
     try:
         yield served
@@ -269,8 +269,8 @@ class Clock:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_run(tmp_path_factory.mktemp("tiny") / "run", seed=0)
+def tiny(module_tmp):
+    return make_tiny_run(module_tmp("tiny") / "run", seed=0)
 
 
 def seed_live(tiny, folder: Path) -> Path:

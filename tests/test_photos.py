@@ -12,9 +12,9 @@ SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def messy_photos(messy_catalogue, tmp_path_factory):
+def messy_photos(messy_catalogue, module_tmp):
     """Stages 1 and 2 on the messy catalogue, in two worker processes."""
-    work = tmp_path_factory.mktemp("messy_photos")
+    work = module_tmp("messy_photos")
     tables.clean_tables(messy_catalogue.data_dir, work)
     image_ids = list(tables.read_training_table(work)["image_id"])
     report = photos.normalise_photos(image_ids, messy_catalogue.data_dir / "images", work / "photos",

@@ -37,8 +37,8 @@ class Tiny:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Tiny:
-    root = tmp_path_factory.mktemp("raybatch")
+def tiny(module_tmp) -> Tiny:
+    root = module_tmp("raybatch")
     run = make_tiny_run(root / "runs" / "2025-01-31_142233")
     make_tiny_text_model(run.run_dir)  # a CSV's titles reach the actors' handler too
     mar = archive_tiny_run(run, root / "store", version="1.0")
@@ -104,8 +104,9 @@ def test_sigkill_mid_run_then_resume_gives_exactly_one_result_per_input(tiny, lo
     request.addfinalizer(lambda: shutil.rmtree(ray_dir, ignore_errors=True))
     command = [sys.executable, "-m", "scripts.batch", str(inputs), "--output", str(output), "--archive",
                str(tiny.mar), "--batch-size", "1", *RAY, "--ray-temp-dir", str(ray_dir)]
+    # TMPDIR too: the archive it unzips into a temporary folder is left behind by the kill.
     child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+                             start_new_session=True, env={**os.environ, "TMPDIR": str(ray_dir)})
     try:
         deadline = time.monotonic() + 180
         while not (output.exists() and output.read_bytes().count(b"\n") >= 5):

@@ -15,8 +15,8 @@ from training.tiny_run import make_tiny_run
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    work = tmp_path_factory.mktemp("rayembed")
+def work(module_tmp):
+    work = module_tmp("rayembed")
     run = make_tiny_run(work / "model_evaluation" / "2025-01-31_142233", photos_dir=work / "photos", listings=7)
     image_ids = sorted(run.photos)
     pd.DataFrame({"image_id": image_ids, "product_id": [run.listings[i]["product_id"] for i in image_ids],
@@ -26,10 +26,10 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
+def ray_local(module_tmp):
     import ray
 
-    with short_path(tmp_path_factory.mktemp("ray")) as temp_dir:
+    with short_path(module_tmp("ray")) as temp_dir:
         ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
         try:
             yield ray

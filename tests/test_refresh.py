@@ -49,9 +49,9 @@ def write_raw(frame: pd.DataFrame, path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def old(tmp_path_factory) -> Old:
+def old(module_tmp) -> Old:
     """A run made by the pipeline's own stages (random weights instead of training), archived as 1.0."""
-    root = tmp_path_factory.mktemp("refresh")
+    root = module_tmp("refresh")
     data, work = root / "data_v1", root / "work_v1"
     make_sample_catalogue(data, listings=12, categories=3, size=48, seed=1)
     tables.clean_tables(data, work)

@@ -65,9 +65,9 @@ def write_split(run: TinyRun, work: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def guarded(tmp_path_factory) -> TinyRun:
+def guarded(module_tmp) -> TinyRun:
     """A trained tiny run in WORK/model_evaluation/<stamp>, WORK holding photos/ and split.csv."""
-    work = tmp_path_factory.mktemp("work")
+    work = module_tmp("work")
     run = make_tiny_run(work / "model_evaluation" / "2025-01-31_142233", listings=LISTINGS,
                         photos_per_listing=PHOTOS_PER_LISTING, photos_dir=work / "photos", model=trained_model())
     write_split(run, work)
@@ -80,8 +80,8 @@ def archive_member(mar: Path, name: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def archives(guarded, tmp_path_factory) -> dict[tuple[str, str], Path]:
-    store = tmp_path_factory.mktemp("store")
+def archives(guarded, module_tmp) -> dict[tuple[str, str], Path]:
+    store = module_tmp("store")
     return {(name, precision): archive_tiny_run(guarded, store, name=f"m-{name}-{precision}", output_name="{name}",
                                                 runtime=name, precision=precision, max_batch_delay=5)
             for name, precision in BACKENDS}

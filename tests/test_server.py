@@ -36,15 +36,15 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> tuple[TinyRun, TinyRun]:
-    root = tmp_path_factory.mktemp("runs")
+def runs(module_tmp) -> tuple[TinyRun, TinyRun]:
+    root = module_tmp("runs")
     return (make_tiny_run(root / "2025-01-31_142233", seed=0),
             make_tiny_run(root / "2025-02-07_090000", arch="mobilenet_v2", seed=1, created="2025-02-07T09:00:00+00:00"))
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, runs):
-    root = tmp_path_factory.mktemp("served")
+def served(module_tmp, runs):
+    root = module_tmp("served")
     store = root / "model_store"
     v1 = archive_tiny_run(runs[0], store, version="1.0", batch_size=8, max_batch_delay=100)
     archive_tiny_run(runs[1], store, version="2.0", batch_size=8, max_batch_delay=20)

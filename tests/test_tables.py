@@ -10,8 +10,8 @@ from training.sample import make_sample_catalogue
 
 
 @pytest.fixture(scope="module")
-def messy_report(messy_catalogue, tmp_path_factory):
-    work = tmp_path_factory.mktemp("messy_tables")
+def messy_report(messy_catalogue, module_tmp):
+    work = module_tmp("messy_tables")
     return work, tables.clean_tables(messy_catalogue.data_dir, work)
 
 

@@ -25,9 +25,9 @@ NAME = "marketplace"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(module_tmp):
     """A tiny run with a text model trained on generated titles, and its archive."""
-    root = tmp_path_factory.mktemp("text")
+    root = module_tmp("text")
     run = make_tiny_run(root / "runs" / "2025-01-31_142233")
     model = make_tiny_text_model(run.run_dir)
     mar = archive_tiny_run(run, root / "store", version="1.0", batch_size=8, max_batch_delay=50)

@@ -23,9 +23,9 @@ TINY = ["--arch", "resnet18", "--weights", "none", "--resize", "72", "--crop", "
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(module_tmp):
     """One pipeline run over a generated catalogue of 4 visually distinct categories."""
-    root = tmp_path_factory.mktemp("pipeline")
+    root = module_tmp("pipeline")
     make_sample_catalogue(root / "data", listings=100, categories=4, photos_per_listing=2, seed=0, size=96)
     args = argparse_pipeline(["--data", str(root / "data"), "--out", str(root / "work"), *TINY,
                               "--lr", "3e-3", "--epochs", "15", "--dropout", "0.2", "--weight-decay", "0.01"])

@@ -215,8 +215,8 @@ CORPUS = make_corpus()
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory):
-    root = tmp_path_factory.mktemp("uploads")
+def archive(module_tmp):
+    root = module_tmp("uploads")
     run = make_tiny_run(root / "runs" / "2025-01-31_142233")
     mar = archive_tiny_run(run, root / "store", version="1.0", batch_size=BATCH_SIZE,
                            max_batch_delay=MAX_BATCH_DELAY_MS)

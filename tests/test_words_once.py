@@ -21,10 +21,10 @@ LISTINGS = 150  # more than RERANK_POOL: the pool's depth decides which listings
 
 
 @pytest.fixture(scope="module")
-def handler(tmp_path_factory):
+def handler(module_tmp):
     """(handler, run, model folder): the in-process handler of a tiny archive whose text model re-ranks by words
     (a vote catalogue over the archive's own listings) and whose photo answer blends a 20-NN vote."""
-    root = tmp_path_factory.mktemp("words_once")
+    root = module_tmp("words_once")
     run = make_tiny_run(root / "runs" / "2025-01-31_142233", listings=LISTINGS)
     model = make_tiny_text_model(run.run_dir)
     rng = np.random.default_rng(3)
