@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from marketplace_search.extras import needs_extra
 from marketplace_search.models import MarketplaceNet, prepare_for_serving, serve_forward
 
 logger = logging.getLogger(__name__)
@@ -138,8 +139,7 @@ def quantize_openvino(converted, calibration: list[torch.Tensor]):
     try:
         import nncf
     except ModuleNotFoundError as error:
-        raise ModuleNotFoundError("int8 quantization needs NNCF, the project's 'train' extra: "
-                                  "pip install -e '.[train]' (make venv installs every extra)") from error
+        raise ModuleNotFoundError(needs_extra("int8 quantization", "NNCF", "train")) from error
 
     dataset = nncf.Dataset(calibration, lambda batch: batch.numpy())
     return nncf.quantize(converted, dataset, subset_size=len(calibration),

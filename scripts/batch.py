@@ -37,7 +37,6 @@ MAX_ARCHIVE_BYTES and MAX_ARCHIVE_MEMBERS, and not at all if a member's name is 
 the photos answered in this run over the time spent answering them (model loading excluded).
 """
 import argparse
-import importlib.util
 import base64
 import csv
 import itertools
@@ -59,6 +58,7 @@ import requests
 from tenacity import Retrying
 from tqdm import tqdm
 
+from marketplace_search.extras import installed, needs_extra
 from marketplace_search.schema import ANSWER_FIELDS
 from scripts import api
 from scripts.api import TRANSIENT_STATUSES, TransientError
@@ -591,9 +591,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     args.engine = args.engine or "served"
     if args.engine != "served" and not args.archive:
         raise SystemExit(f"--engine {args.engine} runs an archive: pass --archive MAR_OR_DIR")
-    if (args.engine == "ray" or args.format == "parquet") and importlib.util.find_spec("ray") is None:
-        raise SystemExit("--engine ray and --format parquet need Ray, the project's 'scale' extra: "
-                         "pip install -e '.[scale]' (make venv installs every extra)")
+    if (args.engine == "ray" or args.format == "parquet") and not installed("ray"):
+        raise SystemExit(needs_extra(f"--engine {args.engine} --format {args.format}", "Ray", "scale"))
     if args.archive and not args.archive.exists():
         raise SystemExit(f"--archive {args.archive}: no such file or folder")
     if args.format == "parquet" and args.engine != "ray":

@@ -7,7 +7,6 @@ order), `probabilities.npy` ((n, classes) float32, used by evaluation), `image_e
 vector only for the same bytes).
 """
 import argparse
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from training.photos import PHOTOS_DIR, REPORT_FILE
 from marketplace_search.models import MarketplaceNet, embed, load_checkpoint, sha256_file
 from marketplace_search.presets import Preprocess, eval_transform
 from marketplace_search.layout import BEST_CHECKPOINT, EMBEDDINGS_DIR, WEIGHTS_DIR, latest_run, update_run_info
+from marketplace_search.extras import installed, needs_extra
 
 PHOTO_HASHES_FILE = "photo_sha256.json"
 
@@ -127,9 +127,8 @@ def main(argv=None) -> None:
 
 def embed_on_ray(args) -> None:
     """--engine ray: shards under RUN/embeddings/shards, then this stage's usual files assembled from them."""
-    if importlib.util.find_spec("ray") is None:
-        raise SystemExit("--engine ray needs Ray, the project's 'scale' extra: pip install -e '.[scale]' "
-                         "(make venv installs every extra)")
+    if not installed("ray"):
+        raise SystemExit(needs_extra("--engine ray", "Ray", "scale"))
     from training.ray_embed import SHARDS_DIR, assemble, embed_shards
 
     run_dir = args.run or latest_run(args.work)

@@ -1,0 +1,13 @@
+"""The project's optional extras (pyproject.toml): whether a package from one is installed, and what to say
+when a feature needs one that is not."""
+import importlib.util
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def needs_extra(feature: str, package: str, extra: str) -> str:
+    """The message for FEATURE, which needs PACKAGE from the project's EXTRA extra."""
+    return (f"{feature} needs {package}, the project's '{extra}' extra: pip install -e '.[{extra}]' "
+            "(make venv installs every extra)")
