@@ -5,6 +5,7 @@ import io
 import os
 import shutil
 import struct
+import tempfile
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,6 +37,17 @@ def leaves_no_global_state():
     for name, value in initial.items():
         if os.environ.get(name) != value:
             os.environ[name] = value
+
+
+# The most the suite holds under the temporary folder at once (1.4 GB measured, module_tmp below), with margin.
+DISK_NEEDED = 2 * 1024**3
+
+
+def pytest_sessionstart(session):
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    if free < DISK_NEEDED:
+        pytest.exit(f"{tempfile.gettempdir()} has {free / 1024**3:.1f} GB free; the tests need about "
+                    f"{DISK_NEEDED / 1024**3:.0f} GB there (set TMPDIR to a folder with more room)", returncode=1)
 
 
 # Modules with a failed or erroring test: their folders are kept to look into (pytest keeps the last session's).
