@@ -235,8 +235,9 @@ def save_catalogue(folder: Path, work: Path, vectors, image_ids, listings, index
     catalogue.save(folder, columnar=columnar)
 
 
-def served_run(work: Path, run: Path, vectors, catalogue_format: str, index_type: str) -> Path:
-    """A copy of RUN (links to its files) whose index is a synthetic catalogue of len(VECTORS) photos."""
+def served_run(work: Path, run: Path, run_meta: dict, vectors, catalogue_format: str, index_type: str) -> Path:
+    """A copy of RUN (links to its files; RUN_META its index_meta.json) whose index is a synthetic catalogue of
+    len(VECTORS) photos."""
     copy = work / f"served-run-{index_type}-{len(vectors)}x{vectors.shape[1]}-{catalogue_format}"
     if (copy / INDEX_DIR / search.META_FILE).exists():
         return copy
@@ -245,7 +246,6 @@ def served_run(work: Path, run: Path, vectors, catalogue_format: str, index_type
     for path in run.iterdir():
         if path.name != INDEX_DIR:
             (copy / path.name).symlink_to(path.resolve())
-    run_meta = json.loads((run / INDEX_DIR / search.META_FILE).read_text())
     categories = sorted({listing["category"] for listing in search.read_listings(run / INDEX_DIR).values()})
     image_ids, listings = synthetic_listings(len(vectors), categories)
     save_catalogue(copy / INDEX_DIR, work, vectors, image_ids, listings, index_type,
@@ -261,13 +261,13 @@ def bench_memory_served(args) -> list[dict]:
 
     work = Path(args.work)
     # synthetic vectors of the run's search vector's dimension (256 for the embedding, 1,536 with features)
-    dimension = int(json.loads((Path(args.run) / INDEX_DIR / search.META_FILE).read_text())["dimension"])
-    vectors, _ = vectors_on_disk(work, args.vectors, args.queries, dimension)
+    run_meta = json.loads((Path(args.run) / INDEX_DIR / search.META_FILE).read_text())
+    vectors, _ = vectors_on_disk(work, args.vectors, args.queries, int(run_meta["dimension"]))
     photos = [path.read_bytes() for path in sorted(Path(args.photos).glob("*.jpg"))[:20]]
     rows = []
     for catalogue_format in args.formats:
         for index_type in args.types:
-            run = served_run(work, Path(args.run), vectors, catalogue_format, index_type)
+            run = served_run(work, Path(args.run), run_meta, vectors, catalogue_format, index_type)
             store = work / f"store-{catalogue_format}"
             store.mkdir(exist_ok=True)
             mar = store / "scale.mar"
@@ -292,7 +292,7 @@ def bench_memory_served(args) -> list[dict]:
                         assert answer["neighbours"], answer
                     figures = [smaps_mb(pid) for pid in pids]
                     row = {"format": catalogue_format, "type": index_type, "vectors": args.vectors,
-                           "index_file_mb": round((run / "index" / search.INDEX_FILE).stat().st_size / 2**20),
+                           "index_file_mb": round((run / INDEX_DIR / search.INDEX_FILE).stat().st_size / 2**20),
                            "workers": workers, "scale_s": round(scaled_s, 1),
                            **{key: round(float(np.mean([f[key] for f in figures]))) for key in figures[0]},
                            "pss_total_mb": round(sum(f["pss_mb"] for f in figures)),
