@@ -162,7 +162,8 @@ class MarketplaceHandler(BaseHandler):
         batch.milliseconds["search"] = (texted - searched) * 1000
         readings = read_words(self.text_model, queries)  # each query's words read once for both
         batch.probabilities = text_categories(self.text_model, queries, batch.probabilities, readings)
-        batch.neighbours = text_neighbours(self.text_model, queries, batch.neighbours, readings)
+        batch.neighbours = text_neighbours(self.text_model, queries, batch.neighbours, readings, self.catalogue,
+                                           batch.vectors)
         batch.milliseconds["text"] = (time.perf_counter() - texted) * 1000
         return batch
 

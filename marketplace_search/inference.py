@@ -13,7 +13,7 @@ fields, or as request headers `X-K`, `X-Category`, `X-Embedding` (the only way w
 TorchServe drops the query string of a POST). A JSON field or form field wins over a header.
 The seller's words: `title` (JSON field, multipart field or `X-Title` header, UTF-8) and
 `description` (JSON or multipart field, with a title). A request carries a photo, a title, or both;
-without a photo there are no neighbours, so `embedding` and `category` need one.
+without a photo its neighbours are found by its words alone, and `embedding` needs a photo.
 """
 import base64
 import binascii
@@ -28,7 +28,7 @@ from PIL import Image
 from marketplace_search.images import MAX_PIXELS, ImageError, ImageTooLarge, UnsupportedFormat, decode_image
 from marketplace_search.search import MAX_K, Catalogue
 from marketplace_search.text import (DESCRIPTION, MAX_DESCRIPTION_CHARS, MAX_TITLE_CHARS, PHOTO, RERANK_POOL, TITLE,
-                                     TextModel, TextReading, listing_text)
+                                     TextModel, TextNeighbours, TextReading, listing_text)
 
 DEFAULT_K = 10
 TOP_CATEGORIES = 3
@@ -215,10 +215,9 @@ def make_query(photo: bytes | None, options: dict, categories: list[str], fit_si
     if photo is None:
         if title is None:
             raise RequestError("send a photo, a title or both", kind="missing_image")
-        wants = [name for name, value in (("embedding", embedding), ("category", category)) if value]
-        if wants:
-            raise RequestError(f"option(s) {', '.join(wants)} need a photo (neighbours and embeddings come from "
-                               f"the photo); send one, or drop the option", kind="missing_image")
+        if embedding:
+            raise RequestError("option embedding needs a photo (the embedding is the photo's); send one, or drop "
+                               "the option", kind="missing_image")
         return Query(None, k, category, embedding, title, description)
     return Query(read_photo(photo, fit_size=fit_size), k, category, embedding, title, description)
 
@@ -428,18 +427,60 @@ def text_categories(text_model: TextModel | None, queries: list[Query], probabil
 
 
 def text_neighbours(text_model: TextModel | None, queries: list[Query], neighbours: list[list[dict]],
-                    readings: list[TextReading | None] | None = None) -> list[list[dict]]:
-    """Each photo + words query's neighbours re-ranked by its words and cut to its k (TextModel.rerank:
-    photo + word similarity), the others' as they are. `neighbours`: search_batch's with pool_k =
-    rerank_pool(text_model), so a photo + words query's entry is its pool; `readings` as text_categories'."""
-    if not rerank_pool(text_model):
+                    readings: list[TextReading | None] | None = None, catalogue: Catalogue | None = None,
+                    vectors: np.ndarray | None = None) -> list[list[dict]]:
+    """Each query's neighbours given its words (`readings` as text_categories'), the others' as they are:
+
+    - photo + words: its photo neighbours (search_batch's pool of rerank_pool(text_model)), joined by the
+      listings nearest by words when the model fills (words_pool; CATALOGUE and the queries' search
+      VECTORS needed), re-ranked by photo + word similarity and cut to its k (TextNeighbours.rerank);
+    - words alone: the k listings nearest by words (found_by_words; CATALOGUE needed).
+    """
+    if text_model is None or text_model.neighbours is None or all(query.title is None for query in queries):
         return neighbours
     readings = read_words(text_model, queries) if readings is None else readings
-    out = list(neighbours)
+    words, out = text_model.neighbours, list(neighbours)
     for row, query in enumerate(queries):
-        if query.image is not None and query.title is not None:
-            out[row] = text_model.rerank(neighbours[row], readings[row], query.k)
+        if query.title is None:
+            continue
+        similarities = readings[row].similarities
+        if query.image is None:
+            if catalogue is not None:
+                out[row] = found_by_words(catalogue, words, text_model.classes, similarities, query.k, query.category)
+        elif words.rerank_weight:
+            pool = neighbours[row]
+            if words.fill and catalogue is not None:
+                pool = words_pool(catalogue, words, text_model.classes, similarities, vectors[row], query.category,
+                                  pool)
+            out[row] = words.rerank(pool, similarities, query.k)
     return out
+
+
+def _label(classes: list[str], category: str | None) -> int | None:
+    """The text model's class index of a category filter (-1: a category it does not know: no listing)."""
+    return None if category is None else classes.index(category) if category in classes else -1
+
+
+def words_pool(catalogue: Catalogue, words: TextNeighbours, classes: list[str], similarities: np.ndarray,
+               vector: np.ndarray, category: str | None, pool: list[dict], exclude: str | None = None) -> list[dict]:
+    """POOL (a query's photo neighbours) followed by the RERANK_POOL listings nearest by words that are not
+    in it, each with its photo most similar to VECTOR and that exact similarity (Catalogue.listings_of),
+    for TextNeighbours.rerank. EXCLUDE: a product id left out (evaluation: the query's own listing)."""
+    taken = {neighbour["product_id"] for neighbour in pool} | ({exclude} if exclude else set())
+    found = [product_id for product_id, _ in words.nearest(similarities, RERANK_POOL, _label(classes, category), taken)]
+    entries = catalogue.listings_of(found, vector, category)
+    return pool + [entries[product_id] for product_id in found if product_id in entries]
+
+
+def found_by_words(catalogue: Catalogue, words: TextNeighbours, classes: list[str], similarities: np.ndarray,
+                   k: int, category: str | None = None, exclude: str | None = None) -> list[dict]:
+    """The k catalogue listings nearest by words (a request with words and no photo), best first, each with
+    its first photo; its "similarity" and "word_similarity" are the words' cosine. Listings the catalogue no
+    longer shows are skipped; EXCLUDE as in words_pool."""
+    found = words.nearest(similarities, max(k, RERANK_POOL), _label(classes, category), {exclude} - {None})
+    entries = catalogue.listings_of([product_id for product_id, _ in found], None, category)
+    return [{**entries[product_id], "similarity": round(similarity, 6), "word_similarity": round(similarity, 6)}
+            for product_id, similarity in found if product_id in entries][:k]
 
 
 def build_answer(probabilities: np.ndarray, classes: list[str], neighbours: list[dict], model: dict,

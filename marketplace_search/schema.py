@@ -24,7 +24,8 @@ class TopCategory(TypedDict):
 
 
 class Neighbour(TypedDict):
-    """One listing near the query: its closest photo, the listing's fields and the cosine similarity."""
+    """One listing near the query: its closest photo, the listing's fields and the cosine similarity
+    (the photos'; the words' for a query without a photo)."""
 
     image_id: str
     product_id: str
@@ -33,6 +34,7 @@ class Neighbour(TypedDict):
     location: str
     category: str
     similarity: float
+    word_similarity: NotRequired[float]  # a query with words: their cosine to the listing's (text model)
 
 
 class Answer(TypedDict):
@@ -55,7 +57,7 @@ class ErrorBody(TypedDict):
 
 
 ANSWER_FIELDS = tuple(name for name in Answer.__annotations__ if name in Answer.__required_keys__)
-NEIGHBOUR_FIELDS = tuple(Neighbour.__annotations__)
+NEIGHBOUR_FIELDS = tuple(name for name in Neighbour.__annotations__ if name in Neighbour.__required_keys__)
 LISTING_FIELDS = tuple(name for name in NEIGHBOUR_FIELDS if name not in ("image_id", "similarity"))
 ERROR_FIELDS = tuple(ErrorBody.__annotations__)
 

@@ -203,6 +203,7 @@ class Catalogue:
         self._selectors: dict[str, faiss.IDSelector] = {}
         self.visible = index.ntotal  # photos a search can return (fewer in a view made by `without_products`)
         self._visible_rows = None  # (bitmap, selector) of those photos in such a view
+        self._product_rows: dict[str, list[int]] | None = None  # product id -> rows, built on first use
 
     def without_products(self, product_ids) -> "Catalogue":
         """A view sharing this catalogue's index whose searches leave out PRODUCT_IDS' photos.
@@ -407,6 +408,54 @@ class Catalogue:
             else:
                 fetch = min(available, fetch * 4)  # more photos per listing than expected
         return answers
+
+    def listings_of(self, product_ids: list[str], query: np.ndarray | None = None,
+                    category: str | None = None) -> dict[str, dict]:
+        """The answer entry of each of PRODUCT_IDS that a search of this catalogue (or view, in CATEGORY)
+        could return, as `search` gives it: with QUERY (one search vector), the listing's photo most
+        similar to it and that cosine as `similarity`, computed exactly from the indexed vectors (decoded
+        where the index keeps codes); without, its first photo and no similarity. For listings found
+        another way than by photo (by words: marketplace_search.text); those not shown are left out."""
+        rows = self._rows_of_products(product_ids)
+        if self._visible_rows is not None and len(rows):
+            bitmap = self._visible_rows[0]
+            rows = rows[((bitmap[rows >> 3] >> (rows & 7)) & 1).astype(bool)]
+        similarities = None
+        if query is not None and len(rows):
+            similarities = self._vectors_at(rows) @ np.asarray(query, np.float32).reshape(-1)
+        entries: dict[str, dict] = {}
+        for position, row in enumerate(rows.tolist()):
+            image_id, listing = self._listing_at(row)
+            if category is not None and listing["category"] != category:
+                continue
+            similarity = None if similarities is None else round(float(similarities[position]), 6)
+            product_id = listing["product_id"]
+            if product_id not in entries or (similarity is not None and similarity > entries[product_id]["similarity"]):
+                entries[product_id] = {"image_id": image_id, **{key: listing[key] for key in LISTING_FIELDS},
+                                       **({} if similarity is None else {"similarity": similarity})}
+        return entries
+
+    def _rows_of_products(self, product_ids: list[str]) -> np.ndarray:
+        """Index rows (ascending) of PRODUCT_IDS' photos, hidden or not."""
+        if self._table is not None:
+            return self._table.rows_of_products(product_ids)
+        if self._product_rows is None:
+            self._product_rows = {}
+            for row, image_id in enumerate(self.image_ids):
+                self._product_rows.setdefault(self.listings[image_id]["product_id"], []).append(row)
+        return np.array(sorted(row for product_id in set(product_ids)
+                               for row in self._product_rows.get(product_id, ())), dtype=np.int64)
+
+    def _vectors_at(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), d) float32 vectors of index rows ROWS, as the index holds them (8-bit codes decoded)."""
+        inner = faiss.downcast_index(self.index)
+        if isinstance(inner, faiss.IndexRefine):  # the re-ranking vectors: ids = rows
+            inner = faiss.downcast_index(inner.refine_index)
+        elif isinstance(inner, faiss.IndexHNSW):  # its storage: ids = rows
+            inner = faiss.downcast_index(inner.storage)
+        if isinstance(inner, faiss.IndexIVF) and inner.direct_map.type == faiss.DirectMap.NoMap:
+            inner.make_direct_map()  # row -> (list, offset), once: an IVF cannot reconstruct without it
+        return inner.reconstruct_batch(np.ascontiguousarray(rows, dtype=np.int64))
 
     def _listing_at(self, row: int) -> tuple[str, dict]:
         """(image_id, listing) of index row ROW; a listings table reads just that row."""

@@ -108,13 +108,14 @@ class TextNeighbours:
     k: int = 20
     temperature: float = 0.05
     rerank_weight: float = 0.0  # photo neighbours ranked by photo similarity + this x word similarity
+    fill: bool = False  # photo + words: the listings nearest by words join the photo neighbours re-ranked
 
     def __post_init__(self):
         self.position = {product_id: row for row, product_id in enumerate(self.product_ids)}
 
     @classmethod
     def from_rows(cls, product_ids: list[str], labels, feature_rows, width: int, k: int = 20,
-                  temperature: float = 0.05, rerank_weight: float = 0.0) -> "TextNeighbours":
+                  temperature: float = 0.05, rerank_weight: float = 0.0, fill: bool = False) -> "TextNeighbours":
         """From each listing's (columns, values), as TextModel.features gives them."""
         columns = np.concatenate([columns for columns, _ in feature_rows]).astype(np.int64)
         values = np.concatenate([values for _, values in feature_rows]).astype(np.float32)
@@ -123,7 +124,7 @@ class TextNeighbours:
         indptr = np.zeros(width + 1, np.int64)
         np.cumsum(np.bincount(columns, minlength=width), out=indptr[1:])
         return cls(list(product_ids), np.asarray(labels, np.int32), indptr, rows[order], values[order], k,
-                   temperature, rerank_weight)
+                   temperature, rerank_weight, fill)
 
     def similarities(self, columns: np.ndarray, values: np.ndarray) -> np.ndarray:
         """(listings,) cosine similarity of one query row to every catalogue listing (two blocks: / 2)."""
@@ -151,18 +152,41 @@ class TextNeighbours:
         np.add.at(votes, self.labels[top], weights)
         return votes / votes.sum()
 
+    def nearest(self, similarities: np.ndarray, n: int, label: int | None = None,
+                exclude=()) -> list[tuple[str, float]]:
+        """The n listings most similar to the words (cosine > 0), best first, as (product id, similarity);
+        LABEL: only listings of that class; EXCLUDE: product ids left out."""
+        similarities = np.array(similarities, np.float64)
+        if label is not None:
+            similarities[self.labels != label] = 0.0
+        for product_id in exclude:
+            if product_id in self.position:
+                similarities[self.position[product_id]] = 0.0
+        n = min(n, int((similarities > 0).sum()))
+        if n <= 0:
+            return []
+        top = np.argpartition(-similarities, n - 1)[:n]
+        top = top[np.lexsort((top, -similarities[top]))]  # best first; ties in catalogue order
+        return [(self.product_ids[row], float(similarities[row])) for row in top]
+
+    def word_similarity(self, product_id: str, similarities: np.ndarray) -> float:
+        """The words' cosine to PRODUCT_ID's listing (0 for a listing not in the vote's catalogue)."""
+        row = self.position.get(product_id)
+        return 0.0 if row is None else float(similarities[row])
+
     def rerank(self, candidates: list[dict], similarities: np.ndarray, k: int,
                weight: float | None = None) -> list[dict]:
-        """The k best of `candidates` (photo neighbours, each with its photo "similarity") by photo
-        similarity + weight x the words' similarity to each listing (0 for a listing not in the vote's
-        catalogue); the answer's "similarity" stays the photo's."""
+        """The k best of `candidates` (listings, each with its photo "similarity") by photo similarity +
+        weight x the words' similarity to each listing (word_similarity); each answered with its
+        "word_similarity" beside the photo's "similarity". Weight 0: the first k as they came."""
         weight = self.rerank_weight if weight is None else weight
         if not weight:
             return candidates[:k]
-        def score(candidate):
-            row = self.position.get(candidate["product_id"])
-            return candidate["similarity"] + weight * (0.0 if row is None else float(similarities[row]))
-        return sorted(candidates, key=score, reverse=True)[:k]
+        scored = [(candidate["similarity"] + weight * self.word_similarity(candidate["product_id"], similarities),
+                   position, candidate) for position, candidate in enumerate(candidates)]
+        scored.sort(key=lambda item: (-item[0], item[1]))
+        return [{**candidate, "word_similarity": round(self.word_similarity(candidate["product_id"], similarities), 6)}
+                for _, _, candidate in scored[:k]]
 
 
 @dataclass
@@ -295,7 +319,7 @@ class TextModel:
         if self.neighbours is not None:
             document["neighbours"] = {"product_ids": self.neighbours.product_ids, "k": self.neighbours.k,
                                       "temperature": self.neighbours.temperature,
-                                      "rerank_weight": self.neighbours.rerank_weight}
+                                      "rerank_weight": self.neighbours.rerank_weight, "fill": self.neighbours.fill}
             arrays.update({"neighbours:labels": self.neighbours.labels.astype(np.int32),
                            "neighbours:indptr": self.neighbours.indptr.astype(np.int64),
                            "neighbours:rows": self.neighbours.rows.astype(np.int32),
@@ -319,7 +343,7 @@ class TextModel:
             neighbours = None if stored is None else TextNeighbours(
                 stored["product_ids"], arrays["neighbours:labels"], arrays["neighbours:indptr"],
                 arrays["neighbours:rows"], arrays["neighbours:values"], int(stored["k"]), float(stored["temperature"]),
-                float(stored.get("rerank_weight", 0.0)))
+                float(stored.get("rerank_weight", 0.0)), bool(stored.get("fill", False)))
             return cls(document["classes"], {term: i for i, term in enumerate(document["word_vocabulary"])},
                        {term: i for i, term in enumerate(document["char_vocabulary"])}, arrays["word_idf"],
                        arrays["char_idf"], arrays["coef"], arrays["intercept"], calibrations, document["info"],

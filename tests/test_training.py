@@ -382,12 +382,20 @@ def test_text_stage_adds_its_rows_and_a_model_the_handler_loads(tiny_run):
     served = evaluation.get("fine_tuned_blend", evaluation["fine_tuned"])
     assert rows["photo"]["top1_accuracy"] == pytest.approx(served["top1_accuracy"])  # the same test split
     model = TextModel.load(run_dir / "text_model")
-    rerank = model.info["rerank"]  # photo neighbours re-ranked by the words: the weight with the best val P@10
-    assert rerank["weight"] == model.neighbours.rerank_weight and model.neighbours.product_ids
+    # photo + words: the neighbours' ranking (with or without the listings nearest by words) and weight with
+    # the best val P@10, the test rows' P@k those of the way chosen
+    rerank = model.info["rerank"]
+    assert (rerank["weight"], rerank["fill"]) == (model.neighbours.rerank_weight, model.neighbours.fill)
+    assert model.neighbours.product_ids
     best = max(p["precision@10"] for p in rerank["val_precision"].values())
-    assert rerank["val_precision"][str(rerank["weight"])]["precision@10"] == best
+    chosen = f"{'fill' if rerank['fill'] else 'photo pool'} w={rerank['weight']}"
+    assert rerank["val_precision"][chosen]["precision@10"] == best
+    way = "fill" if rerank["fill"] else "photo pool"
+    assert rows["photo+title"]["precision@5"] == pytest.approx(rerank["test_precision"][f"photo+title {way}"]["precision@5"])
     if not rerank["weight"]:
         assert rows["photo+title"]["precision@5"] == served["precision@5"]  # neighbours stay the photo's
+    # a title alone: the listings nearest by words
+    assert 0 < rows["title"]["precision@10"] <= 1 and "found by words" in rows["title"]["model"]
     assert model.classes == json.loads((run_dir / "run.json").read_text())["classes"]
     assert set(model.calibrations) == {kind_name(inputs) for inputs in INPUT_KINDS}
     assert len(evaluation["text"]["per_category"]) == len(model.classes)

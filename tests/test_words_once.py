@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from handlers.local import load_local_handler, predict_local
-from marketplace_search.inference import blend_categories
+from marketplace_search.inference import blend_categories, found_by_words
 from marketplace_search.layout import TEXT_MODEL_DIR
 from marketplace_search.search import MAX_K
 from marketplace_search.text import RERANK_POOL, TextNeighbours, listing_text
@@ -73,6 +73,10 @@ def inference_before(handler, batch):
             pool = catalogue.search(batch.vectors[row:row + 1], k=RERANK_POOL, category=query.category)[0]
             batch.neighbours[row] = model.neighbours.rerank(
                 pool, model.neighbours.similarities(*model.features(text)), query.k)
+        else:  # words alone: the listings nearest by words
+            batch.neighbours[row] = found_by_words(catalogue, model.neighbours, model.classes,
+                                                   model.neighbours.similarities(*model.features(text)), query.k,
+                                                   query.category)
     return batch
 
 
@@ -91,6 +95,7 @@ def requests_of_every_kind(run) -> dict[str, tuple[dict, dict]]:
         "photo + title": ({"body": a}, {"X-Title": "red spade", "X-K": "5"}),
         "photo + title + description": (json_body(b, title="old violin", description="A drum too.", k=5), as_json),
         "title": (json_body(None, title="blue sofa", k=5), as_json),
+        "title, category": (json_body(None, title="blue sofa", category="Music", k=5), as_json),
         "photo, category": ({"body": c}, {"X-Category": "Garden", "X-K": "3"}),
         "photo + title, category": ({"body": c}, {"X-Title": "vintage lawnmower", "X-Category": "Home", "X-K": "4"}),
         "photo + title + description, category, k=MAX_K": (
@@ -128,8 +133,41 @@ def test_one_search_and_one_read_answer_every_request_as_before(handler, monkeyp
     assert len(by_photo) == MAX_K and reranked != by_photo[:5]
     assert max(by_photo.index(p) for p in reranked) >= 20, [by_photo.index(p) for p in reranked]
     assert {n["category"] for n in new["photo + title, category"][1]["neighbours"]} == {"Home"}
+    # words alone find listings by their words, the filter holds there too
+    assert [n["category"] for n in new["title"][1]["neighbours"]] == ["Home"] * 5
+    assert [n["category"] for n in new["title, category"][1]["neighbours"]] == ["Music"] * 5
     assert new["photo + title"][1]["top_categories"] != new["photo"][1]["top_categories"]
     assert handler.category_blend.vote_k == 20 and handler.text_model.reranks
+
+
+def test_listings_nearest_by_words_join_the_photo_pool_when_the_model_fills(handler):
+    handler, run, _ = handler
+    words, catalogue = handler.text_model.neighbours, handler.catalogue
+    jpeg = run.photo_bytes("img-004")
+    title = {"X-Title": "red spade", "X-K": "20"}
+    (_, photo), (_, pooled) = predict_local(handler, [{"body": jpeg}] * 2, [{"X-K": str(MAX_K), "X-Embedding": "1"}, title])
+    words.fill = True
+    try:
+        (_, filled), = predict_local(handler, [{"body": jpeg}], [title])
+    finally:
+        words.fill = False
+    # the photo's pool is its 100 nearest of 150 listings: the words bring up listings from outside it
+    in_pool = {n["product_id"] for n in photo["neighbours"]}
+    assert len(in_pool) == RERANK_POOL and any(n["product_id"] not in in_pool for n in filled["neighbours"])
+    # each answered with its photo nearest the query's and that photo's cosine, computed here from the index
+    query, vectors = np.array(photo["embedding"], np.float32), catalogue.index.reconstruct_n(0, catalogue.index.ntotal)
+    rows = {}
+    for row, image_id in enumerate(catalogue.image_ids):
+        rows.setdefault(catalogue.listings[image_id]["product_id"], []).append(row)
+    for neighbour in filled["neighbours"]:
+        best = max(rows[neighbour["product_id"]], key=lambda row: float(vectors[row] @ query))
+        assert neighbour["image_id"] == catalogue.image_ids[best]
+        assert neighbour["similarity"] == pytest.approx(float(vectors[best] @ query), abs=1e-5)
+    # ranked by photo + weight x words over more candidates: each rank's score at least the pool's
+    def scores(answer):
+        return [n["similarity"] + words.rerank_weight * n["word_similarity"] for n in answer["neighbours"]]
+    assert scores(filled) == sorted(scores(filled), reverse=True) and len(scores(filled)) == 20
+    assert all(f >= p - 1e-6 for f, p in zip(scores(filled), scores(pooled))) and scores(filled) != scores(pooled)
 
 
 def test_the_versus_benchmark_swaps_only_the_code_and_compares_answers(handler, tmp_path):

@@ -29,7 +29,7 @@ import pandas as pd
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.svm import LinearSVC
 
-from marketplace_search.inference import CategoryBlend, blend_categories
+from marketplace_search.inference import CategoryBlend, blend_categories, found_by_words, words_pool
 from marketplace_search.layout import EVALUATION, INDEX_DIR, TEXT_MODEL_DIR, latest_run, read_run_info, update_run_info
 from marketplace_search.search import Catalogue
 from marketplace_search.text import (INPUT_KINDS, RERANK_POOL, VOTE_FLOOR, TextModel, TextNeighbours, char_terms, kind_name,
@@ -53,6 +53,7 @@ VOTE_TEMPERATURES = (0.02, 0.05, 0.1)
 # Photo neighbours re-ranked by photo + weight x word similarity when words come with the photo: the weight
 # with the best validation precision@10 (0: photo order kept).
 RERANK_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0)
+PRECISION_KS = (1, 5, 10)
 
 
 def read_listings(work_dir: Path) -> pd.DataFrame:
@@ -205,12 +206,50 @@ def choose_vote(model: TextModel, similarities: np.ndarray, product_ids: list[st
     return k, temperature, {f"k={k_} t={t}": loss for (k_, t), loss in grid.items()}
 
 
-def reranked_precision(neighbours: TextNeighbours, pools: list[list[dict]], similarities: np.ndarray,
-                       categories: list[str], weight: float, ks=(1, 5, 10)) -> dict[str, float]:
-    """Mean precision@k of same-category listings among the photo neighbours re-ranked by the words."""
-    answers = [neighbours.rerank(pool, row, max(ks), weight) for pool, row in zip(pools, similarities)]
+def precision(answers: list[list[dict]], categories: list[str], ks=PRECISION_KS) -> dict[str, float]:
+    """Mean precision@k of same-category listings among each query's answered neighbours."""
     return {f"precision@{k}": float(np.mean([sum(n["category"] == category for n in answer[:k]) / k
                                              for answer, category in zip(answers, categories)])) for k in ks}
+
+
+def reranked_precision(neighbours: TextNeighbours, pools: list[list[dict]], similarities: np.ndarray,
+                       categories: list[str], weight: float, ks=PRECISION_KS) -> dict[str, float]:
+    """Mean precision@k of same-category listings among the candidates re-ranked by photo + words."""
+    return precision([neighbours.rerank(pool, row, max(ks), weight) for pool, row in zip(pools, similarities)],
+                     categories, ks)
+
+
+def choose_neighbours(model: TextModel, catalogue: Catalogue, pools: dict, vectors: dict, similarities: dict,
+                      products: dict, categories: dict) -> tuple[dict, dict]:
+    """How a photo + words request's neighbours are ranked, chosen on the validation precision@10: the photo
+    neighbours re-ranked by photo + weight x word similarity, with or without the listings nearest by words
+    joining them (`fill`, words_pool; each with its photo similarity), over RERANK_WEIGHTS (weight 0: the
+    photo order). Sets the model's rerank_weight and fill; returns (the validation grid, the test
+    precision of each way at its own best weight and of the listings found by words alone)."""
+    words, classes = model.neighbours, model.classes
+    def candidates(name, text, fill):
+        if not fill:
+            return pools[name]
+        return [words_pool(catalogue, words, classes, row, vector, None, pool, exclude=own)
+                for row, vector, pool, own in zip(similarities[(name, text)], vectors[name], pools[name], products[name])]
+    grid = {}
+    for fill in (False, True):
+        val = candidates("val", "title", fill)
+        for weight in RERANK_WEIGHTS[fill:]:  # filled and weight 0 would be the photo order again
+            grid[(fill, weight)] = reranked_precision(words, val, similarities[("val", "title")], categories["val"],
+                                                      weight)
+    fill, weight = max(grid, key=lambda key: (grid[key]["precision@10"], not key[0], -key[1]))
+    words.fill, words.rerank_weight = fill, weight
+    test = {}
+    for kind, text in (("photo+title", "title"), ("photo+title+description", "description")):
+        for way in (False, True):
+            best = max((key for key in grid if key[0] == way), key=lambda key: (grid[key]["precision@10"], -key[1]))
+            test[(kind, way)] = reranked_precision(words, candidates("test", text, way), similarities[("test", text)],
+                                                   categories["test"], best[1])
+        test[kind.replace("photo+", "")] = precision(
+            [found_by_words(catalogue, words, classes, row, max(PRECISION_KS), exclude=own)
+             for row, own in zip(similarities[("test", text)], products["test"])], categories["test"])
+    return grid, test
 
 
 def train_text(run_dir: Path, work_dir: Path) -> dict:
@@ -252,12 +291,11 @@ def train_text(run_dir: Path, work_dir: Path) -> dict:
     pools = {name: catalogue.search(vectors[rows], k=RERANK_POOL, exclude_products=products[name])
              for name, rows in (("val", is_val), ("test", is_test))}
     categories = {name: [classes[label] for label in labels[rows]] for name, rows in (("val", is_val), ("test", is_test))}
-    rerank_grid = {weight: reranked_precision(model.neighbours, pools["val"], similarities[("val", "title")],
-                                              categories["val"], weight) for weight in RERANK_WEIGHTS}
-    model.neighbours.rerank_weight = max(RERANK_WEIGHTS, key=lambda w: (rerank_grid[w]["precision@10"], -w))
-    reranked = {kind: reranked_precision(model.neighbours, pools["test"], similarities[("test", text)],
-                                         categories["test"], model.neighbours.rerank_weight)
-                for kind, text in (("photo+title", "title"), ("photo+title+description", "description"))}
+    rerank_grid, neighbours_test = choose_neighbours(
+        model, catalogue, pools, {"val": vectors[is_val], "test": vectors[is_test]}, similarities, products, categories)
+    fill = model.neighbours.fill
+    reranked = {kind: neighbours_test[(kind, fill)] for kind in ("photo+title", "photo+title+description")}
+    reranked.update({kind: neighbours_test[kind] for kind in ("title", "title+description")})
     chosen = {}
     for inputs in INPUT_KINDS:
         text = "description" if "description" in inputs else "title"
@@ -269,9 +307,13 @@ def train_text(run_dir: Path, work_dir: Path) -> dict:
                       training_splits="train+val", cross_fitting_folds=FOLDS,
                       catalogue_vote={"k": k, "temperature": temperature, "listings": len(model.neighbours.product_ids),
                                       "val_log_loss_grid": vote_grid},
-                      rerank={"weight": model.neighbours.rerank_weight, "pool": RERANK_POOL,
-                              "val_precision": {str(w): {key: round(v, 4) for key, v in p.items()}
-                                                for w, p in rerank_grid.items()}})
+                      rerank={"weight": model.neighbours.rerank_weight, "fill": fill, "pool": RERANK_POOL,
+                              "val_precision": {f"{'fill' if f else 'photo pool'} w={w}": {
+                                  key: round(v, 4) for key, v in p.items()} for (f, w), p in rerank_grid.items()},
+                              "test_precision": {f"{kind} {'fill' if way else 'photo pool'}": {
+                                  key: round(v, 4) for key, v in p.items()}
+                                  for (kind, way), p in ((key, value) for key, value in neighbours_test.items()
+                                                         if isinstance(key, tuple))}})
     report = evaluate_text(model, photo["test"], scores, votes, labels[is_test], catalogue, vectors[is_test],
                            split[is_test], classes, reranked)
     model.info["evaluation"] = {row["inputs"]: {k: row[k] for k in ("top1_accuracy", "top3_accuracy")}
@@ -288,19 +330,22 @@ def evaluate_text(model: TextModel, photo: np.ndarray, scores: dict, votes: dict
                   catalogue: Catalogue, vectors: np.ndarray, test_rows: pd.DataFrame, classes: list[str],
                   reranked: dict | None = None) -> dict:
     """The test rows per input combination and the per-category recall of each."""
-    precision = retrieval_precision(catalogue, vectors, list(test_rows["product_id"]),
-                                    [classes[label] for label in labels])
+    photo_precision = retrieval_precision(catalogue, vectors, list(test_rows["product_id"]),
+                                          [classes[label] for label in labels])
     answers = {"photo": photo}
     for inputs in INPUT_KINDS:
         text = "description" if "description" in inputs else "title"
         answers[kind_name(inputs)] = model.probabilities(inputs, scores[("test", text)], photo, votes[("test", text)])
+    fill = model.neighbours is not None and model.neighbours.fill
     def described(name):
+        if name not in (reranked or {}):
+            return f"{name} (photo neighbours)" if "photo" in name else f"{name} (no neighbours)"
         if "photo" not in name:
-            return f"{name} (no neighbours)"
-        return f"{name} (photo neighbours re-ranked by words)" if name in (reranked or {}) else f"{name} (photo neighbours)"
+            return f"{name} (neighbours found by words)"
+        return f"{name} (photo neighbours{' and those nearest by words' if fill else ''}, re-ranked by words)"
 
     rows = [{"inputs": name, "model": described(name),
-             **figures(probabilities, labels, (reranked or {}).get(name, precision) if "photo" in name else None)}
+             **figures(probabilities, labels, (reranked or {}).get(name, photo_precision if "photo" in name else None))}
             for name, probabilities in answers.items()]
     recalls = {name: per_category(probabilities.argmax(axis=1), labels, classes)[0]
                for name, probabilities in answers.items()}

@@ -126,7 +126,8 @@ def make_tiny_text_model(run_dir: Path | str, classes=CLASSES, listings: int = 3
     catalogue vote over the generated training listings and calibrations fitted on generated validation
     listings whose photo probabilities are right 80% of the time; 30% of the titles name no object, so
     the fused answer leans on both. Returns the TextModel."""
-    from marketplace_search.layout import TEXT_MODEL_DIR
+    from marketplace_search.layout import INDEX_DIR, TEXT_MODEL_DIR
+    from marketplace_search.search import Catalogue
     from marketplace_search.text import TextNeighbours, listing_text
     from training.text import INPUT_KINDS, fit_calibration, kind_name, train_classifier
 
@@ -135,9 +136,19 @@ def make_tiny_text_model(run_dir: Path | str, classes=CLASSES, listings: int = 3
     labels = rng.integers(0, len(classes), listings)
     words = [tiny_listing_words(rng, classes[label]) for label in labels]
     model = train_classifier([w[0] for w in words], [w[1] for w in words], labels, classes)
+    # the vote's catalogue: the generated listings and the run's own (each described by an adjective and a
+    # noun of its category), so that a title alone finds the run's listings by their words
+    shown = {entry["product_id"]: entry for entry in Catalogue.load(Path(run_dir) / INDEX_DIR).listings.values()}
+    product_ids = [f"tiny-{i:04d}" for i in range(listings)] + sorted(shown)
+    nouns = [TINY_WORDS[shown[p]["category"]][i % len(TINY_WORDS[shown[p]["category"]])]
+             for i, p in enumerate(sorted(shown))]
+    texts = [listing_text(*w) for w in words] + [
+        f"{shown[p]['title']}: {TINY_ADJECTIVES[i % len(TINY_ADJECTIVES)]} {noun}"
+        for i, (p, noun) in enumerate(zip(sorted(shown), nouns))]
     model.neighbours = TextNeighbours.from_rows(
-        [f"tiny-{i:04d}" for i in range(listings)], labels, [model.features(listing_text(*w)) for w in words],
-        len(model.word_vocabulary) + len(model.char_vocabulary), k=10, temperature=0.05)
+        product_ids, [*labels, *(classes.index(shown[p]["category"]) for p in sorted(shown))],
+        [model.features(text) for text in texts], len(model.word_vocabulary) + len(model.char_vocabulary), k=10,
+        temperature=0.05)
     val_labels = rng.integers(0, len(classes), listings)
     val_words = [tiny_listing_words(rng, classes[label]) for label in val_labels]
     photo = rng.dirichlet(np.ones(len(classes)), listings)
