@@ -105,6 +105,34 @@ def test_search_excludes_own_listing_and_filters_category(index_type):
     assert music[0]["image_id"] == image_ids[best_music]
 
 
+@pytest.mark.parametrize("index_type,columnar", [("flat", False), ("hnsw_sq8", False), ("ivf", False),
+                                                ("ivfpq", True)])
+def test_listings_of_gives_each_listing_its_photo_nearest_the_query(tmp_path, index_type, columnar):
+    """Listings found another way (by words) answered as a search would: best photo, its exact cosine."""
+    vectors, query = unit_vectors(1200, 16), unit_vectors(1, 16, seed=1)[0]
+    image_ids, listings = listings_for(1200, photos_per_listing=3)
+    catalogue = make_catalogue(vectors, image_ids, listings, {}, index_type, nlist=8, pq_m=4)
+    if columnar:  # the listings table (Arrow) of a big catalogue instead of the dicts
+        catalogue.save(tmp_path / "catalogue", columnar=True)
+        catalogue = Catalogue.load(tmp_path / "catalogue")
+    wanted = ["prod-5", "prod-17", "prod-300", "no-such-listing"]
+    found = catalogue.listings_of(wanted, query)
+    assert list(found) == ["prod-5", "prod-17", "prod-300"]  # in row order; an unknown listing left out
+    tolerance = 0.02 if index_type in ("hnsw_sq8", "ivfpq") else 1e-5  # decoded from 8-bit codes there
+    for product_id, entry in found.items():
+        rows = [3 * int(product_id.split("-")[1]) + i for i in range(3)]
+        best = max(rows, key=lambda row: float(vectors[row] @ query))
+        assert entry["image_id"] == image_ids[best] or abs(
+            entry["similarity"] - float(vectors[best] @ query)) < tolerance  # (a near tie decoded the other way)
+        assert entry["similarity"] == pytest.approx(float(vectors[best] @ query), abs=tolerance)
+        assert {key: entry[key] for key in ("title", "price", "category")} == {
+            key: listings[entry["image_id"]][key] for key in ("title", "price", "category")}
+    assert set(catalogue.listings_of(wanted, query, category="Home")) == {"prod-300"}  # listing n: n % 3
+    assert set(catalogue.without_products({"prod-17"}).listings_of(wanted, query)) == {"prod-5", "prod-300"}
+    first = catalogue.listings_of(["prod-300"])["prod-300"]  # no query: the first photo, no similarity
+    assert first["image_id"] == "img-900" and "similarity" not in first
+
+
 def test_search_returns_fewer_when_catalogue_is_small():
     vectors = unit_vectors(6, 8)
     image_ids, listings = listings_for(6)

@@ -9,8 +9,12 @@ listing scored by a model that did not see it), one small calibration per combin
 text scores, the k-NN vote over the catalogue listings' words (its own listing excluded, k and
 temperature chosen on validation) and, with a photo, the served photo model's log-probabilities (head +
 the neighbour vote training.evaluate chose), weights and temperature chosen on the validation log-loss.
-Nothing is fixed by hand, so it follows whatever photo model the run has. On the test split it reports the rows photo only / title only / title+description /
-photo+title / photo+title+description (top-1, top-3, P@1/5/10) and per category which input wins.
+Nothing is fixed by hand, so it follows whatever photo model the run has. The neighbours of a request
+with words are chosen the same way, on the validation precision@10: the photo's nearest listings
+re-ranked by photo + weight x word similarity, with or without the listings nearest by words joining
+them (choose_neighbours); a title alone gets the listings nearest by words. On the test split it
+reports the rows photo only / title only / title+description / photo+title / photo+title+description
+(top-1, top-3, P@1/5/10) and per category which input wins.
 
 Reads WORK/tables/listings.csv, WORK/split.csv, RUN/embeddings, RUN/index, RUN/evaluation.json
 (run training.evaluate first); writes RUN/text_model/ (marketplace_search.text: JSON + .npz) and adds
