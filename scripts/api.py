@@ -175,14 +175,16 @@ def post_photo(url: str, photo: bytes, headers: dict, timeout: float = 60) -> re
     return response
 
 
-def predict(target, photo: bytes, *, model: str = "marketplace", version: str | None = None,
+def predict(target, photo: bytes | None, *, model: str = "marketplace", version: str | None = None,
             k: int | None = None, category: str | None = None, embedding: bool = False,
             token: str | None = None, timeout: float = 60, retries: int = 2, title: str | None = None) -> dict:
     """POST the photo to /predictions/MODEL[/VERSION]; the answer JSON, or ApiError with the server's message.
+    PHOTO None: the title alone (an empty body; the handler reads the words).
 
     Overload answers (TRANSIENT_STATUSES) and dropped connections are asked again `retries` times.
     """
     url, token = endpoint(target, "inference", token)
+    photo = b"" if photo is None else photo
     headers = prediction_headers(photo, token, k, category, embedding, title)
     try:
         response = retrying(retries)(post_photo, prediction_url(url, model, version), photo, headers, timeout)

@@ -4,6 +4,7 @@
   python -m scripts.client photo.jpg --k 5 --category "Home & Garden" --url http://127.0.0.1:8080
   python -m scripts.client photo.jpg --json            # the raw answer JSON
   python -m scripts.client photo.jpg --title "Ikea Kallax shelf, white"   # category from photo + title
+  python -m scripts.client --title "Ikea Kallax shelf, white"             # the words alone
 
 The same call with curl (options as headers, since TorchServe drops a POST's query string):
   curl -H 'Content-Type: image/jpeg' -H 'X-K: 5' --data-binary @photo.jpg http://127.0.0.1:8080/predictions/marketplace
@@ -29,19 +30,25 @@ def format_answer(answer: dict) -> str:
              "also: " + ", ".join(f"{c['category']} {c['probability']:.1%}" for c in answer["top_categories"][1:]),
              f"model: {answer['model']['name']} {answer['model']['version']}"
              + (f" (from {' + '.join(answer['inputs'])})" if answer.get("inputs") else ""), ""]
-    rows = [("#", "title", "price", "location", "category", "similarity")]
-    rows += [(str(rank), n["title"][:40], format_price(n["price"]), n["location"][:20], n["category"],
-              f"{n['similarity']:.3f}") for rank, n in enumerate(answer["neighbours"], 1)]
+    photo = "photo" in answer.get("inputs", ["photo"])
+    words = any("word_similarity" in n for n in answer["neighbours"])
+    header = ("#", "title", "price", "location", "category") + (("similarity",) if photo else ()) + (
+        ("words",) if words else ())
+    rows = [header]
+    rows += [(str(rank), n["title"][:40], format_price(n["price"]), n["location"][:20], n["category"])
+             + ((f"{n['similarity']:.3f}",) if photo else ())
+             + ((f"{n['word_similarity']:.3f}" if "word_similarity" in n else "",) if words else ())
+             for rank, n in enumerate(answer["neighbours"], 1)]
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
-        lines.append("  ".join(cell.rjust(width) if column in (0, 2, 5) else cell.ljust(width)
+        lines.append("  ".join(cell.rjust(width) if column in (0, 2) or column >= 5 else cell.ljust(width)
                                for column, (cell, width) in enumerate(zip(row, widths))).rstrip())
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("photo", type=Path)
+    parser.add_argument("photo", type=Path, nargs="?", help="the photo (leave out to send --title alone)")
     parser.add_argument("--url", default=api.DEFAULT_INFERENCE_URL, help="inference API address")
     parser.add_argument("--model", default="marketplace")
     parser.add_argument("--version", help="a registered version (default: the model's default version)")
@@ -53,10 +60,12 @@ def main(argv=None) -> None:
     parser.add_argument("--token", help="inference key when tokens are on (default: --key-file's, else $TS_TOKEN)")
     parser.add_argument("--key-file", type=Path, help="the server's key_file.json: its inference key is used")
     args = parser.parse_args(argv)
-    if not args.photo.is_file():
+    if args.photo is None and args.title is None:
+        parser.error("send a photo, a --title or both")
+    if args.photo is not None and not args.photo.is_file():
         raise SystemExit(f"{args.photo}: no such file")
     try:
-        answer = api.predict(args.url, args.photo.read_bytes(), model=args.model, version=args.version, k=args.k,
+        answer = api.predict(args.url, args.photo.read_bytes() if args.photo else None, model=args.model, version=args.version, k=args.k,
                              category=args.category, embedding=args.embedding, title=args.title,
                              token=api.resolve_token("inference", args.token, args.key_file))
     except api.ApiError as error:

