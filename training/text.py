@@ -58,6 +58,7 @@ VOTE_TEMPERATURES = (0.02, 0.05, 0.1)
 # with the best validation precision@10 (0: photo order kept).
 RERANK_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0)
 PRECISION_KS = (1, 5, 10)
+FIGURES = ("top1_accuracy", "top3_accuracy", *(f"precision@{k}" for k in PRECISION_KS))  # the model card's
 
 
 def read_listings(work_dir: Path) -> pd.DataFrame:
@@ -320,7 +321,7 @@ def train_text(run_dir: Path, work_dir: Path) -> dict:
                                                          if isinstance(key, tuple))}})
     report = evaluate_text(model, photo["test"], scores, votes, labels[is_test], catalogue, vectors[is_test],
                            split[is_test], classes, reranked)
-    model.info["evaluation"] = {row["inputs"]: {k: row[k] for k in ("top1_accuracy", "top3_accuracy")}
+    model.info["evaluation"] = {row["inputs"]: {key: row[key] for key in FIGURES if row[key] == row[key]}  # not NaN
                                 for row in report["rows"]}
     model.save(Path(run_dir) / TEXT_MODEL_DIR)
     report["model"] = {key: model.info[key] for key in ("classifier", "training_listings", "word_features",
