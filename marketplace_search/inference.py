@@ -447,9 +447,9 @@ def text_neighbours(text_model: TextModel | None, queries: list[Query], neighbou
         if query.image is None:
             if catalogue is not None:
                 out[row] = found_by_words(catalogue, words, text_model.classes, similarities, query.k, query.category)
-        elif words.rerank_weight:
+        else:
             pool = neighbours[row]
-            if words.fill and catalogue is not None:
+            if words.fill and words.rerank_weight and catalogue is not None:
                 pool = words_pool(catalogue, words, text_model.classes, similarities, vectors[row], query.category,
                                   pool)
             out[row] = words.rerank(pool, similarities, query.k)

@@ -177,16 +177,15 @@ class TextNeighbours:
     def rerank(self, candidates: list[dict], similarities: np.ndarray, k: int,
                weight: float | None = None) -> list[dict]:
         """The k best of `candidates` (listings, each with its photo "similarity") by photo similarity +
-        weight x the words' similarity to each listing (word_similarity); each answered with its
-        "word_similarity" beside the photo's "similarity". Weight 0: the first k as they came."""
+        weight x the words' similarity to each listing (word_similarity; weight 0: the order they came in),
+        each answered with its "word_similarity" beside the photo's "similarity"."""
         weight = self.rerank_weight if weight is None else weight
-        if not weight:
-            return candidates[:k]
-        scored = [(candidate["similarity"] + weight * self.word_similarity(candidate["product_id"], similarities),
-                   position, candidate) for position, candidate in enumerate(candidates)]
+        scored = []
+        for position, candidate in enumerate(candidates):
+            words = self.word_similarity(candidate["product_id"], similarities)
+            scored.append((candidate["similarity"] + weight * words if weight else 0.0, position, candidate, words))
         scored.sort(key=lambda item: (-item[0], item[1]))
-        return [{**candidate, "word_similarity": round(self.word_similarity(candidate["product_id"], similarities), 6)}
-                for _, _, candidate in scored[:k]]
+        return [{**candidate, "word_similarity": round(words, 6)} for _, _, candidate, words in scored[:k]]
 
 
 @dataclass
@@ -288,15 +287,9 @@ class TextModel:
 
     @property
     def reranks(self) -> bool:
-        """Whether `rerank` reorders photo neighbours (a catalogue vote with a re-ranking weight)."""
+        """Whether a photo + words request's neighbours are ordered by its words too (a catalogue vote with a
+        re-ranking weight), so that its photo search keeps a pool of RERANK_POOL for them."""
         return self.neighbours is not None and bool(self.neighbours.rerank_weight)
-
-    def rerank(self, candidates: list[dict], text: str | TextReading, k: int) -> list[dict]:
-        """Photo neighbours re-ranked by the words of `text` (a string or its reading; TextNeighbours.rerank);
-        the first k as they came without a re-ranking weight."""
-        if not self.reranks:
-            return candidates[:k]
-        return self.neighbours.rerank(candidates, self.readings([text])[0].similarities, k)
 
     def predict(self, inputs, texts: list[str | TextReading], photo: np.ndarray | None = None) -> np.ndarray:
         """(n, classes) category probabilities of `texts` (listing_text of each request's words, or their

@@ -34,6 +34,12 @@ def tiny(module_tmp):
     return run, model, mar, root
 
 
+def without_words(neighbours: list[dict]) -> list[dict]:
+    """Neighbours of a request with words, less their word_similarity (every one has it)."""
+    assert all("word_similarity" in neighbour for neighbour in neighbours)
+    return [{key: value for key, value in neighbour.items() if key != "word_similarity"} for neighbour in neighbours]
+
+
 @pytest.fixture(scope="module")
 def handler(tiny):
     run, _, mar, root = tiny
@@ -169,7 +175,8 @@ def test_handler_answers_photo_title_and_both_in_one_batch(tiny, handler):
         assert set(answer) == set(ANSWER_FIELDS)
     assert photo[1]["inputs"] == ["photo"] and fused[1]["inputs"] == ["photo", "title"]
     assert (fused[1]["category"], title[1]["category"], described[1]["category"]) == ("Garden", "Home", "Music")
-    assert title[1]["neighbours"] == [] and fused[1]["neighbours"] == photo[1]["neighbours"]
+    assert title[1]["neighbours"] == []  # no listing on sale shares a term with "blue sofa"
+    assert without_words(fused[1]["neighbours"]) == photo[1]["neighbours"]  # the tiny model does not re-rank
     expected = model.predict(("photo", "title"), ["vintage lawnmower"],
                              np.array([[top["probability"] for top in sorted(
                                        photo[1]["top_categories"], key=lambda t: CLASSES.index(t["category"]))]]))
@@ -219,7 +226,7 @@ def test_batch_csv_with_a_title_column_sends_the_words(tiny, handler, tmp_path):
     assert [item.words for item in items] == [{"title": "wooden rake"}, {}]
     records = batch.answer_local_batch(handler, items, 5, predict_local)
     assert records[0]["inputs"] == ["photo", "title"] and records[0]["category"] == "Garden"
-    assert records[1]["inputs"] == ["photo"] and records[1]["neighbours"] == records[0]["neighbours"]
+    assert records[1]["inputs"] == ["photo"] and records[1]["neighbours"] == without_words(records[0]["neighbours"])
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +261,7 @@ def test_served_photo_and_title_get_the_fused_category(tiny, served):
     assert (fused.json()["inputs"], fused.json()["category"]) == (["photo", "title"], "Garden")
     assert (multipart.json()["inputs"], multipart.json()["category"]) == (["photo", "title", "description"], "Home")
     assert (title_only.json()["inputs"], title_only.json()["category"]) == (["title"], "Music")
-    assert fused.json()["neighbours"] == photo_only.json()["neighbours"]
+    assert without_words(fused.json()["neighbours"]) == photo_only.json()["neighbours"]
     found = post(served, b"", headers={"X-Title": "large vinyl", "X-K": "2"}).json()
     assert [n["product_id"] for n in found["neighbours"]][:1] == ["prod-002"] and len(found["neighbours"]) == 2
     # the client sends a non-ASCII title as UTF-8 header bytes, and the handler reads the same words
@@ -378,9 +385,10 @@ def test_photo_neighbours_are_reranked_by_the_words_when_both_are_sent(tiny, han
     assert 0 < gardens < 6 and all(n["category"] == "Garden" for n in worded["neighbours"][:gardens])
     assert all(n["category"] == "Music" for n in described["neighbours"][:sum(
         listings[p]["category"] == "Music" for p in by_photo)])
-    # photo order kept without a weight
+    # photo order kept without a weight, each listing still told its words' similarity
     pool = [dict(n) for n in photo["neighbours"]]
-    assert saved.rerank(pool, np.zeros(len(saved.product_ids)), 6, weight=0.0) == pool
+    kept = saved.rerank(pool, np.ones(len(saved.product_ids)), 6, weight=0.0)
+    assert [{**n, "word_similarity": 1.0 if n["product_id"] in saved.position else 0.0} for n in pool] == kept
 
 
 # What the Docker image leaves out (pyproject.toml's extras): serving must never import any of it.
