@@ -211,6 +211,10 @@ def choose_vote(model: TextModel, similarities: np.ndarray, product_ids: list[st
     return k, temperature, {f"k={k_} t={t}": loss for (k_, t), loss in grid.items()}
 
 
+def rounded(figures: dict[str, float]) -> dict[str, float]:
+    return {key: round(value, 4) for key, value in figures.items()}
+
+
 def precision(answers: list[list[dict]], categories: list[str], ks=PRECISION_KS) -> dict[str, float]:
     """Mean precision@k of same-category listings among each query's answered neighbours."""
     return {f"precision@{k}": float(np.mean([sum(n["category"] == category for n in answer[:k]) / k
@@ -224,37 +228,48 @@ def reranked_precision(neighbours: TextNeighbours, pools: list[list[dict]], simi
                      categories, ks)
 
 
+def way_name(fill: bool) -> str:
+    return "fill" if fill else "photo pool"
+
+
 def choose_neighbours(model: TextModel, catalogue: Catalogue, pools: dict, vectors: dict, similarities: dict,
                       products: dict, categories: dict) -> tuple[dict, dict]:
     """How a photo + words request's neighbours are ranked, chosen on the validation precision@10: the photo
     neighbours re-ranked by photo + weight x word similarity, with or without the listings nearest by words
     joining them (`fill`, words_pool; each with its photo similarity), over RERANK_WEIGHTS (weight 0: the
-    photo order). Sets the model's rerank_weight and fill; returns (the validation grid, the test
-    precision of each way at its own best weight and of the listings found by words alone)."""
+    photo order). Sets the model's rerank_weight and fill; returns the validation grid {(fill, weight):
+    precision} and the test precision of both ways, each at its own best weight, {kind: {way_name: precision}}."""
     words, classes = model.neighbours, model.classes
     def candidates(name, text, fill):
         if not fill:
             return pools[name]
         return [words_pool(catalogue, words, classes, row, vector, None, pool, exclude=own)
-                for row, vector, pool, own in zip(similarities[(name, text)], vectors[name], pools[name], products[name])]
+                for row, vector, pool, own in zip(similarities[(name, text)], vectors[name], pools[name],
+                                                  products[name])]
     grid = {}
     for fill in (False, True):
         val = candidates("val", "title", fill)
         for weight in RERANK_WEIGHTS[fill:]:  # filled and weight 0 would be the photo order again
             grid[(fill, weight)] = reranked_precision(words, val, similarities[("val", "title")], categories["val"],
                                                       weight)
-    fill, weight = max(grid, key=lambda key: (grid[key]["precision@10"], not key[0], -key[1]))
-    words.fill, words.rerank_weight = fill, weight
+    words.fill, words.rerank_weight = max(grid, key=lambda key: (grid[key]["precision@10"], not key[0], -key[1]))
+    best = {fill: max((key for key in grid if key[0] == fill), key=lambda key: (grid[key]["precision@10"], -key[1]))[1]
+            for fill in (False, True)}
     test = {}
     for kind, text in (("photo+title", "title"), ("photo+title+description", "description")):
-        for way in (False, True):
-            best = max((key for key in grid if key[0] == way), key=lambda key: (grid[key]["precision@10"], -key[1]))
-            test[(kind, way)] = reranked_precision(words, candidates("test", text, way), similarities[("test", text)],
-                                                   categories["test"], best[1])
-        test[kind.replace("photo+", "")] = precision(
-            [found_by_words(catalogue, words, classes, row, max(PRECISION_KS), exclude=own)
-             for row, own in zip(similarities[("test", text)], products["test"])], categories["test"])
+        test[kind] = {way_name(fill): reranked_precision(words, candidates("test", text, fill),
+                                                         similarities[("test", text)], categories["test"], best[fill])
+                      for fill in (False, True)}
     return grid, test
+
+
+def words_alone_precision(model: TextModel, catalogue: Catalogue, similarities: dict, products: dict,
+                          categories: dict) -> dict:
+    """Test precision of the listings found by words alone (a request without a photo), per kind of text."""
+    return {kind: precision([found_by_words(catalogue, model.neighbours, model.classes, row, max(PRECISION_KS),
+                                            exclude=own)
+                             for row, own in zip(similarities[("test", text)], products["test"])], categories["test"])
+            for kind, text in (("title", "title"), ("title+description", "description"))}
 
 
 def train_text(run_dir: Path, work_dir: Path) -> dict:
@@ -296,11 +311,11 @@ def train_text(run_dir: Path, work_dir: Path) -> dict:
     pools = {name: catalogue.search(vectors[rows], k=RERANK_POOL, exclude_products=products[name])
              for name, rows in (("val", is_val), ("test", is_test))}
     categories = {name: [classes[label] for label in labels[rows]] for name, rows in (("val", is_val), ("test", is_test))}
-    rerank_grid, neighbours_test = choose_neighbours(
+    rerank_grid, ways = choose_neighbours(
         model, catalogue, pools, {"val": vectors[is_val], "test": vectors[is_test]}, similarities, products, categories)
     fill = model.neighbours.fill
-    reranked = {kind: neighbours_test[(kind, fill)] for kind in ("photo+title", "photo+title+description")}
-    reranked.update({kind: neighbours_test[kind] for kind in ("title", "title+description")})
+    reranked = {kind: by_way[way_name(fill)] for kind, by_way in ways.items()}
+    reranked.update(words_alone_precision(model, catalogue, similarities, products, categories))
     chosen = {}
     for inputs in INPUT_KINDS:
         text = "description" if "description" in inputs else "title"
@@ -313,12 +328,10 @@ def train_text(run_dir: Path, work_dir: Path) -> dict:
                       catalogue_vote={"k": k, "temperature": temperature, "listings": len(model.neighbours.product_ids),
                                       "val_log_loss_grid": vote_grid},
                       rerank={"weight": model.neighbours.rerank_weight, "fill": fill, "pool": RERANK_POOL,
-                              "val_precision": {f"{'fill' if f else 'photo pool'} w={w}": {
-                                  key: round(v, 4) for key, v in p.items()} for (f, w), p in rerank_grid.items()},
-                              "test_precision": {f"{kind} {'fill' if way else 'photo pool'}": {
-                                  key: round(v, 4) for key, v in p.items()}
-                                  for (kind, way), p in ((key, value) for key, value in neighbours_test.items()
-                                                         if isinstance(key, tuple))}})
+                              "val_precision": {f"{way_name(f)} w={w}": rounded(p)
+                                                for (f, w), p in rerank_grid.items()},
+                              "test_precision": {f"{kind} {name}": rounded(p) for kind, by_way in ways.items()
+                                                 for name, p in by_way.items()}})
     report = evaluate_text(model, photo["test"], scores, votes, labels[is_test], catalogue, vectors[is_test],
                            split[is_test], classes, reranked)
     model.info["evaluation"] = {row["inputs"]: {key: row[key] for key in FIGURES if row[key] == row[key]}  # not NaN
