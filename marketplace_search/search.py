@@ -431,8 +431,7 @@ class Catalogue:
             similarity = None if similarities is None else round(float(similarities[position]), 6)
             product_id = listing["product_id"]
             if product_id not in entries or (similarity is not None and similarity > entries[product_id]["similarity"]):
-                entries[product_id] = {"image_id": image_id, **{key: listing[key] for key in LISTING_FIELDS},
-                                       **({} if similarity is None else {"similarity": similarity})}
+                entries[product_id] = _answer_entry(image_id, listing, similarity)
         return entries
 
     def _rows_of_products(self, product_ids: list[str]) -> np.ndarray:
@@ -448,11 +447,7 @@ class Catalogue:
 
     def _vectors_at(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows), d) float32 vectors of index rows ROWS, as the index holds them (8-bit codes decoded)."""
-        inner = faiss.downcast_index(self.index)
-        if isinstance(inner, faiss.IndexRefine):  # the re-ranking vectors: ids = rows
-            inner = faiss.downcast_index(inner.refine_index)
-        elif isinstance(inner, faiss.IndexHNSW):  # its storage: ids = rows
-            inner = faiss.downcast_index(inner.storage)
+        inner = _row_vectors(self.index)
         if isinstance(inner, faiss.IndexIVF) and inner.direct_map.type == faiss.DirectMap.NoMap:
             inner.make_direct_map()  # row -> (list, offset), once: an IVF cannot reconstruct without it
         return inner.reconstruct_batch(np.ascontiguousarray(rows, dtype=np.int64))
@@ -473,8 +468,7 @@ class Catalogue:
             if listing["product_id"] in seen:
                 continue
             seen.add(listing["product_id"])
-            neighbours.append({"image_id": image_id, **{key: listing[key] for key in LISTING_FIELDS},
-                               "similarity": round(float(similarity), 6)})
+            neighbours.append(_answer_entry(image_id, listing, round(float(similarity), 6)))
             if len(neighbours) == k:
                 break
         return neighbours
@@ -494,17 +488,29 @@ def _search_parameters(index: faiss.Index, selector) -> faiss.SearchParameters:
     return faiss.SearchParameters(sel=selector)
 
 
+def _answer_entry(image_id: str, listing: dict, similarity: float | None) -> dict:
+    """One neighbour of an answer (schema.Neighbour): the photo, its listing's fields, the similarity if any."""
+    return {"image_id": image_id, **{key: listing[key] for key in LISTING_FIELDS},
+            **({} if similarity is None else {"similarity": similarity})}
+
+
+def _row_vectors(index: faiss.Index) -> faiss.Index:
+    """The part of INDEX holding one vector per row, ids = rows: an IVF-PQ's re-ranking vectors (8-bit), an
+    HNSW's storage (flat or 8-bit), else the index itself."""
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexRefine):
+        return faiss.downcast_index(inner.refine_index)
+    if isinstance(inner, faiss.IndexHNSW):
+        return faiss.downcast_index(inner.storage)
+    return inner
+
+
 def _exhaustive_search(index: faiss.Index, selector) -> tuple[faiss.Index, faiss.SearchParameters | None]:
     """The index (or part of it) and parameters that compare the query with every (selected) vector."""
     inner = faiss.downcast_index(index)
-    if isinstance(inner, faiss.IndexRefine):  # the re-ranking vectors (8-bit), ids = rows
-        refine = faiss.downcast_index(inner.refine_index)
-        return refine, None if selector is None else faiss.SearchParameters(sel=selector)
-    if isinstance(inner, faiss.IndexHNSW):  # its storage: the flat (or 8-bit) vectors, ids = rows
-        return faiss.downcast_index(inner.storage), None if selector is None else faiss.SearchParameters(sel=selector)
     if isinstance(inner, faiss.IndexIVF):  # every list, not nprobe of them
         return index, faiss.SearchParametersIVF(sel=selector, nprobe=inner.nlist)
-    return index, None if selector is None else faiss.SearchParameters(sel=selector)
+    return _row_vectors(index), None if selector is None else faiss.SearchParameters(sel=selector)
 
 
 

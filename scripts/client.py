@@ -65,9 +65,9 @@ def main(argv=None) -> None:
     if args.photo is not None and not args.photo.is_file():
         raise SystemExit(f"{args.photo}: no such file")
     try:
-        answer = api.predict(args.url, args.photo.read_bytes() if args.photo else None, model=args.model, version=args.version, k=args.k,
-                             category=args.category, embedding=args.embedding, title=args.title,
-                             token=api.resolve_token("inference", args.token, args.key_file))
+        answer = api.predict(args.url, args.photo.read_bytes() if args.photo else None, model=args.model,
+                             version=args.version, k=args.k, category=args.category, embedding=args.embedding,
+                             title=args.title, token=api.resolve_token("inference", args.token, args.key_file))
     except api.ApiError as error:
         print(f"refused: {error}", file=sys.stderr)
         sys.exit(1)
