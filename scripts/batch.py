@@ -7,7 +7,10 @@
 INPUT is a folder (every file in it, sorted by name, dot-files skipped; image id = file stem) or a
 CSV with an `image_id` and/or a `path` column (paths relative to the CSV's folder; image_id alone
 reads --images DIR/<image_id>.jpg), and optionally `title` and `description` columns: a row with a
-title is sent as JSON with its photo and words, and answered from both (the answer's `inputs`). Inputs are identified by (image_id, absolute path). Every input
+title is sent as JSON with its photo and words, and answered from both (the answer's `inputs`). A
+row with words and no photo (an empty path; a CSV without a path column read without --images) is
+answered from its words alone: its line has "path": "" and its image_id, or "line-N" (its line
+in the CSV) when it has none. Inputs are identified by (image_id, absolute path). Every photo
 must be a regular file of at most --max-file-bytes inside its folder (the folder given, the CSV's,
 --images): an absolute path, a `..` or a symlink that leads out of it is refused ("refused_input").
 
@@ -97,6 +100,10 @@ class Item:
     def key(self) -> tuple[str, str]:
         return self.image_id, self.path
 
+    @property
+    def has_photo(self) -> bool:
+        return bool(self.path)
+
 
 class RefusedInput(ValueError):
     """An input the batch will not read: outside its folder, not a regular file, or too large."""
@@ -159,11 +166,14 @@ def csv_inputs(csv_path: Path, images_dir: Path | None) -> list[Item]:
         reader = csv.DictReader(handle)
         columns = [name.strip() for name in reader.fieldnames or []]
         reader.fieldnames = columns
-        if not set(columns) & set(CSV_COLUMNS):
-            raise ValueError(f"{csv_path} has neither an image_id nor a path column (columns: {columns})")
+        if not set(columns) & {*CSV_COLUMNS, "title"}:
+            raise ValueError(f"{csv_path} has neither an image_id, a path nor a title column (columns: {columns})")
         if "path" not in columns and images_dir is None:
-            raise ValueError(f"{csv_path} has image_id but no path column: pass --images DIR "
-                             f"(photos are read as DIR/<image_id>.jpg)")
+            if "title" not in columns:
+                raise ValueError(f"{csv_path} has image_id but no path column: pass --images DIR "
+                                 f"(photos are read as DIR/<image_id>.jpg)")
+            print(f"{csv_path} has no path column and no --images was given: its rows are answered from "
+                  f"their words alone", file=sys.stderr)
         return [csv_item(row, csv_path, reader.line_num, images_dir) for row in reader]
 
 
@@ -176,7 +186,10 @@ def csv_item(row: dict, csv_path: Path, line: int, images_dir: Path | None) -> I
         return Item(image_id or full.stem, str(full), str(csv_path.parent), **words)
     if image_id and images_dir is not None:
         return Item(image_id, str(absolute(images_dir / f"{image_id}.jpg")), str(absolute(images_dir)), **words)
+    if any(words.values()):  # words alone; the model answers 400 missing_title to a description alone
+        return Item(image_id or f"line-{line}", "", "", **words)
     raise ValueError(f"{csv_path} line {line}: no path" + ("" if image_id else " and no image_id")
+                     + " and no title"
                      + ("" if images_dir or not image_id else " (pass --images DIR to read DIR/<image_id>.jpg)"))
 
 
@@ -314,8 +327,8 @@ class Target:
     max_file_bytes: int = MAX_FILE_BYTES
     key_file: Path | None = None  # re-read when the server refuses the key (keys expire, and are renewed)
 
-    def headers(self, photo: bytes) -> dict:
-        return api.prediction_headers(photo, self.token, k=self.k)
+    def headers(self, photo: bytes | None) -> dict:
+        return api.prediction_headers(photo or b"", self.token, k=self.k)
 
     def renewed_token(self) -> bool:
         """Take the key file's current inference key; True if it differs from the one refused."""
@@ -335,15 +348,20 @@ def check_server(url: str, timeout: float) -> None:
                          f"(python -m scripts.serve start ...) or run in-process with --local ARCHIVE") from error
 
 
-def request_payload(photo: bytes, words: dict[str, str]) -> tuple[bytes, dict]:
-    """(body, extra headers): the raw photo, or JSON with the photo (base64) and the listing's words."""
+def request_payload(photo: bytes | None, words: dict[str, str]) -> tuple[bytes, dict]:
+    """(body, extra headers): the raw photo, or JSON with the photo (base64, when there is one) and the words."""
     if not words:
-        return photo, {}
-    document = {"image": base64.b64encode(photo).decode("ascii"), **words}
+        return photo or b"", {}
+    document = {**({} if photo is None else {"image": base64.b64encode(photo).decode("ascii")}), **words}
     return json.dumps(document, ensure_ascii=False).encode("utf-8"), {"Content-Type": "application/json"}
 
 
-def post_photo(target: Target, photo: bytes, words: dict[str, str] | None = None) -> tuple[int, dict]:
+def read_photo(item: Item, max_bytes: int = MAX_FILE_BYTES) -> bytes | None:
+    """The item's photo (read_input), or None for a row of words alone."""
+    return read_input(item, max_bytes) if item.has_photo else None
+
+
+def post_photo(target: Target, photo: bytes | None, words: dict[str, str] | None = None) -> tuple[int, dict]:
     """One POST: the final (status, JSON answer), or TransientError when it is worth asking again."""
     data, extra = request_payload(photo, words or {})
     response = api.post_photo(target.url, data, {**target.headers(photo), **extra}, target.timeout)
@@ -367,7 +385,7 @@ def post_photo(target: Target, photo: bytes, words: dict[str, str] | None = None
 
 def answer_served(item: Item, target: Target, policy: Retrying) -> dict:
     try:
-        photo = read_input(item, target.max_file_bytes)
+        photo = read_photo(item, target.max_file_bytes)
     except (OSError, RefusedInput) as error:
         return file_error(item, error)
     try:
@@ -441,14 +459,14 @@ def answer_local_batch(handler, items: list[Item], k: int, predict, max_file_byt
     records, sent, bodies, headers = {}, [], [], []
     for item in items:
         try:
-            photo = read_input(item, max_file_bytes)
+            photo = read_photo(item, max_file_bytes)
         except (OSError, RefusedInput) as error:
             records[item.key] = file_error(item, error)
             continue
         sent.append(item)
         data, extra = request_payload(photo, item.words)
         bodies.append({"body": json.loads(data) if extra else photo})  # TorchServe hands JSON over parsed
-        headers.append({**api.prediction_headers(photo, k=k), **extra})
+        headers.append({**api.prediction_headers(photo or b"", k=k), **extra})
     if sent:
         for item, (status, answer) in zip(sent, predict_each_on_failure(handler, bodies, headers, predict), strict=True):
             records[item.key] = answer_record(item, status, answer)
@@ -537,7 +555,7 @@ def format_summary(summary: dict, output: Path) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("input", type=Path, help="folder of photos, or CSV with image_id and/or path")
+    parser.add_argument("input", type=Path, help="folder of photos, or CSV with image_id, path and/or title")
     parser.add_argument("--output", required=True, type=Path, help="JSON Lines results (appended to, resumable)")
     parser.add_argument("--images", type=Path, help="folder of <image_id>.jpg for a CSV without a path column")
     parser.add_argument("--url", default=api.DEFAULT_INFERENCE_URL, help="TorchServe inference API")

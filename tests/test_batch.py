@@ -103,7 +103,7 @@ def test_csv_inputs_by_path_or_by_image_id(tmp_path, tiny):
         batch.list_inputs(ids_only)
     assert batch.list_inputs(ids_only, tiny.inputs)[0].path == str(tiny.inputs / "p001.jpg")
     (tmp_path / "other.csv").write_text("photo\nx.jpg\n")
-    with pytest.raises(ValueError, match="neither an image_id nor a path column"):
+    with pytest.raises(ValueError, match="neither an image_id, a path nor a title column"):
         batch.list_inputs(tmp_path / "other.csv")
 
 

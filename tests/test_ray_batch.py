@@ -155,7 +155,7 @@ def test_a_csv_with_titles_is_answered_from_photo_and_words_as_local_does(tiny, 
     titles = ["wooden rake", "", "guitar amplifier", "sofa cushion"]
     for number in range(len(titles)):
         shutil.copy(tiny.inputs / f"p{number:03d}.jpg", tmp_path)
-    rows = ["path,title", *(f"p{number:03d}.jpg,{title}" for number, title in enumerate(titles))]
+    rows = ["path,title", *(f"p{number:03d}.jpg,{title}" for number, title in enumerate(titles)), ",old guitar"]
     (tmp_path / "in.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     batch.main([str(tmp_path / "in.csv"), "--output", str(tmp_path / "local.jsonl"), "--engine", "local",
                 "--archive", str(tiny.mar)])
@@ -166,7 +166,7 @@ def test_a_csv_with_titles_is_answered_from_photo_and_words_as_local_does(tiny, 
     found = by_key(ray_batch.read_shards(tmp_path / "shards"))
     assert_same_answers(found, local)
     assert [found[key]["inputs"] for key in sorted(found)] == [local[key]["inputs"] for key in sorted(found)]
-    assert sorted(tuple(record["inputs"]) for record in found.values()) == [("photo",)] + [("photo", "title")] * 3
+    assert sorted(tuple(record["inputs"]) for record in found.values()) == [("photo",)] + [("photo", "title")] * 3 + [("title",)]
     assert all(record["catalogue"]["generation"] == 0 for record in found.values())
 
 

@@ -229,6 +229,38 @@ def test_batch_csv_with_a_title_column_sends_the_words(tiny, handler, tmp_path):
     assert records[1]["inputs"] == ["photo"] and records[1]["neighbours"] == without_words(records[0]["neighbours"])
 
 
+def test_batch_csv_rows_of_words_alone_are_answered_from_the_words(tiny, handler, tmp_path):
+    run, _, _, _ = tiny
+    (tmp_path / "a.jpg").write_bytes(run.photo_bytes("img-004"))
+    (tmp_path / "in.csv").write_text("image_id,path,title,description\n"
+                                     "a,a.jpg,wooden rake,\n"
+                                     "t1,,large vinyl,\n"
+                                     ",,old guitar,Six strings.\n"
+                                     "d1,,,A description alone.\n", encoding="utf-8")
+    items = batch.list_inputs(tmp_path / "in.csv")
+    assert [(item.image_id, item.path != "") for item in items] == [("a", True), ("t1", False), ("line-4", False),
+                                                                    ("d1", False)]
+    records = batch.answer_local_batch(handler, items, 3, predict_local)
+    assert [record["status"] for record in records] == ["ok", "ok", "ok", "error"]
+    assert records[0]["inputs"] == ["photo", "title"]
+    assert records[1]["inputs"] == ["title"] and records[2]["inputs"] == ["title", "description"]
+    assert (records[3]["code"], records[3]["path"]) == (400, "") and "title" in records[3]["error"]
+    # each row of words is answered as the same words sent to the handler alone
+    (_, vinyl), (_, guitar) = predict_local(handler, [{"body": {"title": "large vinyl", "k": 3}},
+                                                      {"body": {"title": "old guitar", "description": "Six strings.",
+                                                                "k": 3}}], [{}, {}])
+    for record, answer in ((records[1], vinyl), (records[2], guitar)):
+        assert {name: record[name] for name in ANSWER_FIELDS} == {name: answer[name] for name in ANSWER_FIELDS}
+    assert records[1]["neighbours"][0]["product_id"] == "prod-002"  # the vinyl listing, found by its words
+    # a CSV of titles alone: every row by its words, identified by its line
+    (tmp_path / "titles.csv").write_text("title\nlarge vinyl\nold guitar\n", encoding="utf-8")
+    titles = batch.list_inputs(tmp_path / "titles.csv")
+    assert [(item.image_id, item.path) for item in titles] == [("line-2", ""), ("line-3", "")]
+    with pytest.raises(ValueError, match="no path and no image_id and no title"):
+        (tmp_path / "empty.csv").write_text("path,title\n,\n", encoding="utf-8")
+        batch.list_inputs(tmp_path / "empty.csv")
+
+
 @pytest.fixture(scope="module")
 def served(tiny):
     run, _, mar, root = tiny
@@ -267,6 +299,27 @@ def test_served_photo_and_title_get_the_fused_category(tiny, served):
     # the client sends a non-ASCII title as UTF-8 header bytes, and the handler reads the same words
     via_client = api.predict(served, jpeg, model=NAME, title="Étagère lawnmower", token=served.token("inference"))
     assert (via_client["inputs"], via_client["category"]) == (["photo", "title"], "Garden")
+
+
+@pytest.mark.server
+def test_served_batch_answers_rows_of_photo_words_or_both_as_the_handler_does(tiny, served, handler, tmp_path):
+    run, _, _, _ = tiny
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.jpg").write_bytes(run.photo_bytes("img-004"))
+    (tmp_path / "in.csv").write_text("path,title,description\na.jpg,wooden rake,\nb.jpg,,\n,large vinyl,\n"
+                                     ",old guitar,Six strings.\n,,A description alone.\n", encoding="utf-8")
+    common = [str(tmp_path / "in.csv"), "--k", "3", "--key-file", str(served.workdir / api.KEY_FILE)]
+    summary = batch.main([*common, "--output", str(tmp_path / "served.jsonl"), "--url", served.inference_url])
+    assert (summary["ok"], summary["failed_by_code"]) == (4, {"400": 1})
+    found = {record["image_id"]: record for record in map(json.loads, (tmp_path / "served.jsonl").open())}
+    assert {key: found[key]["inputs"] for key in ("a", "b", "line-4", "line-5")} == {
+        "a": ["photo", "title"], "b": ["photo"], "line-4": ["title"], "line-5": ["title", "description"]}
+    assert found["line-6"]["code"] == 400
+    local = {record["image_id"]: record for record in
+             batch.answer_local_batch(handler, batch.list_inputs(tmp_path / "in.csv"), 3, predict_local)}
+    for key in ("a", "b", "line-4", "line-5"):
+        assert found[key]["category"] == local[key]["category"]
+        assert [n["product_id"] for n in found[key]["neighbours"]] == [n["product_id"] for n in local[key]["neighbours"]]
 
 
 @pytest.mark.server
