@@ -11,6 +11,7 @@ In-process use (tests, batch jobs) on an extracted archive folder: handlers/loca
 # TorchServe worker `ts` has already imported torch; tests/test_server.py checks that start-up is clean.
 import faiss  # noqa: F401
 
+import dataclasses
 import logging
 import os
 import time
@@ -32,7 +33,7 @@ from marketplace_search.models import load_checkpoint, vector_dim
 from marketplace_search.presets import Preprocess, eval_transform
 from marketplace_search.runtime import load_backend
 from marketplace_search.search import Catalogue
-from marketplace_search.text import TextModel
+from marketplace_search.text import WEIGHTS_FILE, TextModel
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,11 @@ class MarketplaceHandler(BaseHandler):
         # The live catalogue folder (handler.live_catalogue), if any, replaces the snapshot above as soon
         # as it has a generation embedded by these very weights; its removal list applies either way.
         live = settings.get("live_catalogue")
-        self.live = LiveFollower(live, bundled, sha256_file(checkpoint_path), background=True) if live else None
+        words, words_sha256 = (None, None) if self.text_model is None else (
+            self.text_model.neighbours, sha256_file(text_dir / WEIGHTS_FILE))  # a generation's words: these
+        self.live = LiveFollower(live, bundled, sha256_file(checkpoint_path), background=True, text_words=words,
+                                 text_sha256=words_sha256) if live else None
+        self._served_text: TextModel | None = None
         self.served = self.live.current() if self.live else Served(bundled, BUNDLED)
         # TorchServe's Context knows the registered name; its unit-test MockContext does not.
         self.model_info = {"name": getattr(context, "model_name", None) or self.manifest["model"].get("modelName"),
@@ -99,6 +104,17 @@ class MarketplaceHandler(BaseHandler):
     def catalogue(self) -> Catalogue:
         """What this batch searches: the served generation's view (the archive's snapshot without a live folder)."""
         return self.served.catalogue
+
+    @property
+    def served_text_model(self) -> TextModel | None:
+        """The text model this batch reads words with: the archive's, finding and voting with the served live
+        generation's listings when it has their words (listings added live are found by words too)."""
+        words = self.served.words
+        if words is None or self.text_model is None:
+            return self.text_model
+        if self._served_text is None or self._served_text.neighbours is not words:
+            self._served_text = dataclasses.replace(self.text_model, neighbours=words)
+        return self._served_text
 
     def preprocess(self, data):
         """Decode and transform every request of the batch, several at a time; a bad one becomes its error."""
@@ -141,6 +157,7 @@ class MarketplaceHandler(BaseHandler):
         queries = batch.queries
         if not queries:
             return batch
+        text_model = self.served_text_model
         started = searched = time.perf_counter()
         rows = batch.photo_rows
         batch.probabilities = np.zeros((len(queries), len(self.classes)), np.float32)
@@ -152,7 +169,7 @@ class MarketplaceHandler(BaseHandler):
             searched = time.perf_counter()
             # a query with words keeps the pool its words re-rank (text_neighbours): one search serves both
             neighbours, voters = search_batch(self.catalogue, batch.vectors[rows], [queries[row] for row in rows],
-                                              self.category_blend.vote_k, rerank_pool(self.text_model))
+                                              self.category_blend.vote_k, rerank_pool(text_model))
             batch.probabilities[rows] = blend_categories(probabilities, voters, self.classes,
                                                          self.category_blend)
             for row, found in zip(rows, neighbours):
@@ -160,9 +177,9 @@ class MarketplaceHandler(BaseHandler):
         batch.milliseconds["forward"] = (searched - started) * 1000
         texted = time.perf_counter()
         batch.milliseconds["search"] = (texted - searched) * 1000
-        readings = read_words(self.text_model, queries)  # each query's words read once for both
-        batch.probabilities = text_categories(self.text_model, queries, batch.probabilities, readings)
-        batch.neighbours = text_neighbours(self.text_model, queries, batch.neighbours, readings, self.catalogue,
+        readings = read_words(text_model, queries)  # each query's words read once for both
+        batch.probabilities = text_categories(text_model, queries, batch.probabilities, readings)
+        batch.neighbours = text_neighbours(text_model, queries, batch.neighbours, readings, self.catalogue,
                                            batch.vectors)
         batch.milliseconds["text"] = (time.perf_counter() - texted) * 1000
         return batch

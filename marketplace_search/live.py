@@ -12,11 +12,16 @@ On disk (one folder, LIVE):
                        rebuild the index from exact vectors, whatever the index type)
     generation.json    number, parent, created, what changed, and "model": the sha256 of the checkpoint
                        whose weights made the vectors
+    words.npz          (when the served model reads titles) the listings' TF-IDF rows that the text model
+                       finds and votes with (marketplace_search.text.save_words), and the sha256 of the text
+                       model that made them: listings added live are found by their words too
   .lock                held by writers (scripts.catalogue) so two changes never interleave
 
 A worker (LiveFollower) checks the stat of CURRENT and removed.json at most every CHECK_SECONDS, on
 its next batch; a new removal list applies at once, a new generation is loaded whole (beside the
-batches, in a thread) and then swapped in with one reference, so a batch is answered from one generation. It refuses a generation embedded by other weights than its own.
+batches, in a thread) and then swapped in with one reference, so a batch is answered from one generation.
+It refuses a generation embedded by other weights than its own; a generation's words made by another
+text model are left aside (logged), its photos served, and the archive's own words used.
 Writers publish CURRENT before pruning removed.json and readers read removed.json before CURRENT,
 so a reader never pairs an old generation with a pruned removal list.
 """
@@ -36,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from marketplace_search.search import Catalogue, fsync_path, make_catalogue
+from marketplace_search.text import WORDS_FILE, TextNeighbours, load_words, save_words
 
 CURRENT_FILE = "CURRENT"
 REMOVED_FILE = "removed.json"
@@ -143,12 +149,15 @@ def writer_lock(live: Path):
 
 @dataclass
 class Generation:
-    """A loaded generation: its catalogue (whole, no removals applied), exact vectors and generation.json."""
+    """A loaded generation: its catalogue (whole, no removals applied), exact vectors and generation.json,
+    and its listings' words with the sha256 of the text model that made them (None, None: no words)."""
 
     number: int
     catalogue: Catalogue
     vectors: np.ndarray
     info: dict
+    words: TextNeighbours | None = None
+    words_sha256: str | None = None
 
 
 def load_generation(live: Path, name: str | None = None) -> Generation:
@@ -166,12 +175,15 @@ def load_generation(live: Path, name: str | None = None) -> Generation:
     if vectors.shape[0] != catalogue.index.ntotal:
         raise ValueError(f"{live / name / VECTORS_FILE} holds {vectors.shape[0]} vectors, its catalogue "
                          f"{catalogue.index.ntotal}: the generation is damaged")
-    return Generation(info["number"], catalogue, vectors, info)
+    words, words_sha256 = load_words(live / name / WORDS_FILE) if (live / name / WORDS_FILE).is_file() else (None, None)
+    return Generation(info["number"], catalogue, vectors, info, words, words_sha256)
 
 
 def write_generation(live: Path, vectors: np.ndarray, image_ids: list[str], listings: dict[str, dict],
-                     weights_sha256: str, change: dict, index_type: str = "auto", meta: dict | None = None) -> int:
+                     weights_sha256: str, change: dict, index_type: str = "auto", meta: dict | None = None,
+                     words: TextNeighbours | None = None, words_sha256: str | None = None) -> int:
     """Build and publish the next generation of LIVE; returns its number. The caller holds writer_lock.
+    WORDS: its listings' words (with the sha256 of the text model that made them), when the model reads titles.
 
     The folder is complete on disk (fsynced, renamed into place) before CURRENT names it.
     """
@@ -189,12 +201,16 @@ def write_generation(live: Path, vectors: np.ndarray, image_ids: list[str], list
                                index_type)
     info.update(photos=len(image_ids), listings=len({listing["product_id"] for listing in catalogue.listings.values()}),
                 index=catalogue.meta["index"]["type"])
+    if words is not None:
+        info["words"] = {"listings": len(words.product_ids), "text_model_sha256": words_sha256}
     staging = Path(tempfile.mkdtemp(prefix=f".{generation_name(number)}.", suffix=".tmp", dir=live))
     try:
         catalogue.save(staging / CATALOGUE_DIR)
         np.save(staging / VECTORS_FILE, np.ascontiguousarray(vectors, dtype=np.float32))
         (staging / GENERATION_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
-        for name in (VECTORS_FILE, GENERATION_FILE):
+        if words is not None:
+            save_words(staging / WORDS_FILE, words, words_sha256)
+        for name in (VECTORS_FILE, GENERATION_FILE) + ((WORDS_FILE,) if words is not None else ()):
             fsync_path(staging / name)
         os.chmod(staging, 0o755)
         fsync_path(staging)
@@ -210,11 +226,13 @@ def write_generation(live: Path, vectors: np.ndarray, image_ids: list[str], list
 
 @dataclass(frozen=True)
 class Served:
-    """What a batch is answered from: a catalogue view without the removed listings, and where it came from."""
+    """What a batch is answered from: a catalogue view without the removed listings, and where it came from;
+    `words`: the generation's listings by their words (None: the text model's own, the archive's)."""
 
     catalogue: Catalogue
     generation: int
     removed: frozenset = field(default_factory=frozenset)
+    words: TextNeighbours | None = None
 
     @property
     def info(self) -> dict:
@@ -243,13 +261,20 @@ class LiveFollower:
     swapped in: on the batch that sees it, or with `background`, by a thread beside the batches
     (a large catalogue takes seconds to load and verify), swapped in on the first batch after it is
     loaded. Either way at most two generations are in memory, and only while one loads.
+
+    `text_words` (the served text model's TextNeighbours) and `text_sha256` (its text_model.npz's): a
+    generation's words made by that text model are served with its settings; without them, or made by
+    another, the generation is served without its words (the text model keeps the archive's).
     """
 
     def __init__(self, live: Path | str, bundled: Catalogue, weights_sha256: str,
-                 check_seconds: float = CHECK_SECONDS, clock=time.monotonic, background: bool = False):
+                 check_seconds: float = CHECK_SECONDS, clock=time.monotonic, background: bool = False,
+                 text_words: TextNeighbours | None = None, text_sha256: str | None = None):
         self.live = Path(live)
         self.bundled = bundled
         self.weights_sha256 = weights_sha256
+        self.text_words, self.text_sha256 = text_words, text_sha256
+        self.words: TextNeighbours | None = None
         self.check_seconds = check_seconds
         self.clock = clock
         self.background = False  # the first generation loads before the worker answers anything
@@ -258,7 +283,7 @@ class LiveFollower:
         self.served = Served(bundled, BUNDLED)
         self.removed: frozenset = frozenset()
         self.loading: str | None = None  # the generation a thread is loading
-        self.loaded: tuple[int, Catalogue, float] | None = None  # (generation, catalogue, load ms), to swap in
+        self.loaded: tuple | None = None  # (generation, catalogue, words, load ms), to swap in
         self.seen = None
         self.next_check = 0.0
         if not self.live.is_dir():
@@ -310,33 +335,34 @@ class LiveFollower:
         """Load generation NAME while the current one serves; `current()` swaps it in (or it is refused)."""
         started = time.perf_counter()
         try:
-            catalogue = self.load(name)
+            catalogue, words = self.load(name)
         except (OSError, RuntimeError, ValueError) as error:  # Faiss reports a bad file as RuntimeError
             self.refused.add(name)
             logger.error("live catalogue %s: REFUSED generation %s: %s; still serving generation %d",
                          self.live, name, error, self.generation)
         else:
-            self.loaded = (generation, catalogue, (time.perf_counter() - started) * 1000)
+            self.loaded = (generation, catalogue, words, (time.perf_counter() - started) * 1000)
         finally:
             self.loading = None
 
     def install(self) -> None:
-        generation, catalogue, milliseconds = self.loaded
+        generation, catalogue, words, milliseconds = self.loaded
         self.loaded = None
-        self.base, self.generation = catalogue, generation
+        self.base, self.generation, self.words = catalogue, generation, words
         self.swap(generation, milliseconds)
 
     def swap(self, generation: int, load_milliseconds: float) -> None:
         started, previous = time.perf_counter(), self.served
         view = self.base.without_products(self.removed) if self.removed else self.base
-        self.served = Served(view, generation, self.removed)  # the swap: one reference
+        self.served = Served(view, generation, self.removed, self.words)  # the swap: one reference
         logger.info("live catalogue %s: serving generation %d (%d photos, %d listings removed); was generation "
                     "%d (%d photos); loaded in %.0f ms, switched in %.0f ms", self.live, generation, view.visible,
                     len(self.removed), previous.generation, previous.catalogue.visible, load_milliseconds,
                     (time.perf_counter() - started) * 1000)
 
-    def load(self, name: str) -> Catalogue:
-        """Generation NAME loaded whole, after checking it was embedded by this worker's weights."""
+    def load(self, name: str) -> tuple[Catalogue, TextNeighbours | None]:
+        """Generation NAME loaded whole, after checking it was embedded by this worker's weights, and its
+        words when this worker's text model made them."""
         folder = self.live / name
         info = read_generation_info(self.live, name)
         embedded_with = generation_weights(info)
@@ -348,4 +374,16 @@ class LiveFollower:
         catalogue = Catalogue.load(folder / CATALOGUE_DIR)
         if catalogue.dimension != self.bundled.dimension:
             raise GenerationRefused(f"{catalogue.dimension}-d vectors, this model makes {self.bundled.dimension}-d")
-        return catalogue
+        return catalogue, self.load_words(name)
+
+    def load_words(self, name: str) -> TextNeighbours | None:
+        path = self.live / name / WORDS_FILE
+        if self.text_words is None or not path.is_file():
+            return None
+        words, made_by = load_words(path)
+        if made_by != self.text_sha256 or words.width != self.text_words.width:
+            logger.warning("live catalogue %s: generation %s's words were made by text model sha256 %s, this "
+                           "worker reads with %s: its listings are found by their photos, words from the archive's "
+                           "text model", self.live, name, made_by[:12], str(self.text_sha256)[:12])
+            return None
+        return words.settings_of(self.text_words)

@@ -30,6 +30,7 @@ import numpy as np
 
 MODEL_FILE = "text_model.json"
 WEIGHTS_FILE = "text_model.npz"
+WORDS_FILE = "words.npz"  # a live catalogue generation's listings as TextNeighbours rows (save_words)
 FORMAT = "tfidf-linear/2"
 FORMATS = ("tfidf-linear/1", FORMAT)  # /1: no catalogue vote
 VOTE_FLOOR = 1e-3  # under the vote's probabilities before the log: a category no neighbour has
@@ -168,6 +169,34 @@ class TextNeighbours:
         top = np.argpartition(-similarities, n - 1)[:n]
         top = top[np.lexsort((top, -similarities[top]))]  # best first; ties in catalogue order
         return [(self.product_ids[row], float(similarities[row])) for row in top]
+
+    @property
+    def width(self) -> int:
+        """Columns of the TF-IDF rows (the text model's word + char features)."""
+        return len(self.indptr) - 1
+
+    def listing_rows(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each listing's TF-IDF row (columns, values), in product_ids order: what from_rows was given."""
+        columns = np.repeat(np.arange(self.width, dtype=np.int64), np.diff(self.indptr))
+        order = np.argsort(self.rows, kind="stable")
+        bounds = np.searchsorted(self.rows[order], np.arange(len(self.product_ids) + 1))
+        return [(columns[order[start:end]], self.values[order[start:end]])
+                for start, end in zip(bounds[:-1], bounds[1:])]
+
+    def changed(self, drop=(), product_ids=(), labels=(), feature_rows=()) -> "TextNeighbours":
+        """These listings less the product ids in DROP and those given anew, plus the new ones (PRODUCT_IDS,
+        their LABELS and FEATURE_ROWS); the same vote and re-ranking settings. A live catalogue's words."""
+        gone = set(drop) | set(product_ids)
+        keep = [row for row, product_id in enumerate(self.product_ids) if product_id not in gone]
+        rows = self.listing_rows()
+        return TextNeighbours.from_rows([self.product_ids[row] for row in keep] + list(product_ids),
+                                        [*self.labels[keep], *labels], [rows[row] for row in keep] + list(feature_rows),
+                                        self.width, self.k, self.temperature, self.rerank_weight, self.fill)
+
+    def settings_of(self, other: "TextNeighbours") -> "TextNeighbours":
+        """These listings with OTHER's vote and re-ranking settings (the served text model's)."""
+        return TextNeighbours(self.product_ids, self.labels, self.indptr, self.rows, self.values, other.k,
+                              other.temperature, other.rerank_weight, other.fill)
 
     def word_similarity(self, product_id: str, similarities: np.ndarray) -> float:
         """The words' cosine to PRODUCT_ID's listing (0 for a listing not in the vote's catalogue)."""
@@ -341,6 +370,22 @@ class TextModel:
                        {term: i for i, term in enumerate(document["char_vocabulary"])}, arrays["word_idf"],
                        arrays["char_idf"], arrays["coef"], arrays["intercept"], calibrations, document["info"],
                        neighbours)
+
+
+def save_words(path: Path | str, words: TextNeighbours, text_model_sha256: str) -> None:
+    """The listings' rows of WORDS (not its settings, which are the model's) and the sha256 of the text
+    model (its text_model.npz) whose vocabulary and idf made them: a live catalogue generation's words."""
+    np.savez(path, product_ids=np.asarray(words.product_ids, dtype=str), labels=words.labels.astype(np.int32),
+             indptr=words.indptr.astype(np.int64), rows=words.rows.astype(np.int32),
+             values=words.values.astype(np.float32), text_model_sha256=np.asarray(text_model_sha256))
+
+
+def load_words(path: Path | str) -> tuple[TextNeighbours, str]:
+    """(the rows save_words wrote, with default settings; the sha256 of the text model that made them)."""
+    with np.load(path, allow_pickle=False) as arrays:
+        words = TextNeighbours(arrays["product_ids"].tolist(), arrays["labels"], arrays["indptr"], arrays["rows"],
+                               arrays["values"])
+        return words, str(arrays["text_model_sha256"])
 
 
 def calibration_features(scores: np.ndarray, photo: np.ndarray | None = None,

@@ -16,7 +16,9 @@ list, which the workers pick up on their next batch (they look at most every 0.5
            normalise their photos (training.photos), embed only them with the served model's own
            weights (the archive's or the run's checkpoint, which must be the one the current
            generation was embedded with), and publish a new generation: the current one plus these
-           listings (a product_id already there is replaced; one on the removal list comes back)
+           listings (a product_id already there is replaced; one on the removal list comes back).
+           When the model reads titles (its text model), the new listings' words (title + description)
+           join the generation's, so they are found and vote by words as the archive's listings do
   status   current generation, photos, listings, removed listings, the weights it was embedded with
   compact  fold the removal list into a new generation (the index loses the removed photos)
   prune    delete old generations, keeping the newest --keep (default 3, at least 2); nothing else does
@@ -37,14 +39,16 @@ from training import photos, tables
 from training.dataset import drop_missing_photos
 from training.embed import embed_rows, load_embeddings
 from training.index import listing_metadata
-from marketplace_search.layout import (ARCHIVE_CATALOGUE, ARCHIVE_MANIFEST, CHECKPOINT, EMBEDDINGS_DIR, INDEX_DIR,
-                                       sha256_file)
+from training.text import listings_words, read_listings
+from marketplace_search.layout import (ARCHIVE_CATALOGUE, ARCHIVE_MANIFEST, ARCHIVE_TEXT_MODEL, CHECKPOINT,
+                                       EMBEDDINGS_DIR, INDEX_DIR, TEXT_MODEL_DIR, sha256_file)
 from marketplace_search.live import (CATALOGUE_DIR, CURRENT_FILE, list_generations, load_generation, now,
                                      prune_generations, read_current, read_removed, write_generation, write_removed,
                                      writer_lock)
 from marketplace_search.models import load_checkpoint
 from marketplace_search.presets import Preprocess
-from marketplace_search.search import INDEX_TYPES, Catalogue, read_listings
+from marketplace_search.search import INDEX_TYPES, Catalogue, read_listings as catalogue_listings
+from marketplace_search.text import MODEL_FILE, WEIGHTS_FILE, TextModel, TextNeighbours
 
 DEFAULT_PHOTO_SIZE = 512  # training.photos' default
 
@@ -115,6 +119,25 @@ def run_vectors(run: Path, catalogue: Catalogue) -> np.ndarray:
     return embeddings[[row[image_id] for image_id in catalogue.image_ids]]
 
 
+def served_text_model(args, scratch: Path) -> tuple[TextModel | None, str | None]:
+    """(the text model the archive's or run's workers read words with, the sha256 of its text_model.npz);
+    (None, None) for a model without one, or one without a catalogue of words."""
+    if args.archive and not args.archive.is_dir():
+        with zipfile.ZipFile(args.archive) as members:
+            names = [f"{ARCHIVE_TEXT_MODEL}/{name}" for name in (MODEL_FILE, WEIGHTS_FILE)]
+            if not set(names) <= set(members.namelist()):
+                return None, None
+            for name in names:
+                members.extract(name, scratch)
+        folder = scratch / ARCHIVE_TEXT_MODEL
+    else:
+        folder = args.archive / ARCHIVE_TEXT_MODEL if args.archive else args.run / TEXT_MODEL_DIR
+    if not (folder / WEIGHTS_FILE).is_file():
+        return None, None
+    model = TextModel.load(folder)
+    return (model, sha256_file(folder / WEIGHTS_FILE)) if model.neighbours is not None else (None, None)
+
+
 def extract_catalogue(archive: Path, scratch: Path) -> Path:
     with zipfile.ZipFile(archive) as members:
         for name in members.namelist():
@@ -129,10 +152,13 @@ def init(args) -> dict:
             raise CatalogueError(f"{args.live} already has generations ({read_current(args.live)['name']} is "
                                  f"current); --force publishes the seed as the next one")
         catalogue, vectors, weights, source = seed_from(args, Path(scratch))
+        text_model, text_sha256 = served_text_model(args, Path(scratch))
+        words = text_model and text_model.neighbours
         number = write_generation(args.live, vectors, catalogue.image_ids, catalogue.listings, weights,
                                   {"seeded_from": source}, args.index_type or catalogue.meta["index"]["type"],
-                                  {"model": catalogue.meta.get("model", {})})
-    return {"generation": number, "photos": len(catalogue.image_ids), "seeded_from": source}
+                                  {"model": catalogue.meta.get("model", {})}, words, text_sha256)
+    return {"generation": number, "photos": len(catalogue.image_ids), "seeded_from": source,
+            "listings_by_words": len(words.product_ids) if words else 0}
 
 
 def remove(args) -> dict:
@@ -145,7 +171,7 @@ def remove(args) -> dict:
     current = read_current(args.live)
     unknown = []
     if current is not None:
-        listings = read_listings(args.live / current["name"] / CATALOGUE_DIR)
+        listings = catalogue_listings(args.live / current["name"] / CATALOGUE_DIR)
         known = {listing["product_id"] for listing in listings.values()}
         unknown = [product for product in args.product_ids if product not in known]
     return {"removed": added, "already_removed": sorted(set(args.product_ids) - set(added)),
@@ -202,8 +228,10 @@ def add(args) -> dict:
                        & new_products)
         change = {"added_photos": len(table), "added_listings": len(new_products) - replaced,
                   "replaced_listings": replaced, "dropped": dropped, "data": str(args.data.resolve())}
+        words, text_sha256 = added_words(args, scratch, generation, new_listings, work, change)
         number = write_generation(args.live, vectors, image_ids, listings, weights, change,
-                                  args.index_type or old.meta["index"]["type"], {"model": old.meta.get("model", {})})
+                                  args.index_type or old.meta["index"]["type"], {"model": old.meta.get("model", {})},
+                                  words, text_sha256)
         timings["index_s"] = round(time.perf_counter() - started, 2)
         removed = read_removed(args.live)  # after CURRENT names the new generation (marketplace_search.live)
         back = sorted(new_products & removed.keys())
@@ -211,6 +239,22 @@ def add(args) -> dict:
             write_removed(args.live, {product: when for product, when in removed.items() if product not in back})
     return {"generation": number, "photos": len(image_ids), **change, "back_from_removal_list": back,
             "seconds": timings, "photo_size": size}
+
+
+def added_words(args, scratch: Path, generation, new_listings: dict[str, dict], work: Path,
+                change: dict) -> tuple[TextNeighbours | None, str | None]:
+    """The generation's words with the new listings' (title + description) in, when the served model reads
+    titles: the current generation's words if its text model made them, else the text model's own (a folder
+    seeded before words were kept, or by another text model); CHANGE gets the counts."""
+    text_model, text_sha256 = served_text_model(args, scratch)
+    if text_model is None:
+        return None, None
+    base = generation.words if generation.words_sha256 == text_sha256 else text_model.neighbours
+    product_ids, labels, rows = listings_words(text_model, new_listings.values(), read_listings(work))
+    new_products = {listing["product_id"] for listing in new_listings.values()}
+    change["words"] = {"added_listings": len(product_ids), "unknown_category": len(new_products) - len(product_ids),
+                       "from": "generation" if base is generation.words else "text model"}
+    return base.changed(drop=new_products, product_ids=product_ids, labels=labels, feature_rows=rows), text_sha256
 
 
 def compact(args) -> dict:
@@ -222,10 +266,12 @@ def compact(args) -> dict:
         image_ids = [old.image_ids[row] for row in keep]
         folded = sorted({old.listings[old.image_ids[row]]["product_id"] for row in range(len(old.image_ids))} & removed.keys())
         change = {"compacted": {"removed_listings": len(folded), "removed_photos": len(old.image_ids) - len(keep)}}
+        words = generation.words and generation.words.changed(drop=removed.keys())
         number = write_generation(args.live, generation.vectors[keep], image_ids,
                                   {image_id: old.listings[image_id] for image_id in image_ids},
                                   generation.info["model"]["checkpoint_sha256"], change,
-                                  args.index_type or old.meta["index"]["type"], {"model": old.meta.get("model", {})})
+                                  args.index_type or old.meta["index"]["type"], {"model": old.meta.get("model", {})},
+                                  words, generation.words_sha256)
         # Every id read above is absent from the new generation, which CURRENT already names.
         write_removed(args.live, {product: when for product, when in read_removed(args.live).items()
                                   if product not in removed})
@@ -253,7 +299,7 @@ def status(args) -> dict:
             "photos": len(generation.catalogue.image_ids), "listings": len(listings),
             "removed": len(removed), "removed_in_generation": len(listings & removed.keys()),
             "model": {**generation.catalogue.meta.get("model", {}), **generation.info["model"]},
-            "index": generation.info.get("index"),
+            "index": generation.info.get("index"), "words": generation.info.get("words"),
             "created": generation.info["created"], "change": generation.info.get("change"),
             "generations": list_generations(args.live)}
 

@@ -3,6 +3,7 @@
 a generation of other weights refused. Plus the follower's rules in-process (no server)."""
 import faiss  # noqa: F401  (before torch: OpenMP, see README)
 
+import itertools
 import json
 import logging
 import re
@@ -16,12 +17,14 @@ import pandas as pd
 import pytest
 import requests
 
+from handlers.local import load_local_handler, predict_local
 from marketplace_search import live
 from marketplace_search.layout import CHECKPOINT, sha256_file
 from marketplace_search.schema import check_answer
 from marketplace_search.search import Catalogue
 from scripts import api, catalogue as cli
-from tests.serving_fixtures import archive_tiny_run, make_tiny_run, photo_jpeg, running_server
+from tests.serving_fixtures import archive_tiny_run, extract_archive, make_tiny_run, photo_jpeg, running_server
+from training.tiny_run import TINY_WORDS, make_tiny_text_model
 
 NAME = "marketplace"
 NEW_LISTINGS = 50
@@ -32,13 +35,15 @@ REFUSAL = re.compile(r"(W-\d+)-\S+ MODEL_LOG - live catalogue \S+: REFUSED gener
                      r"embedded by checkpoint sha256 (\w+), this worker serves (\w+)")
 
 
-def write_new_listings(data: Path, count: int, first: int = 0) -> dict[str, str]:
-    """COUNT new listings in the raw format (one distinct generated photo each); returns {image_id: product_id}."""
+def write_new_listings(data: Path, count: int, first: int = 0, titles: list[str] | None = None) -> dict[str, str]:
+    """COUNT new listings in the raw format (one distinct generated photo each, TITLES or "New lamp N");
+    returns {image_id: product_id}."""
     (data / "images").mkdir(parents=True)
     products, images = [], []
     for number in range(first, first + count):
         product_id, image_id = f"new-{number:04d}", f"new-photo-{number:04d}"
-        products.append({"id": product_id, "product_name": f"New lamp {number} | in Leeds, Yorkshire | Gumtree",
+        title = titles[number - first] if titles else f"New lamp {number}"
+        products.append({"id": product_id, "product_name": f"{title} | in Leeds, Yorkshire | Gumtree",
                          "category": "Home / Lamps", "product_description": "as new", "price": "£12.50",
                          "location": "Leeds, Yorkshire"})
         images.append({"id": image_id, "product_id": product_id})
@@ -54,6 +59,7 @@ class Live:
     def __init__(self, root: Path):
         self.root = root
         self.run = make_tiny_run(root / "runs" / "2025-01-31_142233", seed=0)
+        make_tiny_text_model(self.run.run_dir)  # titles too: listings added live are found by their words
         self.live = root / "live"
         self.store = root / "model_store"
         self.mar = archive_tiny_run(self.run, self.store, min_workers=2, max_workers=2, threads=1,
@@ -76,6 +82,12 @@ class Live:
                                 data=photo, timeout=60,
                                 headers={"Content-Type": "image/jpeg", "X-K": str(k),
                                          **api.auth_headers(self.server.token("inference"))})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def query_words(self, title: str, k: int = 5) -> dict:
+        response = requests.post(f"{self.server.inference_url}/predictions/{NAME}", json={"title": title, "k": k},
+                                 headers=api.auth_headers(self.server.token("inference")), timeout=60)
         assert response.status_code == 200, response.text
         return response.json()
 
@@ -175,7 +187,8 @@ def test_a_removed_listing_leaves_every_answer_within_2_s_on_both_workers(served
 
 @pytest.mark.server
 def test_fifty_added_listings_are_each_found_first_within_60_s(served, tmp_path):
-    new = write_new_listings(tmp_path / "new", NEW_LISTINGS)
+    words = [" ".join(nouns) for nouns in itertools.product(*TINY_WORDS.values())][:NEW_LISTINGS]  # each its own
+    new = write_new_listings(tmp_path / "new", NEW_LISTINGS, titles=[f"New lamp {w}" for w in words])
     probe = served.run.photo_bytes("img-004")
     with ClientLoop(served, probe, clients=2) as loop:
         started = time.monotonic()
@@ -211,6 +224,12 @@ def test_fifty_added_listings_are_each_found_first_within_60_s(served, tmp_path)
     last = loop.outcomes[-1][3]
     assert last["catalogue"] == {"generation": 2, "photos": 10 + NEW_LISTINGS}  # prod-000 still removed
     assert "prod-000" not in {neighbour["product_id"] for neighbour in last["neighbours"]}
+    # and by their words: a title alone finds each new listing first, whichever worker answers
+    for number in (0, 17, NEW_LISTINGS - 1):
+        for _ in range(4):
+            answer = served.query_words(words[number])
+            assert answer["catalogue"]["generation"] == 2
+            assert answer["neighbours"][0]["product_id"] == f"new-{number:04d}", answer["neighbours"][:2]
 
 
 @pytest.mark.server
@@ -369,3 +388,54 @@ def test_prune_keeps_the_newest_generations_and_a_follower_on_a_deleted_one_move
     clock.now = 1
     assert follower.current().info == {"generation": 4, "photos": 12}
     assert cli.main(["--live", str(folder), "prune"])["deleted"] == []  # default --keep 3: nothing more to delete
+
+
+def test_listings_added_live_are_found_by_their_words(tmp_path, caplog):
+    run = make_tiny_run(tmp_path / "runs" / "2025-01-31_142233", seed=0)
+    make_tiny_text_model(run.run_dir)
+    folder = tmp_path / "live"
+    mar = archive_tiny_run(run, tmp_path / "store", live_catalogue=folder)
+    seeded = cli.main(["--live", str(folder), "init", "--archive", str(mar)])
+    bundled_words = live.load_generation(folder).words
+    assert seeded["listings_by_words"] == len(bundled_words.product_ids) > 0
+    handler = load_local_handler(extract_archive(mar, tmp_path / "model"))
+    title = "wooden drum violin mirror spade"  # no generated listing is called this
+
+    def by_words(**options):
+        (status, answer), = predict_local(handler, [{"body": {"title": title, "k": 3, **options}}], [{}])
+        assert status == 200, answer
+        return answer
+
+    def wait_generation(number):
+        deadline = time.monotonic() + 30
+        while by_words()["catalogue"]["generation"] != number:
+            assert time.monotonic() < deadline, f"generation {number} not served within 30 s"
+            time.sleep(0.1)
+
+    assert all(not n["product_id"].startswith("new-") for n in by_words()["neighbours"])
+    write_new_listings(tmp_path / "new", 2, titles=[title, "Garden lamp"])
+    added = cli.main(["--live", str(folder), "add", "--data", str(tmp_path / "new"), "--archive", str(mar)])
+    assert added["words"] == {"added_listings": 2, "unknown_category": 0, "from": "generation"}
+    wait_generation(2)
+    first = by_words()["neighbours"][0]
+    assert first["product_id"] == "new-0000" and first["word_similarity"] > 0.8  # its title + "as new"
+    assert by_words(category="Garden")["neighbours"][0]["product_id"] != "new-0000"  # listed under Home
+    # photo + words: the new listing's own photo and title find it first, with both similarities
+    photo = (tmp_path / "new" / "images" / "new-photo-0000.jpg").read_bytes()
+    (status, answer), = predict_local(handler, [{"body": photo}], [{"Content-Type": "image/jpeg", "X-Title": title}])
+    assert status == 200 and answer["neighbours"][0]["product_id"] == "new-0000"
+    assert answer["neighbours"][0]["similarity"] > 0.99 and answer["neighbours"][0]["word_similarity"] > 0.8
+    # removed: out of the answers at once; compacted: out of the generation's words
+    cli.main(["--live", str(folder), "remove", "new-0000"])
+    time.sleep(live.CHECK_SECONDS + 0.1)
+    assert all(n["product_id"] != "new-0000" for n in by_words()["neighbours"])
+    cli.main(["--live", str(folder), "compact"])
+    compacted = live.load_generation(folder).words
+    assert "new-0000" not in compacted.product_ids and "new-0001" in compacted.product_ids
+    assert len(compacted.product_ids) == len(bundled_words.product_ids) + 1
+    # words made by another text model are left aside: the generation serves its photos, the archive's words
+    follower = live.LiveFollower(folder, Catalogue.load(run.run_dir / "index"), sha256_file(run.run_dir / CHECKPOINT),
+                                 text_words=bundled_words, text_sha256="0" * 64)
+    with caplog.at_level(logging.WARNING, logger="marketplace_search.live"):
+        assert follower.current().generation == 3 and follower.current().words is None
+    assert "made by text model sha256" in caplog.text

@@ -166,7 +166,8 @@ def test_a_csv_with_titles_is_answered_from_photo_and_words_as_local_does(tiny, 
     found = by_key(ray_batch.read_shards(tmp_path / "shards"))
     assert_same_answers(found, local)
     assert [found[key]["inputs"] for key in sorted(found)] == [local[key]["inputs"] for key in sorted(found)]
-    assert sorted(tuple(record["inputs"]) for record in found.values()) == [("photo",)] + [("photo", "title")] * 3 + [("title",)]
+    assert sorted(tuple(record["inputs"]) for record in found.values()) == ([("photo",)] + [("photo", "title")] * 3
+                                                                            + [("title",)])
     assert all(record["catalogue"]["generation"] == 0 for record in found.values())
 
 

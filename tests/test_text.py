@@ -319,7 +319,8 @@ def test_served_batch_answers_rows_of_photo_words_or_both_as_the_handler_does(ti
              batch.answer_local_batch(handler, batch.list_inputs(tmp_path / "in.csv"), 3, predict_local)}
     for key in ("a", "b", "line-4", "line-5"):
         assert found[key]["category"] == local[key]["category"]
-        assert [n["product_id"] for n in found[key]["neighbours"]] == [n["product_id"] for n in local[key]["neighbours"]]
+        assert ([n["product_id"] for n in found[key]["neighbours"]]
+                == [n["product_id"] for n in local[key]["neighbours"]])
 
 
 @pytest.mark.server

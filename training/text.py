@@ -186,16 +186,23 @@ def cross_fitted_scores(listings: pd.DataFrame, product_ids: list[str], scored: 
 
 def catalogue_neighbours(model: TextModel, catalogue: Catalogue, listings: pd.DataFrame) -> TextNeighbours:
     """The catalogue's listings (title + description where listings.csv has it) as the vote's rows."""
+    width = len(model.word_vocabulary) + len(model.char_vocabulary)
+    return TextNeighbours.from_rows(*listings_words(model, catalogue.listings.values(), listings), width)
+
+
+def listings_words(model: TextModel, entries, listings: pd.DataFrame) -> tuple[list[str], list[int], list]:
+    """(product ids, class indices, TF-IDF rows) of the listings of ENTRIES (a catalogue's listing entries,
+    one per photo) whose category the model knows, sorted by product id; each read as its title +
+    description where LISTINGS (read_listings) has it, else the entry's title."""
     known = {}
-    for entry in catalogue.listings.values():
+    for entry in entries:
         if entry.get("category") in model.classes and entry["product_id"] not in known:
             known[entry["product_id"]] = entry
     product_ids = sorted(known)
     texts = [listing_text(listings.at[p, "title"], listings.at[p, "description"]) if p in listings.index
              else str(known[p].get("title") or "") for p in product_ids]
-    width = len(model.word_vocabulary) + len(model.char_vocabulary)
-    return TextNeighbours.from_rows(product_ids, [model.classes.index(known[p]["category"]) for p in product_ids],
-                                    [model.features(text) for text in texts], width)
+    return (product_ids, [model.classes.index(known[p]["category"]) for p in product_ids],
+            [model.features(text) for text in texts])
 
 
 def choose_vote(model: TextModel, similarities: np.ndarray, product_ids: list[str], scores: np.ndarray,
