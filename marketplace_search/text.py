@@ -175,23 +175,30 @@ class TextNeighbours:
         """Columns of the TF-IDF rows (the text model's word + char features)."""
         return len(self.indptr) - 1
 
-    def listing_rows(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Each listing's TF-IDF row (columns, values), in product_ids order: what from_rows was given."""
-        columns = np.repeat(np.arange(self.width, dtype=np.int64), np.diff(self.indptr))
-        order = np.argsort(self.rows, kind="stable")
-        bounds = np.searchsorted(self.rows[order], np.arange(len(self.product_ids) + 1))
-        return [(columns[order[start:end]], self.values[order[start:end]])
-                for start, end in zip(bounds[:-1], bounds[1:])]
-
     def changed(self, drop=(), product_ids=(), labels=(), feature_rows=()) -> "TextNeighbours":
         """These listings less the product ids in DROP and those given anew, plus the new ones (PRODUCT_IDS,
-        their LABELS and FEATURE_ROWS); the same vote and re-ranking settings. A live catalogue's words."""
+        their LABELS and FEATURE_ROWS as from_rows takes them); the same vote and re-ranking settings, and
+        the same result as from_rows of the listings kept and added. A live catalogue's words."""
         gone = set(drop) | set(product_ids)
-        keep = [row for row, product_id in enumerate(self.product_ids) if product_id not in gone]
-        rows = self.listing_rows()
-        return TextNeighbours.from_rows([self.product_ids[row] for row in keep] + list(product_ids),
-                                        [*self.labels[keep], *labels], [rows[row] for row in keep] + list(feature_rows),
-                                        self.width, self.k, self.temperature, self.rerank_weight, self.fill)
+        keep = np.array([product_id not in gone for product_id in self.product_ids], dtype=bool)
+        renumbered = np.cumsum(keep) - 1  # a kept listing's row in the result
+        entries = keep[self.rows]
+        columns = np.repeat(np.arange(self.width, dtype=np.int64), np.diff(self.indptr))[entries]
+        rows = renumbered[self.rows[entries]]
+        values = self.values[entries]
+        if len(feature_rows):
+            columns = np.concatenate([columns, *(np.asarray(c, np.int64) for c, _ in feature_rows)])
+            values = np.concatenate([values, *(np.asarray(v, np.float32) for _, v in feature_rows)])
+            rows = np.concatenate([rows, int(keep.sum()) + np.repeat(np.arange(len(feature_rows)),
+                                                                     [len(c) for c, _ in feature_rows])])
+        # by column, then listing (from_rows' order): the kept entries are in it already, the new ones follow
+        order = np.argsort(columns, kind="stable")
+        indptr = np.zeros(self.width + 1, np.int64)
+        np.cumsum(np.bincount(columns, minlength=self.width), out=indptr[1:])
+        return TextNeighbours([p for p, kept in zip(self.product_ids, keep) if kept] + list(product_ids),
+                              np.concatenate([self.labels[keep], np.asarray(labels, np.int32)]).astype(np.int32),
+                              indptr, rows[order].astype(np.int32), values[order].astype(np.float32), self.k,
+                              self.temperature, self.rerank_weight, self.fill)
 
     def settings_of(self, other: "TextNeighbours") -> "TextNeighbours":
         """These listings with OTHER's vote and re-ranking settings (the served text model's)."""

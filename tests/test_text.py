@@ -15,8 +15,8 @@ import requests
 from handlers.local import load_local_handler, predict_local
 from marketplace_search.inference import RequestError, parse_request
 from marketplace_search.schema import ANSWER_FIELDS, check_answer
-from marketplace_search.text import (MAX_TITLE_CHARS, TextModel, char_terms, listing_text, normalise_text,
-                                     word_terms)
+from marketplace_search.text import (MAX_TITLE_CHARS, TextModel, TextNeighbours, char_terms, listing_text,
+                                     load_words, normalise_text, save_words, word_terms)
 from scripts import api, batch
 from tests.serving_fixtures import archive_tiny_run, extract_archive, make_tiny_run, running_server
 from training.tiny_run import CLASSES, TINY_WORDS, make_tiny_text_model
@@ -110,6 +110,36 @@ def test_catalogue_vote_is_the_k_nearest_listings_by_cosine_own_listing_excluded
     assert excluded.max() == pytest.approx(1.0)
     assert excluded.argmax() in set(neighbours.labels[rest == rest.max()].tolist())
     np.testing.assert_allclose(model.votes(["zzqx"]), [[1 / 3] * 3])  # no known term: no opinion
+
+
+def test_words_changed_equal_words_built_from_the_listings_kept_and_added(tiny, tmp_path):
+    from scipy.sparse import csc_matrix
+
+    _, model, _, _ = tiny
+    words = model.neighbours
+    stored = csc_matrix((words.values, words.rows, words.indptr), shape=(len(words.product_ids), words.width)).tocsr()
+    listing_rows = {p: (stored.indices[stored.indptr[i]:stored.indptr[i + 1]].astype(np.int64),
+                        stored.data[stored.indptr[i]:stored.indptr[i + 1]]) for i, p in enumerate(words.product_ids)}
+    dropped = set(words.product_ids[::3])
+    added = [words.product_ids[1], "new-1", "new-2"]  # one given anew: replaced, moved to the end
+    added_rows = [model.features(text) for text in ("large drum", "zzqx", "small violin")]  # zzqx: an empty row
+    changed = words.changed(drop=dropped, product_ids=added, labels=[0, 1, 2], feature_rows=added_rows)
+    kept = [p for p in words.product_ids if p not in dropped and p not in added]
+    position = {p: row for row, p in enumerate(words.product_ids)}
+    built = TextNeighbours.from_rows(kept + added, [*(words.labels[position[p]] for p in kept), 0, 1, 2],
+                                     [listing_rows[p] for p in kept] + added_rows, words.width)
+    assert changed.product_ids == built.product_ids
+    for name in ("labels", "indptr", "rows", "values"):
+        np.testing.assert_array_equal(getattr(changed, name), getattr(built, name))
+    assert (changed.k, changed.temperature, changed.rerank_weight, changed.fill) == (
+        words.k, words.temperature, words.rerank_weight, words.fill)
+    query = model.features("large drum")
+    similarities = changed.similarities(*query)
+    assert changed.nearest(similarities, 1)[0][0] == words.product_ids[1]  # found by its new words
+    save_words(tmp_path / "words.npz", changed, "ab" * 32)
+    loaded, made_by = load_words(tmp_path / "words.npz")
+    assert made_by == "ab" * 32 and loaded.product_ids == changed.product_ids
+    np.testing.assert_array_equal(loaded.settings_of(changed).similarities(*query), similarities)
 
 
 def test_fusion_leans_on_both_inputs(tiny):
@@ -411,8 +441,6 @@ def test_cross_fitted_scores_come_from_models_that_did_not_read_the_listing():
 
 
 def test_photo_neighbours_are_reranked_by_the_words_when_both_are_sent(tiny, handler):
-    from marketplace_search.text import TextNeighbours
-
     run, _, _, _ = tiny
     model = handler.text_model
     # a vote catalogue over the archive's own listings, each described by words of its category
