@@ -33,7 +33,7 @@ from marketplace_search.models import load_checkpoint, vector_dim
 from marketplace_search.presets import Preprocess, eval_transform
 from marketplace_search.runtime import load_backend
 from marketplace_search.search import Catalogue
-from marketplace_search.text import WEIGHTS_FILE, TextModel
+from marketplace_search.text import TextModel
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class MarketplaceHandler(BaseHandler):
         # as it has a generation embedded by these very weights; its removal list applies either way.
         live = settings.get("live_catalogue")
         words, words_sha256 = (None, None) if self.text_model is None else (
-            self.text_model.neighbours, sha256_file(text_dir / WEIGHTS_FILE))  # a generation's words: these
+            self.text_model.neighbours, self.text_model.reader_sha256)  # a live generation's words: these
         self.live = LiveFollower(live, bundled, sha256_file(checkpoint_path), background=True, text_words=words,
                                  text_sha256=words_sha256) if live else None
         self._served_text: TextModel | None = None

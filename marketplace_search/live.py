@@ -13,8 +13,8 @@ On disk (one folder, LIVE):
     generation.json    number, parent, created, what changed, and "model": the sha256 of the checkpoint
                        whose weights made the vectors
     words.npz          (when the served model reads titles) the listings' TF-IDF rows that the text model
-                       finds and votes with (marketplace_search.text.save_words), and the sha256 of the text
-                       model that made them: listings added live are found by their words too
+                       finds and votes with (marketplace_search.text.save_words), and the reader_sha256 of
+                       the text model that made them: listings added live are found by their words too
   .lock                held by writers (scripts.catalogue) so two changes never interleave
 
 A worker (LiveFollower) checks the stat of CURRENT and removed.json at most every CHECK_SECONDS, on
@@ -150,7 +150,7 @@ def writer_lock(live: Path):
 @dataclass
 class Generation:
     """A loaded generation: its catalogue (whole, no removals applied), exact vectors and generation.json,
-    and its listings' words with the sha256 of the text model that made them (None, None: no words)."""
+    and its listings' words with the reader_sha256 of the text model that made them (None, None: no words)."""
 
     number: int
     catalogue: Catalogue
@@ -183,7 +183,7 @@ def write_generation(live: Path, vectors: np.ndarray, image_ids: list[str], list
                      weights_sha256: str, change: dict, index_type: str = "auto", meta: dict | None = None,
                      words: TextNeighbours | None = None, words_sha256: str | None = None) -> int:
     """Build and publish the next generation of LIVE; returns its number. The caller holds writer_lock.
-    WORDS: its listings' words (with the sha256 of the text model that made them), when the model reads titles.
+    WORDS: its listings' words (with the reader_sha256 of the text model that made them), when the model reads titles.
 
     The folder is complete on disk (fsynced, renamed into place) before CURRENT names it.
     """
@@ -202,7 +202,7 @@ def write_generation(live: Path, vectors: np.ndarray, image_ids: list[str], list
     info.update(photos=len(image_ids), listings=len({listing["product_id"] for listing in catalogue.listings.values()}),
                 index=catalogue.meta["index"]["type"])
     if words is not None:
-        info["words"] = {"listings": len(words.product_ids), "text_model_sha256": words_sha256}
+        info["words"] = {"listings": len(words.product_ids), "reader_sha256": words_sha256}
     staging = Path(tempfile.mkdtemp(prefix=f".{generation_name(number)}.", suffix=".tmp", dir=live))
     try:
         catalogue.save(staging / CATALOGUE_DIR)
@@ -262,9 +262,9 @@ class LiveFollower:
     (a large catalogue takes seconds to load and verify), swapped in on the first batch after it is
     loaded. Either way at most two generations are in memory, and only while one loads.
 
-    `text_words` (the served text model's TextNeighbours) and `text_sha256` (its text_model.npz's): a
-    generation's words made by that text model are served with its settings; without them, or made by
-    another, the generation is served without its words (the text model keeps the archive's).
+    `text_words` (the served text model's TextNeighbours) and `text_sha256` (its reader_sha256): a
+    generation's words made by a text model with that reader are served with its settings; without them,
+    or made by another, the generation is served without its words (the text model keeps the archive's).
     """
 
     def __init__(self, live: Path | str, bundled: Catalogue, weights_sha256: str,
@@ -382,7 +382,7 @@ class LiveFollower:
             return None
         words, made_by = load_words(path)
         if made_by != self.text_sha256 or words.width != self.text_words.width:
-            logger.warning("live catalogue %s: generation %s's words were made by text model sha256 %s, this "
+            logger.warning("live catalogue %s: generation %s's words were made by a text model reading with sha256 %s, this "
                            "worker reads with %s: its listings are found by their photos, words from the archive's "
                            "text model", self.live, name, made_by[:12], str(self.text_sha256)[:12])
             return None

@@ -19,6 +19,7 @@ On disk (a folder, shipped whole in the archive; plain JSON and a numpy .npz, no
   text_model.npz    idf of each block, classifier weights and bias, each calibration's A and b, the
                     catalogue listings' TF-IDF rows by column (CSC: indptr, rows, values) and labels
 """
+import hashlib
 import json
 import re
 import unicodedata
@@ -262,6 +263,18 @@ class TextModel:
         if self.coef.shape != (len(self.classes), width):
             raise ValueError(f"text model weights are {self.coef.shape}, expected ({len(self.classes)}, {width})")
 
+    @cached_property
+    def reader_sha256(self) -> str:
+        """The sha256 of how this model turns a text into its TF-IDF row (n-grams, vocabularies, idf): the
+        rows of two models with the same reader are the same, so listings' words made by one serve the
+        other (a refreshed version's text model, whose classifier and catalogue may differ)."""
+        digest = hashlib.sha256(json.dumps([list(WORD_NGRAMS), list(CHAR_NGRAMS),
+                                            sorted(self.word_vocabulary, key=self.word_vocabulary.get),
+                                            sorted(self.char_vocabulary, key=self.char_vocabulary.get)]).encode())
+        for idf in (self.word_idf, self.char_idf):
+            digest.update(np.ascontiguousarray(idf, np.float32).tobytes())
+        return digest.hexdigest()
+
     def block(self, terms: list[str], vocabulary: dict[str, int], idf: np.ndarray,
               offset: int) -> tuple[np.ndarray, np.ndarray]:
         """(columns, L2-normalised sublinear TF-IDF values) of the known terms."""
@@ -379,20 +392,20 @@ class TextModel:
                        neighbours)
 
 
-def save_words(path: Path | str, words: TextNeighbours, text_model_sha256: str) -> None:
-    """The listings' rows of WORDS (not its settings, which are the model's) and the sha256 of the text
-    model (its text_model.npz) whose vocabulary and idf made them: a live catalogue generation's words."""
+def save_words(path: Path | str, words: TextNeighbours, reader_sha256: str) -> None:
+    """The listings' rows of WORDS (not its settings, which are the model's) and the reader_sha256 of the
+    text model that made them (TextModel.reader_sha256): a live catalogue generation's words."""
     np.savez(path, product_ids=np.asarray(words.product_ids, dtype=str), labels=words.labels.astype(np.int32),
              indptr=words.indptr.astype(np.int64), rows=words.rows.astype(np.int32),
-             values=words.values.astype(np.float32), text_model_sha256=np.asarray(text_model_sha256))
+             values=words.values.astype(np.float32), reader_sha256=np.asarray(reader_sha256))
 
 
 def load_words(path: Path | str) -> tuple[TextNeighbours, str]:
-    """(the rows save_words wrote, with default settings; the sha256 of the text model that made them)."""
+    """(the rows save_words wrote, with default settings; the reader_sha256 of the text model that made them)."""
     with np.load(path, allow_pickle=False) as arrays:
         words = TextNeighbours(arrays["product_ids"].tolist(), arrays["labels"], arrays["indptr"], arrays["rows"],
                                arrays["values"])
-        return words, str(arrays["text_model_sha256"])
+        return words, str(arrays["reader_sha256"])
 
 
 def calibration_features(scores: np.ndarray, photo: np.ndarray | None = None,

@@ -120,8 +120,8 @@ def run_vectors(run: Path, catalogue: Catalogue) -> np.ndarray:
 
 
 def served_text_model(args, scratch: Path) -> tuple[TextModel | None, str | None]:
-    """(the text model the archive's or run's workers read words with, the sha256 of its text_model.npz);
-    (None, None) for a model without one, or one without a catalogue of words."""
+    """(the text model the archive's or run's workers read words with, its reader_sha256); (None, None)
+    for a model without one, or one without a catalogue of words."""
     if args.archive and not args.archive.is_dir():
         with zipfile.ZipFile(args.archive) as members:
             names = [f"{ARCHIVE_TEXT_MODEL}/{name}" for name in (MODEL_FILE, WEIGHTS_FILE)]
@@ -135,7 +135,7 @@ def served_text_model(args, scratch: Path) -> tuple[TextModel | None, str | None
     if not (folder / WEIGHTS_FILE).is_file():
         return None, None
     model = TextModel.load(folder)
-    return (model, sha256_file(folder / WEIGHTS_FILE)) if model.neighbours is not None else (None, None)
+    return (model, model.reader_sha256) if model.neighbours is not None else (None, None)
 
 
 def extract_catalogue(archive: Path, scratch: Path) -> Path:

@@ -14,7 +14,9 @@ are now, with new ones added, changed ones changed and removed ones gone. Steps:
      the new run records the hashes, so the next refresh compares them;
   3. a new RUN folder WORK/model_evaluation/<timestamp>/: RUN's weights/best.pt, embeddings/ and
      index/ over the whole new catalogue (removed listings gone, changed metadata updated),
-     RUN's evaluation.json (its figures are those of RUN's test split), run.json naming RUN;
+     RUN's evaluation.json (its figures are those of RUN's test split), run.json naming RUN, and
+     RUN's text model when it has one, its listings' words rebuilt over the new catalogue (title +
+     description, as training.text builds them), so new listings are found by their words too;
   4. the archive STORE/<name>-v<version>.mar;
   5. with --release, scripts.versions' release: register beside the current version, wait READY,
      warm, canary, make it the default. The old default answers /predictions/NAME until then and
@@ -41,11 +43,13 @@ from training import photos, tables
 from training.dataset import drop_missing_photos
 from training.embed import embed_rows, hash_photos, load_embeddings, load_photo_hashes, save_embeddings
 from training.index import listing_metadata
+from training.text import catalogue_neighbours, read_listings
 from marketplace_search.models import load_checkpoint, sha256_file
 from marketplace_search.presets import Preprocess
-from marketplace_search.layout import (CHECKPOINT, EMBEDDINGS_DIR, EVALUATION, INDEX_DIR, new_run_dir, read_run_info,
-                                       update_run_info)
+from marketplace_search.layout import (CHECKPOINT, EMBEDDINGS_DIR, EVALUATION, INDEX_DIR, TEXT_MODEL_DIR, new_run_dir,
+                                       read_run_info, update_run_info)
 from marketplace_search.search import LISTING_FIELDS, Catalogue, INDEX_TYPES, make_catalogue
+from marketplace_search.text import TextModel
 
 DEFAULT_PHOTO_SIZE = 512  # training.photos' default
 
@@ -152,6 +156,7 @@ def write_run(run_dir: Path, work_dir: Path, data_dir: Path, table: pd.DataFrame
     catalogue = make_catalogue(vectors, image_ids, listing_metadata(table),
                                {"model": model, "run": new_run.name, "refresh_of": run_dir.name}, index_type)
     catalogue.save(new_run / INDEX_DIR)
+    refresh["text_model"] = refresh_text_model(run_dir, new_run, catalogue, work_dir)
     shutil.copy2(run_dir / EVALUATION, new_run / EVALUATION)
     info = read_run_info(run_dir)
     update_run_info(new_run, **{key: info[key] for key in ("classes", "config", "weights_source", "train")
@@ -160,6 +165,27 @@ def write_run(run_dir: Path, work_dir: Path, data_dir: Path, table: pd.DataFrame
                     evaluation=f"{EVALUATION} copied from {run_dir.name}: figures of its test split, not re-measured",
                     refresh=refresh)
     return new_run
+
+
+def refresh_text_model(run_dir: Path, new_run: Path, catalogue: Catalogue, work_dir: Path) -> dict | None:
+    """RUN's text model (None when it has none) into NEW_RUN, with its listings' words rebuilt over
+    CATALOGUE (title + description from WORK's listings.csv) as training.text builds them: the refreshed
+    version finds its new and renamed listings by their words, and not the removed ones. Its classifier,
+    calibrations, settings and figures are RUN's, and so is how it reads text (TextModel.reader_sha256),
+    so a live catalogue's words serve both versions."""
+    if not (run_dir / TEXT_MODEL_DIR).is_dir():
+        return None
+    model = TextModel.load(run_dir / TEXT_MODEL_DIR)
+    if model.neighbours is None:
+        model.save(new_run / TEXT_MODEL_DIR)
+        return {"listings_by_words": 0}
+    started = time.perf_counter()
+    model.neighbours = catalogue_neighbours(model, catalogue, read_listings(work_dir)).settings_of(model.neighbours)
+    model.save(new_run / TEXT_MODEL_DIR)
+    products = {listing["product_id"] for listing in catalogue.listings.values()}
+    return {"listings_by_words": len(model.neighbours.product_ids),
+            "unknown_category": len(products) - len(model.neighbours.product_ids),
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 def refresh_run(run_dir: Path, data_dir: Path, work_dir: Path, *, size: int | None = None, workers: int = 2,
@@ -212,6 +238,11 @@ def format_refresh(refresh: dict) -> str:
              f"photos: {photo_counts['catalogue']} in the catalogue: {photo_counts['reused']} reused, "
              f"{photo_counts['embedded']} embedded ({photo_counts['changed']} of them changed photos); "
              f"{photo_counts['dropped']} dropped with their listings"]
+    text = refresh.get("text_model")
+    if text is not None:
+        lines.append(f"text model: its words rebuilt over the catalogue, {text['listings_by_words']} listings"
+                     + (f" ({text['unknown_category']} of an unknown category left out)"
+                        if text.get("unknown_category") else ""))
     if refresh["categories_unknown_to_model"]:
         lines.append(f"note: categories the model was not trained on (searchable, never predicted): "
                      f"{', '.join(refresh['categories_unknown_to_model'])}")

@@ -438,4 +438,4 @@ def test_listings_added_live_are_found_by_their_words(tmp_path, caplog):
                                  text_words=bundled_words, text_sha256="0" * 64)
     with caplog.at_level(logging.WARNING, logger="marketplace_search.live"):
         assert follower.current().generation == 3 and follower.current().words is None
-    assert "made by text model sha256" in caplog.text
+    assert "made by a text model reading with sha256" in caplog.text

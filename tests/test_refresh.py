@@ -23,6 +23,7 @@ from tests.serving_fixtures import TINY_PREPROCESS, running_server
 from training import dataset, embed, index, photos, tables
 from marketplace_search.models import MarketplaceNet, save_checkpoint
 from marketplace_search.layout import new_run_dir, update_run_info
+from marketplace_search.search import Catalogue, make_catalogue
 from training.sample import make_sample_catalogue
 
 NAME = "marketplace"
@@ -272,3 +273,43 @@ def test_vectors_without_photo_hashes_are_reused_with_a_warning(old, tmp_path, c
     assert summary["photos"]["reused"] == 24 and summary["photos"]["unverified"] == 24
     assert "24 reused vectors could not be checked" in capsys.readouterr().out
     assert len(json.loads((new_run / "embeddings" / "photo_sha256.json").read_text())) == 24
+
+
+def test_a_refreshed_text_model_finds_the_new_catalogue_by_its_words(tmp_path):
+    from marketplace_search.text import TextModel
+    from tests.serving_fixtures import make_tiny_run
+    from training.tiny_run import make_tiny_text_model
+
+    run = make_tiny_run(tmp_path / "runs" / "2025-01-31_142233", seed=0)
+    model = make_tiny_text_model(run.run_dir)
+    old = Catalogue.load(run.run_dir / "index")
+    # the new catalogue: prod-000 gone, prod-001 renamed, one new listing (with the photo vector of another)
+    kept = [image_id for image_id in old.image_ids if old.listings[image_id]["product_id"] != "prod-000"]
+    listings = {image_id: dict(old.listings[image_id]) for image_id in kept}
+    for listing in listings.values():
+        if listing["product_id"] == "prod-001":
+            listing.update(title="Drum violin", category="Music")
+    listings["new-photo"] = {**listings[kept[0]], "product_id": "new-001", "title": "Spade", "category": "Garden"}
+    vectors = old.index.reconstruct_n(0, old.index.ntotal)
+    rows = [old.image_ids.index(image_id) for image_id in kept]
+    catalogue = make_catalogue(np.concatenate([vectors[rows], vectors[rows[:1]]]), kept + ["new-photo"], listings,
+                               {}, "flat")
+    work = tmp_path / "work"
+    (work / "tables").mkdir(parents=True)
+    products = {listing["product_id"]: listing for listing in listings.values()}
+    pd.DataFrame([{"product_id": p, "title": listing["title"], "category": listing["category"],
+                   "description": "wooden lawnmower" if p == "new-001" else ""} for p, listing in products.items()]
+                 ).to_csv(work / "tables" / "listings.csv", index=False)
+    new_run = tmp_path / "new_run"
+    info = refresh.refresh_text_model(run.run_dir, new_run, catalogue, work)
+    refreshed = TextModel.load(new_run / "text_model")
+    assert info["listings_by_words"] == len(products) and sorted(refreshed.neighbours.product_ids) == sorted(products)
+    assert refreshed.reader_sha256 == model.reader_sha256  # a live catalogue's words serve both versions
+    np.testing.assert_array_equal(refreshed.coef, model.coef)
+    assert (refreshed.neighbours.k, refreshed.neighbours.fill) == (model.neighbours.k, model.neighbours.fill)
+
+    def nearest(text):
+        return refreshed.neighbours.nearest(refreshed.read(text).similarities, 1)[0][0]
+
+    assert nearest("drum violin") == "prod-001" and nearest("spade lawnmower") == "new-001"  # title + description
+    assert refreshed.neighbours.labels[refreshed.neighbours.position["prod-001"]] == model.classes.index("Music")
