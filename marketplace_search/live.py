@@ -175,7 +175,8 @@ def load_generation(live: Path, name: str | None = None) -> Generation:
     if vectors.shape[0] != catalogue.index.ntotal:
         raise ValueError(f"{live / name / VECTORS_FILE} holds {vectors.shape[0]} vectors, its catalogue "
                          f"{catalogue.index.ntotal}: the generation is damaged")
-    words, words_sha256 = load_words(live / name / WORDS_FILE) if (live / name / WORDS_FILE).is_file() else (None, None)
+    words, words_sha256 = (load_words(live / name / WORDS_FILE) if (live / name / WORDS_FILE).is_file()
+                           else (None, None))
     return Generation(info["number"], catalogue, vectors, info, words, words_sha256)
 
 
@@ -183,7 +184,8 @@ def write_generation(live: Path, vectors: np.ndarray, image_ids: list[str], list
                      weights_sha256: str, change: dict, index_type: str = "auto", meta: dict | None = None,
                      words: TextNeighbours | None = None, words_sha256: str | None = None) -> int:
     """Build and publish the next generation of LIVE; returns its number. The caller holds writer_lock.
-    WORDS: its listings' words (with the reader_sha256 of the text model that made them), when the model reads titles.
+    WORDS: its listings' words (with the reader_sha256 of the text model that made them), when the model reads
+    titles.
 
     The folder is complete on disk (fsynced, renamed into place) before CURRENT names it.
     """
@@ -382,8 +384,8 @@ class LiveFollower:
             return None
         words, made_by = load_words(path)
         if made_by != self.text_sha256 or words.width != self.text_words.width:
-            logger.warning("live catalogue %s: generation %s's words were made by a text model reading with sha256 %s, this "
-                           "worker reads with %s: its listings are found by their photos, words from the archive's "
-                           "text model", self.live, name, made_by[:12], str(self.text_sha256)[:12])
+            logger.warning("live catalogue %s: generation %s's words were made by a text model reading with sha256 "
+                           "%s, this worker reads with %s: its listings are found by their photos, words from the "
+                           "archive's text model", self.live, name, made_by[:12], str(self.text_sha256)[:12])
             return None
         return words.settings_of(self.text_words)

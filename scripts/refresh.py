@@ -17,7 +17,9 @@ are now, with new ones added, changed ones changed and removed ones gone. Steps:
      RUN's evaluation.json (its figures are those of RUN's test split), run.json naming RUN, and
      RUN's text model when it has one, its listings' words rebuilt over the new catalogue (title +
      description, as training.text builds them), so new listings are found by their words too;
-  4. the archive STORE/<name>-v<version>.mar;
+  4. the archive STORE/<name>-v<version>.mar; its backend's accuracy guard (scripts.archive) reads the
+     test split of RUN's own work folder (run.json's "work"; of the run RUN refreshed, for a refresh of
+     a refresh), or --guard-work: the weights are RUN's, so is the split they were measured on;
   5. with --release, scripts.versions' release: register beside the current version, wait READY,
      warm, canary, make it the default. The old default answers /predictions/NAME until then and
      stays registered (python -m scripts.versions rollback NAME undoes the release).
@@ -40,7 +42,7 @@ from scripts import api
 from scripts.api import DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL
 from scripts.versions import HISTORY_FILE, ReleaseError, release
 from training import photos, tables
-from training.dataset import drop_missing_photos
+from training.dataset import SPLIT_FILE, drop_missing_photos
 from training.embed import embed_rows, hash_photos, load_embeddings, load_photo_hashes, save_embeddings
 from training.index import listing_metadata
 from training.text import catalogue_neighbours, read_listings
@@ -231,6 +233,19 @@ def refresh_run(run_dir: Path, data_dir: Path, work_dir: Path, *, size: int | No
     return new_run, refresh
 
 
+def guard_work(run_dir: Path) -> Path | None:
+    """The work folder with the test split RUN's weights were measured on: RUN's own (run.json's "work"),
+    or for a refreshed run that of the run it refreshed, and so on; None when none has a split."""
+    seen = set()
+    while run_dir is not None and run_dir not in seen:
+        seen.add(run_dir)
+        info = read_run_info(run_dir)
+        if info.get("work") and (Path(info["work"]) / SPLIT_FILE).is_file():
+            return Path(info["work"])
+        run_dir = Path(info["refresh_of"]).resolve() if info.get("refresh_of") else None
+    return None
+
+
 def format_refresh(refresh: dict) -> str:
     listings, photo_counts = refresh["listings"], refresh["photos"]
     lines = [f"listings: {listings['added']} added, {listings['removed']} removed, {listings['changed']} changed, "
@@ -270,7 +285,9 @@ def main(argv=None) -> dict:
                              "weights, so the same folder as the version it refreshes")
     parser.add_argument("--runtime", choices=RUNTIMES, default=RUNTIME, help="archive: inference backend")
     parser.add_argument("--precision", choices=PRECISIONS, default=PRECISION,
-                        help="archive: inference precision (checked against fp32 on WORK's test split)")
+                        help="archive: inference precision (checked against fp32 on RUN's test split)")
+    parser.add_argument("--guard-work", type=Path,
+                        help="work folder whose test split the accuracy guard reads (default: RUN's, from run.json)")
     parser.add_argument("--release", action="store_true", help="register, canary and make the new version default")
     parser.add_argument("--management-url", default=DEFAULT_MANAGEMENT_URL)
     parser.add_argument("--inference-url", default=DEFAULT_INFERENCE_URL)
@@ -282,6 +299,11 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if not args.store.is_dir():
         raise SystemExit(f"model store {args.store} is not a folder")
+    checked_on = args.guard_work or guard_work(Path(args.run).resolve())
+    if checked_on is None and (args.runtime, args.precision) != ("torch", "fp32"):
+        raise SystemExit(f"the {args.runtime} {args.precision} archive's accuracy guard needs the test split of "
+                         f"{args.run}'s work folder and run.json names none with a {SPLIT_FILE}: pass --guard-work "
+                         f"WORK, or --runtime torch --precision fp32")
 
     new_run, refresh = refresh_run(args.run, args.data, args.work, size=args.size, workers=args.workers,
                                    embed_batch_size=args.embed_batch_size, index_type=args.index_type)
@@ -289,7 +311,7 @@ def main(argv=None) -> dict:
     print(f"run: {new_run}")
     mar = build_archive(new_run, args.store, args.name, args.version, args.output_name,
                         batch_size=args.batch_size, max_batch_delay=args.max_batch_delay, runtime=args.runtime,
-                        precision=args.precision, live_catalogue=args.live_catalogue)
+                        precision=args.precision, work_dir=checked_on, live_catalogue=args.live_catalogue)
     print(f"archive: {mar} ({mar.stat().st_size / 1e6:.1f} MB)")
     summary = {"run": str(new_run), "archive": str(mar), **refresh}
     if args.release:

@@ -313,3 +313,22 @@ def test_a_refreshed_text_model_finds_the_new_catalogue_by_its_words(tmp_path):
 
     assert nearest("drum violin") == "prod-001" and nearest("spade lawnmower") == "new-001"  # title + description
     assert refreshed.neighbours.labels[refreshed.neighbours.position["prod-001"]] == model.classes.index("Music")
+
+
+def test_the_archive_guard_reads_the_test_split_of_the_run_the_weights_come_from(tmp_path):
+    original_work, refresh_work = tmp_path / "work", tmp_path / "refresh"
+    original = new_run_dir(original_work)
+    (original_work / "split.csv").write_text("image_id,product_id,label,split\n")
+    update_run_info(original, work=str(original_work))
+    first = new_run_dir(refresh_work)  # a refresh: its work folder has tables and photos, no split
+    update_run_info(first, work=str(refresh_work), refresh_of=str(original))
+    second = new_run_dir(tmp_path / "again")  # a refresh of the refresh
+    update_run_info(second, work=str(tmp_path / "again"), refresh_of=str(first))
+    assert refresh.guard_work(original) == refresh.guard_work(first) == refresh.guard_work(second) == original_work
+    (original_work / "split.csv").unlink()
+    assert refresh.guard_work(second) is None
+    store = tmp_path / "store"
+    store.mkdir()
+    with pytest.raises(SystemExit, match="--guard-work"):  # said before any work is done
+        refresh.main(["--run", str(second), "--data", str(tmp_path / "data"), "--work", str(tmp_path / "w"),
+                      "--store", str(store), "--version", "2.0", "--runtime", "openvino", "--precision", "bf16"])
