@@ -234,14 +234,16 @@ def refresh_run(run_dir: Path, data_dir: Path, work_dir: Path, *, size: int | No
 
 
 def guard_work(run_dir: Path) -> Path | None:
-    """The work folder with the test split RUN's weights were measured on: RUN's own (run.json's "work"),
-    or for a refreshed run that of the run it refreshed, and so on; None when none has a split."""
+    """The work folder with the test split RUN's weights were measured on: RUN's own (run.json's "work", else
+    the folder RUN lies in, WORK/model_evaluation/<timestamp>), or for a refreshed run that of the run it
+    refreshed, and so on; None when none has a split."""
     seen = set()
     while run_dir is not None and run_dir not in seen:
         seen.add(run_dir)
         info = read_run_info(run_dir)
-        if info.get("work") and (Path(info["work"]) / SPLIT_FILE).is_file():
-            return Path(info["work"])
+        for work in ([Path(info["work"])] if info.get("work") else []) + [run_dir.parents[1]]:
+            if (work / SPLIT_FILE).is_file():
+                return work
         run_dir = Path(info["refresh_of"]).resolve() if info.get("refresh_of") else None
     return None
 

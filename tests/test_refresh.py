@@ -186,6 +186,8 @@ def test_refresh_released_without_downtime(old, tmp_path):
         assert failures == [] and "1.0" in prober.outcomes and prober.outcomes[-1] == "2.0"
         assert prober.outcomes == sorted(prober.outcomes)  # 1.0 until the switch, 2.0 after
 
+        # a non-fp32 backend's guard would read the old run's test split: the refresh's work folder has none
+        assert refresh.guard_work(Path(summary["run"])) == refresh.guard_work(old.run) == old.work.resolve()
         registered = {d["modelVersion"] for d in api.describe(server, NAME, "all")}
         assert registered == {"1.0", "2.0"} and api.describe(server, NAME)[0]["modelVersion"] == "2.0"
 
