@@ -33,6 +33,7 @@ import shutil
 import tempfile
 import threading
 import time
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -382,7 +383,12 @@ class LiveFollower:
         path = self.live / name / WORDS_FILE
         if self.text_words is None or not path.is_file():
             return None
-        words, made_by = load_words(path)
+        try:
+            words, made_by = load_words(path)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+            logger.error("live catalogue %s: generation %s's words are unreadable (%s): its listings are found by "
+                         "their photos, words from the archive's text model", self.live, name, error)
+            return None
         if made_by != self.text_sha256 or words.width != self.text_words.width:
             logger.warning("live catalogue %s: generation %s's words were made by a text model reading with sha256 "
                            "%s, this worker reads with %s: its listings are found by their photos, words from the "

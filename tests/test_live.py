@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import re
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -396,7 +397,7 @@ def test_listings_added_live_are_found_by_their_words(tmp_path, caplog):
     folder = tmp_path / "live"
     mar = archive_tiny_run(run, tmp_path / "store", live_catalogue=folder)
     seeded = cli.main(["--live", str(folder), "init", "--archive", str(mar)])
-    bundled_words = live.load_generation(folder).words
+    bundled_words, bundled_words_sha = live.load_generation(folder).words, live.load_generation(folder).words_sha256
     assert seeded["listings_by_words"] == len(bundled_words.product_ids) > 0
     handler = load_local_handler(extract_archive(mar, tmp_path / "model"))
     title = "wooden drum violin mirror spade"  # no generated listing is called this
@@ -433,6 +434,16 @@ def test_listings_added_live_are_found_by_their_words(tmp_path, caplog):
     compacted = live.load_generation(folder).words
     assert "new-0000" not in compacted.product_ids and "new-0001" in compacted.product_ids
     assert len(compacted.product_ids) == len(bundled_words.product_ids) + 1
+    # damaged words: the generation still serves its photos, with the archive's words (logged)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    current = live.read_current(damaged)["name"]
+    (damaged / current / "words.npz").write_bytes(b"not a numpy archive")
+    follower = live.LiveFollower(damaged, Catalogue.load(run.run_dir / "index"), sha256_file(run.run_dir / CHECKPOINT),
+                                 text_words=bundled_words, text_sha256=bundled_words_sha)
+    with caplog.at_level(logging.ERROR, logger="marketplace_search.live"):
+        assert follower.current().generation == 3 and follower.current().words is None
+    assert "words are unreadable" in caplog.text
     # words made by another text model are left aside: the generation serves its photos, the archive's words
     follower = live.LiveFollower(folder, Catalogue.load(run.run_dir / "index"), sha256_file(run.run_dir / CHECKPOINT),
                                  text_words=bundled_words, text_sha256="0" * 64)
