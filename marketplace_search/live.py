@@ -176,8 +176,12 @@ def load_generation(live: Path, name: str | None = None) -> Generation:
     if vectors.shape[0] != catalogue.index.ntotal:
         raise ValueError(f"{live / name / VECTORS_FILE} holds {vectors.shape[0]} vectors, its catalogue "
                          f"{catalogue.index.ntotal}: the generation is damaged")
-    words, words_sha256 = (load_words(live / name / WORDS_FILE) if (live / name / WORDS_FILE).is_file()
-                           else (None, None))
+    words, words_sha256 = None, None
+    if (live / name / WORDS_FILE).is_file():
+        try:
+            words, words_sha256 = load_words(live / name / WORDS_FILE)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:  # the next `add` writes them anew
+            logger.warning("live catalogue %s: generation %s's words are unreadable (%s): left out", live, name, error)
     return Generation(info["number"], catalogue, vectors, info, words, words_sha256)
 
 
