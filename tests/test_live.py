@@ -444,6 +444,7 @@ def test_listings_added_live_are_found_by_their_words(tmp_path, caplog):
     with caplog.at_level(logging.ERROR, logger="marketplace_search.live"):
         assert follower.current().generation == 3 and follower.current().words is None
     assert "words are unreadable" in caplog.text
+    assert live.load_generation(damaged).words is None  # writers too: the next add writes them anew
     # words made by another text model are left aside: the generation serves its photos, the archive's words
     follower = live.LiveFollower(folder, Catalogue.load(run.run_dir / "index"), sha256_file(run.run_dir / CHECKPOINT),
                                  text_words=bundled_words, text_sha256="0" * 64)
