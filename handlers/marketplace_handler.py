@@ -71,7 +71,7 @@ class MarketplaceHandler(BaseHandler):
         bundled = Catalogue.load(required_path(model_dir, ARCHIVE_CATALOGUE))
         self.category_blend = CategoryBlend.from_dict(settings.get("category_blend"))
         # The title/description model, when the run trained one (archives before it: photos only).
-        text_dir = model_dir / ARCHIVE_TEXT_MODEL
+        text_dir = self.text_dir = model_dir / ARCHIVE_TEXT_MODEL
         self.text_model = TextModel.load(text_dir) if text_dir.is_dir() else None
         if self.text_model is not None and self.text_model.classes != checkpoint["classes"]:
             raise ValueError(f"{text_dir} was trained on other categories than {checkpoint_path.name}")
@@ -86,6 +86,7 @@ class MarketplaceHandler(BaseHandler):
         self.live = LiveFollower(live, bundled, sha256_file(checkpoint_path), background=True, text_words=words,
                                  text_sha256=words_sha256) if live else None
         self._served_text: TextModel | None = None
+        self._archive_words_released = False
         self.served = self.live.current() if self.live else Served(bundled, BUNDLED)
         # TorchServe's Context knows the registered name; its unit-test MockContext does not.
         self.model_info = {"name": getattr(context, "model_name", None) or self.manifest["model"].get("modelName"),
@@ -108,12 +109,23 @@ class MarketplaceHandler(BaseHandler):
     @property
     def served_text_model(self) -> TextModel | None:
         """The text model this batch reads words with: the archive's, finding and voting with the served live
-        generation's listings when it has their words (listings added live are found by words too)."""
+        generation's listings when it has their words (listings added live are found by words too).
+
+        While a generation's words serve, the archive's own are let go (they are as large: 590 MB a worker at
+        100k listings) and read again from the archive if a generation without words is served later."""
         words = self.served.words
-        if words is None or self.text_model is None:
+        if self.text_model is None:
+            return None
+        if words is None:
+            if self._archive_words_released:
+                self.text_model, self._archive_words_released = TextModel.load(self.text_dir), False
+                logger.info("serving the archive's own words again (generation %d has none)", self.served.generation)
             return self.text_model
         if self._served_text is None or self._served_text.neighbours is not words:
             self._served_text = dataclasses.replace(self.text_model, neighbours=words)
+            if not self._archive_words_released and self.text_model.neighbours is not None:
+                self.text_model = dataclasses.replace(self.text_model, neighbours=None)
+                self._archive_words_released = True
         return self._served_text
 
     def preprocess(self, data):

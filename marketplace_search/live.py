@@ -280,7 +280,9 @@ class LiveFollower:
         self.live = Path(live)
         self.bundled = bundled
         self.weights_sha256 = weights_sha256
-        self.text_words, self.text_sha256 = text_words, text_sha256
+        # their settings and width only (no listings): the handler lets the archive's words go while these serve
+        self.text_words = None if text_words is None else text_words.changed(drop=text_words.product_ids)
+        self.text_sha256 = text_sha256
         self.words: TextNeighbours | None = None
         self.check_seconds = check_seconds
         self.clock = clock

@@ -420,6 +420,7 @@ def test_listings_added_live_are_found_by_their_words(tmp_path, caplog):
     wait_generation(2)
     first = by_words()["neighbours"][0]
     assert first["product_id"] == "new-0000" and first["word_similarity"] > 0.8  # its title + "as new"
+    assert handler.text_model.neighbours is None  # the archive's words let go while the generation's serve
     assert by_words(category="Garden")["neighbours"][0]["product_id"] != "new-0000"  # listed under Home
     # photo + words: the new listing's own photo and title find it first, with both similarities
     photo = (tmp_path / "new" / "images" / "new-photo-0000.jpg").read_bytes()
@@ -434,6 +435,11 @@ def test_listings_added_live_are_found_by_their_words(tmp_path, caplog):
     compacted = live.load_generation(folder).words
     assert "new-0000" not in compacted.product_ids and "new-0001" in compacted.product_ids
     assert len(compacted.product_ids) == len(bundled_words.product_ids) + 1
+    # served without a live folder's words again: the archive's are read back, and answer as they did before
+    handler.live, handler.served = None, live.Served(handler.served.catalogue, 3)
+    assert handler.text_model.neighbours is None
+    assert all(not n["product_id"].startswith("new-") for n in by_words()["neighbours"])
+    assert len(handler.text_model.neighbours.product_ids) == len(bundled_words.product_ids)
     # damaged words: the generation still serves its photos, with the archive's words (logged)
     damaged = tmp_path / "damaged"
     shutil.copytree(folder, damaged)
