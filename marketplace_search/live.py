@@ -176,13 +176,21 @@ def load_generation(live: Path, name: str | None = None) -> Generation:
     if vectors.shape[0] != catalogue.index.ntotal:
         raise ValueError(f"{live / name / VECTORS_FILE} holds {vectors.shape[0]} vectors, its catalogue "
                          f"{catalogue.index.ntotal}: the generation is damaged")
-    words, words_sha256 = None, None
-    if (live / name / WORDS_FILE).is_file():
-        try:
-            words, words_sha256 = load_words(live / name / WORDS_FILE)
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:  # the next `add` writes them anew
-            logger.warning("live catalogue %s: generation %s's words are unreadable (%s): left out", live, name, error)
-    return Generation(info["number"], catalogue, vectors, info, words, words_sha256)
+    return Generation(info["number"], catalogue, vectors, info, *generation_words(live, name))
+
+
+def generation_words(live: Path, name: str) -> tuple[TextNeighbours | None, str | None]:
+    """(generation NAME's words, the reader_sha256 of the text model that made them); (None, None) when it has
+    none, or they are unreadable (logged): its listings are then found by photo, by words only as the
+    archive's text model knows them, and the next `add` writes them anew."""
+    path = Path(live) / name / WORDS_FILE
+    if not path.is_file():
+        return None, None
+    try:
+        return load_words(path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        logger.error("live catalogue %s: generation %s's words are unreadable (%s): left out", live, name, error)
+        return None, None
 
 
 def write_generation(live: Path, vectors: np.ndarray, image_ids: list[str], listings: dict[str, dict],
@@ -386,14 +394,10 @@ class LiveFollower:
         return catalogue, self.load_words(name)
 
     def load_words(self, name: str) -> TextNeighbours | None:
-        path = self.live / name / WORDS_FILE
-        if self.text_words is None or not path.is_file():
+        if self.text_words is None:
             return None
-        try:
-            words, made_by = load_words(path)
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
-            logger.error("live catalogue %s: generation %s's words are unreadable (%s): its listings are found by "
-                         "their photos, words from the archive's text model", self.live, name, error)
+        words, made_by = generation_words(self.live, name)
+        if words is None:
             return None
         if made_by != self.text_sha256 or words.width != self.text_words.width:
             logger.warning("live catalogue %s: generation %s's words were made by a text model reading with sha256 "

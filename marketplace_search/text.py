@@ -23,7 +23,7 @@ import hashlib
 import json
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -32,6 +32,9 @@ import numpy as np
 MODEL_FILE = "text_model.json"
 WEIGHTS_FILE = "text_model.npz"
 WORDS_FILE = "words.npz"  # a live catalogue generation's listings as TextNeighbours rows (save_words)
+# TextNeighbours' arrays as stored: in WORDS_FILE by these names, in WEIGHTS_FILE after NEIGHBOURS_PREFIX
+ROW_ARRAYS = {"labels": np.int32, "indptr": np.int64, "rows": np.int32, "values": np.float32}
+NEIGHBOURS_PREFIX = "neighbours:"
 FORMAT = "tfidf-linear/2"
 FORMATS = ("tfidf-linear/1", FORMAT)  # /1: no catalogue vote
 VOTE_FLOOR = 1e-3  # under the vote's probabilities before the log: a category no neighbour has
@@ -116,17 +119,38 @@ class TextNeighbours:
         self.position = {product_id: row for row, product_id in enumerate(self.product_ids)}
 
     @classmethod
-    def from_rows(cls, product_ids: list[str], labels, feature_rows, width: int, k: int = 20,
-                  temperature: float = 0.05, rerank_weight: float = 0.0, fill: bool = False) -> "TextNeighbours":
-        """From each listing's (columns, values), as TextModel.features gives them."""
+    def from_rows(cls, product_ids: list[str], labels, feature_rows, width: int, **settings) -> "TextNeighbours":
+        """From each listing's (columns, values), as TextModel.features gives them; SETTINGS: k, temperature,
+        rerank_weight, fill."""
         columns = np.concatenate([columns for columns, _ in feature_rows]).astype(np.int64)
         values = np.concatenate([values for _, values in feature_rows]).astype(np.float32)
         rows = np.repeat(np.arange(len(feature_rows), dtype=np.int32), [len(c) for c, _ in feature_rows])
+        return cls.from_entries(product_ids, labels, columns, rows, values, width, **settings)
+
+    @classmethod
+    def from_entries(cls, product_ids: list[str], labels, columns: np.ndarray, rows: np.ndarray, values: np.ndarray,
+                     width: int, **settings) -> "TextNeighbours":
+        """From the (column, listing row, value) entries of every listing's TF-IDF row, each listing's entries
+        in column order and the listings in row order: stored by column, listings ascending in each."""
         order = np.argsort(columns, kind="stable")
         indptr = np.zeros(width + 1, np.int64)
         np.cumsum(np.bincount(columns, minlength=width), out=indptr[1:])
-        return cls(list(product_ids), np.asarray(labels, np.int32), indptr, rows[order], values[order], k,
-                   temperature, rerank_weight, fill)
+        return cls(list(product_ids), np.asarray(labels, np.int32), indptr, np.asarray(rows, np.int32)[order],
+                   np.asarray(values, np.float32)[order], **settings)
+
+    @classmethod
+    def from_arrays(cls, arrays, product_ids: list[str], prefix: str = "", **settings) -> "TextNeighbours":
+        """From the arrays `arrays(prefix)` gave (an .npz read with allow_pickle=False); SETTINGS as from_rows'."""
+        return cls(list(product_ids), *(arrays[prefix + name] for name in ROW_ARRAYS), **settings)
+
+    def arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+        """The listings' rows as named arrays for an .npz (their product ids and settings are stored apart)."""
+        return {prefix + name: np.asarray(getattr(self, name), dtype) for name, dtype in ROW_ARRAYS.items()}
+
+    @property
+    def settings(self) -> dict:
+        """The vote's and the re-ranking's settings, as from_rows takes them."""
+        return {"k": self.k, "temperature": self.temperature, "rerank_weight": self.rerank_weight, "fill": self.fill}
 
     def similarities(self, columns: np.ndarray, values: np.ndarray) -> np.ndarray:
         """(listings,) cosine similarity of one query row to every catalogue listing (two blocks: / 2)."""
@@ -192,19 +216,13 @@ class TextNeighbours:
             values = np.concatenate([values, *(np.asarray(v, np.float32) for _, v in feature_rows)])
             rows = np.concatenate([rows, int(keep.sum()) + np.repeat(np.arange(len(feature_rows)),
                                                                      [len(c) for c, _ in feature_rows])])
-        # by column, then listing (from_rows' order): the kept entries are in it already, the new ones follow
-        order = np.argsort(columns, kind="stable")
-        indptr = np.zeros(self.width + 1, np.int64)
-        np.cumsum(np.bincount(columns, minlength=self.width), out=indptr[1:])
-        return TextNeighbours([p for p, kept in zip(self.product_ids, keep) if kept] + list(product_ids),
-                              np.concatenate([self.labels[keep], np.asarray(labels, np.int32)]).astype(np.int32),
-                              indptr, rows[order].astype(np.int32), values[order].astype(np.float32), self.k,
-                              self.temperature, self.rerank_weight, self.fill)
+        return TextNeighbours.from_entries([p for p, kept in zip(self.product_ids, keep) if kept] + list(product_ids),
+                                           np.concatenate([self.labels[keep], np.asarray(labels, np.int32)]),
+                                           columns, rows, values, self.width, **self.settings)
 
     def settings_of(self, other: "TextNeighbours") -> "TextNeighbours":
         """These listings with OTHER's vote and re-ranking settings (the served text model's)."""
-        return TextNeighbours(self.product_ids, self.labels, self.indptr, self.rows, self.values, other.k,
-                              other.temperature, other.rerank_weight, other.fill)
+        return replace(self, **other.settings)
 
     def word_similarity(self, product_id: str, similarities: np.ndarray) -> float:
         """The words' cosine to PRODUCT_ID's listing (0 for a listing not in the vote's catalogue)."""
@@ -362,10 +380,7 @@ class TextModel:
             document["neighbours"] = {"product_ids": self.neighbours.product_ids, "k": self.neighbours.k,
                                       "temperature": self.neighbours.temperature,
                                       "rerank_weight": self.neighbours.rerank_weight, "fill": self.neighbours.fill}
-            arrays.update({"neighbours:labels": self.neighbours.labels.astype(np.int32),
-                           "neighbours:indptr": self.neighbours.indptr.astype(np.int64),
-                           "neighbours:rows": self.neighbours.rows.astype(np.int32),
-                           "neighbours:values": self.neighbours.values.astype(np.float32)})
+            arrays.update(self.neighbours.arrays(NEIGHBOURS_PREFIX))
         (directory / MODEL_FILE).write_text(json.dumps(document, ensure_ascii=False))
         np.savez(directory / WEIGHTS_FILE, **arrays)
 
@@ -382,10 +397,10 @@ class TextModel:
             calibrations = {name: (arrays[f"calibration:{name}:A"], arrays[f"calibration:{name}:b"])
                             for name in document["calibrations"]}
             stored = document.get("neighbours")
-            neighbours = None if stored is None else TextNeighbours(
-                stored["product_ids"], arrays["neighbours:labels"], arrays["neighbours:indptr"],
-                arrays["neighbours:rows"], arrays["neighbours:values"], int(stored["k"]), float(stored["temperature"]),
-                float(stored.get("rerank_weight", 0.0)), bool(stored.get("fill", False)))
+            neighbours = None if stored is None else TextNeighbours.from_arrays(
+                arrays, stored["product_ids"], NEIGHBOURS_PREFIX, k=int(stored["k"]),
+                temperature=float(stored["temperature"]), rerank_weight=float(stored.get("rerank_weight", 0.0)),
+                fill=bool(stored.get("fill", False)))
             return cls(document["classes"], {term: i for i, term in enumerate(document["word_vocabulary"])},
                        {term: i for i, term in enumerate(document["char_vocabulary"])}, arrays["word_idf"],
                        arrays["char_idf"], arrays["coef"], arrays["intercept"], calibrations, document["info"],
@@ -395,17 +410,14 @@ class TextModel:
 def save_words(path: Path | str, words: TextNeighbours, reader_sha256: str) -> None:
     """The listings' rows of WORDS (not its settings, which are the model's) and the reader_sha256 of the
     text model that made them (TextModel.reader_sha256): a live catalogue generation's words."""
-    np.savez(path, product_ids=np.asarray(words.product_ids, dtype=str), labels=words.labels.astype(np.int32),
-             indptr=words.indptr.astype(np.int64), rows=words.rows.astype(np.int32),
-             values=words.values.astype(np.float32), reader_sha256=np.asarray(reader_sha256))
+    np.savez(path, product_ids=np.asarray(words.product_ids, dtype=str), **words.arrays(),
+             reader_sha256=np.asarray(reader_sha256))
 
 
 def load_words(path: Path | str) -> tuple[TextNeighbours, str]:
     """(the rows save_words wrote, with default settings; the reader_sha256 of the text model that made them)."""
     with np.load(path, allow_pickle=False) as arrays:
-        words = TextNeighbours(arrays["product_ids"].tolist(), arrays["labels"], arrays["indptr"], arrays["rows"],
-                               arrays["values"])
-        return words, str(arrays["reader_sha256"])
+        return TextNeighbours.from_arrays(arrays, arrays["product_ids"].tolist()), str(arrays["reader_sha256"])
 
 
 def calibration_features(scores: np.ndarray, photo: np.ndarray | None = None,

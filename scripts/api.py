@@ -147,10 +147,11 @@ def prediction_url(target, model: str = "marketplace", version: str | None = Non
     return f"{url}/predictions/{model}" + (f"/{version}" if version else "")
 
 
-def prediction_headers(photo: bytes, token: str | None = None, k: int | None = None, category: str | None = None,
+def prediction_headers(photo: bytes | None, token: str | None = None, k: int | None = None, category: str | None = None,
                        embedding: bool = False, title: str | None = None) -> dict:
-    """Headers of a raw-photo POST; options go as X- headers, since TorchServe drops a POST's query string."""
-    headers = {"Content-Type": content_type(photo), **auth_headers(token)}
+    """Headers of a raw-photo POST (PHOTO None: words alone); options go as X- headers, since TorchServe drops a
+    POST's query string."""
+    headers = {"Content-Type": content_type(photo or b""), **auth_headers(token)}
     if k is not None:
         headers["X-K"] = str(k)
     if category is not None:

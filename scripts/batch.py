@@ -328,7 +328,7 @@ class Target:
     key_file: Path | None = None  # re-read when the server refuses the key (keys expire, and are renewed)
 
     def headers(self, photo: bytes | None) -> dict:
-        return api.prediction_headers(photo or b"", self.token, k=self.k)
+        return api.prediction_headers(photo, self.token, k=self.k)
 
     def renewed_token(self) -> bool:
         """Take the key file's current inference key; True if it differs from the one refused."""
@@ -466,7 +466,7 @@ def answer_local_batch(handler, items: list[Item], k: int, predict, max_file_byt
         sent.append(item)
         data, extra = request_payload(photo, item.words)
         bodies.append({"body": json.loads(data) if extra else photo})  # TorchServe hands JSON over parsed
-        headers.append({**api.prediction_headers(photo or b"", k=k), **extra})
+        headers.append({**api.prediction_headers(photo, k=k), **extra})
     if sent:
         for item, (status, answer) in zip(sent, predict_each_on_failure(handler, bodies, headers, predict), strict=True):
             records[item.key] = answer_record(item, status, answer)

@@ -228,7 +228,7 @@ def add(args) -> dict:
                        & new_products)
         change = {"added_photos": len(table), "added_listings": len(new_products) - replaced,
                   "replaced_listings": replaced, "dropped": dropped, "data": str(args.data.resolve())}
-        words, text_sha256 = added_words(args, scratch, generation, new_listings, work, change)
+        words, text_sha256 = added_words(args, scratch, generation, new_listings, new_products, work, change)
         number = write_generation(args.live, vectors, image_ids, listings, weights, change,
                                   args.index_type or old.meta["index"]["type"], {"model": old.meta.get("model", {})},
                                   words, text_sha256)
@@ -241,7 +241,7 @@ def add(args) -> dict:
             "seconds": timings, "photo_size": size}
 
 
-def added_words(args, scratch: Path, generation, new_listings: dict[str, dict], work: Path,
+def added_words(args, scratch: Path, generation, new_listings: dict[str, dict], new_products: set[str], work: Path,
                 change: dict) -> tuple[TextNeighbours | None, str | None]:
     """The generation's words with the new listings' (title + description) in, when the served model reads
     titles: the current generation's words if its text model made them, else the text model's own (a folder
@@ -251,7 +251,6 @@ def added_words(args, scratch: Path, generation, new_listings: dict[str, dict], 
         return None, None
     base = generation.words if generation.words_sha256 == text_sha256 else text_model.neighbours
     product_ids, labels, rows = listings_words(text_model, new_listings.values(), read_listings(work))
-    new_products = {listing["product_id"] for listing in new_listings.values()}
     change["words"] = {"added_listings": len(product_ids), "unknown_category": len(new_products) - len(product_ids),
                        "from": "generation" if base is generation.words else "text model"}
     return base.changed(drop=new_products, product_ids=product_ids, labels=labels, feature_rows=rows), text_sha256
