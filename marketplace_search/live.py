@@ -35,7 +35,7 @@ import threading
 import time
 import zipfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -288,8 +288,8 @@ class LiveFollower:
         self.live = Path(live)
         self.bundled = bundled
         self.weights_sha256 = weights_sha256
-        # their settings and width only (no listings): the handler lets the archive's words go while these serve
-        self.text_words = None if text_words is None else text_words.changed(drop=text_words.product_ids)
+        # their settings and width only, not their listings: the handler lets those go while a generation's serve
+        self.text_settings = None if text_words is None else (text_words.settings, text_words.width)
         self.text_sha256 = text_sha256
         self.words: TextNeighbours | None = None
         self.check_seconds = check_seconds
@@ -394,14 +394,15 @@ class LiveFollower:
         return catalogue, self.load_words(name)
 
     def load_words(self, name: str) -> TextNeighbours | None:
-        if self.text_words is None:
+        if self.text_settings is None:
             return None
+        settings, width = self.text_settings
         words, made_by = generation_words(self.live, name)
         if words is None:
             return None
-        if made_by != self.text_sha256 or words.width != self.text_words.width:
+        if made_by != self.text_sha256 or words.width != width:
             logger.warning("live catalogue %s: generation %s's words were made by a text model reading with sha256 "
                            "%s, this worker reads with %s: its listings are found by their photos, words from the "
                            "archive's text model", self.live, name, made_by[:12], str(self.text_sha256)[:12])
             return None
-        return words.settings_of(self.text_words)
+        return replace(words, **settings)
