@@ -29,6 +29,7 @@ TENSORBOARD_DIR = "logs"
 EMBEDDINGS_DIR = "embeddings"
 INDEX_DIR = "index"
 EVALUATION = "evaluation.json"
+GUARD_REPORTS = "guard_reports.json"  # the accuracy guards measured on a run's weights (training.guard)
 
 ARCHIVE_CHECKPOINT = BEST_CHECKPOINT
 ARCHIVE_CATALOGUE = "catalogue"

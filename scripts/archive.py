@@ -22,7 +22,9 @@ The inference backend (--runtime torch|openvino, --precision fp32|bf16|int8; mar
 is chosen here and recorded in model_config.yaml (handler.runtime, handler.precision). Anything but
 torch fp32 is first checked by training.guard on WORK's test split against fp32: a precision whose
 top-1 drops more than 1 point is refused unless --force. int8 is calibrated on 300 train-split photos
-of WORK (or --calibration DIR).
+of WORK (or --calibration DIR). The guard's report is kept in RUN/guard_reports.json and reused by
+the next archive of the same weights, backend, test photos and libraries (a rebuild, or a refresh,
+which copies it): the model card's guard says where it was measured (`measured_on`).
 Everything is derived from the run, so two builds from the same run have byte-identical members;
 only MANIFEST.json's createdOn (written by torch-model-archiver) differs.
 """
@@ -180,9 +182,10 @@ def run_archiver(stage: Path, name: str, version: str, checkpoint: Path, extra: 
 
 def prepare_backend(run_dir: Path, extra: Path, runtime: str, precision: str, preprocess: Preprocess,
                     work_dir: Path | None, calibration: Path | None, force: bool, guard_limit: int,
-                    threads: int, check: bool = True) -> dict:
-    """Convert (openvino: the IR into extra/openvino/), run the accuracy guard (unless not `check`), and
-    return the model card's `inference` section; raises GuardRefused for a failed guard without `force`."""
+                    threads: int, check: bool = True, reuse_guard: bool = True) -> dict:
+    """Convert (openvino: the IR into extra/openvino/), run the accuracy guard (unless not `check`; a report
+    RUN keeps under the same key is reused unless not `reuse_guard`, see training.guard), and return the
+    model card's `inference` section; raises GuardRefused for a failed guard without `force`."""
     from training import guard  # the guard's data and OpenVINO/NNCF are needed only here
 
     section = {"runtime": runtime, "precision": precision}
@@ -203,11 +206,22 @@ def prepare_backend(run_dir: Path, extra: Path, runtime: str, precision: str, pr
         save_openvino(converted, extra / ARCHIVE_OPENVINO)
     if not check:
         return {**section, "guard": "not run (--no-guard): accuracy against fp32 unchecked"}
-    report = guard.run_guard(run_dir, work_dir, candidate, guard_limit)
+    rows = guard.guard_rows(work_dir, limit=guard_limit)
+    key = guard.guard_key(run_dir / CHECKPOINT, runtime, precision, rows, work_dir / guard.PHOTOS_DIR,
+                          paths if precision == "int8" else None)
+    kept = guard.kept_guard(run_dir, key) if reuse_guard else None
+    if kept is None:
+        report, measured_on = guard.run_guard(run_dir, work_dir, candidate, guard_limit), str(run_dir.resolve())
+        guard.keep_guard(run_dir, key, report, measured_on)
+    else:
+        report, measured_on = kept["report"], kept["measured_on"]
+        print(f"accuracy guard: kept from {measured_on} (same weights, backend, test photos and libraries)")
     print(guard.format_guard(report))
-    for role in ("fp32", "candidate"):  # timings would make two builds from one run differ
-        report[role].pop("forward_seconds")
-    section.update(guard={**report, "split": "test", "work": str(work_dir), "limit_listings": guard_limit or None},
+    # timings would make two builds from one run differ
+    report = {**report, **{role: {name: value for name, value in report[role].items() if name != "forward_seconds"}
+                           for role in ("fp32", "candidate")}}
+    section.update(guard={**report, "split": "test", "work": str(work_dir), "limit_listings": guard_limit or None,
+                          "measured_on": measured_on},
                    forced=bool(force and not report["passed"]))
     if not report["passed"] and not force:
         raise GuardRefused(f"{runtime} {precision} loses {100 * report['top1_drop']:.2f} points of top-1 against "
@@ -223,7 +237,7 @@ def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketpla
                   warm_up: bool = True, category_blend: bool = True, runtime: str = "torch",
                   precision: str = "fp32", force: bool = False, work_dir: Path | str | None = None,
                   calibration: Path | str | None = None, guard_limit: int = 0, guard: bool = True,
-                  live_catalogue: Path | None = None) -> Path:
+                  live_catalogue: Path | None = None, reuse_guard: bool = True) -> Path:
     """Build STORE/<output_name>.mar from a run folder; returns its path.
 
     `runtime`/`precision` default to the fp32 reference here; the command line, the demo and
@@ -254,7 +268,8 @@ def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketpla
         stage = Path(stage)
         card["inference"] = prepare_backend(run_dir, stage / "extra", runtime, precision,
                                             Preprocess.from_dict(checkpoint["preprocess"]), work_dir,
-                                            calibration and Path(calibration), force, guard_limit, threads, guard)
+                                            calibration and Path(calibration), force, guard_limit, threads, guard,
+                                            reuse_guard)
         extra = stage_extra_files(stage, run_dir, checkpoint["classes"], card)
         config_file = stage / "model_config.yaml"
         # The category blend training.evaluate chose on the validation split, if it beat the head alone.
@@ -314,13 +329,16 @@ def main(argv=None) -> None:
     parser.add_argument("--guard", action=argparse.BooleanOptionalAction, default=True,
                         help="check the precision against fp32 on the test split (--no-guard: unchecked, and the "
                              "model card says so)")
+    parser.add_argument("--reuse-guard", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse the guard's report RUN keeps (RUN/guard_reports.json) when the weights, backend, "
+                             "test photos, calibration and libraries are the same (--no-reuse-guard: measure again)")
     args = parser.parse_args(argv)
     try:
         target = build_archive(args.run, args.store, args.name, args.version, args.output_name, args.batch_size,
                                args.max_batch_delay, args.min_workers, args.max_workers, args.response_timeout,
                                args.threads, args.layout, args.warm_up, args.category_blend, args.runtime,
                                args.precision, args.force, args.work, args.calibration, args.guard_limit,
-                               args.guard, live_catalogue=args.live_catalogue)
+                               args.guard, live_catalogue=args.live_catalogue, reuse_guard=args.reuse_guard)
     except (FileExistsError, GuardRefused) as error:
         raise SystemExit(f"refused: {error}") from error
     print(f"{target} ({target.stat().st_size / 1e6:.1f} MB)")

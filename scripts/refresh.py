@@ -19,7 +19,9 @@ are now, with new ones added, changed ones changed and removed ones gone. Steps:
      description, as training.text builds them), so new listings are found by their words too;
   4. the archive STORE/<name>-v<version>.mar; its backend's accuracy guard (scripts.archive) reads the
      test split of RUN's own work folder (run.json's "work"; of the run RUN refreshed, for a refresh of
-     a refresh), or --guard-work: the weights are RUN's, so is the split they were measured on;
+     a refresh), or --guard-work: the weights are RUN's, so is the split they were measured on. A guard
+     RUN keeps for the same backend, photos and libraries is reused, not measured again (RUN's
+     guard_reports.json is copied; --no-reuse-guard measures it again);
   5. with --release, scripts.versions' release: register beside the current version, wait READY,
      warm, canary, make it the default. The old default answers /predictions/NAME until then and
      stays registered (python -m scripts.versions rollback NAME undoes the release).
@@ -48,8 +50,8 @@ from training.index import listing_metadata
 from training.text import catalogue_neighbours, read_listings
 from marketplace_search.models import load_checkpoint, sha256_file
 from marketplace_search.presets import Preprocess
-from marketplace_search.layout import (CHECKPOINT, EMBEDDINGS_DIR, EVALUATION, INDEX_DIR, TEXT_MODEL_DIR, new_run_dir,
-                                       read_run_info, update_run_info)
+from marketplace_search.layout import (CHECKPOINT, EMBEDDINGS_DIR, EVALUATION, GUARD_REPORTS, INDEX_DIR,
+                                       TEXT_MODEL_DIR, new_run_dir, read_run_info, update_run_info)
 from marketplace_search.search import LISTING_FIELDS, Catalogue, INDEX_TYPES, make_catalogue
 from marketplace_search.text import TextModel
 
@@ -160,6 +162,8 @@ def write_run(run_dir: Path, work_dir: Path, data_dir: Path, table: pd.DataFrame
     catalogue.save(new_run / INDEX_DIR)
     refresh["text_model"] = refresh_text_model(run_dir, new_run, catalogue, work_dir)
     shutil.copy2(run_dir / EVALUATION, new_run / EVALUATION)
+    if (run_dir / GUARD_REPORTS).is_file():  # the same weights and guard split: its guards hold for the new run
+        shutil.copy2(run_dir / GUARD_REPORTS, new_run / GUARD_REPORTS)
     info = read_run_info(run_dir)
     update_run_info(new_run, **{key: info[key] for key in ("classes", "config", "weights_source", "train")
                                 if key in info},
@@ -290,6 +294,9 @@ def main(argv=None) -> dict:
                         help="archive: inference precision (checked against fp32 on RUN's test split)")
     parser.add_argument("--guard-work", type=Path,
                         help="work folder whose test split the accuracy guard reads (default: RUN's, from run.json)")
+    parser.add_argument("--reuse-guard", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse the accuracy guard RUN keeps for the same backend, test photos and libraries "
+                             "(--no-reuse-guard: measure it again)")
     parser.add_argument("--release", action="store_true", help="register, canary and make the new version default")
     parser.add_argument("--management-url", default=DEFAULT_MANAGEMENT_URL)
     parser.add_argument("--inference-url", default=DEFAULT_INFERENCE_URL)
@@ -313,7 +320,8 @@ def main(argv=None) -> dict:
     print(f"run: {new_run}")
     mar = build_archive(new_run, args.store, args.name, args.version, args.output_name,
                         batch_size=args.batch_size, max_batch_delay=args.max_batch_delay, runtime=args.runtime,
-                        precision=args.precision, work_dir=checked_on, live_catalogue=args.live_catalogue)
+                        precision=args.precision, work_dir=checked_on, live_catalogue=args.live_catalogue,
+                        reuse_guard=args.reuse_guard)
     print(f"archive: {mar} ({mar.stat().st_size / 1e6:.1f} MB)")
     summary = {"run": str(new_run), "archive": str(mar), **refresh}
     if args.release:

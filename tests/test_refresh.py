@@ -22,7 +22,7 @@ from scripts.archive import build_archive
 from tests.serving_fixtures import TINY_PREPROCESS, running_server
 from training import dataset, embed, index, photos, tables
 from marketplace_search.models import MarketplaceNet, save_checkpoint
-from marketplace_search.layout import new_run_dir, update_run_info
+from marketplace_search.layout import GUARD_REPORTS, new_run_dir, update_run_info
 from marketplace_search.search import Catalogue, make_catalogue
 from training.sample import make_sample_catalogue
 
@@ -171,6 +171,9 @@ def test_refresh_released_without_downtime(old, tmp_path):
     changes = change_catalogue(old, tmp_path / "data_v2")
     work = tmp_path / "work_v2"
     kept_photo = old.work / "photos" / f"{photos_of(old.work, [changes.repriced])[0]}.jpg"
+    kept_guards = [{"key": {"runtime": "openvino", "precision": "bf16"}, "report": {"passed": True},
+                    "measured_on": str(old.run.resolve())}]  # as scripts.archive keeps them (test_runtime)
+    (old.run / GUARD_REPORTS).write_text(json.dumps(kept_guards))
     with running_server(old.store, tmp_path / "torchserve", {NAME: old.mar.name}, enable_model_api=True) as server:
         with Prober(f"{server.inference_url}/predictions/{NAME}", kept_photo.read_bytes(),
                     api.auth_headers(server.token("inference"))) as prober:
@@ -215,6 +218,7 @@ def test_refresh_released_without_downtime(old, tmp_path):
     assert info["refresh_of"] == str(old.run.resolve()) and info["refresh"]["photos"]["embedded"] == 6
     assert (new_run / "weights" / "best.pt").read_bytes() == (old.run / "weights" / "best.pt").read_bytes()
     assert (new_run / "evaluation.json").read_text() == (old.run / "evaluation.json").read_text()
+    assert json.loads((new_run / GUARD_REPORTS).read_text()) == kept_guards  # same weights: its archives reuse them
     old_ids, old_vectors, _, _ = embed.load_embeddings(old.run)
     new_ids, new_vectors, _, _ = embed.load_embeddings(new_run)
     for image_id in set(old_ids) & set(new_ids):  # reused as they were

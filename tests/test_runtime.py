@@ -9,6 +9,7 @@ import faiss  # noqa: F401  (before torch: OpenMP, see README)
 
 import json
 import logging
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -22,12 +23,14 @@ from PIL import Image
 from handlers.local import load_local_handler, predict_local
 from marketplace_search import runtime
 from marketplace_search.images import decode_image
+from marketplace_search.layout import CHECKPOINT, GUARD_REPORTS
 from marketplace_search.models import MarketplaceNet, load_checkpoint
 from marketplace_search.presets import collate_images
 from marketplace_search.schema import check_answer
 from scripts import api
 from scripts.archive import GuardRefused, build_archive
 from scripts.benchmark.subjects import calibrate_batchnorm
+from training import guard
 from tests.serving_fixtures import (CLASSES, TINY_PREPROCESS, TinyRun, archive_tiny_run, extract_archive,
                                     make_tiny_run, photo_jpeg, running_server)
 
@@ -142,6 +145,65 @@ def test_the_guard_refuses_int8_calibrated_on_blank_photos(guarded, tmp_path):
                            calibration=blank, force=True)
     card = json.loads(archive_member(forced, "model_card.json"))["inference"]
     assert card["forced"] and not card["guard"]["passed"] and card["guard"]["top1_drop"] > 0.01
+
+
+def test_a_kept_guard_is_reused_while_what_it_read_is_unchanged(guarded, archives, tmp_path, monkeypatch):
+    """Each archive above kept its guard in the run; a rebuild of the same backend reuses it (measuring
+    would fail here) and its card says where it was measured; --no-reuse-guard measures it again."""
+    kept = json.loads((guarded.run_dir / GUARD_REPORTS).read_text())
+    assert {(k["key"]["runtime"], k["key"]["precision"]) for k in kept} == set(BACKENDS[1:])
+    first = json.loads(archive_member(archives["openvino", "bf16"], "model_card.json"))["inference"]["guard"]
+    assert first["measured_on"] == str(guarded.run_dir.resolve())
+
+    def measured(*args, **kwargs):
+        raise AssertionError("the guard was measured again")
+
+    monkeypatch.setattr(guard, "run_guard", measured)
+    again = build_archive(guarded.run_dir, tmp_path, "again", "1.0", runtime="openvino", precision="bf16")
+    assert json.loads(archive_member(again, "model_card.json"))["inference"]["guard"] == first
+    with pytest.raises(AssertionError, match="measured again"):
+        build_archive(guarded.run_dir, tmp_path, "fresh", "1.0", runtime="openvino", precision="bf16",
+                      reuse_guard=False)
+    with pytest.raises(AssertionError, match="measured again"):  # a subset of the test split is another guard
+        build_archive(guarded.run_dir, tmp_path, "fewer", "1.0", runtime="openvino", precision="bf16", guard_limit=3)
+
+
+def test_the_guard_key_holds_everything_the_guard_reads(guarded, tmp_path, monkeypatch):
+    work = guarded.run_dir.parents[1]
+    rows = guard.guard_rows(work)
+    photos = tmp_path / "photos"
+    shutil.copytree(work / "photos", photos)
+
+    def key(checkpoint=guarded.run_dir / CHECKPOINT, runtime="openvino", precision="bf16", rows=rows,
+            calibration=None):
+        return guard.guard_key(checkpoint, runtime, precision, rows, photos, calibration)
+
+    base = key()
+    assert key() == base and base["test_photos"] == 24
+    other_checkpoint = tmp_path / "other.pt"
+    torch.save(trained_model(seed=1).state_dict(), other_checkpoint)
+    changed = [key(checkpoint=other_checkpoint), key(runtime="torch"), key(precision="int8"),
+               key(rows=rows.head(10)), key(rows=rows.assign(label=rows["label"].iloc[::-1].to_numpy())),
+               key(rows=rows.assign(product_id=rows["product_id"] + "-x")), key(calibration=[]),
+               key(calibration=sorted(photos.iterdir())[:4])]
+    monkeypatch.setattr(guard, "package_version", lambda name: "0.0" if name == "openvino" else None)
+    changed.append(key())
+    monkeypatch.undo()
+    first_photo = photos / f"{rows['image_id'].iloc[0]}.jpg"
+    first_photo.write_bytes(first_photo.read_bytes() + b"\0")
+    changed.append(key())
+    assert all(other != base for other in changed) and len({json.dumps(k, sort_keys=True) for k in changed}) == 10
+
+
+def test_an_unreadable_kept_guard_is_measured_again(tmp_path, caplog):
+    (tmp_path / GUARD_REPORTS).write_text("{not json")
+    with caplog.at_level(logging.WARNING):
+        assert guard.kept_guard(tmp_path, {"runtime": "torch"}) is None
+    assert "measured again" in caplog.text
+    guard.keep_guard(tmp_path, {"runtime": "torch"}, {"passed": True}, "here")
+    guard.keep_guard(tmp_path, {"runtime": "torch"}, {"passed": False}, "there")  # the newer replaces it
+    assert guard.read_guard_reports(tmp_path) == [{"key": {"runtime": "torch"}, "report": {"passed": False},
+                                                   "measured_on": "there"}]
 
 
 def test_a_reduced_precision_needs_a_test_split_to_check(tmp_path):

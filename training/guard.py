@@ -7,13 +7,22 @@ and the cosine between the two embeddings of each photo (mean and minimum). A ca
 top-1 is more than MAX_TOP1_DROP below fp32 fails. scripts.archive runs it before shipping a
 precision, and int8's calibration photos come from here too (`calibration_batches`).
 
+A guard's figures are kept in RUN/guard_reports.json, keyed by everything they depend on
+(`guard_key`: the checkpoint, the backend, the test photos with their labels, int8's calibration
+photos, the libraries that compute them); scripts.archive reuses a kept report whose key matches
+(a rebuild, or a refresh: same weights, same split) instead of measuring it again.
+
   python -m training.guard --run RUN --runtime openvino --precision int8   # the figures, nothing written
 """
 import faiss  # noqa: F401  (before torch: OpenMP, see README)
 
 import argparse
+import hashlib
 import json
+import logging
+import os
 import time
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +30,7 @@ import pandas as pd
 import torch
 
 from marketplace_search.images import decode_image
-from marketplace_search.layout import CHECKPOINT, INDEX_DIR
+from marketplace_search.layout import CHECKPOINT, GUARD_REPORTS, INDEX_DIR, sha256_file
 from marketplace_search.models import load_checkpoint
 from marketplace_search.presets import Preprocess, collate_images
 from marketplace_search.runtime import (Backend, PRECISIONS, RUNTIMES, check_backend, convert_openvino,
@@ -36,6 +45,9 @@ GUARD_K = 5
 CALIBRATION_PHOTOS = 300  # NNCF's default subset size
 BATCH = 32
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+GUARD_LIBRARIES = ("torch", "openvino", "nncf")  # what computes the reference, the candidate and int8's ranges
+
+log = logging.getLogger(__name__)
 
 
 def photo_batches(paths: list[Path], preprocess: Preprocess, batch_size: int = BATCH):
@@ -141,12 +153,67 @@ def run_guard(run_dir: Path, work_dir: Path, candidate: Backend, limit: int = 0)
                    Path(work_dir) / PHOTOS_DIR, Preprocess.from_dict(checkpoint["preprocess"]), catalogue)
 
 
+def guard_key(checkpoint_path: Path, runtime: str, precision: str, rows: pd.DataFrame, photos_dir: Path,
+              calibration: list[Path] | None = None) -> dict:
+    """Everything a guard's figures depend on: the checkpoint's bytes, the backend, each test photo's id,
+    label, listing and bytes, int8's calibration photos (their bytes, in order), the pass mark and the
+    libraries' versions. The catalogue is left out: it moves the reported P@5, never top-1 (the pass)."""
+    photos = hashlib.sha256()
+    for image_id, label, product_id in rows[["image_id", "label", "product_id"]].itertuples(index=False):
+        photos.update(f"{image_id}\t{label}\t{product_id}\t{sha256_file(Path(photos_dir) / f'{image_id}.jpg')}\n"
+                      .encode())
+    calibrated = None
+    if calibration is not None:
+        calibrated = hashlib.sha256("".join(sha256_file(path) + "\n" for path in calibration).encode()).hexdigest()
+    return {"checkpoint_sha256": sha256_file(checkpoint_path), "runtime": runtime, "precision": precision,
+            "test_photos": len(rows), "test_photos_sha256": photos.hexdigest(), "calibration_sha256": calibrated,
+            "max_top1_drop": MAX_TOP1_DROP, "libraries": {name: package_version(name) for name in GUARD_LIBRARIES}}
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def read_guard_reports(run_dir: Path) -> list[dict]:
+    """RUN's kept guard reports; none when the file is missing or unreadable (then they are measured again)."""
+    path = Path(run_dir) / GUARD_REPORTS
+    try:
+        reports = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as error:
+        log.warning("%s is unreadable (%s): guards are measured again", path, error)
+        return []
+    return reports if isinstance(reports, list) else []
+
+
+def kept_guard(run_dir: Path, key: dict) -> dict | None:
+    """The kept `{key, report, measured_on}` whose key is KEY, or None."""
+    return next((kept for kept in read_guard_reports(run_dir) if kept.get("key") == key), None)
+
+
+def keep_guard(run_dir: Path, key: dict, report: dict, measured_on: str) -> None:
+    """Keep REPORT under KEY in RUN (replacing one kept under the same key); a run folder that cannot be
+    written only loses the reuse."""
+    path = Path(run_dir) / GUARD_REPORTS
+    kept = [other for other in read_guard_reports(run_dir) if other.get("key") != key]
+    kept.append({"key": key, "report": report, "measured_on": measured_on})
+    try:
+        path.with_suffix(".tmp").write_text(json.dumps(kept, indent=2, sort_keys=True))
+        os.replace(path.with_suffix(".tmp"), path)
+    except OSError as error:
+        log.warning("could not keep the guard's report in %s (%s): the next archive measures it again", path, error)
+
+
 def format_guard(report: dict) -> str:
     rows = [("", "top-1", f"P@{GUARD_K}", "forward s")]
     for role in ("fp32", "candidate"):
         figures = report[role]
         rows.append((figures["backend"], f"{figures['top1_accuracy']:.4f}", f"{figures[f'precision@{GUARD_K}']:.4f}",
-                     f"{figures['forward_seconds']:.1f}"))
+                     f"{figures['forward_seconds']:.1f}" if "forward_seconds" in figures else "-"))
     lines = [f"| {a:<14} | {b:>7} | {c:>7} | {d:>9} |" for a, b, c, d in rows]
     lines.append(f"{report['photos']} test photos; top-1 drop {100 * report['top1_drop']:+.2f} points "
                  f"(limit {100 * report['max_top1_drop']:.0f}); embedding cosine mean {report['cosine_mean']:.4f}, "
