@@ -20,7 +20,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import time
 from importlib import metadata
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 
 from marketplace_search.images import decode_image
 from marketplace_search.layout import CHECKPOINT, GUARD_REPORTS, INDEX_DIR, sha256_file
+from marketplace_search.live import write_json_atomically
 from marketplace_search.models import load_checkpoint
 from marketplace_search.presets import Preprocess, collate_images
 from marketplace_search.runtime import (Backend, PRECISIONS, RUNTIMES, check_backend, convert_openvino,
@@ -202,8 +202,7 @@ def keep_guard(run_dir: Path, key: dict, report: dict, measured_on: str) -> None
     kept = [other for other in read_guard_reports(run_dir) if other.get("key") != key]
     kept.append({"key": key, "report": report, "measured_on": measured_on})
     try:
-        path.with_suffix(".tmp").write_text(json.dumps(kept, indent=2, sort_keys=True))
-        os.replace(path.with_suffix(".tmp"), path)
+        write_json_atomically(path, kept)
     except OSError as error:
         log.warning("could not keep the guard's report in %s (%s): the next archive measures it again", path, error)
 
