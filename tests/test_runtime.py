@@ -189,10 +189,17 @@ def test_the_guard_key_holds_everything_the_guard_reads(guarded, tmp_path, monke
     monkeypatch.setattr(guard, "package_version", lambda name: "0.0" if name == "openvino" else None)
     changed.append(key())
     monkeypatch.undo()
+    by_cpu = []
+    for flags in ({"avx2"}, {"avx2", "amx_bf16"}):  # a CPU without bf16 units runs bf16 as fp32
+        monkeypatch.setattr(guard, "cpu_flags", lambda: flags)
+        by_cpu.append(key())
+    monkeypatch.undo()
+    assert by_cpu[0] != by_cpu[1]
     first_photo = photos / f"{rows['image_id'].iloc[0]}.jpg"
     first_photo.write_bytes(first_photo.read_bytes() + b"\0")
     changed.append(key())
-    assert all(other != base for other in changed) and len({json.dumps(k, sort_keys=True) for k in changed}) == 10
+    distinct = {json.dumps(k, sort_keys=True) for k in changed}
+    assert len(distinct) == len(changed) == 10 and json.dumps(base, sort_keys=True) not in distinct
 
 
 def test_an_unreadable_kept_guard_is_measured_again(tmp_path, caplog):

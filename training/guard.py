@@ -33,8 +33,8 @@ from marketplace_search.layout import CHECKPOINT, GUARD_REPORTS, INDEX_DIR, sha2
 from marketplace_search.live import write_json_atomically
 from marketplace_search.models import load_checkpoint
 from marketplace_search.presets import Preprocess, collate_images
-from marketplace_search.runtime import (Backend, PRECISIONS, RUNTIMES, check_backend, convert_openvino,
-                                        openvino_backend, quantize_openvino, torch_backend)
+from marketplace_search.runtime import (CPU_FEATURES, Backend, PRECISIONS, RUNTIMES, check_backend, convert_openvino,
+                                        cpu_flags, openvino_backend, quantize_openvino, torch_backend)
 from marketplace_search.search import Catalogue
 from training.dataset import load_split
 from training.evaluate import retrieval_precision, top_k_accuracy
@@ -156,8 +156,10 @@ def run_guard(run_dir: Path, work_dir: Path, candidate: Backend, limit: int = 0)
 def guard_key(checkpoint_path: Path, runtime: str, precision: str, rows: pd.DataFrame, photos_dir: Path,
               calibration: list[Path] | None = None) -> dict:
     """Everything a guard's figures depend on: the checkpoint's bytes, the backend, each test photo's id,
-    label, listing and bytes, int8's calibration photos (their bytes, in order), the pass mark and the
-    libraries' versions. The catalogue is left out: it moves the reported P@5, never top-1 (the pass)."""
+    label, listing and bytes, int8's calibration photos (their bytes, in order), the pass mark, the
+    libraries' versions and which reduced-precision units the CPU has (without them a backend runs fp32,
+    and its pass says nothing of the precision on a CPU that has them). The catalogue is left out: it
+    moves the reported P@5, never top-1 (the pass)."""
     photos = hashlib.sha256()
     for image_id, label, product_id in rows[["image_id", "label", "product_id"]].itertuples(index=False):
         photos.update(f"{image_id}\t{label}\t{product_id}\t{sha256_file(Path(photos_dir) / f'{image_id}.jpg')}\n"
@@ -167,7 +169,8 @@ def guard_key(checkpoint_path: Path, runtime: str, precision: str, rows: pd.Data
         calibrated = hashlib.sha256("".join(sha256_file(path) + "\n" for path in calibration).encode()).hexdigest()
     return {"checkpoint_sha256": sha256_file(checkpoint_path), "runtime": runtime, "precision": precision,
             "test_photos": len(rows), "test_photos_sha256": photos.hexdigest(), "calibration_sha256": calibrated,
-            "max_top1_drop": MAX_TOP1_DROP, "libraries": {name: package_version(name) for name in GUARD_LIBRARIES}}
+            "max_top1_drop": MAX_TOP1_DROP, "libraries": {name: package_version(name) for name in GUARD_LIBRARIES},
+            "cpu_features": sorted(set(sum(CPU_FEATURES.values(), ())) & cpu_flags())}
 
 
 def package_version(name: str) -> str | None:
