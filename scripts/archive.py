@@ -211,7 +211,7 @@ def prepare_backend(run_dir: Path, extra: Path, runtime: str, precision: str, pr
                           paths if precision == "int8" else None)
     kept = guard.kept_guard(run_dir, key) if reuse_guard else None
     if kept is None:
-        report, measured_on = guard.run_guard(run_dir, work_dir, candidate, guard_limit), str(run_dir.resolve())
+        report, measured_on = guard.run_guard(run_dir, work_dir, candidate, guard_limit, rows), str(run_dir.resolve())
         guard.keep_guard(run_dir, key, report, measured_on)
     else:
         report, measured_on = kept["report"], kept["measured_on"]

@@ -145,11 +145,13 @@ def candidate_backend(checkpoint_path: Path, runtime: str, precision: str, prepr
     return openvino_backend(converted, precision, threads), converted
 
 
-def run_guard(run_dir: Path, work_dir: Path, candidate: Backend, limit: int = 0) -> dict:
-    """The guard's figures for `candidate` on WORK's test split against the run's fp32 checkpoint."""
+def run_guard(run_dir: Path, work_dir: Path, candidate: Backend, limit: int = 0,
+              rows: pd.DataFrame | None = None) -> dict:
+    """The guard's figures for `candidate` on WORK's test split (ROWS: guard_rows' already read) against the
+    run's fp32 checkpoint."""
     model, checkpoint = load_checkpoint(Path(run_dir) / CHECKPOINT)
     catalogue = Catalogue.load(Path(run_dir) / INDEX_DIR)
-    return compare(torch_backend(model, "fp32"), candidate, guard_rows(work_dir, limit=limit),
+    return compare(torch_backend(model, "fp32"), candidate, guard_rows(work_dir, limit=limit) if rows is None else rows,
                    Path(work_dir) / PHOTOS_DIR, Preprocess.from_dict(checkpoint["preprocess"]), catalogue)
 
 
