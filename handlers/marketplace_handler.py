@@ -111,8 +111,9 @@ class MarketplaceHandler(BaseHandler):
         """The text model this batch reads words with: the archive's, finding and voting with the served live
         generation's listings when it has their words (listings added live are found by words too).
 
-        While a generation's words serve, the archive's own are let go (they are as large: 590 MB a worker at
-        100k listings) and read again from the archive if a generation without words is served later."""
+        While a generation's words serve, the archive's own are let go (they are as large: 590 MB at 100k
+        listings, memory-mapped and shared by the workers) and mapped again from the archive if a generation
+        without words is served later."""
         words = self.served.words
         if self.text_model is None:
             return None

@@ -628,3 +628,35 @@ def test_served_and_startup_sections_against_a_real_torchserve():
     assert [row["workers"] for row in startup_section["rows"]] == [2, 2]  # both workers READY before the load
     assert all(row["ready_s"] > row["api_s"] > 0 and row["worker_uss_mb"] > 0 and row["worker_rss_after_mb"] > 0
                for row in startup_section["rows"])
+
+
+# ---------------------------------------------------------------- words
+def test_copied_words_equal_words_built_from_the_copied_listings():
+    from marketplace_search.text import TextNeighbours
+    from scripts.benchmark.words import copied, listing_rows
+
+    rng = np.random.default_rng(0)
+    rows = [(np.sort(rng.choice(40, size, replace=False)).astype(np.int64), rng.random(size).astype(np.float32))
+            for size in (3, 7, 1, 12)]
+    words = TextNeighbours.from_rows(list("abcd"), [0, 1, 2, 0], rows, 40, k=3)
+    three = copied(words, 3)
+    built = TextNeighbours.from_rows(three.product_ids, np.tile(words.labels, 3), rows * 3, 40)
+    for name in ("labels", "indptr", "rows", "values"):
+        np.testing.assert_array_equal(getattr(three, name), getattr(built, name))
+    assert three.k == 3 and [len(c) for c, _ in listing_rows(three)] == [3, 7, 1, 12] * 3
+
+
+def test_main_words_section_reads_exactly_and_pruned_at_each_size(tmp_path, capsys):
+    from scripts.benchmark import words
+
+    output, raw = tmp_path / "bench.md", tmp_path / "bench.json"
+    cli.main(["--sections", "words", "--words-sizes", "100,1k", "--words-queries", "5", "--output", str(output),
+              "--json", str(raw)])
+    markdown = output.read_text()
+    assert markdown in capsys.readouterr().out
+    section = {**json.loads(raw.read_text())["sections"]["words"], "columns": words.WORDS_COLUMNS}
+    assert report.markdown_table(section["rows"], section["columns"]) in markdown
+    rows = section["rows"]
+    assert [row["query"] for row in rows] == ["listing's row"] * 2  # no --work: no titles
+    assert rows[0]["listings"] < rows[1]["listings"] and rows[0]["entries_m"] < rows[1]["entries_m"]
+    assert all(0 <= row["agreement"] <= 1 and row["exact_p50_ms"] > 0 and row["pruned_p50_ms"] > 0 for row in rows)

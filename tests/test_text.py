@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,64 @@ def test_words_changed_equal_words_built_from_the_listings_kept_and_added(tiny, 
     loaded, made_by = load_words(tmp_path / "words.npz")
     assert made_by == "ab" * 32 and loaded.product_ids == changed.product_ids
     np.testing.assert_array_equal(loaded.settings_of(changed).similarities(*query), similarities)
+
+
+def test_listings_words_load_memory_mapped_and_a_resave_leaves_a_mapped_file_whole(tiny, tmp_path):
+    """The catalogue's rows (the bulk of a text model at scale) are mapped from the .npz, so workers share
+    them; a compressed file is read whole; saving again replaces the file instead of writing into it."""
+    _, model, _, _ = tiny
+    model.save(tmp_path / "model")
+    loaded = TextModel.load(tmp_path / "model")
+    assert isinstance(loaded.neighbours.rows, np.memmap) and isinstance(loaded.neighbours.values, np.memmap)
+    assert not isinstance(loaded.coef, np.memmap)
+    query = model.features("large drum")
+    expected = model.neighbours.similarities(*query)
+    np.testing.assert_array_equal(loaded.neighbours.similarities(*query), expected)
+    before = np.array(loaded.neighbours.values)
+    model.save(tmp_path / "model")  # while `loaded` maps the first file
+    np.testing.assert_array_equal(loaded.neighbours.values, before)
+    assert not list((tmp_path / "model").glob(".*partial"))
+
+    weights = tmp_path / "model" / "text_model.npz"
+    with np.load(weights) as stored:
+        np.savez_compressed(weights, **{name: stored[name] for name in stored.files})
+    compressed = TextModel.load(tmp_path / "model")
+    assert not isinstance(compressed.neighbours.rows, np.memmap)
+    np.testing.assert_array_equal(compressed.neighbours.similarities(*query), expected)
+
+    save_words(tmp_path / "words.npz", model.neighbours, "cd" * 32)
+    words, _ = load_words(tmp_path / "words.npz")
+    assert isinstance(words.values, np.memmap) and words.product_ids == model.neighbours.product_ids
+    np.testing.assert_array_equal(words.settings_of(model.neighbours).similarities(*query), expected)
+
+
+def test_large_catalogue_words_are_read_from_their_rarest_terms_then_completed_exactly():
+    """The pruned reading (TextNeighbours.similarities beyond exact_postings) against the exact one: exact on
+    the candidates (every listing that shares a rare term, when there is room for all), a lower bound
+    elsewhere, and a listing's own words still find it first with its exact similarity."""
+    rng = np.random.default_rng(0)
+    listings, common = 300, 200
+    rows = []
+    for i in range(listings):  # its own rare term (e.g. a brand) and 20 common ones, Zipf-like
+        columns = np.unique(np.concatenate([[i], listings + rng.zipf(1.3, 20) % common])).astype(np.int64)
+        values = rng.random(len(columns)).astype(np.float32) + 0.1
+        rows.append((columns, values / np.linalg.norm(values)))
+    ids = [f"p{i}" for i in range(listings)]
+    exact = TextNeighbours.from_rows(ids, np.zeros(listings, np.int32), rows, listings + common)
+    everyone = replace(exact, exact_postings=0, candidates=listings)
+    few = replace(exact, exact_postings=0, candidates=10)
+    for own in (0, 17, 299):
+        query = rows[own]
+        assert int(np.diff(exact.indptr)[query[0]].sum()) > few.exact_postings  # the pruned path is taken
+        truth = exact.similarities(*query)
+        roomy, pruned = everyone.similarities(*query), few.similarities(*query)
+        assert np.all(roomy <= truth + 1e-6) and np.all(pruned <= truth + 1e-6)
+        touched = roomy > 0  # the listings that share one of the rarest terms: all candidates here
+        np.testing.assert_allclose(roomy[touched], truth[touched], atol=1e-6)
+        assert 10 < touched.sum() < (truth > 0).sum()  # some listings share only common terms
+        completed = np.isclose(pruned, truth, atol=1e-6) & (truth > 0)
+        assert 10 <= completed.sum() < touched.sum()
+        assert few.nearest(pruned, 1) == exact.nearest(truth, 1) == [(ids[own], pytest.approx(truth[own]))]
 
 
 def test_fusion_leans_on_both_inputs(tiny):

@@ -22,6 +22,8 @@ Sections (`--sections`, comma separated):
            fp32 against bf16 autocast, and peak memory
   live     the live catalogue while serving: remove → effect, seconds per added photo, the check's
            cost on a lone request, memory of two generations during a swap
+  words    the catalogue's words at 10k-1M listings (the run's copied): one query's similarities read
+           exactly and pruned, p50/p95, and how many of the exact 10 nearest the pruned reading finds
 
 Examples:
   python -m scripts.benchmark --quick
@@ -49,9 +51,10 @@ from scripts.benchmark.report import describe_machine, format_machine, raw_figur
 from scripts.benchmark.served import BATCHED, bench_serving
 from scripts.benchmark.text import bench_text
 from scripts.benchmark.training import bench_training
+from scripts.benchmark.words import bench_words
 from scripts.benchmark.subjects import load_subjects, parse_weights
 
-SECTIONS = ("bare", "served", "index", "startup", "fault", "training", "live", "text")
+SECTIONS = ("bare", "served", "index", "startup", "fault", "training", "live", "text", "words")
 
 # Sizes and repeats per profile; any option given on the command line wins.
 PROFILES = {
@@ -69,7 +72,7 @@ PROFILES = {
         "train_arch": ["efficientnet_lite2", "mobilenet_v2", "resnet50"], "train_batch": 32, "train_stages": 2,
         "live_add_photos": 1000, "live_removes": 5, "live_lone_requests": 200,
         "live_memory_sizes": [100_000, 1_000_000],
-        "text_requests": 100,
+        "text_requests": 100, "words_sizes": [10_000, 100_000, 1_000_000], "words_queries": 100,
     },
     "quick": {
         "arch": ["resnet50"], "batches": [1, 8, 32], "knob_batch": 8, "compare_photos": 8,
@@ -84,7 +87,7 @@ PROFILES = {
         "filtered_queries": 20, "dim": 256, "fault_clients": 16, "fault_requests": 400,
         "train_arch": ["efficientnet_lite2"], "train_batch": 16, "train_stages": 2,
         "live_add_photos": 200, "live_removes": 3, "live_lone_requests": 100, "live_memory_sizes": [10_000, 100_000],
-        "text_requests": 30,
+        "text_requests": 30, "words_sizes": [10_000, 100_000], "words_queries": 30,
     },
 }
 
@@ -166,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--live-lone-requests", type=int, help="lone requests per model, in turns (full: 200)")
     live.add_argument("--live-memory-sizes", type=lambda text: [parse_size(item) for item in text.split(",")],
                       help="vectors per generation for the swap's memory (full: 100k,1M)")
+    words = parser.add_argument_group("words")
+    words.add_argument("--words-sizes", type=lambda text: [parse_size(item) for item in text.split(",")],
+                       help="listings in the catalogue of words (full: 10k,100k,1M)")
+    words.add_argument("--words-queries", type=int, help="queries per size (full: 100)")
     index = parser.add_argument_group("index")
     index.add_argument("--sizes", type=lambda text: [parse_size(item) for item in text.split(",")],
                        help="catalogue sizes (full: 10k,100k,1M; quick: 10k,100k)")
@@ -243,6 +250,8 @@ def run_sections(settings: dict, photos: list[bytes]) -> dict:
             done(live=timed(bench_live, settings, Path(scratch)))
     if "text" in chosen:
         done(text=timed(bench_text, photos, settings))
+    if "words" in chosen:
+        done(words=timed(bench_words, settings))
     if "fault" in chosen:
         with tempfile.TemporaryDirectory(prefix="benchmark-fault-") as scratch:
             done(fault=timed(bench_fault, settings, Path(scratch)))

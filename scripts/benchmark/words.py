@@ -1,0 +1,104 @@
+"""Words section: the catalogue's words at scale. The text model's catalogue rows (the --run's, or the tiny
+generated run's), copied until the catalogue holds each size; queries are listings' own rows (title +
+description, as the catalogue holds them) and, with --work, their titles. Each query is read exactly
+(every listing) and pruned (its rarest terms, then the best candidates completed:
+TextNeighbours.similarities), p50 / p95 of one query, and how many of the exact 10 nearest similarities the
+pruned reading finds, every copy of the query's own listing left out.
+"""
+import tempfile
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from scripts.benchmark.common import percentiles_ms, time_calls
+from scripts.benchmark.text import text_run
+
+WORDS_COLUMNS = [("listings", "listings"), ("rows_mb", "rows MB"), ("query", "query"),
+                 ("entries_m", "entries read exactly (M, median)"), ("exact_p50_ms", "exact p50 ms"),
+                 ("exact_p95_ms", "exact p95 ms"), ("pruned_p50_ms", "pruned p50 ms"),
+                 ("pruned_p95_ms", "pruned p95 ms"), ("speed_up", "exact ÷ pruned p50"),
+                 ("agreement", "exact 10 nearest found")]
+
+
+def copied(words, copies: int):
+    """WORDS' listings COPIES times over (copy j's rows after copy j - 1's), stored by column as TextNeighbours
+    keeps them: within a column the copies follow each other, each in listing order."""
+    listings, lengths = len(words.product_ids), np.diff(words.indptr)
+    column = np.repeat(np.arange(words.width), lengths)
+    within = np.arange(len(words.rows)) - words.indptr[column]
+    indptr = words.indptr * copies
+    rows = np.empty(len(words.rows) * copies, np.int32)
+    values = np.empty(len(words.values) * copies, np.float32)
+    for copy in range(copies):
+        at = indptr[column] + copy * lengths[column] + within
+        rows[at], values[at] = words.rows + copy * listings, words.values
+    return replace(words, product_ids=[f"{copy}:{p}" for copy in range(copies) for p in words.product_ids],
+                   labels=np.tile(words.labels, copies), indptr=indptr, rows=rows, values=values)
+
+
+def listing_rows(words) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each catalogue listing's own (columns, values), as TextModel.features gives a text's."""
+    from scipy.sparse import csc_matrix
+
+    stored = csc_matrix((words.values, words.rows, words.indptr), shape=(len(words.product_ids), words.width)).tocsr()
+    return [(stored.indices[start:end].astype(np.int64), stored.data[start:end])
+            for start, end in zip(stored.indptr[:-1], stored.indptr[1:])]
+
+
+def agreement(exact: np.ndarray, pruned: np.ndarray, own: int, listings: int) -> float:
+    """Share of the exact 10 largest similarities (own listing's copies left out) the pruned reading has."""
+    exact, pruned = exact.astype(np.float64), pruned.astype(np.float64)
+    exact[own::listings] = pruned[own::listings] = -np.inf
+    best = Counter(np.round(np.sort(exact)[-10:], 5))
+    return sum((best & Counter(np.round(np.sort(pruned)[-10:], 5))).values()) / 10
+
+
+def bench_words(settings: dict) -> dict:
+    from marketplace_search.layout import TEXT_MODEL_DIR
+    from marketplace_search.text import TextModel
+
+    with tempfile.TemporaryDirectory(prefix="benchmark-words-") as scratch:
+        run_dir = text_run(settings, Path(scratch))
+        model = TextModel.load(run_dir / TEXT_MODEL_DIR)
+    words = model.neighbours
+    if words is None:
+        raise ValueError(f"{run_dir}: its text model has no catalogue of words (format tfidf-linear/1)")
+    listings = len(words.product_ids)
+    picked = np.random.default_rng(0).choice(listings, min(settings["words_queries"], listings), replace=False)
+    rows = listing_rows(words)
+    queries = {"listing's row": [(int(i), *rows[i]) for i in picked]}
+    if settings.get("work"):
+        from training.text import read_listings
+
+        titles = read_listings(settings["work"])["title"]
+        queries["title"] = [(int(i), *model.features(titles.loc[words.product_ids[i]])) for i in picked]
+    table = []
+    for size in settings["words_sizes"]:
+        catalogue = copied(words, max(1, round(size / listings)))
+        exact = replace(catalogue, exact_postings=np.iinfo(np.int64).max)
+        pruned = replace(catalogue, exact_postings=0)
+        entries = np.diff(catalogue.indptr)
+        for name, asked in queries.items():
+            timings = {"exact": [], "pruned": []}
+            found = []
+            for own, columns, values in asked:
+                for way, reader in (("exact", exact), ("pruned", pruned)):
+                    timings[way] += time_calls(lambda: reader.similarities(columns, values), min_seconds=0,
+                                               min_repeats=1, warmup=0)
+                found.append(agreement(exact.similarities(columns, values), pruned.similarities(columns, values),
+                                       own, listings))
+            row = {"listings": len(catalogue.product_ids), "rows_mb": (catalogue.rows.nbytes + catalogue.values.nbytes) / 1e6,
+                   "query": name, "entries_m": float(np.median([entries[c].sum() for _, c, _ in asked])) / 1e6,
+                   **{f"{way}_{key}": value for way, seconds in timings.items()
+                      for key, value in percentiles_ms(seconds, (50, 95)).items()},
+                   "agreement": float(np.mean(found))}
+            row["speed_up"] = row["exact_p50_ms"] / row["pruned_p50_ms"]
+            table.append(row)
+        del catalogue, exact, pruned
+    return {"rows": table, "columns": WORDS_COLUMNS, "models": {"words": f"{run_dir} ({listings} listings)"}, "legend": (
+        f"{len(picked)} queries per row, one at a time, each read exactly and pruned in turn. The catalogue is the "
+        "run's listings copied, so the entries a query reads grow with it as a larger catalogue's would; the "
+        "agreement compares the 10 largest similarities (each copy of the query's own listing left out). Served, "
+        "a query reads pruned only above EXACT_POSTINGS entries (marketplace_search.text).")}
