@@ -179,12 +179,13 @@ class TextNeighbours:
         nearest found at 11k-100k)."""
         starts, ends = self.indptr[columns], self.indptr[columns + 1]
         lengths = ends - starts
-        if not lengths.sum():
+        entries = int(lengths.sum())
+        if not entries:
             return np.zeros(len(self.product_ids), np.float32)
-        if lengths.sum() <= self.exact_postings:
+        if entries <= self.exact_postings:
             return (self._scores(ends, lengths, values) / 2.0).astype(np.float32)
         order = np.argsort(lengths, kind="stable")  # rarest first
-        scanned = max(1, int(np.searchsorted(np.cumsum(lengths[order]), SCAN_SHARE * lengths.sum(), side="right")))
+        scanned = max(1, int(np.searchsorted(np.cumsum(lengths[order]), SCAN_SHARE * entries, side="right")))
         scan, rest = order[:scanned], order[scanned:]
         scores = self._scores(ends[scan], lengths[scan], values[scan])
         count = min(self.candidates, int(np.count_nonzero(scores)))
@@ -480,14 +481,11 @@ def read_npz(path: Path | str, mapped: set[str]) -> dict[str, np.ndarray]:
     the listings' words in the page cache, as Faiss's IO_FLAG_MMAP shares a large index, instead of each
     holding its own (~5 GB at 1M listings). numpy maps a .npy but not an .npz member, so the member's
     data offset is found here from its zip local header and .npy header."""
-    with np.load(path, allow_pickle=False) as stored:
-        arrays = {name: stored[name] for name in stored.files if name not in mapped}
+    arrays = {}
     with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
         for info in archive.infolist():
             name = info.filename.removesuffix(".npy")
-            if name not in mapped:
-                continue
-            if info.compress_type != zipfile.ZIP_STORED:  # np.savez_compressed: read whole
+            if name not in mapped or info.compress_type != zipfile.ZIP_STORED:  # np.savez_compressed: read whole
                 with archive.open(info) as member:
                     arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
                 continue
