@@ -350,6 +350,11 @@ def save_checkpoint(path: Path, model: MarketplaceNet, *, classes: list[str], pr
         "state_dict": {name: tensor.cpu() for name, tensor in model.state_dict().items()},
         **({"training_state": training_state} if training_state is not None else {}),
     }
+    write_checkpoint(path, checkpoint)
+
+
+def write_checkpoint(path: Path, checkpoint: dict) -> None:
+    """torch.save beside `path`, then renamed over it: a reader never sees half a checkpoint."""
     tmp = path.with_suffix(".tmp")
     torch.save(checkpoint, tmp)
     os.replace(tmp, path)

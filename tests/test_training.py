@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from training import pipeline, train
 from training.embed import load_embeddings
@@ -184,7 +185,7 @@ def test_one_fine_tuning_step_changes_the_unfrozen_block(tmp_path):
 def test_refit_trains_on_train_and_val_for_the_chosen_epochs_and_serves_the_chosen_blend(tmp_path):
     make_sample_catalogue(tmp_path / "data", listings=40, categories=2, photos_per_listing=1, seed=2, size=64)
     args = argparse_pipeline(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "work"), *TINY,
-                              "--no-baseline", "--refit-train-val"])
+                              "--no-baseline", "--refit-train-val", "--eval-sizes", "48", "64"])
     refit_dir = pipeline.run_pipeline(args)
     info = json.loads((refit_dir / "run.json").read_text())
     first = Path(info["refit"]["from_run"])
@@ -200,6 +201,10 @@ def test_refit_trains_on_train_and_val_for_the_chosen_epochs_and_serves_the_chos
     _, checkpoint = load_checkpoint(refit_dir / "weights" / "epoch_1.pt")
     assert checkpoint["training_state"]["args"]["epochs"] == 3  # the same schedule, stopped at the chosen epoch
     assert load_checkpoint(refit_dir / "weights" / "best.pt")[1]["epoch"] == chosen
+    size = first_info["train"]["eval_size"]["chosen"]  # chosen on validation by the train-only run, served as is
+    assert set(first_info["train"]["eval_size"]["val_top1_head"]) == {"48", "64"}
+    assert info["train"]["eval_size"] == {"trained": 64, "chosen": size, "val_top1_head": {}}
+    assert load_checkpoint(refit_dir / "weights" / "best.pt")[1]["preprocess"]["crop"] == size
     first_blend = json.loads((first / "evaluation.json").read_text())["category_blend"]
     report = json.loads((refit_dir / "evaluation.json").read_text())
     assert {key: report["category_blend"][key] for key in ("k", "temperature", "weight")} == \
@@ -312,6 +317,43 @@ def test_an_interrupted_run_resumed_ends_as_an_uninterrupted_one(sample_work, tm
     history = json.loads((resumed / "run.json").read_text())["train"]["history"]
     assert [row["epoch"] for row in history] == [1, 2, 3]
     assert (resumed / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_sizes_serve_the_size_the_head_reads_validation_best_at(sample_work, tmp_path):
+    args = train_args(sample_work, tmp_path / "run")
+    args.eval_sizes = [72, 40, 56]
+    run_dir = train.train(args)
+    eval_size = json.loads((run_dir / "run.json").read_text())["train"]["eval_size"]
+    grid = {int(size): accuracy for size, accuracy in eval_size["val_top1_head"].items()}
+    assert sorted(grid) == [40, 56, 72] and eval_size["trained"] == 56
+    assert eval_size["chosen"] == max(sorted(grid), key=grid.get)  # the first best: ties go to the smaller
+    model, checkpoint = load_checkpoint(run_dir / "weights" / "best.pt")
+    chosen = eval_size["chosen"]
+    assert checkpoint["preprocess"]["crop"] == chosen and checkpoint["preprocess"]["resize"] == round(chosen * 64 / 56)
+    assert load_checkpoint(run_dir / "weights" / "epoch_1.pt")[1]["preprocess"]["crop"] == 56  # as trained
+    # the grid is the best model's head on the validation photos at each size, as the embed stage reads them
+    split = pd.read_csv(sample_work / "split.csv", dtype=str)
+    val = split[split["split"] == "val"]
+    for size in (40, 72):
+        transform = eval_transform(Preprocess(round(size * 64 / 56), size))
+        images = torch.stack([transform(Image.open(sample_work / "photos" / f"{image_id}.jpg").convert("RGB"))
+                              for image_id in val["image_id"]])
+        with torch.inference_mode():
+            probabilities, _ = embed(model, images)
+        accuracy = float((probabilities.argmax(dim=1).numpy() == val["label"].astype(int).to_numpy()).mean())
+        assert grid[size] == pytest.approx(accuracy, abs=1e-4)
+
+
+def test_eval_size_ties_go_to_the_smaller_and_a_choice_needs_validation_held_out(sample_work, tmp_path, monkeypatch):
+    readings = {40: 0.5, 56: 0.75, 72: 0.75}
+    monkeypatch.setattr(train, "head_accuracy", lambda model, preprocess, *rest: readings[preprocess.crop])
+    chosen, grid = train.choose_eval_size(None, Preprocess(64, 56), None, None, [72, 40, 56], 1, 0, None)
+    assert chosen == Preprocess(64, 56) and grid == readings
+    args = train_args(sample_work, tmp_path / "refit")
+    args.eval_sizes, args.train_splits = [40, 56], ["train", "val"]
+    with pytest.raises(ValueError, match="validation photos held out"):
+        train.train(args)
+    assert not (tmp_path / "refit").exists()
 
 
 def test_a_checkpoint_trained_anywhere_loads_on_the_cpu(tmp_path):

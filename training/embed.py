@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from training.dataset import ListingPhotos, load_split
+from training.memory import keep_freed_memory
 from training.photos import PHOTOS_DIR, REPORT_FILE
 from marketplace_search.models import MarketplaceNet, embed, load_checkpoint, sha256_file
 from marketplace_search.presets import Preprocess, eval_transform
@@ -103,6 +104,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.engine == "ray":
         return embed_on_ray(args)
+    keep_freed_memory()
     run_dir = args.run or latest_run(args.work)
     checkpoint_path = run_dir / WEIGHTS_DIR / args.checkpoint
     model, checkpoint = load_checkpoint(checkpoint_path)

@@ -20,6 +20,7 @@ import torch
 
 from training.dataset import load_split
 from training.embed import load_embeddings
+from training.memory import keep_freed_memory
 from marketplace_search.inference import CategoryBlend, blend_categories, category_votes, mix_votes
 from marketplace_search.layout import EVALUATION, INDEX_DIR, TEXT_MODEL_DIR, latest_run, read_run_info, update_run_info
 from marketplace_search.models import MarketplaceNet, default_preprocess, load_pretrained_backbone
@@ -236,6 +237,7 @@ def main(argv=None) -> None:
     parser.add_argument("--blend-from", type=Path, metavar="RUN",
                         help="serve the category blend RUN chose on validation instead of choosing one here")
     args = parser.parse_args(argv)
+    keep_freed_memory()
     torch.set_grad_enabled(False)
     evaluate(args.run or latest_run(args.work), args.work, baseline=not args.no_baseline, blend_from=args.blend_from)
 

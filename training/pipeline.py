@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from training import dataset, embed, evaluate, index, photos, refit, tables, text
+from training.memory import keep_freed_memory
 from marketplace_search.layout import EVALUATION, TEXT_MODEL_DIR, update_run_info
 from training.train import add_arguments, train
 
@@ -20,6 +21,7 @@ def run_pipeline(args: argparse.Namespace) -> Path:
     """Run stages 1-8 into `args.out`; returns the run folder."""
     out = Path(args.out)
     timings = {}
+    keep_freed_memory()
 
     def timed(name, function, *arguments):
         started = time.perf_counter()

@@ -1,7 +1,7 @@
 """A refit on train + validation (`training.pipeline ... --refit-train-val`).
 
-The train-only run chooses everything on the validation split: the epoch count (its best epoch) and
-the category blend (training.evaluate). The refit trains the same recipe again, from the same
+The train-only run chooses everything on the validation split: the epoch count (its best epoch), the
+input size served (`--eval-sizes`) and the category blend (training.evaluate). The refit trains the same recipe again, from the same
 initialisation, on the train and validation photos, with the same learning-rate schedule (the cosine
 over --epochs) stopped after that many epochs; its last epoch is its best.pt. It is then embedded,
 indexed and evaluated on test with the blend the train-only run chose. No choice looks at the test
@@ -18,11 +18,12 @@ TRAIN_SPLITS = ["train", "val"]
 
 
 def refit_arguments(args: argparse.Namespace, first_run: Path) -> argparse.Namespace:
-    """The train-only run's arguments, on train + val, stopping at its best epoch."""
+    """The train-only run's arguments, on train + val, stopping at its best epoch, served at its input size."""
     info = read_run_info(first_run)
     best_epoch = info["train"]["best_epoch"]
+    eval_size = info["train"].get("eval_size", {}).get("chosen")
     return argparse.Namespace(**{**vars(args), "run": None, "resume": None, "train_splits": TRAIN_SPLITS,
-                                 "stop_epoch": best_epoch})
+                                 "stop_epoch": best_epoch, "eval_sizes": [eval_size] if eval_size else None})
 
 
 def refit_train_val(args: argparse.Namespace, first_run: Path) -> Path:

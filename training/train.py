@@ -18,6 +18,13 @@ Two ways to feed the trainable part:
 - `--no-cache`: photos decoded and augmented every epoch (RandomResizedCrop, flip, colour jitter),
   the whole trainable part run every step: a full fine-tune, meant for a GPU.
 
+With `--eval-sizes S1 S2 ...` the trained model (best.pt) then reads the validation photos at each
+input size and keeps the one where its head is right most often (ties: the smaller) as the size it is
+embedded and served at: best.pt's preprocessing says it; the grid goes to run.json (train.eval_size).
+The frozen ImageNet trunk was pretrained on random crops (objects larger than in a whole photo), so it
+tends to read whole photos better a little above its training size (Touvron et al., 2019, "Fixing the
+train-test resolution discrepancy"); a larger input costs its square in compute per photo.
+
 `--device auto` trains on CUDA when there is one. `--precision auto` uses bf16 autocast where the
 hardware has it (CUDA with bf16, or a CPU with AVX-512 BF16 / AMX), fp16 with a gradient scaler on
 other GPUs, fp32 otherwise.
@@ -30,6 +37,7 @@ import random
 import resource
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +50,11 @@ from tqdm import tqdm
 from marketplace_search.layout import (BEST_CHECKPOINT, TENSORBOARD_DIR, WEIGHTS_DIR, epoch_checkpoint, new_run_dir,
                                        read_run_info, update_run_info)
 from marketplace_search.models import (ARCHS, VECTORS, MarketplaceNet, default_preprocess, load_pretrained_backbone,
-                                       save_checkpoint, set_trainable, split_backbone)
+                                       save_checkpoint, set_trainable, split_backbone, write_checkpoint)
 from marketplace_search.presets import Preprocess, eval_transform, train_transform
 from training.dataset import ListingPhotos, load_split
 from training.ema import WeightAverage
+from training.memory import keep_freed_memory
 
 CACHE_DIR = "cache"
 CURVES_FILE = "training_curves.png"
@@ -301,6 +310,64 @@ def plot_curves(history: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+# --- the input size served: chosen on validation ---------------------------------------------------
+
+def at_size(preprocess: Preprocess, size: int) -> Preprocess:
+    """`preprocess` with input (crop) `size`, the photo's square side scaled with it."""
+    return replace(preprocess, resize=round(size * preprocess.resize / preprocess.crop), crop=size)
+
+
+def head_accuracy(model: MarketplaceNet, preprocess: Preprocess, rows, photos_dir: Path, batch_size: int,
+                  workers: int, device: torch.device) -> float:
+    """Top-1 of the model's head on `rows`' photos through the eval transform, fp32 as they are embedded."""
+    loader = DataLoader(ListingPhotos(rows, photos_dir, eval_transform(preprocess)), batch_size=batch_size,
+                        num_workers=workers)
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for images, labels, _ in loader:
+            logits, _ = model(images.to(device).contiguous(memory_format=torch.channels_last))
+            correct += int((logits.argmax(dim=1).cpu() == labels).sum())
+    return correct / len(rows)
+
+
+def choose_eval_size(model: MarketplaceNet, preprocess: Preprocess, rows, photos_dir: Path, sizes,
+                     batch_size: int, workers: int, device: torch.device) -> tuple[Preprocess, dict[int, float]]:
+    """The input size of `sizes` where the model's head reads `rows` best (ties: the smaller), and the grid."""
+    grid = {}
+    for size in sorted(set(sizes)):
+        grid[size] = head_accuracy(model, at_size(preprocess, size), rows, photos_dir, batch_size, workers, device)
+        print(f"  input {size}x{size}: validation top-1 of the head {grid[size]:.4f}", flush=True)
+    best = max(grid, key=lambda size: (grid[size], -size))
+    return at_size(preprocess, best), grid
+
+
+def serve_at_chosen_size(model: MarketplaceNet, args, run_dir: Path, work_dir: Path, preprocess: Preprocess,
+                         device: torch.device) -> dict | None:
+    """`--eval-sizes`: write the chosen input size into best.pt (see the module's docstring); one size is
+    written as given (a refit serves the size its train-only run chose)."""
+    sizes = sorted(set(getattr(args, "eval_sizes", None) or []))
+    if not sizes:
+        return None
+    path = Path(run_dir) / WEIGHTS_DIR / BEST_CHECKPOINT
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    grid = {}
+    if len(sizes) == 1:
+        chosen = at_size(preprocess, sizes[0])
+    else:
+        model.load_state_dict(checkpoint["state_dict"])
+        val_rows = load_split(work_dir).query("split == 'val'").reset_index(drop=True)
+        if val_rows.empty:
+            raise ValueError(f"--eval-sizes: {work_dir} has no validation photos to choose the size on")
+        chosen, grid = choose_eval_size(model, preprocess, val_rows, work_dir / "photos", sizes, args.batch_size,
+                                        args.workers, device)
+    checkpoint["preprocess"] = chosen.to_dict()
+    write_checkpoint(path, checkpoint)
+    print(f"input size served: {chosen.crop}x{chosen.crop} (trained at {preprocess.crop}x{preprocess.crop}) -> {path}")
+    return {"trained": preprocess.crop, "chosen": chosen.crop,
+            "val_top1_head": {str(size): round(accuracy, 4) for size, accuracy in grid.items()}}
+
+
 # --- the stage ---------------------------------------------------------------------------------------
 
 def prepare_data(model: MarketplaceNet, args, work_dir: Path, preprocess: Preprocess, device, dtype):
@@ -346,6 +413,8 @@ def train(args: argparse.Namespace) -> Path:
     """Train a model for WORK's split (or continue `args.resume`); returns the run folder."""
     if getattr(args, "resume", None):
         args = resume_arguments(args.resume)
+    if len(set(getattr(args, "eval_sizes", None) or [])) > 1 and "val" in training_splits(args):
+        raise ValueError("--eval-sizes: choosing among sizes needs the validation photos held out of training")
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -444,8 +513,10 @@ def train(args: argparse.Namespace) -> Path:
     writer.close()
     plot_curves(history, run_dir / CURVES_FILE)
     best = max(history, key=lambda row: row["val_accuracy"]) if held_out else history[-1]
+    eval_size = serve_at_chosen_size(model, args, run_dir, work_dir, preprocess, device)
     update_run_info(run_dir, train={"history": history, "best_epoch": best["epoch"],
                                     "best_val_accuracy": best["val_accuracy"], "cache": cache,
+                                    **({"eval_size": eval_size} if eval_size else {}),
                                     "device": str(device), "autocast": str(dtype) if dtype else "fp32",
                                     "seconds": round(time.perf_counter() - started, 1),
                                     "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
@@ -487,6 +558,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--head-batch-size", type=int, default=256, help="cached: items per training step")
     group.add_argument("--resize", type=int, help="square photo side before the crop (default: the arch's)")
     group.add_argument("--crop", type=int, help="input size (default: the arch's)")
+    group.add_argument("--eval-sizes", type=int, nargs="+", metavar="SIZE",
+                       help="input sizes to embed and serve at: best.pt keeps the one its head reads the "
+                            "validation photos best at (default: the training size --crop)")
     group.add_argument("--workers", type=int, default=2, help="photo decoding processes")
     group.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     group.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when available")
@@ -504,6 +578,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not args.resume and not args.work:
         parser.error("--work is required (or --resume RUN)")
+    keep_freed_memory()
     train(args)
 
 
