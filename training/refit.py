@@ -1,11 +1,12 @@
 """A refit on train + validation (`training.pipeline ... --refit-train-val`).
 
 The train-only run chooses everything on the validation split: the epoch count (its best epoch), the
-input size served (`--eval-sizes`) and the category blend (training.evaluate). The refit trains the same recipe again, from the same
-initialisation, on the train and validation photos, with the same learning-rate schedule (the cosine
-over --epochs) stopped after that many epochs; its last epoch is its best.pt. It is then embedded,
-indexed and evaluated on test with the blend the train-only run chose. No choice looks at the test
-split: the refit only adds data. Its validation figures are not held out (it trained on those photos).
+input size served (`--eval-sizes`) and the category blend (training.evaluate). The refit trains the
+same recipe again, from the same initialisation, on the train and validation photos, with the same
+learning-rate schedule (the cosine over --epochs) stopped after that many epochs; its last epoch is
+its best.pt. It is then embedded, indexed and evaluated on test with the blend the train-only run
+chose. No choice looks at the test split: the refit only adds data. Its validation figures are not
+held out (it trained on those photos).
 """
 import argparse
 import json
