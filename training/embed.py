@@ -27,18 +27,19 @@ from marketplace_search.extras import installed, needs_extra
 PHOTO_HASHES_FILE = "photo_sha256.json"
 
 
-def embed_rows(model: MarketplaceNet, preprocess: Preprocess, rows, photos_dir: Path,
-               batch_size: int = 32, workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """`(embeddings (n, d), probabilities (n, classes))`, float32, in `rows` order."""
+def embed_rows(model: MarketplaceNet, preprocess: Preprocess, rows, photos_dir: Path, batch_size: int = 32,
+               workers: int = 2, device: torch.device = torch.device("cpu")) -> tuple[np.ndarray, np.ndarray]:
+    """`(embeddings (n, d), probabilities (n, classes))`, float32, in `rows` order; the model runs on
+    `device` (where it already is) in fp32, as it is served."""
     loader = DataLoader(ListingPhotos(rows, photos_dir, eval_transform(preprocess)),
                         batch_size=batch_size, num_workers=workers)
     model.eval()
     vectors, probabilities = [], []
     with torch.inference_mode():
         for images, _, _ in tqdm(loader, desc="embedding", unit="batch"):
-            batch_probabilities, batch_vectors = embed(model, images)
-            vectors.append(batch_vectors.numpy())
-            probabilities.append(batch_probabilities.float().numpy())
+            batch_probabilities, batch_vectors = embed(model, images.to(device))
+            vectors.append(batch_vectors.cpu().numpy())
+            probabilities.append(batch_probabilities.float().cpu().numpy())
     return np.concatenate(vectors), np.concatenate(probabilities)
 
 

@@ -54,6 +54,7 @@ from marketplace_search.models import (ARCHS, VECTORS, MarketplaceNet, default_p
 from marketplace_search.presets import Preprocess, eval_transform, train_transform
 from training.dataset import ListingPhotos, load_split
 from training.ema import WeightAverage
+from training.embed import embed_rows
 from training.memory import keep_freed_memory
 
 CACHE_DIR = "cache"
@@ -320,15 +321,8 @@ def at_size(preprocess: Preprocess, size: int) -> Preprocess:
 def head_accuracy(model: MarketplaceNet, preprocess: Preprocess, rows, photos_dir: Path, batch_size: int,
                   workers: int, device: torch.device) -> float:
     """Top-1 of the model's head on `rows`' photos through the eval transform, fp32 as they are embedded."""
-    loader = DataLoader(ListingPhotos(rows, photos_dir, eval_transform(preprocess)), batch_size=batch_size,
-                        num_workers=workers)
-    model.eval()
-    correct = 0
-    with torch.inference_mode():
-        for images, labels, _ in loader:
-            logits, _ = model(images.to(device).contiguous(memory_format=torch.channels_last))
-            correct += int((logits.argmax(dim=1).cpu() == labels).sum())
-    return correct / len(rows)
+    _, probabilities = embed_rows(model, preprocess, rows, photos_dir, batch_size, workers, device)
+    return float((probabilities.argmax(axis=1) == rows["label"].to_numpy()).mean())
 
 
 def choose_eval_size(model: MarketplaceNet, preprocess: Preprocess, rows, photos_dir: Path, sizes,
