@@ -1,4 +1,5 @@
-"""training.memory: freed tensor memory is reused, not faulted in anew; the user's allocator settings win."""
+"""marketplace_search.memory: freed tensor memory is reused, not faulted in anew, in the training stages and in
+the handler's process; the user's allocator settings win."""
 import json
 import os
 import subprocess
@@ -6,14 +7,22 @@ import sys
 
 import pytest
 
+from tests.serving_fixtures import archive_tiny_run, extract_archive, make_tiny_run
+
 # A fresh interpreter allocates and frees a 64 MiB tensor 20 times (a CNN's activation at batch 32 is of
-# that size), then prints whether keep_freed_memory set malloc and the page faults the last 10 took (the
-# heap settles within the first few).
+# that size), then prints whether malloc was set to keep freed memory and the page faults the last 10
+# took (the heap settles within the first few). "keep" sets it with keep_freed_memory, "handler" loads an
+# archive's handler as a TorchServe worker does (argv[2]: the extracted archive), "default" neither.
 LOOP = """
 import json, resource, sys
 import torch
-from training.memory import keep_freed_memory
-applied = keep_freed_memory() if sys.argv[1] == "keep" else None
+from marketplace_search.memory import keep_freed_memory
+applied = None
+if sys.argv[1] == "keep":
+    applied = keep_freed_memory()
+elif sys.argv[1] == "handler":
+    from handlers.local import load_local_handler
+    applied = load_local_handler(sys.argv[2]).keeps_freed_memory
 for _ in range(10):
     torch.ones(16 << 20)  # 16M float32 = 64 MiB, written, then freed
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -24,11 +33,11 @@ print(json.dumps({"applied": applied, "faults": resource.getrusage(resource.RUSA
 PAGES = (64 << 20) // 4096  # one 64 MiB block's pages
 
 
-def run_loop(mode: str, **environment) -> dict:
+def run_loop(mode: str, *arguments: str, **environment) -> dict:
     env = {key: value for key, value in os.environ.items()
            if not key.startswith("MALLOC_") and key not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
-    out = subprocess.run([sys.executable, "-c", LOOP, mode], env={**env, **environment}, capture_output=True,
-                         text=True, check=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", LOOP, mode, *arguments], env={**env, **environment},
+                         capture_output=True, text=True, check=True, timeout=300)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -44,3 +53,12 @@ def test_freed_tensors_are_reused_instead_of_faulted_in_again():
 def test_the_users_own_malloc_settings_are_left_alone():
     assert run_loop("keep", MALLOC_MMAP_MAX_="65536")["applied"] is False
     assert run_loop("keep", GLIBC_TUNABLES="glibc.malloc.trim_threshold=1")["applied"] is False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_the_handlers_process_keeps_freed_memory_unless_the_user_set_malloc(tmp_path):
+    run = make_tiny_run(tmp_path / "runs" / "2025-01-31_142233")
+    model = extract_archive(archive_tiny_run(run, tmp_path / "store"), tmp_path / "model")
+    served = run_loop("handler", str(model))
+    assert served["applied"] is True and served["faults"] < PAGES // 4
+    assert run_loop("handler", str(model), MALLOC_TRIM_THRESHOLD_="0")["applied"] is False

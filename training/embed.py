@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from training.dataset import ListingPhotos, load_split
-from training.memory import keep_freed_memory
 from training.photos import PHOTOS_DIR, REPORT_FILE
+from marketplace_search.memory import keep_freed_memory
 from marketplace_search.models import MarketplaceNet, embed, load_checkpoint, sha256_file
 from marketplace_search.presets import Preprocess, eval_transform
 from marketplace_search.layout import BEST_CHECKPOINT, EMBEDDINGS_DIR, WEIGHTS_DIR, latest_run, update_run_info

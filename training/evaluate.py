@@ -20,8 +20,8 @@ import torch
 
 from training.dataset import load_split
 from training.embed import load_embeddings
-from training.memory import keep_freed_memory
 from marketplace_search.inference import CategoryBlend, blend_categories, category_votes, mix_votes
+from marketplace_search.memory import keep_freed_memory
 from marketplace_search.layout import EVALUATION, INDEX_DIR, TEXT_MODEL_DIR, latest_run, read_run_info, update_run_info
 from marketplace_search.models import MarketplaceNet, default_preprocess, load_pretrained_backbone
 from marketplace_search.search import Catalogue, make_catalogue

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from training import dataset, embed, evaluate, index, photos, refit, tables, text
-from training.memory import keep_freed_memory
+from marketplace_search.memory import keep_freed_memory
 from marketplace_search.layout import EVALUATION, TEXT_MODEL_DIR, update_run_info
 from training.train import add_arguments, train
 

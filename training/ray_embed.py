@@ -29,7 +29,7 @@ class Embedder:
 
         from marketplace_search.models import load_checkpoint
         from marketplace_search.presets import Preprocess, eval_transform
-        from training.memory import keep_freed_memory
+        from marketplace_search.memory import keep_freed_memory
 
         keep_freed_memory()
         torch.set_num_threads(threads)

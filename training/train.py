@@ -51,11 +51,11 @@ from marketplace_search.layout import (BEST_CHECKPOINT, TENSORBOARD_DIR, WEIGHTS
                                        read_run_info, update_run_info)
 from marketplace_search.models import (ARCHS, VECTORS, MarketplaceNet, default_preprocess, load_pretrained_backbone,
                                        save_checkpoint, set_trainable, split_backbone, write_checkpoint)
+from marketplace_search.memory import keep_freed_memory
 from marketplace_search.presets import Preprocess, eval_transform, train_transform
 from training.dataset import ListingPhotos, load_split
 from training.ema import WeightAverage
 from training.embed import embed_rows
-from training.memory import keep_freed_memory
 
 CACHE_DIR = "cache"
 CURVES_FILE = "training_curves.png"
