@@ -5,10 +5,10 @@ hands it back to the kernel when it is freed, and trims the top of its heap as s
 free. A CNN's activations are large (one 32-channel 130 x 130 float map of a batch of 32 is 69 MB), so
 every layer of every batch touches pages the kernel must zero again: embedding the real listings on 2
 cores spent 27 s of its 72 s CPU time in the kernel (10.7M page faults for 256 photos), and a served
-batch of 8 photos faulted 81-92k pages in per forward pass. Serving every allocation from the heap
-(M_MMAP_MAX 0) and trimming it only above 1 GiB free (M_TRIM_THRESHOLD) keeps those pages: 6.7 -> 10.8
-photos/s embedding, the same peak memory (README, "Train on the real listings"); 0 faults and 15-24 %
-less time per served batch of 8 (README, "Serving on a CPU"). The training stages, the Ray embedding
+batch of 8 photos (torch fp32) faulted 64-92k pages in per forward pass. Serving every allocation from
+the heap (M_MMAP_MAX 0) and trimming it only above 1 GiB free (M_TRIM_THRESHOLD) keeps those pages:
+6.7 -> 10.8 photos/s embedding, the same peak memory (README, "Train on the real listings"); 0 faults
+and a median 13 % less time per served batch of 8 (README, "Inference backends"). The training stages, the Ray embedding
 actors and the handler (so TorchServe's workers and `--local` batch jobs) call it. PyTorch's CPU
 performance guide reaches the same end by preloading jemalloc or tcmalloc; this needs nothing installed.
 

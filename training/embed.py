@@ -29,8 +29,8 @@ PHOTO_HASHES_FILE = "photo_sha256.json"
 
 def embed_rows(model: MarketplaceNet, preprocess: Preprocess, rows, photos_dir: Path, batch_size: int = 32,
                workers: int = 2, device: torch.device = torch.device("cpu")) -> tuple[np.ndarray, np.ndarray]:
-    """`(embeddings (n, d), probabilities (n, classes))`, float32, in `rows` order; the model runs on
-    `device` (where it already is) in fp32, as it is served."""
+    """`(embeddings (n, d), probabilities (n, classes))`, float32, in `rows` order; the model runs in
+    fp32 on `device` (where it already is)."""
     loader = DataLoader(ListingPhotos(rows, photos_dir, eval_transform(preprocess)),
                         batch_size=batch_size, num_workers=workers)
     model.eval()
