@@ -442,3 +442,37 @@ def test_text_stage_adds_its_rows_and_a_model_the_handler_loads(tiny_run):
     assert model.classes == json.loads((run_dir / "run.json").read_text())["classes"]
     assert set(model.calibrations) == {kind_name(inputs) for inputs in INPUT_KINDS}
     assert len(evaluation["text"]["per_category"]) == len(model.classes)
+
+
+def test_figures_over_splits_are_each_runs_own_and_a_shared_split_is_refused(tiny_run, module_tmp, capsys):
+    from training import splits
+
+    work, run_dir = tiny_run
+    root = module_tmp("pipeline-seed-1")
+    other = pipeline.run_pipeline(argparse_pipeline(["--data", str(work.parent / "data"), "--out", str(root / "work"),
+                                                     *TINY, "--seed", "1", "--no-baseline"]))
+    test_listings = [set(pd.read_csv(folder / "split.csv").query("split == 'test'")["product_id"])
+                     for folder in (work, root / "work")]
+    assert test_listings[0] != test_listings[1]  # the seed draws another test set
+
+    summary = splits.main([str(run_dir), str(other), "--json", str(root / "splits.json")])
+    table = capsys.readouterr().out
+    assert "seeds 0 / 1" in table and "| photo+title |" in table
+    top1 = {row["inputs"]: row for row in summary if row["figure"] == "top1_accuracy"}
+    assert {"photo (head)", "photo", "title", "title+description", "photo+title",
+            "photo+title+description"} == set(top1)
+    for position, folder in enumerate((run_dir, other)):
+        evaluation = json.loads((folder / "evaluation.json").read_text())
+        rows = {row["inputs"]: row for row in evaluation["text"]["rows"]}
+        assert top1["photo+title"]["values"][position] == rows["photo+title"]["top1_accuracy"]
+        assert top1["photo (head)"]["values"][position] == evaluation["fine_tuned"]["top1_accuracy"]
+    first, second = top1["title"]["values"]
+    assert top1["title"]["mean"] == pytest.approx((first + second) / 2)
+    assert top1["title"]["sd"] == pytest.approx(abs(first - second) / 2 ** 0.5)
+    written = json.loads((root / "splits.json").read_text())
+    assert [run["seed"] for run in written["runs"]] == [0, 1] and len(written["summary"]) == len(summary)
+
+    with pytest.raises(SystemExit):  # one split twice is not two splits
+        splits.main([str(run_dir), str(run_dir)])
+    assert "share a split seed" in capsys.readouterr().err
+    assert splits.main([str(run_dir), str(run_dir), "--allow-same-split"])[0]["sd"] == 0
