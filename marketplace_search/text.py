@@ -1,8 +1,9 @@
 """Category from a listing's words, and its fusion with the photo model: numpy only, no scikit-learn.
 
 The text model (trained by training.text) is TF-IDF over word 1-2-grams and character 2-5-grams
-inside words, each block L2-normalised, and one linear classifier over both: `scores(texts)` gives
-(n, classes) decision scores. How text is cut into terms is defined here once: training passes
+inside words, each block L2-normalised, and one linear classifier over both and, when the model has
+one, the text's vector from a pretrained sentence encoder (marketplace_search.sentences): `scores(texts)`
+gives (n, classes) decision scores. How text is cut into terms is defined here once: training passes
 `word_terms`/`char_terms` to scikit-learn as its analyzers, serving counts them itself, so the two
 can never drift. Category probabilities come from small linear maps ("calibrations") chosen on the
 validation split, one per combination of inputs a request can carry:
@@ -18,6 +19,7 @@ On disk (a folder, shipped whole in the archive; plain JSON and a numpy .npz, no
                     the catalogue listings' product ids and the vote's k and temperature
   text_model.npz    idf of each block, classifier weights and bias, each calibration's A and b, the
                     catalogue listings' TF-IDF rows by column (CSC: indptr, rows, values) and labels
+  encoder/          the sentence encoder's files (format tfidf-linear/3; its sha256 in text_model.json)
 """
 import hashlib
 import json
@@ -29,8 +31,12 @@ import zipfile
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # torch and tokenizers load with the first model that has an encoder
+    from marketplace_search.sentences import SentenceEncoder
 
 MODEL_FILE = "text_model.json"
 WEIGHTS_FILE = "text_model.npz"
@@ -40,7 +46,9 @@ ROW_ARRAYS = {"labels": np.int32, "indptr": np.int64, "rows": np.int32, "values"
 MAPPED_ARRAYS = ("rows", "values")  # the large ones (an entry per listing's term), memory-mapped by read_npz
 NEIGHBOURS_PREFIX = "neighbours:"
 FORMAT = "tfidf-linear/2"
-FORMATS = ("tfidf-linear/1", FORMAT)  # /1: no catalogue vote
+FORMAT_SENTENCES = "tfidf-linear/3"
+FORMATS = ("tfidf-linear/1", FORMAT, FORMAT_SENTENCES)  # /1: no catalogue vote; /3: a sentence encoder too
+ENCODER_DIR = "encoder"  # in a text model's folder: its sentence encoder's files
 VOTE_FLOOR = 1e-3  # under the vote's probabilities before the log: a category no neighbour has
 # Words at scale (TextNeighbours.similarities): a query whose terms hold more catalogue entries than
 # EXACT_POSTINGS (~45 ms to read exactly on 2 cores) reads its rarest terms for every listing (SCAN_SHARE
@@ -297,6 +305,7 @@ class TextReading:
     columns: np.ndarray
     values: np.ndarray
     neighbours: TextNeighbours | None = field(default=None, repr=False)
+    sentence: np.ndarray | None = field(default=None, repr=False)  # (d,) the encoder's vector, if the model has one
 
     @cached_property
     def similarities(self) -> np.ndarray:
@@ -320,11 +329,18 @@ class TextModel:
     calibrations: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # kind -> (A, b)
     info: dict = field(default_factory=dict)  # settings and figures, for the model card
     neighbours: TextNeighbours | None = None  # the catalogue vote; its calibrations read the votes when set
+    sentence_coef: np.ndarray | None = None  # (classes, d) the classifier's weights of the sentence vector
+    encoder: "SentenceEncoder | None" = field(default=None, repr=False)  # makes the sentence vectors
 
     def __post_init__(self):
         width = len(self.word_vocabulary) + len(self.char_vocabulary)
         if self.coef.shape != (len(self.classes), width):
             raise ValueError(f"text model weights are {self.coef.shape}, expected ({len(self.classes)}, {width})")
+        if (self.encoder is None) != (self.sentence_coef is None):
+            raise ValueError("a text model has both a sentence encoder and its weights, or neither")
+        if self.encoder is not None and self.sentence_coef.shape != (len(self.classes), self.encoder.dimension):
+            raise ValueError(f"sentence weights are {self.sentence_coef.shape}, the encoder makes "
+                             f"{self.encoder.dimension}-d vectors for {len(self.classes)} classes")
 
     @cached_property
     def reader_sha256(self) -> str:
@@ -360,17 +376,25 @@ class TextModel:
 
     def read(self, text: str) -> TextReading:
         """One read of `text` that scores, votes and re-ranks alike take (instead of reading it each time)."""
-        return TextReading(*self.features(text), self.neighbours)
+        return self.readings([text])[0]
 
     def readings(self, texts: list[str | TextReading]) -> list[TextReading]:
-        """Each of `texts` read (a TextReading is taken as it is)."""
-        return [text if isinstance(text, TextReading) else self.read(text) for text in texts]
+        """Each of `texts` read (a TextReading is taken as it is); the strings' sentence vectors in one batch."""
+        strings = [text for text in texts if not isinstance(text, TextReading)]
+        sentences = iter(self.encoder.encode(strings) if self.encoder is not None and strings else ())
+        return [text if isinstance(text, TextReading) else
+                TextReading(*self.features(text), self.neighbours, next(sentences, None)) for text in texts]
 
     def scores(self, texts: list[str | TextReading]) -> np.ndarray:
         """(n, classes) float32 decision scores of the linear classifier; `texts`: strings or their readings."""
+        readings = self.readings(texts)
         out = np.empty((len(texts), len(self.classes)), np.float32)
-        for row, reading in enumerate(self.readings(texts)):
+        for row, reading in enumerate(readings):
             out[row] = self.coef[:, reading.columns] @ reading.values + self.intercept
+        if self.encoder is not None and readings:
+            if any(reading.sentence is None for reading in readings):
+                raise ValueError("a text read without a sentence vector, by a model whose classifier reads one")
+            out += np.stack([reading.sentence for reading in readings]) @ self.sentence_coef.T
         return out
 
     def votes(self, texts: list[str | TextReading], exclude: list[str | None] | None = None) -> np.ndarray | None:
@@ -412,7 +436,8 @@ class TextModel:
     def save(self, directory: Path | str) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        document = {"format": FORMAT if self.neighbours is not None else FORMATS[0], "classes": self.classes,
+        document = {"format": FORMAT_SENTENCES if self.encoder is not None else
+                    FORMAT if self.neighbours is not None else FORMATS[0], "classes": self.classes,
                     "word_ngrams": list(WORD_NGRAMS), "char_ngrams": list(CHAR_NGRAMS), "calibrations": sorted(self.calibrations), "info": self.info,
                     "word_vocabulary": sorted(self.word_vocabulary, key=self.word_vocabulary.get),
                     "char_vocabulary": sorted(self.char_vocabulary, key=self.char_vocabulary.get)}
@@ -420,6 +445,11 @@ class TextModel:
                   "intercept": self.intercept}
         for name, (matrix, bias) in self.calibrations.items():
             arrays[f"calibration:{name}:A"], arrays[f"calibration:{name}:b"] = matrix, bias
+        if self.encoder is not None:
+            arrays["sentence_coef"] = self.sentence_coef
+            document["sentence_encoder"] = {"folder": ENCODER_DIR, "sha256": self.encoder.sha256,
+                                            "dimension": self.encoder.dimension}
+            self.encoder.copied_to(directory / ENCODER_DIR)
         arrays = {key: np.asarray(value, np.float32) for key, value in arrays.items()}
         if self.neighbours is not None:
             document["neighbours"] = {"product_ids": self.neighbours.product_ids, "k": self.neighbours.k,
@@ -446,10 +476,22 @@ class TextModel:
             arrays, stored["product_ids"], NEIGHBOURS_PREFIX, k=int(stored["k"]),
             temperature=float(stored["temperature"]), rerank_weight=float(stored.get("rerank_weight", 0.0)),
             fill=bool(stored.get("fill", False)))
+        encoder = None if "sentence_encoder" not in document else load_encoder(directory, document["sentence_encoder"])
         return cls(document["classes"], {term: i for i, term in enumerate(document["word_vocabulary"])},
                    {term: i for i, term in enumerate(document["char_vocabulary"])}, arrays["word_idf"],
                    arrays["char_idf"], arrays["coef"], arrays["intercept"], calibrations, document["info"],
-                   neighbours)
+                   neighbours, arrays.get("sentence_coef") if encoder is not None else None, encoder)
+
+
+def load_encoder(directory: Path, stored: dict) -> "SentenceEncoder":
+    """The text model's own copy of its sentence encoder, checked against the sha256 it was trained with."""
+    from marketplace_search.sentences import SentenceEncoder
+
+    encoder = SentenceEncoder(Path(directory) / stored["folder"])
+    if encoder.sha256 != stored["sha256"] or encoder.dimension != stored["dimension"]:
+        raise ValueError(f"{encoder.folder} is not the sentence encoder {Path(directory) / MODEL_FILE} was trained "
+                         f"with (sha256 {stored['sha256'][:12]}..., {stored['dimension']}-d)")
+    return encoder
 
 
 def save_words(path: Path | str, words: TextNeighbours, reader_sha256: str) -> None:

