@@ -480,7 +480,7 @@ class TextModel:
         return cls(document["classes"], {term: i for i, term in enumerate(document["word_vocabulary"])},
                    {term: i for i, term in enumerate(document["char_vocabulary"])}, arrays["word_idf"],
                    arrays["char_idf"], arrays["coef"], arrays["intercept"], calibrations, document["info"],
-                   neighbours, arrays.get("sentence_coef") if encoder is not None else None, encoder)
+                   neighbours, arrays.get("sentence_coef"), encoder)
 
 
 def load_encoder(directory: Path, stored: dict) -> "SentenceEncoder":

@@ -150,6 +150,12 @@ run_checks() {
   code=${body##*HTTP }; body=${body%$'\n'HTTP *}
   [ "$code" = 200 ] && python3 -c 'import json, sys; a = json.load(sys.stdin); sys.exit(0 if "category" in json.dumps(a) else 1)' <<<"$body"
   check "prediction with the inference token" $? "HTTP $code, $(head -c 300 <<<"$body" | tr -d '\n')..."
+  # photo + title: the text model and its sentence encoder (torch.export + tokenizers) served by the image
+  body=$(P exec "$name" curl -sS -w '\nHTTP %{http_code}' -H "Authorization: Bearer $ikey" -H 'X-Title: wooden garden bench' \
+    -H 'Content-Type: image/jpeg' --data-binary @/tmp/probe.jpg "http://127.0.0.1:8080/predictions/$MODEL")
+  code=${body##*HTTP }; body=${body%$'\n'HTTP *}
+  [ "$code" = 200 ] && python3 -c 'import json, sys; a = json.load(sys.stdin); sys.exit(0 if a.get("inputs") == ["photo", "title"] else 1)' <<<"$body"
+  check "photo + title (text model with its sentence encoder)" $? "HTTP $code, $(head -c 200 <<<"$body" | tr -d '\n')..."
   # TorchServe 0.12 refuses a missing or wrong key with 400 InvalidKeyException (not 401).
   local auth label
   for auth in "" "Authorization: Bearer $mkey"; do
