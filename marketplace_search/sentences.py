@@ -77,7 +77,7 @@ def export_encoder(source: Path | str, out: Path | str, name: str | None = None)
     out.mkdir(parents=True, exist_ok=True)
     torch.export.save(program, out / PROGRAM_FILE)
     shutil.copyfile(source / TOKENIZER_FILE, out / TOKENIZER_FILE)
-    weights = next((source / name for name in ("model.safetensors", "pytorch_model.bin") if (source / name).is_file()),
+    weights = next((source / file for file in ("model.safetensors", "pytorch_model.bin") if (source / file).is_file()),
                    None)
     (out / SETTINGS_FILE).write_text(json.dumps({
         "source": name or source.name,
