@@ -124,7 +124,8 @@ class MarketplaceHandler(BaseHandler):
             return None
         if words is None:
             if self._archive_words_released:
-                self.text_model, self._archive_words_released = TextModel.load(self.text_dir), False
+                self.text_model = dataclasses.replace(TextModel.load(self.text_dir), encoder=self.text_model.encoder)
+                self._archive_words_released = False  # the loaded sentence encoder is kept, not loaded again
                 logger.info("serving the archive's own words again (generation %d has none)", self.served.generation)
             return self.text_model
         if self._served_text is None or self._served_text.neighbours is not words:
@@ -217,12 +218,15 @@ class MarketplaceHandler(BaseHandler):
         """One forward pass per batch size the worker can get, before it reports READY.
 
         oneDNN builds its kernels for each input shape on first use: without this, the first batch
-        of every size answers late (README, "Benchmarks", start-up).
+        of every size answers late (README, "Benchmarks", start-up). The text model's sentence encoder,
+        loaded on first use, is loaded here too.
         """
         crop = self.preprocess_settings.crop
         for size in range(1, max(1, batch_size) + 1):
             self.backend.forward(torch.zeros(size, 3, crop, crop))
             self.warmed_batch_sizes.append(size)
+        if self.text_model is not None and self.text_model.encoder is not None:
+            self.text_model.encoder.encode(["warm-up"])  # loads the sentence encoder's network (~4 s) before READY
 
     def record_batch(self, size: int, milliseconds: dict[str, float]) -> None:
         """Count the batch and add each stage's milliseconds (a stage that did not run adds 0)."""

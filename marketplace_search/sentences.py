@@ -101,11 +101,23 @@ class MeanPooled(torch.nn.Module):
         return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=1)
 
 
+def copy_export(folder: Path | str, out: Path | str) -> Path:
+    """The exported encoder's files from FOLDER into OUT (nothing when they are the same folder); returns OUT."""
+    folder, out = Path(folder), Path(out)
+    if out.resolve() != folder.resolve():
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (SETTINGS_FILE, PROGRAM_FILE, TOKENIZER_FILE):
+            shutil.copyfile(folder / name, out / name)
+    return out
+
+
 class SentenceEncoder:
     """An exported encoder folder (export_encoder); `encode(texts)` -> (n, d) float32, L2-normalised.
 
-    `memo` (off by default) keeps each text's vector: training reads every listing's texts in several
-    folds, and encodes each once."""
+    The network (~4 s to load, 90 MB) is loaded on first use: a process that only reads a text model's
+    settings or TF-IDF rows (the archive's model card, a catalogue refresh) never loads it. `memo` (off by
+    default) keeps each text's vector: training reads every listing's texts in several folds, and encodes
+    each once."""
 
     def __init__(self, folder: Path | str, memo: bool = False):
         folder = Path(folder)
@@ -118,7 +130,6 @@ class SentenceEncoder:
         self.tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
         self.tokenizer.enable_truncation(int(self.settings["max_length"]))
         self.tokenizer.enable_padding()
-        self.network = torch.export.load(folder / PROGRAM_FILE).module()
         self.memo: dict[str, np.ndarray] | None = {} if memo else None
 
     @classmethod
@@ -128,8 +139,13 @@ class SentenceEncoder:
         if str(spec) == DEFAULT_ENCODER:
             return cls(export_encoder(default_source(), folder, DEFAULT_PACKAGE), memo)
         if is_exported(spec):
-            return cls(spec, memo).copied_to(folder)
+            return cls(copy_export(spec, folder), memo)
         return cls(export_encoder(spec, folder), memo)
+
+    @cached_property
+    def network(self) -> torch.nn.Module:
+        """The exported network, (ids, mask) -> (n, d)."""
+        return torch.export.load(self.folder / PROGRAM_FILE).module()
 
     @cached_property
     def sha256(self) -> str:
@@ -155,15 +171,3 @@ class SentenceEncoder:
                 mask = torch.tensor([e.attention_mask for e in encoded], dtype=torch.long)
                 out[rows] = self.network(ids, mask).float().numpy()
         return out
-
-    def copied_to(self, folder: Path | str) -> "SentenceEncoder":
-        """This encoder's files in FOLDER (copied unless they are there); returns the encoder read from there."""
-        folder = Path(folder)
-        if folder.resolve() == self.folder.resolve():
-            return self
-        folder.mkdir(parents=True, exist_ok=True)
-        for name in (SETTINGS_FILE, PROGRAM_FILE, TOKENIZER_FILE):
-            shutil.copyfile(self.folder / name, folder / name)
-        copy = SentenceEncoder(folder, memo=self.memo is not None)
-        copy.memo = self.memo
-        return copy

@@ -434,6 +434,8 @@ class TextModel:
         return self.probabilities(inputs, self.scores(readings), photo, self.votes(readings))
 
     def save(self, directory: Path | str) -> None:
+        from marketplace_search.sentences import copy_export
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         document = {"format": FORMAT_SENTENCES if self.encoder is not None else
@@ -449,7 +451,7 @@ class TextModel:
             arrays["sentence_coef"] = self.sentence_coef
             document["sentence_encoder"] = {"folder": ENCODER_DIR, "sha256": self.encoder.sha256,
                                             "dimension": self.encoder.dimension}
-            self.encoder.copied_to(directory / ENCODER_DIR)
+            copy_export(self.encoder.folder, directory / ENCODER_DIR)
         arrays = {key: np.asarray(value, np.float32) for key, value in arrays.items()}
         if self.neighbours is not None:
             document["neighbours"] = {"product_ids": self.neighbours.product_ids, "k": self.neighbours.k,

@@ -18,8 +18,9 @@ from handlers.local import load_local_handler, predict_local
 from marketplace_search.inference import RequestError, parse_request
 from marketplace_search.schema import ANSWER_FIELDS, check_answer
 from marketplace_search.sentences import DEFAULT_ENCODER, PROGRAM_FILE, SentenceEncoder, default_source
-from marketplace_search.text import (ENCODER_DIR, FORMAT_SENTENCES, MAX_TITLE_CHARS, MODEL_FILE, TextModel, TextNeighbours, char_terms, listing_text,
-                                     load_words, normalise_text, save_words, word_terms)
+from marketplace_search.text import (ENCODER_DIR, FORMAT_SENTENCES, MAX_TITLE_CHARS, MODEL_FILE, TextModel,
+                                     TextNeighbours, char_terms, listing_text, load_words, normalise_text, save_words,
+                                     word_terms)
 from scripts import api, batch
 from tests.serving_fixtures import archive_tiny_run, extract_archive, make_tiny_run, running_server
 from training.text import train_classifier

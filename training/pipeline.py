@@ -43,8 +43,8 @@ def run_pipeline(args: argparse.Namespace) -> Path:
                                 "--actors", str(args.actors)])
     timed("index", index.main, [*common, "--index-type", args.index_type])
     timed("evaluate", evaluate.main, common + ([] if args.baseline else ["--no-baseline"]))
-    timed("text", text.main, [*common, "--sentence-encoder", str(args.sentence_encoder)])  # after evaluate: it
-    # calibrates on the photo blend evaluate chose
+    # after evaluate: the text stage calibrates on the photo blend evaluate chose
+    timed("text", text.main, [*common, "--sentence-encoder", str(args.sentence_encoder)])
     if getattr(args, "refit_train_val", False):  # training.refit: stages 4-7 again on train + val
         first_run = run_dir
         update_run_info(first_run, data=str(Path(args.data).resolve()), pipeline_seconds=dict(timings))
@@ -88,7 +88,8 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         help="then train again on train + val for the epochs chosen on val, and serve that "
                              "run with the blend chosen on val (training.refit)")
     parser.add_argument("--sentence-encoder", default=DEFAULT_ENCODER,
-                        help="the text model's sentence encoder (training.text --sentence-encoder; 'none': TF-IDF alone)")
+                        help="the text model's sentence encoder (training.text --sentence-encoder; "
+                             "'none': TF-IDF alone)")
     add_arguments(parser)
 
 

@@ -4,9 +4,10 @@ Trains TF-IDF (word 1-2-grams + character 2-5-grams, marketplace_search.text cut
 classifier on the training + validation listings, each listing twice: its title alone and its title
 with its description, so one model reads both kinds of request. The classifier also reads each text's
 vector from a pretrained sentence encoder (marketplace_search.sentences; --sentence-encoder, default the
-all-MiniLM-L6-v2 wheel's, `none` for TF-IDF alone), weighted SENTENCE_WEIGHT beside the two TF-IDF blocks. The fusion is fitted on the validation
-split with cross-fitted text scores (k folds over training + validation listings: each validation
-listing scored by a model that did not see it), one small calibration per combination of inputs
+all-MiniLM-L6-v2 wheel's, `none` for TF-IDF alone), weighted SENTENCE_WEIGHT beside the two TF-IDF
+blocks. The fusion is fitted on the validation split with cross-fitted text scores (k folds over
+training + validation listings: each validation listing scored by a model that did not see it), one
+small calibration per combination of inputs
 (title; title+description; photo+title; photo+title+description): a weighted log-linear blend of the
 text scores, the k-NN vote over the catalogue listings' words (its own listing excluded, k and
 temperature chosen on validation) and, with a photo, the served photo model's log-probabilities (head +
@@ -32,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.feature_extraction.text import TfidfVectorizer
 from scipy.sparse import csr_matrix, hstack
+from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.svm import LinearSVC
 
 from marketplace_search.inference import CategoryBlend, blend_categories, found_by_words, words_pool
@@ -49,7 +50,7 @@ from training.tables import TABLES_DIR
 
 SVM_C = 0.3  # chosen on the validation split of the real listings (README, "Title and description")
 # The sentence vector's weight beside the two L2-normalised TF-IDF blocks (its own norm is 1): chosen on
-# the validation splits of four seeds of the real listings (docs/accuracy.md, "A sentence encoder").
+# the validation splits of four seeds of the real listings (docs/accuracy.md, "A sentence encoder beside TF-IDF").
 SENTENCE_WEIGHT = 2.0
 FOLDS = 5  # cross-fitting of the validation text scores
 # The blend's grids: weight of the photo's and of the catalogue vote's log-probabilities per unit of text
@@ -367,9 +368,9 @@ def train_text(run_dir: Path, work_dir: Path, encoder: SentenceEncoder | None = 
                                 for row in report["rows"]}
     model.save(Path(run_dir) / TEXT_MODEL_DIR)
     report["model"] = {key: model.info[key] for key in ("classifier", "training_listings", "word_features",
-                                                        "char_features", "sentence_encoder", "calibrations", "train_seconds",
-                                                        "training_splits", "cross_fitting_folds", "catalogue_vote",
-                                                        "rerank")}
+                                                        "char_features", "sentence_encoder", "calibrations",
+                                                        "train_seconds", "training_splits", "cross_fitting_folds",
+                                                        "catalogue_vote", "rerank")}
     return report
 
 
