@@ -599,6 +599,10 @@ def test_sentence_vectors_read_words_the_tf_idf_never_saw_and_survive_save_and_l
     both = train_classifier(titles, [""] * len(titles), labels, ["Home", "Clothes"], encoder=encoder)
     assert tf_idf_alone.scores(queries).argmax(axis=1).tolist() != [0, 0, 1]  # so the known answer can fail
     assert both.scores(queries[:1] + queries[2:]).argmax(axis=1).tolist() == [0, 1]
+    lighter = train_classifier(titles, [""] * len(titles), labels, ["Home", "Clothes"], encoder=encoder,
+                               sentence_weight=0.5)  # training.text --sentence-weight
+    assert (lighter.info["sentence_encoder"]["weight"], both.info["sentence_encoder"]["weight"]) == (0.5, 2.0)
+    assert not np.allclose(lighter.scores(queries), both.scores(queries))
     both.save(tmp_path / "text_model")
     assert json.loads((tmp_path / "text_model" / MODEL_FILE).read_text())["format"] == FORMAT_SENTENCES
     loaded = TextModel.load(tmp_path / "text_model")

