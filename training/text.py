@@ -307,7 +307,7 @@ def train_text(run_dir: Path, work_dir: Path, encoder: SentenceEncoder | None = 
                sentence_weight: float = SENTENCE_WEIGHT) -> dict:
     """Train, calibrate on val (cross-fitted), evaluate on test; saves RUN/text_model and returns the report.
     ENCODER (memo on: each listing's texts are encoded once for every fold) adds sentence vectors, weighted
-    SENTENCE_WEIGHT."""
+    `sentence_weight`."""
     started = time.perf_counter()
     split = load_split(work_dir)
     listings = read_listings(work_dir)
