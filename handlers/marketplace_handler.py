@@ -124,8 +124,8 @@ class MarketplaceHandler(BaseHandler):
             return None
         if words is None:
             if self._archive_words_released:
-                self.text_model = dataclasses.replace(TextModel.load(self.text_dir), encoder=self.text_model.encoder)
-                self._archive_words_released = False  # the loaded sentence encoder is kept, not loaded again
+                self.text_model = TextModel.load(self.text_dir, self.text_model.encoder)  # its encoder kept
+                self._archive_words_released = False
                 logger.info("serving the archive's own words again (generation %d has none)", self.served.generation)
             return self.text_model
         if self._served_text is None or self._served_text.neighbours is not words:

@@ -462,8 +462,10 @@ class TextModel:
         write_npz(directory / WEIGHTS_FILE, arrays)
 
     @classmethod
-    def load(cls, directory: Path | str) -> "TextModel":
-        """Load a folder written by `save` (JSON and numpy arrays only: nothing is unpickled)."""
+    def load(cls, directory: Path | str, encoder: "SentenceEncoder | None" = None) -> "TextModel":
+        """Load a folder written by `save` (JSON and numpy arrays only: nothing is unpickled). ENCODER, this
+        model's sentence encoder already loaded (a handler mapping the archive's words again), is checked
+        and kept instead of read again."""
         directory = Path(directory)
         document = json.loads((directory / MODEL_FILE).read_text())
         if document.get("format") not in FORMATS:
@@ -478,18 +480,20 @@ class TextModel:
             arrays, stored["product_ids"], NEIGHBOURS_PREFIX, k=int(stored["k"]),
             temperature=float(stored["temperature"]), rerank_weight=float(stored.get("rerank_weight", 0.0)),
             fill=bool(stored.get("fill", False)))
-        encoder = None if "sentence_encoder" not in document else load_encoder(directory, document["sentence_encoder"])
+        encoder = None if "sentence_encoder" not in document else load_encoder(directory,
+                                                                                document["sentence_encoder"], encoder)
         return cls(document["classes"], {term: i for i, term in enumerate(document["word_vocabulary"])},
                    {term: i for i, term in enumerate(document["char_vocabulary"])}, arrays["word_idf"],
                    arrays["char_idf"], arrays["coef"], arrays["intercept"], calibrations, document["info"],
                    neighbours, arrays.get("sentence_coef"), encoder)
 
 
-def load_encoder(directory: Path, stored: dict) -> "SentenceEncoder":
-    """The text model's own copy of its sentence encoder, checked against the sha256 it was trained with."""
+def load_encoder(directory: Path, stored: dict, loaded: "SentenceEncoder | None" = None) -> "SentenceEncoder":
+    """The text model's own copy of its sentence encoder (LOADED when given), checked against the sha256 it
+    was trained with."""
     from marketplace_search.sentences import SentenceEncoder
 
-    encoder = SentenceEncoder(Path(directory) / stored["folder"])
+    encoder = SentenceEncoder(Path(directory) / stored["folder"]) if loaded is None else loaded
     if encoder.sha256 != stored["sha256"] or encoder.dimension != stored["dimension"]:
         raise ValueError(f"{encoder.folder} is not the sentence encoder {Path(directory) / MODEL_FILE} was trained "
                          f"with (sha256 {stored['sha256'][:12]}..., {stored['dimension']}-d)")

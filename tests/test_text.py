@@ -618,3 +618,8 @@ def test_a_text_model_refuses_an_encoder_it_was_not_trained_with(tiny, tmp_path)
         program.write(b"\0")
     with pytest.raises(ValueError, match="not the sentence encoder"):
         TextModel.load(copy)
+    # an encoder already loaded is kept when it is the model's own, and checked as a fresh one is
+    model = TextModel.load(run.run_dir / "text_model")
+    assert TextModel.load(run.run_dir / "text_model", model.encoder).encoder is model.encoder
+    with pytest.raises(ValueError, match="not the sentence encoder"):
+        TextModel.load(run.run_dir / "text_model", SentenceEncoder(copy / ENCODER_DIR))
