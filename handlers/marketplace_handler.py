@@ -29,7 +29,6 @@ from marketplace_search.inference import (BODY_PARTS, Batch, CategoryBlend, Requ
                                           rerank_pool, search_batch, text_categories, text_neighbours)
 from marketplace_search.layout import ARCHIVE_CATALOGUE, ARCHIVE_CHECKPOINT, ARCHIVE_TEXT_MODEL, sha256_file
 from marketplace_search.live import BUNDLED, LiveFollower, Served
-from marketplace_search.memory import keep_freed_memory
 from marketplace_search.models import load_checkpoint, vector_dim
 from marketplace_search.presets import Preprocess, eval_transform
 from marketplace_search.runtime import load_backend
@@ -55,9 +54,8 @@ class MarketplaceHandler(BaseHandler):
         settings = (context.model_yaml_config or {}).get("handler") or {}
         threads = thread_count(context.model_yaml_config or {})
         torch.set_num_threads(threads)
-        # torch's forward passes reuse their freed activations instead of faulting them in again on every
-        # batch (marketplace_search.memory; the worker's own MALLOC_* settings or LD_PRELOAD win).
-        self.keeps_freed_memory = keep_freed_memory()
+        # malloc keeps its defaults here (no marketplace_search.memory): a worker answers for days, and with
+        # freed memory kept it grew ~2 MB per 1,000 requests without end (README, "Benchmarks": soak).
         # Decoding and resizing photos (Pillow releases the GIL) run on the same number of threads.
         self.decoders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         # A batch's search is a few queries: one OpenMP thread answers them faster than several that
@@ -100,10 +98,9 @@ class MarketplaceHandler(BaseHandler):
             self.warm_up(int(context.system_properties.get("batch_size") or 1))
         self.initialized = True
         logger.info("loaded %s (%s, %d classes) and %d catalogue photos (generation %d%s); %d threads, backend %s, "
-                    "device %s, freed memory %s, category blend %s", checkpoint_path.name, checkpoint["arch"],
+                    "device %s, category blend %s", checkpoint_path.name, checkpoint["arch"],
                     len(self.classes), self.catalogue.visible, self.served.generation,
                     f", following {self.live.live}" if self.live else "", threads, self.backend.name, self.device,
-                    "kept (mallopt)" if self.keeps_freed_memory else "malloc's defaults",
                     self.category_blend.to_dict() if self.category_blend.weight else "off (head alone)")
 
     @property

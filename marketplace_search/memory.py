@@ -7,9 +7,10 @@ every layer of every batch touches pages the kernel must zero again: embedding t
 cores spent 27 s of its 72 s CPU time in the kernel (10.7M page faults for 256 photos), and a served
 batch of 8 photos (torch fp32) faulted 64-92k pages in per forward pass. Serving every allocation from
 the heap (M_MMAP_MAX 0) and trimming it only above 1 GiB free (M_TRIM_THRESHOLD) keeps those pages:
-6.7 -> 10.8 photos/s embedding, the same peak memory (README, "Train on the real listings"); 0 faults
-and a median 13 % less time per served batch of 8 (README, "Inference backends"). The training stages, the Ray embedding
-actors and the handler (so TorchServe's workers and `--local` batch jobs) call it. PyTorch's CPU
+6.7 -> 10.8 photos/s embedding, the same peak memory (README, "Train on the real listings"). The training
+stages and the Ray embedding actors call it: jobs that end. The handler does not: in a serving worker,
+which runs for days, it also cut a torch fp32 batch of 8 by a median 13 %, but the worker grew ~2 MB per
+1,000 mixed requests without end, where with malloc's defaults it stays flat (README, "Benchmarks": soak). PyTorch's CPU
 performance guide reaches the same end by preloading jemalloc or tcmalloc; this needs nothing installed.
 
 It changes nothing where malloc is not glibc's, or where the user set glibc's own MALLOC_* tunables

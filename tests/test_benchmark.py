@@ -660,3 +660,28 @@ def test_main_words_section_reads_exactly_and_pruned_at_each_size(tmp_path, caps
     assert [row["query"] for row in rows] == ["listing's row"] * 2  # no --work: no titles
     assert rows[0]["listings"] < rows[1]["listings"] and rows[0]["entries_m"] < rows[1]["entries_m"]
     assert all(0 <= row["agreement"] <= 1 and row["exact_p50_ms"] > 0 and row["pruned_p50_ms"] > 0 for row in rows)
+
+
+def test_growth_per_1000_is_the_slope_after_the_first_quarter():
+    from scripts.benchmark.soak import growth_per_1000
+
+    samples = [{"answered": n, "uss_mb": 500.0 + (300 if n <= 250 else 0) + 0.002 * n} for n in range(100, 1100, 100)]
+    assert growth_per_1000(samples, "uss_mb") == pytest.approx(2.0)  # the warm-up's jump is left out
+    assert growth_per_1000(samples[:1], "uss_mb") is None
+
+
+@pytest.mark.server
+def test_main_soak_section_answers_every_kind_and_reads_the_worker_after_each_stretch(tmp_path, capsys):
+    from scripts.benchmark import soak
+
+    raw = tmp_path / "bench.json"
+    cli.main(["--sections", "soak", "--quick", "--soak-requests", "120", "--soak-every", "40", "--soak-clients", "4",
+              "--json", str(raw)])
+    section = {**json.loads(raw.read_text())["sections"]["soak"], "columns": soak.SOAK_COLUMNS}
+    assert report.markdown_table(section["rows"], section["columns"]) in capsys.readouterr().out
+    rows, summary = section["rows"], section["summary"]
+    assert [row["answered"] for row in rows] == [40, 80, 120]
+    assert all(row["uss_mb"] > 0 and row["rss_mb"] >= row["uss_mb"] and row["unexpected"] == 0 for row in rows)
+    assert len({row["workers"] for row in rows}) == 1 and not summary["worker_restarted"]
+    assert summary["answers"] == {kind: {"400" if kind == "truncated photo" else "200": 20} for kind in soak.KINDS}
+    assert summary["uss_growth_mb_per_1000"] is not None and summary["ready_uss_mb"] > 0

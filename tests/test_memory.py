@@ -1,5 +1,5 @@
-"""marketplace_search.memory: freed tensor memory is reused, not faulted in anew, in the training stages and in
-the handler's process; the user's allocator settings win."""
+"""marketplace_search.memory: freed tensor memory is reused, not faulted in anew, in the training stages; the
+user's allocator settings win; a serving worker keeps malloc's defaults."""
 import json
 import os
 import subprocess
@@ -12,7 +12,8 @@ from tests.serving_fixtures import archive_tiny_run, extract_archive, make_tiny_
 # A fresh interpreter allocates and frees a 64 MiB tensor 20 times (a CNN's activation at batch 32 is of
 # that size), then prints whether malloc was set to keep freed memory and the page faults the last 10
 # took (the heap settles within the first few). "keep" sets it with keep_freed_memory, "handler" loads an
-# archive's handler as a TorchServe worker does (argv[2]: the extracted archive), "default" neither.
+# archive's handler as a TorchServe worker does (argv[2]: the extracted archive) and reports None, "default"
+# does neither.
 LOOP = """
 import json, resource, sys
 import torch
@@ -22,7 +23,7 @@ if sys.argv[1] == "keep":
     applied = keep_freed_memory()
 elif sys.argv[1] == "handler":
     from handlers.local import load_local_handler
-    applied = load_local_handler(sys.argv[2]).keeps_freed_memory
+    load_local_handler(sys.argv[2])
 for _ in range(10):
     torch.ones(16 << 20)  # 16M float32 = 64 MiB, written, then freed
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -56,9 +57,10 @@ def test_the_users_own_malloc_settings_are_left_alone():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
-def test_the_handlers_process_keeps_freed_memory_unless_the_user_set_malloc(tmp_path):
+def test_the_handlers_process_keeps_mallocs_defaults(tmp_path):
+    # A worker runs for days: with freed memory kept, the soak benchmark's worker grew ~2 MB per 1,000 mixed
+    # requests without end (README, "Benchmarks"), so serving leaves malloc alone.
     run = make_tiny_run(tmp_path / "runs" / "2025-01-31_142233")
     model = extract_archive(archive_tiny_run(run, tmp_path / "store"), tmp_path / "model")
     served = run_loop("handler", str(model))
-    assert served["applied"] is True and served["faults"] < PAGES // 4
-    assert run_loop("handler", str(model), MALLOC_TRIM_THRESHOLD_="0")["applied"] is False
+    assert served["applied"] is None and served["faults"] > 9 * PAGES  # glibc's own: each block mapped afresh

@@ -24,6 +24,8 @@ Sections (`--sections`, comma separated):
            cost on a lone request, memory of two generations during a swap
   words    the catalogue's words at 10k-1M listings (the run's copied): one query's similarities read
            exactly and pruned, p50/p95, and how many of the exact 10 nearest the pruned reading finds
+  soak     the worker's memory over 20,000 mixed requests (photos, phone photos, titles, descriptions,
+           truncated uploads): RSS and USS every 1,000 answers, growth per 1,000 once warm
 
 Examples:
   python -m scripts.benchmark --quick
@@ -49,12 +51,13 @@ from scripts.benchmark.live import bench_live
 from scripts.benchmark.photos import generate_photos, read_photos
 from scripts.benchmark.report import describe_machine, format_machine, raw_figures, render_report, render_section
 from scripts.benchmark.served import BATCHED, bench_serving
+from scripts.benchmark.soak import bench_soak
 from scripts.benchmark.text import bench_text
 from scripts.benchmark.training import bench_training
 from scripts.benchmark.words import bench_words
 from scripts.benchmark.subjects import load_subjects, parse_weights
 
-SECTIONS = ("bare", "served", "index", "startup", "fault", "training", "live", "text", "words")
+SECTIONS = ("bare", "served", "index", "startup", "fault", "training", "live", "text", "words", "soak")
 
 # Sizes and repeats per profile; any option given on the command line wins.
 PROFILES = {
@@ -73,6 +76,7 @@ PROFILES = {
         "live_add_photos": 1000, "live_removes": 5, "live_lone_requests": 200,
         "live_memory_sizes": [100_000, 1_000_000],
         "text_requests": 100, "words_sizes": [10_000, 100_000, 1_000_000], "words_queries": 100,
+        "soak_requests": 20_000, "soak_every": 1_000, "soak_clients": 8,
     },
     "quick": {
         "arch": ["resnet50"], "batches": [1, 8, 32], "knob_batch": 8, "compare_photos": 8,
@@ -88,6 +92,7 @@ PROFILES = {
         "train_arch": ["efficientnet_lite2"], "train_batch": 16, "train_stages": 2,
         "live_add_photos": 200, "live_removes": 3, "live_lone_requests": 100, "live_memory_sizes": [10_000, 100_000],
         "text_requests": 30, "words_sizes": [10_000, 100_000], "words_queries": 30,
+        "soak_requests": 600, "soak_every": 100, "soak_clients": 8,
     },
 }
 
@@ -173,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     words.add_argument("--words-sizes", type=lambda text: [parse_size(item) for item in text.split(",")],
                        help="listings in the catalogue of words (full: 10k,100k,1M)")
     words.add_argument("--words-queries", type=int, help="queries per size (full: 100)")
+    soak = parser.add_argument_group("soak")
+    soak.add_argument("--soak-requests", type=int, help="requests in all (full: 20000)")
+    soak.add_argument("--soak-every", type=int, help="read the worker's memory after every this many answers (full: 1000)")
+    soak.add_argument("--soak-clients", type=int, help="concurrent clients (full: 8)")
     index = parser.add_argument_group("index")
     index.add_argument("--sizes", type=lambda text: [parse_size(item) for item in text.split(",")],
                        help="catalogue sizes (full: 10k,100k,1M; quick: 10k,100k)")
@@ -255,6 +264,8 @@ def run_sections(settings: dict, photos: list[bytes]) -> dict:
     if "fault" in chosen:
         with tempfile.TemporaryDirectory(prefix="benchmark-fault-") as scratch:
             done(fault=timed(bench_fault, settings, Path(scratch)))
+    if "soak" in chosen:
+        done(soak=timed(bench_soak, photos, settings))
     return {name: sections[name] for name in SECTIONS if name in sections}
 
 
