@@ -16,7 +16,7 @@ import numpy as np
 from scripts import api
 from scripts.archive import PRECISION, RUNTIME, build_archive
 from scripts.benchmark.photos import generate_photos
-from scripts.benchmark.startup import served_model, worker_processes
+from scripts.benchmark.startup import process_memory, served_model, worker_processes
 from scripts.benchmark.text import request_for, text_run
 
 SOAK_NAME = "soak"
@@ -48,11 +48,10 @@ def expected(kind: str, status) -> bool:
 
 
 def worker_memory(server) -> dict:
-    """The workers' pids and their largest RSS and USS, in MB."""
-    infos = [(process.pid, process.memory_full_info()) for process in worker_processes(server)]
-    return {"workers": " ".join(str(pid) for pid, _ in infos),
-            "rss_mb": max((info.rss for _, info in infos), default=0) / 2**20,
-            "uss_mb": max((info.uss for _, info in infos), default=0) / 2**20}
+    """The workers' pids and their largest RSS and USS, in MB (startup.process_memory)."""
+    memory = process_memory(server)
+    return {"workers": " ".join(str(process.pid) for process in worker_processes(server)),
+            "rss_mb": memory["worker_rss_mb"], "uss_mb": memory["worker_uss_mb"]}
 
 
 def growth_per_1000(samples: list[dict], key: str, skip: float = 0.25) -> float | None:
