@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA ?=
 DEMO_OUT ?= work/demo
 
-.PHONY: venv demo test pipeline serve stop clean image-test
+.PHONY: venv demo test test-fast pipeline serve stop clean image-test
 
 venv: $(VENV)/.installed
 
@@ -17,8 +17,13 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(PY) -m scripts.demo --out $(DEMO_OUT) $(if $(DATA),--data $(DATA)) $(ARGS)
 
+# Every tier: unit, in-process handler, real TorchServe, Ray, training (CI runs this).
 test: venv
 	$(PY) -m pytest
+
+# The inner loop: no TorchServe, no Ray, no training run.
+test-fast: venv
+	$(PY) -m pytest -m "not server and not slow"
 
 pipeline: venv
 	$(PY) -m training.pipeline $(ARGS)

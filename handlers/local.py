@@ -48,24 +48,18 @@ def archived_imports(model_dir: Path):
         sys.modules.update(own)
 
 
-def archive_file(model_dir: Path, name: Path | str) -> Path:
-    path = model_dir / name
-    if not path.exists():
-        raise FileNotFoundError(f"{name} is missing from the model folder {model_dir} "
-                                f"(rebuild the archive with scripts.archive)")
-    return path
-
-
 def load_local_handler(model_dir: Path | str, model_name: str | None = None, batch_size: int = 8):
     """The archive's MarketplaceHandler, initialised in this process from an extracted archive folder.
 
     Uses TorchServe's own Context class, so per-request statuses behave as under the server.
     """
     model_dir = Path(model_dir).resolve()
-    manifest = json.loads(archive_file(model_dir, MANIFEST).read_text())
+    if not (model_dir / MANIFEST).is_file():  # the archive's handler checks the files it reads itself
+        raise FileNotFoundError(f"{model_dir} is not an extracted archive: it has no {MANIFEST} "
+                                f"(rebuild the archive with scripts.archive)")
+    manifest = json.loads((model_dir / MANIFEST).read_text())
     config_file = manifest["model"].get("configFile")
-    model_config = yaml.safe_load(archive_file(model_dir, config_file).read_text()) if config_file else {}
-    archive_file(model_dir, f"{HANDLER_MODULE}.py")
+    model_config = yaml.safe_load((model_dir / config_file).read_text()) if config_file else {}
     metrics = MetricsCacheYamlImpl(config_file_path=str(TS_METRICS_CONFIG))
     metrics.initialize_cache()
     context = Context(model_name or manifest["model"]["modelName"], str(model_dir), manifest, batch_size,

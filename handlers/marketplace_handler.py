@@ -27,11 +27,12 @@ import numpy as np
 from marketplace_search.inference import (BODY_PARTS, Batch, CategoryBlend, RequestError, batch_answers,
                                           blend_categories, internal_error, parse_request, read_words,
                                           rerank_pool, search_batch, text_categories, text_neighbours)
-from marketplace_search.layout import ARCHIVE_CATALOGUE, ARCHIVE_CHECKPOINT, ARCHIVE_TEXT_MODEL, sha256_file
+from marketplace_search.files import sha256_file
+from marketplace_search.layout import ARCHIVE_CATALOGUE, ARCHIVE_CHECKPOINT, ARCHIVE_TEXT_MODEL, archive_file
 from marketplace_search.live import BUNDLED, LiveFollower, Served
 from marketplace_search.models import load_checkpoint, vector_dim
 from marketplace_search.presets import Preprocess, eval_transform
-from marketplace_search.runtime import load_backend
+from marketplace_search.runtime import load_backend, pick_device
 from marketplace_search.search import Catalogue
 from marketplace_search.text import TextModel
 
@@ -50,18 +51,19 @@ class MarketplaceHandler(BaseHandler):
     def initialize(self, context):
         model_dir = Path(context.system_properties["model_dir"])
         self.manifest = context.manifest
-        self.device = pick_device(context.system_properties.get("gpu_id"))
+        gpu_id = context.system_properties.get("gpu_id")  # TorchServe's, when it gave this worker a GPU
+        self.device = pick_device("cpu" if gpu_id is None else "auto", gpu_id)
         settings = (context.model_yaml_config or {}).get("handler") or {}
         threads = thread_count(context.model_yaml_config or {})
         torch.set_num_threads(threads)
         # malloc keeps its defaults here (no marketplace_search.memory): a worker answers for days, and with
-        # freed memory kept it grew ~2 MB per 1,000 requests without end (README, "Benchmarks": soak).
+        # freed memory kept it grows without end.
         # Decoding and resizing photos (Pillow releases the GIL) run on the same number of threads.
         self.decoders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         # A batch's search is a few queries: one OpenMP thread answers them faster than several that
-        # wait on each other, and far faster than several while torch holds the cores (README, "Benchmarks").
+        # wait on each other, and far faster than several while torch holds the cores.
         faiss.omp_set_num_threads(1)
-        checkpoint_path = required_path(model_dir, self.manifest["model"].get("serializedFile", ARCHIVE_CHECKPOINT))
+        checkpoint_path = archive_file(model_dir, self.manifest["model"].get("serializedFile", ARCHIVE_CHECKPOINT))
         model, checkpoint = load_checkpoint(checkpoint_path)
         # The archive's backend (marketplace_search.runtime), or fp32 torch where this CPU cannot run it.
         self.backend = load_backend(model, settings.get("runtime", "torch"), settings.get("precision", "fp32"),
@@ -70,7 +72,7 @@ class MarketplaceHandler(BaseHandler):
         self.classes = checkpoint["classes"]
         self.preprocess_settings = Preprocess.from_dict(checkpoint["preprocess"])
         self.transform = eval_transform(self.preprocess_settings)
-        bundled = Catalogue.load(required_path(model_dir, ARCHIVE_CATALOGUE))
+        bundled = Catalogue.load(archive_file(model_dir, ARCHIVE_CATALOGUE))
         self.category_blend = CategoryBlend.from_dict(settings.get("category_blend"))
         # The title/description model, when the run trained one (archives before it: photos only).
         text_dir = self.text_dir = model_dir / ARCHIVE_TEXT_MODEL
@@ -83,12 +85,12 @@ class MarketplaceHandler(BaseHandler):
         # The live catalogue folder (handler.live_catalogue), if any, replaces the snapshot above as soon
         # as it has a generation embedded by these very weights; its removal list applies either way.
         live = settings.get("live_catalogue")
-        words, words_sha256 = (None, None) if self.text_model is None else (
-            self.text_model.neighbours, self.text_model.reader_sha256)  # a live generation's words: these
-        self.live = LiveFollower(live, bundled, sha256_file(checkpoint_path), background=True, text_words=words,
-                                 text_sha256=words_sha256) if live else None
+        listing_words, listing_words_sha256 = (None, None) if self.text_model is None else (
+            self.text_model.listing_words, self.text_model.reader_sha256)  # a live generation's words: these
+        self.live = LiveFollower(live, bundled, sha256_file(checkpoint_path), background=True,
+                                 text_listing_words=listing_words, text_sha256=listing_words_sha256) if live else None
         self._served_text: TextModel | None = None
-        self._archive_words_released = False
+        self._archive_listing_words_released = False
         self.served = self.live.current() if self.live else Served(bundled, BUNDLED)
         # TorchServe's Context knows the registered name; its unit-test MockContext does not.
         self.model_info = {"name": getattr(context, "model_name", None) or self.manifest["model"].get("modelName"),
@@ -116,20 +118,20 @@ class MarketplaceHandler(BaseHandler):
         While a generation's words serve, the archive's own are let go (they are as large: 590 MB at 100k
         listings, memory-mapped and shared by the workers) and mapped again from the archive if a generation
         without words is served later."""
-        words = self.served.words
+        listing_words = self.served.listing_words
         if self.text_model is None:
             return None
-        if words is None:
-            if self._archive_words_released:
+        if listing_words is None:
+            if self._archive_listing_words_released:
                 self.text_model = TextModel.load(self.text_dir, self.text_model.encoder)  # its encoder kept
-                self._archive_words_released = False
+                self._archive_listing_words_released = False
                 logger.info("serving the archive's own words again (generation %d has none)", self.served.generation)
             return self.text_model
-        if self._served_text is None or self._served_text.neighbours is not words:
-            self._served_text = dataclasses.replace(self.text_model, neighbours=words)
-            if not self._archive_words_released and self.text_model.neighbours is not None:
-                self.text_model = dataclasses.replace(self.text_model, neighbours=None)
-                self._archive_words_released = True
+        if self._served_text is None or self._served_text.listing_words is not listing_words:
+            self._served_text = dataclasses.replace(self.text_model, listing_words=listing_words)
+            if not self._archive_listing_words_released and self.text_model.listing_words is not None:
+                self.text_model = dataclasses.replace(self.text_model, listing_words=None)
+                self._archive_listing_words_released = True
         return self._served_text
 
     def preprocess(self, data):
@@ -215,7 +217,7 @@ class MarketplaceHandler(BaseHandler):
         """One forward pass per batch size the worker can get, before it reports READY.
 
         oneDNN builds its kernels for each input shape on first use: without this, the first batch
-        of every size answers late (README, "Benchmarks", start-up). The text model's sentence encoder,
+        of every size answers late. The text model's sentence encoder,
         loaded on first use, is loaded here too.
         """
         crop = self.preprocess_settings.crop
@@ -242,20 +244,6 @@ def body_content_type(headers: dict) -> str | None:
         if isinstance(headers.get(name), dict):
             return headers[name].get("content-type")
     return None
-
-
-def required_path(model_dir: Path, name: str) -> Path:
-    path = model_dir / name
-    if not path.exists():
-        raise FileNotFoundError(f"{name} is missing from the model folder {model_dir} "
-                                f"(rebuild the archive with scripts.archive)")
-    return path
-
-
-def pick_device(gpu_id) -> torch.device:
-    if gpu_id is not None and torch.cuda.is_available():
-        return torch.device(f"cuda:{gpu_id}")
-    return torch.device("cpu")
 
 
 def thread_count(model_config: dict) -> int:

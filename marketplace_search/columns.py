@@ -3,10 +3,9 @@
 listings.arrow is an uncompressed Arrow IPC file: row i describes the photo with index id i, in the
 columns `image_id` and the listing fields (schema.LISTING_FIELDS). Memory-mapped, its columns are the
 file's pages in the page cache, so the workers of a host share one copy, like the memory-mapped
-index (README, "Scale out"); a search turns into Python only the rows it answers with. The id map
-and listings parsed from JSON cost every worker ~0.9 GB of its own at 1M photos.
+index; a search turns into Python only the rows it answers with.
 
-`ImageIds` and `Listings` give the table the list and dict interfaces of the JSON format's
+`ImageIds` and `Listings` give the table the list and dict interfaces of an in-memory catalogue's
 `Catalogue.image_ids` and `Catalogue.listings`; looking a listing up by image id builds an
 id -> row dict on first use (offline tools do, a search does not).
 """

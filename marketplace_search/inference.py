@@ -28,7 +28,7 @@ from PIL import Image
 from marketplace_search.images import MAX_PIXELS, ImageError, ImageTooLarge, UnsupportedFormat, decode_image
 from marketplace_search.search import MAX_K, Catalogue
 from marketplace_search.text import (DESCRIPTION, MAX_DESCRIPTION_CHARS, MAX_TITLE_CHARS, PHOTO, RERANK_POOL, TITLE,
-                                     TextModel, TextNeighbours, TextReading, listing_text)
+                                     ListingWords, TextModel, TextReading, listing_text)
 
 DEFAULT_K = 10
 TOP_CATEGORIES = 3
@@ -433,26 +433,27 @@ def text_neighbours(text_model: TextModel | None, queries: list[Query], neighbou
 
     - photo + words: its photo neighbours (search_batch's pool of rerank_pool(text_model)), joined by the
       listings nearest by words when the model fills (words_pool; CATALOGUE and the queries' search
-      VECTORS needed), re-ranked by photo + word similarity and cut to its k (TextNeighbours.rerank);
+      VECTORS needed), re-ranked by photo + word similarity and cut to its k (ListingWords.rerank);
     - words alone: the k listings nearest by words (found_by_words; CATALOGUE needed).
     """
-    if text_model is None or text_model.neighbours is None or all(query.title is None for query in queries):
+    if text_model is None or text_model.listing_words is None or all(query.title is None for query in queries):
         return neighbours
     readings = read_words(text_model, queries) if readings is None else readings
-    words, out = text_model.neighbours, list(neighbours)
+    listing_words, out = text_model.listing_words, list(neighbours)
     for row, query in enumerate(queries):
         if query.title is None:
             continue
         similarities = readings[row].similarities
         if query.image is None:
             if catalogue is not None:
-                out[row] = found_by_words(catalogue, words, text_model.classes, similarities, query.k, query.category)
+                out[row] = found_by_words(catalogue, listing_words, text_model.classes, similarities, query.k,
+                                          query.category)
         else:
             pool = neighbours[row]
-            if words.fill and words.rerank_weight and catalogue is not None:
-                pool = words_pool(catalogue, words, text_model.classes, similarities, vectors[row], query.category,
-                                  pool)
-            out[row] = words.rerank(pool, similarities, query.k)
+            if listing_words.fill and listing_words.rerank_weight and catalogue is not None:
+                pool = words_pool(catalogue, listing_words, text_model.classes, similarities, vectors[row],
+                                  query.category, pool)
+            out[row] = listing_words.rerank(pool, similarities, query.k)
     return out
 
 
@@ -461,23 +462,24 @@ def _label(classes: list[str], category: str | None) -> int | None:
     return None if category is None else classes.index(category) if category in classes else -1
 
 
-def words_pool(catalogue: Catalogue, words: TextNeighbours, classes: list[str], similarities: np.ndarray,
+def words_pool(catalogue: Catalogue, listing_words: ListingWords, classes: list[str], similarities: np.ndarray,
                vector: np.ndarray, category: str | None, pool: list[dict], exclude: str | None = None) -> list[dict]:
     """POOL (a query's photo neighbours) followed by the RERANK_POOL listings nearest by words that are not
     in it, each with its photo most similar to VECTOR and that exact similarity (Catalogue.listings_of),
-    for TextNeighbours.rerank. EXCLUDE: a product id left out (evaluation: the query's own listing)."""
+    for ListingWords.rerank. EXCLUDE: a product id left out (evaluation: the query's own listing)."""
     taken = {neighbour["product_id"] for neighbour in pool} | ({exclude} if exclude else set())
-    found = [product_id for product_id, _ in words.nearest(similarities, RERANK_POOL, _label(classes, category), taken)]
+    found = [product_id for product_id, _ in listing_words.nearest(similarities, RERANK_POOL, _label(classes, category),
+                                                                   taken)]
     entries = catalogue.listings_of(found, vector, category)
     return pool + [entries[product_id] for product_id in found if product_id in entries]
 
 
-def found_by_words(catalogue: Catalogue, words: TextNeighbours, classes: list[str], similarities: np.ndarray,
+def found_by_words(catalogue: Catalogue, listing_words: ListingWords, classes: list[str], similarities: np.ndarray,
                    k: int, category: str | None = None, exclude: str | None = None) -> list[dict]:
     """The k catalogue listings nearest by words (a request with words and no photo), best first, each with
     its first photo; its "similarity" and "word_similarity" are the words' cosine. Listings the catalogue no
     longer shows are skipped; EXCLUDE as in words_pool."""
-    found = words.nearest(similarities, max(k, RERANK_POOL), _label(classes, category), {exclude} - {None})
+    found = listing_words.nearest(similarities, max(k, RERANK_POOL), _label(classes, category), {exclude} - {None})
     entries = catalogue.listings_of([product_id for product_id, _ in found], None, category)
     return [{**entries[product_id], "similarity": round(similarity, 6), "word_similarity": round(similarity, 6)}
             for product_id, similarity in found if product_id in entries][:k]

@@ -13,11 +13,11 @@ An archive (`.mar`, unpacked by TorchServe into the worker's model folder):
   MAR-INF/MANIFEST.json, the handler module, this package whole (marketplace_search/), and openvino/
   (model.xml, model.bin) when the archive's runtime is OpenVINO.
 """
-import hashlib
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
+
+from marketplace_search.files import write_json_atomically
 
 RUNS_DIR = "model_evaluation"
 RUN_INFO = "run.json"
@@ -40,6 +40,15 @@ ARCHIVE_MANIFEST = Path("MAR-INF") / "MANIFEST.json"
 TEXT_MODEL_DIR = "text_model"  # in a run folder and in an archive (marketplace_search.text; training.text)
 ARCHIVE_TEXT_MODEL = TEXT_MODEL_DIR
 CORE_PACKAGE = __name__.split(".")[0]
+
+
+def archive_file(model_dir: Path, name: Path | str) -> Path:
+    """MODEL_DIR/NAME, a file of an extracted archive; FileNotFoundError naming it when it is missing."""
+    path = Path(model_dir) / name
+    if not path.exists():
+        raise FileNotFoundError(f"{name} is missing from the model folder {model_dir} "
+                                f"(rebuild the archive with scripts.archive)")
+    return path
 
 
 def epoch_checkpoint(run_dir: Path, epoch: int) -> Path:
@@ -78,17 +87,5 @@ def update_run_info(run_dir: Path, **fields) -> dict:
             info[key] = {**info[key], **value}
         else:
             info[key] = value
-    path = Path(run_dir) / RUN_INFO
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    write_json_atomically(Path(run_dir) / RUN_INFO, info)
     return info
-
-
-def sha256_file(path: Path | str) -> str:
-    """The file's sha256, read in 1 MB blocks: how runs, archives and catalogues name their contents."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

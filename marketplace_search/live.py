@@ -7,13 +7,13 @@ On disk (one folder, LIVE):
   removed.json         {"product_ids": {product_id: ISO time removed}}: sold or withdrawn listings, left
                        out of every answer at once; compaction folds them into a new generation
   gen-00000N/          one generation, never changed once in place (written in a hidden folder, renamed):
-    catalogue/         the Catalogue folder (marketplace_search.search: index, id map, listings, meta)
+    catalogue/         the Catalogue folder (marketplace_search.search: index, listings table, meta)
     vectors.npy        (n, d) float32, L2-normalised, row i = the id map's image i (adds and compactions
                        rebuild the index from exact vectors, whatever the index type)
     generation.json    number, parent, created, what changed, and "model": the sha256 of the checkpoint
                        whose weights made the vectors
     words.npz          (when the served model reads titles) the listings' TF-IDF rows that the text model
-                       finds and votes with (marketplace_search.text.save_words), and the reader_sha256 of
+                       finds and votes with (marketplace_search.text.save_listing_words), and the reader_sha256 of
                        the text model that made them: listings added live are found by their words too
   .lock                held by writers (scripts.catalogue) so two changes never interleave
 
@@ -41,8 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
-from marketplace_search.search import Catalogue, fsync_path, make_catalogue
-from marketplace_search.text import WORDS_FILE, TextNeighbours, load_words, save_words
+from marketplace_search.files import fsync_path, write_json_atomically
+from marketplace_search.search import Catalogue, make_catalogue
+from marketplace_search.text import WORDS_FILE, ListingWords, load_listing_words, save_listing_words
 
 CURRENT_FILE = "CURRENT"
 REMOVED_FILE = "removed.json"
@@ -67,22 +68,6 @@ def generation_name(number: int) -> str:
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def write_json_atomically(path: Path, value) -> None:
-    """Readers see the old file or the new one, never a part (written beside, fsynced, renamed)."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(value, out, indent=2, sort_keys=True)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
 
 
 def read_current(live: Path) -> dict | None:
@@ -157,8 +142,8 @@ class Generation:
     catalogue: Catalogue
     vectors: np.ndarray
     info: dict
-    words: TextNeighbours | None = None
-    words_sha256: str | None = None
+    listing_words: ListingWords | None = None
+    listing_words_sha256: str | None = None
 
 
 def load_generation(live: Path, name: str | None = None) -> Generation:
@@ -176,10 +161,10 @@ def load_generation(live: Path, name: str | None = None) -> Generation:
     if vectors.shape[0] != catalogue.index.ntotal:
         raise ValueError(f"{live / name / VECTORS_FILE} holds {vectors.shape[0]} vectors, its catalogue "
                          f"{catalogue.index.ntotal}: the generation is damaged")
-    return Generation(info["number"], catalogue, vectors, info, *generation_words(live, name))
+    return Generation(info["number"], catalogue, vectors, info, *generation_listing_words(live, name))
 
 
-def generation_words(live: Path, name: str) -> tuple[TextNeighbours | None, str | None]:
+def generation_listing_words(live: Path, name: str) -> tuple[ListingWords | None, str | None]:
     """(generation NAME's words, the reader_sha256 of the text model that made them); (None, None) when it has
     none, or they are unreadable (logged): its listings are then found by photo, by words only as the
     archive's text model knows them, and the next `add` writes them anew."""
@@ -187,7 +172,7 @@ def generation_words(live: Path, name: str) -> tuple[TextNeighbours | None, str 
     if not path.is_file():
         return None, None
     try:
-        return load_words(path)
+        return load_listing_words(path)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
         logger.error("live catalogue %s: generation %s's words are unreadable (%s): left out", live, name, error)
         return None, None
@@ -195,7 +180,7 @@ def generation_words(live: Path, name: str) -> tuple[TextNeighbours | None, str 
 
 def write_generation(live: Path, vectors: np.ndarray, image_ids: list[str], listings: dict[str, dict],
                      weights_sha256: str, change: dict, index_type: str = "auto", meta: dict | None = None,
-                     words: TextNeighbours | None = None, words_sha256: str | None = None) -> int:
+                     listing_words: ListingWords | None = None, listing_words_sha256: str | None = None) -> int:
     """Build and publish the next generation of LIVE; returns its number. The caller holds writer_lock.
     WORDS: its listings' words (with the reader_sha256 of the text model that made them), when the model reads
     titles.
@@ -216,16 +201,16 @@ def write_generation(live: Path, vectors: np.ndarray, image_ids: list[str], list
                                index_type)
     info.update(photos=len(image_ids), listings=len({listing["product_id"] for listing in catalogue.listings.values()}),
                 index=catalogue.meta["index"]["type"])
-    if words is not None:
-        info["words"] = {"listings": len(words.product_ids), "reader_sha256": words_sha256}
+    if listing_words is not None:
+        info["words"] = {"listings": len(listing_words.product_ids), "reader_sha256": listing_words_sha256}
     staging = Path(tempfile.mkdtemp(prefix=f".{generation_name(number)}.", suffix=".tmp", dir=live))
     try:
         catalogue.save(staging / CATALOGUE_DIR)
         np.save(staging / VECTORS_FILE, np.ascontiguousarray(vectors, dtype=np.float32))
         (staging / GENERATION_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
-        if words is not None:
-            save_words(staging / WORDS_FILE, words, words_sha256)
-        for name in (VECTORS_FILE, GENERATION_FILE) + ((WORDS_FILE,) if words is not None else ()):
+        if listing_words is not None:
+            save_listing_words(staging / WORDS_FILE, listing_words, listing_words_sha256)
+        for name in (VECTORS_FILE, GENERATION_FILE) + ((WORDS_FILE,) if listing_words is not None else ()):
             fsync_path(staging / name)
         os.chmod(staging, 0o755)
         fsync_path(staging)
@@ -247,7 +232,7 @@ class Served:
     catalogue: Catalogue
     generation: int
     removed: frozenset = field(default_factory=frozenset)
-    words: TextNeighbours | None = None
+    listing_words: ListingWords | None = None
 
     @property
     def info(self) -> dict:
@@ -277,21 +262,22 @@ class LiveFollower:
     (a large catalogue takes seconds to load and verify), swapped in on the first batch after it is
     loaded. Either way at most two generations are in memory, and only while one loads.
 
-    `text_words` (the served text model's TextNeighbours) and `text_sha256` (its reader_sha256): a
+    `text_listing_words` (the served text model's ListingWords) and `text_sha256` (its reader_sha256): a
     generation's words made by a text model with that reader are served with its settings; without them,
     or made by another, the generation is served without its words (the text model keeps the archive's).
     """
 
     def __init__(self, live: Path | str, bundled: Catalogue, weights_sha256: str,
                  check_seconds: float = CHECK_SECONDS, clock=time.monotonic, background: bool = False,
-                 text_words: TextNeighbours | None = None, text_sha256: str | None = None):
+                 text_listing_words: ListingWords | None = None, text_sha256: str | None = None):
         self.live = Path(live)
         self.bundled = bundled
         self.weights_sha256 = weights_sha256
         # their settings and width only, not their listings: the handler lets those go while a generation's serve
-        self.text_settings = None if text_words is None else (text_words.settings, text_words.width)
+        self.text_settings = (None if text_listing_words is None
+                              else (text_listing_words.settings, text_listing_words.width))
         self.text_sha256 = text_sha256
-        self.words: TextNeighbours | None = None
+        self.listing_words: ListingWords | None = None
         self.check_seconds = check_seconds
         self.clock = clock
         self.background = False  # the first generation loads before the worker answers anything
@@ -352,32 +338,32 @@ class LiveFollower:
         """Load generation NAME while the current one serves; `current()` swaps it in (or it is refused)."""
         started = time.perf_counter()
         try:
-            catalogue, words = self.load(name)
+            catalogue, listing_words = self.load(name)
         except (OSError, RuntimeError, ValueError) as error:  # Faiss reports a bad file as RuntimeError
             self.refused.add(name)
             logger.error("live catalogue %s: REFUSED generation %s: %s; still serving generation %d",
                          self.live, name, error, self.generation)
         else:
-            self.loaded = (generation, catalogue, words, (time.perf_counter() - started) * 1000)
+            self.loaded = (generation, catalogue, listing_words, (time.perf_counter() - started) * 1000)
         finally:
             self.loading = None
 
     def install(self) -> None:
-        generation, catalogue, words, milliseconds = self.loaded
+        generation, catalogue, listing_words, milliseconds = self.loaded
         self.loaded = None
-        self.base, self.generation, self.words = catalogue, generation, words
+        self.base, self.generation, self.listing_words = catalogue, generation, listing_words
         self.swap(generation, milliseconds)
 
     def swap(self, generation: int, load_milliseconds: float) -> None:
         started, previous = time.perf_counter(), self.served
         view = self.base.without_products(self.removed) if self.removed else self.base
-        self.served = Served(view, generation, self.removed, self.words)  # the swap: one reference
+        self.served = Served(view, generation, self.removed, self.listing_words)  # the swap: one reference
         logger.info("live catalogue %s: serving generation %d (%d photos, %d listings removed); was generation "
                     "%d (%d photos); loaded in %.0f ms, switched in %.0f ms", self.live, generation, view.visible,
                     len(self.removed), previous.generation, previous.catalogue.visible, load_milliseconds,
                     (time.perf_counter() - started) * 1000)
 
-    def load(self, name: str) -> tuple[Catalogue, TextNeighbours | None]:
+    def load(self, name: str) -> tuple[Catalogue, ListingWords | None]:
         """Generation NAME loaded whole, after checking it was embedded by this worker's weights, and its
         words when this worker's text model made them."""
         folder = self.live / name
@@ -391,18 +377,18 @@ class LiveFollower:
         catalogue = Catalogue.load(folder / CATALOGUE_DIR)
         if catalogue.dimension != self.bundled.dimension:
             raise GenerationRefused(f"{catalogue.dimension}-d vectors, this model makes {self.bundled.dimension}-d")
-        return catalogue, self.load_words(name)
+        return catalogue, self.load_listing_words(name)
 
-    def load_words(self, name: str) -> TextNeighbours | None:
+    def load_listing_words(self, name: str) -> ListingWords | None:
         if self.text_settings is None:
             return None
         settings, width = self.text_settings
-        words, made_by = generation_words(self.live, name)
-        if words is None:
+        listing_words, made_by = generation_listing_words(self.live, name)
+        if listing_words is None:
             return None
-        if made_by != self.text_sha256 or words.width != width:
+        if made_by != self.text_sha256 or listing_words.width != width:
             logger.warning("live catalogue %s: generation %s's words were made by a text model reading with sha256 "
                            "%s, this worker reads with %s: its listings are found by their photos, words from the "
                            "archive's text model", self.live, name, made_by[:12], str(self.text_sha256)[:12])
             return None
-        return replace(words, **settings)
+        return replace(listing_words, **settings)

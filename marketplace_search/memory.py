@@ -1,20 +1,9 @@
 """Let the photo model's forward passes reuse freed memory instead of faulting it in anew on every batch.
 
-glibc's malloc serves an allocation above its mmap threshold (32 MiB at most) with a fresh mmap and
-hands it back to the kernel when it is freed, and trims the top of its heap as soon as enough of it is
-free. A CNN's activations are large (one 32-channel 130 x 130 float map of a batch of 32 is 69 MB), so
-every layer of every batch touches pages the kernel must zero again: embedding the real listings on 2
-cores spent 27 s of its 72 s CPU time in the kernel (10.7M page faults for 256 photos), and a served
-batch of 8 photos (torch fp32) faulted 64-92k pages in per forward pass. Serving every allocation from
-the heap (M_MMAP_MAX 0) and trimming it only above 1 GiB free (M_TRIM_THRESHOLD) keeps those pages:
-6.7 -> 10.8 photos/s embedding, the same peak memory (README, "Train on the real listings"). The training
-stages and the Ray embedding actors call it: jobs that end. The handler does not: in a serving worker,
-which runs for days, it also cut a torch fp32 batch of 8 by a median 13 %, but the worker grew ~2 MB per
-1,000 mixed requests without end, where with malloc's defaults it stays flat (README, "Benchmarks": soak). PyTorch's CPU
-performance guide reaches the same end by preloading jemalloc or tcmalloc; this needs nothing installed.
-
-It changes nothing where malloc is not glibc's, or where the user set glibc's own MALLOC_* tunables
-or preloaded another allocator: theirs win.
+A CNN's activations exceed glibc malloc's mmap threshold, so every batch maps, zeroes and unmaps them
+again; served from a heap trimmed only above 1 GiB free, they stay. For jobs that end (the training
+stages, Ray embedding), not serving workers, whose heap would keep growing. A user's MALLOC_* tunables
+or preloaded allocator win.
 """
 import ctypes
 import ctypes.util

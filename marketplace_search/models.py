@@ -7,8 +7,6 @@ Backbones: torchvision's ResNets, MobileNets and EfficientNet-B0, and EfficientN
 A checkpoint is self-describing (architecture, classes, embedding size, preprocessing, config,
 metrics), so every later stage and the handler rebuild the model from the checkpoint alone.
 """
-import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -16,7 +14,7 @@ from torch import nn
 from torch.fx.experimental import optimization
 from torchvision import models
 
-from marketplace_search.layout import sha256_file  # noqa: F401  (re-exported: checkpoints are named by it)
+from marketplace_search.files import replaced_atomically, sha256_file
 from marketplace_search.presets import Preprocess
 
 CHECKPOINT_FORMAT = 1
@@ -53,8 +51,8 @@ TIMM_MODELS = {"efficientnet_lite2": "tf_efficientnet_lite2"}
 ARCHS = sorted(HEADS)
 # The search vector (indexed, voted with, returned by `embed`): the embedding layer's output, or that
 # and the backbone's pooled features side by side, each L2-normalised so that the cosine of two
-# vectors is the mean of their two cosines (README, "The search vector": the neighbours' category
-# vote gains, P@5 holds, and a flat search reads 1,536 floats a photo instead of 256 for Lite2).
+# vectors is the mean of their two cosines: the features sharpen the neighbours' category vote, for a
+# longer vector to search (1,536 floats a photo instead of 256 for Lite2).
 VECTORS = ("embedding", "embedding+features")
 
 
@@ -145,43 +143,35 @@ def embed(model: MarketplaceNet, images: torch.Tensor) -> tuple[torch.Tensor, to
     return logits.softmax(dim=1), nn.functional.normalize(embedding.float(), dim=1)
 
 
-# How the handler lays out a model for CPU inference (see prepare_for_serving).
-SERVING_LAYOUTS = ("auto", "mkldnn", "nhwc", "none")
+# How the torch backend lays out a model for inference (see prepare_for_serving); `auto` is nhwc.
+SERVING_LAYOUTS = ("auto", "nhwc", "none")
+# oneDNN's blocked layout (torch.fx `optimize_for_inference`), retired: its modules rest on the deprecated
+# torch.jit.script_method, and its weight copies cost each worker more memory than its speed was worth.
+RETIRED_LAYOUT = "mkldnn"
 
 
-def serving_layout(arch: str, layout: str = "auto", device: str = "cpu") -> str:
-    """The layout `auto` stands for: measured per family on 2 cores (scripts.benchmark, bare section).
-
-    ResNets run fastest on oneDNN's blocked layout at every batch size (batch 1 too, where NHWC is
-    slower than plain NCHW); depthwise-separable nets (MobileNet, EfficientNet) on NHWC, where the
-    blocked layout gains nothing. Off the CPU, the oneDNN path does not apply.
-    """
+def serving_layout(layout: str = "auto") -> str:
+    """The layout `layout` stands for (`auto`: nhwc, for every family and device); refuses a retired or unknown one."""
+    if layout == RETIRED_LAYOUT:
+        raise ValueError(f"serving layout {RETIRED_LAYOUT!r} (oneDNN's blocked layout; handler.layout in the archive's "
+                         f"model_config.yaml) is retired: archive the run again with the default layout, "
+                         f"`python -m scripts.archive --run RUN --store STORE` with its other options as before "
+                         f"and no --layout")
     if layout not in SERVING_LAYOUTS:
         raise ValueError(f"serving layout {layout!r} is not one of {', '.join(SERVING_LAYOUTS)}")
-    if layout == "auto":
-        layout = "mkldnn" if arch.startswith("resnet") else "nhwc"
-    if layout == "mkldnn" and device != "cpu":
-        layout = "nhwc"
-    return layout
+    return "nhwc" if layout == "auto" else layout
 
 
-def prepare_for_serving(model: MarketplaceNet, layout: str = "auto", device: str = "cpu") -> nn.Module:
+def prepare_for_serving(model: MarketplaceNet, layout: str = "auto") -> nn.Module:
     """An inference-only version of `model` (eval mode, same outputs up to float rounding).
 
     nhwc: Conv/Linear + BatchNorm folded (torch.fx `fuse`), channels-last weights.
-    mkldnn: torch.fx `optimize_for_inference`: BatchNorm folded, dropout removed, convolutions on
-      oneDNN's blocked layout (CPU only).
     none: the model as trained, NCHW.
     The result's `serving_layout` attribute tells `serve_forward` how to lay out its input.
     """
-    layout = serving_layout(model.arch, layout, device)
+    layout = serving_layout(layout)
     model.eval()
-    if layout == "mkldnn":
-        with warnings.catch_warnings():
-            # torch.utils.mkldnn's modules use torch.jit.script_method, deprecated in torch's own code.
-            warnings.filterwarnings("ignore", "`torch.jit.script_method` is deprecated", FutureWarning)
-            prepared = optimization.optimize_for_inference(model)
-    elif layout == "nhwc" and model.arch in TIMM_MODELS:  # "same" padding is data-dependent: torch.fx cannot trace it
+    if layout == "nhwc" and model.arch in TIMM_MODELS:  # "same" padding is data-dependent: torch.fx cannot trace it
         prepared = model.to(memory_format=torch.channels_last)
     elif layout == "nhwc":
         prepared = optimization.fuse(model).to(memory_format=torch.channels_last)
@@ -355,9 +345,8 @@ def save_checkpoint(path: Path, model: MarketplaceNet, *, classes: list[str], pr
 
 def write_checkpoint(path: Path, checkpoint: dict) -> None:
     """torch.save beside `path`, then renamed over it: a reader never sees half a checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    with replaced_atomically(path) as temporary:
+        torch.save(checkpoint, temporary)
 
 
 def vector_dim(checkpoint: dict) -> int:

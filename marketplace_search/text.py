@@ -11,19 +11,18 @@ validation split, one per combination of inputs a request can carry:
   photo+title, photo+title+description   softmax(A @ [log photo probabilities, log votes, text scores] + b)
 A photo alone is answered as before (head + neighbour vote). "votes" is a k-NN vote over the words of
 the catalogue's listings (title + description, the same TF-IDF rows, cosine similarity), as the photo
-model votes over the catalogue's photos: `TextNeighbours`, stored with the model; a model without it
-(format tfidf-linear/1) has calibrations without the votes' columns.
+model votes over the catalogue's photos: `ListingWords`, stored with the model.
 
 On disk (a folder, shipped whole in the archive; plain JSON and a numpy .npz, nothing unpickled):
   text_model.json   classes, settings, the two vocabularies (term -> column), calibrations' inputs,
                     the catalogue listings' product ids and the vote's k and temperature
   text_model.npz    idf of each block, classifier weights and bias, each calibration's A and b, the
                     catalogue listings' TF-IDF rows by column (CSC: indptr, rows, values) and labels
-  encoder/          the sentence encoder's files (format tfidf-linear/3; its sha256 in text_model.json)
+  encoder/          the sentence encoder's files, when the classifier reads sentence vectors (its sha256 in
+                    text_model.json)
 """
 import hashlib
 import json
-import os
 import re
 import struct
 import unicodedata
@@ -35,25 +34,24 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from marketplace_search.files import replaced_atomically
+
 if TYPE_CHECKING:  # torch and tokenizers load with the first model that has an encoder
     from marketplace_search.sentences import SentenceEncoder
 
 MODEL_FILE = "text_model.json"
 WEIGHTS_FILE = "text_model.npz"
-WORDS_FILE = "words.npz"  # a live catalogue generation's listings as TextNeighbours rows (save_words)
-# TextNeighbours' arrays as stored: in WORDS_FILE by these names, in WEIGHTS_FILE after NEIGHBOURS_PREFIX
+WORDS_FILE = "words.npz"  # a live catalogue generation's listings as ListingWords rows (save_listing_words)
+# ListingWords' arrays as stored: in WORDS_FILE by these names, in WEIGHTS_FILE after LISTING_WORDS_PREFIX
 ROW_ARRAYS = {"labels": np.int32, "indptr": np.int64, "rows": np.int32, "values": np.float32}
 MAPPED_ARRAYS = ("rows", "values")  # the large ones (an entry per listing's term), memory-mapped by read_npz
-NEIGHBOURS_PREFIX = "neighbours:"
-FORMAT = "tfidf-linear/2"
-FORMAT_SENTENCES = "tfidf-linear/3"
-FORMATS = ("tfidf-linear/1", FORMAT, FORMAT_SENTENCES)  # /1: no catalogue vote; /3: a sentence encoder too
+LISTING_WORDS_PREFIX = "neighbours:"  # the name saved models use (MODEL_FILE's key too): kept so they load
+FORMAT = "tfidf-linear/3"  # the only one read: older text models are rebuilt by training.text
 ENCODER_DIR = "encoder"  # in a text model's folder: its sentence encoder's files
 VOTE_FLOOR = 1e-3  # under the vote's probabilities before the log: a category no neighbour has
-# Words at scale (TextNeighbours.similarities): a query whose terms hold more catalogue entries than
-# EXACT_POSTINGS (~45 ms to read exactly on 2 cores) reads its rarest terms for every listing (SCAN_SHARE
-# of the entries) and completes the CANDIDATES best exactly. The real 5,761 listings stay exact: a title
-# holds ~0.13M entries, a title + description 0.52M (median), 2.03M at most.
+# Words at scale (ListingWords.similarities): a query whose terms hold more catalogue entries than
+# EXACT_POSTINGS reads its rarest terms for every listing (SCAN_SHARE of the entries) and completes the
+# CANDIDATES best exactly, so its cost follows the rare terms; the real catalogue's queries stay exact.
 EXACT_POSTINGS = 3_000_000
 SCAN_SHARE = 0.05
 CANDIDATES = 1000
@@ -119,7 +117,7 @@ def kind_name(inputs) -> str:
 
 
 @dataclass
-class TextNeighbours:
+class ListingWords:
     """The catalogue's listings as TF-IDF rows (the text model's features), stored by column (CSC), and
     the k-NN vote over them: each query's k most similar listings (cosine) vote with weights
     exp(similarity / temperature), its own listing excluded when it is in the catalogue."""
@@ -141,7 +139,7 @@ class TextNeighbours:
         self.position = {product_id: row for row, product_id in enumerate(self.product_ids)}
 
     @classmethod
-    def from_rows(cls, product_ids: list[str], labels, feature_rows, width: int, **settings) -> "TextNeighbours":
+    def from_rows(cls, product_ids: list[str], labels, feature_rows, width: int, **settings) -> "ListingWords":
         """From each listing's (columns, values), as TextModel.features gives them; SETTINGS: k, temperature,
         rerank_weight, fill."""
         columns = np.concatenate([columns for columns, _ in feature_rows]).astype(np.int64)
@@ -151,7 +149,7 @@ class TextNeighbours:
 
     @classmethod
     def from_entries(cls, product_ids: list[str], labels, columns: np.ndarray, rows: np.ndarray, values: np.ndarray,
-                     width: int, **settings) -> "TextNeighbours":
+                     width: int, **settings) -> "ListingWords":
         """From the (column, listing row, value) entries of every listing's TF-IDF row, each listing's entries
         in column order and the listings in row order: stored by column, listings ascending in each."""
         order = np.argsort(columns, kind="stable")
@@ -161,7 +159,7 @@ class TextNeighbours:
                    np.asarray(values, np.float32)[order], **settings)
 
     @classmethod
-    def from_arrays(cls, arrays, product_ids: list[str], prefix: str = "", **settings) -> "TextNeighbours":
+    def from_arrays(cls, arrays, product_ids: list[str], prefix: str = "", **settings) -> "ListingWords":
         """From the arrays `arrays(prefix)` gave (an .npz read with allow_pickle=False); SETTINGS as from_rows'."""
         return cls(list(product_ids), *(arrays[prefix + name] for name in ROW_ARRAYS), **settings)
 
@@ -183,8 +181,7 @@ class TextNeighbours:
         listings that score best on them are completed exactly with the other terms (each term's listings
         are sorted, so found by binary search), and every other listing keeps the partial score, a lower
         bound of its similarity. The cost then grows with the rare terms' share of the catalogue instead of
-        all of it (README, "Words at scale": 3-9x faster at 100k-1M listings, 0.99-1.00 of the exact 10
-        nearest found at 11k-100k)."""
+        all of it."""
         starts, ends = self.indptr[columns], self.indptr[columns + 1]
         lengths = ends - starts
         entries = int(lengths.sum())
@@ -252,7 +249,7 @@ class TextNeighbours:
         """Columns of the TF-IDF rows (the text model's word + char features)."""
         return len(self.indptr) - 1
 
-    def changed(self, drop=(), product_ids=(), labels=(), feature_rows=()) -> "TextNeighbours":
+    def changed(self, drop=(), product_ids=(), labels=(), feature_rows=()) -> "ListingWords":
         """These listings less the product ids in DROP and those given anew, plus the new ones (PRODUCT_IDS,
         their LABELS and FEATURE_ROWS as from_rows takes them); the same vote and re-ranking settings, and
         the same result as from_rows of the listings kept and added. A live catalogue's words."""
@@ -268,12 +265,12 @@ class TextNeighbours:
             values = np.concatenate([values, *(np.asarray(v, np.float32) for _, v in feature_rows)])
             rows = np.concatenate([rows, int(keep.sum()) + np.repeat(np.arange(len(feature_rows)),
                                                                      [len(c) for c, _ in feature_rows])])
-        return TextNeighbours.from_entries([p for p, kept in zip(self.product_ids, keep) if kept] + list(product_ids),
+        return ListingWords.from_entries([p for p, kept in zip(self.product_ids, keep) if kept] + list(product_ids),
                                            np.concatenate([self.labels[keep], np.asarray(labels, np.int32)]),
                                            columns, rows, values, self.width, **self.settings,
                                            exact_postings=self.exact_postings, candidates=self.candidates)
 
-    def settings_of(self, other: "TextNeighbours") -> "TextNeighbours":
+    def settings_of(self, other: "ListingWords") -> "ListingWords":
         """These listings with OTHER's vote and re-ranking settings (the served text model's)."""
         return replace(self, **other.settings)
 
@@ -304,15 +301,15 @@ class TextReading:
 
     columns: np.ndarray
     values: np.ndarray
-    neighbours: TextNeighbours | None = field(default=None, repr=False)
+    listing_words: ListingWords | None = field(default=None, repr=False)
     sentence: np.ndarray | None = field(default=None, repr=False)  # (d,) the encoder's vector, if the model has one
 
     @cached_property
     def similarities(self) -> np.ndarray:
-        """(listings,) TextNeighbours.similarities of this row."""
-        if self.neighbours is None:
+        """(listings,) ListingWords.similarities of this row."""
+        if self.listing_words is None:
             raise ValueError("the text model has no catalogue vote: a text has no similarities to its listings")
-        return self.neighbours.similarities(self.columns, self.values)
+        return self.listing_words.similarities(self.columns, self.values)
 
 
 @dataclass
@@ -328,7 +325,7 @@ class TextModel:
     intercept: np.ndarray  # (classes,)
     calibrations: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # kind -> (A, b)
     info: dict = field(default_factory=dict)  # settings and figures, for the model card
-    neighbours: TextNeighbours | None = None  # the catalogue vote; its calibrations read the votes when set
+    listing_words: ListingWords | None = None  # the catalogue vote; its calibrations read the votes when set
     sentence_coef: np.ndarray | None = None  # (classes, d) the classifier's weights of the sentence vector
     encoder: "SentenceEncoder | None" = field(default=None, repr=False)  # makes the sentence vectors
 
@@ -383,7 +380,7 @@ class TextModel:
         strings = [text for text in texts if not isinstance(text, TextReading)]
         sentences = iter(self.encoder.encode(strings) if self.encoder is not None and strings else ())
         return [text if isinstance(text, TextReading) else
-                TextReading(*self.features(text), self.neighbours, next(sentences, None)) for text in texts]
+                TextReading(*self.features(text), self.listing_words, next(sentences, None)) for text in texts]
 
     def scores(self, texts: list[str | TextReading]) -> np.ndarray:
         """(n, classes) float32 decision scores of the linear classifier; `texts`: strings or their readings."""
@@ -400,10 +397,10 @@ class TextModel:
     def votes(self, texts: list[str | TextReading], exclude: list[str | None] | None = None) -> np.ndarray | None:
         """(n, classes) the catalogue vote of each text or reading (None without a catalogue); `exclude`: each
         text's own product id, left out of its vote (evaluation: a listing already on sale would find itself)."""
-        if self.neighbours is None:
+        if self.listing_words is None:
             return None
         exclude = exclude or [None] * len(texts)
-        return np.stack([self.neighbours.vote(reading.similarities, len(self.classes), own)
+        return np.stack([self.listing_words.vote(reading.similarities, len(self.classes), own)
                          for reading, own in zip(self.readings(texts), exclude)]).astype(np.float32)
 
     def probabilities(self, inputs, scores: np.ndarray, photo: np.ndarray | None = None,
@@ -416,7 +413,7 @@ class TextModel:
         name = kind_name(inputs)
         if name not in self.calibrations:
             raise KeyError(f"no calibration for inputs {name!r}; the text model has {sorted(self.calibrations)}")
-        if (votes is None) != (self.neighbours is None):
+        if (votes is None) != (self.listing_words is None):
             raise ValueError("votes are required by a text model with a catalogue vote, and only by it")
         return softmax(calibration_features(scores, photo if PHOTO in inputs else None, votes)
                        @ self.calibrations[name][0].T + self.calibrations[name][1]).astype(np.float32)
@@ -425,7 +422,7 @@ class TextModel:
     def reranks(self) -> bool:
         """Whether a photo + words request's neighbours are ordered by its words too (a catalogue vote with a
         re-ranking weight), so that its photo search keeps a pool of RERANK_POOL for them."""
-        return self.neighbours is not None and bool(self.neighbours.rerank_weight)
+        return self.listing_words is not None and bool(self.listing_words.rerank_weight)
 
     def predict(self, inputs, texts: list[str | TextReading], photo: np.ndarray | None = None) -> np.ndarray:
         """(n, classes) category probabilities of `texts` (listing_text of each request's words, or their
@@ -438,8 +435,7 @@ class TextModel:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        document = {"format": FORMAT_SENTENCES if self.encoder is not None else
-                    FORMAT if self.neighbours is not None else FORMATS[0], "classes": self.classes,
+        document = {"format": FORMAT, "classes": self.classes,
                     "word_ngrams": list(WORD_NGRAMS), "char_ngrams": list(CHAR_NGRAMS), "calibrations": sorted(self.calibrations), "info": self.info,
                     "word_vocabulary": sorted(self.word_vocabulary, key=self.word_vocabulary.get),
                     "char_vocabulary": sorted(self.char_vocabulary, key=self.char_vocabulary.get)}
@@ -453,11 +449,9 @@ class TextModel:
                                             "dimension": self.encoder.dimension}
             copy_export(self.encoder.folder, directory / ENCODER_DIR)
         arrays = {key: np.asarray(value, np.float32) for key, value in arrays.items()}
-        if self.neighbours is not None:
-            document["neighbours"] = {"product_ids": self.neighbours.product_ids, "k": self.neighbours.k,
-                                      "temperature": self.neighbours.temperature,
-                                      "rerank_weight": self.neighbours.rerank_weight, "fill": self.neighbours.fill}
-            arrays.update(self.neighbours.arrays(NEIGHBOURS_PREFIX))
+        if self.listing_words is not None:
+            document["neighbours"] = {"product_ids": self.listing_words.product_ids, **self.listing_words.settings}
+            arrays.update(self.listing_words.arrays(LISTING_WORDS_PREFIX))
         (directory / MODEL_FILE).write_text(json.dumps(document, ensure_ascii=False))
         write_npz(directory / WEIGHTS_FILE, arrays)
 
@@ -468,24 +462,26 @@ class TextModel:
         and kept instead of read again."""
         directory = Path(directory)
         document = json.loads((directory / MODEL_FILE).read_text())
-        if document.get("format") not in FORMATS:
-            raise ValueError(f"{directory / MODEL_FILE} is format {document.get('format')!r}, expected one of {FORMATS}")
+        if document.get("format") != FORMAT:
+            raise ValueError(f"{directory / MODEL_FILE} is format {document.get('format')!r}, retired (this code reads "
+                             f"{FORMAT}): rebuild it with `python -m training.text --work WORK --run RUN`, then "
+                             f"archive the run again (`python -m scripts.archive --run RUN`)")
         if tuple(document["word_ngrams"]) != WORD_NGRAMS or tuple(document["char_ngrams"]) != CHAR_NGRAMS:
             raise ValueError(f"{directory / MODEL_FILE} was trained on other n-grams than this code cuts")
-        arrays = read_npz(directory / WEIGHTS_FILE, {NEIGHBOURS_PREFIX + name for name in MAPPED_ARRAYS})
+        arrays = read_npz(directory / WEIGHTS_FILE, {LISTING_WORDS_PREFIX + name for name in MAPPED_ARRAYS})
         calibrations = {name: (arrays[f"calibration:{name}:A"], arrays[f"calibration:{name}:b"])
                         for name in document["calibrations"]}
         stored = document.get("neighbours")
-        neighbours = None if stored is None else TextNeighbours.from_arrays(
-            arrays, stored["product_ids"], NEIGHBOURS_PREFIX, k=int(stored["k"]),
-            temperature=float(stored["temperature"]), rerank_weight=float(stored.get("rerank_weight", 0.0)),
-            fill=bool(stored.get("fill", False)))
+        listing_words = None if stored is None else ListingWords.from_arrays(
+            arrays, stored["product_ids"], LISTING_WORDS_PREFIX, k=int(stored["k"]),
+            temperature=float(stored["temperature"]), rerank_weight=float(stored["rerank_weight"]),
+            fill=bool(stored["fill"]))
         encoder = None if "sentence_encoder" not in document else load_encoder(directory,
                                                                                 document["sentence_encoder"], encoder)
         return cls(document["classes"], {term: i for i, term in enumerate(document["word_vocabulary"])},
                    {term: i for i, term in enumerate(document["char_vocabulary"])}, arrays["word_idf"],
                    arrays["char_idf"], arrays["coef"], arrays["intercept"], calibrations, document["info"],
-                   neighbours, arrays.get("sentence_coef"), encoder)
+                   listing_words, arrays.get("sentence_coef"), encoder)
 
 
 def load_encoder(directory: Path, stored: dict, loaded: "SentenceEncoder | None" = None) -> "SentenceEncoder":
@@ -500,34 +496,32 @@ def load_encoder(directory: Path, stored: dict, loaded: "SentenceEncoder | None"
     return encoder
 
 
-def save_words(path: Path | str, words: TextNeighbours, reader_sha256: str) -> None:
+def save_listing_words(path: Path | str, listing_words: ListingWords, reader_sha256: str) -> None:
     """The listings' rows of WORDS (not its settings, which are the model's) and the reader_sha256 of the
     text model that made them (TextModel.reader_sha256): a live catalogue generation's words."""
-    write_npz(path, {"product_ids": np.asarray(words.product_ids, dtype=str), **words.arrays(),
+    write_npz(path, {"product_ids": np.asarray(listing_words.product_ids, dtype=str), **listing_words.arrays(),
                      "reader_sha256": np.asarray(reader_sha256)})
 
 
-def load_words(path: Path | str) -> tuple[TextNeighbours, str]:
-    """(the rows save_words wrote, with default settings; the reader_sha256 of the text model that made them)."""
+def load_listing_words(path: Path | str) -> tuple[ListingWords, str]:
+    """(the rows save_listing_words wrote, with default settings; the reader_sha256 of the text model that made
+    them)."""
     arrays = read_npz(path, set(MAPPED_ARRAYS))
-    return TextNeighbours.from_arrays(arrays, arrays["product_ids"].tolist()), str(arrays["reader_sha256"])
+    return ListingWords.from_arrays(arrays, arrays["product_ids"].tolist()), str(arrays["reader_sha256"])
 
 
 def write_npz(path: Path | str, arrays: dict[str, np.ndarray]) -> None:
     """An uncompressed .npz (read_npz maps its large members), written beside PATH and renamed over it: a
     process that has the old file mapped keeps reading the old file, never a half-written one."""
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
-    with open(partial, "wb") as out:
+    with replaced_atomically(path) as temporary, open(temporary, "wb") as out:
         np.savez(out, **arrays)
-    os.replace(partial, path)
 
 
 def read_npz(path: Path | str, mapped: set[str]) -> dict[str, np.ndarray]:
     """Every array of an .npz (nothing unpickled), those named in MAPPED memory-mapped read-only when stored
     uncompressed (np.savez): the workers that serve one archive or live generation then share one copy of
     the listings' words in the page cache, as Faiss's IO_FLAG_MMAP shares a large index, instead of each
-    holding its own (~5 GB at 1M listings). numpy maps a .npy but not an .npz member, so the member's
+    holding its own. numpy maps a .npy but not an .npz member, so the member's
     data offset is found here from its zip local header and .npy header."""
     arrays = {}
     with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:

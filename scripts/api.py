@@ -5,8 +5,10 @@ serve, the benchmark). A target is a base URL ("http://127.0.0.1:8081") or a run
 `scripts.serve.Server`, which knows its URLs and reads its own keys.
 
 Keys: with token authorisation on, TorchServe writes key_file.json into its working folder, one key
-per API; each API accepts only its own key. `resolve_token(api, ...)` picks the key for that API:
-an explicit token first, then the key file's key for that API, then $TS_TOKEN.
+per API; each API accepts only its own key. `resolve_token(api, ...)` picks the key for that API, the
+same way for every command: an explicit token first, then the given key file's key for that API, then
+$TS_TOKEN, then the key file of the server `scripts.serve start` runs from this folder (logs/key_file.json).
+A refused request says which key was sent and where it came from, or that none was.
 """
 import json
 import os
@@ -21,6 +23,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 DEFAULT_INFERENCE_URL = "http://127.0.0.1:8080"
 DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
 KEY_FILE = "key_file.json"  # written by TorchServe into its working folder when tokens are on
+SERVE_WORKDIR = Path("logs")  # scripts.serve's working folder unless told otherwise
 APIS = ("inference", "management")
 # Worth asking again: overload (503 queue full, 507 worker died mid-batch, 429), gateway hiccups.
 TRANSIENT_STATUSES = frozenset({429, 502, 503, 504, 507})
@@ -66,16 +69,42 @@ def read_key_file(path: Path | str, api: str) -> str | None:
     return keys[api]["key"]
 
 
-def resolve_token(api: str, token: str | None = None, key_file: Path | str | None = None) -> str | None:
-    """The key to send to `api`: `token`, else key_file's key for `api`, else $TS_TOKEN; None when tokens are off."""
+class Key(str):
+    """A key to send ("" when none was found), and where it came from (`source`; `file`, the key file to read
+    again when it is refused, as keys expire): what a refused request names."""
+
+    def __new__(cls, token: str | None, source: str, file: Path | None = None) -> "Key":
+        key = super().__new__(cls, token or "")
+        key.source, key.file = source, file
+        return key
+
+
+def resolve_token(api: str, token: str | None = None, key_file: Path | str | None = None,
+                  env: str = "TS_TOKEN") -> Key:
+    """The key to send to `api`: `token`, else KEY_FILE's key for `api`, else $ENV, else the key of the server
+    scripts.serve runs from this folder (SERVE_WORKDIR); empty when there is none (tokens off)."""
     if token:
-        return token
+        return Key(token, "the key given")
     if key_file:
         if not Path(key_file).is_file():
             raise ApiError(f"key file {key_file} does not exist (TorchServe writes it into its working folder "
                            f"when token authorisation is on)")
-        return read_key_file(key_file, api)
-    return os.environ.get("TS_TOKEN") or None
+        return Key(read_key_file(key_file, api), f"key file {key_file}", Path(key_file))
+    if os.environ.get(env):
+        return Key(os.environ[env], f"${env}")
+    default = SERVE_WORKDIR / KEY_FILE
+    if default.is_file():
+        return Key(read_key_file(default, api), f"key file {default.absolute()}", default)
+    return Key(None, f"no key given, no ${env}, and no key file {default.absolute()} of a server scripts.serve "
+                     f"started here: pass --key-file")
+
+
+def refused_key(api: str, token: str | None) -> str:
+    """What a refused request says of its key: that none was sent, or which was and where it came from."""
+    source = getattr(token, "source", None)
+    if not token:
+        return f"no {api} key was sent" + (f" ({source})" if source else "")
+    return f"the {api} key" + (f" from {source}" if source else "") + " was refused (keys expire: renew it)"
 
 
 def auth_headers(token: str | None) -> dict:
@@ -193,7 +222,8 @@ def predict(target, photo: bytes | None, *, model: str = "marketplace", version:
         raise ApiError(f"no answer after {retries + 1} attempt(s): {error}",
                        error.code if isinstance(error.code, int) else None) from error
     if not response.ok:
-        raise ApiError(error_text(response), response.status_code)
+        refusal = f"{refused_key('inference', token)}: " if key_refused(response) else ""
+        raise ApiError(refusal + error_text(response), response.status_code)
     return response.json()
 
 
@@ -221,7 +251,8 @@ def management_call(target, method: str, path: str, token: str | None = None, ti
               for key, value in params.items() if value is not None}
     response = requests.request(method, f"{url}{path}", params=params, headers=auth_headers(token), timeout=timeout)
     if not response.ok:
-        raise ApiError(f"{method} {path}: {error_text(response)}", response.status_code)
+        refusal = f"{refused_key('management', token)}: " if key_refused(response) else ""
+        raise ApiError(f"{method} {path}: {refusal}{error_text(response)}", response.status_code)
     return response.json()
 
 

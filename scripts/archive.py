@@ -9,7 +9,7 @@ archive holds, beside MAR-INF/MANIFEST.json:
   best.pt                 the self-describing checkpoint (serializedFile)
   marketplace_handler.py  the handler
   marketplace_search/     the core package, whole (decoding, transform, model, catalogue, requests and answers)
-  catalogue/              the Faiss index, id map, listings and index meta from RUN/index
+  catalogue/              the Faiss index, listings table and index meta from RUN/index
   text_model/             the title/description model and its calibrations from RUN/text_model (JSON + .npz,
                           nothing pickled; encoder/, its sentence encoder), when the run has one (training.text)
   decoder.json            {"0": category, ...} from the checkpoint's classes
@@ -28,7 +28,7 @@ which copies it): the model card's guard says where it was measured (`measured_o
 Everything is derived from the run, so two builds from the same run have byte-identical members;
 only MANIFEST.json's createdOn (written by torch-model-archiver) differs.
 """
-import faiss  # noqa: F401  (before torch: OpenMP, see README)
+import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import argparse
 import json
@@ -43,26 +43,25 @@ from pathlib import Path
 
 import yaml
 
-from marketplace_search.models import SERVING_LAYOUTS, load_checkpoint, serving_layout, sha256_file, vector_dim
+from marketplace_search.files import sha256_file
+from marketplace_search.models import SERVING_LAYOUTS, load_checkpoint, serving_layout, vector_dim
 from marketplace_search.layout import (ARCHIVE_CATALOGUE, ARCHIVE_DECODER, ARCHIVE_MODEL_CARD, ARCHIVE_OPENVINO,
                                        CHECKPOINT, CORE_PACKAGE, EVALUATION, INDEX_DIR, RUN_INFO, RUN_STAMP_FORMAT,
                                        TEXT_MODEL_DIR, read_run_info)
 from marketplace_search.presets import Preprocess
 from marketplace_search.runtime import PRECISIONS, RUNTIMES, check_backend, save_openvino
-from marketplace_search.search import META_FILE, catalogue_files
+from marketplace_search.search import CATALOGUE_FILES, META_FILE, check_layout
 from marketplace_search.text import (ENCODER_DIR as TEXT_ENCODER_DIR, MODEL_FILE as TEXT_MODEL_FILE,
                                      WEIGHTS_FILE as TEXT_WEIGHTS_FILE, TextModel)
 
 REPO = Path(__file__).resolve().parents[1]
 HANDLER = REPO / "handlers" / "marketplace_handler.py"
 CORE = REPO / CORE_PACKAGE
-# Dynamic batching up to 8 with a 1 ms delay: a worker takes every request already queued (up to 8)
-# and waits at most 1 ms for more. Under load the queue fills while a batch runs, so batches stay
-# full; a lone request waits only 1 ms. Chosen from the served section of scripts.benchmark
-# (README, "Benchmarks": more photos/s under load, the same single-request latency).
+# Dynamic batching up to 8 with a 1 ms delay: under load batches stay full (more photos/s), and a lone
+# request waits only 1 ms more.
 BATCH_SIZE = 8
 MAX_BATCH_DELAY = 1
-# The backend new archives get: the fastest on these machines within the accuracy guard (README, "Inference backends").
+# The backend new archives get: the fastest on these machines within the accuracy guard.
 RUNTIME = "openvino"
 PRECISION = "bf16"
 
@@ -72,7 +71,8 @@ class GuardRefused(ValueError):
 
 
 def check_run(run_dir: Path) -> None:
-    required = [run_dir / CHECKPOINT, run_dir / EVALUATION] + [run_dir / INDEX_DIR / name for name in catalogue_files(run_dir / INDEX_DIR)]
+    check_layout(run_dir / INDEX_DIR)
+    required = [run_dir / CHECKPOINT, run_dir / EVALUATION] + [run_dir / INDEX_DIR / name for name in CATALOGUE_FILES]
     missing = [str(path) for path in required if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"run folder {run_dir} is incomplete; missing: {', '.join(missing)}")
@@ -154,13 +154,13 @@ def stage_extra_files(stage: Path, run_dir: Path, classes: list[str], card: dict
     # The core package whole, so workers and --local run the code this archive was built with.
     shutil.copytree(CORE, extra / CORE_PACKAGE, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (extra / ARCHIVE_CATALOGUE).mkdir()
-    for name in catalogue_files(run_dir / INDEX_DIR):  # JSON or columnar (marketplace_search.search)
+    for name in CATALOGUE_FILES:
         shutil.copyfile(run_dir / INDEX_DIR / name, extra / ARCHIVE_CATALOGUE / name)
     if (run_dir / TEXT_MODEL_DIR).is_dir():
         (extra / TEXT_MODEL_DIR).mkdir()
         for name in (TEXT_MODEL_FILE, TEXT_WEIGHTS_FILE):
             shutil.copyfile(run_dir / TEXT_MODEL_DIR / name, extra / TEXT_MODEL_DIR / name)
-        if (run_dir / TEXT_MODEL_DIR / TEXT_ENCODER_DIR).is_dir():  # its sentence encoder (format tfidf-linear/3)
+        if (run_dir / TEXT_MODEL_DIR / TEXT_ENCODER_DIR).is_dir():  # its sentence encoder, when it has one
             shutil.copytree(run_dir / TEXT_MODEL_DIR / TEXT_ENCODER_DIR, extra / TEXT_MODEL_DIR / TEXT_ENCODER_DIR)
     (extra / ARCHIVE_DECODER).write_text(json.dumps({str(i): name for i, name in enumerate(classes)}, indent=2))
     (extra / ARCHIVE_MODEL_CARD).write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
@@ -256,7 +256,7 @@ def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketpla
         raise FileNotFoundError(f"model store {store} is not a folder")
     info = read_run_info(run_dir)
     _, checkpoint = load_checkpoint(run_dir / CHECKPOINT)
-    serving_layout(checkpoint["arch"], layout)  # an unknown layout fails here, not in every worker
+    serving_layout(layout)  # a retired or unknown layout fails here, not in every worker
     check_backend(runtime, precision)
     checkpoint_sha256 = sha256_file(run_dir / CHECKPOINT)
     index_meta = check_index_matches(run_dir, checkpoint_sha256)
@@ -306,8 +306,8 @@ def main(argv=None) -> None:
     parser.add_argument("--response-timeout", type=int, default=120, help="seconds")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / max workers)")
     parser.add_argument("--layout", choices=SERVING_LAYOUTS, default="auto",
-                        help="how workers lay out the model for CPU inference (marketplace_search.models.prepare_for_serving; "
-                             "auto: oneDNN blocked for ResNets, NHWC for MobileNets)")
+                        help="how workers lay out the model when they run torch (marketplace_search.models."
+                             "prepare_for_serving; auto: nhwc, channels-last with BatchNorm folded)")
     parser.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
                         help="workers run one forward pass per batch size before READY (oneDNN builds kernels "
                              "per input shape)")

@@ -23,32 +23,28 @@ list, which the workers pick up on their next batch (they look at most every 0.5
   compact  fold the removal list into a new generation (the index loses the removed photos)
   prune    delete old generations, keeping the newest --keep (default 3, at least 2); nothing else does
 """
-import faiss  # noqa: F401  (before torch: OpenMP, see README)
+import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import argparse
 import json
 import sys
 import tempfile
 import time
-import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from training import photos, tables
-from training.dataset import drop_missing_photos
-from training.embed import embed_rows, load_embeddings
-from training.index import listing_metadata
-from training.text import listings_words, read_listings
+from marketplace_search.files import sha256_file
 from marketplace_search.layout import (ARCHIVE_CATALOGUE, ARCHIVE_MANIFEST, ARCHIVE_TEXT_MODEL, CHECKPOINT,
-                                       EMBEDDINGS_DIR, INDEX_DIR, TEXT_MODEL_DIR, sha256_file)
-from marketplace_search.live import (CATALOGUE_DIR, CURRENT_FILE, list_generations, load_generation, now,
-                                     prune_generations, read_current, read_removed, write_generation, write_removed,
-                                     writer_lock)
-from marketplace_search.models import load_checkpoint
-from marketplace_search.presets import Preprocess
-from marketplace_search.search import INDEX_TYPES, Catalogue, read_listings as catalogue_listings
-from marketplace_search.text import MODEL_FILE, WEIGHTS_FILE, TextModel, TextNeighbours
+                                       EMBEDDINGS_DIR, INDEX_DIR, TEXT_MODEL_DIR)
+from marketplace_search.live import (CURRENT_FILE, list_generations, load_generation, now, prune_generations,
+                                     read_current, read_removed, write_generation, write_removed, writer_lock)
+from marketplace_search.search import INDEX_TYPES, Catalogue
+from marketplace_search.text import WEIGHTS_FILE, ListingWords, TextModel
+from scripts.records import FatalError, model_folder
+# torch and the training stages are imported inside the commands that read a model (init, add): `remove`
+# returns as soon as the removal is written, without loading them.
 
 DEFAULT_PHOTO_SIZE = 512  # training.photos' default
 
@@ -57,25 +53,18 @@ class CatalogueError(ValueError):
     """A change the live folder refuses (other weights, nothing to add, no generation yet)."""
 
 
-def archive_member(archive: Path, name: str, destination: Path) -> Path:
-    """File NAME of an archive (a .mar or its extracted folder), copied under DESTINATION if zipped."""
-    if archive.is_dir():
-        return archive / name
-    with zipfile.ZipFile(archive) as members:
-        members.extract(name, destination)
-    return destination / name
-
-
-def archived_checkpoint(archive: Path, scratch: Path) -> Path:
-    """The checkpoint an archive's workers load (its manifest's serializedFile)."""
-    manifest = json.loads(archive_member(archive, str(ARCHIVE_MANIFEST), scratch).read_text())
-    return archive_member(archive, manifest["model"]["serializedFile"], scratch)
-
-
-def model_checkpoint(args, scratch: Path) -> Path:
+@contextmanager
+def served_model(args):
+    """(checkpoint, catalogue folder, text model folder) of the served model: the run's, or the archive's as
+    its workers read them (a .mar unzipped while the block runs, as `scripts.batch --local` unzips it)."""
     if bool(args.archive) == bool(args.run):
         raise CatalogueError("give the served model as --archive MAR (or its extracted folder) or --run RUN")
-    return archived_checkpoint(args.archive, scratch) if args.archive else args.run / CHECKPOINT
+    if args.run:
+        yield args.run / CHECKPOINT, args.run / INDEX_DIR, args.run / TEXT_MODEL_DIR
+        return
+    with model_folder(args.archive) as folder:
+        manifest = json.loads((folder / ARCHIVE_MANIFEST).read_text())
+        yield folder / manifest["model"]["serializedFile"], folder / ARCHIVE_CATALOGUE, folder / ARCHIVE_TEXT_MODEL
 
 
 def all_vectors(catalogue: Catalogue) -> np.ndarray:
@@ -89,16 +78,13 @@ def all_vectors(catalogue: Catalogue) -> np.ndarray:
     return catalogue.index.reconstruct_n(0, catalogue.index.ntotal)
 
 
-def seed_from(args, scratch: Path) -> tuple[Catalogue, np.ndarray, str, str]:
+def seed_from(args, checkpoint: Path, index_dir: Path) -> tuple[Catalogue, np.ndarray, str, str]:
     """(catalogue, its exact vectors, the sha256 of the weights that made them, where they came from)."""
-    checkpoint = model_checkpoint(args, scratch)
     weights = sha256_file(checkpoint)
+    catalogue = Catalogue.load(index_dir)
     if args.archive:
-        catalogue = Catalogue.load(archive_member(args.archive, ARCHIVE_CATALOGUE, scratch)
-                                   if args.archive.is_dir() else extract_catalogue(args.archive, scratch))
         vectors, source = all_vectors(catalogue), f"archive {args.archive}"
     else:
-        catalogue = Catalogue.load(args.run / INDEX_DIR)
         vectors, source = run_vectors(args.run, catalogue), f"run {args.run}"
     indexed_with = catalogue.meta.get("model", {}).get("checkpoint_sha256")
     if indexed_with and indexed_with != weights:
@@ -109,6 +95,8 @@ def seed_from(args, scratch: Path) -> tuple[Catalogue, np.ndarray, str, str]:
 
 def run_vectors(run: Path, catalogue: Catalogue) -> np.ndarray:
     """The run's exact embeddings in the index's row order (a run without embeddings/: from the index)."""
+    from training.data import load_embeddings
+
     if not (run / EMBEDDINGS_DIR).is_dir():
         return all_vectors(catalogue)
     image_ids, embeddings, _, _ = load_embeddings(run)
@@ -119,69 +107,52 @@ def run_vectors(run: Path, catalogue: Catalogue) -> np.ndarray:
     return embeddings[[row[image_id] for image_id in catalogue.image_ids]]
 
 
-def served_text_model(args, scratch: Path) -> tuple[TextModel | None, str | None]:
-    """(the text model the archive's or run's workers read words with, its reader_sha256); (None, None)
-    for a model without one, or one without a catalogue of words."""
-    if args.archive and not args.archive.is_dir():
-        with zipfile.ZipFile(args.archive) as members:
-            names = [f"{ARCHIVE_TEXT_MODEL}/{name}" for name in (MODEL_FILE, WEIGHTS_FILE)]
-            if not set(names) <= set(members.namelist()):
-                return None, None
-            for name in names:
-                members.extract(name, scratch)
-        folder = scratch / ARCHIVE_TEXT_MODEL
-    else:
-        folder = args.archive / ARCHIVE_TEXT_MODEL if args.archive else args.run / TEXT_MODEL_DIR
+def served_text_model(folder: Path) -> tuple[TextModel | None, str | None]:
+    """(the text model in FOLDER that the workers read words with, its reader_sha256); (None, None) for a
+    model without one, or one without a catalogue of words."""
     if not (folder / WEIGHTS_FILE).is_file():
         return None, None
     model = TextModel.load(folder)
-    return (model, model.reader_sha256) if model.neighbours is not None else (None, None)
-
-
-def extract_catalogue(archive: Path, scratch: Path) -> Path:
-    with zipfile.ZipFile(archive) as members:
-        for name in members.namelist():
-            if name.startswith(ARCHIVE_CATALOGUE + "/"):
-                members.extract(name, scratch)
-    return scratch / ARCHIVE_CATALOGUE
+    return (model, model.reader_sha256) if model.listing_words is not None else (None, None)
 
 
 def init(args) -> dict:
-    with tempfile.TemporaryDirectory(prefix="catalogue-init-") as scratch, writer_lock(args.live):
+    with writer_lock(args.live):
         if read_current(args.live) is not None and not args.force:
             raise CatalogueError(f"{args.live} already has generations ({read_current(args.live)['name']} is "
                                  f"current); --force publishes the seed as the next one")
-        catalogue, vectors, weights, source = seed_from(args, Path(scratch))
-        text_model, text_sha256 = served_text_model(args, Path(scratch))
-        words = text_model and text_model.neighbours
-        number = write_generation(args.live, vectors, catalogue.image_ids, catalogue.listings, weights,
-                                  {"seeded_from": source}, args.index_type or catalogue.meta["index"]["type"],
-                                  {"model": catalogue.meta.get("model", {})}, words, text_sha256)
+        with served_model(args) as (checkpoint, index_dir, text_dir):
+            catalogue, vectors, weights, source = seed_from(args, checkpoint, index_dir)
+            text_model, text_sha256 = served_text_model(text_dir)
+            listing_words = text_model and text_model.listing_words
+            number = write_generation(args.live, vectors, catalogue.image_ids, catalogue.listings, weights,
+                                      {"seeded_from": source}, args.index_type or catalogue.meta["index"]["type"],
+                                      {"model": catalogue.meta.get("model", {})}, listing_words, text_sha256)
     return {"generation": number, "photos": len(catalogue.image_ids), "seeded_from": source,
-            "listings_by_words": len(words.product_ids) if words else 0}
+            "listings_by_words": len(listing_words.product_ids) if listing_words else 0}
 
 
 def remove(args) -> dict:
+    """Returns once the removal list is durable (written whole, fsynced): it reads no generation, since a
+    large one takes longer to read than the removal to apply (`status` counts the removed listings it holds)."""
     with writer_lock(args.live):
         removed = read_removed(args.live)
         stamp = now()
         added = [product for product in args.product_ids if product not in removed]
         removed.update({product: stamp for product in added})
-        write_removed(args.live, removed)  # effective now; the check below only informs
-    current = read_current(args.live)
-    unknown = []
-    if current is not None:
-        listings = catalogue_listings(args.live / current["name"] / CATALOGUE_DIR)
-        known = {listing["product_id"] for listing in listings.values()}
-        unknown = [product for product in args.product_ids if product not in known]
+        write_removed(args.live, removed)
     return {"removed": added, "already_removed": sorted(set(args.product_ids) - set(added)),
-            "not_in_current_generation": unknown, "removal_list": len(removed)}
+            "removal_list": len(removed)}
 
 
 def clean_new_listings(data: Path, work: Path, size: int, workers: int) -> tuple:
     """Stages 1-2 on DATA into WORK: the rows whose photo could be normalised, and what was dropped."""
+    from training import photos, tables
+    from training.data import read_training_table
+    from training.dataset import drop_missing_photos
+
     report = tables.clean_tables(data, work)
-    table = tables.read_training_table(work)
+    table = read_training_table(work)
     photo_report = photos.normalise_photos(list(table["image_id"]), data / "images", work / photos.PHOTOS_DIR,
                                            size, max(1, workers))
     usable, missing = drop_missing_photos(table, work / photos.PHOTOS_DIR)
@@ -192,11 +163,16 @@ def clean_new_listings(data: Path, work: Path, size: int, workers: int) -> tuple
 
 
 def add(args) -> dict:
+    from marketplace_search.models import load_checkpoint
+    from marketplace_search.presets import Preprocess
+    from training import photos
+    from training.data import embed_rows
+    from training.index import listing_metadata
+
     timings = {}
-    with tempfile.TemporaryDirectory(prefix="catalogue-add-") as scratch, writer_lock(args.live):
-        scratch = Path(scratch)
+    with (tempfile.TemporaryDirectory(prefix="catalogue-add-") as scratch, writer_lock(args.live),
+          served_model(args) as (checkpoint_path, _, text_dir)):
         generation = load_generation(args.live)
-        checkpoint_path = model_checkpoint(args, scratch)
         weights = sha256_file(checkpoint_path)
         embedded_with = generation.info["model"]["checkpoint_sha256"]
         if weights != embedded_with:
@@ -206,7 +182,7 @@ def add(args) -> dict:
         model, checkpoint = load_checkpoint(checkpoint_path)
         size = args.size or int(checkpoint.get("config", {}).get("size") or DEFAULT_PHOTO_SIZE)
         started = time.perf_counter()
-        work = args.work or scratch / "work"
+        work = args.work or Path(scratch) / "work"
         table, dropped = clean_new_listings(args.data, work, size, args.workers)
         if table.empty:
             raise CatalogueError(f"{args.data} has no listing with a usable photo ({dropped}): nothing to add")
@@ -228,10 +204,10 @@ def add(args) -> dict:
                        & new_products)
         change = {"added_photos": len(table), "added_listings": len(new_products) - replaced,
                   "replaced_listings": replaced, "dropped": dropped, "data": str(args.data.resolve())}
-        words, text_sha256 = added_words(args, scratch, generation, new_listings, new_products, work, change)
+        listing_words, text_sha256 = added_listing_words(text_dir, generation, new_listings, new_products, work, change)
         number = write_generation(args.live, vectors, image_ids, listings, weights, change,
                                   args.index_type or old.meta["index"]["type"], {"model": old.meta.get("model", {})},
-                                  words, text_sha256)
+                                  listing_words, text_sha256)
         timings["index_s"] = round(time.perf_counter() - started, 2)
         removed = read_removed(args.live)  # after CURRENT names the new generation (marketplace_search.live)
         back = sorted(new_products & removed.keys())
@@ -241,18 +217,20 @@ def add(args) -> dict:
             "seconds": timings, "photo_size": size}
 
 
-def added_words(args, scratch: Path, generation, new_listings: dict[str, dict], new_products: set[str], work: Path,
-                change: dict) -> tuple[TextNeighbours | None, str | None]:
+def added_listing_words(text_dir: Path, generation, new_listings: dict[str, dict], new_products: set[str], work: Path,
+                change: dict) -> tuple[ListingWords | None, str | None]:
     """The generation's words with the new listings' (title + description) in, when the served model reads
     titles: the current generation's words if its text model made them, else the text model's own (a folder
     seeded before words were kept, or by another text model); CHANGE gets the counts."""
-    text_model, text_sha256 = served_text_model(args, scratch)
+    from training.text import listing_word_rows, read_listings
+
+    text_model, text_sha256 = served_text_model(text_dir)
     if text_model is None:
         return None, None
-    base = generation.words if generation.words_sha256 == text_sha256 else text_model.neighbours
-    product_ids, labels, rows = listings_words(text_model, new_listings.values(), read_listings(work))
+    base = generation.listing_words if generation.listing_words_sha256 == text_sha256 else text_model.listing_words
+    product_ids, labels, rows = listing_word_rows(text_model, new_listings.values(), read_listings(work))
     change["words"] = {"added_listings": len(product_ids), "unknown_category": len(new_products) - len(product_ids),
-                       "from": "generation" if base is generation.words else "text model"}
+                       "from": "generation" if base is generation.listing_words else "text model"}
     return base.changed(drop=new_products, product_ids=product_ids, labels=labels, feature_rows=rows), text_sha256
 
 
@@ -265,12 +243,12 @@ def compact(args) -> dict:
         image_ids = [old.image_ids[row] for row in keep]
         folded = sorted({old.listings[old.image_ids[row]]["product_id"] for row in range(len(old.image_ids))} & removed.keys())
         change = {"compacted": {"removed_listings": len(folded), "removed_photos": len(old.image_ids) - len(keep)}}
-        words = generation.words and generation.words.changed(drop=removed.keys())
+        listing_words = generation.listing_words and generation.listing_words.changed(drop=removed.keys())
         number = write_generation(args.live, generation.vectors[keep], image_ids,
                                   {image_id: old.listings[image_id] for image_id in image_ids},
                                   generation.info["model"]["checkpoint_sha256"], change,
                                   args.index_type or old.meta["index"]["type"], {"model": old.meta.get("model", {})},
-                                  words, generation.words_sha256)
+                                  listing_words, generation.listing_words_sha256)
         # Every id read above is absent from the new generation, which CURRENT already names.
         write_removed(args.live, {product: when for product, when in read_removed(args.live).items()
                                   if product not in removed})
@@ -340,7 +318,7 @@ def main(argv=None) -> dict:
     try:
         result = {"init": init, "remove": remove, "add": add, "status": status, "compact": compact,
                   "prune": prune}[args.command](args)
-    except (CatalogueError, FileNotFoundError) as error:
+    except (CatalogueError, FileNotFoundError, FatalError) as error:
         raise SystemExit(f"{args.command} refused: {error}") from error
     print(json.dumps(result, indent=2, default=str))
     return result

@@ -10,7 +10,8 @@ The same call with curl (options as headers, since TorchServe drops a POST's que
   curl -H 'Content-Type: image/jpeg' -H 'X-K: 5' --data-binary @photo.jpg http://127.0.0.1:8080/predictions/marketplace
   curl -F photo=@photo.jpg -F k=5 -F category='Home & Garden' http://127.0.0.1:8080/predictions/marketplace
 With tokens on, add -H "Authorization: Bearer KEY" with the "inference" key of the server's key_file.json
-(this command reads it with --key-file; --token or $TS_TOKEN otherwise).
+(this command reads it from logs/key_file.json, the folder scripts.serve runs from, or --key-file, --token,
+$TS_TOKEN).
 """
 import argparse
 import json
@@ -58,7 +59,8 @@ def main(argv=None) -> None:
     parser.add_argument("--title", help="the listing's title: the category comes from photo + title")
     parser.add_argument("--json", action="store_true", help="print the answer JSON")
     parser.add_argument("--token", help="inference key when tokens are on (default: --key-file's, else $TS_TOKEN)")
-    parser.add_argument("--key-file", type=Path, help="the server's key_file.json: its inference key is used")
+    parser.add_argument("--key-file", type=Path, help="the server's key_file.json: its inference key is used "
+                                                      "(default: logs/key_file.json, scripts.serve's)")
     args = parser.parse_args(argv)
     if args.photo is None and args.title is None:
         parser.error("send a photo, a --title or both")

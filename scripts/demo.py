@@ -20,11 +20,10 @@ from scripts import api
 from scripts.client import format_answer
 from scripts.serve import start_server
 from training import pipeline
-from training.dataset import load_split
+from training.data import load_split, read_training_table
 from marketplace_search.layout import TEXT_MODEL_DIR
 from marketplace_search.models import MarketplaceNet, WeightsUnavailable, load_pretrained_backbone
 from training.sample import make_sample_catalogue
-from training.tables import read_training_table
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -86,7 +85,7 @@ def main(argv=None) -> None:
     run_dir = pipeline.main([
         "--data", str(data), "--out", str(args.out), "--max-listings", str(listings), "--size", "256",
         "--arch", arch, "--weights", weights, "--epochs", str(args.epochs), "--feature-views", "2",
-        "--vector", "embedding+features",  # the real-listings recipe's search vector (README)
+        "--vector", "embedding+features",  # the search vector the real listings are served with
     ])
 
     store = REPO / "model_store"

@@ -6,7 +6,7 @@
 
 Each actor loads the archive once (handlers.local, as --engine local does) and answers batches of
 --batch-size photos, reading each photo itself within the same limits as the other engines
-(scripts.batch.read_input): an unreadable, refused or undecodable file is an error line, never a
+(scripts.records.read_input): an unreadable, refused or undecodable file is an error line, never a
 failed task. Without --address a local Ray starts on this machine (every core, no dashboard,
 --ray-temp-dir) and stops at the end; with one, the run joins that cluster and photos, archive and
 OUTPUT must be paths every node reads alike (shared storage): a .mar is then unzipped beside OUTPUT,
@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts import batch
-from scripts.batch import Item
+from marketplace_search.files import TEMPORARY_SUFFIX, replaced_atomically
+from scripts.records import (FatalError, Item, Tally, answer_local_batch, format_summary, load_handler, model_folder,
+                             summarise, timed_write, write_answers)
 
 SHARD_PATTERN = "part-{:05d}.parquet"
 # A Ray actor pool that takes every CPU starves Ray Data's own tasks and the job hangs without an
@@ -49,10 +50,10 @@ class Answerer:
 
     def __init__(self, model_dir: str, version: str | None, k: int, batch_size: int, max_file_bytes: int,
                  threads: int):
-        import faiss  # noqa: F401  (before torch: OpenMP, see README)
+        import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
         import torch
 
-        self.handler = batch.load_handler(Path(model_dir), version, batch_size)
+        self.handler = load_handler(Path(model_dir), version, batch_size)
         torch.set_num_threads(threads)  # the CPUs Ray gave this actor, not the model config's share
         self.k, self.max_file_bytes = k, max_file_bytes
 
@@ -62,7 +63,7 @@ class Answerer:
         items = [Item(str(image_id), str(path), str(root), str(title) or None, str(description) or None)
                  for image_id, path, root, title, description in zip(rows["image_id"], rows["path"], rows["root"],
                                                                       rows["title"], rows["description"])]
-        records = batch.answer_local_batch(self.handler, items, self.k, predict_local, self.max_file_bytes)
+        records = answer_local_batch(self.handler, items, self.k, predict_local, self.max_file_bytes)
         return {"position": rows["position"],
                 "record": np.array([json.dumps(record, ensure_ascii=False) for record in records], dtype=object)}
 
@@ -83,7 +84,7 @@ def ray_cluster(address: str | None, temp_dir: Path | None = None, num_cpus: int
             ray.init(address=address, log_to_driver=False)
         else:
             # Ray nices its workers by default: on a machine shared with other jobs the actors then get
-            # a fraction of their CPUs (README, "Scale out"); Ray's own job API starts them at 0 too.
+            # a fraction of their CPUs; Ray's own job API starts them at 0 too.
             os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
                      _temp_dir=temp_dir)
@@ -121,7 +122,7 @@ def actor_cpus(cluster_cpus: float, actors: int, asked: float | None) -> tuple[f
     """(CPUs per actor, torch threads per actor): ASKED, else an equal share of all but RESERVED_CPUS."""
     cpus = asked if asked else max(0.25, (cluster_cpus - RESERVED_CPUS) / actors)
     if cpus * actors > cluster_cpus - RESERVED_CPUS + 1e-9:
-        raise batch.FatalError(f"{actors} actors x {cpus} CPUs leave less than {RESERVED_CPUS} of the cluster's "
+        raise FatalError(f"{actors} actors x {cpus} CPUs leave less than {RESERVED_CPUS} of the cluster's "
                                f"{cluster_cpus:g} CPUs for Ray Data's own tasks: the job would hang; "
                                f"use fewer --actors or a smaller --cpus-per-actor")
     return cpus, max(1, round(cpus))
@@ -176,13 +177,13 @@ class SteadyClock:
         return elapsed * self.count / after if after > 0 else elapsed
 
 
-def run_ray(args, todo: list[Item], tally: batch.Tally) -> float:
+def run_ray(args, todo: list[Item], tally: Tally) -> float:
     """--engine ray, JSON Lines: answer TODO into args.output; the seconds spent answering."""
     clock = SteadyClock()
-    with batch.model_folder(args.archive, shared_parent(args)) as model_dir, \
+    with model_folder(args.archive, shared_parent(args)) as model_dir, \
             ray_cluster(args.address, args.ray_temp_dir, args.ray_cpus) as ray:
         answers = ray_answers(ray, todo, list(range(len(todo))), model_dir, args, clock)
-        batch.timed_write((record for _, record in answers), args.output, tally, len(todo))
+        timed_write((record for _, record in answers), args.output, tally, len(todo))
     return clock.seconds()
 
 
@@ -205,7 +206,7 @@ def finished_shards(output: Path, items: list[Item], shard_size: int) -> set[int
         found = list(zip(table["image_id"].to_pylist(), table["path"].to_pylist()))
         expected = [item.key for item in items[shard * shard_size:(shard + 1) * shard_size]]
         if found != expected:
-            raise batch.FatalError(f"{path} holds other inputs than shard {shard} of this input list (of "
+            raise FatalError(f"{path} holds other inputs than shard {shard} of this input list (of "
                                    f"--shard-size {shard_size}): the input or --shard-size changed since it "
                                    f"was written; use a new --output folder")
         done.add(shard)
@@ -228,9 +229,8 @@ def write_shard(path: Path, records: list[dict]) -> None:
 
     schema = pa.schema([(name, pa.float64() if name == "probability" else pa.string()) for name in PARQUET_COLUMNS])
     table = pa.Table.from_pylist([parquet_row(record) for record in records], schema=schema)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with replaced_atomically(path) as temporary:
+        pq.write_table(table, temporary)
 
 
 def read_shards(output: Path) -> list[dict]:
@@ -261,19 +261,19 @@ def run_parquet(args, items: list[Item]) -> dict:
     """--format parquet: answer the inputs of the shards not yet in args.output; the run's summary."""
     output = args.output
     output.mkdir(parents=True, exist_ok=True)
-    for stale in output.glob("part-*.parquet.tmp"):  # a shard being written when a run was killed
+    for stale in output.glob(f".part-*{TEMPORARY_SUFFIX}"):  # a shard being written when a run was killed
         stale.unlink()
     size = args.shard_size
     done = finished_shards(output, items, size)
     positions = [position for position in range(len(items)) if position // size not in done]
-    tally = batch.Tally(skipped=len(items) - len(positions))
+    tally = Tally(skipped=len(items) - len(positions))
     seconds = 0.0
     if positions:
         todo = [items[position] for position in positions]
         pending: dict[int, dict[int, dict]] = {}
         clock = SteadyClock()
         expected = {shard: min(size, len(items) - shard * size) for shard in {p // size for p in positions}}
-        with batch.model_folder(args.archive, shared_parent(args)) as model_dir, \
+        with model_folder(args.archive, shared_parent(args)) as model_dir, \
                 ray_cluster(args.address, args.ray_temp_dir, args.ray_cpus) as ray:
             def answers():
                 for position, record in ray_answers(ray, todo, positions, model_dir, args, clock):
@@ -284,9 +284,9 @@ def run_parquet(args, items: list[Item]) -> dict:
                         write_shard(shard_path(output, shard), [records[p] for p in sorted(records)])
                     yield record
 
-            batch.write_answers(answers(), ShardsOnly(), tally, len(todo))
+            write_answers(answers(), ShardsOnly(), tally, len(todo))
             seconds = clock.seconds()
-    summary = batch.summarise(tally, len(items), seconds)
-    print(batch.format_summary(summary, output))
+    summary = summarise(tally, len(items), seconds)
+    print(format_summary(summary, output))
     return summary
 

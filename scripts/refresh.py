@@ -27,7 +27,7 @@ are now, with new ones added, changed ones changed and removed ones gone. Steps:
      stays registered (python -m scripts.versions rollback NAME undoes the release).
 --release registers the archive by file name, so STORE must be the running server's model store.
 """
-import faiss  # noqa: F401  (before torch: OpenMP, see README)
+import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import argparse
 import json
@@ -44,11 +44,13 @@ from scripts import api
 from scripts.api import DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL
 from scripts.versions import HISTORY_FILE, ReleaseError, release
 from training import photos, tables
-from training.dataset import SPLIT_FILE, drop_missing_photos
-from training.embed import embed_rows, hash_photos, load_embeddings, load_photo_hashes, save_embeddings
+from training.data import PHOTOS_DIR, PHOTOS_REPORT, SPLIT_FILE, embed_rows, load_embeddings, read_training_table
+from training.dataset import drop_missing_photos
+from training.embed import hash_photos, load_photo_hashes, save_embeddings
 from training.index import listing_metadata
-from training.text import catalogue_neighbours, read_listings
-from marketplace_search.models import load_checkpoint, sha256_file
+from training.text import catalogue_listing_words, read_listings
+from marketplace_search.files import sha256_file
+from marketplace_search.models import load_checkpoint
 from marketplace_search.presets import Preprocess
 from marketplace_search.layout import (CHECKPOINT, EMBEDDINGS_DIR, EVALUATION, GUARD_REPORTS, INDEX_DIR,
                                        TEXT_MODEL_DIR, new_run_dir, read_run_info, update_run_info)
@@ -63,7 +65,7 @@ def photo_size(run_dir: Path, info: dict) -> int:
     configured = info.get("config", {}).get("train", {}).get("size")
     if configured:
         return int(configured)
-    report = Path(info.get("work", run_dir.parents[1])) / photos.PHOTOS_DIR / photos.REPORT_FILE
+    report = Path(info.get("work", run_dir.parents[1])) / PHOTOS_DIR / PHOTOS_REPORT
     if report.is_file():
         return int(json.loads(report.read_text())["size"])
     return DEFAULT_PHOTO_SIZE
@@ -74,15 +76,15 @@ def prepare_work(data_dir: Path, work_dir: Path, size: int, workers: int,
     """Stages 1-2 on DATA into WORK: (the training table rows whose photo could be normalised, the sha256
     of each of their source photos, the image_ids among them whose source photo changed since OLD_HASHES)."""
     tables.clean_tables(data_dir, work_dir)
-    table = tables.read_training_table(work_dir)
+    table = read_training_table(work_dir)
     hashes = hash_photos(table["image_id"], data_dir / "images")
     changed = changed_photos(old_hashes or {}, hashes)
     for image_id in changed:  # training.photos skips a photo already normalised: make it read the new bytes
-        (work_dir / photos.PHOTOS_DIR / f"{image_id}.jpg").unlink(missing_ok=True)
-    report = photos.normalise_photos(list(table["image_id"]), data_dir / "images", work_dir / photos.PHOTOS_DIR,
+        (work_dir / PHOTOS_DIR / f"{image_id}.jpg").unlink(missing_ok=True)
+    report = photos.normalise_photos(list(table["image_id"]), data_dir / "images", work_dir / PHOTOS_DIR,
                                      size, max(1, workers))  # 0 would mean every core there
     print(photos.format_report(report))
-    usable, _ = drop_missing_photos(table, work_dir / photos.PHOTOS_DIR)
+    usable, _ = drop_missing_photos(table, work_dir / PHOTOS_DIR)
     usable_hashes = {image_id: hashes[image_id] for image_id in usable["image_id"] if image_id in hashes}
     return usable, usable_hashes, changed & usable_hashes.keys()
 
@@ -182,15 +184,16 @@ def refresh_text_model(run_dir: Path, new_run: Path, catalogue: Catalogue, work_
     if not (run_dir / TEXT_MODEL_DIR).is_dir():
         return None
     model = TextModel.load(run_dir / TEXT_MODEL_DIR)
-    if model.neighbours is None:
+    if model.listing_words is None:
         model.save(new_run / TEXT_MODEL_DIR)
         return {"listings_by_words": 0}
     started = time.perf_counter()
-    model.neighbours = catalogue_neighbours(model, catalogue, read_listings(work_dir)).settings_of(model.neighbours)
+    model.listing_words = catalogue_listing_words(model, catalogue, read_listings(work_dir)).settings_of(
+        model.listing_words)
     model.save(new_run / TEXT_MODEL_DIR)
     products = {listing["product_id"] for listing in catalogue.listings.values()}
-    return {"listings_by_words": len(model.neighbours.product_ids),
-            "unknown_category": len(products) - len(model.neighbours.product_ids),
+    return {"listings_by_words": len(model.listing_words.product_ids),
+            "unknown_category": len(products) - len(model.listing_words.product_ids),
             "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -214,7 +217,7 @@ def refresh_run(run_dir: Path, data_dir: Path, work_dir: Path, *, size: int | No
     preprocess = Preprocess.from_dict(checkpoint["preprocess"])
     vectors, probabilities, embedded = assemble_vectors(
         table, known, vectors, probabilities,
-        lambda rows: embed_rows(model, preprocess, rows, work_dir / photos.PHOTOS_DIR, embed_batch_size, workers),
+        lambda rows: embed_rows(model, preprocess, rows, work_dir / PHOTOS_DIR, embed_batch_size, workers),
         changed)
     timings["embed"] = round(time.perf_counter() - started, 1)
 
@@ -302,7 +305,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--inference-url", default=DEFAULT_INFERENCE_URL)
     parser.add_argument("--key-file", type=Path,
                         help="the server's key_file.json (tokens on): management key to register, inference key "
-                             "for the canary")
+                             "for the canary (default: logs/key_file.json, scripts.serve's)")
     parser.add_argument("--token", help="management key (default: --key-file's, else $TS_TOKEN)")
     parser.add_argument("--timeout", type=float, default=180, help="seconds for the new version to become READY")
     args = parser.parse_args(argv)
@@ -325,12 +328,12 @@ def main(argv=None) -> dict:
     print(f"archive: {mar} ({mar.stat().st_size / 1e6:.1f} MB)")
     summary = {"run": str(new_run), "archive": str(mar), **refresh}
     if args.release:
-        token = api.resolve_token("management", args.token, args.key_file)
-        inference_token = api.resolve_token("inference", key_file=args.key_file) if args.key_file else None
         try:
             answer = release(args.management_url, args.inference_url, mar.name, args.name, args.version,
-                             token=token, inference_token=inference_token, timeout=args.timeout,
-                             history=args.store / HISTORY_FILE)
+                             token=api.resolve_token("management", args.token, args.key_file),
+                             inference_token=api.resolve_token("inference", key_file=args.key_file,
+                                                               env="TS_INFERENCE_TOKEN"),
+                             timeout=args.timeout, history=args.store / HISTORY_FILE)
         except (ReleaseError, api.ApiError) as error:
             raise SystemExit(f"release failed, the default version is unchanged: {error}") from error
         print(f"released: {args.name} {args.version} is the default (canary: {answer['category']}, "

@@ -33,7 +33,7 @@ from scripts.versions import HISTORY_FILE, released_default
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "config.properties"
-DEFAULT_WORKDIR = Path("logs")
+DEFAULT_WORKDIR = api.SERVE_WORKDIR  # where the client commands look for its key_file.json
 MAX_SOCKET_PATH = 107  # bytes: sockaddr_un.sun_path (108) less the final NUL
 PID_FILE = ".model_server.pid"  # written by torchserve into TMPDIR
 JAVA_MAIN = "org.pytorch.serve.ModelServer"

@@ -5,7 +5,8 @@
   python -m scripts.versions rollback marketplace            # the previous default becomes the default again
   python -m scripts.versions retire marketplace 1.0          # unregister a version that is not the default
 The server must run with the model-control API on (`python -m scripts.serve start --enable-model-api`);
-with tokens on, pass `--key-file` (its management key for :8081, its inference key for the canary).
+with tokens on, the keys come from logs/key_file.json (the server scripts.serve runs from this folder) or
+`--key-file` (its management key for :8081, its inference key for the canary).
 
 `release` registers the new version beside the current one (with workers, synchronously), waits
 until it is READY, warms it with a few queries, sends a canary query to /predictions/NAME/VERSION
@@ -30,7 +31,6 @@ With tokens on, add -H "Authorization: Bearer <key>": the "management" key of ke
 import argparse
 import io
 import json
-import os
 import sys
 import zipfile
 from pathlib import Path
@@ -39,6 +39,7 @@ import numpy as np
 from packaging.version import InvalidVersion, Version
 from PIL import Image
 
+from marketplace_search.files import write_json_atomically
 from marketplace_search.layout import ARCHIVE_MANIFEST
 from marketplace_search.schema import AnswerError, check_answer as check_contract
 from scripts import api
@@ -108,14 +109,6 @@ def read_history(path: Path | None) -> dict[str, dict]:
     return json.loads(Path(path).read_text())
 
 
-def write_history(path: Path, history: dict[str, dict]) -> None:
-    """Written whole to a temporary file and renamed: a crash leaves the old history, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(history, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def released_default(history_file: Path | None, name: str) -> dict | None:
     """The last released default of `name` as {"version", "mar"} (mar None if unknown), or None."""
     model = read_history(history_file).get(name)
@@ -125,10 +118,12 @@ def released_default(history_file: Path | None, name: str) -> dict | None:
     return {"version": version, "mar": model["archives"].get(version)}
 
 
-def record_default(history_file: Path | None, name: str, version: str, mar: str | None = None,
+def record_default(history_file: Path | None, name: str, version: str, archives: dict[str, str],
                    previous: str | None = None, rolled_back: bool = False) -> None:
     """Note `version` as `name`'s default: pushed on release (the first record also notes the
-    default it replaced), popped back to on a rollback to the previous default."""
+    default it replaced), popped back to on a rollback to the previous default. ARCHIVES ({version:
+    the archive it registers from}, every version registered now: the one the server started with too)
+    are kept, so that a rollback registers a version again after a restart dropped it."""
     if history_file is None:
         return
     history = read_history(history_file)
@@ -140,12 +135,16 @@ def record_default(history_file: Path | None, name: str, version: str, mar: str 
         if not defaults and previous and previous != version:
             defaults.append(previous)
         defaults.append(version)
-    if mar:
-        model["archives"][version] = mar
-    write_history(history_file, history)
+    model["archives"].update(archives)
+    write_json_atomically(history_file, history)
 
 
 # --- release, roll back, retire --------------------------------------------------------------------------
+
+def registered_archives(descriptions: list[dict]) -> dict[str, str]:
+    """{version: the archive it was registered from} of the versions DESCRIPTIONS describe (GET /models/NAME/all)."""
+    return {description["modelVersion"]: description["modelUrl"] for description in descriptions}
+
 
 def current_default(url, name: str, token: str | None) -> str | None:
     try:
@@ -166,7 +165,8 @@ def release(url, inference_url, mar: str, name: str, version: str, *, token: str
     a restarted server (scripts.serve start) follow. Returns the canary answer.
     """
     previous = current_default(url, name, token)
-    if previous is not None and version in {d["modelVersion"] for d in describe(url, name, "all", token)}:
+    registered = {} if previous is None else registered_archives(describe(url, name, "all", token))
+    if version in registered:
         raise ReleaseError(f"{name} {version} is already registered: a version label names one archive for good; "
                            f"release a new version")
     register(url, mar, name, initial_workers=initial_workers, synchronous=True, token=token)
@@ -182,7 +182,7 @@ def release(url, inference_url, mar: str, name: str, version: str, *, token: str
         raise CanaryError(f"{name} {version} failed its canary and was unregistered: "
                           f"{type(error).__name__}: {error}") from error
     set_default(url, name, version, token)
-    record_default(history, name, version, mar, previous)
+    record_default(history, name, version, {**registered, version: mar}, previous)
     return answer
 
 
@@ -195,7 +195,7 @@ def rollback(url, name: str, to: str | None = None, token: str | None = None,
     default. A version no longer registered (e.g. after a restart) is registered again from its archive.
     """
     every, default = versions_of(url, name, token)
-    registered = [d["modelVersion"] for d in every]
+    registered = registered_archives(every)
     model = read_history(history).get(name, {"defaults": [], "archives": {}})
     defaults = model["defaults"]
     to_previous = len(defaults) >= 2 and defaults[-1] == default and (to is None or to == defaults[-2])
@@ -210,11 +210,13 @@ def rollback(url, name: str, to: str | None = None, token: str | None = None,
     if to not in registered:
         mar = model["archives"].get(to)
         if mar is None:
-            raise ReleaseError(f"{name} {to} is not registered (registered: {', '.join(registered)})")
+            raise ReleaseError(f"{name} {to} is not registered (registered: {', '.join(registered)}) and "
+                               f"{HISTORY_FILE} names no archive for it")
         register(url, mar, name, initial_workers=1, synchronous=True, token=token)
         api.wait_ready(url, name, to, token=token)
+        registered[to] = mar
     set_default(url, name, to, token)
-    record_default(history, name, to, previous=default, rolled_back=to_previous)
+    record_default(history, name, to, registered, previous=default, rolled_back=to_previous)
     return default, to
 
 
@@ -251,7 +253,7 @@ def main(argv=None) -> None:
                         help=f"the server's model store: its {HISTORY_FILE} records the defaults in release order")
     parser.add_argument("--key-file", type=Path,
                         help="the server's key_file.json (tokens on): its management key for the management API, "
-                             "its inference key for the canary")
+                             "its inference key for the canary (default: logs/key_file.json, scripts.serve's)")
     parser.add_argument("--token", help="management key (default: --key-file's, else $TS_TOKEN)")
     parser.add_argument("--inference-token", help="inference key for the canary (default: --key-file's, else "
                                                   "$TS_INFERENCE_TOKEN)")
@@ -285,9 +287,8 @@ def main(argv=None) -> None:
                 raise SystemExit("--version is required when --mar is not a local file")
             if archived and archived != version:
                 raise SystemExit(f"{args.mar} holds version {archived}, not {version}")
-            inference_token = (args.inference_token
-                               or (api.resolve_token("inference", key_file=args.key_file) if args.key_file
-                                   else os.environ.get("TS_INFERENCE_TOKEN")))
+            inference_token = api.resolve_token("inference", args.inference_token, args.key_file,
+                                                env="TS_INFERENCE_TOKEN")
             answer = release(args.url, args.inference_url, mar, args.name, version, token=token,
                              inference_token=inference_token, initial_workers=args.initial_workers,
                              warm_queries=args.warm, photo=args.photo, timeout=args.timeout, history=history)

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from training import dataset, photos, tables
+from training.data import PHOTOS_DIR, read_training_table
 from training.sample import Mess, make_sample_catalogue
 
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
@@ -118,9 +119,9 @@ def sample_work(tmp_path_factory, sample_catalogue) -> Path:
     """A work folder after stages 1-3 (tables, 64 px photos, split) on `sample_catalogue`. Read only."""
     work = tmp_path_factory.mktemp("sample_work")
     tables.clean_tables(sample_catalogue.data_dir, work)
-    table = tables.read_training_table(work)
+    table = read_training_table(work)
     photos.normalise_photos(list(table["image_id"]), sample_catalogue.data_dir / "images",
-                            work / photos.PHOTOS_DIR, size=64, workers=1)
+                            work / PHOTOS_DIR, size=64, workers=1)
     dataset.make_split(work, seed=0)
     return work
 

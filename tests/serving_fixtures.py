@@ -2,11 +2,10 @@
 
     from tests.serving_fixtures import make_tiny_run, archive_tiny_run, extract_archive, running_server
 """
-import faiss  # noqa: F401  (before torch: OpenMP, see README)
+import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import io
 import struct
-import zipfile
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from scripts.records import extract_archive  # noqa: F401
 from training.tiny_run import CLASSES, CREATED, TINY_PREPROCESS, TinyRun, make_tiny_run, photo_jpeg  # noqa: F401
 
 
@@ -35,13 +35,6 @@ def archive_tiny_run(run: TinyRun, store: Path, name: str = "marketplace", versi
 
     store.mkdir(parents=True, exist_ok=True)
     return build_archive(run.run_dir, store, name, version, output_name, **options)
-
-
-def extract_archive(mar: Path, destination: Path) -> Path:
-    """Unzip a .mar the way TorchServe does before loading it; returns the model folder."""
-    with zipfile.ZipFile(mar) as archive:
-        archive.extractall(destination)
-    return destination
 
 
 @contextmanager

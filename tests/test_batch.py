@@ -1,5 +1,5 @@
 """scripts.batch: in-process on a tiny archive, against a real TorchServe, through an overloaded proxy, killed and resumed."""
-import faiss  # noqa: F401  (before torch: OpenMP, see README)
+import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import hashlib
 import json
@@ -21,7 +21,10 @@ import pytest
 import requests
 
 from handlers import local
+from marketplace_search.schema import ANSWER_FIELDS
 from scripts import api, batch
+from scripts.records import (FILE_ERROR, REFUSED_INPUT, FatalError, RefusedInput, answer_local_batch, extract_archive,
+                             file_error, model_folder, read_input)
 from tests.serving_fixtures import archive_tiny_run, assert_same_answers, make_tiny_run, photo_jpeg, running_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +133,7 @@ def test_local_answers_every_input_once_with_bad_files_as_errors(tiny, local_out
     assert all(line["error"] for line in errors.values())
     for (image_id, _), line in lines.items():
         if line["status"] == "ok":
-            assert set(line) == {"image_id", "path", "status", *batch.ANSWER_FIELDS}
+            assert set(line) == {"image_id", "path", "status", *ANSWER_FIELDS}
             assert line["model"] == {"name": NAME, "version": "1.0"}
             assert len(line["neighbours"]) == 6  # every listing of the tiny catalogue
     for number in range(12):  # photos that are in the catalogue find themselves first
@@ -140,7 +143,7 @@ def test_local_answers_every_input_once_with_bad_files_as_errors(tiny, local_out
 
 def test_local_on_an_extracted_folder_reports_unreadable_and_refused_inputs(tiny, tmp_path):
     folder = tmp_path / "model"
-    with batch.model_folder(tiny.mar) as extracted:
+    with model_folder(tiny.mar) as extracted:
         shutil.copytree(extracted, folder)
     table = tmp_path / "inputs.csv"
     shutil.copy(tiny.inputs / "p000.jpg", tmp_path / "there.jpg")
@@ -152,10 +155,10 @@ def test_local_on_an_extracted_folder_reports_unreadable_and_refused_inputs(tiny
                           "--max-file-bytes", str((tmp_path / "there.jpg").stat().st_size)])
     lines = {line["image_id"]: line for line in read_lines(output)}
     assert lines["there"]["status"] == "ok" and len(lines["there"]["neighbours"]) == 2
-    assert lines["missing"]["code"] == batch.FILE_ERROR and "missing.jpg" in lines["missing"]["error"]
-    assert lines["outside"]["code"] == batch.REFUSED_INPUT and "outside" in lines["outside"]["error"]
-    assert lines["big"]["code"] == batch.REFUSED_INPUT and "--max-file-bytes" in lines["big"]["error"]
-    assert summary["ok"] == 1 and summary["failed_by_code"] == {batch.FILE_ERROR: 1, batch.REFUSED_INPUT: 2}
+    assert lines["missing"]["code"] == FILE_ERROR and "missing.jpg" in lines["missing"]["error"]
+    assert lines["outside"]["code"] == REFUSED_INPUT and "outside" in lines["outside"]["error"]
+    assert lines["big"]["code"] == REFUSED_INPUT and "--max-file-bytes" in lines["big"]["error"]
+    assert summary["ok"] == 1 and summary["failed_by_code"] == {FILE_ERROR: 1, REFUSED_INPUT: 2}
 
 
 def test_csv_paths_must_stay_in_the_csv_folder_and_be_regular_files(tmp_path):
@@ -178,8 +181,8 @@ def test_csv_paths_must_stay_in_the_csv_folder_and_be_regular_files(tmp_path):
     outcomes = {}
     for image_id, item in items.items():
         try:
-            outcomes[image_id] = batch.read_input(item, max_bytes=100)
-        except batch.RefusedInput as error:
+            outcomes[image_id] = read_input(item, max_bytes=100)
+        except RefusedInput as error:
             outcomes[image_id] = str(error)
         except OSError as error:
             outcomes[image_id] = type(error).__name__
@@ -192,9 +195,9 @@ def test_csv_paths_must_stay_in_the_csv_folder_and_be_regular_files(tmp_path):
     # --images DIR/<image_id>.jpg: an image_id cannot walk out of DIR either
     (root / "ids.csv").write_text("image_id\n../elsewhere/secret\n")
     [item] = batch.list_inputs(root / "ids.csv", images_dir=root)
-    with pytest.raises(batch.RefusedInput, match="is outside"):
-        batch.read_input(item)
-    assert batch.file_error(item, batch.RefusedInput("x"))["code"] == batch.REFUSED_INPUT
+    with pytest.raises(RefusedInput, match="is outside"):
+        read_input(item)
+    assert file_error(item, RefusedInput("x"))["code"] == REFUSED_INPUT
 
 
 def make_zip(path: Path, members: dict[str, bytes]) -> Path:
@@ -213,8 +216,8 @@ def make_zip(path: Path, members: dict[str, bytes]) -> Path:
 ])
 def test_archive_extraction_is_refused_beyond_its_limits(tmp_path, members, limits, message):
     mar = make_zip(tmp_path / "evil.mar", members)
-    with pytest.raises(batch.FatalError, match=message):
-        batch.extract_archive(mar, tmp_path / "out", **limits)
+    with pytest.raises(FatalError, match=message):
+        extract_archive(mar, tmp_path / "out", **limits)
     assert not (tmp_path / "out").exists() and not (tmp_path.parent / "evil.py").exists()
 
 
@@ -229,14 +232,14 @@ def test_a_handler_failure_lands_on_the_photo_that_causes_it(tmp_path):
     for name in ("a", "bad", "c"):
         (tmp_path / f"{name}.jpg").write_bytes(name.encode())
     items = batch.list_inputs(tmp_path)
-    answer = {name: 1.0 for name in batch.ANSWER_FIELDS}
+    answer = {name: 1.0 for name in ANSWER_FIELDS}
 
     def predict(handler, bodies, headers):
         if any(body["body"] == b"bad" for body in bodies):
             raise TypeError("a bug the photo triggers")
         return [(200, answer)] * len(bodies)
 
-    records = batch.answer_local_batch(None, items, 3, predict)
+    records = answer_local_batch(None, items, 3, predict)
     assert [(record["image_id"], record["status"], record.get("code")) for record in records] == [
         ("a", "ok", None), ("bad", "error", 500), ("c", "ok", None)]
     assert "TypeError: a bug the photo triggers" in records[1]["error"]

@@ -1,8 +1,7 @@
-"""Columnar catalogues: the id map and listings as one memory-mapped Arrow file (marketplace_search.columns)
-answer exactly as the JSON format does, old JSON folders still load, and loading copies no column."""
-import faiss  # noqa: F401  (before torch, see README: OpenMP)
+"""Saved catalogues: the id map and listings as one memory-mapped Arrow file (marketplace_search.columns)
+answer exactly as the catalogue in memory does, and loading copies no column."""
+import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
-import json
 import shutil
 
 import numpy as np
@@ -32,42 +31,36 @@ def ivfpq(data) -> Catalogue:
 
 
 @pytest.fixture(scope="module")
-def folders(ivfpq, module_tmp):
-    """The same ivfpq catalogue saved columnar (its default) and as JSON."""
-    root = module_tmp("columns")
-    ivfpq.save(root / "columnar")
-    ivfpq.save(root / "json", columnar=False)
-    return root / "columnar", root / "json"
+def folder(ivfpq, module_tmp):
+    """The ivfpq catalogue, saved."""
+    folder = module_tmp("columns") / "catalogue"
+    ivfpq.save(folder)
+    return folder
 
 
-def test_ivfpq_saves_columnar_and_other_types_json(folders, data, tmp_path):
-    columnar, as_json = folders
-    assert sorted(path.name for path in columnar.iterdir()) == sorted(search.COLUMNAR_FILES)
-    assert sorted(path.name for path in as_json.iterdir()) == sorted(search.JSON_FILES)
-    assert search.catalogue_files(columnar) == search.COLUMNAR_FILES
+def test_every_index_type_saves_a_listings_table(folder, data, tmp_path):
+    assert sorted(path.name for path in folder.iterdir()) == sorted(search.CATALOGUE_FILES)
     image_ids, listings = listings_for(40)
     make_catalogue(data[0][:40], image_ids, listings, {}, "flat").save(tmp_path / "flat")
-    assert search.catalogue_files(tmp_path / "flat") == search.JSON_FILES
+    assert sorted(path.name for path in (tmp_path / "flat").iterdir()) == sorted(search.CATALOGUE_FILES)
 
 
-def test_columnar_and_json_folders_answer_the_same(folders, ivfpq, data):
+def test_a_saved_catalogue_answers_as_in_memory(folder, ivfpq, data):
     _, queries = data
-    columnar, as_json = (Catalogue.load(folder) for folder in folders)
+    columnar = Catalogue.load(folder)
     assert isinstance(columnar.listings, Listings) and isinstance(columnar.image_ids, ImageIds)
-    assert isinstance(as_json.listings, dict)  # an old (JSON) folder loads as before
-    for catalogue in (columnar, as_json):
-        assert catalogue.search(queries, k=7) == ivfpq.search(queries, k=7)
-        assert catalogue.search(queries[:5], k=4, category="Garden") == ivfpq.search(queries[:5], k=4, category="Garden")
-        assert catalogue.search(queries[:5], k=3, exclude_products=["prod-1"] * 5) == \
-            ivfpq.search(queries[:5], k=3, exclude_products=["prod-1"] * 5)
+    assert columnar.search(queries, k=7) == ivfpq.search(queries, k=7)
+    assert columnar.search(queries[:5], k=4, category="Garden") == ivfpq.search(queries[:5], k=4, category="Garden")
+    assert columnar.search(queries[:5], k=3, exclude_products=["prod-1"] * 5) == \
+        ivfpq.search(queries[:5], k=3, exclude_products=["prod-1"] * 5)
     assert {name: rows.tolist() for name, rows in columnar.rows_by_category.items()} == \
         {name: rows.tolist() for name, rows in ivfpq.rows_by_category.items()}
     seven = [n for answer in columnar.search(np.stack([data[0][7]]), k=3) for n in answer if n["image_id"] == "img-7"]
     assert seven and seven[0]["price"] is None
 
 
-def test_columnar_lists_and_dicts_read_as_the_json_ones(folders, ivfpq):
-    columnar = Catalogue.load(folders[0])
+def test_columnar_lists_and_dicts_read_as_the_in_memory_ones(folder, ivfpq):
+    columnar = Catalogue.load(folder)
     assert len(columnar.image_ids) == N and columnar.image_ids[5] == "img-5" and columnar.image_ids[-1] == f"img-{N - 1}"
     assert columnar.image_ids[2:4] == ["img-2", "img-3"] and columnar.image_ids == ivfpq.image_ids
     assert columnar.listings["img-9"] == ivfpq.listings["img-9"]
@@ -75,62 +68,57 @@ def test_columnar_lists_and_dicts_read_as_the_json_ones(folders, ivfpq):
     with pytest.raises(KeyError):
         columnar.listings["img-x"]
     assert dict(columnar.listings.items()) == ivfpq.listings and list(columnar.listings.values())[3] == ivfpq.listings["img-3"]
-    assert search.read_listings(folders[0]) == search.read_listings(folders[1]) == ivfpq.listings
+    assert search.read_listings(folder) == ivfpq.listings
 
 
-def test_removed_products_leave_columnar_answers(folders, data):
+def test_removed_products_leave_columnar_answers(folder, ivfpq, data):
     _, queries = data
-    columnar, as_json = (Catalogue.load(folder) for folder in folders)
     removed = {"prod-0", "prod-10", "prod-11", "prod-missing"}
-    views = [catalogue.without_products(removed) for catalogue in (columnar, as_json)]
+    views = [catalogue.without_products(removed) for catalogue in (Catalogue.load(folder), ivfpq)]
     assert views[0].visible == views[1].visible == N - 6
     answers = views[0].search(queries, k=10)
     assert answers == views[1].search(queries, k=10)
     assert not {n["product_id"] for answer in answers for n in answer} & removed
 
 
-def test_columnar_catalogue_saves_again_in_either_format(folders, data, tmp_path):
+def test_a_loaded_catalogue_saves_again(folder, data, tmp_path):
     _, queries = data
-    loaded = Catalogue.load(folders[0])
-    loaded.save(tmp_path / "again")  # columnar, as loaded
-    loaded.save(tmp_path / "as-json", columnar=False)
-    assert search.catalogue_files(tmp_path / "again") == search.COLUMNAR_FILES
-    assert json.loads((tmp_path / "as-json" / search.ID_MAP_FILE).read_text()) == list(loaded.image_ids)
-    for folder in ("again", "as-json"):
-        assert Catalogue.load(tmp_path / folder).search(queries, k=5) == loaded.search(queries, k=5)
+    loaded = Catalogue.load(folder)
+    loaded.save(tmp_path / "again")
+    assert Catalogue.load(tmp_path / "again").search(queries, k=5) == loaded.search(queries, k=5)
 
 
-def test_loading_a_columnar_catalogue_maps_its_listings(folders):
+def test_loading_a_catalogue_maps_its_listings(folder):
     """The table's columns are the file's pages: Arrow allocates nothing for them in the process."""
-    table_bytes = (folders[0] / search.LISTING_TABLE_FILE).stat().st_size
+    table_bytes = (folder / search.LISTING_TABLE_FILE).stat().st_size
     before = pa.total_allocated_bytes()
-    catalogue = Catalogue.load(folders[0])
+    catalogue = Catalogue.load(folder)
     assert pa.total_allocated_bytes() - before < table_bytes / 20
-    as_read = pa.ipc.open_file(pa.OSFile(str(folders[0] / search.LISTING_TABLE_FILE))).read_all()
+    as_read = pa.ipc.open_file(pa.OSFile(str(folder / search.LISTING_TABLE_FILE))).read_all()
     assert pa.total_allocated_bytes() - before > table_bytes / 2  # read (not mapped), the same file is copied
     assert catalogue.search(np.ones((1, D), np.float32) / np.sqrt(D), k=2)
     del as_read
 
 
-def test_listings_table_of_another_build_refuses_to_load(folders, tmp_path):
+def test_listings_table_of_another_build_refuses_to_load(folder, tmp_path):
     image_ids, listings = listings_for(N)
     listings["img-0"]["title"] = "another build's title"
-    folder = tmp_path / "a"
-    shutil.copytree(folders[0], folder)
-    write_listing_table(folder / search.LISTING_TABLE_FILE, image_ids, listings)
+    copy = tmp_path / "a"
+    shutil.copytree(folder, copy)
+    write_listing_table(copy / search.LISTING_TABLE_FILE, image_ids, listings)
     with pytest.raises(search.CatalogueMismatchError, match=r"listings.arrow does not belong with .*catalogue.faiss"):
-        Catalogue.load(folder)
-    (folder / search.LISTING_TABLE_FILE).write_bytes((folders[0] / search.LISTING_TABLE_FILE).read_bytes())
-    (folder / search.INDEX_FILE).write_bytes(b"x" + (folders[0] / search.INDEX_FILE).read_bytes()[1:])
+        Catalogue.load(copy)
+    (copy / search.LISTING_TABLE_FILE).write_bytes((folder / search.LISTING_TABLE_FILE).read_bytes())
+    (copy / search.INDEX_FILE).write_bytes(b"x" + (folder / search.INDEX_FILE).read_bytes()[1:])
     with pytest.raises(search.CatalogueMismatchError, match=r"catalogue.faiss does not belong with .*listings.arrow"):
-        Catalogue.load(folder)
+        Catalogue.load(copy)
 
 
 def test_a_listing_with_other_fields_is_refused_by_the_table(ivfpq, tmp_path):
     image_ids, listings = listings_for(20)
     listings["img-3"]["colour"] = "red"
     with pytest.raises(ValueError, match=r"listing of img-3 has the fields .*colour"):
-        make_catalogue(clustered(20, D), image_ids, listings, {}, "flat").save(tmp_path / "c", columnar=True)
+        make_catalogue(clustered(20, D), image_ids, listings, {}, "flat").save(tmp_path / "c")
     assert not (tmp_path / "c").exists()
 
 
@@ -140,9 +128,8 @@ def test_an_archive_ships_a_columnar_catalogue_and_its_handler_answers_from_it(t
 
     run = make_tiny_run(tmp_path / "runs" / "2025-01-31_142233")
     expected = Catalogue.load(run.run_dir / "index")
-    expected.save(run.run_dir / "index", columnar=True)
     model = extract_archive(archive_tiny_run(run, tmp_path / "store"), tmp_path / "model")
-    assert sorted(path.name for path in (model / "catalogue").iterdir()) == sorted(search.COLUMNAR_FILES)
+    assert sorted(path.name for path in (model / "catalogue").iterdir()) == sorted(search.CATALOGUE_FILES)
     handler = load_local_handler(model)
     assert type(handler.catalogue.listings).__name__ == "Listings"  # the archive's own copy of the class
     [(status, answer)] = predict_local(handler, [{"body": run.photo_bytes("img-004")}])

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from training import dataset
+from training import data, dataset
 from marketplace_search.presets import Preprocess, eval_transform, train_transform
 
 
@@ -69,11 +69,11 @@ def test_listing_in_two_categories_is_refused():
 
 
 def test_split_files(sample_work):
-    split = dataset.load_split(sample_work)
+    split = data.load_split(sample_work)
     assert list(split.columns) == dataset.SPLIT_COLUMNS
     assert split["label"].dtype == np.int64 and split["image_id"].map(type).eq(str).all()
     assert len(split) == 48
-    report = json.loads((sample_work / dataset.SPLIT_REPORT).read_text())
+    report = json.loads((sample_work / data.SPLIT_REPORT).read_text())
     assert report["excluded_missing_photo"] == 0
     assert sum(counts["photos"] for counts in report["splits"].values()) == 48
     assert {name: counts["listings"] for name, counts in report["splits"].items()} == {
@@ -90,18 +90,18 @@ def test_photo_missing_after_stage_2_is_excluded(sample_work, tmp_path):
     report = dataset.make_split(work, seed=0)
     assert report["excluded_missing_photo"] == 2
     assert sorted(report["excluded_examples"]) == sorted(path.stem for path in gone)
-    assert not dataset.load_split(work)["image_id"].isin([path.stem for path in gone]).any()
+    assert not data.load_split(work)["image_id"].isin([path.stem for path in gone]).any()
 
 
 def test_load_split_without_split_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="run training.dataset first"):
-        dataset.load_split(tmp_path)
+        data.load_split(tmp_path)
 
 
 @pytest.mark.parametrize("make", [eval_transform, train_transform])
 def test_listing_photos_items(sample_work, make):
-    rows = dataset.load_split(sample_work)
-    photos = dataset.ListingPhotos(rows, sample_work / "photos", make(Preprocess(resize=64, crop=56)))
+    rows = data.load_split(sample_work)
+    photos = data.ListingPhotos(rows, sample_work / "photos", make(Preprocess(resize=64, crop=56)))
     assert len(photos) == 48
     features, label, image_id = photos[3]
     assert features.shape == (3, 56, 56) and features.dtype == torch.float32
@@ -110,8 +110,8 @@ def test_listing_photos_items(sample_work, make):
 
 
 def test_listing_photos_batches(sample_work):
-    rows = dataset.load_split(sample_work)
-    loader = DataLoader(dataset.ListingPhotos(rows, sample_work / "photos", eval_transform(Preprocess(64, 48))),
+    rows = data.load_split(sample_work)
+    loader = DataLoader(data.ListingPhotos(rows, sample_work / "photos", eval_transform(Preprocess(64, 48))),
                         batch_size=16)
     features, labels, image_ids = next(iter(loader))
     assert features.shape == (16, 3, 48, 48)
@@ -120,15 +120,15 @@ def test_listing_photos_batches(sample_work):
 
 
 def test_listing_photos_without_transform_gives_rgb(sample_work):
-    rows = dataset.load_split(sample_work)
-    image, _, _ = dataset.ListingPhotos(rows, sample_work / "photos")[0]
+    rows = data.load_split(sample_work)
+    image, _, _ = data.ListingPhotos(rows, sample_work / "photos")[0]
     assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (64, 64)
 
 
 def test_sample_categories_are_learnable(sample_work):
     # Nearest class centroid on 8x8 thumbnails: a model far weaker than a CNN must beat chance (1/3) clearly.
-    rows = dataset.load_split(sample_work)
-    photos = dataset.ListingPhotos(rows, sample_work / "photos")
+    rows = data.load_split(sample_work)
+    photos = data.ListingPhotos(rows, sample_work / "photos")
     features = np.stack([np.asarray(photos[i][0].resize((8, 8)), np.float32).ravel() / 255 for i in range(len(rows))])
     labels = rows["label"].to_numpy()
     is_train = (rows["split"] == "train").to_numpy()
@@ -142,7 +142,7 @@ def test_main_writes_the_split(sample_work, tmp_path, capsys):
     shutil.copytree(sample_work, work)
     dataset.main(["--out", str(work), "--seed", "3", "--val-fraction", "0.25", "--test-fraction", "0.25"])
     assert "train" in capsys.readouterr().out
-    report = json.loads((work / dataset.SPLIT_REPORT).read_text())
+    report = json.loads((work / data.SPLIT_REPORT).read_text())
     assert report["seed"] == 3 and report["splits"]["test"]["listings"] == 6
 
 

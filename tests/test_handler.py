@@ -1,14 +1,16 @@
 """The TorchServe handler in-process, on the files of a real archive built from a tiny run."""
-import faiss  # noqa: F401  (before torch: OpenMP, see README)
+import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import base64
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from ts.torch_handler.unit_tests.test_utils.mock_context import MockContext
 
@@ -221,7 +223,7 @@ def test_decompression_bomb_below_pillows_own_limit_is_413(handler):
 
 
 def test_serving_layout_comes_from_the_model_config(tiny, handler, tmp_path):
-    assert handler.model.serving_layout == "mkldnn"  # auto, for a ResNet
+    assert handler.model.serving_layout == "nhwc"  # auto
     mar = archive_tiny_run(tiny[0], tmp_path / "store", layout="none", threads=1)
     plain = load_local_handler(extract_archive(mar, tmp_path / "model"))
     assert plain.model.serving_layout == "none" and torch.get_num_threads() == 1
@@ -230,6 +232,22 @@ def test_serving_layout_comes_from_the_model_config(tiny, handler, tmp_path):
     assert fast["category"] == slow["category"]
     assert [n["image_id"] for n in fast["neighbours"]] == [n["image_id"] for n in slow["neighbours"]]
     assert fast["probability"] == pytest.approx(slow["probability"], abs=1e-5)
+
+
+@pytest.mark.parametrize("runtime", ["torch", "openvino"])
+def test_an_archive_in_the_retired_mkldnn_layout_is_refused_saying_how_to_rebuild(tiny, runtime, tmp_path):
+    rebuild = (r"serving layout 'mkldnn' .* is retired: archive the run again with the default layout, "
+               r"`python -m scripts\.archive --run RUN --store STORE`")
+    old = shutil.copytree(tiny[1], tmp_path / "model")
+    config_file = old / json.loads((old / "MAR-INF" / "MANIFEST.json").read_text())["model"]["configFile"]
+    config = yaml.safe_load(config_file.read_text())
+    config["handler"].update(layout="mkldnn", runtime=runtime)  # openvino too: torch is its fallback
+    config_file.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=rebuild):
+        load_local_handler(old)
+    with pytest.raises(ValueError, match=rebuild):  # nor is such an archive built
+        archive_tiny_run(tiny[0], tmp_path / "store", layout="mkldnn", runtime=runtime)
+    assert not list((tmp_path / "store").iterdir())
 
 
 def test_initialise_warms_every_batch_size_unless_told_not_to(tiny, tmp_path):

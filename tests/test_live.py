@@ -1,7 +1,7 @@
 """The live catalogue against a real TorchServe with two workers: removals within 2 s on both workers,
 50 added listings searchable within 60 s, no failed request meanwhile, the state kept over a restart,
 a generation of other weights refused. Plus the follower's rules in-process (no server)."""
-import faiss  # noqa: F401  (before torch: OpenMP, see README)
+import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import itertools
 import json
@@ -20,7 +20,8 @@ import requests
 
 from handlers.local import load_local_handler, predict_local
 from marketplace_search import live
-from marketplace_search.layout import CHECKPOINT, sha256_file
+from marketplace_search.files import sha256_file
+from marketplace_search.layout import CHECKPOINT
 from marketplace_search.schema import check_answer
 from marketplace_search.search import Catalogue
 from scripts import api, catalogue as cli
@@ -331,8 +332,8 @@ def test_compaction_folds_removals_and_a_damaged_generation_is_refused(tiny, tmp
     assert (status["generation"], status["listings"], status["removed"]) == (2, 5, 0)
     # A generation whose files do not match its recorded hashes is refused once, with its reason.
     cli.main(["--live", str(folder), "init", "--run", str(tiny.run_dir), "--force"])
-    listings = folder / "gen-000003" / live.CATALOGUE_DIR / "listings.json"
-    listings.write_text(listings.read_text().replace("Leeds", "Leeds!"))
+    listings = folder / "gen-000003" / live.CATALOGUE_DIR / "listings.arrow"
+    listings.write_bytes(listings.read_bytes().replace(b"Leeds", b"Leedz"))
     clock.now = 2
     with caplog.at_level(logging.ERROR, logger="marketplace_search.live"):
         assert follower.current().generation == 2
@@ -397,8 +398,9 @@ def test_listings_added_live_are_found_by_their_words(tmp_path, caplog):
     folder = tmp_path / "live"
     mar = archive_tiny_run(run, tmp_path / "store", live_catalogue=folder)
     seeded = cli.main(["--live", str(folder), "init", "--archive", str(mar)])
-    bundled_words, bundled_words_sha = live.load_generation(folder).words, live.load_generation(folder).words_sha256
-    assert seeded["listings_by_words"] == len(bundled_words.product_ids) > 0
+    bundled = live.load_generation(folder)
+    bundled_listing_words, bundled_sha256 = bundled.listing_words, bundled.listing_words_sha256
+    assert seeded["listings_by_words"] == len(bundled_listing_words.product_ids) > 0
     handler = load_local_handler(extract_archive(mar, tmp_path / "model"))
     title = "wooden drum violin mirror spade"  # no generated listing is called this
 
@@ -420,7 +422,7 @@ def test_listings_added_live_are_found_by_their_words(tmp_path, caplog):
     wait_generation(2)
     first = by_words()["neighbours"][0]
     assert first["product_id"] == "new-0000" and first["word_similarity"] > 0.8  # its title + "as new"
-    assert handler.text_model.neighbours is None  # the archive's words let go while the generation's serve
+    assert handler.text_model.listing_words is None  # the archive's words let go while the generation's serve
     assert by_words(category="Garden")["neighbours"][0]["product_id"] != "new-0000"  # listed under Home
     # photo + words: the new listing's own photo and title find it first, with both similarities
     photo = (tmp_path / "new" / "images" / "new-photo-0000.jpg").read_bytes()
@@ -432,28 +434,28 @@ def test_listings_added_live_are_found_by_their_words(tmp_path, caplog):
     time.sleep(live.CHECK_SECONDS + 0.1)
     assert all(n["product_id"] != "new-0000" for n in by_words()["neighbours"])
     cli.main(["--live", str(folder), "compact"])
-    compacted = live.load_generation(folder).words
+    compacted = live.load_generation(folder).listing_words
     assert "new-0000" not in compacted.product_ids and "new-0001" in compacted.product_ids
-    assert len(compacted.product_ids) == len(bundled_words.product_ids) + 1
+    assert len(compacted.product_ids) == len(bundled_listing_words.product_ids) + 1
     # served without a live folder's words again: the archive's are read back, and answer as they did before
     handler.live, handler.served = None, live.Served(handler.served.catalogue, 3)
-    assert handler.text_model.neighbours is None
+    assert handler.text_model.listing_words is None
     assert all(not n["product_id"].startswith("new-") for n in by_words()["neighbours"])
-    assert len(handler.text_model.neighbours.product_ids) == len(bundled_words.product_ids)
+    assert len(handler.text_model.listing_words.product_ids) == len(bundled_listing_words.product_ids)
     # damaged words: the generation still serves its photos, with the archive's words (logged)
     damaged = tmp_path / "damaged"
     shutil.copytree(folder, damaged)
     current = live.read_current(damaged)["name"]
     (damaged / current / "words.npz").write_bytes(b"not a numpy archive")
     follower = live.LiveFollower(damaged, Catalogue.load(run.run_dir / "index"), sha256_file(run.run_dir / CHECKPOINT),
-                                 text_words=bundled_words, text_sha256=bundled_words_sha)
+                                 text_listing_words=bundled_listing_words, text_sha256=bundled_sha256)
     with caplog.at_level(logging.ERROR, logger="marketplace_search.live"):
-        assert follower.current().generation == 3 and follower.current().words is None
+        assert follower.current().generation == 3 and follower.current().listing_words is None
     assert "words are unreadable" in caplog.text
-    assert live.load_generation(damaged).words is None  # writers too: the next add writes them anew
+    assert live.load_generation(damaged).listing_words is None  # writers too: the next add writes them anew
     # words made by another text model are left aside: the generation serves its photos, the archive's words
     follower = live.LiveFollower(folder, Catalogue.load(run.run_dir / "index"), sha256_file(run.run_dir / CHECKPOINT),
-                                 text_words=bundled_words, text_sha256="0" * 64)
+                                 text_listing_words=bundled_listing_words, text_sha256="0" * 64)
     with caplog.at_level(logging.WARNING, logger="marketplace_search.live"):
-        assert follower.current().generation == 3 and follower.current().words is None
+        assert follower.current().generation == 3 and follower.current().listing_words is None
     assert "made by a text model reading with sha256" in caplog.text

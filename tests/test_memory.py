@@ -58,8 +58,7 @@ def test_the_users_own_malloc_settings_are_left_alone():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
 def test_the_handlers_process_keeps_mallocs_defaults(tmp_path):
-    # A worker runs for days: with freed memory kept, the soak benchmark's worker grew ~2 MB per 1,000 mixed
-    # requests without end (README, "Benchmarks"), so serving leaves malloc alone.
+    # A worker runs for days, and with freed memory kept it grows without end: serving leaves malloc alone.
     run = make_tiny_run(tmp_path / "runs" / "2025-01-31_142233")
     model = extract_archive(archive_tiny_run(run, tmp_path / "store"), tmp_path / "model")
     served = run_loop("handler", str(model))

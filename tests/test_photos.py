@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from training import photos, tables
+from training.data import PHOTOS_REPORT, read_training_table
 from marketplace_search.images import ImageError
 
 SIZE = 64
@@ -16,7 +17,7 @@ def messy_photos(messy_catalogue, module_tmp):
     """Stages 1 and 2 on the messy catalogue, in two worker processes."""
     work = module_tmp("messy_photos")
     tables.clean_tables(messy_catalogue.data_dir, work)
-    image_ids = list(tables.read_training_table(work)["image_id"])
+    image_ids = list(read_training_table(work)["image_id"])
     report = photos.normalise_photos(image_ids, messy_catalogue.data_dir / "images", work / "photos",
                                      size=SIZE, workers=2)
     return work, image_ids, report
@@ -41,7 +42,7 @@ def test_outputs_are_rgb_squares(messy_photos, messy_catalogue):
     for name in ("cmyk_files", "png_alpha_files"):
         with Image.open(work / "photos" / f"{messy_catalogue.manifest[name][0]}.jpg") as image:
             assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (SIZE, SIZE))
-    assert json.loads((work / "photos" / photos.REPORT_FILE).read_text()) == report
+    assert json.loads((work / "photos" / PHOTOS_REPORT).read_text()) == report
     assert not list((work / "photos").glob("*.tmp"))
 
 
@@ -95,7 +96,7 @@ def test_partial_file_from_a_killed_run_is_redone(tmp_path, image_variants):
     (out / "a.jpg.tmp").write_bytes(image_variants["rgb_jpeg"][:100])
     report = photos.normalise_photos(["a"], images, out, size=SIZE, workers=1)
     assert (report["written"], report["partial_files_removed"]) == (1, 1)
-    assert sorted(path.name for path in out.iterdir()) == ["a.jpg", photos.REPORT_FILE]
+    assert sorted(path.name for path in out.iterdir()) == ["a.jpg", PHOTOS_REPORT]
 
 
 def test_interrupted_save_leaves_no_photo(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """scripts.batch --engine ray on a real local Ray (2 CPUs, no dashboard): the same answers as
 --engine local per input, bad files as error lines, a SIGKILLed run resumed to one line per input,
 Parquet shards resumed shard by shard."""
-import faiss  # noqa: F401  (before torch: OpenMP, see README)
+import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import json
 import os

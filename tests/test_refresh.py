@@ -1,5 +1,5 @@
 """scripts.refresh: a run refreshed with added, removed and changed listings, released into a real TorchServe."""
-import faiss  # noqa: F401  (before torch: OpenMP, see README)
+import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import hashlib
 import io
@@ -21,6 +21,7 @@ from scripts import api, refresh
 from scripts.archive import build_archive
 from tests.serving_fixtures import TINY_PREPROCESS, running_server
 from training import dataset, embed, index, photos, tables
+from training.data import PHOTOS_DIR, load_embeddings, read_training_table
 from marketplace_search.models import MarketplaceNet, save_checkpoint
 from marketplace_search.layout import GUARD_REPORTS, new_run_dir, update_run_info
 from marketplace_search.search import Catalogue, make_catalogue
@@ -56,8 +57,8 @@ def old(module_tmp) -> Old:
     data, work = root / "data_v1", root / "work_v1"
     make_sample_catalogue(data, listings=12, categories=3, size=48, seed=1)
     tables.clean_tables(data, work)
-    table = tables.read_training_table(work)
-    photos.normalise_photos(list(table["image_id"]), data / "images", work / photos.PHOTOS_DIR, size=PHOTO_SIZE,
+    table = read_training_table(work)
+    photos.normalise_photos(list(table["image_id"]), data / "images", work / PHOTOS_DIR, size=PHOTO_SIZE,
                             workers=1)
     dataset.make_split(work, seed=0)
     run = new_run_dir(work)
@@ -104,7 +105,7 @@ def change_catalogue(old: Old, destination: Path) -> Changes:
 
 
 def photos_of(work: Path, product_ids: list[str]) -> list[str]:
-    table = tables.read_training_table(work)
+    table = read_training_table(work)
     return list(table.loc[table["product_id"].isin(product_ids), "image_id"])
 
 
@@ -167,14 +168,17 @@ def test_vectors_of_another_checkpoint_are_not_reused(old):
 
 
 @pytest.mark.server
-def test_refresh_released_without_downtime(old, tmp_path):
+def test_refresh_released_without_downtime(old, tmp_path, monkeypatch):
     changes = change_catalogue(old, tmp_path / "data_v2")
     work = tmp_path / "work_v2"
     kept_photo = old.work / "photos" / f"{photos_of(old.work, [changes.repriced])[0]}.jpg"
     kept_guards = [{"key": {"runtime": "openvino", "precision": "bf16"}, "report": {"passed": True},
                     "measured_on": str(old.run.resolve())}]  # as scripts.archive keeps them (test_runtime)
     (old.run / GUARD_REPORTS).write_text(json.dumps(kept_guards))
-    with running_server(old.store, tmp_path / "torchserve", {NAME: old.mar.name}, enable_model_api=True) as server:
+    monkeypatch.chdir(tmp_path)  # where the server runs from (logs/): its keys are found without --key-file
+    for name in ("TS_TOKEN", "TS_INFERENCE_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    with running_server(old.store, tmp_path / "logs", {NAME: old.mar.name}, enable_model_api=True) as server:
         with Prober(f"{server.inference_url}/predictions/{NAME}", kept_photo.read_bytes(),
                     api.auth_headers(server.token("inference"))) as prober:
             time.sleep(0.5)
@@ -182,7 +186,6 @@ def test_refresh_released_without_downtime(old, tmp_path):
                                     "--version", "2.0", "--store", str(old.store), "--workers", "0", "--release",
                                     "--runtime", "torch", "--precision", "fp32",
                                     "--management-url", server.management_url,
-                                    "--key-file", str(server.workdir / api.KEY_FILE),
                                     "--inference-url", server.inference_url])
             prober.wait_for("2.0")
         failures = [outcome for outcome in prober.outcomes if outcome not in ("1.0", "2.0")]
@@ -219,8 +222,8 @@ def test_refresh_released_without_downtime(old, tmp_path):
     assert (new_run / "weights" / "best.pt").read_bytes() == (old.run / "weights" / "best.pt").read_bytes()
     assert (new_run / "evaluation.json").read_text() == (old.run / "evaluation.json").read_text()
     assert json.loads((new_run / GUARD_REPORTS).read_text()) == kept_guards  # same weights: its archives reuse them
-    old_ids, old_vectors, _, _ = embed.load_embeddings(old.run)
-    new_ids, new_vectors, _, _ = embed.load_embeddings(new_run)
+    old_ids, old_vectors, _, _ = load_embeddings(old.run)
+    new_ids, new_vectors, _, _ = load_embeddings(new_run)
     for image_id in set(old_ids) & set(new_ids):  # reused as they were
         np.testing.assert_array_equal(new_vectors[new_ids.index(image_id)], old_vectors[old_ids.index(image_id)])
 
@@ -239,7 +242,7 @@ def other_photo_of_the_same_size(path: Path) -> bytes:
 
 
 def vectors_by_id(run: Path) -> dict[str, np.ndarray]:
-    image_ids, vectors, _, _ = embed.load_embeddings(run)
+    image_ids, vectors, _, _ = load_embeddings(run)
     return dict(zip(image_ids, vectors))
 
 
@@ -309,16 +312,17 @@ def test_a_refreshed_text_model_finds_the_new_catalogue_by_its_words(tmp_path):
     new_run = tmp_path / "new_run"
     info = refresh.refresh_text_model(run.run_dir, new_run, catalogue, work)
     refreshed = TextModel.load(new_run / "text_model")
-    assert info["listings_by_words"] == len(products) and sorted(refreshed.neighbours.product_ids) == sorted(products)
+    assert info["listings_by_words"] == len(products)
+    assert sorted(refreshed.listing_words.product_ids) == sorted(products)
     assert refreshed.reader_sha256 == model.reader_sha256  # a live catalogue's words serve both versions
     np.testing.assert_array_equal(refreshed.coef, model.coef)
-    assert (refreshed.neighbours.k, refreshed.neighbours.fill) == (model.neighbours.k, model.neighbours.fill)
+    assert refreshed.listing_words.settings == model.listing_words.settings
 
     def nearest(text):
-        return refreshed.neighbours.nearest(refreshed.read(text).similarities, 1)[0][0]
+        return refreshed.listing_words.nearest(refreshed.read(text).similarities, 1)[0][0]
 
     assert nearest("drum violin") == "prod-001" and nearest("spade lawnmower") == "new-001"  # title + description
-    assert refreshed.neighbours.labels[refreshed.neighbours.position["prod-001"]] == model.classes.index("Music")
+    assert refreshed.listing_words.labels[refreshed.listing_words.position["prod-001"]] == model.classes.index("Music")
 
 
 def test_the_archive_guard_reads_the_test_split_of_the_run_the_weights_come_from(tmp_path):

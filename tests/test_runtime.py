@@ -5,7 +5,7 @@ without BF16/VNNI serves fp32 from the checkpoint.
 The tiny run here is trained (its head, on a random ResNet18 trunk) until it tells its 3 categories
 apart on its 24 photos, so top-1 means something: a broken precision loses it.
 """
-import faiss  # noqa: F401  (before torch: OpenMP, see README)
+import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import json
 import logging
@@ -29,7 +29,7 @@ from marketplace_search.presets import collate_images
 from marketplace_search.schema import check_answer
 from scripts import api
 from scripts.archive import GuardRefused, build_archive
-from scripts.benchmark.subjects import calibrate_batchnorm
+from scripts.benchmark.bare import calibrate_batchnorm
 from training import guard
 from tests.serving_fixtures import (CLASSES, TINY_PREPROCESS, TinyRun, archive_tiny_run, extract_archive,
                                     make_tiny_run, photo_jpeg, running_server)

@@ -1,5 +1,5 @@
 """End to end: archives built from tiny runs, served by a real TorchServe on free loopback ports."""
-import faiss  # noqa: F401  (before torch: OpenMP, see README)
+import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import base64
 import io

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from training import tables
+from training.data import read_training_table
 from training.sample import make_sample_catalogue
 
 
@@ -89,7 +90,7 @@ def test_photo_rows_and_files_are_reconciled(messy_report, messy_catalogue):
 
 def test_training_table_has_one_row_per_usable_photo(messy_report, messy_catalogue):
     work, report = messy_report
-    table = tables.read_training_table(work)
+    table = read_training_table(work)
     manifest = messy_catalogue.manifest
     assert list(table.columns) == tables.TABLE_COLUMNS
     # Corrupt files are still rows here: only stage 2 opens them.
@@ -147,7 +148,7 @@ def test_sample_is_seeded_and_stratified(tmp_path):
         report = tables.clean_tables(data, tmp_path / name, max_listings=15, seed=seed)
         assert report["sample"]["listings"] == 15 and report["training_table"]["listings"] == 15
         assert [counts["listings"] for counts in report["categories"].values()] == [5, 5, 5]
-        picks[name] = set(tables.read_training_table(tmp_path / name)["product_id"])
+        picks[name] = set(read_training_table(tmp_path / name)["product_id"])
         listings = pd.read_csv(tmp_path / name / "tables" / "listings.csv", dtype={"product_id": str})
         assert set(listings["product_id"]) == picks[name]
     assert picks["a"] == picks["b"] != picks["c"]
@@ -161,7 +162,6 @@ def test_main_prints_the_report(sample_catalogue, tmp_path, capsys):
     assert (tmp_path / "tables" / "training_table.csv").is_file()
 
 
-@pytest.mark.shared
 def test_real_listings(shared_data, tmp_path):
     report = tables.clean_tables(shared_data, tmp_path)
     assert report["products"]["rows_in"] == 5_761

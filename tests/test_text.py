@@ -1,5 +1,5 @@
 """The text model (title, description) and its fusion with the photo: training, scoring, requests, serving."""
-import faiss  # noqa: F401  (before torch: OpenMP, see README)
+import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import base64
 import json
@@ -18,10 +18,11 @@ from handlers.local import load_local_handler, predict_local
 from marketplace_search.inference import RequestError, parse_request
 from marketplace_search.schema import ANSWER_FIELDS, check_answer
 from marketplace_search.sentences import DEFAULT_ENCODER, PROGRAM_FILE, SentenceEncoder, default_source
-from marketplace_search.text import (ENCODER_DIR, FORMAT_SENTENCES, MAX_TITLE_CHARS, MODEL_FILE, TextModel,
-                                     TextNeighbours, char_terms, listing_text, load_words, normalise_text, save_words,
+from marketplace_search.text import (ENCODER_DIR, FORMAT, MAX_TITLE_CHARS, MODEL_FILE, ListingWords, TextModel,
+                                     char_terms, listing_text, load_listing_words, normalise_text, save_listing_words,
                                      word_terms)
 from scripts import api, batch
+from scripts.records import answer_local_batch
 from tests.serving_fixtures import archive_tiny_run, extract_archive, make_tiny_run, running_server
 from training.text import train_classifier
 from training.tiny_run import CLASSES, TINY_WORDS, make_tiny_text_model
@@ -91,35 +92,46 @@ def test_numpy_scorer_gives_the_trained_categories_and_survives_save_and_load(ti
         loaded.probabilities(("title",), loaded.scores(texts))
 
 
+def test_a_text_model_of_a_retired_format_is_refused_with_the_rebuild_command(tiny, tmp_path):
+    _, model, _, _ = tiny
+    model.save(tmp_path / "model")
+    document = json.loads((tmp_path / "model" / MODEL_FILE).read_text())
+    assert document["format"] == FORMAT
+    for retired in ("tfidf-linear/1", "tfidf-linear/2"):
+        (tmp_path / "model" / MODEL_FILE).write_text(json.dumps({**document, "format": retired}))
+        with pytest.raises(ValueError, match=f"format '{retired}', retired .*`python -m training.text --work WORK"):
+            TextModel.load(tmp_path / "model")
+
+
 def test_catalogue_vote_is_the_k_nearest_listings_by_cosine_own_listing_excluded(tiny):
     _, model, _, _ = tiny
-    neighbours = model.neighbours
+    listing_words = model.listing_words
     width = len(model.word_vocabulary) + len(model.char_vocabulary)
-    dense = np.zeros((len(neighbours.product_ids), width))
+    dense = np.zeros((len(listing_words.product_ids), width))
     for column in range(width):  # the stored CSC rows, unpacked the slow way
-        span = slice(neighbours.indptr[column], neighbours.indptr[column + 1])
-        dense[neighbours.rows[span], column] = neighbours.values[span]
+        span = slice(listing_words.indptr[column], listing_words.indptr[column + 1])
+        dense[listing_words.rows[span], column] = listing_words.values[span]
     query = np.zeros(width)
     columns, values = model.features("Vintage spade and rake")
     query[columns] = values
-    similarities = neighbours.similarities(columns, values)
+    similarities = listing_words.similarities(columns, values)
     np.testing.assert_allclose(similarities, dense @ query / 2, atol=1e-5)
     assert similarities.max() <= 1.0 + 1e-5
     ranked = np.sort(similarities)[::-1]
     # a k with no tie at the k-th (one right answer), from the model's own up
-    k = next(k for k in range(neighbours.k, len(ranked)) if ranked[k - 1] > ranked[k] + 1e-4)
-    assert k < neighbours.k + 10
+    k = next(k for k in range(listing_words.k, len(ranked)) if ranked[k - 1] > ranked[k] + 1e-4)
+    assert k < listing_words.k + 10
     nearest = np.argsort(-similarities)[:k]
-    weights = np.exp((similarities[nearest] - similarities[nearest].max()) / neighbours.temperature)
-    expected = np.bincount(neighbours.labels[nearest], weights, minlength=len(CLASSES))
-    np.testing.assert_allclose(neighbours.vote(similarities, len(CLASSES), k=k), expected / expected.sum(), atol=1e-5)
+    weights = np.exp((similarities[nearest] - similarities[nearest].max()) / listing_words.temperature)
+    expected = np.bincount(listing_words.labels[nearest], weights, minlength=len(CLASSES))
+    np.testing.assert_allclose(listing_words.vote(similarities, len(CLASSES), k=k), expected / expected.sum(), atol=1e-5)
     # a listing already in the catalogue does not vote for itself
     own = int(similarities.argmax())
     rest = similarities.copy()
     rest[own] = -np.inf
-    excluded = neighbours.vote(similarities, len(CLASSES), exclude=neighbours.product_ids[own], k=1)
+    excluded = listing_words.vote(similarities, len(CLASSES), exclude=listing_words.product_ids[own], k=1)
     assert excluded.max() == pytest.approx(1.0)
-    assert excluded.argmax() in set(neighbours.labels[rest == rest.max()].tolist())
+    assert excluded.argmax() in set(listing_words.labels[rest == rest.max()].tolist())
     np.testing.assert_allclose(model.votes(["zzqx"]), [[1 / 3] * 3])  # no known term: no opinion
 
 
@@ -127,28 +139,30 @@ def test_words_changed_equal_words_built_from_the_listings_kept_and_added(tiny, 
     from scipy.sparse import csc_matrix
 
     _, model, _, _ = tiny
-    words = model.neighbours
-    stored = csc_matrix((words.values, words.rows, words.indptr), shape=(len(words.product_ids), words.width)).tocsr()
+    listing_words = model.listing_words
+    stored = csc_matrix((listing_words.values, listing_words.rows, listing_words.indptr),
+                        shape=(len(listing_words.product_ids), listing_words.width)).tocsr()
     listing_rows = {p: (stored.indices[stored.indptr[i]:stored.indptr[i + 1]].astype(np.int64),
-                        stored.data[stored.indptr[i]:stored.indptr[i + 1]]) for i, p in enumerate(words.product_ids)}
-    dropped = set(words.product_ids[::3])
-    added = [words.product_ids[1], "new-1", "new-2"]  # one given anew: replaced, moved to the end
+                        stored.data[stored.indptr[i]:stored.indptr[i + 1]])
+                    for i, p in enumerate(listing_words.product_ids)}
+    dropped = set(listing_words.product_ids[::3])
+    added = [listing_words.product_ids[1], "new-1", "new-2"]  # one given anew: replaced, moved to the end
     added_rows = [model.features(text) for text in ("large drum", "zzqx", "small violin")]  # zzqx: an empty row
-    changed = words.changed(drop=dropped, product_ids=added, labels=[0, 1, 2], feature_rows=added_rows)
-    kept = [p for p in words.product_ids if p not in dropped and p not in added]
-    position = {p: row for row, p in enumerate(words.product_ids)}
-    built = TextNeighbours.from_rows(kept + added, [*(words.labels[position[p]] for p in kept), 0, 1, 2],
-                                     [listing_rows[p] for p in kept] + added_rows, words.width)
+    changed = listing_words.changed(drop=dropped, product_ids=added, labels=[0, 1, 2], feature_rows=added_rows)
+    kept = [p for p in listing_words.product_ids if p not in dropped and p not in added]
+    position = {p: row for row, p in enumerate(listing_words.product_ids)}
+    built = ListingWords.from_rows(kept + added, [*(listing_words.labels[position[p]] for p in kept), 0, 1, 2],
+                                     [listing_rows[p] for p in kept] + added_rows, listing_words.width)
     assert changed.product_ids == built.product_ids
     for name in ("labels", "indptr", "rows", "values"):
         np.testing.assert_array_equal(getattr(changed, name), getattr(built, name))
     assert (changed.k, changed.temperature, changed.rerank_weight, changed.fill) == (
-        words.k, words.temperature, words.rerank_weight, words.fill)
+        listing_words.k, listing_words.temperature, listing_words.rerank_weight, listing_words.fill)
     query = model.features("large drum")
     similarities = changed.similarities(*query)
-    assert changed.nearest(similarities, 1)[0][0] == words.product_ids[1]  # found by its new words
-    save_words(tmp_path / "words.npz", changed, "ab" * 32)
-    loaded, made_by = load_words(tmp_path / "words.npz")
+    assert changed.nearest(similarities, 1)[0][0] == listing_words.product_ids[1]  # found by its new words
+    save_listing_words(tmp_path / "words.npz", changed, "ab" * 32)
+    loaded, made_by = load_listing_words(tmp_path / "words.npz")
     assert made_by == "ab" * 32 and loaded.product_ids == changed.product_ids
     np.testing.assert_array_equal(loaded.settings_of(changed).similarities(*query), similarities)
 
@@ -159,31 +173,31 @@ def test_listings_words_load_memory_mapped_and_a_resave_leaves_a_mapped_file_who
     _, model, _, _ = tiny
     model.save(tmp_path / "model")
     loaded = TextModel.load(tmp_path / "model")
-    assert isinstance(loaded.neighbours.rows, np.memmap) and isinstance(loaded.neighbours.values, np.memmap)
+    assert isinstance(loaded.listing_words.rows, np.memmap) and isinstance(loaded.listing_words.values, np.memmap)
     assert not isinstance(loaded.coef, np.memmap)
     query = model.features("large drum")
-    expected = model.neighbours.similarities(*query)
-    np.testing.assert_array_equal(loaded.neighbours.similarities(*query), expected)
-    before = np.array(loaded.neighbours.values)
+    expected = model.listing_words.similarities(*query)
+    np.testing.assert_array_equal(loaded.listing_words.similarities(*query), expected)
+    before = np.array(loaded.listing_words.values)
     model.save(tmp_path / "model")  # while `loaded` maps the first file
-    np.testing.assert_array_equal(loaded.neighbours.values, before)
-    assert not list((tmp_path / "model").glob(".*partial"))
+    np.testing.assert_array_equal(loaded.listing_words.values, before)
+    assert not list((tmp_path / "model").glob(".*.tmp"))
 
     weights = tmp_path / "model" / "text_model.npz"
     with np.load(weights) as stored:
         np.savez_compressed(weights, **{name: stored[name] for name in stored.files})
     compressed = TextModel.load(tmp_path / "model")
-    assert not isinstance(compressed.neighbours.rows, np.memmap)
-    np.testing.assert_array_equal(compressed.neighbours.similarities(*query), expected)
+    assert not isinstance(compressed.listing_words.rows, np.memmap)
+    np.testing.assert_array_equal(compressed.listing_words.similarities(*query), expected)
 
-    save_words(tmp_path / "words.npz", model.neighbours, "cd" * 32)
-    words, _ = load_words(tmp_path / "words.npz")
-    assert isinstance(words.values, np.memmap) and words.product_ids == model.neighbours.product_ids
-    np.testing.assert_array_equal(words.settings_of(model.neighbours).similarities(*query), expected)
+    save_listing_words(tmp_path / "words.npz", model.listing_words, "cd" * 32)
+    listing_words, _ = load_listing_words(tmp_path / "words.npz")
+    assert isinstance(listing_words.values, np.memmap) and listing_words.product_ids == model.listing_words.product_ids
+    np.testing.assert_array_equal(listing_words.settings_of(model.listing_words).similarities(*query), expected)
 
 
 def test_large_catalogue_words_are_read_from_their_rarest_terms_then_completed_exactly():
-    """The pruned reading (TextNeighbours.similarities beyond exact_postings) against the exact one: exact on
+    """The pruned reading (ListingWords.similarities beyond exact_postings) against the exact one: exact on
     the candidates (every listing that shares a rare term, when there is room for all), a lower bound
     elsewhere, and a listing's own words still find it first with its exact similarity."""
     rng = np.random.default_rng(0)
@@ -194,7 +208,7 @@ def test_large_catalogue_words_are_read_from_their_rarest_terms_then_completed_e
         values = rng.random(len(columns)).astype(np.float32) + 0.1
         rows.append((columns, values / np.linalg.norm(values)))
     ids = [f"p{i}" for i in range(listings)]
-    exact = TextNeighbours.from_rows(ids, np.zeros(listings, np.int32), rows, listings + common)
+    exact = ListingWords.from_rows(ids, np.zeros(listings, np.int32), rows, listings + common)
     everyone = replace(exact, exact_postings=0, candidates=listings)
     few = replace(exact, exact_postings=0, candidates=10)
     for own in (0, 17, 299):
@@ -293,17 +307,18 @@ def test_a_title_alone_finds_listings_by_their_words(tiny, handler):
                   {"body": {"title": "zzqx"}}], [as_json] * 3)
     # the catalogue's listings nearest by words (the vote's catalogue also holds listings not on sale)
     similarities = model.read("large vinyl").similarities
-    expected = [p for p, _ in model.neighbours.nearest(similarities, 100) if p in shown][:3]
+    expected = [p for p, _ in model.listing_words.nearest(similarities, 100) if p in shown][:3]
     assert [n["product_id"] for n in found["neighbours"]] == expected and expected[0] == "prod-002"
     assert found["neighbours"][0]["image_id"] == "img-004"  # the listing's first photo
     cosines = [n["similarity"] for n in found["neighbours"]]
     assert cosines == [n["word_similarity"] for n in found["neighbours"]] == sorted(cosines, reverse=True)
-    assert cosines[0] == pytest.approx(float(similarities[model.neighbours.position["prod-002"]]), abs=1e-6)
+    assert cosines[0] == pytest.approx(float(similarities[model.listing_words.position["prod-002"]]), abs=1e-6)
     assert [n["category"] for n in homes["neighbours"]] == ["Home", "Home"]  # the filter holds
     assert unknown["neighbours"] == [] and unknown["inputs"] == ["title"]  # no known word: nothing similar
     # a listing taken off sale (a live catalogue's removal) is not found by its words either
-    hidden = found_by_words(catalogue.without_products({"prod-002"}), model.neighbours, model.classes, similarities, 3)
-    assert [n["product_id"] for n in hidden] == [p for p, _ in model.neighbours.nearest(similarities, 100)
+    hidden = found_by_words(catalogue.without_products({"prod-002"}), model.listing_words, model.classes,
+                            similarities, 3)
+    assert [n["product_id"] for n in hidden] == [p for p, _ in model.listing_words.nearest(similarities, 100)
                                                  if p in shown and p != "prod-002"][:3]
 
 
@@ -323,7 +338,7 @@ def test_batch_csv_with_a_title_column_sends_the_words(tiny, handler, tmp_path):
     (tmp_path / "in.csv").write_text("path,title\na.jpg,wooden rake\nb.jpg,\n", encoding="utf-8")
     items = batch.list_inputs(tmp_path / "in.csv")
     assert [item.words for item in items] == [{"title": "wooden rake"}, {}]
-    records = batch.answer_local_batch(handler, items, 5, predict_local)
+    records = answer_local_batch(handler, items, 5, predict_local)
     assert records[0]["inputs"] == ["photo", "title"] and records[0]["category"] == "Garden"
     assert records[1]["inputs"] == ["photo"] and records[1]["neighbours"] == without_words(records[0]["neighbours"])
 
@@ -339,7 +354,7 @@ def test_batch_csv_rows_of_words_alone_are_answered_from_the_words(tiny, handler
     items = batch.list_inputs(tmp_path / "in.csv")
     assert [(item.image_id, item.path != "") for item in items] == [("a", True), ("t1", False), ("line-4", False),
                                                                     ("d1", False)]
-    records = batch.answer_local_batch(handler, items, 3, predict_local)
+    records = answer_local_batch(handler, items, 3, predict_local)
     assert [record["status"] for record in records] == ["ok", "ok", "ok", "error"]
     assert records[0]["inputs"] == ["photo", "title"]
     assert records[1]["inputs"] == ["title"] and records[2]["inputs"] == ["title", "description"]
@@ -415,7 +430,7 @@ def test_served_batch_answers_rows_of_photo_words_or_both_as_the_handler_does(ti
         "a": ["photo", "title"], "b": ["photo"], "line-4": ["title"], "line-5": ["title", "description"]}
     assert found["line-6"]["code"] == 400
     local = {record["image_id"]: record for record in
-             batch.answer_local_batch(handler, batch.list_inputs(tmp_path / "in.csv"), 3, predict_local)}
+             answer_local_batch(handler, batch.list_inputs(tmp_path / "in.csv"), 3, predict_local)}
     for key in ("a", "b", "line-4", "line-5"):
         assert found[key]["category"] == local[key]["category"]
         assert ([n["product_id"] for n in found[key]["neighbours"]]
@@ -516,8 +531,8 @@ def test_photo_neighbours_are_reranked_by_the_words_when_both_are_sent(tiny, han
     listings = {entry["product_id"]: entry for entry in handler.catalogue.listings.values()}
     product_ids = sorted(listings)
     texts = [f"{listings[p]['title']} {' '.join(TINY_WORDS[listings[p]['category']])}" for p in product_ids]
-    saved = model.neighbours
-    model.neighbours = TextNeighbours.from_rows(
+    saved = model.listing_words
+    model.listing_words = ListingWords.from_rows(
         product_ids, [CLASSES.index(listings[p]["category"]) for p in product_ids], [model.features(t) for t in texts],
         len(model.word_vocabulary) + len(model.char_vocabulary), k=3, temperature=0.05, rerank_weight=5.0)
     try:
@@ -527,7 +542,7 @@ def test_photo_neighbours_are_reranked_by_the_words_when_both_are_sent(tiny, han
                                                                 "title": "old violin", "description": "A drum too."}}],
             [{"X-K": "6"}, {"X-Title": "red spade", "X-K": "6"}, {"Content-Type": "application/json", "X-K": "6"}])
     finally:
-        model.neighbours = saved
+        model.listing_words = saved
     by_photo = {n["product_id"]: n["similarity"] for n in photo["neighbours"]}
     assert len(by_photo) == 6 == len(worded["neighbours"])  # every listing of the tiny catalogue
     # the same listings with their photo similarities, the Garden ones first: the words outweigh the photo
@@ -604,7 +619,7 @@ def test_sentence_vectors_read_words_the_tf_idf_never_saw_and_survive_save_and_l
     assert (lighter.info["sentence_encoder"]["weight"], both.info["sentence_encoder"]["weight"]) == (0.5, 2.0)
     assert not np.allclose(lighter.scores(queries), both.scores(queries))
     both.save(tmp_path / "text_model")
-    assert json.loads((tmp_path / "text_model" / MODEL_FILE).read_text())["format"] == FORMAT_SENTENCES
+    assert json.loads((tmp_path / "text_model" / MODEL_FILE).read_text())["format"] == FORMAT
     loaded = TextModel.load(tmp_path / "text_model")
     assert loaded.encoder.folder == tmp_path / "text_model" / ENCODER_DIR
     np.testing.assert_array_equal(loaded.scores(queries), both.scores(queries))

@@ -1,5 +1,5 @@
 """Stages 4-7 (train, embed, index, evaluate) and the whole pipeline on a tiny generated catalogue."""
-import faiss  # noqa: F401  (before torch, see README: OpenMP)
+import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 import json
 from pathlib import Path
 
@@ -9,9 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
+from marketplace_search.metrics import per_category, top_k_accuracy
+from marketplace_search import runtime
+from marketplace_search.runtime import pick_device
 from training import pipeline, train
-from training.embed import load_embeddings
-from training.evaluate import knn_scores, top_k_accuracy
+from training.data import load_embeddings
+from training.evaluate import knn_scores
+from training.trunk import autocast_dtype, cache_key
 from marketplace_search.models import (SERVING_LAYOUTS, STAGES, MarketplaceNet, WeightsUnavailable, embed,
                                        load_checkpoint, load_pretrained_backbone, prepare_for_serving, save_checkpoint,
                                        serve_forward, serving_layout, set_trainable, split_backbone)
@@ -124,14 +128,14 @@ def calibrated(arch: str) -> MarketplaceNet:
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
-@pytest.mark.parametrize("layout", SERVING_LAYOUTS)
+@pytest.mark.parametrize("layout", [layout for layout in SERVING_LAYOUTS if layout != "auto"])  # auto is nhwc
 def test_serving_layouts_give_the_model_outputs(arch, layout):
     model = calibrated(arch)
     images = torch.randn(3, 3, 64, 64)
     with torch.inference_mode():
         probabilities, vectors = embed(model, images)
     served = prepare_for_serving(calibrated(arch), layout)
-    assert served.serving_layout == serving_layout(arch, layout)
+    assert served.serving_layout == layout
     for rows in (slice(0, 1), slice(0, 3)):  # batch 1 and a larger batch through one prepared model
         served_probabilities, served_vectors = serve_forward(served, images[rows])
         torch.testing.assert_close(served_probabilities, probabilities[rows], atol=1e-5, rtol=1e-4)
@@ -139,13 +143,13 @@ def test_serving_layouts_give_the_model_outputs(arch, layout):
     assert not torch.equal(probabilities[0], probabilities[1])  # the comparison is not between constants
 
 
-def test_auto_serving_layout_per_family_and_device():
-    assert serving_layout("resnet50") == "mkldnn"
-    assert serving_layout("mobilenet_v2") == "nhwc" and serving_layout("efficientnet_b0") == "nhwc"
-    assert serving_layout("resnet50", "none") == "none"
-    assert serving_layout("resnet50", "auto", device="cuda") == "nhwc"  # oneDNN is the CPU's
-    with pytest.raises(ValueError, match="serving layout 'fast' is not one of auto, mkldnn, nhwc, none"):
-        serving_layout("resnet50", "fast")
+def test_auto_serving_layout_is_nhwc_and_the_retired_mkldnn_is_refused():
+    assert serving_layout() == serving_layout("auto") == "nhwc" and serving_layout("none") == "none"
+    with pytest.raises(ValueError, match=r"serving layout 'mkldnn' .* is retired: archive the run again with the "
+                                         r"default layout, `python -m scripts\.archive --run RUN"):
+        serving_layout("mkldnn")
+    with pytest.raises(ValueError, match="serving layout 'fast' is not one of auto, nhwc, none"):
+        serving_layout("fast")
 
 
 def test_top_k_accuracy_and_knn_vote_on_known_cases():
@@ -239,7 +243,6 @@ def test_imagenet_weights_unavailable_offline_says_what_to_do(tmp_path, monkeypa
         load_pretrained_backbone(MarketplaceNet("resnet50", 3), "imagenet")
 
 
-@pytest.mark.shared
 def test_resnet50_path_runs_end_to_end_on_a_few_real_listings(tmp_path, shared_data):
     args = argparse_pipeline(["--data", str(shared_data), "--out", str(tmp_path),
                               "--max-listings", "30", *TINY, "--arch", "resnet50", "--epochs", "1"])
@@ -252,26 +255,26 @@ def test_resnet50_path_runs_end_to_end_on_a_few_real_listings(tmp_path, shared_d
 
 def test_device_auto_picks_cuda_only_when_present(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert train.pick_device("auto").type == "cpu"
+    assert pick_device("auto").type == "cpu"
     with pytest.raises(RuntimeError, match="no CUDA device"):
-        train.pick_device("cuda")
+        pick_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert train.pick_device("auto").type == "cuda" and train.pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type == "cuda" and pick_device("cpu").type == "cpu"
 
 
 def test_autocast_only_where_the_hardware_has_the_precision(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)
-    assert train.autocast_dtype(cpu, "auto") is None  # emulated bf16 would be slower: plain fp32
-    assert train.autocast_dtype(cpu, "fp32") is None
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
-    assert train.autocast_dtype(cpu, "auto") == torch.bfloat16
+    monkeypatch.setenv(runtime.FLAGS_OFF_ENV, "bf16")
+    assert autocast_dtype(cpu, "auto") is None  # emulated bf16 would be slower: plain fp32
+    assert autocast_dtype(cpu, "fp32") is None
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512_bf16"})
+    assert autocast_dtype(cpu, "auto") == torch.bfloat16
     with pytest.raises(ValueError, match="fp16 is for CUDA"):
-        train.autocast_dtype(cpu, "fp16")
+        autocast_dtype(cpu, "fp16")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert train.autocast_dtype(cuda, "auto") == torch.float16  # with a gradient scaler in train()
+    assert autocast_dtype(cuda, "auto") == torch.float16  # with a gradient scaler in train()
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert train.autocast_dtype(cuda, "auto") == torch.bfloat16
+    assert autocast_dtype(cuda, "auto") == torch.bfloat16
 
 
 def train_args(work, run, **overrides):
@@ -370,10 +373,10 @@ def test_a_checkpoint_trained_anywhere_loads_on_the_cpu(tmp_path):
 def test_cache_key_changes_with_weights_cut_photo_size_and_seed():
     torch.manual_seed(0)
     model, other = MarketplaceNet("resnet18", 3), MarketplaceNet("resnet18", 3)
-    base = train.cache_key(model, 1, Preprocess(72, 64), 0)
-    assert base == train.cache_key(model, 1, Preprocess(72, 64), 0)
-    assert len({base, train.cache_key(other, 1, Preprocess(72, 64), 0), train.cache_key(model, 2, Preprocess(72, 64), 0),
-                train.cache_key(model, 1, Preprocess(96, 64), 0), train.cache_key(model, 1, Preprocess(72, 64), 1)}) == 5
+    base = cache_key(model, 1, Preprocess(72, 64), 0)
+    assert base == cache_key(model, 1, Preprocess(72, 64), 0)
+    assert len({base, cache_key(other, 1, Preprocess(72, 64), 0), cache_key(model, 2, Preprocess(72, 64), 0),
+                cache_key(model, 1, Preprocess(96, 64), 0), cache_key(model, 1, Preprocess(72, 64), 1)}) == 5
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "efficientnet_lite2"])
@@ -389,8 +392,6 @@ def test_trunk_and_tail_compose_to_the_backbone(arch):
 
 
 def test_per_category_precision_recall_and_confusion_on_a_known_case():
-    from training.evaluate import per_category
-
     predicted, labels = np.array([0, 0, 1, 2, 2, 2]), np.array([0, 1, 1, 2, 2, 0])
     rows, confusion = per_category(predicted, labels, ["a", "b", "c"])
     assert confusion.tolist() == [[1, 0, 1], [1, 1, 0], [0, 0, 2]]
@@ -427,8 +428,8 @@ def test_text_stage_adds_its_rows_and_a_model_the_handler_loads(tiny_run):
     # photo + words: the neighbours' ranking (with or without the listings nearest by words) and weight with
     # the best val P@10, the test rows' P@k those of the way chosen
     rerank = model.info["rerank"]
-    assert (rerank["weight"], rerank["fill"]) == (model.neighbours.rerank_weight, model.neighbours.fill)
-    assert model.neighbours.product_ids
+    assert (rerank["weight"], rerank["fill"]) == (model.listing_words.rerank_weight, model.listing_words.fill)
+    assert model.listing_words.product_ids
     best = max(p["precision@10"] for p in rerank["val_precision"].values())
     chosen = f"{'fill' if rerank['fill'] else 'photo pool'} w={rerank['weight']}"
     assert rerank["val_precision"][chosen]["precision@10"] == best

@@ -3,7 +3,7 @@
 Every case is generated here (no binary fixtures). A bad upload gets its own 4xx and error type, a valid
 one 200, whatever else shares its dynamic batch; the worker's memory stays bounded while they are served.
 """
-import faiss  # noqa: F401  (before torch: OpenMP, see README)
+import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import base64
 import io

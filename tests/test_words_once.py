@@ -1,6 +1,6 @@
 """A photo + words request searches the catalogue once and reads its words once, and every answer is
 the one the handler gave when it searched three times and read the words anew for each use."""
-import faiss  # noqa: F401  (before torch: OpenMP, see README)
+import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import base64
 import dataclasses
@@ -13,7 +13,7 @@ from handlers.local import load_local_handler, predict_local
 from marketplace_search.inference import blend_categories, found_by_words
 from marketplace_search.layout import TEXT_MODEL_DIR
 from marketplace_search.search import MAX_K
-from marketplace_search.text import RERANK_POOL, TextNeighbours, listing_text
+from marketplace_search.text import RERANK_POOL, ListingWords, listing_text
 from tests.serving_fixtures import archive_tiny_run, extract_archive, make_tiny_run
 from training.tiny_run import CLASSES, TINY_ADJECTIVES, TINY_WORDS, make_tiny_text_model
 
@@ -31,7 +31,7 @@ def handler(module_tmp):
     listings = {entry["product_id"]: entry for entry in run.listings.values()}
     product_ids = sorted(listings)
     words = [f"{rng.choice(TINY_ADJECTIVES)} {rng.choice(TINY_WORDS[listings[p]['category']])}" for p in product_ids]
-    model.neighbours = TextNeighbours.from_rows(
+    model.listing_words = ListingWords.from_rows(
         product_ids, [CLASSES.index(listings[p]["category"]) for p in product_ids],
         [model.features(text) for text in words], len(model.word_vocabulary) + len(model.char_vocabulary),
         k=10, temperature=0.05, rerank_weight=2.0)
@@ -65,17 +65,17 @@ def inference_before(handler, batch):
         text = listing_text(query.title, query.description)
         columns, values = model.features(text)
         scores = (model.coef[:, columns] @ values + model.intercept).astype(np.float32)[None]
-        votes = model.neighbours.vote(model.neighbours.similarities(*model.features(text)),
+        votes = model.listing_words.vote(model.listing_words.similarities(*model.features(text)),
                                       len(model.classes)).astype(np.float32)[None]
         photo = batch.probabilities[row:row + 1] if query.image is not None else None
         batch.probabilities[row] = model.probabilities(query.inputs, scores, photo, votes)[0]
         if query.image is not None:
             pool = catalogue.search(batch.vectors[row:row + 1], k=RERANK_POOL, category=query.category)[0]
-            batch.neighbours[row] = model.neighbours.rerank(
-                pool, model.neighbours.similarities(*model.features(text)), query.k)
+            batch.neighbours[row] = model.listing_words.rerank(
+                pool, model.listing_words.similarities(*model.features(text)), query.k)
         else:  # words alone: the listings nearest by words
-            batch.neighbours[row] = found_by_words(catalogue, model.neighbours, model.classes,
-                                                   model.neighbours.similarities(*model.features(text)), query.k,
+            batch.neighbours[row] = found_by_words(catalogue, model.listing_words, model.classes,
+                                                   model.listing_words.similarities(*model.features(text)), query.k,
                                                    query.category)
     return batch
 
@@ -142,15 +142,15 @@ def test_one_search_and_one_read_answer_every_request_as_before(handler, monkeyp
 
 def test_listings_nearest_by_words_join_the_photo_pool_when_the_model_fills(handler):
     handler, run, _ = handler
-    words, catalogue = handler.text_model.neighbours, handler.catalogue
+    listing_words, catalogue = handler.text_model.listing_words, handler.catalogue
     jpeg = run.photo_bytes("img-004")
     title = {"X-Title": "red spade", "X-K": "20"}
     (_, photo), (_, pooled) = predict_local(handler, [{"body": jpeg}] * 2, [{"X-K": str(MAX_K), "X-Embedding": "1"}, title])
-    words.fill = True
+    listing_words.fill = True
     try:
         (_, filled), = predict_local(handler, [{"body": jpeg}], [title])
     finally:
-        words.fill = False
+        listing_words.fill = False
     # the photo's pool is its 100 nearest of 150 listings: the words bring up listings from outside it
     in_pool = {n["product_id"] for n in photo["neighbours"]}
     assert len(in_pool) == RERANK_POOL and any(n["product_id"] not in in_pool for n in filled["neighbours"])
@@ -165,27 +165,6 @@ def test_listings_nearest_by_words_join_the_photo_pool_when_the_model_fills(hand
         assert neighbour["similarity"] == pytest.approx(float(vectors[best] @ query), abs=1e-5)
     # ranked by photo + weight x words over more candidates: each rank's score at least the pool's
     def scores(answer):
-        return [n["similarity"] + words.rerank_weight * n["word_similarity"] for n in answer["neighbours"]]
+        return [n["similarity"] + listing_words.rerank_weight * n["word_similarity"] for n in answer["neighbours"]]
     assert scores(filled) == sorted(scores(filled), reverse=True) and len(scores(filled)) == 20
     assert all(f >= p - 1e-6 for f, p in zip(scores(filled), scores(pooled))) and scores(filled) != scores(pooled)
-
-
-def test_the_versus_benchmark_swaps_only_the_code_and_compares_answers(handler, tmp_path):
-    from scripts.benchmark.versus import compare, with_code_of
-
-    handler, run, model_dir = handler
-    checkout = tmp_path / "checkout"
-    (checkout / "handlers").mkdir(parents=True)
-    (checkout / "handlers" / "marketplace_handler.py").write_text("# the other code's handler\n")
-    (checkout / "marketplace_search").mkdir()
-    (checkout / "marketplace_search" / "__init__.py").write_text("# the other code's core\n")
-    copy = with_code_of(model_dir, checkout, tmp_path / "against")
-    assert (copy / "marketplace_handler.py").read_text() == "# the other code's handler\n"
-    assert [path.name for path in (copy / "marketplace_search").iterdir()] == ["__init__.py"]
-    assert (copy / "text_model" / "text_model.npz").samefile(model_dir / "text_model" / "text_model.npz")
-    assert (model_dir / "marketplace_search" / "text.py").is_file()  # the original is left as it was
-    rows = compare({"against": handler, "this": handler}, [run.photo_bytes("img-004")], ("photo", "photo+title"),
-                   requests=2, warm_up=1)
-    assert [(row["kind"], row["requests"], row["same_answers"]) for row in rows] == [("photo", 2, "2/2"),
-                                                                                     ("photo+title", 2, "2/2")]
-    assert all(row["this_p50_ms"] > 0 and row["p50_ratio"] > 0 for row in rows)

@@ -1,4 +1,4 @@
-"""Stage 3: split the photos into train/val/test by listing, and the torch Dataset over them.
+"""Stage 3: split the photos into train/val/test by listing (the torch Dataset over them: training.data).
 
 Reads WORK/tables/training_table.csv and WORK/photos/; writes WORK/split.csv (image_id, product_id,
 label, split) and WORK/split_report.json. A listing's photos always land in the same split (a
@@ -16,15 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
-from torch.utils.data import Dataset
 
-from training.photos import PHOTOS_DIR
-from training.tables import read_training_table
+from training.data import PHOTOS_DIR, SPLIT_FILE, SPLIT_REPORT, SPLITS, read_training_table
 
-SPLITS = ("train", "val", "test")
-SPLIT_FILE = "split.csv"
-SPLIT_REPORT = "split_report.json"
 SPLIT_COLUMNS = ["image_id", "product_id", "label", "split"]
 
 
@@ -123,37 +117,6 @@ def make_split(work_dir: Path, val_fraction: float = 0.15, test_fraction: float 
     report["listings_linked_by_duplicate_photos"] = int(group_sizes[group_sizes > 1].sum())
     (work_dir / SPLIT_REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False))
     return report
-
-
-def load_split(work_dir: Path) -> pd.DataFrame:
-    """WORK/split.csv: image_id, product_id (text), label (int), split ("train"/"val"/"test")."""
-    path = Path(work_dir) / SPLIT_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; run training.dataset first")
-    split = pd.read_csv(path, dtype={"image_id": str, "product_id": str, "label": int, "split": str})
-    unknown = set(split["split"]) - set(SPLITS)
-    if unknown:
-        raise ValueError(f"{path}: unknown split name(s) {sorted(unknown)}")
-    return split
-
-
-class ListingPhotos(Dataset):
-    """Normalised photos of `rows` (image_id, label): items are `(transform(photo), label, image_id)`."""
-
-    def __init__(self, rows: pd.DataFrame, photos_dir: Path, transform=None):
-        self.image_ids = [str(image_id) for image_id in rows["image_id"]]
-        self.labels = [int(label) for label in rows["label"]]
-        self.photos_dir = Path(photos_dir)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def __getitem__(self, index: int):
-        image_id = self.image_ids[index]
-        with Image.open(self.photos_dir / f"{image_id}.jpg") as photo:
-            image = photo.convert("RGB")
-        return (self.transform(image) if self.transform else image), self.labels[index], image_id
 
 
 def format_report(report: dict) -> str:

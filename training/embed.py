@@ -12,35 +12,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from training.dataset import ListingPhotos, load_split
-from training.photos import PHOTOS_DIR, REPORT_FILE
+from training.data import PHOTOS_DIR, PHOTOS_REPORT, embed_rows, load_split
 from marketplace_search.memory import keep_freed_memory
-from marketplace_search.models import MarketplaceNet, embed, load_checkpoint, sha256_file
-from marketplace_search.presets import Preprocess, eval_transform
+from marketplace_search.files import sha256_file
+from marketplace_search.models import load_checkpoint
+from marketplace_search.presets import Preprocess
 from marketplace_search.layout import BEST_CHECKPOINT, EMBEDDINGS_DIR, WEIGHTS_DIR, latest_run, update_run_info
 from marketplace_search.extras import installed, needs_extra
 
 PHOTO_HASHES_FILE = "photo_sha256.json"
-
-
-def embed_rows(model: MarketplaceNet, preprocess: Preprocess, rows, photos_dir: Path, batch_size: int = 32,
-               workers: int = 2, device: torch.device = torch.device("cpu")) -> tuple[np.ndarray, np.ndarray]:
-    """`(embeddings (n, d), probabilities (n, classes))`, float32, in `rows` order; the model runs in
-    fp32 on `device` (where it already is)."""
-    loader = DataLoader(ListingPhotos(rows, photos_dir, eval_transform(preprocess)),
-                        batch_size=batch_size, num_workers=workers)
-    model.eval()
-    vectors, probabilities = [], []
-    with torch.inference_mode():
-        for images, _, _ in tqdm(loader, desc="embedding", unit="batch"):
-            batch_probabilities, batch_vectors = embed(model, images.to(device))
-            vectors.append(batch_vectors.cpu().numpy())
-            probabilities.append(batch_probabilities.float().cpu().numpy())
-    return np.concatenate(vectors), np.concatenate(probabilities)
 
 
 def hash_photos(image_ids, images_dir: Path) -> dict[str, str]:
@@ -51,7 +32,7 @@ def hash_photos(image_ids, images_dir: Path) -> dict[str, str]:
 
 def source_photos(work_dir: Path) -> Path | None:
     """The folder training.photos normalised WORK/photos from (its report names it), if still there."""
-    report = Path(work_dir) / PHOTOS_DIR / REPORT_FILE
+    report = Path(work_dir) / PHOTOS_DIR / PHOTOS_REPORT
     if not report.is_file():
         return None
     source = Path(json.loads(report.read_text())["source"])
@@ -76,18 +57,6 @@ def load_photo_hashes(run_dir: Path) -> dict[str, str] | None:
     """`{image_id: sha256}` of the photos RUN's vectors were made from; None for embeddings saved without."""
     path = Path(run_dir) / EMBEDDINGS_DIR / PHOTO_HASHES_FILE
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def load_embeddings(run_dir: Path, mmap: bool = False) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
-    """`(image_ids, embeddings, probabilities, meta)` written by this stage; MMAP: the arrays read-only
-    from disk, read as they are used (the index stage: no second copy of every vector beside the index)."""
-    folder = Path(run_dir) / EMBEDDINGS_DIR
-    if not (folder / "embeddings.npy").is_file():
-        raise FileNotFoundError(f"{folder / 'embeddings.npy'} is missing; run training.embed first")
-    mode = "r" if mmap else None
-    return (json.loads((folder / "image_ids.json").read_text()), np.load(folder / "embeddings.npy", mmap_mode=mode),
-            np.load(folder / "probabilities.npy", mmap_mode=mode),
-            json.loads((folder / "embeddings_meta.json").read_text()))
 
 
 def main(argv=None) -> None:
@@ -119,7 +88,7 @@ def main(argv=None) -> None:
             "epoch": checkpoint["epoch"], "arch": checkpoint["arch"]}
     source = source_photos(args.work)
     if source is None:
-        print(f"note: {Path(args.work) / PHOTOS_DIR / REPORT_FILE} names no source folder that is still there: "
+        print(f"note: {Path(args.work) / PHOTOS_DIR / PHOTOS_REPORT} names no source folder that is still there: "
               f"no photo hashes saved, so scripts.refresh will reuse these vectors by image_id alone")
     photo_sha256 = hash_photos(rows["image_id"], source) if source else None
     save_embeddings(run_dir / EMBEDDINGS_DIR, list(rows["image_id"]), vectors, probabilities, meta, photo_sha256)

@@ -18,38 +18,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.dataset import load_split
-from training.embed import load_embeddings
+from training.data import load_embeddings, load_split
 from marketplace_search.inference import CategoryBlend, blend_categories, category_votes, mix_votes
 from marketplace_search.memory import keep_freed_memory
+from marketplace_search.metrics import (BLEND_KS, own_listing_excluded_voters, per_category, print_table,
+                                        retrieval_precision, top_k_accuracy)
 from marketplace_search.layout import EVALUATION, INDEX_DIR, TEXT_MODEL_DIR, latest_run, read_run_info, update_run_info
 from marketplace_search.models import MarketplaceNet, default_preprocess, load_pretrained_backbone
 from marketplace_search.search import Catalogue, make_catalogue
-from training.train import autocast_dtype, cache_key, cached_outputs, pick_device
+from marketplace_search.runtime import pick_device
+from training.trunk import autocast_dtype, cache_key, cached_outputs
 
-KS = (1, 5, 10)
 CONFUSION_FILE = "confusion_matrix.png"
-# The blends tried on the validation split: voters, temperature of the similarity weights, weight of the vote.
-BLEND_KS = (5, 10, 20)
+# The blends tried on the validation split (voters: BLEND_KS): temperature of the similarity weights, weight
+# of the vote.
 BLEND_TEMPERATURES = (0.05, 0.1, 1.0)
 BLEND_WEIGHTS = tuple(round(0.1 * step, 1) for step in range(11))
-
-
-def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
-    top = np.argsort(-scores, axis=1)[:, :k]
-    return float((top == labels[:, None]).any(axis=1).mean()) if len(labels) else float("nan")
-
-
-def retrieval_precision(catalogue: Catalogue, queries: np.ndarray, product_ids: list[str],
-                        categories: list[str], ks=KS) -> dict[str, float]:
-    """Mean precision@k of same-category listings, each query's own listing excluded."""
-    answers = catalogue.search(queries, k=max(ks), exclude_products=product_ids)
-    precision = {}
-    for k in ks:
-        hits = [sum(n["category"] == category for n in neighbours[:k]) / k
-                for neighbours, category in zip(answers, categories)]
-        precision[f"precision@{k}"] = float(np.mean(hits)) if hits else float("nan")
-    return precision
 
 
 def knn_scores(reference: np.ndarray, reference_labels: np.ndarray, queries: np.ndarray,
@@ -71,11 +55,6 @@ def scores_for(scores: np.ndarray, labels: np.ndarray, catalogue: Catalogue, que
     return figures
 
 
-def own_listing_excluded_voters(catalogue: Catalogue, queries: np.ndarray, rows) -> list[list[dict]]:
-    """Each query's nearest listings but its own: a photo of a listing already on sale would find itself."""
-    return catalogue.search(queries, k=max(BLEND_KS), exclude_products=list(rows["product_id"]))
-
-
 def choose_blend(probabilities: np.ndarray, voters: list[list[dict]], labels: np.ndarray,
                  classes: list[str]) -> tuple[CategoryBlend, dict]:
     """The blend with the best validation top-1 (ties: the smaller weight), and the grid it was chosen from."""
@@ -89,19 +68,6 @@ def choose_blend(probabilities: np.ndarray, voters: list[list[dict]], labels: np
     best = max(grid, key=lambda blend: (grid[blend], -blend.weight))
     return best, {"val_top1_head": grid[CategoryBlend(BLEND_KS[0], BLEND_TEMPERATURES[0], 0.0)],
                   "val_top1_blend": grid[best]}
-
-
-def per_category(predicted: np.ndarray, labels: np.ndarray, classes: list[str]) -> tuple[list[dict], np.ndarray]:
-    """Precision, recall and count per category, and the confusion matrix (rows: true, columns: predicted)."""
-    confusion = np.zeros((len(classes), len(classes)), np.int64)
-    np.add.at(confusion, (labels, predicted), 1)
-    rows = []
-    for index, category in enumerate(classes):
-        predicted_as, count = confusion[:, index].sum(), confusion[index].sum()
-        rows.append({"category": category, "count": int(count),
-                     "precision": float(confusion[index, index] / predicted_as) if predicted_as else None,
-                     "recall": float(confusion[index, index] / count) if count else None})
-    return rows, confusion
 
 
 def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title: str) -> None:
@@ -155,15 +121,6 @@ def evaluate_baseline(run_dir: Path, work_dir: Path, split, catalogue: Catalogue
     return {"model": f"frozen {train_config['arch']} ({Path(train_config['weights']).name}), k-NN",
             "weights": weights, **scores_for(
         scores, labels[is_test], frozen, features[is_test], split[is_test])}
-
-
-def print_table(rows: list[dict]) -> None:
-    columns = ["top1_accuracy", "top3_accuracy"] + [f"precision@{k}" for k in KS]
-    width = max(len(row["model"]) for row in rows)
-    print(f"| {'model':<{width}} | " + " | ".join(f"{name:>13}" for name in columns) + " |")
-    print(f"|{'-' * (width + 2)}|" + "|".join("-" * 15 for _ in columns) + "|")
-    for row in rows:
-        print(f"| {row['model']:<{width}} | " + " | ".join(f"{row[name]:>13.3f}" for name in columns) + " |")
 
 
 def evaluate(run_dir: Path, work_dir: Path, baseline: bool = True, blend_from: Path | None = None) -> dict:

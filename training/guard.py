@@ -14,7 +14,7 @@ photos, the libraries that compute them); scripts.archive reuses a kept report w
 
   python -m training.guard --run RUN --runtime openvino --precision int8   # the figures, nothing written
 """
-import faiss  # noqa: F401  (before torch: OpenMP, see README)
+import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import argparse
 import hashlib
@@ -29,16 +29,15 @@ import pandas as pd
 import torch
 
 from marketplace_search.images import decode_image
-from marketplace_search.layout import CHECKPOINT, GUARD_REPORTS, INDEX_DIR, sha256_file
-from marketplace_search.live import write_json_atomically
+from marketplace_search.files import sha256_file, write_json_atomically
+from marketplace_search.layout import CHECKPOINT, GUARD_REPORTS, INDEX_DIR
+from marketplace_search.metrics import retrieval_precision, top_k_accuracy
 from marketplace_search.models import load_checkpoint
 from marketplace_search.presets import Preprocess, collate_images
 from marketplace_search.runtime import (CPU_FEATURES, Backend, PRECISIONS, RUNTIMES, check_backend, convert_openvino,
                                         cpu_flags, openvino_backend, quantize_openvino, torch_backend)
 from marketplace_search.search import Catalogue
-from training.dataset import load_split
-from training.evaluate import retrieval_precision, top_k_accuracy
-from training.photos import PHOTOS_DIR
+from training.data import PHOTOS_DIR, load_split
 
 MAX_TOP1_DROP = 0.01  # one point of top-1
 GUARD_K = 5

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from training.embed import load_embeddings
+from training.data import load_embeddings
 from marketplace_search.layout import INDEX_DIR, latest_run, update_run_info
 from marketplace_search.search import INDEX_TYPES, Catalogue, make_catalogue
 
@@ -39,7 +39,7 @@ def main(argv=None) -> None:
     parser.add_argument("--work", required=True, type=Path, help="work folder with tables/")
     parser.add_argument("--run", type=Path, help="run folder (default: the latest under WORK/model_evaluation)")
     parser.add_argument("--index-type", default="auto", choices=INDEX_TYPES,
-                        help="auto: exact (flat) up to 20,000 photos, HNSW above")
+                        help="auto: exact (flat) up to 20,000 photos, HNSW up to 2M, IVF-PQ above")
     args = parser.parse_args(argv)
     run_dir = args.run or latest_run(args.work)
     started = time.perf_counter()

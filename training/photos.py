@@ -18,13 +18,11 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from marketplace_search.files import TEMPORARY_SUFFIX, replaced_atomically
 from marketplace_search.images import ImageError, decode_image, pad_to_square
-from training.tables import read_training_table
+from training.data import PHOTOS_DIR, PHOTOS_REPORT, read_training_table
 
-PHOTOS_DIR = "photos"
-REPORT_FILE = "photos_report.json"
 JPEG_QUALITY = 95
-TMP_SUFFIX = ".tmp"
 
 
 def is_done(destination: Path, size: int) -> bool:
@@ -40,9 +38,8 @@ def is_done(destination: Path, size: int) -> bool:
 
 def save_jpeg_atomically(image: Image.Image, destination: Path) -> None:
     """Write to a temporary file and rename, so a killed run never leaves half a JPEG under the real name."""
-    tmp = destination.with_name(destination.name + TMP_SUFFIX)
-    image.save(tmp, format="JPEG", quality=JPEG_QUALITY)
-    os.replace(tmp, destination)
+    with replaced_atomically(destination, durable=False) as temporary:  # an fsync per photo would slow the stage
+        image.save(temporary, format="JPEG", quality=JPEG_QUALITY)
 
 
 def read_photo(source: Path, fit_size: int | None = None) -> Image.Image:
@@ -72,7 +69,7 @@ def normalise_task(task: tuple[str, Path, Path, int]) -> tuple[str, str, str | N
 
 def remove_partial_files(photos_dir: Path) -> int:
     """Delete temporary files left by a killed run; returns how many."""
-    partial = list(photos_dir.glob(f"*{TMP_SUFFIX}"))
+    partial = list(photos_dir.glob(f"*{TEMPORARY_SUFFIX}"))
     for path in partial:
         path.unlink()
     return len(partial)
@@ -117,7 +114,7 @@ def normalise_photos(image_ids: list[str], images_dir: Path, photos_dir: Path, s
         "seconds": round(time.perf_counter() - started, 1),
         "failures": failures,
     }
-    (photos_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    (photos_dir / PHOTOS_REPORT).write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -127,7 +124,7 @@ def format_report(report: dict) -> str:
              f"with {report['workers']} workers"]
     lines += [f"  failed {failure['image_id']}: {failure['error']}" for failure in report["failures"][:20]]
     if report["failed"] > 20:
-        lines.append(f"  ... and {report['failed'] - 20} more, see {REPORT_FILE}")
+        lines.append(f"  ... and {report['failed'] - 20} more, see {PHOTOS_REPORT}")
     return "\n".join(lines)
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from marketplace_search.files import replaced_atomically
+
 SHARDS_DIR = "shards"
 SHARD_PATTERN = "part-{:05d}.parquet"
 RESERVED_CPUS = 0.5  # left to Ray Data's own tasks: an actor pool holding every CPU hangs the job
@@ -24,7 +26,7 @@ class Embedder:
     """One Ray actor: the checkpoint loaded once; batches of image ids in, vectors and probabilities out."""
 
     def __init__(self, checkpoint: str, photos_dir: str, threads: int):
-        import faiss  # noqa: F401  (before torch: OpenMP, see README)
+        import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
         import torch
 
         from marketplace_search.models import load_checkpoint
@@ -46,7 +48,7 @@ class Embedder:
 
         images = []
         for image_id in rows["image_id"]:
-            with Image.open(self.photos_dir / f"{image_id}.jpg") as photo:  # as training.dataset.ListingPhotos
+            with Image.open(self.photos_dir / f"{image_id}.jpg") as photo:  # as training.data.ListingPhotos
                 images.append(self.transform(photo.convert("RGB")))
         with torch.inference_mode():
             probabilities, vectors = embed(self.model, torch.stack(images))
@@ -64,7 +66,8 @@ def ray_cluster(address: str | None, temp_dir: Path | None = None):
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        os.environ.setdefault("RAY_worker_niceness", "0")  # Ray nices its workers by default (README, "Scale out")
+        # Ray nices its workers by default: on a machine shared with other jobs they get a fraction of their CPUs.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  _temp_dir=str(temp_dir) if temp_dir else None)
     try:
@@ -82,9 +85,8 @@ def write_shard(path: Path, image_ids: list[str], vectors: np.ndarray, probabili
                                                                   vectors.shape[1]),
                       "probabilities": pa.FixedSizeListArray.from_arrays(
                           pa.array(probabilities.ravel(), pa.float32()), probabilities.shape[1])})
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with replaced_atomically(path) as temporary:
+        pq.write_table(table, temporary)
 
 
 def read_shard(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:

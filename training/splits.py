@@ -1,8 +1,8 @@
 """Test figures over several splits: runs whose listings were split with different seeds, side by side.
 
-One split's test set (~850 listings of the real data) has a standard error of about one point at a top-1
-of 0.84, and which listings land in it moves a figure by more than that (photo + title 0.808-0.833 over
-four seeds of the README command, docs/accuracy.md). Before choosing between two recipes this close, or
+One split's test set (~850 listings of the real data) has a standard error of about one point of top-1,
+and which listings land in it moves a figure by more than that (docs/accuracy.md). Before choosing between
+two recipes this close, or
 reading a figure against a target, run each over a few seeds (`--seed` seeds both the split and the
 training) and compare their means:
 
@@ -23,8 +23,8 @@ import statistics
 from pathlib import Path
 
 from marketplace_search.layout import EVALUATION, read_run_info
-from training.dataset import SPLIT_REPORT
-from training.text import FIGURES
+from marketplace_search.metrics import FIGURES
+from training.data import SPLIT_REPORT
 
 PHOTO_ROWS = {"fine_tuned": "photo (head)", "fine_tuned_blend": "photo (served: head + vote)"}
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-TABLES_DIR = "tables"
+from training.data import TABLES_DIR
+
 PRODUCT_COLUMNS = ["id", "product_name", "category", "product_description", "price", "location"]
 IMAGE_COLUMNS = ["id", "product_id"]
 TABLE_COLUMNS = ["image_id", "product_id", "category", "label", "title", "price", "location"]
@@ -229,15 +230,6 @@ def save_tables(tables_dir: Path, table: pd.DataFrame, listings: pd.DataFrame, e
     (tables_dir / "encoder.json").write_text(json.dumps(encoder, indent=2, ensure_ascii=False))
     (tables_dir / "decoder.json").write_text(json.dumps(make_decoder(encoder), indent=2, ensure_ascii=False))
     (tables_dir / "tables_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-
-
-def read_training_table(work_dir: Path) -> pd.DataFrame:
-    """WORK/tables/training_table.csv with ids as text and missing prices as NaN."""
-    path = Path(work_dir) / TABLES_DIR / "training_table.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; run training.tables first")
-    return pd.read_csv(path, dtype={"image_id": str, "product_id": str, "category": str, "title": str,
-                                   "location": str, "label": int, "price": float})
 
 
 def format_report(report: dict) -> str:

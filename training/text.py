@@ -39,16 +39,15 @@ from sklearn.svm import LinearSVC
 
 from marketplace_search.inference import CategoryBlend, blend_categories, found_by_words, words_pool
 from marketplace_search.layout import EVALUATION, INDEX_DIR, TEXT_MODEL_DIR, latest_run, read_run_info, update_run_info
+from marketplace_search.metrics import (FIGURES, KS, own_listing_excluded_voters, per_category, print_table,
+                                        retrieval_precision, top_k_accuracy)
 from marketplace_search.search import Catalogue
 from marketplace_search.sentences import DEFAULT_ENCODER, SentenceEncoder
-from marketplace_search.text import (ENCODER_DIR, INPUT_KINDS, RERANK_POOL, VOTE_FLOOR, TextModel, TextNeighbours,
+from marketplace_search.text import (ENCODER_DIR, INPUT_KINDS, RERANK_POOL, VOTE_FLOOR, ListingWords, TextModel,
                                      char_terms, kind_name, listing_text, word_terms)
-from training.dataset import load_split
-from training.embed import load_embeddings
-from training.evaluate import own_listing_excluded_voters, per_category, print_table, retrieval_precision, top_k_accuracy
-from training.tables import TABLES_DIR
+from training.data import TABLES_DIR, load_embeddings, load_split
 
-SVM_C = 0.3  # chosen on the validation split of the real listings (README, "Title and description")
+SVM_C = 0.3  # chosen on the validation split of the real listings
 # The sentence vector's weight beside the two L2-normalised TF-IDF blocks (its own norm is 1): chosen on
 # the validation splits of four seeds of the real listings (docs/accuracy.md, "A sentence encoder beside
 # TF-IDF"; 0.5 reads titles better when the SVM is alone, not once the word vote joins it: "The sentence
@@ -67,10 +66,6 @@ VOTE_TEMPERATURES = (0.02, 0.05, 0.1)
 # Photo neighbours re-ranked by photo + weight x word similarity when words come with the photo: the weight
 # with the best validation precision@10 (0: photo order kept).
 RERANK_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0)
-PRECISION_KS = (1, 5, 10)
-FIGURES = ("top1_accuracy", "top3_accuracy", *(f"precision@{k}" for k in PRECISION_KS))  # the model card's
-
-
 def read_listings(work_dir: Path) -> pd.DataFrame:
     """WORK/tables/listings.csv indexed by product_id, missing descriptions as ""."""
     path = Path(work_dir) / TABLES_DIR / "listings.csv"
@@ -208,13 +203,13 @@ def cross_fitted_scores(listings: pd.DataFrame, product_ids: list[str], scored: 
     return out
 
 
-def catalogue_neighbours(model: TextModel, catalogue: Catalogue, listings: pd.DataFrame) -> TextNeighbours:
+def catalogue_listing_words(model: TextModel, catalogue: Catalogue, listings: pd.DataFrame) -> ListingWords:
     """The catalogue's listings (title + description where listings.csv has it) as the vote's rows."""
     width = len(model.word_vocabulary) + len(model.char_vocabulary)
-    return TextNeighbours.from_rows(*listings_words(model, catalogue.listings.values(), listings), width)
+    return ListingWords.from_rows(*listing_word_rows(model, catalogue.listings.values(), listings), width)
 
 
-def listings_words(model: TextModel, entries, listings: pd.DataFrame) -> tuple[list[str], list[int], list]:
+def listing_word_rows(model: TextModel, entries, listings: pd.DataFrame) -> tuple[list[str], list[int], list]:
     """(product ids, class indices, TF-IDF rows) of the listings of ENTRIES (a catalogue's listing entries,
     one per photo) whose category the model knows, sorted by product id; each read as its title +
     description where LISTINGS (read_listings) has it, else the entry's title."""
@@ -235,7 +230,7 @@ def choose_vote(model: TextModel, similarities: np.ndarray, product_ids: list[st
     grid = {}
     for k in VOTE_KS:
         for temperature in VOTE_TEMPERATURES:
-            votes = np.stack([model.neighbours.vote(row, len(model.classes), own, k, temperature)
+            votes = np.stack([model.listing_words.vote(row, len(model.classes), own, k, temperature)
                               for row, own in zip(similarities, product_ids)])
             grid[(k, temperature)] = fit_calibration(scores, labels, model.classes, photo, votes)[2]["val_log_loss"]
     k, temperature = min(grid, key=grid.get)
@@ -246,16 +241,16 @@ def rounded(figures: dict[str, float]) -> dict[str, float]:
     return {key: round(value, 4) for key, value in figures.items()}
 
 
-def precision(answers: list[list[dict]], categories: list[str], ks=PRECISION_KS) -> dict[str, float]:
+def precision(answers: list[list[dict]], categories: list[str], ks=KS) -> dict[str, float]:
     """Mean precision@k of same-category listings among each query's answered neighbours."""
     return {f"precision@{k}": float(np.mean([sum(n["category"] == category for n in answer[:k]) / k
                                              for answer, category in zip(answers, categories)])) for k in ks}
 
 
-def reranked_precision(neighbours: TextNeighbours, pools: list[list[dict]], similarities: np.ndarray,
-                       categories: list[str], weight: float, ks=PRECISION_KS) -> dict[str, float]:
+def reranked_precision(listing_words: ListingWords, pools: list[list[dict]], similarities: np.ndarray,
+                       categories: list[str], weight: float, ks=KS) -> dict[str, float]:
     """Mean precision@k of same-category listings among the candidates re-ranked by photo + words."""
-    return precision([neighbours.rerank(pool, row, max(ks), weight) for pool, row in zip(pools, similarities)],
+    return precision([listing_words.rerank(pool, row, max(ks), weight) for pool, row in zip(pools, similarities)],
                      categories, ks)
 
 
@@ -270,25 +265,26 @@ def choose_neighbours(model: TextModel, catalogue: Catalogue, pools: dict, vecto
     joining them (`fill`, words_pool; each with its photo similarity), over RERANK_WEIGHTS (weight 0: the
     photo order). Sets the model's rerank_weight and fill; returns the validation grid {(fill, weight):
     precision} and the test precision of both ways, each at its own best weight, {kind: {way_name: precision}}."""
-    words, classes = model.neighbours, model.classes
+    listing_words, classes = model.listing_words, model.classes
     def candidates(name, text, fill):
         if not fill:
             return pools[name]
-        return [words_pool(catalogue, words, classes, row, vector, None, pool, exclude=own)
+        return [words_pool(catalogue, listing_words, classes, row, vector, None, pool, exclude=own)
                 for row, vector, pool, own in zip(similarities[(name, text)], vectors[name], pools[name],
                                                   products[name])]
     grid = {}
     for fill in (False, True):
         val = candidates("val", "title", fill)
         for weight in RERANK_WEIGHTS[fill:]:  # filled and weight 0 would be the photo order again
-            grid[(fill, weight)] = reranked_precision(words, val, similarities[("val", "title")], categories["val"],
-                                                      weight)
-    words.fill, words.rerank_weight = max(grid, key=lambda key: (grid[key]["precision@10"], not key[0], -key[1]))
+            grid[(fill, weight)] = reranked_precision(listing_words, val, similarities[("val", "title")],
+                                                      categories["val"], weight)
+    listing_words.fill, listing_words.rerank_weight = max(grid, key=lambda key: (grid[key]["precision@10"], not key[0],
+                                                                                 -key[1]))
     best = {fill: max((key for key in grid if key[0] == fill), key=lambda key: (grid[key]["precision@10"], -key[1]))[1]
             for fill in (False, True)}
     test = {}
     for kind, text in (("photo+title", "title"), ("photo+title+description", "description")):
-        test[kind] = {way_name(fill): reranked_precision(words, candidates("test", text, fill),
+        test[kind] = {way_name(fill): reranked_precision(listing_words, candidates("test", text, fill),
                                                          similarities[("test", text)], categories["test"], best[fill])
                       for fill in (False, True)}
     return grid, test
@@ -297,7 +293,7 @@ def choose_neighbours(model: TextModel, catalogue: Catalogue, pools: dict, vecto
 def words_alone_precision(model: TextModel, catalogue: Catalogue, similarities: dict, products: dict,
                           categories: dict) -> dict:
     """Test precision of the listings found by words alone (a request without a photo), per kind of text."""
-    return {kind: precision([found_by_words(catalogue, model.neighbours, model.classes, row, max(PRECISION_KS),
+    return {kind: precision([found_by_words(catalogue, model.listing_words, model.classes, row, max(KS),
                                             exclude=own)
                              for row, own in zip(similarities[("test", text)], products["test"])], categories["test"])
             for kind, text in (("title", "title"), ("title+description", "description"))}
@@ -321,7 +317,7 @@ def train_text(run_dir: Path, work_dir: Path, encoder: SentenceEncoder | None = 
     cross_fitted = cross_fitted_scores(listings, ids["train"] + ids["val"], ids["val"], classes, encoder=encoder,
                                        sentence_weight=sentence_weight)
     model = train_on(listings, ids["train"] + ids["val"], classes, encoder, sentence_weight)
-    model.neighbours = catalogue_neighbours(model, catalogue, listings)
+    model.listing_words = catalogue_listing_words(model, catalogue, listings)
     trained = time.perf_counter()
     is_val, is_test = (split["split"] == "val").to_numpy(), (split["split"] == "test").to_numpy()
     labels = split["label"].to_numpy(int)
@@ -335,12 +331,12 @@ def train_text(run_dir: Path, work_dir: Path, encoder: SentenceEncoder | None = 
             texts = dict(zip(ids[name], input_texts(listings, ids[name], kind)))
             per_listing = cross_fitted[kind] if name == "val" else dict(zip(ids[name], model.scores(list(texts.values()))))
             scores[(name, kind)] = np.stack([per_listing[p] for p in products[name]])
-            rows = {p: model.neighbours.similarities(*model.features(texts[p])) for p in ids[name]}
+            rows = {p: model.listing_words.similarities(*model.features(texts[p])) for p in ids[name]}
             similarities[(name, kind)] = np.stack([rows[p] for p in products[name]])
     k, temperature, vote_grid = choose_vote(model, similarities[("val", "title")], products["val"],
                                             scores[("val", "title")], labels[is_val], photo["val"])
-    model.neighbours.k, model.neighbours.temperature = k, temperature
-    votes = {key: np.stack([model.neighbours.vote(row, len(classes), own)
+    model.listing_words.k, model.listing_words.temperature = k, temperature
+    votes = {key: np.stack([model.listing_words.vote(row, len(classes), own)
                             for row, own in zip(rows, products[key[0]])]).astype(np.float32)
              for key, rows in similarities.items()}
     pools = {name: catalogue.search(vectors[rows], k=RERANK_POOL, exclude_products=products[name])
@@ -348,7 +344,7 @@ def train_text(run_dir: Path, work_dir: Path, encoder: SentenceEncoder | None = 
     categories = {name: [classes[label] for label in labels[rows]] for name, rows in (("val", is_val), ("test", is_test))}
     rerank_grid, ways = choose_neighbours(
         model, catalogue, pools, {"val": vectors[is_val], "test": vectors[is_test]}, similarities, products, categories)
-    fill = model.neighbours.fill
+    fill = model.listing_words.fill
     reranked = {kind: by_way[way_name(fill)] for kind, by_way in ways.items()}
     reranked.update(words_alone_precision(model, catalogue, similarities, products, categories))
     chosen = {}
@@ -360,9 +356,10 @@ def train_text(run_dir: Path, work_dir: Path, encoder: SentenceEncoder | None = 
         model.calibrations[kind_name(inputs)] = (matrix, bias)
     model.info.update(calibrations=chosen, train_seconds=round(trained - started, 1),
                       training_splits="train+val", cross_fitting_folds=FOLDS,
-                      catalogue_vote={"k": k, "temperature": temperature, "listings": len(model.neighbours.product_ids),
+                      catalogue_vote={"k": k, "temperature": temperature,
+                                      "listings": len(model.listing_words.product_ids),
                                       "val_log_loss_grid": vote_grid},
-                      rerank={"weight": model.neighbours.rerank_weight, "fill": fill, "pool": RERANK_POOL,
+                      rerank={"weight": model.listing_words.rerank_weight, "fill": fill, "pool": RERANK_POOL,
                               "val_precision": {f"{way_name(f)} w={w}": rounded(p)
                                                 for (f, w), p in rerank_grid.items()},
                               "test_precision": {f"{kind} {name}": rounded(p) for kind, by_way in ways.items()
@@ -389,7 +386,7 @@ def evaluate_text(model: TextModel, photo: np.ndarray, scores: dict, votes: dict
     for inputs in INPUT_KINDS:
         text = "description" if "description" in inputs else "title"
         answers[kind_name(inputs)] = model.probabilities(inputs, scores[("test", text)], photo, votes[("test", text)])
-    fill = model.neighbours is not None and model.neighbours.fill
+    fill = model.listing_words is not None and model.listing_words.fill
     def described(name):
         if name not in (reranked or {}):
             return f"{name} (photo neighbours)" if "photo" in name else f"{name} (no neighbours)"

@@ -30,13 +30,11 @@ hardware has it (CUDA with bf16, or a CPU with AVX-512 BF16 / AMX), fp16 with a 
 other GPUs, fp32 otherwise.
 """
 import argparse
-import hashlib
 import json
 import math
 import random
 import resource
 import time
-from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -53,128 +51,12 @@ from marketplace_search.models import (ARCHS, VECTORS, MarketplaceNet, default_p
                                        save_checkpoint, set_trainable, split_backbone, write_checkpoint)
 from marketplace_search.memory import keep_freed_memory
 from marketplace_search.presets import Preprocess, eval_transform, train_transform
-from training.dataset import ListingPhotos, load_split
+from marketplace_search.runtime import DEVICES, pick_device
+from training.data import ListingPhotos, embed_rows, load_split
 from training.ema import WeightAverage
-from training.embed import embed_rows
+from training.trunk import PRECISIONS, autocast, autocast_dtype, cache_key, cached_outputs
 
-CACHE_DIR = "cache"
 CURVES_FILE = "training_curves.png"
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# --- device and precision --------------------------------------------------------------------------
-
-def pick_device(choice: str = "auto") -> torch.device:
-    if choice not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {choice!r}")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
-    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
-
-
-def cpu_has_bf16() -> bool:
-    """Native bf16 arithmetic (AVX-512 BF16 or AMX): elsewhere bf16 autocast is emulated and slower."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device`; None means plain fp32."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "auto":
-        if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "bf16" if cpu_has_bf16() else "fp32"
-    if precision == "fp16" and device.type == "cpu":
-        raise ValueError("--precision fp16 is for CUDA; on a CPU use bf16 or fp32")
-    return AUTOCAST_DTYPES.get(precision)
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-# --- cached trunk outputs ----------------------------------------------------------------------------
-
-class FlipTransform:
-    """The eval transform of a horizontally mirrored photo: a cheap, label-preserving view."""
-
-    def __init__(self, preprocess: Preprocess):
-        self.transform = eval_transform(preprocess)
-
-    def __call__(self, image):
-        return self.transform(image.transpose(0))  # PIL.Image.Transpose.FLIP_LEFT_RIGHT
-
-
-def view_transform(view: int, preprocess: Preprocess):
-    """View 0 is the eval transform, 1 its mirror, 2+ random train-transform crops."""
-    if view == 0:
-        return eval_transform(preprocess)
-    if view == 1:
-        return FlipTransform(preprocess)
-    return train_transform(preprocess)
-
-
-def weights_fingerprint(module: nn.Module) -> str:
-    """A hash of a module's weights and buffers: two backbones share a cache only if they are equal."""
-    digest = hashlib.sha1()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def cache_key(model: MarketplaceNet, trainable_stages: int, preprocess: Preprocess, seed: int,
-              dtype: torch.dtype | None = None) -> str:
-    """What the cached trunk outputs depend on: the backbone's weights, where it is cut, the
-    preprocessing (photo size, crop, normalisation), the seed of the random views and the autocast dtype."""
-    text = json.dumps([model.arch, weights_fingerprint(model.backbone), trainable_stages, preprocess.to_dict(),
-                       seed, str(dtype)], sort_keys=True)
-    return f"{model.arch}-cut{trainable_stages}-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
-
-
-def trunk_outputs(trunk: nn.Module, rows, photos_dir: Path, transform, batch_size: int, workers: int,
-                  device: torch.device, dtype: torch.dtype | None, description: str) -> torch.Tensor:
-    """The trunk's outputs for `rows`, in row order, float16 on the CPU."""
-    loader = DataLoader(ListingPhotos(rows, photos_dir, transform), batch_size=batch_size,
-                        num_workers=workers, shuffle=False, pin_memory=device.type == "cuda")
-    trunk.eval()
-    chunks = []
-    with torch.inference_mode(), autocast(device, dtype):
-        for images, _, _ in tqdm(loader, desc=description, unit="batch"):
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            chunks.append(trunk(images).to("cpu", torch.float16))
-    return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.float16)
-
-
-def cached_outputs(work_dir: Path, trunk: nn.Module, rows, photos_dir: Path, view: int, key: str,
-                   preprocess: Preprocess, batch_size: int, workers: int, seed: int = 0,
-                   device: torch.device = torch.device("cpu"), dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Trunk outputs of view `view` for `rows`, each photo computed once per (key, view).
-
-    The cache is WORK/cache/<key>-view<N>.pt; photos missing from it are computed and added.
-    """
-    path = Path(work_dir) / CACHE_DIR / f"{key}-view{view}.pt"
-    cached = torch.load(path, weights_only=True) if path.is_file() else {"image_ids": [], "outputs": None}
-    position = {image_id: i for i, image_id in enumerate(cached["image_ids"])}
-    missing = rows[~rows["image_id"].isin(position)]
-    if len(missing):
-        # Random crops, the same ones on every re-run; and training's own random stream is left as it
-        # was, so a run that found the cache full trains exactly as one that filled it.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 1000 + view)
-            computed = trunk_outputs(trunk, missing, photos_dir, view_transform(view, preprocess), batch_size,
-                                     workers, device, dtype, f"frozen trunk, view {view}")
-        known = [cached["outputs"]] if cached["outputs"] is not None else []
-        cached = {"image_ids": cached["image_ids"] + list(missing["image_id"]), "outputs": torch.cat(known + [computed])}
-        position = {image_id: i for i, image_id in enumerate(cached["image_ids"])}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(cached, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
-    return cached["outputs"][[position[i] for i in rows["image_id"]]]
 
 
 # --- one epoch ---------------------------------------------------------------------------------------

@@ -1,9 +1,8 @@
-"""Words section: the catalogue's words at scale. The text model's catalogue rows (the --run's, or the tiny
-generated run's), copied until the catalogue holds each size; queries are listings' own rows (title +
-description, as the catalogue holds them) and, with --work, their titles. Each query is read exactly
-(every listing) and pruned (its rarest terms, then the best candidates completed:
-TextNeighbours.similarities), p50 / p95 of one query, and how many of the exact 10 nearest similarities the
-pruned reading finds, every copy of the query's own listing left out.
+"""Words section: the catalogue's words at scale. The text model's catalogue rows (the --run's, or a tiny
+generated run's) copied until the catalogue holds each size; queries are listings' own rows and, with
+--work, their titles. Each query is read exactly (every listing) and pruned (its rarest terms, then the best
+candidates completed: ListingWords.similarities): p50/p95 of one query, and how many of the exact 10
+nearest the pruned reading finds, every copy of the query's own listing left out.
 """
 import tempfile
 import time
@@ -13,19 +12,19 @@ from pathlib import Path
 
 import numpy as np
 
+from marketplace_search.layout import TEXT_MODEL_DIR
 from scripts.benchmark.common import percentiles_ms
 from scripts.benchmark.text import text_run
 
-WORDS_COLUMNS = [("listings", "listings"), ("rows_mb", "rows MB"), ("query", "query"),
-                 ("entries_m", "entries read exactly (M, median)"), ("exact_p50_ms", "exact p50 ms"),
-                 ("exact_p95_ms", "exact p95 ms"), ("pruned_p50_ms", "pruned p50 ms"),
+WORDS_COLUMNS = [("listings", "listings"), ("query", "query"), ("entries_m", "entries read exactly (M, median)"),
+                 ("exact_p50_ms", "exact p50 ms"), ("exact_p95_ms", "exact p95 ms"), ("pruned_p50_ms", "pruned p50 ms"),
                  ("pruned_p95_ms", "pruned p95 ms"), ("speed_up", "exact ÷ pruned p50"),
                  ("agreement", "exact 10 nearest found")]
 
 
 def copied(words, copies: int):
-    """WORDS' listings COPIES times over (copy j's rows after copy j - 1's), stored by column as TextNeighbours
-    keeps them: within a column the copies follow each other, each in listing order."""
+    """WORDS' listings COPIES times over, stored by column as ListingWords keeps them: within a column the
+    copies follow each other, each in listing order."""
     listings, lengths = len(words.product_ids), np.diff(words.indptr)
     column = np.repeat(np.arange(words.width), lengths)
     within = np.arange(len(words.rows)) - words.indptr[column]
@@ -57,16 +56,12 @@ def agreement(exact: np.ndarray, pruned: np.ndarray, own: int, listings: int) ->
 
 
 def bench_words(settings: dict) -> dict:
-    from marketplace_search.layout import TEXT_MODEL_DIR
     from marketplace_search.text import TextModel
 
     with tempfile.TemporaryDirectory(prefix="benchmark-words-") as scratch:
         run_dir = text_run(settings, Path(scratch))
         model = TextModel.load(run_dir / TEXT_MODEL_DIR)
-    words = model.neighbours
-    if words is None:
-        raise ValueError(f"{run_dir}: its text model has no catalogue of words (format tfidf-linear/1)")
-    listings = len(words.product_ids)
+    words, listings = model.listing_words, len(model.listing_words.product_ids)
     picked = np.random.default_rng(0).choice(listings, min(settings["words_queries"], listings), replace=False)
     rows = listing_rows(words)
     queries = {"listing's row": [(int(i), *rows[i]) for i in picked]}
@@ -76,31 +71,26 @@ def bench_words(settings: dict) -> dict:
         titles = read_listings(settings["work"])["title"]
         queries["title"] = [(int(i), *model.features(titles.loc[words.product_ids[i]])) for i in picked]
     table = []
-    for size in settings["words_sizes"]:
+    for size in settings["sizes"]:
         catalogue = copied(words, max(1, round(size / listings)))
-        exact = replace(catalogue, exact_postings=np.iinfo(np.int64).max)
-        pruned = replace(catalogue, exact_postings=0)
+        readers = {"exact": replace(catalogue, exact_postings=np.iinfo(np.int64).max),
+                   "pruned": replace(catalogue, exact_postings=0)}
         entries = np.diff(catalogue.indptr)
         for name, asked in queries.items():
-            timings = {"exact": [], "pruned": []}
-            found = []
+            timings, found = {way: [] for way in readers}, []
             for own, columns, values in asked:
                 read = {}
-                for way, reader in (("exact", exact), ("pruned", pruned)):
+                for way, reader in readers.items():
                     started = time.perf_counter()
                     read[way] = reader.similarities(columns, values)
                     timings[way].append(time.perf_counter() - started)
                 found.append(agreement(read["exact"], read["pruned"], own, listings))
-            row = {"listings": len(catalogue.product_ids), "rows_mb": (catalogue.rows.nbytes + catalogue.values.nbytes) / 1e6,
-                   "query": name, "entries_m": float(np.median([entries[c].sum() for _, c, _ in asked])) / 1e6,
+            row = {"listings": len(catalogue.product_ids), "query": name, "agreement": float(np.mean(found)),
+                   "entries_m": float(np.median([entries[c].sum() for _, c, _ in asked])) / 1e6,
                    **{f"{way}_{key}": value for way, seconds in timings.items()
-                      for key, value in percentiles_ms(seconds, (50, 95)).items()},
-                   "agreement": float(np.mean(found))}
-            row["speed_up"] = row["exact_p50_ms"] / row["pruned_p50_ms"]
-            table.append(row)
-        del catalogue, exact, pruned
-    return {"rows": table, "columns": WORDS_COLUMNS, "models": {"words": f"{run_dir} ({listings} listings)"}, "legend": (
-        f"{len(picked)} queries per row, one at a time, each read exactly and pruned in turn. The catalogue is the "
-        "run's listings copied, so the entries a query reads grow with it as a larger catalogue's would; the "
-        "agreement compares the 10 largest similarities (each copy of the query's own listing left out). Served, "
-        "a query reads pruned only above EXACT_POSTINGS entries (marketplace_search.text).")}
+                      for key, value in percentiles_ms(seconds, (50, 95)).items()}}
+            table.append({**row, "speed_up": row["exact_p50_ms"] / row["pruned_p50_ms"]})
+        del catalogue, readers
+    return {"rows": table, "columns": WORDS_COLUMNS, "models": {"words": f"{run_dir} ({listings} listings)"},
+            "legend": f"{len(picked)} queries per row, one at a time, each read exactly and pruned in turn. A served "
+                      f"query reads pruned only above EXACT_POSTINGS entries (marketplace_search.text)."}

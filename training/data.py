@@ -1,0 +1,94 @@
+"""What the stages hand each other, by file name and reader: WORK/tables/ (training.tables), WORK/photos/
+(training.photos), WORK/split.csv (training.dataset) and RUN/embeddings/ (training.embed); a split's photos
+as a torch Dataset, and their embeddings by a model.
+
+Each stage writes its own files; a later stage reads them through here, not through the stage that wrote them.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from marketplace_search.layout import EMBEDDINGS_DIR
+from marketplace_search.models import MarketplaceNet, embed
+from marketplace_search.presets import Preprocess, eval_transform
+
+TABLES_DIR = "tables"
+PHOTOS_DIR = "photos"
+PHOTOS_REPORT = "photos_report.json"  # in PHOTOS_DIR
+SPLITS = ("train", "val", "test")
+SPLIT_FILE = "split.csv"
+SPLIT_REPORT = "split_report.json"
+
+
+def read_training_table(work_dir: Path) -> pd.DataFrame:
+    """WORK/tables/training_table.csv with ids as text and missing prices as NaN."""
+    path = Path(work_dir) / TABLES_DIR / "training_table.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; run training.tables first")
+    return pd.read_csv(path, dtype={"image_id": str, "product_id": str, "category": str, "title": str,
+                                   "location": str, "label": int, "price": float})
+
+
+def load_split(work_dir: Path) -> pd.DataFrame:
+    """WORK/split.csv: image_id, product_id (text), label (int), split ("train"/"val"/"test")."""
+    path = Path(work_dir) / SPLIT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; run training.dataset first")
+    split = pd.read_csv(path, dtype={"image_id": str, "product_id": str, "label": int, "split": str})
+    unknown = set(split["split"]) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"{path}: unknown split name(s) {sorted(unknown)}")
+    return split
+
+
+class ListingPhotos(Dataset):
+    """Normalised photos of `rows` (image_id, label): items are `(transform(photo), label, image_id)`."""
+
+    def __init__(self, rows: pd.DataFrame, photos_dir: Path, transform=None):
+        self.image_ids = [str(image_id) for image_id in rows["image_id"]]
+        self.labels = [int(label) for label in rows["label"]]
+        self.photos_dir = Path(photos_dir)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int):
+        image_id = self.image_ids[index]
+        with Image.open(self.photos_dir / f"{image_id}.jpg") as photo:
+            image = photo.convert("RGB")
+        return (self.transform(image) if self.transform else image), self.labels[index], image_id
+
+
+def embed_rows(model: MarketplaceNet, preprocess: Preprocess, rows, photos_dir: Path, batch_size: int = 32,
+               workers: int = 2, device: torch.device = torch.device("cpu")) -> tuple[np.ndarray, np.ndarray]:
+    """`(embeddings (n, d), probabilities (n, classes))`, float32, in `rows` order; the model runs in
+    fp32 on `device` (where it already is)."""
+    loader = DataLoader(ListingPhotos(rows, photos_dir, eval_transform(preprocess)),
+                        batch_size=batch_size, num_workers=workers)
+    model.eval()
+    vectors, probabilities = [], []
+    with torch.inference_mode():
+        for images, _, _ in tqdm(loader, desc="embedding", unit="batch"):
+            batch_probabilities, batch_vectors = embed(model, images.to(device))
+            vectors.append(batch_vectors.cpu().numpy())
+            probabilities.append(batch_probabilities.float().cpu().numpy())
+    return np.concatenate(vectors), np.concatenate(probabilities)
+
+
+def load_embeddings(run_dir: Path, mmap: bool = False) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
+    """`(image_ids, embeddings, probabilities, meta)` written by this stage; MMAP: the arrays read-only
+    from disk, read as they are used (the index stage: no second copy of every vector beside the index)."""
+    folder = Path(run_dir) / EMBEDDINGS_DIR
+    if not (folder / "embeddings.npy").is_file():
+        raise FileNotFoundError(f"{folder / 'embeddings.npy'} is missing; run training.embed first")
+    mode = "r" if mmap else None
+    return (json.loads((folder / "image_ids.json").read_text()), np.load(folder / "embeddings.npy", mmap_mode=mode),
+            np.load(folder / "probabilities.npy", mmap_mode=mode),
+            json.loads((folder / "embeddings_meta.json").read_text()))
