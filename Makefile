@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA ?=
 DEMO_OUT ?= work/demo
 
-.PHONY: venv demo test test-fast pipeline serve stop clean image-test
+.PHONY: venv demo test test-fast pipeline serve stop clean distclean image-test
 
 venv: $(VENV)/.installed
 
@@ -34,7 +34,14 @@ serve: venv
 stop: venv
 	$(PY) -m scripts.serve stop
 
+# What the demo and the tests made; a user's runs (work/), archives (model_store/) and server (logs/) stay.
 clean:
+	if [ -x $(PY) ] && [ -d $(DEMO_OUT)/logs ]; then $(PY) -m scripts.serve stop --workdir $(DEMO_OUT)/logs; fi
+	rm -rf $(DEMO_OUT) work/image-test .pytest_cache
+
+distclean: clean
+	@echo "distclean: deleting every training run (work/), archive (model_store/*.mar) and server log and key (logs/)"
+	if [ -x $(PY) ]; then $(PY) -m scripts.serve stop; fi
 	rm -rf work logs model_store/*.mar
 
 # Build the Docker image (buildah, no Docker engine needed; root) and check it in a running container.

@@ -3,9 +3,8 @@
     handler = load_local_handler("work/extracted-mar")
     [(status, answer)] = predict_local(handler, [{"body": photo_bytes}])
 
-The handler and the core package are imported from the archive folder, not from this checkout, so
-`--local` answers exactly as the served archive does even when the checkout has moved on. This
-module imports nothing of the core package for that reason.
+The handler and the core package are imported from the archive folder, not this checkout, so `--local`
+answers exactly as the served archive does; this module imports nothing of the core package for that reason.
 """
 import importlib
 import json
@@ -30,11 +29,8 @@ def archived_name(name: str) -> bool:
 
 @contextmanager
 def archived_imports(model_dir: Path):
-    """Imports inside resolve to the archive's modules; the process's own copies come back afterwards.
-
-    Modules imported inside keep their references to each other (module globals), so the archive's
-    handler keeps running the archive's core package after the block.
-    """
+    """Imports inside resolve to the archive's modules (which keep referring to each other after the block); the
+    process's own copies come back afterwards."""
     own = {name: module for name, module in sys.modules.items() if archived_name(name)}
     for name in own:
         del sys.modules[name]
@@ -49,10 +45,8 @@ def archived_imports(model_dir: Path):
 
 
 def load_local_handler(model_dir: Path | str, model_name: str | None = None, batch_size: int = 8):
-    """The archive's MarketplaceHandler, initialised in this process from an extracted archive folder.
-
-    Uses TorchServe's own Context class, so per-request statuses behave as under the server.
-    """
+    """The archive's MarketplaceHandler, initialised in this process from an extracted archive folder with
+    TorchServe's own Context, so per-request statuses behave as under the server."""
     model_dir = Path(model_dir).resolve()
     if not (model_dir / MANIFEST).is_file():  # the archive's handler checks the files it reads itself
         raise FileNotFoundError(f"{model_dir} is not an extracted archive: it has no {MANIFEST} "
@@ -74,11 +68,7 @@ def load_local_handler(model_dir: Path | str, model_name: str | None = None, bat
 
 
 def predict_local(handler, requests: list[dict], headers: list[dict] | None = None) -> list[tuple[int, dict]]:
-    """Run one batch through `handler.handle`; returns `(HTTP status, answer)` per request.
-
-    `requests` are TorchServe-style dicts (`{"body": photo_bytes}`, multipart fields by name);
-    `headers[i]` are request i's HTTP headers, e.g. {"Content-Type": "application/json", "X-K": "3"}.
-    """
+    """One batch of TorchServe-style requests (and their headers) through `handler.handle`: `(status, answer)` each."""
     headers = headers or [{} for _ in requests]
     context = handler.context
     context.request_ids = {idx: f"local-{idx}" for idx in range(len(requests))}

@@ -1,15 +1,10 @@
-"""TorchServe handler: a photo in, its category and the most similar listings out.
+"""TorchServe handler: a photo and/or the seller's words in, the category and the most similar listings out.
 
-Loads the checkpoint, its eval transform and the Faiss catalogue once per worker; per batch it
-decodes every request, runs ONE forward pass over the valid photos and one index search per
-distinct category filter. A bad request gets its own 4xx and JSON error; the rest of the batch
-is answered normally. Parsing and answer building live in marketplace_search/inference.py.
-
-In-process use (tests, batch jobs) on an extracted archive folder: handlers/local.py.
+Loads everything once per worker; per batch, ONE forward pass over the valid photos and one catalogue
+search per distinct category filter; a bad request gets its own 4xx JSON error. The logic lives in
+marketplace_search.inference; handlers/local.py runs this handler in-process.
 """
-# Faiss before torch: both bring an OpenMP runtime, and this order is the safe one in-process. In a
-# TorchServe worker `ts` has already imported torch; tests/test_server.py checks that start-up is clean.
-import faiss  # noqa: F401
+import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import dataclasses
 import logging
@@ -25,8 +20,8 @@ from ts.torch_handler.base_handler import BaseHandler
 import numpy as np
 
 from marketplace_search.inference import (BODY_PARTS, Batch, CategoryBlend, RequestError, batch_answers,
-                                          blend_categories, internal_error, parse_request, read_words,
-                                          rerank_pool, search_batch, text_categories, text_neighbours)
+                                          blend_categories, internal_error, parse_request, read_words, search_batch,
+                                          text_categories, text_neighbours)
 from marketplace_search.files import sha256_file
 from marketplace_search.layout import ARCHIVE_CATALOGUE, ARCHIVE_CHECKPOINT, ARCHIVE_TEXT_MODEL, archive_file
 from marketplace_search.live import BUNDLED, LiveFollower, Served
@@ -34,12 +29,11 @@ from marketplace_search.models import load_checkpoint, vector_dim
 from marketplace_search.presets import Preprocess, eval_transform
 from marketplace_search.runtime import load_backend, pick_device
 from marketplace_search.search import Catalogue
-from marketplace_search.text import TextModel
+from marketplace_search.text import RERANK_POOL, TextModel
 
 logger = logging.getLogger(__name__)
 
-# Counters per batch size (dimension BatchSize): batches served, which proves dynamic batching, and
-# milliseconds per stage of a batch (dimension Stage), which tell the model's own time from the rest.
+# Counters per batch size: batches served, and milliseconds per stage (which tell the model's time from the rest).
 BATCH_METRIC = "MarketplaceBatches"
 STAGE_METRIC = "MarketplaceStageMilliseconds"
 STAGES = ("decode", "forward", "search", "text", "answer")  # decode = decode + transform of every request
@@ -56,16 +50,11 @@ class MarketplaceHandler(BaseHandler):
         settings = (context.model_yaml_config or {}).get("handler") or {}
         threads = thread_count(context.model_yaml_config or {})
         torch.set_num_threads(threads)
-        # malloc keeps its defaults here (no marketplace_search.memory): a worker answers for days, and with
-        # freed memory kept it grows without end.
-        # Decoding and resizing photos (Pillow releases the GIL) run on the same number of threads.
+        # malloc keeps its defaults here (no marketplace_search.memory): kept freed memory grows without end.
         self.decoders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
-        # A batch's search is a few queries: one OpenMP thread answers them faster than several that
-        # wait on each other, and far faster than several while torch holds the cores.
-        faiss.omp_set_num_threads(1)
+        faiss.omp_set_num_threads(1)  # a batch's few queries: more threads only wait on each other and on torch
         checkpoint_path = archive_file(model_dir, self.manifest["model"].get("serializedFile", ARCHIVE_CHECKPOINT))
         model, checkpoint = load_checkpoint(checkpoint_path)
-        # The archive's backend (marketplace_search.runtime), or fp32 torch where this CPU cannot run it.
         self.backend = load_backend(model, settings.get("runtime", "torch"), settings.get("precision", "fp32"),
                                     model_dir, settings.get("layout", "auto"), self.device.type, threads)
         self.model = self.backend.model
@@ -74,7 +63,6 @@ class MarketplaceHandler(BaseHandler):
         self.transform = eval_transform(self.preprocess_settings)
         bundled = Catalogue.load(archive_file(model_dir, ARCHIVE_CATALOGUE))
         self.category_blend = CategoryBlend.from_dict(settings.get("category_blend"))
-        # The title/description model, when the run trained one (archives before it: photos only).
         text_dir = self.text_dir = model_dir / ARCHIVE_TEXT_MODEL
         self.text_model = TextModel.load(text_dir) if text_dir.is_dir() else None
         if self.text_model is not None and self.text_model.classes != checkpoint["classes"]:
@@ -82,8 +70,6 @@ class MarketplaceHandler(BaseHandler):
         if bundled.dimension != vector_dim(checkpoint):
             raise ValueError(f"{model_dir / ARCHIVE_CATALOGUE} holds {bundled.dimension}-d vectors but "
                              f"{checkpoint_path.name} makes {vector_dim(checkpoint)}-d embeddings")
-        # The live catalogue folder (handler.live_catalogue), if any, replaces the snapshot above as soon
-        # as it has a generation embedded by these very weights; its removal list applies either way.
         live = settings.get("live_catalogue")
         listing_words, listing_words_sha256 = (None, None) if self.text_model is None else (
             self.text_model.listing_words, self.text_model.reader_sha256)  # a live generation's words: these
@@ -112,12 +98,9 @@ class MarketplaceHandler(BaseHandler):
 
     @property
     def served_text_model(self) -> TextModel | None:
-        """The text model this batch reads words with: the archive's, finding and voting with the served live
-        generation's listings when it has their words (listings added live are found by words too).
-
-        While a generation's words serve, the archive's own are let go (they are as large: 590 MB at 100k
-        listings, memory-mapped and shared by the workers) and mapped again from the archive if a generation
-        without words is served later."""
+        """The text model this batch reads words with: the archive's, with the served live generation's listings'
+        words when it has them. The archive's own words are then let go (they are as large), and mapped again
+        if a generation without words is served later."""
         listing_words = self.served.listing_words
         if self.text_model is None:
             return None
@@ -149,11 +132,8 @@ class MarketplaceHandler(BaseHandler):
         return batch
 
     def prepare_request(self, idx: int, request: dict):
-        """`(Query, image tensor)` for request `idx`, or the RequestError that refuses it.
-
-        Whatever goes wrong here concerns this request only: the upload's fault is its 4xx (parse_request
-        and decode_image name it), anything else a logged 500, and the rest of the batch is answered.
-        """
+        """`(Query, image tensor)` for request `idx`, or the RequestError that refuses it (its 4xx, or a logged
+        500): whatever goes wrong here concerns this request only."""
         try:
             headers = self.context.get_all_request_header(idx)
             query = parse_request(request, self.catalogue.categories, body_content_type(headers), headers,
@@ -186,10 +166,10 @@ class MarketplaceHandler(BaseHandler):
             batch.vectors[rows] = vectors
             searched = time.perf_counter()
             # a query with words keeps the pool its words re-rank (text_neighbours): one search serves both
+            pool_k = RERANK_POOL if text_model is not None and text_model.reranks else 0
             neighbours, voters = search_batch(self.catalogue, batch.vectors[rows], [queries[row] for row in rows],
-                                              self.category_blend.vote_k, rerank_pool(text_model))
-            batch.probabilities[rows] = blend_categories(probabilities, voters, self.classes,
-                                                         self.category_blend)
+                                              self.category_blend.vote_k, pool_k)
+            batch.probabilities[rows] = blend_categories(probabilities, voters, self.classes, self.category_blend)
             for row, found in zip(rows, neighbours):
                 batch.neighbours[row] = found
         batch.milliseconds["forward"] = (searched - started) * 1000
@@ -207,25 +187,22 @@ class MarketplaceHandler(BaseHandler):
         answers = batch_answers(batch, self.classes, self.model_info, self.served.info)
         for idx, slot in enumerate(batch.slots):
             self.context.set_response_content_type(idx, "application/json")
-            if isinstance(slot, RequestError):
-                self.context.set_response_status(slot.status, status_phrase(slot), idx)
+            if isinstance(slot, RequestError):  # the reason phrase: one ASCII line (the JSON body has it whole)
+                phrase = " ".join(str(slot).split()).encode("ascii", "replace").decode("ascii")[:200]
+                self.context.set_response_status(slot.status, phrase, idx)
         batch.milliseconds["answer"] = (time.perf_counter() - started) * 1000
         self.record_batch(len(batch.slots), batch.milliseconds)
         return answers
 
     def warm_up(self, batch_size: int) -> None:
-        """One forward pass per batch size the worker can get, before it reports READY.
-
-        oneDNN builds its kernels for each input shape on first use: without this, the first batch
-        of every size answers late. The text model's sentence encoder,
-        loaded on first use, is loaded here too.
-        """
+        """One forward pass per batch size the worker can get, before it reports READY: oneDNN builds its kernels
+        per input shape on first use. The sentence encoder is loaded here too."""
         crop = self.preprocess_settings.crop
         for size in range(1, max(1, batch_size) + 1):
             self.backend.forward(torch.zeros(size, 3, crop, crop))
             self.warmed_batch_sizes.append(size)
         if self.text_model is not None and self.text_model.encoder is not None:
-            self.text_model.encoder.encode(["warm-up"])  # loads the sentence encoder's network (~4 s) before READY
+            self.text_model.encoder.encode(["warm-up"])
 
     def record_batch(self, size: int, milliseconds: dict[str, float]) -> None:
         """Count the batch and add each stage's milliseconds (a stage that did not run adds 0)."""
@@ -247,17 +224,9 @@ def body_content_type(headers: dict) -> str | None:
 
 
 def thread_count(model_config: dict) -> int:
-    """Torch/Faiss threads per worker: `handler.threads` from the model config, else cores / maxWorkers.
-
-    Several workers each using every core oversubscribe the CPU and get slower together.
-    """
+    """Torch threads per worker: `handler.threads` from the model config, else cores / maxWorkers (several workers
+    each using every core get slower together)."""
     configured = (model_config.get("handler") or {}).get("threads")
     if configured:
         return int(configured)
     return max(1, (os.cpu_count() or 1) // max(1, int(model_config.get("maxWorkers", 1))))
-
-
-def status_phrase(error: RequestError) -> str:
-    """An HTTP reason phrase from the error: one ASCII line (the JSON body has the full message)."""
-    text = " ".join(str(error).split())
-    return text.encode("ascii", "replace").decode("ascii")[:200]

@@ -1,17 +1,12 @@
-"""A catalogue's id map and listings as one Arrow file that every worker maps instead of parsing.
-
-listings.arrow is an uncompressed Arrow IPC file: row i describes the photo with index id i, in the
-columns `image_id` and the listing fields (schema.LISTING_FIELDS). Memory-mapped, its columns are the
-file's pages in the page cache, so the workers of a host share one copy, like the memory-mapped
-index; a search turns into Python only the rows it answers with.
-
-`ImageIds` and `Listings` give the table the list and dict interfaces of an in-memory catalogue's
-`Catalogue.image_ids` and `Catalogue.listings`; looking a listing up by image id builds an
-id -> row dict on first use (offline tools do, a search does not).
-"""
+"""A catalogue's id map and listings as one Arrow table: row i is the photo with index id i, in the columns
+`image_id` and schema.LISTING_FIELDS. Saved as an uncompressed Arrow IPC file (listings.arrow) and
+memory-mapped when loaded, so the workers of a host share one copy and a search turns into Python only the
+rows it answers with."""
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from marketplace_search.schema import LISTING_FIELDS
 
@@ -19,26 +14,10 @@ COLUMNS = ("image_id",) + LISTING_FIELDS
 BATCH_ROWS = 1 << 20  # rows per record batch, so string offsets stay 32-bit at any catalogue size
 
 
-def write_listing_table(path, image_ids: Sequence[str], listings: Mapping[str, dict]) -> None:
-    """Write IMAGE_IDS (in index order) and their listings to PATH as an Arrow IPC file."""
-    import pyarrow as pa
-
-    rows = [listings[image_id] for image_id in image_ids]
-    for image_id, listing in zip(image_ids, rows):
-        if set(listing) != set(LISTING_FIELDS):
-            raise ValueError(f"listing of {image_id} has the fields {sorted(listing)}; a listings table holds "
-                             f"exactly {list(LISTING_FIELDS)}")
-    columns = {"image_id": pa.array(list(image_ids), pa.string())}
-    columns.update({name: pa.array([listing[name] for listing in rows]) for name in LISTING_FIELDS})
-    table = pa.table(columns)
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table, max_chunksize=BATCH_ROWS)
-
-
 class ListingTable:
     """Row access to a listings table: `image_id(row)`, `listing(row)`, and the row groups a catalogue needs."""
 
-    def __init__(self, table):
+    def __init__(self, table: pa.Table):
         missing = [name for name in COLUMNS if name not in table.column_names]
         if missing:
             raise ValueError(f"listings table lacks the columns {missing}; it has {table.column_names}")
@@ -48,11 +27,25 @@ class ListingTable:
         self._row_of: dict[str, int] | None = None
 
     @classmethod
+    def build(cls, image_ids: Sequence[str], listings: Mapping[str, dict]) -> "ListingTable":
+        """IMAGE_IDS (in index order) and their listings, in memory."""
+        rows = [listings[image_id] for image_id in image_ids]
+        for image_id, listing in zip(image_ids, rows):
+            if set(listing) != set(LISTING_FIELDS):
+                raise ValueError(f"listing of {image_id} has the fields {sorted(listing)}; a listings table holds "
+                                 f"exactly {list(LISTING_FIELDS)}")
+        columns = {"image_id": pa.array(list(image_ids), pa.string())}
+        columns.update({name: pa.array([listing[name] for listing in rows]) for name in LISTING_FIELDS})
+        return cls(pa.table(columns))
+
+    @classmethod
     def open(cls, path) -> "ListingTable":
         """Map PATH: no column is copied into the process."""
-        import pyarrow as pa
-
         return cls(pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all())
+
+    def write(self, path) -> None:
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, self.table.schema) as writer:
+            writer.write_table(self.table, max_chunksize=BATCH_ROWS)
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -79,8 +72,6 @@ class ListingTable:
 
     def rows_by_category(self) -> dict[str, np.ndarray]:
         """{category: its rows, ascending}, computed in Arrow (no Python object per row)."""
-        import pyarrow.compute as pc
-
         column = self.table.column("category")
         if column.null_count:
             raise ValueError(f"{column.null_count} listings have no category")
@@ -92,9 +83,6 @@ class ListingTable:
 
     def rows_of_products(self, product_ids) -> np.ndarray:
         """The rows (ascending) of the photos of PRODUCT_IDS' listings."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
         column = self.table.column("product_id")
         wanted = pa.array(sorted(product_ids), column.type)
         return np.flatnonzero(pc.is_in(column, value_set=wanted).to_numpy(zero_copy_only=False)).astype(np.int64)
@@ -116,9 +104,6 @@ class ImageIds(Sequence):
 
     def __iter__(self) -> Iterator[str]:
         return self.table.iter_image_ids()
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Sequence) and len(other) == len(self) and list(self) == list(other)
 
 
 class Listings(Mapping):

@@ -1,5 +1,4 @@
-"""The project's optional extras (pyproject.toml): whether a package from one is installed, and what to say
-when a feature needs one that is not."""
+"""Whether a package of the project's optional extras (pyproject.toml) is installed, and what to say if not."""
 import importlib.util
 
 

@@ -1,8 +1,4 @@
-"""Decode photos safely and normalise them to RGB squares.
-
-Used by the photos stage (files on disk) and by the handler (uploaded bytes), so a photo is
-cleaned the same way at training and at serving time.
-"""
+"""Decode photos safely and normalise them to RGB squares, alike for training (files) and serving (uploads)."""
 import io
 import logging
 import math
@@ -11,27 +7,19 @@ from pathlib import Path
 
 from PIL import ExifTags, Image
 
-# What an upload may be, decided from its bytes (Pillow's detected format), never from its name or
-# Content-Type. A JPEG with extra (multi-picture) frames, as some cameras write, opens as Pillow's "MPO".
+# What an upload may be, decided from its bytes, never its name or Content-Type (a multi-picture JPEG: "MPO").
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-# Refuse anything bigger than a 64-megapixel phone photo before decoding it: a decompression
-# bomb declares huge dimensions in a tiny file.
+# Refused from the header before decoding: a decompression bomb declares huge dimensions in a tiny file.
 MAX_PIXELS = 64_000_000
-# Refuse an image whose decoding would hold more than this, checked from its header before decoding
-# (after a JPEG's reduced-scale draft): width x height x DECODED_BYTES_PER_PIXEL x DECODER_COPIES.
-# A 100 KB PNG can declare 8000 x 8000 16-bit pixels; decoding needs their bytes whatever the file
-# size. 192 MiB admits a 50-megapixel colour PNG/TIFF/BMP, a 12-megapixel WebP, any greyscale image
-# and, decoded to fit a model's input, any JPEG up to MAX_PIXELS. With `fit_size` the image is then
-# shrunk band by band before any mode conversion, so one upload's peak stays near this figure.
+# The most decoding may hold (width x height x DECODED_BYTES_PER_PIXEL x DECODER_COPIES, from the header):
+# a 50-megapixel colour PNG, a 12-megapixel WebP, any greyscale image, any JPEG decoded to fit the model.
 MAX_DECODED_BYTES = 192 * 2**20
 # Pillow's storage: modes of 2, 3 or 4 bands take 4 bytes a pixel.
 DECODED_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
 WIDE_BYTES_PER_PIXEL = 4
-# Full-size copies a format's decoder holds while decoding, the image included: Pillow's WebP reader
-# keeps libwebp's canvas and a copy of the frame besides the image (4x measured); the others stream.
+# Full-size copies a format's decoder holds, the image included (Pillow's WebP reader keeps libwebp's canvas).
 DECODER_COPIES = {"WEBP": 4}
-# Shrink a decoded image to no less than this many times the size it will next be resized to:
-# a box reduction followed by the final bicubic resize, as Pillow's own `reducing_gap` does.
+# A decoded image is box-reduced to no less than this many times its final size, as Pillow's `reducing_gap`.
 REDUCING_GAP = 2
 BAND_PIXELS = 2**20  # shrink() works on bands of about this many pixels
 # EXIF orientation -> the transpose that makes the photo upright (as ImageOps.exif_transpose).
@@ -58,16 +46,12 @@ class ImageTooLarge(ImageError):
 
 def decode_image(data: bytes | Path | str, max_pixels: int = MAX_PIXELS, fit_size: int | None = None,
                  max_decoded_bytes: int = MAX_DECODED_BYTES) -> Image.Image:
-    """Open a photo from bytes or a path, fully decoded, upright, in RGB.
+    """Open a photo from bytes or a path, fully decoded, upright, in RGB; raises UnsupportedFormat, ImageTooLarge
+    or ImageError naming what is wrong.
 
-    `fit_size`: the photo will next be shrunk to fit a square of this size (pad_to_square: longer
-    side = fit_size), so a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling,
-    Pillow's draft mode) as long as it stays at least that large, and any other image is box-reduced
-    right after decoding to at least REDUCING_GAP times that size, before its mode is converted. A
-    12-megapixel phone photo then decodes several times faster, a 640x480 one about twice as fast
-    (scripts.benchmark, bare section), and a huge PNG costs its decoded bytes once, not several copies.
-    Raises UnsupportedFormat, ImageTooLarge or ImageError naming what is wrong; never returns a
-    partial image.
+    `fit_size`: the photo will next be fitted into a square of this size, so a JPEG may be decoded at 1/2, 1/4
+    or 1/8 scale (libjpeg's DCT scaling) while it stays at least that large, and any other image is box-reduced
+    to REDUCING_GAP times that size before its mode is converted.
     """
     name = str(data) if isinstance(data, (str, Path)) else "upload"
     if isinstance(data, (str, Path)):
@@ -93,8 +77,7 @@ def decode_image(data: bytes | Path | str, max_pixels: int = MAX_PIXELS, fit_siz
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageError(f"{name}: corrupt or truncated image ({error})") from error
     except Exception as error:
-        # Pillow's decoders raise anything on a hostile file (TypeError, KeyError, struct.error,
-        # IndexError...): it is still this file's fault. Logged with its traceback, as it may be Pillow's bug.
+        # Pillow's decoders raise anything on a hostile file: still this file's fault (logged: maybe Pillow's bug).
         logger.warning("%s: unexpected %s while decoding", name, type(error).__name__, exc_info=True)
         raise ImageError(f"{name}: corrupt image ({type(error).__name__}: {error})") from error
     return to_rgb(image, name)
@@ -148,11 +131,7 @@ def decoded_bytes(image: Image.Image) -> int:
 
 
 def shrink(image: Image.Image, fit_size: int | None) -> Image.Image:
-    """Box-reduce a decoded image to at least REDUCING_GAP x its fitted size, before any mode conversion.
-
-    Band by band: a palette band is expanded to colours, an RGBA band premultiplied (Image.reduce),
-    without a full-size copy of either.
-    """
+    """Box-reduce a decoded image to at least REDUCING_GAP x its fitted size, band by band (no full-size copy)."""
     if not fit_size:
         return image
     width, height = fitted_size(image.width, image.height, fit_size)
@@ -185,15 +164,11 @@ def fitted_size(width: int, height: int, size: int) -> tuple[int, int]:
 
 
 def to_rgb(image: Image.Image, name: str = "image", keep_alpha: bool = False) -> Image.Image:
-    """Convert any PIL mode we accept to 8-bit RGB; transparency is flattened onto white.
-
-    `keep_alpha`: return RGBA instead of flattening an image with transparency (and L for bilevel).
-    """
+    """Convert any PIL mode we accept to 8-bit RGB, transparency flattened onto white (`keep_alpha`: RGBA)."""
     if image.mode == "RGB":
         return image
     if image.mode == "I;16":
-        # 16-bit greyscale: the high byte, rather than clipping everything over 255 to white. point()
-        # keeps 2 bytes a pixel where going through 32-bit "I" took 4, twice.
+        # 16-bit greyscale: the high byte, rather than clipping everything over 255 to white.
         image = image.point(lambda value: value * (1 / 256)).convert("L")
     elif image.mode.startswith("I"):  # point() takes no other 16-bit layout: through 32-bit "I"
         image = image if image.mode == "I" else image.convert("I")

@@ -1,19 +1,11 @@
-"""Answering photo queries: request parsing, batched search and the answer JSON, without TorchServe.
-
-The TorchServe handler (handlers/marketplace_handler.py) and in-process batch jobs call these
-functions; nothing here knows about sockets or the TorchServe context.
+"""Answering queries without TorchServe: request parsing, batched search, the words, the answer JSON.
 
 A request is what TorchServe hands the handler for one HTTP call, a dict of named parts:
-  {"body": <photo bytes>}                       raw upload (Content-Type: image/*)
-  {"body": {"image": "<base64>", "k": 5, ...}}   JSON (TorchServe has already parsed it)
+  {"body": <photo bytes>}                       raw upload
+  {"body": {"image": "<base64>", "k": 5, ...}}   JSON (already parsed by TorchServe)
   {"photo": <bytes>, "k": "5", ...}              multipart form: any one field holds the photo
-Options: `k` (1..MAX_K, default 10), `category` (restrict neighbours to one category),
-`embedding` (true to return the query's embedding). They go in the JSON document, as multipart
-fields, or as request headers `X-K`, `X-Category`, `X-Embedding` (the only way with a raw upload:
-TorchServe drops the query string of a POST). A JSON field or form field wins over a header.
-The seller's words: `title` (JSON field, multipart field or `X-Title` header, UTF-8) and
-`description` (JSON or multipart field, with a title). A request carries a photo, a title, or both;
-without a photo its neighbours are found by its words alone, and `embedding` needs a photo.
+Options (`k`, `category`, `embedding`) and `title` also come as X-K, X-Category, X-Embedding, X-Title headers
+(TorchServe drops a POST's query string); a JSON or form field wins over a header.
 """
 import base64
 import binascii
@@ -26,6 +18,7 @@ import torch
 from PIL import Image
 
 from marketplace_search.images import MAX_PIXELS, ImageError, ImageTooLarge, UnsupportedFormat, decode_image
+from marketplace_search.schema import ErrorBody
 from marketplace_search.search import MAX_K, Catalogue
 from marketplace_search.text import (DESCRIPTION, MAX_DESCRIPTION_CHARS, MAX_TITLE_CHARS, PHOTO, RERANK_POOL, TITLE,
                                      ListingWords, TextModel, TextReading, listing_text)
@@ -34,7 +27,6 @@ DEFAULT_K = 10
 TOP_CATEGORIES = 3
 OPTIONS = ("k", "category", "embedding")
 BODY_PARTS = ("body", "data")  # "data" is what gRPC and KServe-style clients send
-JSON_TYPES = ("application/json",)
 TEXT_FIELDS = (TITLE, DESCRIPTION)
 TEXT_LIMITS = {TITLE: MAX_TITLE_CHARS, DESCRIPTION: MAX_DESCRIPTION_CHARS}
 FIELDS = OPTIONS + TEXT_FIELDS
@@ -51,7 +43,7 @@ class RequestError(ValueError):
         self.status = status
         self.kind = kind
 
-    def body(self) -> dict:
+    def body(self) -> ErrorBody:
         return {"code": self.status, "type": self.kind, "error": str(self)}
 
 
@@ -75,13 +67,9 @@ class Query:
 
 @dataclass
 class Batch:
-    """A handler batch: one slot per request, a Query or the RequestError that refused it.
-
-    `images` stacks the tensors of the valid queries that sent a photo, in slot order; the model, the
-    index and the text model fill `probabilities` ((valid, classes)), `vectors` ((valid, d) float32,
-    L2-normalised; zeros for a query without a photo) and `neighbours` (one list per valid query); `milliseconds`
-    holds the time each stage took (decode, forward, search, answer).
-    """
+    """A handler batch: one slot per request, a Query or the RequestError that refused it. `images` stacks the
+    photos of the valid queries that sent one; `probabilities` (valid, classes), `vectors` (valid, d; zeros
+    without a photo) and `neighbours` are per valid query; `milliseconds` per stage."""
 
     slots: list
     images: torch.Tensor | None = None
@@ -102,22 +90,18 @@ class Batch:
 
 def parse_request(request: dict, categories: list[str], content_type: str | None = None,
                   headers: dict | None = None, fit_size: int | None = None) -> Query:
-    """Turn one TorchServe request dict into a Query; raises RequestError naming what is wrong.
-
-    `content_type` is the body's Content-Type, used to tell a JSON body TorchServe could not
-    parse (it then passes the raw bytes) from a photo; `headers` are the request's headers;
-    `fit_size` lets a large JPEG decode at a reduced scale (see decode_image).
-    """
+    """Turn one TorchServe request dict into a Query; raises RequestError naming what is wrong. `content_type`
+    tells a JSON body TorchServe could not parse from a photo; `fit_size`: see decode_image."""
     if not isinstance(request, dict) or not request:
         raise RequestError("empty request: send a photo as the body, a multipart file or JSON {\"image\": base64}",
                            kind="empty_request")
     parts = {**header_options(headers or {}), **request}
     body_name = next((name for name in BODY_PARTS if name in parts), None)
     if body_name is None:
-        photo = pop_photo_field(parts)
-        return make_query(photo, parts, categories, fit_size)
+        return make_query(pop_photo_field(parts), parts, categories, fit_size)
     body = parts.pop(body_name)
-    if isinstance(body, (bytes, bytearray)) and not looks_like_json(body, content_type):
+    json_declared = (content_type or "").split(";")[0].strip().lower() == "application/json"
+    if isinstance(body, (bytes, bytearray)) and not json_declared and bytes(body[:64]).lstrip()[:1] != b"{":
         # An empty body with an X-Title header is a request for the words alone.
         return make_query(body if len(body) or TITLE not in parts else None, parts, categories, fit_size)
     document = parse_json_body(body)
@@ -149,24 +133,14 @@ def header_text(value):
     return value
 
 
-def looks_like_json(body: bytes, content_type: str | None) -> bool:
-    declared = (content_type or "").split(";")[0].strip().lower()
-    return declared in JSON_TYPES or bytes(body[:64]).lstrip()[:1] == b"{"
-
-
 def parse_json_body(body) -> dict:
-    if isinstance(body, (bytes, bytearray)):
+    if isinstance(body, str) and not body.lstrip().startswith("{"):
+        raise RequestError("text body is not a photo: send the photo bytes with an image Content-Type "
+                           "or JSON {\"image\": base64}", 415, "unsupported_format")
+    if isinstance(body, (bytes, bytearray, str)):
         try:
-            body = json.loads(bytes(body).decode("utf-8"))
+            body = json.loads(body if isinstance(body, str) else bytes(body).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise RequestError(f"body is not valid JSON ({error})", kind="bad_json") from error
-    elif isinstance(body, str):
-        if not body.lstrip().startswith("{"):
-            raise RequestError("text body is not a photo: send the photo bytes with an image Content-Type "
-                               "or JSON {\"image\": base64}", 415, "unsupported_format")
-        try:
-            body = json.loads(body)
-        except json.JSONDecodeError as error:
             raise RequestError(f"body is not valid JSON ({error})", kind="bad_json") from error
     if not isinstance(body, dict):
         raise RequestError(f"JSON body must be an object, got {type(body).__name__}", kind="bad_json")
@@ -176,9 +150,9 @@ def parse_json_body(body) -> dict:
 def pop_photo_field(parts: dict) -> bytes | None:
     """The one multipart field that is not an option or text (None if there is none but a title); removes it."""
     fields = [name for name in parts if name not in FIELDS]
-    if not fields and TITLE in parts:
-        return None
     if not fields:
+        if TITLE in parts:
+            return None
         raise RequestError("no photo in the request: send it as the body or as a multipart file field, "
                            "or send a title", kind="missing_image")
     if len(fields) > 1:
@@ -212,28 +186,22 @@ def make_query(photo: bytes | None, options: dict, categories: list[str], fit_si
     title, description = (parse_text(options.get(name), name) for name in TEXT_FIELDS)
     if description is not None and title is None:
         raise RequestError("a description needs a title: send the listing's title too", kind="missing_title")
-    if photo is None:
-        if title is None:
-            raise RequestError("send a photo, a title or both", kind="missing_image")
-        if embedding:
-            raise RequestError("option embedding needs a photo (the embedding is the photo's); send one, or drop "
-                               "the option", kind="missing_image")
-        return Query(None, k, category, embedding, title, description)
-    return Query(read_photo(photo, fit_size=fit_size), k, category, embedding, title, description)
+    if photo is None and title is None:
+        raise RequestError("send a photo, a title or both", kind="missing_image")
+    if photo is None and embedding:
+        raise RequestError("option embedding needs a photo (the embedding is the photo's); send one, or drop "
+                           "the option", kind="missing_image")
+    image = None if photo is None else read_photo(photo, fit_size=fit_size)
+    return Query(image, k, category, embedding, title, description)
 
 
 def parse_text(value, name: str) -> str | None:
     """A title or description: UTF-8 text, not empty, at most TEXT_LIMITS[name] characters (413 above)."""
     if value is None:
         return None
-    if isinstance(value, (bytes, bytearray)):
-        try:
-            value = bytes(value).decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise RequestError(f"{name} is not UTF-8 text ({error})", kind="bad_text") from error
-    if not isinstance(value, str):
+    if not isinstance(value, (bytes, bytearray, str)):
         raise RequestError(f"{name} must be text, got {type(value).__name__}", kind="bad_text")
-    text = value.strip()
+    text = as_text(value, name, "bad_text")
     if not text:
         raise RequestError(f"{name} is empty", kind="bad_text")
     if len(text) > TEXT_LIMITS[name]:
@@ -242,12 +210,12 @@ def parse_text(value, name: str) -> str | None:
     return text
 
 
-def as_text(value) -> str:
+def as_text(value, name: str = "option", kind: str = "bad_request") -> str:
     if isinstance(value, (bytes, bytearray)):
         try:
             return bytes(value).decode("utf-8").strip()
         except UnicodeDecodeError as error:
-            raise RequestError(f"option value {bytes(value)[:20]!r} is not UTF-8 text") from error
+            raise RequestError(f"{name} {bytes(value)[:20]!r} is not UTF-8 text ({error})", kind=kind) from error
     return str(value).strip()
 
 
@@ -266,9 +234,7 @@ def parse_k(value) -> int:
 
 
 def parse_category(value, categories: list[str]) -> str | None:
-    if value is None:
-        return None
-    category = as_text(value)
+    category = "" if value is None else as_text(value)
     if not category:
         return None
     if category not in categories:
@@ -308,14 +274,10 @@ def internal_error() -> RequestError:
 
 def search_batch(catalogue: Catalogue, vectors: np.ndarray, queries: list[Query], vote_k: int = 0,
                  pool_k: int = 0) -> tuple[list[list[dict]], list[list[dict]]]:
-    """`(neighbours, voters)` per query: one catalogue search per distinct category filter in the batch.
-
-    Each group is searched with its largest depth and each answer cut to its own: its k, or for a query
-    with words its nearest `pool_k` (rerank_pool: the pool text_neighbours re-ranks by the words and
-    cuts to k). The first k de-duplicated listings do not depend on how many more were asked for (an
-    exact search; an approximate one asked for more can only find closer ones). `voters` are the
-    nearest `vote_k` listings of the whole catalogue (whatever the filter), for CategoryBlend; empty for 0.
-    """
+    """`(neighbours, voters)` per query: one catalogue search per distinct category filter in the batch, at
+    the group's largest depth, each answer cut to its k (with words: `pool_k`, the pool text_neighbours
+    re-ranks); the first k listings do not depend on how many more were asked for. `voters`: the nearest
+    `vote_k` listings of the whole catalogue, for CategoryBlend."""
     groups: dict[str | None, list[int]] = defaultdict(list)
     for row, query in enumerate(queries):
         groups[query.category].append(row)
@@ -338,12 +300,8 @@ def search_batch(catalogue: Catalogue, vectors: np.ndarray, queries: list[Query]
 
 @dataclass(frozen=True)
 class CategoryBlend:
-    """The category from the head's probabilities blended with a vote of the nearest catalogue listings.
-
-    Each of the `k` nearest listings votes for its category with weight exp(similarity / temperature);
-    the answer's probabilities are (1 - weight) x the head's + weight x the votes' shares. Chosen on the
-    validation split by training.evaluate (weight 0: the head alone) and carried by the archive.
-    """
+    """(1 - weight) x the head's probabilities + weight x the shares of a vote of the `k` nearest listings, each
+    weighted exp(similarity / temperature); chosen by training.evaluate (weight 0: the head alone)."""
 
     k: int = 10
     temperature: float = 0.1
@@ -352,8 +310,8 @@ class CategoryBlend:
     @classmethod
     def from_dict(cls, settings: dict | None) -> "CategoryBlend":
         settings = settings or {}
-        return cls(int(settings.get("k", 10)), float(settings.get("temperature", 0.1)),
-                   float(settings.get("weight", 0.0)))
+        return cls(int(settings.get("k", cls.k)), float(settings.get("temperature", cls.temperature)),
+                   float(settings.get("weight", cls.weight)))
 
     def to_dict(self) -> dict:
         return {"k": self.k, "temperature": self.temperature, "weight": self.weight}
@@ -395,65 +353,46 @@ def top_categories(probabilities: np.ndarray, classes: list[str], n: int = TOP_C
 
 
 def read_words(text_model: TextModel | None, queries: list[Query]) -> list[TextReading | None]:
-    """Each query's words read once (TextModel.read), for its category and its neighbours alike; None
-    for a query without words."""
+    """Each query's words read once (TextModel.read), for its category and neighbours alike; None without words."""
     if text_model is None and any(query.title is not None for query in queries):
         raise ValueError("queries with words reached a handler without a text model")
     return [None if query.title is None else text_model.read(listing_text(query.title, query.description))
             for query in queries]
 
 
-def rerank_pool(text_model: TextModel | None) -> int:
-    """How many photo neighbours search_batch keeps for a query with words (`pool_k`): the RERANK_POOL
-    that text_neighbours re-ranks by the words, 0 where the text model does not re-rank."""
-    return RERANK_POOL if text_model is not None and text_model.reranks else 0
-
-
 def text_categories(text_model: TextModel | None, queries: list[Query], probabilities: np.ndarray,
-                    readings: list[TextReading | None] | None = None) -> np.ndarray:
-    """The category probabilities of each query from what it sent: `probabilities` (the photo's) where it
-    sent a photo alone, the text model's calibration for its inputs where it sent words (`readings`:
-    read_words of the queries, read here when not given)."""
-    worded = [row for row, query in enumerate(queries) if query.title is not None]
-    if not worded:
-        return probabilities
-    readings = read_words(text_model, queries) if readings is None else readings
+                    readings: list[TextReading | None]) -> np.ndarray:
+    """Each query's category probabilities: `probabilities` (the photo's) for a photo alone, the text model's
+    calibration for its inputs where it sent words (`readings`: read_words of the queries)."""
     out = np.array(probabilities, np.float32, copy=True)
-    for row in worded:
-        query = queries[row]
-        photo = probabilities[row:row + 1] if query.image is not None else None
-        out[row] = text_model.predict(query.inputs, [readings[row]], photo)[0]
+    for row, query in enumerate(queries):
+        if query.title is not None:
+            photo = probabilities[row:row + 1] if query.image is not None else None
+            out[row] = text_model.predict(query.inputs, [readings[row]], photo)[0]
     return out
 
 
 def text_neighbours(text_model: TextModel | None, queries: list[Query], neighbours: list[list[dict]],
-                    readings: list[TextReading | None] | None = None, catalogue: Catalogue | None = None,
-                    vectors: np.ndarray | None = None) -> list[list[dict]]:
-    """Each query's neighbours given its words (`readings` as text_categories'), the others' as they are:
-
-    - photo + words: its photo neighbours (search_batch's pool of rerank_pool(text_model)), joined by the
-      listings nearest by words when the model fills (words_pool; CATALOGUE and the queries' search
-      VECTORS needed), re-ranked by photo + word similarity and cut to its k (ListingWords.rerank);
-    - words alone: the k listings nearest by words (found_by_words; CATALOGUE needed).
-    """
-    if text_model is None or text_model.listing_words is None or all(query.title is None for query in queries):
+                    readings: list[TextReading | None], catalogue: Catalogue, vectors: np.ndarray) -> list[list[dict]]:
+    """Each query's neighbours given its words (`readings` as text_categories'): photo + words, its photo pool
+    (joined by the listings nearest by words when the model fills) re-ranked by photo + word similarity; words
+    alone, the listings nearest by words."""
+    if text_model is None or text_model.listing_words is None:
         return neighbours
-    readings = read_words(text_model, queries) if readings is None else readings
     listing_words, out = text_model.listing_words, list(neighbours)
     for row, query in enumerate(queries):
         if query.title is None:
             continue
         similarities = readings[row].similarities
         if query.image is None:
-            if catalogue is not None:
-                out[row] = found_by_words(catalogue, listing_words, text_model.classes, similarities, query.k,
-                                          query.category)
-        else:
-            pool = neighbours[row]
-            if listing_words.fill and listing_words.rerank_weight and catalogue is not None:
-                pool = words_pool(catalogue, listing_words, text_model.classes, similarities, vectors[row],
-                                  query.category, pool)
-            out[row] = listing_words.rerank(pool, similarities, query.k)
+            out[row] = found_by_words(catalogue, listing_words, text_model.classes, similarities, query.k,
+                                      query.category)
+            continue
+        pool = neighbours[row]
+        if listing_words.fill and listing_words.rerank_weight:
+            pool = words_pool(catalogue, listing_words, text_model.classes, similarities, vectors[row],
+                              query.category, pool)
+        out[row] = listing_words.rerank(pool, similarities, query.k)
     return out
 
 
@@ -464,9 +403,8 @@ def _label(classes: list[str], category: str | None) -> int | None:
 
 def words_pool(catalogue: Catalogue, listing_words: ListingWords, classes: list[str], similarities: np.ndarray,
                vector: np.ndarray, category: str | None, pool: list[dict], exclude: str | None = None) -> list[dict]:
-    """POOL (a query's photo neighbours) followed by the RERANK_POOL listings nearest by words that are not
-    in it, each with its photo most similar to VECTOR and that exact similarity (Catalogue.listings_of),
-    for ListingWords.rerank. EXCLUDE: a product id left out (evaluation: the query's own listing)."""
+    """POOL (a query's photo neighbours) and the RERANK_POOL listings nearest by words not in it, each with its
+    photo nearest VECTOR (Catalogue.listings_of). EXCLUDE: a product id left out (evaluation)."""
     taken = {neighbour["product_id"] for neighbour in pool} | ({exclude} if exclude else set())
     found = [product_id for product_id, _ in listing_words.nearest(similarities, RERANK_POOL, _label(classes, category),
                                                                    taken)]
@@ -476,38 +414,26 @@ def words_pool(catalogue: Catalogue, listing_words: ListingWords, classes: list[
 
 def found_by_words(catalogue: Catalogue, listing_words: ListingWords, classes: list[str], similarities: np.ndarray,
                    k: int, category: str | None = None, exclude: str | None = None) -> list[dict]:
-    """The k catalogue listings nearest by words (a request with words and no photo), best first, each with
-    its first photo; its "similarity" and "word_similarity" are the words' cosine. Listings the catalogue no
-    longer shows are skipped; EXCLUDE as in words_pool."""
+    """The k listings the catalogue shows nearest by words, each with its first photo, "similarity" and
+    "word_similarity" the words' cosine; EXCLUDE as in words_pool."""
     found = listing_words.nearest(similarities, max(k, RERANK_POOL), _label(classes, category), {exclude} - {None})
     entries = catalogue.listings_of([product_id for product_id, _ in found], None, category)
     return [{**entries[product_id], "similarity": round(similarity, 6), "word_similarity": round(similarity, 6)}
             for product_id, similarity in found if product_id in entries][:k]
 
 
-def build_answer(probabilities: np.ndarray, classes: list[str], neighbours: list[dict], model: dict,
-                 embedding: np.ndarray | None = None, inputs: list[str] | None = None,
-                 catalogue: dict | None = None) -> dict:
-    """The answer for one query: best category, top 3, nearest listings, model, the catalogue generation
-    that answered (marketplace_search.live), the inputs used; embedding if asked."""
-    top = top_categories(probabilities, classes)
-    answer = {"category": top[0]["category"], "probability": top[0]["probability"], "top_categories": top,
-              "neighbours": neighbours, "model": model, **({"catalogue": catalogue} if catalogue else {}),
-              "inputs": inputs or [PHOTO]}
-    if embedding is not None:
-        answer["embedding"] = [float(x) for x in embedding]
-    return answer
-
-
 def batch_answers(batch: Batch, classes: list[str], model: dict, catalogue: dict | None = None) -> list[dict]:
-    """One answer per slot: the result for a Query, the error body for a RequestError."""
+    """One answer per slot: the result for a Query (schema.Answer), the error body for a RequestError."""
     answers, row = [], 0
     for slot in batch.slots:
         if isinstance(slot, RequestError):
             answers.append(slot.body())
             continue
-        vector = batch.vectors[row] if slot.embedding else None
-        answers.append(build_answer(batch.probabilities[row], classes, batch.neighbours[row], model, vector,
-                                    slot.inputs, catalogue))
+        top = top_categories(batch.probabilities[row], classes)
+        answers.append({"category": top[0]["category"], "probability": top[0]["probability"], "top_categories": top,
+                        "neighbours": batch.neighbours[row], "model": model,
+                        **({"catalogue": catalogue} if catalogue else {}), "inputs": slot.inputs})
+        if slot.embedding:
+            answers[-1]["embedding"] = [float(x) for x in batch.vectors[row]]
         row += 1
     return answers

@@ -1,17 +1,9 @@
 """Where things live: the folders of a training run and of a model archive, and run.json.
 
-A run folder, `WORK/model_evaluation/<timestamp>/`:
-  run.json                 what each stage did (update_run_info)
-  weights/epoch_<N>.pt     a checkpoint per epoch; weights/best.pt the one the later stages use
-  logs/                    TensorBoard
-  embeddings/              catalogue vectors (training.embed)
-  index/                   the Faiss catalogue (training.index; file names in marketplace_search.search)
-  evaluation.json          the evaluation table (training.evaluate; "text": training.text)
-  text_model/              the title/description model and its calibrations (training.text)
-An archive (`.mar`, unpacked by TorchServe into the worker's model folder):
-  best.pt, catalogue/, text_model/ (when the run has one), decoder.json, model_card.json, model_config.yaml,
-  MAR-INF/MANIFEST.json, the handler module, this package whole (marketplace_search/), and openvino/
-  (model.xml, model.bin) when the archive's runtime is OpenVINO.
+A run, WORK/model_evaluation/<timestamp>/: run.json (what each stage did), weights/ (epoch_<N>.pt, best.pt),
+logs/ (TensorBoard), embeddings/, index/ (the catalogue), evaluation.json, text_model/.
+An archive (.mar): best.pt, catalogue/, text_model/, decoder.json, model_card.json, model_config.yaml,
+MAR-INF/MANIFEST.json, the handler module, this package whole, and openvino/ for an OpenVINO runtime.
 """
 import json
 from datetime import datetime, timezone

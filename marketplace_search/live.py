@@ -1,36 +1,23 @@
-"""The live catalogue: numbered generations of the Faiss catalogue outside the archive, a pointer to the
-current one and a list of removed listings, followed by every worker while it serves.
+"""The live catalogue: numbered generations of the catalogue outside the archive, a pointer to the current
+one and a list of removed listings, followed by every worker while it serves.
 
 On disk (one folder, LIVE):
-  CURRENT              {"generation": N, "name": "gen-00000N", "published": ISO time}; replaced atomically
-                       (written beside, then os.replace) once generation N is complete
-  removed.json         {"product_ids": {product_id: ISO time removed}}: sold or withdrawn listings, left
-                       out of every answer at once; compaction folds them into a new generation
-  gen-00000N/          one generation, never changed once in place (written in a hidden folder, renamed):
-    catalogue/         the Catalogue folder (marketplace_search.search: index, listings table, meta)
-    vectors.npy        (n, d) float32, L2-normalised, row i = the id map's image i (adds and compactions
-                       rebuild the index from exact vectors, whatever the index type)
-    generation.json    number, parent, created, what changed, and "model": the sha256 of the checkpoint
-                       whose weights made the vectors
-    words.npz          (when the served model reads titles) the listings' TF-IDF rows that the text model
-                       finds and votes with (marketplace_search.text.save_listing_words), and the reader_sha256 of
-                       the text model that made them: listings added live are found by their words too
-  .lock                held by writers (scripts.catalogue) so two changes never interleave
+  CURRENT              {"generation": N, "name": "gen-00000N", "published": ISO time}, replaced atomically
+  removed.json         {"product_ids": {product_id: ISO time removed}}: out of every answer at once
+  gen-00000N/          one generation, complete before CURRENT names it and never changed after:
+    catalogue/         the Catalogue folder (marketplace_search.search)
+    vectors.npy        (n, d) float32 L2-normalised, row i = catalogue row i: adds and compactions rebuild from them
+    generation.json    number, parent, created, the change, and the sha256 of the checkpoint that made the vectors
+    words.npz          (a model that reads titles) the listings' words (text.save_listing_words)
+  .lock                held by writers (scripts.catalogue)
 
-A worker (LiveFollower) checks the stat of CURRENT and removed.json at most every CHECK_SECONDS, on
-its next batch; a new removal list applies at once, a new generation is loaded whole (beside the
-batches, in a thread) and then swapped in with one reference, so a batch is answered from one generation.
-It refuses a generation embedded by other weights than its own; a generation's words made by another
-text model are left aside (logged), its photos served, and the archive's own words used.
-Writers publish CURRENT before pruning removed.json and readers read removed.json before CURRENT,
-so a reader never pairs an old generation with a pruned removal list.
+Writers publish CURRENT before pruning removed.json and readers read removed.json before CURRENT, so a
+reader never pairs an old generation with a pruned removal list.
 """
 import fcntl
 import json
 import logging
-import os
 import shutil
-import tempfile
 import threading
 import time
 import zipfile
@@ -41,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from marketplace_search.files import fsync_path, write_json_atomically
+from marketplace_search.files import folder_replaced_atomically, fsync_path, path_identity, write_json_atomically
 from marketplace_search.search import Catalogue, make_catalogue
 from marketplace_search.text import WORDS_FILE, ListingWords, load_listing_words, save_listing_words
 
@@ -90,25 +77,13 @@ def write_removed(live: Path, removed: dict[str, str]) -> None:
     write_json_atomically(Path(live) / REMOVED_FILE, {"product_ids": removed, "updated": now()})
 
 
-def read_generation_info(live: Path, name: str) -> dict:
-    return json.loads((Path(live) / name / GENERATION_FILE).read_text())
-
-
-def generation_weights(info: dict) -> str | None:
-    return (info.get("model") or {}).get("checkpoint_sha256")
-
-
 def list_generations(live: Path) -> list[str]:
     return sorted(path.name for path in Path(live).glob(f"{GENERATION_PREFIX}*") if path.is_dir())
 
 
 def prune_generations(live: Path, keep: int) -> list[str]:
     """Delete all but the KEEP newest generations (the current one always kept); returns the names deleted.
-
-    The caller holds the writer lock. KEEP >= 2 so that a worker still loading the generation CURRENT named
-    just before the newest finds it whole; a worker serving an older one keeps its open and mapped files
-    (Linux frees them when the last one closes), and its next check loads the current one.
-    """
+    The caller holds the writer lock. KEEP >= 2: a worker may still be loading the one before the newest."""
     if keep < 2:
         raise ValueError(f"keep {keep}: at least 2 generations stay (the current one and the one before it)")
     current = (read_current(live) or {}).get("name")
@@ -135,8 +110,7 @@ def writer_lock(live: Path):
 
 @dataclass
 class Generation:
-    """A loaded generation: its catalogue (whole, no removals applied), exact vectors and generation.json,
-    and its listings' words with the reader_sha256 of the text model that made them (None, None: no words)."""
+    """A loaded generation (no removals applied); its words and the reader_sha256 that made them, or None."""
 
     number: int
     catalogue: Catalogue
@@ -155,7 +129,7 @@ def load_generation(live: Path, name: str | None = None) -> Generation:
             raise FileNotFoundError(f"{live} has no current generation: seed it with `python -m scripts.catalogue "
                                     f"init` first")
         name = current["name"]
-    info = read_generation_info(live, name)
+    info = json.loads((live / name / GENERATION_FILE).read_text())
     catalogue = Catalogue.load(live / name / CATALOGUE_DIR)
     vectors = np.load(live / name / VECTORS_FILE)
     if vectors.shape[0] != catalogue.index.ntotal:
@@ -166,8 +140,7 @@ def load_generation(live: Path, name: str | None = None) -> Generation:
 
 def generation_listing_words(live: Path, name: str) -> tuple[ListingWords | None, str | None]:
     """(generation NAME's words, the reader_sha256 of the text model that made them); (None, None) when it has
-    none, or they are unreadable (logged): its listings are then found by photo, by words only as the
-    archive's text model knows them, and the next `add` writes them anew."""
+    none or they are unreadable (logged): its listings are then found by photo."""
     path = Path(live) / name / WORDS_FILE
     if not path.is_file():
         return None, None
@@ -181,12 +154,8 @@ def generation_listing_words(live: Path, name: str) -> tuple[ListingWords | None
 def write_generation(live: Path, vectors: np.ndarray, image_ids: list[str], listings: dict[str, dict],
                      weights_sha256: str, change: dict, index_type: str = "auto", meta: dict | None = None,
                      listing_words: ListingWords | None = None, listing_words_sha256: str | None = None) -> int:
-    """Build and publish the next generation of LIVE; returns its number. The caller holds writer_lock.
-    WORDS: its listings' words (with the reader_sha256 of the text model that made them), when the model reads
-    titles.
-
-    The folder is complete on disk (fsynced, renamed into place) before CURRENT names it.
-    """
+    """Build and publish the next generation of LIVE, with its listings' words when the model reads titles;
+    returns its number. The caller holds writer_lock."""
     live = Path(live)
     live.mkdir(parents=True, exist_ok=True)
     current = read_current(live)
@@ -194,31 +163,19 @@ def write_generation(live: Path, vectors: np.ndarray, image_ids: list[str], list
     number = max(existing + [current["generation"] if current else 0]) + 1
     info = {"number": number, "name": generation_name(number), "parent": current and current["generation"],
             "created": now(), "model": {"checkpoint_sha256": weights_sha256}, "change": change}
-    catalogue = make_catalogue(vectors, image_ids, listings,
-                               {**(meta or {}), "model": {**(meta or {}).get("model", {}),
-                                                          "checkpoint_sha256": weights_sha256},
-                                "generation": number},
-                               index_type)
+    meta = meta or {}
+    catalogue = make_catalogue(vectors, image_ids, listings, {**meta, "generation": number, "model": {
+        **meta.get("model", {}), "checkpoint_sha256": weights_sha256}}, index_type)
     info.update(photos=len(image_ids), listings=len({listing["product_id"] for listing in catalogue.listings.values()}),
                 index=catalogue.meta["index"]["type"])
     if listing_words is not None:
         info["words"] = {"listings": len(listing_words.product_ids), "reader_sha256": listing_words_sha256}
-    staging = Path(tempfile.mkdtemp(prefix=f".{generation_name(number)}.", suffix=".tmp", dir=live))
-    try:
+    with folder_replaced_atomically(live / generation_name(number)) as staging:  # a new name, under the lock
         catalogue.save(staging / CATALOGUE_DIR)
         np.save(staging / VECTORS_FILE, np.ascontiguousarray(vectors, dtype=np.float32))
         (staging / GENERATION_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
         if listing_words is not None:
             save_listing_words(staging / WORDS_FILE, listing_words, listing_words_sha256)
-        for name in (VECTORS_FILE, GENERATION_FILE) + ((WORDS_FILE,) if listing_words is not None else ()):
-            fsync_path(staging / name)
-        os.chmod(staging, 0o755)
-        fsync_path(staging)
-        os.rename(staging, live / generation_name(number))  # a new name: fails rather than replace anything
-        fsync_path(live)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     write_json_atomically(live / CURRENT_FILE, {"generation": number, "name": generation_name(number),
                                                 "published": now()})
     return number
@@ -227,7 +184,7 @@ def write_generation(live: Path, vectors: np.ndarray, image_ids: list[str], list
 @dataclass(frozen=True)
 class Served:
     """What a batch is answered from: a catalogue view without the removed listings, and where it came from;
-    `words`: the generation's listings by their words (None: the text model's own, the archive's)."""
+    `listing_words`: the generation's (None: the archive's text model's own)."""
 
     catalogue: Catalogue
     generation: int
@@ -240,31 +197,15 @@ class Served:
         return {"generation": self.generation, "photos": self.catalogue.visible}
 
 
-def file_identity(path: Path) -> tuple | None:
-    """Changes whenever the file is replaced (os.replace gives a new inode; mtime and size too)."""
-    try:
-        status = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return status.st_ino, status.st_mtime_ns, status.st_size
-
-
 class LiveFollower:
-    """A worker's view of LIVE: `current()` returns what to answer from, checking the folder cheaply.
+    """A worker's view of LIVE: `current()` returns what to answer from, looking at the folder (a stat of two
+    files) at most every CHECK_SECONDS.
 
-    `bundled` (the archive's snapshot) serves until a generation is published, and whenever the
-    current one is refused; the removal list applies to whichever is served. `weights_sha256` is the
-    sha256 of the checkpoint this worker serves: a generation embedded by other weights is refused
-    (logged once) and the worker keeps what it has.
-
-    A new removal list applies on the batch that sees it. A new generation is loaded whole, then
-    swapped in: on the batch that sees it, or with `background`, by a thread beside the batches
-    (a large catalogue takes seconds to load and verify), swapped in on the first batch after it is
-    loaded. Either way at most two generations are in memory, and only while one loads.
-
-    `text_listing_words` (the served text model's ListingWords) and `text_sha256` (its reader_sha256): a
-    generation's words made by a text model with that reader are served with its settings; without them,
-    or made by another, the generation is served without its words (the text model keeps the archive's).
+    BUNDLED (the archive's snapshot) serves until a generation is published; a generation embedded by other
+    weights than WEIGHTS_SHA256 (this checkpoint's) is refused, logged, and the worker keeps what it has. A new
+    removal list applies on the batch that sees it; a new generation is loaded whole (with BACKGROUND, by a
+    thread beside the batches) and swapped in with one reference. A generation's words made by a text model
+    reading as TEXT_SHA256 are served with TEXT_LISTING_WORDS' settings; others are left aside.
     """
 
     def __init__(self, live: Path | str, bundled: Catalogue, weights_sha256: str,
@@ -273,7 +214,7 @@ class LiveFollower:
         self.live = Path(live)
         self.bundled = bundled
         self.weights_sha256 = weights_sha256
-        # their settings and width only, not their listings: the handler lets those go while a generation's serve
+        # settings and width only, not the listings: the handler lets those go while a generation's serve
         self.text_settings = (None if text_listing_words is None
                               else (text_listing_words.settings, text_listing_words.width))
         self.text_sha256 = text_sha256
@@ -304,7 +245,7 @@ class LiveFollower:
         if moment < self.next_check:
             return self.served
         self.next_check = moment + self.check_seconds
-        seen = (file_identity(self.live / REMOVED_FILE), file_identity(self.live / CURRENT_FILE))
+        seen = (path_identity(self.live / REMOVED_FILE), path_identity(self.live / CURRENT_FILE))
         if seen != self.seen:
             self.seen = seen  # the identities before reading: a change while reading is seen next time
             self.follow()
@@ -335,7 +276,7 @@ class LiveFollower:
             self.swap(self.served.generation, 0.0)
 
     def load_beside(self, generation: int, name: str) -> None:
-        """Load generation NAME while the current one serves; `current()` swaps it in (or it is refused)."""
+        """Load generation NAME while the current one serves; `current()` swaps it in."""
         started = time.perf_counter()
         try:
             catalogue, listing_words = self.load(name)
@@ -367,8 +308,8 @@ class LiveFollower:
         """Generation NAME loaded whole, after checking it was embedded by this worker's weights, and its
         words when this worker's text model made them."""
         folder = self.live / name
-        info = read_generation_info(self.live, name)
-        embedded_with = generation_weights(info)
+        info = json.loads((folder / GENERATION_FILE).read_text())
+        embedded_with = (info.get("model") or {}).get("checkpoint_sha256")
         if embedded_with != self.weights_sha256:
             raise GenerationRefused(
                 f"its vectors were embedded by checkpoint sha256 {str(embedded_with)[:12]}, this worker serves "

@@ -1,9 +1,6 @@
-"""Let the photo model's forward passes reuse freed memory instead of faulting it in anew on every batch.
-
-A CNN's activations exceed glibc malloc's mmap threshold, so every batch maps, zeroes and unmaps them
-again; served from a heap trimmed only above 1 GiB free, they stay. For jobs that end (the training
-stages, Ray embedding), not serving workers, whose heap would keep growing. A user's MALLOC_* tunables
-or preloaded allocator win.
+"""Let a job's forward passes reuse freed memory: a CNN's activations exceed glibc malloc's mmap threshold,
+so every batch would map and fault them in anew. For jobs that end, not serving workers, whose heap would
+keep growing; a user's MALLOC_* tunables or preloaded allocator win.
 """
 import ctypes
 import ctypes.util
@@ -17,7 +14,7 @@ USER_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRE
 
 
 def keep_freed_memory() -> bool:
-    """Set glibc malloc to keep freed blocks for reuse (see the module); True when it was set."""
+    """Set glibc malloc to keep freed blocks for reuse; True when it was set."""
     if any(os.environ.get(name) for name in USER_SETTINGS):
         return False
     name = ctypes.util.find_library("c")

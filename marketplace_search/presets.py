@@ -1,9 +1,7 @@
-"""The one definition of preprocessing: train and eval transforms, written into every checkpoint.
-
-Serving rebuilds `eval_transform` from the settings stored in the checkpoint, so it cannot drift
-from what the model was trained and indexed with.
-"""
+"""The one definition of preprocessing: train and eval transforms, whose settings every checkpoint carries so
+that serving cannot drift from what the model was trained and indexed with."""
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 from torchvision import transforms as T
@@ -28,49 +26,19 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, settings: dict) -> "Preprocess":
-        return cls(
-            resize=int(settings["resize"]),
-            crop=int(settings["crop"]),
-            mean=tuple(settings["mean"]),
-            std=tuple(settings["std"]),
-        )
-
-
-class SquarePad:
-    """Letterbox a PIL image to a square of `size` (aspect kept, black bars)."""
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __call__(self, image):
-        return pad_to_square(image, self.size)
-
-    def __repr__(self) -> str:
-        return f"SquarePad(size={self.size})"
+        return cls(int(settings["resize"]), int(settings["crop"]), tuple(settings["mean"]), tuple(settings["std"]))
 
 
 def eval_transform(preprocess: Preprocess) -> T.Compose:
-    return T.Compose(
-        [
-            SquarePad(preprocess.resize),
-            T.CenterCrop(preprocess.crop),
-            T.ToTensor(),
-            T.Normalize(preprocess.mean, preprocess.std),
-        ]
-    )
+    return T.Compose([T.Lambda(partial(pad_to_square, size=preprocess.resize)), T.CenterCrop(preprocess.crop),
+                      T.ToTensor(), T.Normalize(preprocess.mean, preprocess.std)])
 
 
 def train_transform(preprocess: Preprocess) -> T.Compose:
-    return T.Compose(
-        [
-            SquarePad(preprocess.resize),
-            T.RandomResizedCrop(preprocess.crop, scale=(0.5, 1.0)),
-            T.RandomHorizontalFlip(),
-            T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
-            T.ToTensor(),
-            T.Normalize(preprocess.mean, preprocess.std),
-        ]
-    )
+    return T.Compose([T.Lambda(partial(pad_to_square, size=preprocess.resize)),
+                      T.RandomResizedCrop(preprocess.crop, scale=(0.5, 1.0)),
+                      T.RandomHorizontalFlip(), T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+                      T.ToTensor(), T.Normalize(preprocess.mean, preprocess.std)])
 
 
 def collate_images(images, preprocess: Preprocess) -> torch.Tensor:

@@ -1,19 +1,9 @@
-"""Inference backends: a preprocessed batch in, `(probabilities, L2-normalised embeddings)` out.
+"""Inference backends: the `(n, 3, crop, crop)` batch of `presets.eval_transform` in, `(probabilities,
+L2-normalised embeddings)` out, as `models.serve_forward` (torch fp32, the reference) answers. torch runs the
+checkpoint (bf16 under `torch.autocast`); openvino an IR converted (int8: quantized by NNCF) at archive time.
 
-Every backend answers the same thing as `models.serve_forward` (fp32 torch, the reference), from
-the same `(n, 3, crop, crop)` float32 batch that `presets.eval_transform` makes:
-
-  torch    fp32   the checkpoint, laid out by `models.prepare_for_serving`
-  torch    bf16   the same under `torch.autocast` (bfloat16 matmuls/convolutions on AVX512-BF16/AMX)
-  openvino fp32   an OpenVINO IR converted at archive time (`convert_openvino`), `INFERENCE_PRECISION_HINT=f32`
-  openvino bf16   the same IR with `INFERENCE_PRECISION_HINT=bf16`
-  openvino int8   an IR quantized at archive time by NNCF post-training quantization (`quantize_openvino`)
-
-bf16 needs a CPU with AVX512-BF16 (or AMX-BF16), int8 one with VNNI (AVX512-VNNI, AVX-VNNI or AMX-INT8).
-Without it `load_backend` serves fp32 from the checkpoint instead, says so once in the log and
-reports it in `Backend.precision`: never a crash, never an unreported change of answers.
-Set MARKETPLACE_CPU_FLAGS_OFF (e.g. "bf16,vnni") to behave as if the CPU lacked those features.
-OpenVINO and NNCF are imported only by the backends that need them.
+A CPU without the units a precision needs (CPU_FEATURES) serves torch fp32 from the checkpoint instead and
+says so once in the log; MARKETPLACE_CPU_FLAGS_OFF (e.g. "bf16,vnni") makes this CPU look so.
 """
 import logging
 import os
@@ -26,7 +16,8 @@ import torch
 from torch import nn
 
 from marketplace_search.extras import needs_extra
-from marketplace_search.models import MarketplaceNet, prepare_for_serving, serve_forward, serving_layout
+from marketplace_search.layout import ARCHIVE_OPENVINO
+from marketplace_search.models import MarketplaceNet, embed, prepare_for_serving, serve_forward, serving_layout
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +50,7 @@ def cpu_flags() -> set[str]:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         text = ""
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
+    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
     off = {name.strip().lower() for name in os.environ.get(FLAGS_OFF_ENV, "").split(",") if name.strip()}
     for precision, feature in FEATURE_NAMES.items():
         if feature in off:
@@ -92,9 +79,8 @@ def pick_device(choice: str = "auto", gpu_id: int | None = None) -> torch.device
 
 @dataclass
 class Backend:
-    """A ready model: `forward(images)` -> `(probabilities (n, c), embeddings (n, d))`, float32 numpy,
-    the embeddings L2-normalised. `runtime`/`precision` say what actually runs (after any fallback);
-    `model` is the torch module or OpenVINO compiled model behind it."""
+    """A ready model: `forward(images)` -> `(probabilities (n, c), L2-normalised embeddings (n, d))`, float32
+    numpy. `runtime`/`precision`: what actually runs (after any fallback)."""
 
     runtime: str
     precision: str
@@ -122,15 +108,14 @@ def torch_backend(model: MarketplaceNet, precision: str = "fp32", layout: str = 
 
 
 class ServingGraph(nn.Module):
-    """What is exported: images -> (softmax probabilities, L2-normalised embedding), as `models.embed`."""
+    """What is exported: images -> `models.embed`'s (probabilities, L2-normalised embedding)."""
 
     def __init__(self, model: MarketplaceNet):
         super().__init__()
         self.model = model
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, embedding = self.model(images)
-        return logits.softmax(dim=1), nn.functional.normalize(embedding, dim=1)
+        return embed(self.model, images)
 
 
 def convert_openvino(model: MarketplaceNet, crop: int):
@@ -168,11 +153,8 @@ def save_openvino(converted, folder: Path) -> Path:
 
 
 def openvino_backend(model_or_path, precision: str = "fp32", threads: int = 0) -> Backend:
-    """An OpenVINO CPU backend from an IR path (or an `ov.Model`), compiled for latency.
-
-    fp32/bf16 use the same fp32 IR with a different inference precision; int8 is a quantized IR
-    (its non-quantized operations run in bf16 where the CPU has it, as OpenVINO's default).
-    """
+    """An OpenVINO CPU backend from an IR path (or an `ov.Model`), compiled for latency: fp32 and bf16 run the
+    fp32 IR at that inference precision, int8 a quantized IR."""
     import openvino as ov
 
     check_backend("openvino", precision)
@@ -195,13 +177,8 @@ def openvino_backend(model_or_path, precision: str = "fp32", threads: int = 0) -
 
 def load_backend(model: MarketplaceNet, runtime: str = "torch", precision: str = "fp32", model_dir: Path | None = None,
                  layout: str = "auto", device: str = "cpu", threads: int = 0) -> Backend:
-    """The backend an archive asked for, or fp32 torch from the checkpoint when this machine cannot run it.
-
-    `model_dir` holds the archive's files (ARCHIVE_OPENVINO/ for openvino). A CUDA device runs torch
-    (OpenVINO here targets the CPU); bf16 autocast is kept there, int8 falls back.
-    """
-    from marketplace_search.layout import ARCHIVE_OPENVINO
-
+    """The backend an archive asked for (its IR in MODEL_DIR/ARCHIVE_OPENVINO for openvino), or torch fp32 from
+    the checkpoint where this machine cannot run it (OpenVINO runs on the CPU only)."""
     check_backend(runtime, precision)
     serving_layout(layout)  # a retired layout is refused on every backend, not only where torch runs it
     requested = f"{runtime} {precision}"

@@ -59,7 +59,6 @@ class ErrorBody(TypedDict):
 ANSWER_FIELDS = tuple(name for name in Answer.__annotations__ if name in Answer.__required_keys__)
 NEIGHBOUR_FIELDS = tuple(name for name in Neighbour.__annotations__ if name in Neighbour.__required_keys__)
 LISTING_FIELDS = tuple(name for name in NEIGHBOUR_FIELDS if name not in ("image_id", "similarity"))
-ERROR_FIELDS = tuple(ErrorBody.__annotations__)
 
 
 class AnswerError(ValueError):

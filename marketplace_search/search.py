@@ -1,29 +1,22 @@
-"""The searchable catalogue: a Faiss index over photo embeddings, its id map and listing metadata.
+"""The searchable catalogue: a Faiss index over (n, d) float32 L2-normalised photo vectors (inner
+product = cosine), with its listings table.
 
-On disk (one folder):
+On disk (one folder, written whole beside its place and renamed into it):
   catalogue.faiss   the Faiss index; int64 id i is row i of listings.arrow
-  listings.arrow    the image ids and listing fields as columns of one Arrow file, memory-mapped by
-                    `load` (marketplace_search.columns)
-  index_meta.json   dimension, metric, normalisation, index type and parameters, count, the
-                    model checkpoint (path, sha256, version) that made the vectors, and "files": the
-                    sha256 and size of the other files, so files of different builds refuse to load
-
-Vectors are (n, d) float32, L2-normalised, so inner product is cosine similarity.
-A folder is written whole into a temporary folder beside it and renamed into place.
+  listings.arrow    the image ids and listing fields (marketplace_search.columns)
+  index_meta.json   dimension, metric, index type and parameters, the checkpoint that made the vectors,
+                    and the sha256 of the other two files, so files of different builds refuse to load
 """
 import copy
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from marketplace_search.columns import ImageIds, Listings, ListingTable, write_listing_table
-from marketplace_search.files import fsync_path, sha256_file
+from marketplace_search.columns import ImageIds, Listings, ListingTable
+from marketplace_search.files import folder_replaced_atomically, path_identity, sha256_file
 from marketplace_search.schema import LISTING_FIELDS
 
 INDEX_FILE = "catalogue.faiss"
@@ -57,13 +50,11 @@ def build_index(vectors: np.ndarray, index_type: str = "auto", *, hnsw_m: int = 
                 ef_construction: int = 80, ef_search: int = 128, nlist: int | None = None,
                 nprobe: int | None = None, pq_m: int | None = None, k_factor: int = IVFPQ_K_FACTOR,
                 seed: int = 0) -> tuple[faiss.Index, dict]:
-    """Index (n, d) L2-normalised float32 vectors by inner product; ids are row numbers.
+    """Index (n, d) L2-normalised float32 vectors by inner product, ids = rows; returns the index and the
+    parameters it was built with. VECTORS may be memory-mapped: it is added in chunks, trained on a sample.
 
-    Returns the index and the parameters it was built with (stored in index_meta.json).
-    efSearch 128 keeps HNSW's recall@10 on target with margin at 1M vectors.
-    "ivfpq" is IVF (HNSW coarse quantizer) over PQ codes of PQ_M bytes, whose K_FACTOR * k best
-    candidates are re-ranked on 8-bit scalar-quantised vectors: for 10M+ photos.
-    VECTORS may be a memory-mapped array: it is added in chunks, and trained on a sample.
+    "ivfpq": IVF over PQ codes of PQ_M bytes whose K_FACTOR * k best candidates are re-ranked on 8-bit
+    vectors, for 10M+ photos. efSearch 128 keeps HNSW's recall@10 on target at 1M vectors.
     """
     vectors = _as_queries(vectors)
     n, dimension = vectors.shape
@@ -89,17 +80,13 @@ def build_index(vectors: np.ndarray, index_type: str = "auto", *, hnsw_m: int = 
 
 
 def flat_max(dimension: int) -> int:
-    """The most vectors of DIMENSION floats "auto" still searches exactly: FLAT_MAX up to FLAT_DIMENSION,
-    as many floats in all above it (3,333 vectors of 1,536-d)."""
+    """The most vectors of DIMENSION floats "auto" still searches exactly (as many floats as FLAT_MAX's)."""
     return FLAT_MAX * FLAT_DIMENSION // max(dimension, FLAT_DIMENSION)
 
 
 def ivfpq_nlist(n: int) -> int:
-    """Inverted lists for N vectors: the power of two nearest 4 * sqrt(N), each list trained on 39+ vectors.
-
-    The low end of Faiss's guideline (4 to 16 * sqrt(N)): fewer, longer lists code their vectors against
-    centroids too far away to reach the recall target.
-    """
+    """Inverted lists for N vectors: the power of two nearest 4 * sqrt(N) (the low end of Faiss's guideline:
+    fewer, longer lists miss the recall target), each list trained on TRAIN_PER_LIST+ vectors."""
     return int(max(1, min(2 ** round(np.log2(max(4 * np.sqrt(n), 1))), n // TRAIN_PER_LIST)))
 
 
@@ -116,9 +103,7 @@ def _ivfpq_index(vectors: np.ndarray, nlist: int | None, nprobe: int | None, pq_
     refine = faiss.IndexScalarQuantizer(dimension, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
     base.do_polysemous_training = False  # slow, and only for polysemous search
     index = faiss.IndexRefine(base, refine)
-    # k-means and the PQ codebooks converge on a sample: TRAIN_PER_LIST vectors per list, at least 256
-    # per PQ code. The HNSW quantizer is k-means' assignment index too (IndexIVF trains through it),
-    # so an iteration costs a graph over the centroids and one graph search per sampled vector.
+    # k-means and the PQ codebooks converge on a sample: TRAIN_PER_LIST vectors per list, 256+ per PQ code.
     size = min(n, max(TRAIN_PER_LIST * nlist, 256 * 64))
     rows = np.sort(np.random.default_rng(seed).choice(n, size, replace=False)) if size < n else slice(None)
     index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
@@ -146,47 +131,27 @@ def _as_queries(vectors: np.ndarray) -> np.ndarray:
 
 
 class Catalogue:
-    """A loaded index with its id map and listings; `search` answers in listings, not bare ids."""
+    """An index with its listings table (row i: index id i); `search` answers in listings, not bare ids."""
 
-    def __init__(self, index: faiss.Index, image_ids: list[str], listings: dict[str, dict], meta: dict):
-        """IMAGE_IDS and LISTINGS: a list and a dict, or the `ImageIds` and `Listings` of one listings table."""
-        if index.ntotal != len(image_ids):
-            raise ValueError(f"index holds {index.ntotal} vectors but the id map has {len(image_ids)}")
+    def __init__(self, index: faiss.Index, table: ListingTable, meta: dict):
+        if index.ntotal != len(table):
+            raise ValueError(f"index holds {index.ntotal} vectors but the listings table has {len(table)} rows")
         self.index = index
-        self.image_ids = image_ids
-        self.listings = listings
+        self.table = table
+        self.image_ids = ImageIds(table)
+        self.listings = Listings(table)
         self.meta = meta
         self.dimension = index.d
-        self._table = listings.table if isinstance(listings, Listings) else None
-        if self._table is not None:  # a row per photo by construction
-            if not isinstance(image_ids, ImageIds) or image_ids.table is not self._table:
-                raise ValueError("a listings table's Listings go with the ImageIds of the same table")
-            self.rows_by_category = self._table.rows_by_category()
-        else:
-            missing = [image_id for image_id in image_ids if image_id not in listings]
-            if missing:
-                raise ValueError(f"{len(missing)} indexed photos have no listing metadata, e.g. {missing[0]}")
-            by_category: dict[str, list[int]] = {}
-            for row, image_id in enumerate(image_ids):
-                by_category.setdefault(listings[image_id]["category"], []).append(row)
-            self.rows_by_category = {name: np.array(rows, dtype=np.int64) for name, rows in by_category.items()}
+        self.rows_by_category = table.rows_by_category()
         self._selectors: dict[str, faiss.IDSelector] = {}
         self.visible = index.ntotal  # photos a search can return (fewer in a view made by `without_products`)
         self._visible_rows = None  # (bitmap, selector) of those photos in such a view
-        self._product_rows: dict[str, list[int]] | None = None  # product id -> rows, built on first use
 
     def without_products(self, product_ids) -> "Catalogue":
-        """A view sharing this catalogue's index whose searches leave out PRODUCT_IDS' photos.
-
-        For the live catalogue's removal list (marketplace_search.live): the listings leave every
-        answer at once, the index is rebuilt later (compaction). Faiss filters the hidden rows inside
-        the search, so k answers remain whenever k listings are left.
-        """
-        if self._table is not None:
-            hidden = self._table.rows_of_products(product_ids)
-        else:
-            hidden = np.array([row for row, image_id in enumerate(self.image_ids)
-                               if self.listings[image_id]["product_id"] in product_ids], dtype=np.int64)
+        """A view sharing this catalogue's index whose searches leave out PRODUCT_IDS' photos (the live
+        catalogue's removal list). Faiss filters them inside the search, so k answers remain whenever k
+        listings are left."""
+        hidden = self.table.rows_of_products(product_ids)
         view = copy.copy(self)
         view._selectors = {}
         if not len(hidden):
@@ -202,23 +167,18 @@ class Catalogue:
     @classmethod
     def load(cls, directory: Path | str) -> "Catalogue":
         """Load a folder written by `save`; refuses files of different builds (CatalogueMismatchError).
-
-        The listings table, and an "ivfpq" index (the type made for catalogues too big to copy per
-        worker), are memory-mapped read-only, so every process that loads the same folder (TorchServe's
-        workers) shares one copy in the page cache.
-        """
+        The listings table and an "ivfpq" index are memory-mapped read-only: the workers of a host share them."""
         directory = Path(directory)
         for attempt in range(1, LOAD_ATTEMPTS + 1):
-            identity = _folder_identity(directory)
+            identity = path_identity(directory)
             try:
                 catalogue = cls._load_files(directory)
             except (OSError, RuntimeError, ValueError):  # Faiss reports a vanished file as a RuntimeError
-                # The folder absent, or replaced while we read (a save between or after its renames):
-                # read the new one, whole; otherwise the error is the folder's own.
-                if attempt == LOAD_ATTEMPTS or (identity is not None and _folder_identity(directory) == identity):
+                # Unless a save replaced the folder while we read it, the error is the folder's own.
+                if attempt == LOAD_ATTEMPTS or (identity is not None and path_identity(directory) == identity):
                     raise
             else:
-                if identity is not None and _folder_identity(directory) == identity:
+                if identity is not None and path_identity(directory) == identity:
                     return catalogue
             time.sleep(0.05)
         raise RuntimeError(f"{directory} was replaced {LOAD_ATTEMPTS} times while being read")
@@ -230,49 +190,46 @@ class Catalogue:
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"catalogue file {directory / name} is missing")
         meta = json.loads((directory / META_FILE).read_text())
-        for name in (LISTING_TABLE_FILE, INDEX_FILE):
-            _check_file(directory, name, sha256_file(directory / name), meta.get("files", {}))
-        mmap = meta.get("index", {}).get("type") == "ivfpq"
-        # IO_FLAG_MMAP_IFC maps flat codes (flat, SQ8, PQ) and IVF lists alike; IO_FLAG_MMAP only the lists.
-        index = faiss.read_index(str(directory / INDEX_FILE),
-                                 faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0)
+        for name, other in ((LISTING_TABLE_FILE, INDEX_FILE), (INDEX_FILE, LISTING_TABLE_FILE)):
+            sha256, expected = sha256_file(directory / name), meta.get("files", {}).get(name, {}).get("sha256")
+            if expected != sha256:
+                raise CatalogueMismatchError(
+                    f"{directory / name} does not belong with {directory / other}: its sha256 is {sha256[:12]}, but "
+                    f"{directory / META_FILE} records {str(expected)[:12]} for the {name} built with them. The files "
+                    f"come from different builds (copy or replace a catalogue folder whole, never single files); "
+                    f"rebuild it")
+        params = meta.get("index", {})
+        mmap = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY  # IO_FLAG_MMAP would map the IVF lists only
+        index = faiss.read_index(str(directory / INDEX_FILE), mmap if params.get("type") == "ivfpq" else 0)
         table = ListingTable.open(directory / LISTING_TABLE_FILE)
-        image_ids = ImageIds(table)
-        if index.ntotal != len(image_ids):
+        if index.ntotal != len(table):
             raise CatalogueMismatchError(
                 f"{directory / INDEX_FILE} holds {index.ntotal} vectors but {directory / LISTING_TABLE_FILE} lists "
-                f"{len(image_ids)} image ids: they come from different builds; rebuild the catalogue")
-        if "efSearch" in meta.get("index", {}):
-            faiss.downcast_index(index).hnsw.efSearch = meta["index"]["efSearch"]
-        if meta.get("index", {}).get("type") == "ivfpq":
-            set_ivfpq_search(index, meta["index"]["nprobe"], meta["index"]["k_factor"])
-        return cls(index, image_ids, Listings(table), meta)
+                f"{len(table)} image ids: they come from different builds; rebuild the catalogue")
+        if "efSearch" in params:
+            faiss.downcast_index(index).hnsw.efSearch = params["efSearch"]
+        if params.get("type") == "ivfpq":
+            set_ivfpq_search(index, params["nprobe"], params["k_factor"])
+        return cls(index, table, meta)
 
     def save(self, directory: Path | str) -> None:
-        """Write the folder atomically: readers see the previous catalogue or this one, never a mix.
-
-        The files go to a temporary folder beside DIRECTORY, which is then renamed into place; an
-        existing catalogue folder is replaced (a folder holding anything else is refused).
-        """
+        """Write the folder atomically: readers see the previous catalogue or this one, never a mix. An existing
+        catalogue folder is replaced; a folder holding anything else is refused."""
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        _check_replaceable(directory)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-        try:
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(f"{directory} is a file, not a catalogue folder")
+        if directory.is_dir():
+            others = sorted({path.name for path in directory.iterdir()} - {*CATALOGUE_FILES, *RETIRED_FILES})
+            if others:
+                raise FileExistsError(f"{directory} holds files that are not a catalogue's ({', '.join(others[:5])}): "
+                                      f"refusing to replace it; save into a folder of its own")
+        with folder_replaced_atomically(directory) as staging:
             faiss.write_index(self.index, str(staging / INDEX_FILE))
-            write_listing_table(staging / LISTING_TABLE_FILE, self.image_ids, self.listings)
+            self.table.write(staging / LISTING_TABLE_FILE)
             files = {name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size}
                      for name in CATALOGUE_FILES if name != META_FILE}
             self.meta = {**self.meta, "files": files}
             (staging / META_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True))
-            for name in CATALOGUE_FILES:
-                fsync_path(staging / name)
-            os.chmod(staging, directory.stat().st_mode & 0o7777 if directory.is_dir() else 0o755)
-            fsync_path(staging)
-            _replace_folder(staging, directory)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
 
     @property
     def categories(self) -> list[str]:
@@ -281,17 +238,14 @@ class Catalogue:
     def search_ids(self, queries: np.ndarray, k: int, category: str | None = None,
                    exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Raw Faiss search over photos: `(D, I)`, each (n, k); I = -1 where fewer than k were found.
-
-        `exact` scans every vector (of CATEGORY) instead of the HNSW graph or IVF's nprobe lists:
-        complete, at the cost of a brute-force pass over the whole index.
-        """
+        `exact` compares with every vector (of CATEGORY) instead of the HNSW graph's or IVF's candidates."""
         queries = _as_queries(queries)
         if queries.shape[1] != self.dimension:
             raise ValueError(f"queries have dimension {queries.shape[1]}, the index {self.dimension}")
         selector = self._selector(category)
         if exact:
-            index, params = _exhaustive_search(self.index, selector)
-            return index.search(queries, k, params=params)
+            return _row_vectors(self.index).search(queries, k, params=None if selector is None else
+                                                   faiss.SearchParameters(sel=selector))
         params = None if selector is None else _search_parameters(self.index, selector)
         return self.index.search(queries, k, params=params)
 
@@ -309,14 +263,9 @@ class Catalogue:
 
     def search(self, queries: np.ndarray, k: int = 10, category: str | None = None,
                exclude_products: list[str | None] | None = None) -> list[list[dict]]:
-        """The k nearest listings per query, one entry per listing (its most similar photo).
-
-        Each neighbour is `{image_id, product_id, title, price, location, category, similarity}`.
-        Fewer than k only when the catalogue (or CATEGORY) has fewer listings: an approximate search
-        that runs out of candidates (a rare category, out of the graph's or the lists' reach) is
-        repeated exactly over that category's photos.
-        `exclude_products[i]` drops that listing from query i's answer (used by evaluation).
-        """
+        """The k nearest listings per query (schema.Neighbour), one per listing (its most similar photo); fewer
+        only when the catalogue (or CATEGORY) has fewer: an approximate search that runs out of candidates is
+        repeated exactly. `exclude_products[i]` drops that listing from query i's answer (evaluation)."""
         queries = _as_queries(queries)
         if not 1 <= k <= MAX_K:
             raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
@@ -348,21 +297,20 @@ class Catalogue:
 
     def listings_of(self, product_ids: list[str], query: np.ndarray | None = None,
                     category: str | None = None) -> dict[str, dict]:
-        """The answer entry of each of PRODUCT_IDS that a search of this catalogue (or view, in CATEGORY)
-        could return, as `search` gives it: with QUERY (one search vector), the listing's photo most
-        similar to it and that cosine as `similarity`, computed exactly from the indexed vectors (decoded
-        where the index keeps codes); without, its first photo and no similarity. For listings found
-        another way than by photo (by words: marketplace_search.text); those not shown are left out."""
-        rows = self._rows_of_products(product_ids)
+        """The answer entry, as `search` gives it, of each of PRODUCT_IDS this catalogue (or view, in CATEGORY)
+        shows: with QUERY, the listing's photo most similar to it and that cosine from the indexed vectors;
+        without, its first photo and no similarity. For listings found by their words."""
+        rows = self.table.rows_of_products(product_ids)
         if self._visible_rows is not None and len(rows):
             bitmap = self._visible_rows[0]
             rows = rows[((bitmap[rows >> 3] >> (rows & 7)) & 1).astype(bool)]
         similarities = None
         if query is not None and len(rows):
-            similarities = self._vectors_at(rows) @ np.asarray(query, np.float32).reshape(-1)
+            # 8-bit codes decoded where the index keeps codes
+            similarities = _row_vectors(self.index).reconstruct_batch(rows) @ np.asarray(query, np.float32).reshape(-1)
         entries: dict[str, dict] = {}
         for position, row in enumerate(rows.tolist()):
-            image_id, listing = self._listing_at(row)
+            image_id, listing = self.table.image_id(row), self.table.listing(row)
             if category is not None and listing["category"] != category:
                 continue
             similarity = None if similarities is None else round(float(similarities[position]), 6)
@@ -371,38 +319,16 @@ class Catalogue:
                 entries[product_id] = _answer_entry(image_id, listing, similarity)
         return entries
 
-    def _rows_of_products(self, product_ids: list[str]) -> np.ndarray:
-        """Index rows (ascending) of PRODUCT_IDS' photos, hidden or not."""
-        if self._table is not None:
-            return self._table.rows_of_products(product_ids)
-        if self._product_rows is None:
-            self._product_rows = {}
-            for row, image_id in enumerate(self.image_ids):
-                self._product_rows.setdefault(self.listings[image_id]["product_id"], []).append(row)
-        return np.array(sorted(row for product_id in set(product_ids)
-                               for row in self._product_rows.get(product_id, ())), dtype=np.int64)
-
-    def _vectors_at(self, rows: np.ndarray) -> np.ndarray:
-        """(len(rows), d) float32 vectors of index rows ROWS, as the index holds them (8-bit codes decoded)."""
-        return _row_vectors(self.index).reconstruct_batch(np.ascontiguousarray(rows, dtype=np.int64))
-
-    def _listing_at(self, row: int) -> tuple[str, dict]:
-        """(image_id, listing) of index row ROW; a listings table reads just that row."""
-        if self._table is not None:
-            return self._table.image_id(row), self._table.listing(row)
-        image_id = self.image_ids[row]
-        return image_id, self.listings[image_id]
-
     def _unique_listings(self, distances, rows, k, exclude_product) -> list[dict]:
         neighbours, seen = [], {exclude_product}
         for similarity, row in zip(distances, rows):
             if row < 0:
                 break
-            image_id, listing = self._listing_at(int(row))
+            listing = self.table.listing(int(row))
             if listing["product_id"] in seen:
                 continue
             seen.add(listing["product_id"])
-            neighbours.append(_answer_entry(image_id, listing, round(float(similarity), 6)))
+            neighbours.append(_answer_entry(self.table.image_id(int(row)), listing, round(float(similarity), 6)))
             if len(neighbours) == k:
                 break
         return neighbours
@@ -429,19 +355,13 @@ def _answer_entry(image_id: str, listing: dict, similarity: float | None) -> dic
 
 
 def _row_vectors(index: faiss.Index) -> faiss.Index:
-    """The part of INDEX holding one vector per row, ids = rows: an IVF-PQ's re-ranking vectors (8-bit), an
-    HNSW's storage, else the index itself."""
+    """The part of INDEX holding one vector per row: IVF-PQ's re-ranking vectors, HNSW's storage, or itself."""
     inner = faiss.downcast_index(index)
     if isinstance(inner, faiss.IndexRefine):
         return faiss.downcast_index(inner.refine_index)
     if isinstance(inner, faiss.IndexHNSW):
         return faiss.downcast_index(inner.storage)
     return inner
-
-
-def _exhaustive_search(index: faiss.Index, selector) -> tuple[faiss.Index, faiss.SearchParameters | None]:
-    """The part of INDEX and parameters that compare the query with every (selected) vector."""
-    return _row_vectors(index), None if selector is None else faiss.SearchParameters(sel=selector)
 
 
 def check_layout(directory: Path | str) -> None:
@@ -455,66 +375,9 @@ def check_layout(directory: Path | str) -> None:
             f"(`python -m scripts.catalogue --live LIVE init --run RUN --force`)")
 
 
-def read_listings(directory: Path | str) -> dict[str, dict]:
-    """{image_id: listing} of a saved catalogue folder, without loading its index."""
-    check_layout(directory)
-    return dict(Listings(ListingTable.open(Path(directory) / LISTING_TABLE_FILE)).items())
-
-
-def _check_file(directory: Path, name: str, sha256: str, recorded: dict) -> None:
-    expected = recorded.get(name, {}).get("sha256")
-    if expected != sha256:
-        other = INDEX_FILE if name != INDEX_FILE else LISTING_TABLE_FILE
-        raise CatalogueMismatchError(
-            f"{directory / name} does not belong with {directory / other}: its sha256 is {sha256[:12]}, but "
-            f"{directory / META_FILE} records {str(expected)[:12]} for the {name} built with them. The files come "
-            f"from different builds (copy or replace a catalogue folder whole, never single files); rebuild it")
-
-
-def _folder_identity(directory: Path) -> tuple[int, ...] | None:
-    """Changes when a save renames another folder into place (ctime too: an inode number can be reused)."""
-    try:
-        status = directory.stat()
-    except FileNotFoundError:
-        return None
-    return status.st_dev, status.st_ino, status.st_ctime_ns
-
-
-def _check_replaceable(directory: Path) -> None:
-    if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"{directory} is a file, not a catalogue folder")
-    if directory.is_dir():
-        others = sorted(path.name for path in directory.iterdir()
-                        if path.name not in CATALOGUE_FILES + RETIRED_FILES)
-        if others:
-            raise FileExistsError(f"{directory} holds files that are not a catalogue's ({', '.join(others[:5])}): "
-                                  f"refusing to replace it; save into a folder of its own")
-
-
-def _replace_folder(staging: Path, directory: Path) -> None:
-    """Rename STAGING to DIRECTORY; an existing DIRECTORY is first renamed aside, then deleted.
-
-    rename(2) cannot replace a non-empty folder, so for a moment DIRECTORY does not exist: a reader
-    then finds it missing, or changed under it, and `Catalogue.load` reads it again.
-    """
-    previous = None
-    if directory.exists():
-        previous = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
-        os.replace(directory, previous)  # onto the empty folder just made: atomic, and the name is ours
-    try:
-        os.replace(staging, directory)
-    except BaseException:
-        if previous is not None:
-            os.replace(previous, directory)
-        raise
-    fsync_path(directory.parent)
-    if previous is not None:
-        shutil.rmtree(previous)
-
-
 def make_catalogue(vectors: np.ndarray, image_ids: list[str], listings: dict[str, dict], meta: dict,
                    index_type: str = "auto", **index_options) -> Catalogue:
-    """Build the index for `vectors` (row i is `image_ids[i]`) and wrap it with its metadata."""
+    """Build the index for `vectors` (row i is `image_ids[i]`, described by `listings[image_ids[i]]`)."""
     vectors = _as_queries(vectors)
     if len(vectors) != len(image_ids):
         raise ValueError(f"{len(vectors)} vectors but {len(image_ids)} image ids")
@@ -522,7 +385,11 @@ def make_catalogue(vectors: np.ndarray, image_ids: list[str], listings: dict[str
                             for start in range(0, len(vectors), ADD_CHUNK)] or [np.ones(0)])
     if len(norms) and not np.allclose(norms, 1.0, atol=1e-3):
         raise ValueError("vectors must be L2-normalised for a cosine (inner product) index")
+    missing = [image_id for image_id in image_ids if image_id not in listings]
+    if missing:
+        raise ValueError(f"{len(missing)} indexed photos have no listing metadata, e.g. {missing[0]}")
+    table = ListingTable.build(image_ids, listings)
     index, params = build_index(vectors, index_type, **index_options)
     meta = {**meta, "dimension": int(vectors.shape[1]), "count": len(image_ids), "metric": "inner_product",
             "normalisation": "l2", "similarity": "cosine", "index": params}
-    return Catalogue(index, list(image_ids), {i: listings[i] for i in image_ids if i in listings}, meta)
+    return Catalogue(index, table, meta)

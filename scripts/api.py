@@ -1,14 +1,7 @@
 """The one client of TorchServe's inference and management APIs: keys, requests, retries, readiness.
 
-Every command line that talks to a server goes through here (client, batch, versions, refresh, demo,
-serve, the benchmark). A target is a base URL ("http://127.0.0.1:8081") or a running
-`scripts.serve.Server`, which knows its URLs and reads its own keys.
-
-Keys: with token authorisation on, TorchServe writes key_file.json into its working folder, one key
-per API; each API accepts only its own key. `resolve_token(api, ...)` picks the key for that API, the
-same way for every command: an explicit token first, then the given key file's key for that API, then
-$TS_TOKEN, then the key file of the server `scripts.serve start` runs from this folder (logs/key_file.json).
-A refused request says which key was sent and where it came from, or that none was.
+A target is a base URL or a running `scripts.serve.Server`, which knows its URLs and keys. Every command finds
+a key the same way (`resolve_token`), and a refused request says which key was sent and from where.
 """
 import json
 import os
@@ -37,7 +30,6 @@ class ApiError(RuntimeError):
     def __init__(self, message: str, status: int | None = None):
         super().__init__(f"{status}: {message}" if status else message)
         self.status = status
-        self.message = message
 
 
 class TransientError(RuntimeError):
@@ -47,8 +39,6 @@ class TransientError(RuntimeError):
         super().__init__(f"{code}: {message}")
         self.code = code
 
-
-# --- keys -----------------------------------------------------------------------------------------
 
 def read_key_file(path: Path | str, api: str) -> str | None:
     """The `api` key from TorchServe's key_file.json ({"management": {"key": ...}, "inference": ...})."""
@@ -70,8 +60,7 @@ def read_key_file(path: Path | str, api: str) -> str | None:
 
 
 class Key(str):
-    """A key to send ("" when none was found), and where it came from (`source`; `file`, the key file to read
-    again when it is refused, as keys expire): what a refused request names."""
+    """A key to send ("" if none), where it came from, and the key file to read again when refused (keys expire)."""
 
     def __new__(cls, token: str | None, source: str, file: Path | None = None) -> "Key":
         key = super().__new__(cls, token or "")
@@ -81,8 +70,7 @@ class Key(str):
 
 def resolve_token(api: str, token: str | None = None, key_file: Path | str | None = None,
                   env: str = "TS_TOKEN") -> Key:
-    """The key to send to `api`: `token`, else KEY_FILE's key for `api`, else $ENV, else the key of the server
-    scripts.serve runs from this folder (SERVE_WORKDIR); empty when there is none (tokens off)."""
+    """The key for API: TOKEN, else KEY_FILE's, else $ENV, else that of scripts.serve's server here; "" if none."""
     if token:
         return Key(token, "the key given")
     if key_file:
@@ -97,6 +85,13 @@ def resolve_token(api: str, token: str | None = None, key_file: Path | str | Non
         return Key(read_key_file(default, api), f"key file {default.absolute()}", default)
     return Key(None, f"no key given, no ${env}, and no key file {default.absolute()} of a server scripts.serve "
                      f"started here: pass --key-file")
+
+
+def add_key_arguments(parser, which: str) -> None:
+    """--key-file and --token of a command line, as resolve_token reads them."""
+    parser.add_argument("--key-file", type=Path, help=f"the server's key_file.json (default after --token and "
+                                                      f"$TS_TOKEN: {SERVE_WORKDIR / KEY_FILE}, scripts.serve's)")
+    parser.add_argument("--token", help=f"the {which} key itself (default: --key-file's, else $TS_TOKEN)")
 
 
 def refused_key(api: str, token: str | None) -> str:
@@ -117,8 +112,6 @@ def endpoint(target, api: str, token: str | None = None) -> tuple[str, str | Non
         return target.rstrip("/"), token
     return getattr(target, f"{api}_url").rstrip("/"), token or target.token(api)
 
-
-# --- answers and errors ---------------------------------------------------------------------------
 
 def error_text(response: requests.Response) -> str:
     """The message of a refused call: our handler's `error`, TorchServe's `message`, or the raw text."""
@@ -161,14 +154,9 @@ def key_refused(response: requests.Response) -> bool:
     return isinstance(body, dict) and body.get("type") == "InvalidKeyException"
 
 
-# --- inference API ----------------------------------------------------------------------------------
-
 def content_type(photo: bytes) -> str:
     """The image Content-Type from the file's magic bytes (TorchServe needs one for raw bodies)."""
-    for magic, kind in CONTENT_TYPES.items():
-        if photo.startswith(magic):
-            return kind
-    return "application/octet-stream"
+    return next((kind for magic, kind in CONTENT_TYPES.items() if photo.startswith(magic)), "application/octet-stream")
 
 
 def prediction_url(target, model: str = "marketplace", version: str | None = None) -> str:
@@ -178,8 +166,7 @@ def prediction_url(target, model: str = "marketplace", version: str | None = Non
 
 def prediction_headers(photo: bytes | None, token: str | None = None, k: int | None = None, category: str | None = None,
                        embedding: bool = False, title: str | None = None) -> dict:
-    """Headers of a raw-photo POST (PHOTO None: words alone); options go as X- headers, since TorchServe drops a
-    POST's query string."""
+    """Headers of a raw-photo POST (PHOTO None: words alone), options as X- headers: TorchServe drops a query string."""
     headers = {"Content-Type": content_type(photo or b""), **auth_headers(token)}
     if k is not None:
         headers["X-K"] = str(k)
@@ -208,11 +195,7 @@ def post_photo(url: str, photo: bytes, headers: dict, timeout: float = 60) -> re
 def predict(target, photo: bytes | None, *, model: str = "marketplace", version: str | None = None,
             k: int | None = None, category: str | None = None, embedding: bool = False,
             token: str | None = None, timeout: float = 60, retries: int = 2, title: str | None = None) -> dict:
-    """POST the photo to /predictions/MODEL[/VERSION]; the answer JSON, or ApiError with the server's message.
-    PHOTO None: the title alone (an empty body; the handler reads the words).
-
-    Overload answers (TRANSIENT_STATUSES) and dropped connections are asked again `retries` times.
-    """
+    """The answer for PHOTO (None: the title alone), asking again RETRIES times on TransientError; else ApiError."""
     url, token = endpoint(target, "inference", token)
     photo = b"" if photo is None else photo
     headers = prediction_headers(photo, token, k, category, embedding, title)
@@ -241,8 +224,6 @@ def metrics_text(target, timeout: float = 10) -> str:
     return response.text
 
 
-# --- management API ---------------------------------------------------------------------------------
-
 def management_call(target, method: str, path: str, token: str | None = None, timeout: float = 300,
                     **params) -> dict | list:
     """One management API call; raises ApiError with the status and TorchServe's message."""
@@ -264,12 +245,7 @@ def describe(target, name: str, version: str | None = None, token: str | None = 
 def register(target, mar: str | Path, name: str | None = None, *, batch_size: int | None = None,
              max_batch_delay: int | None = None, initial_workers: int = 1, synchronous: bool = True,
              response_timeout: int | None = None, token: str | None = None) -> dict:
-    """POST /models: load `mar` (a file name in the model store) under `name`.
-
-    The version is the one written into the archive (scripts.archive --version). TorchServe
-    registers with 0 workers unless `initial_workers` is set, and a new version of a known name
-    does not become its default by itself (see `set_default`).
-    """
+    """POST /models: load MAR (a file in the model store) under NAME at its own version, not made the default."""
     return management_call(target, "POST", "/models", token, url=str(mar), model_name=name,
                            batch_size=batch_size, max_batch_delay=max_batch_delay, initial_workers=initial_workers,
                            synchronous=synchronous, response_timeout=response_timeout)
@@ -290,11 +266,8 @@ def list_models(target, token: str | None = None) -> list[dict]:
 
 def wait_ready(target, name: str, version: str | None = None, timeout: float = 120, token: str | None = None,
                check_alive: Callable[[], None] | None = None, describe_failure: Callable[[], str] | None = None) -> dict:
-    """Wait until GET /models/NAME[/VERSION] shows a READY worker; returns that description.
-
-    /ping answers Healthy before any model is loaded, so it is no readiness signal. `check_alive`
-    raises when the server died (no point waiting); `describe_failure` adds e.g. a log tail to the error.
-    """
+    """The description of NAME[/VERSION] once it shows a READY worker; `check_alive` raises when the server died,
+    `describe_failure` adds e.g. a log tail to the error."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:

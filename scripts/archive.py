@@ -1,32 +1,13 @@
 """Package a training run as a TorchServe model archive (.mar).
 
-  python -m scripts.archive --run work/marketplace/model_evaluation/2025-01-31_142233 \\
-      --name marketplace --version 1.0 --store model_store
-  python -m scripts.archive --run RUN --version 2.0 --output-name '{name}-v{version}'   # several versions in one store
-
-Reads RUN/weights/best.pt, RUN/index/, RUN/evaluation.json (and RUN/run.json when present). The
-archive holds, beside MAR-INF/MANIFEST.json:
-  best.pt                 the self-describing checkpoint (serializedFile)
-  marketplace_handler.py  the handler
-  marketplace_search/     the core package, whole (decoding, transform, model, catalogue, requests and answers)
-  catalogue/              the Faiss index, listings table and index meta from RUN/index
-  text_model/             the title/description model and its calibrations from RUN/text_model (JSON + .npz,
-                          nothing pickled; encoder/, its sentence encoder), when the run has one (training.text)
-  decoder.json            {"0": category, ...} from the checkpoint's classes
-  model_config.yaml       batching and workers (batchSize, maxBatchDelay, minWorkers, maxWorkers, ...)
-  model_card.json         data source, training config, evaluation figures, checkpoint sha256, creation time,
-                          the inference backend and its accuracy guard
-  openvino/               model.xml + model.bin, the IR converted (and for int8 quantized) here (--runtime openvino)
-
-The inference backend (--runtime torch|openvino, --precision fp32|bf16|int8; marketplace_search.runtime)
-is chosen here and recorded in model_config.yaml (handler.runtime, handler.precision). Anything but
-torch fp32 is first checked by training.guard on WORK's test split against fp32: a precision whose
-top-1 drops more than 1 point is refused unless --force. int8 is calibrated on 300 train-split photos
-of WORK (or --calibration DIR). The guard's report is kept in RUN/guard_reports.json and reused by
-the next archive of the same weights, backend, test photos and libraries (a rebuild, or a refresh,
-which copies it): the model card's guard says where it was measured (`measured_on`).
-Everything is derived from the run, so two builds from the same run have byte-identical members;
-only MANIFEST.json's createdOn (written by torch-model-archiver) differs.
+The archive holds the checkpoint (best.pt), the handler, the core package marketplace_search/ whole, the
+catalogue (RUN/index), the text model with its sentence encoder when the run has one, decoder.json,
+model_config.yaml (batching, workers, the inference backend), model_card.json (data, training, evaluation,
+checkpoint sha256, the backend and its accuracy guard) and, for OpenVINO, the converted IR. Anything but torch
+fp32 is first checked by training.guard on WORK's test split: a backend whose top-1 drops more than 1 point is
+refused unless --force; the guard's report is kept in RUN/guard_reports.json and reused by the next archive of
+the same weights, backend, test photos and libraries. Two builds from one run have byte-identical members but
+MANIFEST.json's createdOn. An existing archive is never replaced without --replace.
 """
 import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
@@ -44,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from marketplace_search.files import sha256_file
-from marketplace_search.models import SERVING_LAYOUTS, load_checkpoint, serving_layout, vector_dim
+from marketplace_search.models import load_checkpoint, vector_dim
 from marketplace_search.layout import (ARCHIVE_CATALOGUE, ARCHIVE_DECODER, ARCHIVE_MODEL_CARD, ARCHIVE_OPENVINO,
                                        CHECKPOINT, CORE_PACKAGE, EVALUATION, INDEX_DIR, RUN_INFO, RUN_STAMP_FORMAT,
                                        TEXT_MODEL_DIR, read_run_info)
@@ -135,11 +116,11 @@ def text_model_card(run_dir: Path) -> dict | None:
 
 
 def model_config(batch_size: int, max_batch_delay: int, min_workers: int, max_workers: int,
-                 response_timeout: int, threads: int, layout: str = "auto", warm_up: bool = True,
+                 response_timeout: int, threads: int, warm_up: bool = True,
                  category_blend: dict | None = None, runtime: str = "torch", precision: str = "fp32",
                  live_catalogue: Path | None = None) -> dict:
     """TorchServe's model_config.yaml; the `handler` section is read by MarketplaceHandler.initialize."""
-    handler = {"layout": layout, "warm_up": warm_up, "runtime": runtime, "precision": precision,
+    handler = {"warm_up": warm_up, "runtime": runtime, "precision": precision,
                **({"threads": threads} if threads else {}),
                **({"category_blend": category_blend} if category_blend else {}),
                **({"live_catalogue": str(Path(live_catalogue).resolve())} if live_catalogue else {})}
@@ -234,29 +215,21 @@ def prepare_backend(run_dir: Path, extra: Path, runtime: str, precision: str, pr
 
 
 def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketplace", version: str | None = None,
-                  output_name: str = "{name}", batch_size: int = BATCH_SIZE,
+                  output_name: str = "{name}-v{version}", batch_size: int = BATCH_SIZE,
                   max_batch_delay: int = MAX_BATCH_DELAY, min_workers: int = 1, max_workers: int = 1,
-                  response_timeout: int = 120, threads: int = 0, layout: str = "auto",
-                  warm_up: bool = True, category_blend: bool = True, runtime: str = "torch",
-                  precision: str = "fp32", force: bool = False, work_dir: Path | str | None = None,
-                  calibration: Path | str | None = None, guard_limit: int = 0, guard: bool = True,
-                  live_catalogue: Path | None = None, reuse_guard: bool = True) -> Path:
-    """Build STORE/<output_name>.mar from a run folder; returns its path.
-
-    `runtime`/`precision` default to the fp32 reference here; the command line, the demo and
-    scripts.refresh build RUNTIME/PRECISION (the default for new archives) unless told otherwise.
-
-    A file name that carries the version (`{version}` in output_name, e.g. marketplace-v2.0.mar) names
-    one archive for good: an existing one is never overwritten. A name without it (marketplace.mar,
-    "the latest build") is replaced.
-    """
+                  response_timeout: int = 120, threads: int = 0, warm_up: bool = True,
+                  category_blend: bool = True, runtime: str = "torch", precision: str = "fp32", force: bool = False,
+                  work_dir: Path | str | None = None, calibration: Path | str | None = None, guard_limit: int = 0,
+                  guard: bool = True, live_catalogue: Path | None = None, reuse_guard: bool = True,
+                  replace: bool = False) -> Path:
+    """Build STORE/<output_name>.mar from a run folder; returns its path. The backend defaults to the fp32
+    reference here (the command line builds RUNTIME/PRECISION). An existing archive is refused unless `replace`."""
     run_dir, store = Path(run_dir), Path(store)
     check_run(run_dir)
     if not store.is_dir():
         raise FileNotFoundError(f"model store {store} is not a folder")
     info = read_run_info(run_dir)
     _, checkpoint = load_checkpoint(run_dir / CHECKPOINT)
-    serving_layout(layout)  # a retired or unknown layout fails here, not in every worker
     check_backend(runtime, precision)
     checkpoint_sha256 = sha256_file(run_dir / CHECKPOINT)
     index_meta = check_index_matches(run_dir, checkpoint_sha256)
@@ -264,9 +237,11 @@ def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketpla
     version = version or default_version(created)
     card = model_card(run_dir, info, checkpoint, checkpoint_sha256, index_meta, name, version, created)
     target = store / f"{output_name.format(name=name, version=version)}.mar"
-    if "{version}" in output_name and target.exists():
-        raise FileExistsError(f"{target} exists: version {version} is taken, and a released version's archive "
-                              f"is never rebuilt; choose a new --version")
+    if target.exists() and not replace:
+        raise FileExistsError(f"{target} exists (version {version} is taken): choose a new --version or "
+                              f"--output-name, or pass --replace to replace it")
+    if target.exists():
+        print(f"replacing {target} (--replace)", flush=True)
     with tempfile.TemporaryDirectory(prefix="archive-") as stage:
         stage = Path(stage)
         card["inference"] = prepare_backend(run_dir, stage / "extra", runtime, precision,
@@ -278,7 +253,7 @@ def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketpla
         # The category blend training.evaluate chose on the validation split, if it beat the head alone.
         blend = card["evaluation"].get("category_blend") if category_blend else None
         config_file.write_text(yaml.safe_dump(model_config(batch_size, max_batch_delay, min_workers, max_workers,
-                                                           response_timeout, threads, layout, warm_up,
+                                                           response_timeout, threads, warm_up,
                                                            blend and {key: blend[key] for key in
                                                                       ("k", "temperature", "weight")},
                                                            runtime, precision, live_catalogue),
@@ -288,32 +263,12 @@ def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketpla
     return target
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, type=Path, help="run folder (WORK/model_evaluation/<timestamp>)")
-    parser.add_argument("--name", default="marketplace", help="model name (URL path /predictions/NAME)")
-    parser.add_argument("--version", help="model version, e.g. 1.0 (default: the run's timestamp, 20250131.142233)")
-    parser.add_argument("--store", default=Path("model_store"), type=Path, help="model store folder")
-    parser.add_argument("--output-name", default="{name}",
-                        help="archive file name without .mar; {name} and {version} are filled in "
-                             "(e.g. '{name}-v{version}' to keep several versions in one store)")
+def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
+    """The archive's options that scripts.refresh passes on as well."""
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                         help="largest dynamic batch (default 8; 1: no batching)")
     parser.add_argument("--max-batch-delay", type=int, default=MAX_BATCH_DELAY,
                         help="ms a worker waits for more requests once one is queued")
-    parser.add_argument("--min-workers", type=int, default=1)
-    parser.add_argument("--max-workers", type=int, default=1)
-    parser.add_argument("--response-timeout", type=int, default=120, help="seconds")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / max workers)")
-    parser.add_argument("--layout", choices=SERVING_LAYOUTS, default="auto",
-                        help="how workers lay out the model when they run torch (marketplace_search.models."
-                             "prepare_for_serving; auto: nhwc, channels-last with BatchNorm folded)")
-    parser.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
-                        help="workers run one forward pass per batch size before READY (oneDNN builds kernels "
-                             "per input shape)")
-    parser.add_argument("--category-blend", action=argparse.BooleanOptionalAction, default=True,
-                        help="serve the category blend of head and catalogue neighbours that training.evaluate "
-                             "chose on the validation split (RUN/evaluation.json), if any")
     parser.add_argument("--live-catalogue", type=Path,
                         help="a live catalogue folder (python -m scripts.catalogue) the workers follow instead of "
                              "the bundled snapshot, once it holds a generation embedded by these weights")
@@ -321,9 +276,36 @@ def main(argv=None) -> None:
                         help=f"inference backend (default {RUNTIME}; marketplace_search.runtime)")
     parser.add_argument("--precision", choices=PRECISIONS, default=PRECISION,
                         help=f"inference precision (default {PRECISION}; int8 with --runtime openvino); anything "
-                             "but torch fp32 must pass the accuracy guard on WORK's test split")
-    parser.add_argument("--work", type=Path, help="work folder with split.csv and photos/ for the guard and int8 "
-                                                  "calibration (default: RUN/../..)")
+                             "but torch fp32 must pass the accuracy guard on the run's test split")
+    parser.add_argument("--reuse-guard", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse the guard's report RUN keeps (RUN/guard_reports.json) when the weights, backend, "
+                             "test photos, calibration and libraries are the same (--no-reuse-guard: measure again)")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", dest="run_dir", metavar="RUN", required=True, type=Path,
+                        help="run folder (WORK/model_evaluation/<timestamp>)")
+    parser.add_argument("--name", default="marketplace", help="model name (URL path /predictions/NAME)")
+    parser.add_argument("--version", help="model version, e.g. 1.0 (default: the run's timestamp, 20250131.142233)")
+    parser.add_argument("--store", default=Path("model_store"), type=Path, help="model store folder")
+    parser.add_argument("--output-name", default="{name}-v{version}",
+                        help="archive file name without .mar; {name} and {version} are filled in")
+    parser.add_argument("--replace", action="store_true", help="replace an archive of the same file name")
+    add_serving_arguments(parser)
+    parser.add_argument("--min-workers", type=int, default=1)
+    parser.add_argument("--max-workers", type=int, default=1)
+    parser.add_argument("--response-timeout", type=int, default=120, help="seconds")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / max workers)")
+    parser.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
+                        help="workers run one forward pass per batch size before READY (oneDNN builds kernels "
+                             "per input shape)")
+    parser.add_argument("--category-blend", action=argparse.BooleanOptionalAction, default=True,
+                        help="serve the category blend of head and catalogue neighbours that training.evaluate "
+                             "chose on the validation split (RUN/evaluation.json), if any")
+    parser.add_argument("--work", dest="work_dir", metavar="WORK", type=Path,
+                        help="work folder with split.csv and photos/ for the guard and int8 calibration "
+                             "(default: RUN/../..)")
     parser.add_argument("--calibration", type=Path, help="folder of photos to calibrate int8 on "
                                                          "(default: 300 train-split photos of WORK)")
     parser.add_argument("--guard-limit", type=int, default=0,
@@ -332,16 +314,8 @@ def main(argv=None) -> None:
     parser.add_argument("--guard", action=argparse.BooleanOptionalAction, default=True,
                         help="check the precision against fp32 on the test split (--no-guard: unchecked, and the "
                              "model card says so)")
-    parser.add_argument("--reuse-guard", action=argparse.BooleanOptionalAction, default=True,
-                        help="reuse the guard's report RUN keeps (RUN/guard_reports.json) when the weights, backend, "
-                             "test photos, calibration and libraries are the same (--no-reuse-guard: measure again)")
-    args = parser.parse_args(argv)
     try:
-        target = build_archive(args.run, args.store, args.name, args.version, args.output_name, args.batch_size,
-                               args.max_batch_delay, args.min_workers, args.max_workers, args.response_timeout,
-                               args.threads, args.layout, args.warm_up, args.category_blend, args.runtime,
-                               args.precision, args.force, args.work, args.calibration, args.guard_limit,
-                               args.guard, live_catalogue=args.live_catalogue, reuse_guard=args.reuse_guard)
+        target = build_archive(**vars(parser.parse_args(argv)))  # each option is one of its arguments
     except (FileExistsError, GuardRefused) as error:
         raise SystemExit(f"refused: {error}") from error
     print(f"{target} ({target.stat().st_size / 1e6:.1f} MB)")

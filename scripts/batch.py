@@ -1,43 +1,10 @@
 """Run every photo of a folder or CSV through the model into a JSON Lines file; resumable.
 
-  python -m scripts.batch photos/ --output results.jsonl                  # served: TorchServe at --url
-  python -m scripts.batch listings.csv --images photos/ --output results.jsonl --concurrency 8
-  python -m scripts.batch photos/ --output results.jsonl --local model_store/marketplace-v1.0.mar   # no server
-
-INPUT is a folder (every file in it, sorted by name, dot-files skipped; image id = file stem) or a
-CSV with an `image_id` and/or a `path` column (paths relative to the CSV's folder; image_id alone
-reads --images DIR/<image_id>.jpg), and optionally `title` and `description` columns: a row with a
-title is sent as JSON with its photo and words, and answered from both (the answer's `inputs`). A
-row with words and no photo (an empty path; a CSV without a path column read without --images) is
-answered from its words alone: its line has "path": "" and its image_id, or "line-N" (its line
-in the CSV) when it has none. Inputs are identified by (image_id, absolute path). Every photo
-must be a regular file of at most --max-file-bytes inside its folder (the folder given, the CSV's,
---images): an absolute path, a `..` or a symlink that leads out of it is refused ("refused_input").
-
-OUTPUT gets one JSON line per input, in the order answers arrive:
-  {"image_id", "path", "status": "ok", "category", "probability", "top_categories", "neighbours", "model", "catalogue", "inputs"}
-  {"image_id", "path", "status": "error", "code", "error"}
-`code` is the HTTP status of the model's answer (400 unreadable photo, 413 too large, ...), the last
-status of an overload that outlived its retries (503, 507, ...), or, with no answer at all,
-"file_error" (the input could not be read), "refused_input" (see above), "connection_error" or "timeout".
-
-Retries: 429/502/503/504/507, connection errors and timeouts are retried --retries times with
-exponential backoff and jitter; any other answer is final for that input. 401/403/404 mean a wrong
---url/--model/--version/--token, so the run stops at once instead of writing that error for every photo.
-
-Resuming: re-running with the same OUTPUT skips every input that already has a line, so a run
-killed at any point (SIGKILL included) continues where it stopped; a half-written last line is cut
-off first. Error lines are answers too and are not re-sent, unless --retry-errors: then inputs whose
-line is a transient error (codes above) are removed from OUTPUT and sent again, so every input still
-has exactly one line. 4xx answers are never re-sent.
-
---engine ray --archive ARCHIVE.mar|FOLDER runs it in a pool of Ray actors, on this machine or a cluster
-(--address), into the same JSON lines or Parquet shards: see scripts/ray_batch.py.
-
---local ARCHIVE.mar|FOLDER (= --engine local --archive ...) runs the archive's handler in this process, in batches of --batch-size,
-with the same output: the path for a machine without TorchServe. A .mar is unzipped only within
-MAX_ARCHIVE_BYTES and MAX_ARCHIVE_MEMBERS, and not at all if a member's name is absolute or has `..`. Throughput in the summary counts
-the photos answered in this run over the time spent answering them (model loading excluded).
+INPUT is a folder (image id = file stem) or a CSV with `image_id` and/or `path` (relative to the CSV; image_id
+alone reads --images DIR/<image_id>.jpg) and optionally `title` and `description`; a row without a photo is
+answered from its words. OUTPUT gets one line per input: {"image_id", "path", "status": "ok", ...the answer}
+or {"image_id", "path", "status": "error", "code", "error"}. Overload, connection errors and timeouts are
+retried; 401/403/404 stop the run. A re-run with the same OUTPUT skips every input that has a line.
 """
 import argparse
 import csv
@@ -58,17 +25,15 @@ from marketplace_search.files import replaced_atomically
 from scripts import api
 from scripts.api import TRANSIENT_STATUSES, TransientError
 from scripts.records import (MAX_FILE_BYTES, FatalError, Item, RefusedInput, Tally, answer_record, error_record,
-                             file_error, format_summary, load_handler, local_answers, model_folder, read_photo,
-                             request_payload, summarise, timed_write)
+                             file_error, format_summary, load_handler, local_answers, model_folder, read_input,
+                             request_payload, summarise, write_answers)
 
 NO_ANSWER_CODES = ("connection_error", "timeout")
 FATAL_STATUSES = (401, 403, 404)  # every photo would get the same answer
-CSV_COLUMNS = ("image_id", "path")
+MAX_BACKOFF = 30  # seconds: the longest wait between retries
 ENGINES = ("served", "local", "ray")
 TEXT_COLUMNS = ("title", "description")
 
-
-# --- inputs -------------------------------------------------------------------------------------------
 
 def absolute(path: Path | str) -> Path:
     """An absolute, normalised path (symlinks kept): the same input gets the same key from any cwd."""
@@ -88,7 +53,7 @@ def list_inputs(source: Path, images_dir: Path | None = None) -> list[Item]:
 
 
 def folder_inputs(folder: Path) -> list[Item]:
-    """Every non-folder entry, sorted by name; unreadable ones become error lines, not gaps."""
+    """Every non-folder entry, sorted by name (unreadable ones become error lines, not gaps)."""
     folder = absolute(folder)
     return [Item(path.stem, str(path), str(folder)) for path in sorted(folder.iterdir())
             if not path.name.startswith(".") and not path.is_dir()]
@@ -100,7 +65,7 @@ def csv_inputs(csv_path: Path, images_dir: Path | None) -> list[Item]:
         reader = csv.DictReader(handle)
         columns = [name.strip() for name in reader.fieldnames or []]
         reader.fieldnames = columns
-        if not set(columns) & {*CSV_COLUMNS, "title"}:
+        if not set(columns) & {"image_id", "path", "title"}:
             raise ValueError(f"{csv_path} has neither an image_id, a path nor a title column (columns: {columns})")
         if "path" not in columns and images_dir is None:
             if "title" not in columns:
@@ -127,18 +92,12 @@ def csv_item(row: dict, csv_path: Path, line: int, images_dir: Path | None) -> I
                      + ("" if images_dir or not image_id else " (pass --images DIR to read DIR/<image_id>.jpg)"))
 
 
-# --- output -------------------------------------------------------------------------------------------
-
 def record_key(record: dict) -> tuple[str, str]:
     return record["image_id"], record["path"]
 
 
 def recover_output(output: Path) -> tuple[dict[tuple[str, str], dict], int]:
-    """(the records already in OUTPUT by (image_id, path), bytes cut off).
-
-    A run killed mid-write leaves a last line without its newline: it is cut off (that input is
-    simply sent again). A broken line elsewhere means someone else wrote the file: refuse it.
-    """
+    """(the records in OUTPUT by key, bytes of a half-written last line cut off); a broken line elsewhere is refused."""
     if not output.exists():
         return {}, 0
     data = output.read_bytes()
@@ -158,22 +117,14 @@ def recover_output(output: Path) -> tuple[dict[tuple[str, str], dict], int]:
     return records, len(data) - complete
 
 
-def is_transient(record: dict) -> bool:
-    return record["status"] == "error" and (record["code"] in TRANSIENT_STATUSES or record["code"] in NO_ANSWER_CODES)
-
-
 def drop_records(output: Path, keys: set) -> None:
     """Rewrite OUTPUT without the lines of `keys`; atomic, so a kill leaves the old file or the new."""
     with replaced_atomically(output) as temporary, open(output, "rb") as source, open(temporary, "wb") as target:
         target.writelines(line for line in source if not (line.strip() and record_key(json.loads(line)) in keys))
 
 
-# --- served -------------------------------------------------------------------------------------------
-
 @dataclass
 class Target:
-    """Where and how to send photos."""
-
     url: str  # .../predictions/NAME[/VERSION]
     k: int
     timeout: float
@@ -205,12 +156,11 @@ def post_photo(target: Target, photo: bytes | None, words: dict[str, str] | None
     """One POST: the final (status, JSON answer), or TransientError when it is worth asking again."""
     data, extra = request_payload(photo, words or {})
     response = api.post_photo(target.url, data, {**target.headers(photo), **extra}, target.timeout)
+    if api.key_refused(response) and target.renewed_token():
+        response = api.post_photo(target.url, data, {**target.headers(photo), **extra}, target.timeout)
     if api.key_refused(response):
-        if target.renewed_token():
-            response = api.post_photo(target.url, data, {**target.headers(photo), **extra}, target.timeout)
-        if api.key_refused(response):
-            raise FatalError(f"POST {target.url}: {api.refused_key('inference', target.token)} "
-                             f"({api.error_text(response)})")
+        raise FatalError(f"POST {target.url}: {api.refused_key('inference', target.token)} "
+                         f"({api.error_text(response)})")
     if response.status_code in FATAL_STATUSES:
         raise FatalError(f"POST {target.url} -> {response.status_code}: {api.error_text(response)} "
                          f"(check --url, --model, --version and --token/--key-file)")
@@ -225,7 +175,7 @@ def post_photo(target: Target, photo: bytes | None, words: dict[str, str] | None
 
 def answer_served(item: Item, target: Target, policy: Retrying) -> dict:
     try:
-        photo = read_photo(item, target.max_file_bytes)
+        photo = read_input(item, target.max_file_bytes)
     except (OSError, RefusedInput) as error:
         return file_error(item, error)
     try:
@@ -237,10 +187,7 @@ def answer_served(item: Item, target: Target, policy: Retrying) -> dict:
 
 
 def answers_in_pool(items: list[Item], answer, concurrency: int):
-    """Yield `answer(item)` for every item as each finishes, with `concurrency` threads.
-
-    At most two per thread are queued, so stopping early (Ctrl-C, a FatalError) drops little work.
-    """
+    """Yield `answer(item)` for every item as each finishes, in CONCURRENCY threads with at most two items each."""
     queue = iter(items)
     running = set()
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="batch") as pool:
@@ -258,16 +205,18 @@ def answers_in_pool(items: list[Item], answer, concurrency: int):
                 future.cancel()
 
 
-# --- run ----------------------------------------------------------------------------------------------
-
-def pending_inputs(items: list[Item], output: Path, retry_errors: bool) -> tuple[list[Item], int, int]:
-    """(inputs still to answer, bytes of a half-written line cut off, transient errors to re-send)."""
+def pending_inputs(items: list[Item], output: Path, retry_errors: bool) -> list[Item]:
+    """The inputs still to answer: those without a line in OUTPUT, and with RETRY_ERRORS those of transient errors."""
     records, cut = recover_output(output)
-    redo = {key for key, record in records.items() if retry_errors and is_transient(record)}
+    if cut:
+        print(f"cut a half-written last line ({cut} bytes) off {output}", file=sys.stderr)
+    redo = {key for key, record in records.items() if retry_errors and record["status"] == "error"
+            and (record["code"] in TRANSIENT_STATUSES or record["code"] in NO_ANSWER_CODES)}
     if redo:
+        print(f"re-sending {len(redo)} input(s) whose last answer was a transient error", file=sys.stderr)
         drop_records(output, redo)
     done = set(records) - redo
-    return [item for item in items if item.key not in done], cut, len(redo)
+    return [item for item in items if item.key not in done]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,27 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retries", type=int, default=5, help="retries per photo on overload/connection errors")
     parser.add_argument("--timeout", type=float, default=60, help="seconds per request")
     parser.add_argument("--backoff", type=float, default=0.5, help="first retry wait in seconds (then doubling)")
-    parser.add_argument("--max-backoff", type=float, default=30, help="longest retry wait in seconds")
-    parser.add_argument("--retry-errors", action="store_true",
-                        help="re-send inputs whose line in OUTPUT is a transient error (503, timeout, ...)")
-    parser.add_argument("--token", help="inference key when tokens are on (default: --key-file's, else $TS_TOKEN)")
-    parser.add_argument("--key-file", type=Path, help="the server's key_file.json: its inference key is used "
-                                                      "(default: logs/key_file.json, scripts.serve's)")
+    parser.add_argument("--retry-errors", action="store_true", help="re-send inputs whose line is a transient error")
+    api.add_key_arguments(parser, "inference")
     parser.add_argument("--engine", choices=ENGINES,
                         help="served: TorchServe at --url (default); local: --archive in this process; "
                              "ray: --archive in Ray actors (default: local when --local is given)")
-    parser.add_argument("--archive", type=Path, metavar="MAR_OR_DIR",
-                        help="the archive (.mar or extracted folder) that --engine local/ray runs")
-    parser.add_argument("--local", type=Path, metavar="MAR_OR_DIR",
-                        help="= --engine local --archive MAR_OR_DIR: no server, the archive in-process")
+    parser.add_argument("--archive", type=Path, metavar="MAR_OR_DIR", help="the archive --engine local/ray runs")
+    parser.add_argument("--local", type=Path, metavar="MAR_OR_DIR", help="= --engine local --archive MAR_OR_DIR")
     parser.add_argument("--batch-size", type=int, default=8, help="photos per forward pass (local, ray)")
     ray_options = parser.add_argument_group("--engine ray (scripts/ray_batch.py)")
-    ray_options.add_argument("--address", help="join this Ray cluster (auto, ray://HOST:PORT); "
-                                               "default: start a local Ray on this machine")
+    ray_options.add_argument("--address", help="join this Ray cluster (auto, ray://HOST:PORT), else start a local Ray")
     ray_options.add_argument("--actors", type=int, default=1, help="actors, each loading the archive once")
     ray_options.add_argument("--cpus-per-actor", type=float,
-                             help="CPUs (= torch threads) per actor; default: an equal share of the cluster's "
-                                  "CPUs less a half left to Ray Data")
+                             help="CPUs (= torch threads) per actor (default: a share of all but half a CPU)")
     ray_options.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray (default: every core)")
     ray_options.add_argument("--ray-temp-dir", type=Path, help="the local Ray's session folder (default /tmp/ray)")
     ray_options.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl",
@@ -315,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    for name in ("k", "concurrency", "batch_size", "max_file_bytes"):
+    for name in ("k", "concurrency", "batch_size", "max_file_bytes", "actors", "shard_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.retries < 0:
@@ -333,57 +274,49 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise SystemExit(f"--archive {args.archive}: no such file or folder")
     if args.format == "parquet" and args.engine != "ray":
         raise SystemExit("--format parquet is written by --engine ray")
-    for name in ("actors", "shard_size"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     check_arguments(args)
     items = list_inputs(args.input, args.images)
-    if args.format == "parquet":
-        from scripts.ray_batch import run_parquet
-
-        try:
-            return run_parquet(args, items)
-        except FatalError as error:
-            raise SystemExit(f"stopped: {error}\nfinished shards stay in {args.output}; "
-                             f"fix the cause and re-run the same command to resume") from error
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    todo, cut, redo = pending_inputs(items, args.output, args.retry_errors)
-    if cut:
-        print(f"cut a half-written last line ({cut} bytes) off {args.output}", file=sys.stderr)
-    if redo:
-        print(f"re-sending {redo} input(s) whose last answer was a transient error", file=sys.stderr)
-    tally = Tally(skipped=len(items) - len(todo))
+    tally = Tally()
     try:
-        seconds = run(args, todo, tally) if todo else 0.0
+        seconds = run(args, items, tally)
     except FatalError as error:
-        raise SystemExit(f"stopped: {error}\n{tally.answered} answer(s) written to {args.output}; "
-                         f"fix the cause and re-run the same command to resume") from error
+        raise SystemExit(f"stopped: {error}\nwhat was written stays in {args.output}; fix the cause and re-run the "
+                         f"same command to resume") from error
     summary = summarise(tally, len(items), seconds)
     print(format_summary(summary, args.output))
     return summary
 
 
-def run(args: argparse.Namespace, todo: list[Item], tally: Tally) -> float:
-    """Answer `todo` into args.output; returns the seconds spent answering."""
+def run(args: argparse.Namespace, items: list[Item], tally: Tally) -> float:
+    """Answer the ITEMS not yet in args.output into it; returns the seconds spent answering."""
+    if args.format == "parquet":
+        from scripts.ray_batch import run_parquet
+
+        return run_parquet(args, items, tally)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    todo = pending_inputs(items, args.output, args.retry_errors)
+    tally.skipped = len(items) - len(todo)
+    if not todo:
+        return 0.0
     if args.engine == "ray":
-        from scripts.ray_batch import run_ray  # Ray is imported by this engine alone
+        from scripts.ray_batch import run_ray  # Ray is imported by this engine alone, as torch by local
 
         return run_ray(args, todo, tally)
     if args.engine == "local":
         with model_folder(args.archive) as folder:
             handler = load_handler(folder, args.version, args.batch_size)
             answers = local_answers(handler, todo, args.k, args.batch_size, args.max_file_bytes)
-            return timed_write(answers, args.output, tally, len(todo))
+            return write_answers(answers, args.output, tally, len(todo))
     check_server(args.url, args.timeout)
     target = Target(api.prediction_url(args.url, args.model, args.version), args.k, args.timeout,
                     api.resolve_token("inference", args.token, args.key_file), args.max_file_bytes)
-    policy = api.retrying(args.retries, args.backoff, args.max_backoff, before_sleep=tally.add_retry)
+    policy = api.retrying(args.retries, args.backoff, MAX_BACKOFF, before_sleep=tally.add_retry)
     answers = answers_in_pool(todo, partial(answer_served, target=target, policy=policy), args.concurrency)
-    return timed_write(answers, args.output, tally, len(todo))
+    return write_answers(answers, args.output, tally, len(todo))
 
 
 if __name__ == "__main__":

@@ -1,27 +1,8 @@
 """The live catalogue: remove sold listings at once, add new ones in minutes, without a new model version.
 
-  python -m scripts.catalogue --live LIVE init --archive model_store/marketplace.mar   # or --run RUN
-  python -m scripts.catalogue --live LIVE remove PRODUCT_ID [PRODUCT_ID ...]
-  python -m scripts.catalogue --live LIVE add --data NEW_LISTINGS/ --archive model_store/marketplace.mar
-  python -m scripts.catalogue --live LIVE status
-  python -m scripts.catalogue --live LIVE compact
-
-Workers follow LIVE when their archive was built with `scripts.archive --live-catalogue LIVE`
-(marketplace_search/live.py describes the folder). Every change is a new generation or a new removal
-list, which the workers pick up on their next batch (they look at most every 0.5 s):
-  init     seed generation 1 from an archive's bundled catalogue or a run's index and embeddings
-           (--force: publish it as the next generation of a folder that has some)
-  remove   record PRODUCT_IDs as sold or withdrawn: out of every answer at once, no index rebuilt
-  add      clean NEW_LISTINGS (Products.csv, Images.csv, images/, the raw format of training.tables),
-           normalise their photos (training.photos), embed only them with the served model's own
-           weights (the archive's or the run's checkpoint, which must be the one the current
-           generation was embedded with), and publish a new generation: the current one plus these
-           listings (a product_id already there is replaced; one on the removal list comes back).
-           When the model reads titles (its text model), the new listings' words (title + description)
-           join the generation's, so they are found and vote by words as the archive's listings do
-  status   current generation, photos, listings, removed listings, the weights it was embedded with
-  compact  fold the removal list into a new generation (the index loses the removed photos)
-  prune    delete old generations, keeping the newest --keep (default 3, at least 2); nothing else does
+Workers of an archive built with `scripts.archive --live-catalogue LIVE` pick up every new generation or removal
+list at their next batch. `add` embeds the new listings' photos with the weights of the current generation; a
+product_id already there is replaced, one on the removal list comes back.
 """
 import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
@@ -30,7 +11,7 @@ import json
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +21,9 @@ from marketplace_search.layout import (ARCHIVE_CATALOGUE, ARCHIVE_MANIFEST, ARCH
                                        EMBEDDINGS_DIR, INDEX_DIR, TEXT_MODEL_DIR)
 from marketplace_search.live import (CURRENT_FILE, list_generations, load_generation, now, prune_generations,
                                      read_current, read_removed, write_generation, write_removed, writer_lock)
-from marketplace_search.search import INDEX_TYPES, Catalogue
+from marketplace_search.search import Catalogue
 from marketplace_search.text import WEIGHTS_FILE, ListingWords, TextModel
-from scripts.records import FatalError, model_folder
-# torch and the training stages are imported inside the commands that read a model (init, add): `remove`
-# returns as soon as the removal is written, without loading them.
-
-DEFAULT_PHOTO_SIZE = 512  # training.photos' default
+# torch, the training stages and the archive reader are imported where used, so that `remove` returns at once.
 
 
 class CatalogueError(ValueError):
@@ -55,14 +32,19 @@ class CatalogueError(ValueError):
 
 @contextmanager
 def served_model(args):
-    """(checkpoint, catalogue folder, text model folder) of the served model: the run's, or the archive's as
-    its workers read them (a .mar unzipped while the block runs, as `scripts.batch --local` unzips it)."""
+    """(checkpoint, catalogue folder, text model folder) of the served model: the run's or the archive's."""
     if bool(args.archive) == bool(args.run):
         raise CatalogueError("give the served model as --archive MAR (or its extracted folder) or --run RUN")
     if args.run:
         yield args.run / CHECKPOINT, args.run / INDEX_DIR, args.run / TEXT_MODEL_DIR
         return
-    with model_folder(args.archive) as folder:
+    from scripts.records import FatalError, model_folder
+
+    with ExitStack() as stack:
+        try:
+            folder = stack.enter_context(model_folder(args.archive))
+        except FatalError as error:
+            raise CatalogueError(str(error)) from error
         manifest = json.loads((folder / ARCHIVE_MANIFEST).read_text())
         yield folder / manifest["model"]["serializedFile"], folder / ARCHIVE_CATALOGUE, folder / ARCHIVE_TEXT_MODEL
 
@@ -108,8 +90,7 @@ def run_vectors(run: Path, catalogue: Catalogue) -> np.ndarray:
 
 
 def served_text_model(folder: Path) -> tuple[TextModel | None, str | None]:
-    """(the text model in FOLDER that the workers read words with, its reader_sha256); (None, None) for a
-    model without one, or one without a catalogue of words."""
+    """(the text model in FOLDER, its reader_sha256), or (None, None) when there is none with listings' words."""
     if not (folder / WEIGHTS_FILE).is_file():
         return None, None
     model = TextModel.load(folder)
@@ -125,49 +106,34 @@ def init(args) -> dict:
             catalogue, vectors, weights, source = seed_from(args, checkpoint, index_dir)
             text_model, text_sha256 = served_text_model(text_dir)
             listing_words = text_model and text_model.listing_words
-            number = write_generation(args.live, vectors, catalogue.image_ids, catalogue.listings, weights,
-                                      {"seeded_from": source}, args.index_type or catalogue.meta["index"]["type"],
-                                      {"model": catalogue.meta.get("model", {})}, listing_words, text_sha256)
+            number = publish(args.live, catalogue, vectors, catalogue.image_ids, catalogue.listings, weights,
+                             {"seeded_from": source}, listing_words, text_sha256)
     return {"generation": number, "photos": len(catalogue.image_ids), "seeded_from": source,
             "listings_by_words": len(listing_words.product_ids) if listing_words else 0}
 
 
 def remove(args) -> dict:
-    """Returns once the removal list is durable (written whole, fsynced): it reads no generation, since a
-    large one takes longer to read than the removal to apply (`status` counts the removed listings it holds)."""
+    """Returns once the removal list is durable; it reads no generation, which takes longer than the removal."""
     with writer_lock(args.live):
         removed = read_removed(args.live)
-        stamp = now()
         added = [product for product in args.product_ids if product not in removed]
-        removed.update({product: stamp for product in added})
+        removed.update(dict.fromkeys(added, now()))
         write_removed(args.live, removed)
     return {"removed": added, "already_removed": sorted(set(args.product_ids) - set(added)),
             "removal_list": len(removed)}
 
 
-def clean_new_listings(data: Path, work: Path, size: int, workers: int) -> tuple:
-    """Stages 1-2 on DATA into WORK: the rows whose photo could be normalised, and what was dropped."""
-    from training import photos, tables
-    from training.data import read_training_table
-    from training.dataset import drop_missing_photos
-
-    report = tables.clean_tables(data, work)
-    table = read_training_table(work)
-    photo_report = photos.normalise_photos(list(table["image_id"]), data / "images", work / photos.PHOTOS_DIR,
-                                           size, max(1, workers))
-    usable, missing = drop_missing_photos(table, work / photos.PHOTOS_DIR)
-    dropped = {"listing_rows": sum(report["products"]["dropped"].values()),
-               "photo_rows": sum(report["images"]["dropped"].values()),
-               "unreadable_photos": photo_report["failed"], "photos_without_file": len(missing)}
-    return usable, dropped
+def publish(live: Path, generation_of: Catalogue, vectors: np.ndarray, image_ids: list[str], listings: dict,
+            weights: str, change: dict, words: ListingWords | None, words_sha256: str | None) -> int:
+    """The next generation, indexed as GENERATION_OF is."""
+    return write_generation(live, vectors, image_ids, listings, weights, change, generation_of.meta["index"]["type"],
+                            {"model": generation_of.meta.get("model", {})}, words, words_sha256)
 
 
 def add(args) -> dict:
     from marketplace_search.models import load_checkpoint
-    from marketplace_search.presets import Preprocess
-    from training import photos
-    from training.data import embed_rows
     from training.index import listing_metadata
+    from scripts.refresh import photo_embedder, photo_size, prepare_work
 
     timings = {}
     with (tempfile.TemporaryDirectory(prefix="catalogue-add-") as scratch, writer_lock(args.live),
@@ -180,16 +146,15 @@ def add(args) -> dict:
                                  f"{embedded_with[:12]}, the model given is {weights[:12]}: one generation holds "
                                  f"vectors of one model; seed a live folder of its own for this model")
         model, checkpoint = load_checkpoint(checkpoint_path)
-        size = args.size or int(checkpoint.get("config", {}).get("size") or DEFAULT_PHOTO_SIZE)
+        size = photo_size(checkpoint)
         started = time.perf_counter()
-        work = args.work or Path(scratch) / "work"
-        table, dropped = clean_new_listings(args.data, work, size, args.workers)
+        work = Path(scratch) / "work"
+        table, _, _, dropped = prepare_work(args.data, work, size, args.workers)
         if table.empty:
             raise CatalogueError(f"{args.data} has no listing with a usable photo ({dropped}): nothing to add")
         timings["clean_s"] = round(time.perf_counter() - started, 2)
         started = time.perf_counter()
-        new_vectors, _ = embed_rows(model, Preprocess.from_dict(checkpoint["preprocess"]), table,
-                                    work / photos.PHOTOS_DIR, args.embed_batch_size, 0)
+        new_vectors, _ = photo_embedder(model, checkpoint, work, 0)(table)
         timings["embed_s"] = round(time.perf_counter() - started, 2)
         started = time.perf_counter()
         old = generation.catalogue
@@ -200,14 +165,11 @@ def add(args) -> dict:
         image_ids = [old.image_ids[row] for row in keep] + list(table["image_id"])
         vectors = np.concatenate([generation.vectors[keep], new_vectors])
         listings = {**{image_id: old.listings[image_id] for image_id in image_ids[:len(keep)]}, **new_listings}
-        replaced = len({old.listings[old.image_ids[row]]["product_id"] for row in range(len(old.image_ids))}
-                       & new_products)
+        replaced = len({listing["product_id"] for listing in old.listings.values()} & new_products)
         change = {"added_photos": len(table), "added_listings": len(new_products) - replaced,
                   "replaced_listings": replaced, "dropped": dropped, "data": str(args.data.resolve())}
         listing_words, text_sha256 = added_listing_words(text_dir, generation, new_listings, new_products, work, change)
-        number = write_generation(args.live, vectors, image_ids, listings, weights, change,
-                                  args.index_type or old.meta["index"]["type"], {"model": old.meta.get("model", {})},
-                                  listing_words, text_sha256)
+        number = publish(args.live, old, vectors, image_ids, listings, weights, change, listing_words, text_sha256)
         timings["index_s"] = round(time.perf_counter() - started, 2)
         removed = read_removed(args.live)  # after CURRENT names the new generation (marketplace_search.live)
         back = sorted(new_products & removed.keys())
@@ -219,9 +181,8 @@ def add(args) -> dict:
 
 def added_listing_words(text_dir: Path, generation, new_listings: dict[str, dict], new_products: set[str], work: Path,
                 change: dict) -> tuple[ListingWords | None, str | None]:
-    """The generation's words with the new listings' (title + description) in, when the served model reads
-    titles: the current generation's words if its text model made them, else the text model's own (a folder
-    seeded before words were kept, or by another text model); CHANGE gets the counts."""
+    """The generation's words (the text model's own if another text model made them) with the new listings' in,
+    when the served model reads titles; CHANGE gets the counts."""
     from training.text import listing_word_rows, read_listings
 
     text_model, text_sha256 = served_text_model(text_dir)
@@ -241,14 +202,13 @@ def compact(args) -> dict:
         old = generation.catalogue
         keep = [row for row, image_id in enumerate(old.image_ids) if old.listings[image_id]["product_id"] not in removed]
         image_ids = [old.image_ids[row] for row in keep]
-        folded = sorted({old.listings[old.image_ids[row]]["product_id"] for row in range(len(old.image_ids))} & removed.keys())
+        folded = {listing["product_id"] for listing in old.listings.values()} & removed.keys()
         change = {"compacted": {"removed_listings": len(folded), "removed_photos": len(old.image_ids) - len(keep)}}
         listing_words = generation.listing_words and generation.listing_words.changed(drop=removed.keys())
-        number = write_generation(args.live, generation.vectors[keep], image_ids,
-                                  {image_id: old.listings[image_id] for image_id in image_ids},
-                                  generation.info["model"]["checkpoint_sha256"], change,
-                                  args.index_type or old.meta["index"]["type"], {"model": old.meta.get("model", {})},
-                                  listing_words, generation.listing_words_sha256)
+        number = publish(args.live, old, generation.vectors[keep], image_ids,
+                         {image_id: old.listings[image_id] for image_id in image_ids},
+                         generation.info["model"]["checkpoint_sha256"], change, listing_words,
+                         generation.listing_words_sha256)
         # Every id read above is absent from the new generation, which CURRENT already names.
         write_removed(args.live, {product: when for product, when in read_removed(args.live).items()
                                   if product not in removed})
@@ -290,7 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
     def model_options(command):
         command.add_argument("--archive", type=Path, help="the served archive (.mar or its extracted folder)")
         command.add_argument("--run", type=Path, help="or the training run whose checkpoint it serves")
-        command.add_argument("--index-type", choices=INDEX_TYPES, help="default: the current generation's")
 
     seed = commands.add_parser("init", help="seed generation 1 from an archive or a run")
     model_options(seed)
@@ -300,13 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     new = commands.add_parser("add", help="new listings (raw format) into a new generation")
     new.add_argument("--data", required=True, type=Path, help="Products.csv, Images.csv, images/")
     model_options(new)
-    new.add_argument("--work", type=Path, help="keep the cleaned tables and photos here (default: a temp folder)")
-    new.add_argument("--size", type=int, help="photo side (default: the checkpoint's training size, else 512)")
     new.add_argument("--workers", type=int, default=2, help="photo normalisation processes")
-    new.add_argument("--embed-batch-size", type=int, default=32)
     commands.add_parser("status", help="the current generation and the removal list")
-    fold = commands.add_parser("compact", help="fold the removal list into a new generation")
-    fold.add_argument("--index-type", choices=INDEX_TYPES, help="default: the current generation's")
+    commands.add_parser("compact", help="fold the removal list into a new generation")
     trim = commands.add_parser("prune", help="delete old generations (each holds a full index and vectors)")
     trim.add_argument("--keep", type=int, default=3, help="newest generations kept, the current one among them "
                       "(at least 2: a worker may still be loading the one before the current)")
@@ -318,7 +273,7 @@ def main(argv=None) -> dict:
     try:
         result = {"init": init, "remove": remove, "add": add, "status": status, "compact": compact,
                   "prune": prune}[args.command](args)
-    except (CatalogueError, FileNotFoundError, FatalError) as error:
+    except (CatalogueError, FileNotFoundError) as error:
         raise SystemExit(f"{args.command} refused: {error}") from error
     print(json.dumps(result, indent=2, default=str))
     return result

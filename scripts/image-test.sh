@@ -61,7 +61,7 @@ base() {
   rm -f "$W/bookworm-py311.tar"
 }
 
-# model_store/marketplace.mar, when the store has no archive: 60 listings, MobileNetV2 (offline weights when
+# model_store/marketplace-v1.0.mar, when the store has no archive: 60 listings, MobileNetV2 (offline weights when
 # ../shared has them), one epoch, small photos. Only a fixture for the serving checks: its answers are poor.
 model() {
   if compgen -G "model_store/*.mar" >/dev/null; then echo "model store: $(ls model_store/*.mar | tr '\n' ' ')"; return; fi
@@ -170,7 +170,7 @@ run_checks() {
     -H 'Content-Type: image/jpeg' --data-binary @/tmp/probe.jpg "http://127.0.0.1:8080/predictions/$MODEL")
   [ "$code" = 200 ]; check "same request, inference token again" $? "HTTP $code"
   code=$(P exec "$name" curl -sS -o /dev/null -w '%{http_code}' -X POST -H "Authorization: Bearer $mkey" \
-    "http://127.0.0.1:8081/models?url=marketplace.mar&model_name=other")
+    "http://127.0.0.1:8081/models?url=marketplace-v1.0.mar&model_name=other")
   [ "$code" -ge 400 ]; check "model-control API off (register refused)" $? "HTTP $code"
 
   # `docker stop`: SIGTERM, then SIGKILL after the timeout (10 s); a clean stop exits 0 well before it.

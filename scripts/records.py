@@ -1,9 +1,5 @@
-"""What the engines of scripts.batch share (served, local, and scripts.ray_batch's Ray).
-
-An input (Item) read within its folder and size limit, its answer as a record (one output line), the
-records written, counted and summed up, and the archive's handler answering a batch of inputs in this
-process (the local engine, and each Ray actor).
-"""
+"""What the engines of scripts.batch share: inputs read within their limits, answers as records (output lines)
+written and counted, and the archive's handler answering batches in this process (local engine, Ray actors)."""
 import base64
 import json
 import os
@@ -25,11 +21,9 @@ from scripts import api
 FILE_ERROR = "file_error"
 REFUSED_INPUT = "refused_input"
 MAX_FILE_BYTES = 20 * 1024 * 1024  # = the server's max_request_size (config.properties)
-# An archive holds a checkpoint, a Faiss index (1.2 GB for HNSW at 1M photos), the code and a config.
-MAX_ARCHIVE_BYTES = 8 * 2**30
+MAX_ARCHIVE_BYTES = 8 * 2**30  # a checkpoint, a Faiss index (1.2 GB for HNSW at 1M photos), the code
 MAX_ARCHIVE_MEMBERS = 10_000
-FSYNC_EVERY_LINES = 200
-FSYNC_EVERY_SECONDS = 5.0
+FSYNC_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -44,16 +38,11 @@ class Item:
 
     @property
     def words(self) -> dict[str, str]:
-        """The listing's title and description, when the CSV gave them."""
         return {name: value for name, value in (("title", self.title), ("description", self.description)) if value}
 
     @property
     def key(self) -> tuple[str, str]:
         return self.image_id, self.path
-
-    @property
-    def has_photo(self) -> bool:
-        return bool(self.path)
 
 
 class RefusedInput(ValueError):
@@ -85,8 +74,10 @@ class Tally:
         return sum(self.outcomes.values())
 
 
-def read_input(item: Item, max_bytes: int = MAX_FILE_BYTES) -> bytes:
-    """The input's bytes; RefusedInput when it leads out of its folder, is not a regular file or is too large."""
+def read_input(item: Item, max_bytes: int = MAX_FILE_BYTES) -> bytes | None:
+    """The input's photo (None for words alone); RefusedInput when outside its folder, not a file or too large."""
+    if not item.path:
+        return None
     path = Path(item.path)
     if item.root:
         root = Path(item.root).resolve()
@@ -99,11 +90,6 @@ def read_input(item: Item, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     if len(data) > max_bytes:
         raise RefusedInput(f"{item.path} is over the limit of {max_bytes:,} bytes (--max-file-bytes)")
     return data
-
-
-def read_photo(item: Item, max_bytes: int = MAX_FILE_BYTES) -> bytes | None:
-    """The item's photo (read_input), or None for a row of words alone."""
-    return read_input(item, max_bytes) if item.has_photo else None
 
 
 def request_payload(photo: bytes | None, words: dict[str, str]) -> tuple[bytes, dict]:
@@ -140,51 +126,41 @@ def file_error(item: Item, error: OSError | RefusedInput) -> dict:
     return error_record(item, FILE_ERROR, f"cannot read {item.path}: {error.strerror or error}")
 
 
-class ResultWriter:
-    """Appends one JSON line per answer, flushed at once and fsynced every few lines or seconds.
+@contextmanager
+def appended_lines(output: Path | None):
+    """A function appending a record to OUTPUT as a JSON line (None: a function that writes nothing), flushed at
+    once so that a killed run loses none, and fsynced every FSYNC_SECONDS and at the end against a machine crash."""
+    if output is None:
+        yield lambda record: None
+        return
+    with open(output, "ab") as file:
+        synced_at = time.monotonic()
 
-    Only the main thread writes, so each line is one whole write and lines never interleave.
-    """
+        def append(record: dict) -> None:
+            nonlocal synced_at
+            file.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+            file.flush()
+            if time.monotonic() - synced_at >= FSYNC_SECONDS:
+                os.fsync(file.fileno())
+                synced_at = time.monotonic()
 
-    def __init__(self, path: Path):
-        self.file = open(path, "ab")
-        self.unsynced = 0
-        self.synced_at = time.monotonic()
-
-    def write(self, record: dict) -> None:
-        self.file.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-        self.file.flush()  # in the OS after this: a SIGKILL loses nothing that was written
-        self.unsynced += 1
-        if self.unsynced >= FSYNC_EVERY_LINES or time.monotonic() - self.synced_at >= FSYNC_EVERY_SECONDS:
-            self.sync()
-
-    def sync(self) -> None:
-        os.fsync(self.file.fileno())  # survives a machine crash, not only a killed process
-        self.unsynced = 0
-        self.synced_at = time.monotonic()
-
-    def __enter__(self) -> "ResultWriter":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.sync()
-        self.file.close()
+        try:
+            yield append
+        finally:
+            os.fsync(file.fileno())
 
 
-def write_answers(answers, writer: ResultWriter, tally: Tally, total: int) -> None:
-    with tqdm(total=total, unit="photo", smoothing=0.05, dynamic_ncols=True) as progress:
+def write_answers(answers, output: Path | None, tally: Tally, total: int) -> float:
+    """Each record appended to OUTPUT (None: written elsewhere) and counted, with a progress bar; the seconds spent."""
+    started = time.perf_counter()
+    with appended_lines(output) as append, tqdm(total=total, unit="photo", smoothing=0.05,
+                                                  dynamic_ncols=True) as progress:
         for record in answers:
-            writer.write(record)
+            append(record)
             tally.count(record)
             progress.update()
             if record["status"] != "ok":
                 progress.set_postfix(failed=tally.answered - tally.outcomes["ok"], refresh=False)
-
-
-def timed_write(answers, output: Path, tally: Tally, total: int) -> float:
-    started = time.perf_counter()
-    with ResultWriter(output) as writer:
-        write_answers(answers, writer, tally, total)
     return time.perf_counter() - started
 
 
@@ -205,8 +181,6 @@ def format_summary(summary: dict, output: Path) -> str:
             f"{summary['retries']} retries")
 
 
-# --- the archive in this process ---------------------------------------------------------------------
-
 @contextmanager
 def model_folder(archive: Path, parent: Path | None = None):
     """An extracted archive folder: `archive` itself, or a .mar unzipped into a temporary folder (in PARENT)."""
@@ -223,11 +197,8 @@ def model_folder(archive: Path, parent: Path | None = None):
 
 def extract_archive(archive: Path, folder: Path, max_bytes: int = MAX_ARCHIVE_BYTES,
                     max_members: int = MAX_ARCHIVE_MEMBERS) -> Path:
-    """Unzip a .mar into FOLDER (returned) after checking every member: a relative name without `..`, and the
-    totals within limits.
-
-    The sizes are the declared ones; zipfile never writes more than a member declares (it fails instead).
-    """
+    """Unzip a .mar into FOLDER (returned) once every member name stays inside it and the declared totals are
+    within limits (zipfile never writes more than a member declares)."""
     with zipfile.ZipFile(archive) as mar:
         members = mar.infolist()
         if len(members) > max_members:
@@ -258,7 +229,7 @@ def answer_local_batch(handler, items: list[Item], k: int, predict, max_file_byt
     records, sent, bodies, headers = {}, [], [], []
     for item in items:
         try:
-            photo = read_photo(item, max_file_bytes)
+            photo = read_input(item, max_file_bytes)
         except (OSError, RefusedInput) as error:
             records[item.key] = file_error(item, error)
             continue
@@ -273,8 +244,7 @@ def answer_local_batch(handler, items: list[Item], k: int, predict, max_file_byt
 
 
 def predict_each_on_failure(handler, bodies: list[dict], headers: list[dict], predict) -> list[tuple[int, dict]]:
-    """The batch's answers; if the handler fails the whole batch (TorchServe would answer 503 to all),
-    each photo again alone, so the failure lands on the photo that causes it, as a 500 line."""
+    """The batch's answers; if the handler fails the batch, each photo alone, so the one that fails gets the 500."""
     try:
         return predict(handler, bodies, headers)
     except Exception as error:  # attributed below to the photo(s) that cause it, with its cause in the line

@@ -1,45 +1,22 @@
 """Refresh the catalogue of a trained run from new listings, as a new model version; weights unchanged.
 
-  python -m scripts.refresh --run work/marketplace/model_evaluation/2025-01-31_142233 \\
-      --data new_data/ --work work/refresh-2025-02 --version 2.0 --store model_store
-  python -m scripts.refresh ... --release --management-url http://127.0.0.1:8081 --inference-url http://127.0.0.1:8080
-
-DATA is a full catalogue in the raw format (Products.csv, Images.csv, images/): the listings as they
-are now, with new ones added, changed ones changed and removed ones gone. Steps:
-  1. stages 1-2 (training.tables, training.photos) on DATA into WORK, photos at the run's size;
-  2. embed only the photos whose image_id has no vector in RUN/embeddings, or whose bytes changed
-     (sha256 of DATA/images/<image_id>.jpg against RUN/embeddings/photo_sha256.json; a changed photo
-     is normalised again even in a reused WORK); the others are reused as they are (same weights).
-     A RUN saved without photo hashes has its vectors reused by image_id alone, with a warning;
-     the new run records the hashes, so the next refresh compares them;
-  3. a new RUN folder WORK/model_evaluation/<timestamp>/: RUN's weights/best.pt, embeddings/ and
-     index/ over the whole new catalogue (removed listings gone, changed metadata updated),
-     RUN's evaluation.json (its figures are those of RUN's test split), run.json naming RUN, and
-     RUN's text model when it has one, its listings' words rebuilt over the new catalogue (title +
-     description, as training.text builds them), so new listings are found by their words too;
-  4. the archive STORE/<name>-v<version>.mar; its backend's accuracy guard (scripts.archive) reads the
-     test split of RUN's own work folder (run.json's "work"; of the run RUN refreshed, for a refresh of
-     a refresh), or --guard-work: the weights are RUN's, so is the split they were measured on. A guard
-     RUN keeps for the same backend, photos and libraries is reused, not measured again (RUN's
-     guard_reports.json is copied; --no-reuse-guard measures it again);
-  5. with --release, scripts.versions' release: register beside the current version, wait READY,
-     warm, canary, make it the default. The old default answers /predictions/NAME until then and
-     stays registered (python -m scripts.versions rollback NAME undoes the release).
---release registers the archive by file name, so STORE must be the running server's model store.
+DATA is the whole catalogue now, in the raw format; only photos without a vector in RUN, or whose bytes changed,
+are embedded into a new run in WORK with RUN's weights and text model, archived as STORE/<name>-v<version>.mar;
+--release registers, canaries and makes it the default (STORE must be the server's model store).
 """
 import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from scripts.archive import BATCH_SIZE, MAX_BATCH_DELAY, PRECISION, RUNTIME, build_archive
-from marketplace_search.runtime import PRECISIONS, RUNTIMES
+from scripts.archive import add_serving_arguments, build_archive
 from scripts import api
 from scripts.api import DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL
 from scripts.versions import HISTORY_FILE, ReleaseError, release
@@ -54,44 +31,47 @@ from marketplace_search.models import load_checkpoint
 from marketplace_search.presets import Preprocess
 from marketplace_search.layout import (CHECKPOINT, EMBEDDINGS_DIR, EVALUATION, GUARD_REPORTS, INDEX_DIR,
                                        TEXT_MODEL_DIR, new_run_dir, read_run_info, update_run_info)
-from marketplace_search.search import LISTING_FIELDS, Catalogue, INDEX_TYPES, make_catalogue
+from marketplace_search.search import LISTING_FIELDS, Catalogue, make_catalogue
 from marketplace_search.text import TextModel
 
 DEFAULT_PHOTO_SIZE = 512  # training.photos' default
 
 
-def photo_size(run_dir: Path, info: dict) -> int:
-    """The side the run's photos were normalised to: new photos must match, or their vectors drift."""
-    configured = info.get("config", {}).get("train", {}).get("size")
-    if configured:
-        return int(configured)
-    report = Path(info.get("work", run_dir.parents[1])) / PHOTOS_DIR / PHOTOS_REPORT
-    if report.is_file():
-        return int(json.loads(report.read_text())["size"])
+def photo_size(checkpoint: dict, work_dir: Path | None = None) -> int:
+    """The side the model's photos were normalised to, which new photos must match or their vectors drift: its
+    training config's, else WORK_DIR's photos report's, else training.photos' default."""
+    if checkpoint.get("config", {}).get("size"):
+        return int(checkpoint["config"]["size"])
+    if work_dir is not None and (work_dir / PHOTOS_DIR / PHOTOS_REPORT).is_file():
+        return int(json.loads((work_dir / PHOTOS_DIR / PHOTOS_REPORT).read_text())["size"])
     return DEFAULT_PHOTO_SIZE
 
 
-def prepare_work(data_dir: Path, work_dir: Path, size: int, workers: int,
-                 old_hashes: dict[str, str] | None) -> tuple[pd.DataFrame, dict[str, str], set[str]]:
-    """Stages 1-2 on DATA into WORK: (the training table rows whose photo could be normalised, the sha256
-    of each of their source photos, the image_ids among them whose source photo changed since OLD_HASHES)."""
-    tables.clean_tables(data_dir, work_dir)
+def photo_embedder(model, checkpoint: dict, work_dir: Path, workers: int):
+    """rows -> (vectors, probabilities) of their photos normalised in WORK_DIR, as training.embed embeds them."""
+    preprocess = Preprocess.from_dict(checkpoint["preprocess"])
+    return lambda rows: embed_rows(model, preprocess, rows, work_dir / PHOTOS_DIR, workers=workers)
+
+
+def prepare_work(data_dir: Path, work_dir: Path, size: int, workers: int, old_hashes: dict[str, str] | None = None
+                 ) -> tuple[pd.DataFrame, dict[str, str], set[str], dict[str, int]]:
+    """Stages 1-2 on DATA into WORK: (the rows whose photo could be normalised, their source photos' sha256, the
+    image_ids among them whose photo changed since OLD_HASHES, the rows and photos dropped)."""
+    report = tables.clean_tables(data_dir, work_dir)
     table = read_training_table(work_dir)
     hashes = hash_photos(table["image_id"], data_dir / "images")
-    changed = changed_photos(old_hashes or {}, hashes)
+    changed = {image_id for image_id, sha256 in hashes.items() if (old_hashes or {}).get(image_id, sha256) != sha256}
     for image_id in changed:  # training.photos skips a photo already normalised: make it read the new bytes
         (work_dir / PHOTOS_DIR / f"{image_id}.jpg").unlink(missing_ok=True)
-    report = photos.normalise_photos(list(table["image_id"]), data_dir / "images", work_dir / PHOTOS_DIR,
-                                     size, max(1, workers))  # 0 would mean every core there
-    print(photos.format_report(report))
-    usable, _ = drop_missing_photos(table, work_dir / PHOTOS_DIR)
+    photo_report = photos.normalise_photos(list(table["image_id"]), data_dir / "images", work_dir / PHOTOS_DIR,
+                                           size, max(1, workers))  # 0 would mean every core there
+    print(photos.format_report(photo_report), file=sys.stderr)
+    usable, missing = drop_missing_photos(table, work_dir / PHOTOS_DIR)
     usable_hashes = {image_id: hashes[image_id] for image_id in usable["image_id"] if image_id in hashes}
-    return usable, usable_hashes, changed & usable_hashes.keys()
-
-
-def changed_photos(old_hashes: dict[str, str], hashes: dict[str, str]) -> set[str]:
-    """image_ids hashed both times whose bytes differ (same size or not)."""
-    return {image_id for image_id, sha256 in hashes.items() if old_hashes.get(image_id, sha256) != sha256}
+    dropped = {"listing_rows": sum(report["products"]["dropped"].values()),
+               "photo_rows": sum(report["images"]["dropped"].values()),
+               "unreadable_photos": photo_report["failed"], "photos_without_file": len(missing)}
+    return usable, usable_hashes, changed & usable_hashes.keys(), dropped
 
 
 def listings_by_product(listings: dict[str, dict]) -> dict[str, dict]:
@@ -108,16 +88,15 @@ def compare_listings(old: dict[str, dict], new: dict[str, dict]) -> dict[str, li
     """product_ids added, removed, and changed (metadata or photos) between two catalogues' listings."""
     old_products, new_products = listings_by_product(old), listings_by_product(new)
     common = old_products.keys() & new_products.keys()
+    changed = {product for product in common if old_products[product] != new_products[product]}
     return {"added": sorted(new_products.keys() - old_products.keys()),
             "removed": sorted(old_products.keys() - new_products.keys()),
-            "changed": sorted(product for product in common if old_products[product] != new_products[product]),
-            "unchanged": sorted(product for product in common if old_products[product] == new_products[product])}
+            "changed": sorted(changed), "unchanged": sorted(common - changed)}
 
 
 def previous_vectors(run_dir: Path, checkpoint_sha256: str
                      ) -> tuple[dict[str, int], np.ndarray, np.ndarray, dict[str, str] | None]:
-    """({image_id: row}, embeddings, probabilities, {image_id: photo sha256} or None) of RUN, refused if
-    another checkpoint made them."""
+    """({image_id: row}, embeddings, probabilities, photo sha256s or None) of RUN, unless other weights made them."""
     image_ids, vectors, probabilities, meta = load_embeddings(run_dir)
     if meta.get("checkpoint_sha256") != checkpoint_sha256:
         raise ValueError(f"{run_dir / EMBEDDINGS_DIR} was made by checkpoint sha256 "
@@ -129,26 +108,20 @@ def previous_vectors(run_dir: Path, checkpoint_sha256: str
 
 def assemble_vectors(table: pd.DataFrame, known: dict[str, int], vectors: np.ndarray, probabilities: np.ndarray,
                      embed_new, changed: set[str] = frozenset()) -> tuple[np.ndarray, np.ndarray, int]:
-    """(embeddings, probabilities) in `table` order: known rows reused, unless their photo is in CHANGED;
-    the others from `embed_new(rows)`.
-
-    Returns the number embedded as well.
-    """
-    is_new = ~table["image_id"].isin(known.keys() - changed)
+    """(embeddings, probabilities, how many embedded) in TABLE order: KNOWN rows unless CHANGED, the rest embedded."""
+    is_new = ~table["image_id"].isin(known.keys() - changed).to_numpy()
+    reused, fresh = np.flatnonzero(~is_new), np.flatnonzero(is_new)
     out_vectors = np.zeros((len(table), vectors.shape[1]), dtype=np.float32)
     out_probabilities = np.zeros((len(table), probabilities.shape[1]), dtype=np.float32)
-    reused = np.flatnonzero(~is_new.to_numpy())
     rows = [known[image_id] for image_id in table["image_id"].iloc[reused]]
     out_vectors[reused], out_probabilities[reused] = vectors[rows], probabilities[rows]
-    fresh = np.flatnonzero(is_new.to_numpy())
     if len(fresh):
         out_vectors[fresh], out_probabilities[fresh] = embed_new(table.iloc[fresh].reset_index(drop=True))
     return out_vectors, out_probabilities, len(fresh)
 
 
 def write_run(run_dir: Path, work_dir: Path, data_dir: Path, table: pd.DataFrame, vectors: np.ndarray,
-              probabilities: np.ndarray, photo_sha256: dict[str, str], checkpoint: dict, index_type: str,
-              refresh: dict) -> Path:
+              probabilities: np.ndarray, photo_sha256: dict[str, str], checkpoint: dict, refresh: dict) -> Path:
     """The new RUN folder: same weights, new embeddings and index, RUN's evaluation, run.json."""
     new_run = new_run_dir(work_dir)
     shutil.copy2(run_dir / CHECKPOINT, new_run / CHECKPOINT)
@@ -160,7 +133,7 @@ def write_run(run_dir: Path, work_dir: Path, data_dir: Path, table: pd.DataFrame
                     {**model, "count": len(image_ids), "dimension": int(vectors.shape[1]), "dtype": "float32",
                      "normalisation": "l2", "refresh_of": str(run_dir)}, photo_sha256)
     catalogue = make_catalogue(vectors, image_ids, listing_metadata(table),
-                               {"model": model, "run": new_run.name, "refresh_of": run_dir.name}, index_type)
+                               {"model": model, "run": new_run.name, "refresh_of": run_dir.name})
     catalogue.save(new_run / INDEX_DIR)
     refresh["text_model"] = refresh_text_model(run_dir, new_run, catalogue, work_dir)
     shutil.copy2(run_dir / EVALUATION, new_run / EVALUATION)
@@ -176,11 +149,7 @@ def write_run(run_dir: Path, work_dir: Path, data_dir: Path, table: pd.DataFrame
 
 
 def refresh_text_model(run_dir: Path, new_run: Path, catalogue: Catalogue, work_dir: Path) -> dict | None:
-    """RUN's text model (None when it has none) into NEW_RUN, with its listings' words rebuilt over
-    CATALOGUE (title + description from WORK's listings.csv) as training.text builds them: the refreshed
-    version finds its new and renamed listings by their words, and not the removed ones. Its classifier,
-    calibrations, settings and figures are RUN's, and so is how it reads text (TextModel.reader_sha256),
-    so a live catalogue's words serve both versions."""
+    """RUN's text model (if any) into NEW_RUN, its listings' words rebuilt over CATALOGUE, the rest unchanged."""
     if not (run_dir / TEXT_MODEL_DIR).is_dir():
         return None
     model = TextModel.load(run_dir / TEXT_MODEL_DIR)
@@ -197,9 +166,8 @@ def refresh_text_model(run_dir: Path, new_run: Path, catalogue: Catalogue, work_
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def refresh_run(run_dir: Path, data_dir: Path, work_dir: Path, *, size: int | None = None, workers: int = 2,
-                embed_batch_size: int = 32, index_type: str = "auto") -> tuple[Path, dict]:
-    """Steps 1-3: returns (the new RUN folder, the refresh counts)."""
+def refresh_run(run_dir: Path, data_dir: Path, work_dir: Path, *, workers: int = 2) -> tuple[Path, dict]:
+    """(the new RUN folder, the refresh counts)."""
     run_dir, data_dir, work_dir = Path(run_dir).resolve(), Path(data_dir).resolve(), Path(work_dir).resolve()
     model, checkpoint = load_checkpoint(run_dir / CHECKPOINT)
     known, vectors, probabilities, old_hashes = previous_vectors(run_dir, sha256_file(run_dir / CHECKPOINT))
@@ -207,17 +175,15 @@ def refresh_run(run_dir: Path, data_dir: Path, work_dir: Path, *, size: int | No
     timings = {}
 
     started = time.perf_counter()
-    size = size or photo_size(run_dir, read_run_info(run_dir))
-    table, photo_sha256, changed = prepare_work(data_dir, work_dir, size, workers, old_hashes)
+    size = photo_size(checkpoint, Path(read_run_info(run_dir).get("work", run_dir.parents[1])))
+    table, photo_sha256, changed, _ = prepare_work(data_dir, work_dir, size, workers, old_hashes)
     if table.empty:
         raise ValueError(f"{data_dir} has no listing with a usable photo: nothing to put in a catalogue")
     timings["tables_photos"] = round(time.perf_counter() - started, 1)
 
     started = time.perf_counter()
-    preprocess = Preprocess.from_dict(checkpoint["preprocess"])
     vectors, probabilities, embedded = assemble_vectors(
-        table, known, vectors, probabilities,
-        lambda rows: embed_rows(model, preprocess, rows, work_dir / PHOTOS_DIR, embed_batch_size, workers),
+        table, known, vectors, probabilities, photo_embedder(model, checkpoint, work_dir, workers),
         changed)
     timings["embed"] = round(time.perf_counter() - started, 1)
 
@@ -235,15 +201,13 @@ def refresh_run(run_dir: Path, data_dir: Path, work_dir: Path, *, size: int | No
                           "changed": len(changed), "unverified": len(unverified),
                           "dropped": len(set(old_listings) - set(table["image_id"]))},
                "photo_size": size, "categories_unknown_to_model": unknown_categories, "stage_seconds": timings}
-    new_run = write_run(run_dir, work_dir, data_dir, table, vectors, probabilities, photo_sha256, checkpoint,
-                        index_type, refresh)
-    return new_run, refresh
+    return write_run(run_dir, work_dir, data_dir, table, vectors, probabilities, photo_sha256, checkpoint,
+                     refresh), refresh
 
 
 def guard_work(run_dir: Path) -> Path | None:
-    """The work folder with the test split RUN's weights were measured on: RUN's own (run.json's "work", else
-    the folder RUN lies in, WORK/model_evaluation/<timestamp>), or for a refreshed run that of the run it
-    refreshed, and so on; None when none has a split."""
+    """The work folder with the test split RUN's weights were measured on (run.json's "work", else RUN's parent's
+    parent), or that of the run it refreshed, and so on; None when none has a split."""
     seen = set()
     while run_dir is not None and run_dir not in seen:
         seen.add(run_dir)
@@ -281,33 +245,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--version", required=True, help="version of the new archive, e.g. 2.0")
     parser.add_argument("--store", default=Path("model_store"), type=Path, help="model store folder")
     parser.add_argument("--name", default="marketplace", help="model name (URL path /predictions/NAME)")
-    parser.add_argument("--output-name", default="{name}-v{version}", help="archive file name without .mar")
-    parser.add_argument("--size", type=int, help="photo side (default: the run's, from its config or work folder)")
     parser.add_argument("--workers", type=int, default=2, help="photo and embedding loader processes")
-    parser.add_argument("--embed-batch-size", type=int, default=32)
-    parser.add_argument("--index-type", default="auto", choices=INDEX_TYPES)
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="archive: largest dynamic batch")
-    parser.add_argument("--max-batch-delay", type=int, default=MAX_BATCH_DELAY,
-                        help="archive: ms a worker waits for more requests once one is queued")
-    parser.add_argument("--live-catalogue", type=Path,
-                        help="archive: the live catalogue folder its workers follow (scripts.catalogue); the same "
-                             "weights, so the same folder as the version it refreshes")
-    parser.add_argument("--runtime", choices=RUNTIMES, default=RUNTIME, help="archive: inference backend")
-    parser.add_argument("--precision", choices=PRECISIONS, default=PRECISION,
-                        help="archive: inference precision (checked against fp32 on RUN's test split)")
+    add_serving_arguments(parser)
     parser.add_argument("--guard-work", type=Path,
                         help="work folder whose test split the accuracy guard reads (default: RUN's, from run.json)")
-    parser.add_argument("--reuse-guard", action=argparse.BooleanOptionalAction, default=True,
-                        help="reuse the accuracy guard RUN keeps for the same backend, test photos and libraries "
-                             "(--no-reuse-guard: measure it again)")
     parser.add_argument("--release", action="store_true", help="register, canary and make the new version default")
     parser.add_argument("--management-url", default=DEFAULT_MANAGEMENT_URL)
     parser.add_argument("--inference-url", default=DEFAULT_INFERENCE_URL)
-    parser.add_argument("--key-file", type=Path,
-                        help="the server's key_file.json (tokens on): management key to register, inference key "
-                             "for the canary (default: logs/key_file.json, scripts.serve's)")
-    parser.add_argument("--token", help="management key (default: --key-file's, else $TS_TOKEN)")
-    parser.add_argument("--timeout", type=float, default=180, help="seconds for the new version to become READY")
+    api.add_key_arguments(parser, "management")  # the key file's inference key for the canary
     args = parser.parse_args(argv)
     if not args.store.is_dir():
         raise SystemExit(f"model store {args.store} is not a folder")
@@ -317,11 +262,10 @@ def main(argv=None) -> dict:
                          f"{args.run}'s work folder and run.json names none with a {SPLIT_FILE}: pass --guard-work "
                          f"WORK, or --runtime torch --precision fp32")
 
-    new_run, refresh = refresh_run(args.run, args.data, args.work, size=args.size, workers=args.workers,
-                                   embed_batch_size=args.embed_batch_size, index_type=args.index_type)
+    new_run, refresh = refresh_run(args.run, args.data, args.work, workers=args.workers)
     print(format_refresh(refresh))
     print(f"run: {new_run}")
-    mar = build_archive(new_run, args.store, args.name, args.version, args.output_name,
+    mar = build_archive(new_run, args.store, args.name, args.version, "{name}-v{version}",
                         batch_size=args.batch_size, max_batch_delay=args.max_batch_delay, runtime=args.runtime,
                         precision=args.precision, work_dir=checked_on, live_catalogue=args.live_catalogue,
                         reuse_guard=args.reuse_guard)
@@ -333,7 +277,7 @@ def main(argv=None) -> dict:
                              token=api.resolve_token("management", args.token, args.key_file),
                              inference_token=api.resolve_token("inference", key_file=args.key_file,
                                                                env="TS_INFERENCE_TOKEN"),
-                             timeout=args.timeout, history=args.store / HISTORY_FILE)
+                             history=args.store / HISTORY_FILE)
         except (ReleaseError, api.ApiError) as error:
             raise SystemExit(f"release failed, the default version is unchanged: {error}") from error
         print(f"released: {args.name} {args.version} is the default (canary: {answer['category']}, "

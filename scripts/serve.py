@@ -1,33 +1,26 @@
 """Start, stop and inspect a local TorchServe serving the marketplace model.
 
-  python -m scripts.serve start --models marketplace=marketplace.mar --wait   # runs on; logs in logs/
-  python -m scripts.serve status
-  python -m scripts.serve stop
-
-Each server gets its own working folder (default logs/): its config copy (config.properties with
-the chosen ports), its logs, its key_file.json when tokens are on, and its own TMPDIR (pid file,
-worker sockets and unpacked archives), so several servers (tests, benchmarks) can run side by side.
-
-Importable, for tests, benchmarks and the demo:
-  server = start_server("model_store", workdir=tmp, models={"marketplace": "marketplace.mar"},
-                        inference_port=free_port(), management_port=free_port(), ...)
-  server.wait_ready("marketplace")   # GET /models/marketplace shows a READY worker
-  api.register(server, "marketplace-v2.0.mar", "marketplace", batch_size=8, initial_workers=1)  # scripts.api
-  server.stop()                      # torchserve --stop, then waits for Java and its workers to exit
+Each server has its own working folder (default logs/): its config copy with the chosen ports, its logs,
+its key_file.json and its own TMPDIR (pid file, worker sockets), so several servers can run side by side.
 """
 import argparse
+import contextlib
+import json
 import os
 import re
 import socket
 import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 import requests
 
+from marketplace_search.files import sha256_file
+from marketplace_search.layout import ARCHIVE_MODEL_CARD
 from scripts import api
 from scripts.versions import HISTORY_FILE, released_default
 
@@ -39,6 +32,7 @@ PID_FILE = ".model_server.pid"  # written by torchserve into TMPDIR
 JAVA_MAIN = "org.pytorch.serve.ModelServer"
 PORT_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
 GRPC_KEYS = ("grpc_inference_port", "grpc_management_port")
+PORT_OPTIONS = ("inference_port", "management_port", "metrics_port", *GRPC_KEYS)  # start_server's
 
 
 class ServerError(RuntimeError):
@@ -73,9 +67,6 @@ class Server:
         """The API key from key_file.json ("management" or "inference"); None when tokens are off."""
         return api.read_key_file(self.workdir / api.KEY_FILE, which)
 
-    def is_running(self) -> bool:
-        return java_process(self.pid) is not None
-
     def log_tail(self, lines: int = 40) -> str:
         """The end of TorchServe's own log and the model log, for error messages."""
         tails = []
@@ -86,7 +77,7 @@ class Server:
         return "\n".join(tails)
 
     def check_alive(self) -> None:
-        if not self.is_running():
+        if java_process(self.pid) is None:
             raise ServerError(f"TorchServe (pid {self.pid}) exited\n{self.log_tail()}")
 
     def wait_ready(self, model_name: str, version: str | None = None, timeout: float = 120) -> dict:
@@ -107,19 +98,6 @@ class Server:
             process.kill()
         psutil.wait_procs(alive, timeout=10)
         (self.tmpdir / PID_FILE).unlink(missing_ok=True)
-
-    def __enter__(self) -> "Server":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def free_ports(count: int) -> list[int]:
@@ -145,10 +123,6 @@ def read_properties(path: Path) -> dict:
             key, value = line.split("=", 1)
             properties[key.strip()] = value.strip()
     return properties
-
-
-def write_properties(path: Path, properties: dict) -> None:
-    path.write_text("".join(f"{key}={value}\n" for key, value in properties.items()))
 
 
 def server_properties(config: Path, model_store: Path, ports: dict, extra_config: dict | None) -> dict:
@@ -178,21 +152,16 @@ def check_ports_free(properties: dict) -> None:
                                   f"status`); pick other ports")
 
 
-def server_env(workdir: Path, tmpdir: Path) -> dict:
-    env = {key: value for key, value in os.environ.items() if key != "TS_CONFIG_FILE"}  # it overrides --ts-config
-    env.update(TMPDIR=str(tmpdir), TEMP=str(tmpdir), LOG_LOCATION=str(workdir), METRICS_LOCATION=str(workdir))
-    return env
-
-
 def run_torchserve(arguments: list[str], workdir: Path, tmpdir: Path, output: Path) -> None:
     """The `torchserve` launcher (it starts Java in the background and returns)."""
     launcher = Path(sys.executable).with_name("torchserve")
     if not launcher.is_file():
         raise ServerError(f"{launcher} not found: install the project (pip install -e .) in this environment")
-    # Java inherits the launcher's stdout: a pipe would never close, so it goes to a file.
-    with open(output, "a") as log:
-        result = subprocess.run([str(launcher), *arguments], cwd=workdir, env=server_env(workdir, tmpdir),
-                                stdout=log, stderr=subprocess.STDOUT, timeout=120)
+    env = {key: value for key, value in os.environ.items() if key != "TS_CONFIG_FILE"}  # it overrides --ts-config
+    env.update(TMPDIR=str(tmpdir), TEMP=str(tmpdir), LOG_LOCATION=str(workdir), METRICS_LOCATION=str(workdir))
+    with open(output, "a") as log:  # Java inherits the launcher's stdout: a pipe would never close
+        result = subprocess.run([str(launcher), *arguments], cwd=workdir, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, timeout=120)
     if result.returncode != 0:
         raise ServerError(f"torchserve {' '.join(arguments)} failed ({result.returncode}); see {output}")
 
@@ -210,15 +179,10 @@ def start_server(model_store: Path | str, *, workdir: Path | str, config: Path |
                  management_port: int | None = None, metrics_port: int | None = None,
                  grpc_inference_port: int | None = None, grpc_management_port: int | None = None,
                  enable_model_api: bool = False, extra_config: dict | None = None, timeout: float = 60) -> Server:
-    """Start TorchServe in the background and wait until its management API answers.
-
-    The config's security settings stand (tokens on, model-control API off) unless `enable_model_api`
-    switches on registering and unregistering versions (the release workflow) or `extra_config`
-    overrides them; archives register from `model_store` only (allowed_urls).
-
-    Ports left as None keep the config's values. `models` maps names to .mar files in the store
-    (loaded at start-up; use `Server.wait_ready` before sending queries).
-    """
+    """Start TorchServe in the background and wait until its management API answers; `models` ({name: .mar in
+    the store}) load at start-up (wait for them with `Server.wait_ready`). The config's security settings stand
+    (tokens on, model-control API off) unless `enable_model_api` or `extra_config` change them; ports left as
+    None keep the config's."""
     model_store, workdir = Path(model_store).resolve(), Path(workdir).resolve()
     if not model_store.is_dir():
         raise FileNotFoundError(f"model store {model_store} is not a folder")
@@ -240,7 +204,7 @@ def start_server(model_store: Path | str, *, workdir: Path | str, config: Path |
                                    {**({"enable_model_api": True} if enable_model_api else {}), **(extra_config or {})})
     check_ports_free(properties)
     config_copy = workdir / "config.properties"
-    write_properties(config_copy, properties)
+    config_copy.write_text("".join(f"{key}={value}\n" for key, value in properties.items()))
     arguments = ["--start", "--ts-config", str(config_copy), "--model-store", str(model_store), "--ncs"]
     if models:
         arguments += ["--models", *(f"{name}={mar}" for name, mar in models.items())]
@@ -285,6 +249,44 @@ def attach(workdir: Path | str = DEFAULT_WORKDIR) -> Server | None:
     return Server(workdir, pid, read_properties(workdir / "config.properties"))
 
 
+@contextlib.contextmanager
+def serving(model_store: Path | str, workdir: Path | str, models: dict[str, str] | None = None,
+            ready_timeout: float = 120, *, workers: int = 1, **options):
+    """A TorchServe on free loopback ports with WORKERS READY workers per model; stopped whatever ends the
+    block, a start cut short included (found by its folder). `options` go to start_server."""
+    ports = dict(zip(PORT_OPTIONS, free_ports(len(PORT_OPTIONS))))
+    started = time.monotonic()
+    try:
+        server = start_server(model_store, workdir=workdir, models=models, **ports, **options)
+        for name in models or {}:
+            server.wait_ready(name, timeout=ready_timeout)
+            while sum(worker["status"] == "READY" for worker in api.describe(server, name)[0]["workers"]) < workers:
+                if time.monotonic() - started > ready_timeout:
+                    raise ServerError(f"{name}: fewer than {workers} workers READY after {ready_timeout:.0f} s")
+                time.sleep(0.5)
+        yield server
+    finally:
+        interrupted = None
+        while (running := attach(workdir)) is not None:
+            try:
+                running.stop()
+            except KeyboardInterrupt as error:  # a signal during the stop itself: finish stopping first
+                interrupted = error
+        for process in processes_under(workdir):  # started, but killed before its pid file was written
+            process.kill()
+        if interrupted is not None:
+            raise interrupted
+
+
+def processes_under(folder: Path | str) -> list[psutil.Process]:
+    """TorchServe frontends running from FOLDER or below, and their workers."""
+    folder = Path(folder).resolve()
+    frontends = [process for process in psutil.process_iter(["cmdline", "cwd"])
+                 if JAVA_MAIN in (process.info["cmdline"] or []) and process.info["cwd"]
+                 and Path(process.info["cwd"]).is_relative_to(folder)]
+    return frontends + [worker for frontend in frontends for worker in frontend.children(recursive=True)]
+
+
 # --- CLI --------------------------------------------------------------------------------------------
 
 def parse_models(values: list[str]) -> dict[str, str]:
@@ -313,13 +315,25 @@ def released_models(models: dict[str, str], model_store: Path) -> dict[str, str]
     return chosen
 
 
+def describe_archive(mar: Path) -> str:
+    """An archive's sha256 prefix, the run it came from and its catalogue size (of its members, only the model
+    card is read)."""
+    if not mar.is_file():
+        return f"{mar} is no longer in the model store"
+    with zipfile.ZipFile(mar) as archive:
+        card = json.loads(archive.read(ARCHIVE_MODEL_CARD))
+    return f"sha256 {sha256_file(mar)[:12]}, run {card['run']}, {card['catalogue']['count']} catalogue photos"
+
+
 def print_status(server: Server) -> None:
     print(f"TorchServe pid {server.pid}: inference {server.inference_url}, management {server.management_url}, "
           f"metrics {server.metrics_url}; logs in {server.workdir}")
     for model in api.list_models(server):
         for version in api.describe(server, model["modelName"], "all"):
             workers = ", ".join(worker["status"] for worker in version.get("workers", [])) or "no workers"
-            print(f"  {version['modelName']} {version['modelVersion']} ({version['modelUrl']}): {workers}")
+            mar = Path(server.properties["model_store"], version["modelUrl"].removeprefix("file://"))
+            print(f"  {version['modelName']} {version['modelVersion']} ({version['modelUrl']}): {workers}\n"
+                  f"    {describe_archive(mar)}")
 
 
 def main(argv=None) -> None:

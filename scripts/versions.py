@@ -1,32 +1,8 @@
 """Release, roll back and retire versions of a served model through TorchServe's management API.
 
-  python -m scripts.versions list marketplace
-  python -m scripts.versions release --mar model_store/marketplace-v2.0.mar --name marketplace --version 2.0
-  python -m scripts.versions rollback marketplace            # the previous default becomes the default again
-  python -m scripts.versions retire marketplace 1.0          # unregister a version that is not the default
-The server must run with the model-control API on (`python -m scripts.serve start --enable-model-api`);
-with tokens on, the keys come from logs/key_file.json (the server scripts.serve runs from this folder) or
-`--key-file` (its management key for :8081, its inference key for the canary).
-
-`release` registers the new version beside the current one (with workers, synchronously), waits
-until it is READY, warms it with a few queries, sends a canary query to /predictions/NAME/VERSION
-and checks the answer keeps the contract (marketplace_search.schema); only then does it make the
-version the default and record it in the model store's releases.json. The previous version stays
-registered, so `rollback` is instant, and it goes back to the previous *default* in release order
-(not by version number). Any failure of the canary unregisters the new version and exits non-zero;
-the default is untouched. A version label names one archive for good: releasing a registered
-version again is refused. After a restart, `scripts.serve start` serves the released default.
-
-The same steps with curl (management API on :8081, inference on :8080):
-  curl http://127.0.0.1:8081/models/marketplace/all                                     # every version
-  curl http://127.0.0.1:8081/models/marketplace                                         # the default version
-  curl -X POST "http://127.0.0.1:8081/models?url=marketplace-v2.0.mar&model_name=marketplace&initial_workers=1&synchronous=true"
-  curl -H 'Content-Type: image/jpeg' --data-binary @photo.jpg http://127.0.0.1:8080/predictions/marketplace/2.0
-  curl -X PUT http://127.0.0.1:8081/models/marketplace/2.0/set-default                  # release
-  curl -X PUT http://127.0.0.1:8081/models/marketplace/1.0/set-default                  # rollback
-  curl -X DELETE http://127.0.0.1:8081/models/marketplace/1.0                           # retire (403 for the default)
-With tokens on, add -H "Authorization: Bearer <key>": the "management" key of key_file.json for
-:8081 and the "inference" key for :8080 (each API refuses the other's key; --key-file reads both).
+The server must run with the model-control API on (`python -m scripts.serve start --enable-model-api`).
+`release` makes the new version the default, recorded in the store's releases.json, only once a canary answer
+keeps the contract (marketplace_search.schema); `rollback` goes back to the previous default in release order.
 """
 import argparse
 import io
@@ -47,7 +23,7 @@ from scripts.api import DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL, ApiError,
     unregister
 
 
-HISTORY_FILE = "releases.json"  # in the model store: {name: [{"version", "mar"}, ...]}, the defaults in release order
+HISTORY_FILE = "releases.json"  # in the model store; its layout: read_history
 
 
 class ReleaseError(RuntimeError):
@@ -72,12 +48,6 @@ def versions_of(url: str, name: str, token: str | None) -> tuple[list[dict], str
     return every, describe(url, name, token=token)[0]["modelVersion"]
 
 
-def archive_version(mar: Path) -> str:
-    """modelVersion from a local .mar's MAR-INF/MANIFEST.json."""
-    with zipfile.ZipFile(mar) as archive:
-        return json.loads(archive.read(str(ARCHIVE_MANIFEST)))["model"]["modelVersion"]
-
-
 def canary_photo(path: Path | None) -> bytes:
     """The canary query: a given photo, else a generated one (the check is the answer's shape)."""
     if path:
@@ -100,10 +70,8 @@ def check_answer(answer: dict, name: str, version: str) -> None:
         raise CanaryError("no neighbours: is the catalogue in the archive empty?")
 
 
-# --- release history: which version was the default, in order ---------------------------------------
-# {name: {"defaults": [version, ...] (last = the current default), "archives": {version: mar file}}}
-
 def read_history(path: Path | None) -> dict[str, dict]:
+    """{name: {"defaults": [version, ...] (in release order, the last the current one), "archives": {version: mar}}}"""
     if path is None or not Path(path).is_file():
         return {}
     return json.loads(Path(path).read_text())
@@ -120,10 +88,8 @@ def released_default(history_file: Path | None, name: str) -> dict | None:
 
 def record_default(history_file: Path | None, name: str, version: str, archives: dict[str, str],
                    previous: str | None = None, rolled_back: bool = False) -> None:
-    """Note `version` as `name`'s default: pushed on release (the first record also notes the
-    default it replaced), popped back to on a rollback to the previous default. ARCHIVES ({version:
-    the archive it registers from}, every version registered now: the one the server started with too)
-    are kept, so that a rollback registers a version again after a restart dropped it."""
+    """Note VERSION as NAME's default, pushed on release (after the default it replaced) or popped back to on a
+    rollback; ARCHIVES ({version: its archive}) are kept so that a rollback can register a version again."""
     if history_file is None:
         return
     history = read_history(history_file)
@@ -138,8 +104,6 @@ def record_default(history_file: Path | None, name: str, version: str, archives:
     model["archives"].update(archives)
     write_json_atomically(history_file, history)
 
-
-# --- release, roll back, retire --------------------------------------------------------------------------
 
 def registered_archives(descriptions: list[dict]) -> dict[str, str]:
     """{version: the archive it was registered from} of the versions DESCRIPTIONS describe (GET /models/NAME/all)."""
@@ -158,12 +122,8 @@ def current_default(url, name: str, token: str | None) -> str | None:
 def release(url, inference_url, mar: str, name: str, version: str, *, token: str | None = None,
             inference_token: str | None = None, initial_workers: int = 1, warm_queries: int = 3,
             photo: Path | None = None, timeout: float = 180, history: Path | None = None) -> dict:
-    """Register, wait READY, warm, canary, then set default; unregister the new version on any failure.
-
-    `url`/`inference_url` are the management/inference APIs (URLs, or a scripts.serve.Server).
-    The new default is recorded in `history` (the model store's releases.json), which rollback and
-    a restarted server (scripts.serve start) follow. Returns the canary answer.
-    """
+    """Register, warm and canary the version, then make it the default (in HISTORY too); on any failure it is
+    unregistered. Returns the canary answer."""
     previous = current_default(url, name, token)
     registered = {} if previous is None else registered_archives(describe(url, name, "all", token))
     if version in registered:
@@ -188,12 +148,8 @@ def release(url, inference_url, mar: str, name: str, version: str, *, token: str
 
 def rollback(url, name: str, to: str | None = None, token: str | None = None,
              history: Path | None = None) -> tuple[str, str]:
-    """Make `to`, else the previous default, the default; returns (old default, new default).
-
-    The previous default comes from the release history when there is one (the order versions were
-    released in, not their numbers); without one, it is the newest registered version older than the
-    default. A version no longer registered (e.g. after a restart) is registered again from its archive.
-    """
+    """Make TO, else the previous default (without a history, the newest version older than the default), the
+    default, registering it again if need be; returns (old default, new default)."""
     every, default = versions_of(url, name, token)
     registered = registered_archives(every)
     model = read_history(history).get(name, {"defaults": [], "archives": {}})
@@ -240,9 +196,10 @@ def print_versions(url: str, name: str, token: str | None) -> None:
 def mar_reference(mar: str) -> tuple[str, str | None]:
     """(what to register: the file name for a local archive in the store, or the URL; its version if readable)."""
     path = Path(mar)
-    if path.is_file():
-        return path.name, archive_version(path)
-    return mar, None
+    if not path.is_file():
+        return mar, None
+    with zipfile.ZipFile(path) as archive:
+        return path.name, json.loads(archive.read(str(ARCHIVE_MANIFEST)))["model"]["modelVersion"]
 
 
 def main(argv=None) -> None:
@@ -251,12 +208,7 @@ def main(argv=None) -> None:
     parser.add_argument("--inference-url", default=DEFAULT_INFERENCE_URL, help="inference API address (canary)")
     parser.add_argument("--store", type=Path, default=Path("model_store"),
                         help=f"the server's model store: its {HISTORY_FILE} records the defaults in release order")
-    parser.add_argument("--key-file", type=Path,
-                        help="the server's key_file.json (tokens on): its management key for the management API, "
-                             "its inference key for the canary (default: logs/key_file.json, scripts.serve's)")
-    parser.add_argument("--token", help="management key (default: --key-file's, else $TS_TOKEN)")
-    parser.add_argument("--inference-token", help="inference key for the canary (default: --key-file's, else "
-                                                  "$TS_INFERENCE_TOKEN)")
+    api.add_key_arguments(parser, "management")
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="every registered version, the default marked")
     listing.add_argument("name")
@@ -264,9 +216,6 @@ def main(argv=None) -> None:
     releasing.add_argument("--mar", required=True, help="archive in the server's model store (path or file name) or URL")
     releasing.add_argument("--name", required=True)
     releasing.add_argument("--version", help="the archive's version (read from a local .mar when omitted)")
-    releasing.add_argument("--initial-workers", type=int, default=1)
-    releasing.add_argument("--warm", type=int, default=3, help="warm-up queries before the canary")
-    releasing.add_argument("--photo", type=Path, help="canary photo (default: a generated one)")
     releasing.add_argument("--timeout", type=float, default=180, help="seconds to wait for READY")
     rolling = commands.add_parser("rollback", help="make the previous version the default")
     rolling.add_argument("name")
@@ -287,11 +236,9 @@ def main(argv=None) -> None:
                 raise SystemExit("--version is required when --mar is not a local file")
             if archived and archived != version:
                 raise SystemExit(f"{args.mar} holds version {archived}, not {version}")
-            inference_token = api.resolve_token("inference", args.inference_token, args.key_file,
-                                                env="TS_INFERENCE_TOKEN")
+            inference_token = api.resolve_token("inference", key_file=args.key_file, env="TS_INFERENCE_TOKEN")
             answer = release(args.url, args.inference_url, mar, args.name, version, token=token,
-                             inference_token=inference_token, initial_workers=args.initial_workers,
-                             warm_queries=args.warm, photo=args.photo, timeout=args.timeout, history=history)
+                             inference_token=inference_token, timeout=args.timeout, history=history)
             print(f"{args.name} {version} is now the default (canary: {answer['category']}, "
                   f"{len(answer['neighbours'])} neighbours)")
         elif args.command == "rollback":

@@ -4,9 +4,8 @@ import faiss  # noqa: F401  (before torch: both bring OpenMP)
 import io
 import os
 import shutil
-import struct
+import signal
 import tempfile
-import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,10 +18,11 @@ from training import dataset, photos, tables
 from training.data import PHOTOS_DIR, read_training_table
 from training.sample import Mess, make_sample_catalogue
 
+pytest_plugins = ["tests.serving_fixtures"]  # the recipe, its archives and the session's TorchServe
+
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 SHARED_DATA = SHARED_DIR / "data" / "marketplace"
-# What the session started with; every test leaves it so (the handler sets torch and Faiss threads
-# for its worker, and an in-process handler in a test must not slow or change the tests after it).
+# What the session started with; every test leaves it so (an in-process handler sets torch and Faiss threads).
 INITIAL_STATE = {"torch_threads": torch.get_num_threads(), "faiss_threads": faiss.omp_get_max_threads(),
                  "environ": dict(os.environ)}
 
@@ -49,6 +49,12 @@ def pytest_sessionstart(session):
     if free < DISK_NEEDED:
         pytest.exit(f"{tempfile.gettempdir()} has {free / 1024**3:.1f} GB free; the tests need about "
                     f"{DISK_NEEDED / 1024**3:.0f} GB there (set TMPDIR to a folder with more room)", returncode=1)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def interrupt(signum, frame):
+    """SIGTERM ends the session as Ctrl-C does, so the fixtures' finalisers stop the servers they started."""
+    raise KeyboardInterrupt
 
 
 # Modules with a failed or erroring test: their folders are kept to look into (pytest keeps the last session's).
@@ -65,12 +71,8 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(scope="module")
 def module_tmp(request, tmp_path_factory):
-    """Factory: `module_tmp(name)` makes a folder for a module's fixtures, removed when the module ends.
-
-    A module's runs, archives and server folders take up to a gigabyte; kept to the end of the session, as
-    `tmp_path_factory.mktemp` keeps them, the whole suite's filled a CI machine's disk. Kept when one of the
-    module's tests failed.
-    """
+    """Factory: `module_tmp(name)` makes a folder removed when the module ends (kept when one of its tests failed):
+    a module's runs, archives and servers take up to a gigabyte, and the suite's together filled a CI disk."""
     made = []
 
     def make(name: str) -> Path:
@@ -147,15 +149,6 @@ def encoded(image: Image.Image, format: str, **options) -> bytes:
     return buffer.getvalue()
 
 
-def png_claiming_size(width: int, height: int) -> bytes:
-    """A tiny valid PNG whose header (IHDR, CRC fixed up) claims `width` x `height` pixels."""
-    data = bytearray(encoded(Image.new("RGB", (1, 1)), "PNG"))
-    ihdr = 8 + 4  # after the signature and the chunk length
-    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
-    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
-    return bytes(data)
-
-
 def make_image_variants() -> dict[str, bytes]:
     image = two_colour_image()
     transparent_left = image.convert("RGBA")
@@ -186,9 +179,3 @@ def make_image_variants() -> dict[str, bytes]:
 def image_variants() -> dict[str, bytes]:
     """Bytes of awkward photos, usable and not, all drawn from `two_colour_image()` (60x30)."""
     return make_image_variants()
-
-
-@pytest.fixture(scope="session")
-def png_claiming():
-    """Factory: a tiny PNG whose header claims the given width and height."""
-    return png_claiming_size

@@ -1,6 +1,4 @@
-"""The benchmark: its figures computed right from known inputs, its sections' tables on tiny sizes, and an
-interrupted run stopping every TorchServe it started. Speed is what the benchmark reports, never asserted."""
-import ast
+"""The benchmark's figures from known inputs, its sections on tiny sizes, every server stopped on SIGTERM."""
 import json
 import os
 import shutil
@@ -21,27 +19,10 @@ from marketplace_search.models import MarketplaceNet
 from marketplace_search.presets import Preprocess
 from scripts.benchmark import __main__ as cli
 from scripts.benchmark import bare, common, index, served, soak, words
-from scripts.serve import JAVA_MAIN, attach
+from scripts.serve import processes_under
 from training.tiny_run import make_tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    return make_tiny_run(tmp_path_factory.mktemp("benchmark") / "2025-01-31_142233").run_dir
-
-
-def test_no_module_of_the_package_imports_one_that_imports_it_back():
-    imports = {path.stem: {node.module.rsplit(".", 1)[1] for node in ast.walk(ast.parse(path.read_text()))
-                           if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("scripts.benchmark.")}
-               for path in (REPO / "scripts" / "benchmark").glob("*.py")}
-
-    def reaches(start: str, target: str, seen: frozenset = frozenset()) -> bool:
-        return any(name == target or (name not in seen and reaches(name, target, seen | {name}))
-                   for name in imports.get(start, ()))
-
-    assert imports["served"] >= {"bare", "common"} and [module for module in imports if reaches(module, module)] == []
 
 
 def test_options_win_over_the_profile_unknown_sections_are_refused_and_tables_formatted(capsys):
@@ -50,7 +31,6 @@ def test_options_win_over_the_profile_unknown_sections_are_refused_and_tables_fo
     assert [cli.parse_size(text) for text in ("10k", "1M", "2500", "1.5k")] == [10_000, 1_000_000, 2500, 1500]
     settings = cli.resolve_settings(cli.build_parser().parse_args(["--quick", "--sizes", "5k", "--sections", "index"]))
     assert settings["sizes"] == [5000] and settings["sections"] == ["index"]
-    assert settings["soak_requests"] < cli.FULL["soak_requests"] and set(cli.PROFILES["quick"]) == set(cli.FULL)
     with pytest.raises(SystemExit):
         cli.main(["--sections", "bare,gpu"])
     assert "unknown section(s) ['gpu']" in capsys.readouterr().err
@@ -96,7 +76,7 @@ def test_index_section_has_exact_search_as_its_reference_and_marks_what_auto_bui
     assert output.read_text() in capsys.readouterr().out
     figures = json.loads(raw.read_text())
     rows = figures["sections"]["index"]["rows"]
-    assert figures["machine"].startswith("Machine:") and figures["settings"]["sizes"] == [400]
+    assert figures["settings"]["sizes"] == [400]
     assert [(row["type"], row["settings"]) for row in rows[:3]] == [  # efSearch 128: build_index's default
         ("flat", ""), ("hnsw", "M=32, efSearch=64"), ("hnsw", "M=32, efSearch=128")] and rows[3]["type"] == "ivfpq"
     assert rows[0]["recall_at_10"] == 1.0 and [row["auto"] for row in rows] == [True, False, False, False]
@@ -127,7 +107,7 @@ def test_load_test_counts_refusals_and_overload_once_each_and_leaves_out_the_ram
         served.load_test("url", [b"bad"], concurrency=1, total=2)
 
 
-def test_server_figures_from_two_readings_of_the_counters():
+def test_served_soak_and_words_figures_come_from_their_readings_and_targets_are_judged_on_the_best_row():
     after = served.read_counters("\n".join([
         'MarketplaceBatches{BatchSize="8",ModelName="bench"} 3.0',
         'MarketplaceBatches{BatchSize="2",ModelName="bench"} 1.0',
@@ -141,9 +121,6 @@ def test_server_figures_from_two_readings_of_the_counters():
               "frontend": {"requests": 6.0, "backend_ms": 300_000.0, "queue_ms": 12_000.0}}
     assert served.server_figures(before, after) == pytest.approx(  # since then: two batches of 8, one of 2
         {"mean_batch": 6.0, "forward_ms": 300.0, "backend_ms": 50.0, "queue_ms": 2.0})
-
-
-def test_served_rows_are_compared_with_bare_at_the_batch_size_run():
     rates = {1: 10.0, 8: 20.0}
     loaded = {"concurrency": 32, "photos_per_s": 18.0, "mean_batch": 7.5, "forward_ms": 375.0, "p50_ms": 900.0}
     between = {"concurrency": 8, "photos_per_s": 8.0, "mean_batch": 4.0}
@@ -154,9 +131,6 @@ def test_served_rows_are_compared_with_bare_at_the_batch_size_run():
     assert "p50_over_bare_ms" not in loaded and "served_vs_bare" not in between  # 4 is no batch size measured
     assert single == pytest.approx({**single, "bare_batch": 1, "served_vs_bare": 0.9, "forward_share": 0.855,
                                     "p50_over_bare_ms": 4.0, "p50_over_forward_ms": 9.0})
-
-
-def test_verdicts_pass_or_fail_on_the_best_row_of_each_target():
     common_ = {"backend": "openvino bf16", "batching": "8 / 1 ms"}
     rows = [{**common_, "concurrency": 32, "served_vs_bare": 0.93, "forward_share": 0.85},
             {**common_, "concurrency": 1, "forward_share": 0.99, "p50_over_bare_ms": 6.0, "p50_over_forward_ms": 12.0},
@@ -165,71 +139,47 @@ def test_verdicts_pass_or_fail_on_the_best_row_of_each_target():
     assert "PASS, best 0.930" in ratio and "FAIL, best 0.850" in share  # concurrency 1's share does not count
     assert "PASS, best +6.0 ms" in over_bare
     assert "FAIL, best +10.5 ms (openvino bf16, batching off, concurrency 1)" in over_forward
-
-
-def test_growth_per_1000_is_the_slope_after_the_first_quarter():
     samples = [{"answered": n, "uss_mb": 500.0 + (300 if n <= 250 else 0) + 0.002 * n} for n in range(100, 1100, 100)]
     assert soak.growth_per_1000(samples, "uss_mb") == pytest.approx(2.0)  # the warm-up's jump left out
-    assert soak.growth_per_1000(samples[:1], "uss_mb") is None
-
-
-def test_copied_words_are_words_built_from_the_copied_listings_and_agreement_counts_the_nearest_found():
-    from marketplace_search.text import ListingWords
-
-    rng = np.random.default_rng(0)
-    rows = [(np.sort(rng.choice(40, size, replace=False)).astype(np.int64), rng.random(size).astype(np.float32))
-            for size in (3, 7, 1, 12)]
-    three = words.copied(ListingWords.from_rows(list("abcd"), [0, 1, 2, 0], rows, 40, k=3), 3)
-    built = ListingWords.from_rows(three.product_ids, np.tile([0, 1, 2, 0], 3), rows * 3, 40)
-    for name in ("labels", "indptr", "rows", "values"):
-        np.testing.assert_array_equal(getattr(three, name), getattr(built, name))
-    assert [len(columns) for columns, _ in words.listing_rows(three)] == [3, 7, 1, 12] * 3
     exact = np.arange(24, dtype=np.float32)  # 12 listings twice; the own listing (0) is left out
     assert words.agreement(exact, exact, own=0, listings=12) == 1.0
     assert words.agreement(exact, np.where(exact == 23, 0, exact), own=0, listings=12) == 0.9  # the nearest missed
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def short_tmp():
     folder = Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))  # short: TorchServe's worker sockets live under it
+    make_tiny_run(folder / "runs" / "2025-01-31_142233")
     yield folder
-    for pid_file in folder.rglob(".model_server.pid"):  # what a failing test left: stopped, by its folder
-        if (server := attach(pid_file.parent.parent)) is not None:
-            server.stop()
+    for process in processes_under(folder):  # what a failing test left
+        process.kill()
     shutil.rmtree(folder, ignore_errors=True)
-
-
-def servers_under(folder: Path) -> list[psutil.Process]:
-    """TorchServe frontends whose working folder is under FOLDER, and their workers."""
-    frontends = [process for process in psutil.process_iter(["cmdline", "cwd"])
-                 if JAVA_MAIN in (process.info["cmdline"] or []) and str(folder) in (process.info["cwd"] or "")]
-    return frontends + [worker for frontend in frontends for worker in frontend.children(recursive=True)]
 
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_served_section_against_a_real_torchserve(tiny_run, short_tmp, monkeypatch):
+def test_the_sections_on_a_real_torchserve_and_sigterm_stops_every_server_the_benchmark_started(
+        short_tmp, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(short_tmp))
-    settings = {"served": [("torch fp32", 2)], "concurrency": [1, 2], "requests": 4, "max_load_seconds": 30,
-                "warm_up_requests": 4, "run": tiny_run}
-    generated = common.generate_photos(4, size=(64, 48))
-    section = served.bench_served(bare.load_subject(tiny_run, generated), generated, settings,
-                                  [{"backend": "torch fp32", "batch": 1, "photos_per_s": 10.0}])
-    rows = section["rows"]
+    tiny_run = short_tmp / "runs" / "2025-01-31_142233"
+    settings = {**cli.PROFILES["quick"], "sections": ["served", "live", "words", "soak"], "run": tiny_run,
+                "served": [("torch fp32", 2)], "concurrency": [1, 2], "requests": 4, "warm_up_requests": 4,
+                "live_add_photos": 4, "live_removes": 1, "photo_size": (64, 48), "sizes": [50], "words_queries": 3,
+                "soak_requests": 12, "soak_every": 6, "soak_clients": 2, "phone_size": (320, 240)}
+    sections = cli.run_sections(settings, common.generate_photos(4, size=(64, 48)))
+    rows = sections["served"]["rows"]
     assert [(row["backend"], row["batching"], row["concurrency"]) for row in rows] == [
         ("torch fp32", "2 / 1 ms", 1), ("torch fp32", "2 / 1 ms", 2)]
     assert all(row["errors"] == 0 and row["requests"] >= 4 and 1 <= row["mean_batch"] <= 2 for row in rows)
     assert all({"forward_ms", "decode_ms", "backend_ms", "ready_s", "uss_ready_mb", "uss_after_mb"} <= set(row)
                for row in rows)  # the handler's and TorchServe's counters were read
-    assert rows[0]["p50_over_forward_ms"] == pytest.approx(rows[0]["p50_ms"] - rows[0]["forward_ms"])
-    assert rows[0]["p50_over_bare_ms"] == pytest.approx(rows[0]["p50_ms"] - 100.0)  # bare batch 1: 10 photos/s
-    assert len(section["verdict"]) == 4 and all(line in section["legend"] for line in section["verdict"])
-    assert servers_under(short_tmp) == []
-
-
-@pytest.mark.server
-@pytest.mark.slow
-def test_sigterm_stops_every_torchserve_the_benchmark_started(tiny_run, short_tmp):
+    assert [row["unit"] for row in sections["live"]["rows"]] == ["ms per photo"] + ["s (median)"] * 3
+    assert "remove` returns within 1 s" in sections["live"]["verdict"]
+    [row] = sections["words"]["rows"]  # one size, the listings' own rows as queries
+    assert row["speed_up"] == row["exact_p50_ms"] / row["pruned_p50_ms"] and row["query"] == "listing's row"
+    assert [sample["answered"] for sample in sections["soak"]["rows"]] == [6, 12]
+    assert all(sample["unexpected"] == 0 for sample in sections["soak"]["rows"])  # truncated photos got a 4xx
+    assert processes_under(short_tmp) == []
     log = short_tmp / "benchmark.log"
     with open(log, "w") as output:
         process = subprocess.Popen([sys.executable, "-m", "scripts.benchmark", "--quick", "--sections", "served",
@@ -240,10 +190,10 @@ def test_sigterm_stops_every_torchserve_the_benchmark_started(tiny_run, short_tm
         while "READY in" not in log.read_text():  # the server is up, its warm-up requests on their way
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.5)
-        assert (started := servers_under(short_tmp)), log.read_text()
+        assert (started := processes_under(short_tmp)), log.read_text()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=180) != 0
-        assert psutil.wait_procs(started, timeout=10)[1] == [] and servers_under(short_tmp) == [], log.read_text()
+        assert psutil.wait_procs(started, timeout=10)[1] == [] and processes_under(short_tmp) == [], log.read_text()
         assert "interrupted (SIGTERM)" in log.read_text()
     finally:
         if process.poll() is None:

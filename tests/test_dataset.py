@@ -1,4 +1,5 @@
 """Stage 3 (training/dataset.py): the split by listing and the torch Dataset."""
+import itertools
 import json
 import shutil
 
@@ -7,7 +8,6 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from training import data, dataset
 from marketplace_search.presets import Preprocess, eval_transform, train_transform
@@ -26,32 +26,23 @@ def listing_splits(split: pd.DataFrame) -> pd.Series:
     return split.groupby("product_id")["split"].first()
 
 
-def test_no_listing_straddles_splits():
-    split = dataset.split_by_product(photo_table(), seed=0)
+def test_no_listing_straddles_splits_and_the_split_depends_on_the_seed_not_the_row_order():
+    table = photo_table()
+    split = dataset.split_by_product(table, seed=7)
     assert (split.groupby("product_id")["split"].nunique() == 1).all()
     assert set(split["split"]) == {"train", "val", "test"}
+    shuffled = dataset.split_by_product(table.sample(frac=1.0, random_state=1), seed=7)
+    assert listing_splits(split).equals(listing_splits(shuffled))
+    assert not listing_splits(split).equals(listing_splits(dataset.split_by_product(table, seed=8)))
 
 
-def test_split_is_deterministic_per_seed_and_ignores_row_order():
-    table = photo_table()
-    first = listing_splits(dataset.split_by_product(table, seed=7))
-    shuffled = listing_splits(dataset.split_by_product(table.sample(frac=1.0, random_state=1), seed=7))
-    other = listing_splits(dataset.split_by_product(table, seed=8))
-    assert first.equals(shuffled)
-    assert not first.equals(other)
-
-
-def test_split_fractions_per_category():
-    split = dataset.split_by_product(photo_table(listings=300), val_fraction=0.2, test_fraction=0.1, seed=0)
-    per_listing = split.groupby("product_id")[["category", "split"]].first()
+def test_split_fractions_per_category_and_a_tiny_category_stays_in_train():
+    table = pd.concat([photo_table(listings=300), pd.DataFrame(
+        [{"image_id": "rare-0", "product_id": "rare", "category": "rare", "label": 3}])])
+    split = dataset.split_by_product(table, val_fraction=0.2, test_fraction=0.1, seed=0)
+    per_listing = split[split["category"] != "rare"].groupby("product_id")[["category", "split"]].first()
     counts = per_listing.groupby(["category", "split"]).size().unstack()
     assert (counts["val"] == 20).all() and (counts["test"] == 10).all() and (counts["train"] == 70).all()
-
-
-def test_tiny_category_stays_in_train():
-    table = pd.concat([photo_table(listings=60), pd.DataFrame(
-        [{"image_id": "rare-0", "product_id": "rare", "category": "rare", "label": 3}])])
-    split = dataset.split_by_product(table, seed=0)
     assert split.loc[split["product_id"] == "rare", "split"].item() == "train"
 
 
@@ -81,16 +72,19 @@ def test_split_files(sample_work):
     assert all(sum(counts.values()) == 16 for counts in report["categories"].values())
 
 
-def test_photo_missing_after_stage_2_is_excluded(sample_work, tmp_path):
+def test_main_splits_again_leaving_out_photos_missing_after_stage_2(sample_work, tmp_path, capsys):
     work = tmp_path / "work"
     shutil.copytree(sample_work, work)
     gone = sorted((work / "photos").glob("*.jpg"))[:2]
     for path in gone:
         path.unlink()
-    report = dataset.make_split(work, seed=0)
+    dataset.main(["--out", str(work), "--seed", "3", "--val-fraction", "0.25", "--test-fraction", "0.25"])
+    assert "2 left out (no normalised photo)" in capsys.readouterr().out
+    report = json.loads((work / data.SPLIT_REPORT).read_text())
     assert report["excluded_missing_photo"] == 2
     assert sorted(report["excluded_examples"]) == sorted(path.stem for path in gone)
     assert not data.load_split(work)["image_id"].isin([path.stem for path in gone]).any()
+    assert report["seed"] == 3 and report["splits"]["test"]["listings"] == 6  # 2 of each category's 8 (or 7)
 
 
 def test_load_split_without_split_file(tmp_path):
@@ -98,31 +92,18 @@ def test_load_split_without_split_file(tmp_path):
         data.load_split(tmp_path)
 
 
-@pytest.mark.parametrize("make", [eval_transform, train_transform])
+@pytest.mark.parametrize("make", [eval_transform, train_transform, None])
 def test_listing_photos_items(sample_work, make):
     rows = data.load_split(sample_work)
-    photos = data.ListingPhotos(rows, sample_work / "photos", make(Preprocess(resize=64, crop=56)))
+    photos = data.ListingPhotos(rows, sample_work / "photos", make and make(Preprocess(resize=64, crop=56)))
     assert len(photos) == 48
     features, label, image_id = photos[3]
-    assert features.shape == (3, 56, 56) and features.dtype == torch.float32
+    if make is None:  # the normalised photo itself
+        assert isinstance(features, Image.Image) and features.mode == "RGB" and features.size == (64, 64)
+    else:
+        assert features.shape == (3, 56, 56) and features.dtype == torch.float32
     assert isinstance(label, int) and label == rows["label"][3]
     assert image_id == rows["image_id"][3]
-
-
-def test_listing_photos_batches(sample_work):
-    rows = data.load_split(sample_work)
-    loader = DataLoader(data.ListingPhotos(rows, sample_work / "photos", eval_transform(Preprocess(64, 48))),
-                        batch_size=16)
-    features, labels, image_ids = next(iter(loader))
-    assert features.shape == (16, 3, 48, 48)
-    assert labels.dtype == torch.int64 and labels.tolist() == rows["label"][:16].tolist()
-    assert list(image_ids) == rows["image_id"][:16].tolist()
-
-
-def test_listing_photos_without_transform_gives_rgb(sample_work):
-    rows = data.load_split(sample_work)
-    image, _, _ = data.ListingPhotos(rows, sample_work / "photos")[0]
-    assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (64, 64)
 
 
 def test_sample_categories_are_learnable(sample_work):
@@ -137,29 +118,16 @@ def test_sample_categories_are_learnable(sample_work):
     assert (predicted == labels[~is_train]).mean() >= 0.6
 
 
-def test_main_writes_the_split(sample_work, tmp_path, capsys):
-    work = tmp_path / "work"
-    shutil.copytree(sample_work, work)
-    dataset.main(["--out", str(work), "--seed", "3", "--val-fraction", "0.25", "--test-fraction", "0.25"])
-    assert "train" in capsys.readouterr().out
-    report = json.loads((work / data.SPLIT_REPORT).read_text())
-    assert report["seed"] == 3 and report["splits"]["test"]["listings"] == 6
-
-
 def test_listings_sharing_a_photo_stay_in_one_split(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
-    rows = []
-    for product in range(40):
-        for photo in range(2):
-            image_id = f"img-{product}-{photo}"
-            colour = (product * 5, photo * 100, 7)
-            Image.new("RGB", (8, 8), colour).save(photos / f"{image_id}.jpg")
-            rows.append({"image_id": image_id, "product_id": f"prod-{product}", "category": "Home", "label": 0})
+    table = pd.DataFrame([{"image_id": f"img-{product}-{photo}", "product_id": f"prod-{product}", "category": "Home",
+                           "label": 0} for product in range(40) for photo in range(2)])
+    for product, photo in itertools.product(range(40), range(2)):
+        Image.new("RGB", (8, 8), (product * 5, photo * 100, 7)).save(photos / f"img-{product}-{photo}.jpg")
     # listing 1's second photo is byte-identical to listing 0's first; listing 2 reposts listing 1's first
     shutil.copyfile(photos / "img-0-0.jpg", photos / "img-1-1.jpg")
     shutil.copyfile(photos / "img-1-0.jpg", photos / "img-2-0.jpg")
-    table = pd.DataFrame(rows)
     groups = dataset.duplicate_groups(table, photos)
     assert groups["prod-0"] == groups["prod-1"] == groups["prod-2"] != groups["prod-3"]
     for seed in range(5):

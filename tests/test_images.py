@@ -1,6 +1,4 @@
-"""training/images.py (safe decoding, RGB, square padding) and training/presets.py (the transforms)."""
-import io
-
+"""marketplace_search.images (safe decoding, RGB, square padding) and marketplace_search.presets (the transforms)."""
 import numpy as np
 import pytest
 import torch
@@ -9,9 +7,14 @@ from PIL import Image
 from marketplace_search.images import (MAX_DECODED_BYTES, ImageError, ImageTooLarge, UnsupportedFormat, decode_image,
                                        decoded_bytes, pad_to_square, to_rgb)
 from marketplace_search.presets import Preprocess, collate_images, eval_transform, train_transform
+from tests.conftest import encoded, two_colour_image
 
 USABLE = ["rgb_jpeg", "cmyk_jpeg", "png_alpha", "palette_png", "palette_transparent_png", "grey_png",
           "grey16_png", "exif_rotated_jpeg", "webp"]
+
+
+def jpeg(size: tuple[int, int]) -> bytes:
+    return encoded(Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), np.uint8)), "JPEG")
 
 
 @pytest.mark.parametrize("name", USABLE)
@@ -21,81 +24,60 @@ def test_decode_gives_full_rgb(image_variants, name):
     assert image.size in ((60, 30), (30, 60))
 
 
-def test_decode_accepts_a_path(tmp_path, image_variants):
+def test_decode_accepts_a_path_and_names_it_in_errors(tmp_path, image_variants):
     path = tmp_path / "photo.jpg"
     path.write_bytes(image_variants["png_alpha"])  # PNG bytes under a .jpg name, as on the marketplace
-    assert decode_image(path).size == (60, 30)
-    assert decode_image(str(path)).mode == "RGB"
+    assert decode_image(path).size == (60, 30) and decode_image(str(path)).mode == "RGB"
+    path.write_bytes(b"")
+    with pytest.raises(ImageError, match="photo.jpg: empty file"):
+        decode_image(path)
 
 
-def test_exif_orientation_is_applied(image_variants):
-    image = np.asarray(decode_image(image_variants["exif_rotated_jpeg"]))
-    assert image.shape == (60, 30, 3)
-    top, bottom = image[5, 15], image[55, 15]
-    assert top[0] > 200 and top[2] < 60, "the red (left) half must end up on top"
-    assert bottom[2] > 200 and bottom[0] < 60
+def test_decoding_keeps_orientation_transparency_and_colours(image_variants):
+    rotated = np.asarray(decode_image(image_variants["exif_rotated_jpeg"]))
+    assert rotated.shape == (60, 30, 3)
+    assert rotated[5, 15, 0] > 200 and rotated[5, 15, 2] < 60, "the red (left) half must end up on top"
+    assert rotated[55, 15, 2] > 200 and rotated[55, 15, 0] < 60
+    transparent = np.asarray(decode_image(image_variants["png_alpha"]))
+    assert (transparent[:, :30] == 255).all() and tuple(transparent[15, 45]) == (0, 0, 255)  # flattened onto white
+    cmyk = np.asarray(decode_image(image_variants["cmyk_jpeg"])).astype(int)
+    assert cmyk[15, 10, 0] > 200 and cmyk[15, 10, 2] < 60 and cmyk[15, 50, 2] > 200 and cmyk[15, 50, 0] < 60
+    grey16 = np.asarray(decode_image(image_variants["grey16_png"]))  # rescaled, not clipped
+    assert grey16[0, 0, 0] < 10 and grey16[0, -1, 0] > 245 and 100 < grey16.mean() < 155
 
 
-def test_transparency_is_flattened_onto_white(image_variants):
-    image = np.asarray(decode_image(image_variants["png_alpha"]))
-    assert (image[:, :30] == 255).all()
-    assert tuple(image[15, 45]) == (0, 0, 255)
-
-
-def test_cmyk_keeps_its_colours(image_variants):
-    image = np.asarray(decode_image(image_variants["cmyk_jpeg"])).astype(int)
-    assert image[15, 10, 0] > 200 and image[15, 10, 2] < 60
-    assert image[15, 50, 2] > 200 and image[15, 50, 0] < 60
-
-
-def test_16_bit_grey_is_rescaled_not_clipped(image_variants):
-    image = np.asarray(decode_image(image_variants["grey16_png"]))
-    assert image[0, 0, 0] < 10 and image[0, -1, 0] > 245
-    assert 100 < image.mean() < 155
-
-
-@pytest.mark.parametrize("name, message", [
-    ("empty", "empty file"),
-    ("text", "not a recognised image"),
-    ("truncated_jpeg", "truncated"),
+@pytest.mark.parametrize("data, error, message", [
+    ("empty", ImageError, "empty file"),
+    ("text", UnsupportedFormat, "not a recognised image"),
+    ("truncated_jpeg", ImageError, "truncated"),
+    (b"<svg xmlns='http://www.w3.org/2000/svg'/>", UnsupportedFormat, "not a recognised image"),
+    (b"%PDF-1.4\n%%EOF\n", UnsupportedFormat, "accepted formats: JPEG, PNG, WEBP, GIF, BMP, TIFF"),
+    (encoded(Image.new("RGB", (16, 16)), "ICO"), UnsupportedFormat, "a ICO image"),
+    (b"GIF89a broken", ImageError, "corrupt GIF header"),
 ])
-def test_unusable_bytes_raise_image_error(image_variants, name, message):
-    with pytest.raises(ImageError, match=message):
-        decode_image(image_variants[name])
-
-
-def jpeg(size: tuple[int, int]) -> bytes:
-    pixels = np.random.default_rng(0).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG")
-    return buffer.getvalue()
+def test_unusable_bytes_are_refused_naming_why(image_variants, data, error, message):
+    with pytest.raises(error, match=message) as raised:
+        decode_image(image_variants.get(data, data))
+    assert (raised.type is UnsupportedFormat) == (error is UnsupportedFormat)
+    assert isinstance(raised.value, ValueError)  # a caller that catches ValueError catches an unreadable photo
 
 
 def test_fit_size_decodes_a_large_jpeg_at_a_reduced_scale_never_below_the_fitted_size():
     photo = jpeg((400, 320))  # fitted into a square of S: S x 0.8 S
     assert decode_image(photo, fit_size=50).size == (50, 40)  # 1/8 scale is exactly 50 x 40
     assert decode_image(photo, fit_size=51).size == (100, 80)  # 1/8 would be < 51: 1/4
-    assert decode_image(photo, fit_size=100).size == (100, 80)
     assert decode_image(photo, fit_size=160).size == (200, 160)  # 1/4 would give 100 < 160: 1/2
-    assert decode_image(photo, fit_size=300).size == (400, 320)  # 1/2 would give 200 < 300: full size
-    assert decode_image(photo).size == (400, 320)
-
-
-def test_fit_size_uses_the_longer_side_whatever_the_orientation():
-    assert decode_image(jpeg((320, 640)), fit_size=256).size == (160, 320)  # 1/2: 320 >= 256 on the long side
+    assert decode_image(photo, fit_size=300).size == decode_image(photo).size == (400, 320)
+    assert decode_image(jpeg((320, 640)), fit_size=256).size == (160, 320)  # the longer side counts
 
 
 def test_fit_size_box_reduces_other_formats_to_at_least_twice_the_fitted_size(image_variants):
     assert decode_image(image_variants["png_alpha"], fit_size=30).size == (60, 30)  # 2 x (30, 15): whole
-    image = decode_image(image_variants["png_alpha"], fit_size=4)  # fitted (4, 2): reduced 7x, rounded up
-    assert image.size == (9, 5) and image.mode == "RGB"
-    pixels = np.asarray(image).astype(int)
-    assert (pixels[:, :4] == 255).all(), "transparency still flattened onto white"
-    assert tuple(pixels[2, 7]) == (0, 0, 255)
+    assert decode_image(image_variants["png_alpha"], fit_size=4).size == (9, 5)  # fitted (4, 2): 7x, rounded up
 
 
-@pytest.mark.parametrize("name", ["palette_png", "palette_transparent_png", "grey16_png", "webp"])
-def test_reduced_decode_keeps_the_colours(image_variants, name):
+@pytest.mark.parametrize("name", ["png_alpha", "palette_png", "palette_transparent_png", "grey16_png", "webp"])
+def test_reduced_decode_keeps_the_colours_and_flattens_transparency(image_variants, name):
     full = np.asarray(decode_image(image_variants[name])).astype(int)
     reduced = np.asarray(decode_image(image_variants[name], fit_size=10)).astype(int)  # 3x smaller
     assert reduced.shape == (10, 20, 3)
@@ -104,40 +86,33 @@ def test_reduced_decode_keeps_the_colours(image_variants, name):
 
 @pytest.mark.parametrize("fmt", ["PNG", "TIFF", "WEBP"])
 def test_exif_orientation_survives_a_reduced_decode(fmt):
-    image = Image.new("RGB", (600, 300), (0, 0, 255))
-    image.paste((255, 0, 0), (0, 0, 300, 300))
     exif = Image.Exif()
-    exif[0x0112] = 6
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, exif=exif)
-    decoded = np.asarray(decode_image(buffer.getvalue(), fit_size=50))
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise: the red (left) half on top
+    decoded = np.asarray(decode_image(encoded(two_colour_image(600, 300), fmt, exif=exif), fit_size=50))
     assert decoded.shape[0] > decoded.shape[1], "upright: taller than wide"
     assert decoded[2, decoded.shape[1] // 2, 0] > 200 and decoded[-3, decoded.shape[1] // 2, 2] > 200
 
 
-def test_a_caller_that_catches_value_error_catches_an_unreadable_photo(image_variants):
-    with pytest.raises(ValueError, match="not a recognised image"):
-        decode_image(image_variants["text"])
-
-
-def test_error_names_the_file(tmp_path):
-    path = tmp_path / "broken.jpg"
-    path.write_bytes(b"")
-    with pytest.raises(ImageError, match="broken.jpg"):
-        decode_image(path)
-
-
 @pytest.mark.parametrize("width, height", [(100_000, 100_000), (10_000, 10_000), (9_000, 9_000)])
-def test_decompression_bomb_is_refused_before_decoding(png_claiming, width, height):
+def test_decompression_bomb_is_refused_before_decoding(png_claiming, image_variants, width, height):
     # 1e10 pixels trips Pillow's own error, 1e8 its warning, 8.1e7 only our 64-megapixel limit.
-    with pytest.raises(ImageError, match="too large|over the limit"):
+    with pytest.raises(ImageTooLarge, match="too large|over the limit"):
         decode_image(png_claiming(width, height))
-
-
-def test_max_pixels_argument_lowers_the_limit(image_variants):
-    with pytest.raises(ImageError, match="60x30 pixels is over the limit of 1,000"):
+    with pytest.raises(ImageTooLarge, match="60x30 pixels is over the limit of 1,000"):  # a lower limit
         decode_image(image_variants["rgb_jpeg"], max_pixels=1_000)
     assert decode_image(image_variants["rgb_jpeg"], max_pixels=1_800).size == (60, 30)
+
+
+def test_decoded_bytes_are_refused_from_the_header_a_large_jpeg_at_its_draft_size(png_claiming):
+    # 4000 x 4000 RGB takes 64 MB in memory (4 bytes a pixel): within MAX_PIXELS, over a 32 MB budget
+    with pytest.raises(ImageTooLarge, match="takes 64,000,000 bytes, over the limit of 32,000,000"):
+        decode_image(png_claiming(4_000, 4_000), max_decoded_bytes=32_000_000)
+    assert decoded_bytes(Image.new("I;16", (10, 10))) == 200 and decoded_bytes(Image.new("P", (10, 10))) == 100
+    assert MAX_DECODED_BYTES >= 8_000 * 8_000 * 2  # a 64-megapixel 16-bit greyscale image is served
+    photo = jpeg((2_000, 1_500))  # 12 MB decoded whole; at 1/4 scale (1/8 is under 256): 0.75 MB
+    with pytest.raises(ImageTooLarge):
+        decode_image(photo, max_decoded_bytes=10_000_000)
+    assert decode_image(photo, fit_size=256, max_decoded_bytes=10_000_000).size == (500, 375)
 
 
 def test_to_rgb_rejects_an_unknown_mode():
@@ -156,11 +131,8 @@ def test_pad_to_square_keeps_aspect_with_black_bars(size):
     assert abs(rows - expected[0]) <= 1 and abs(columns - expected[1]) <= 1
     if size[0] != size[1]:
         assert (pixels[0, 0] == 0).all() or (pixels[-1, -1] == 0).all()
-
-
-def test_pad_to_square_rejects_a_bad_size():
     with pytest.raises(ValueError, match="size must be positive"):
-        pad_to_square(Image.new("RGB", (4, 4)), 0)
+        pad_to_square(image, 0)
 
 
 def test_preprocess_round_trips_through_a_dict():
@@ -170,51 +142,17 @@ def test_preprocess_round_trips_through_a_dict():
 
 
 @pytest.mark.parametrize("make", [eval_transform, train_transform])
-def test_transforms_give_normalised_crops(make):
-    preprocess = Preprocess(resize=72, crop=64)
-    tensor = make(preprocess)(Image.new("RGB", (90, 50), (124, 116, 104)))
+def test_transforms_give_normalised_crops_the_eval_one_always_the_same(make, image_variants):
+    transform = make(Preprocess(resize=72, crop=64))
+    tensor = transform(Image.new("RGB", (90, 50), (124, 116, 104)))
     assert tensor.shape == (3, 64, 64) and tensor.dtype == torch.float32
     assert tensor.min() < -1  # the black bars, normalised
-
-
-def test_eval_transform_is_deterministic(image_variants):
-    preprocess = Preprocess(resize=72, crop=64)
     image = decode_image(image_variants["rgb_jpeg"])
-    assert torch.equal(eval_transform(preprocess)(image), eval_transform(preprocess)(image))
+    torch.manual_seed(0)
+    assert torch.equal(transform(image), transform(image)) == (make is eval_transform)
 
 
 def test_collate_images_stacks_a_batch(image_variants):
     images = [decode_image(image_variants[name]) for name in ("rgb_jpeg", "exif_rotated_jpeg", "grey_png")]
     batch = collate_images(images, Preprocess(resize=40, crop=32))
     assert batch.shape == (3, 3, 32, 32) and batch.dtype == torch.float32
-
-
-@pytest.mark.parametrize("data, error, message", [
-    (b"<svg xmlns='http://www.w3.org/2000/svg'/>", UnsupportedFormat, "not a recognised image"),
-    (b"%PDF-1.4\n%%EOF\n", UnsupportedFormat, "accepted formats: JPEG, PNG, WEBP, GIF, BMP, TIFF"),
-    ("ico", UnsupportedFormat, "a ICO image"),
-    (b"GIF89a broken", ImageError, "corrupt GIF header"),
-])
-def test_only_the_accepted_formats_are_decoded(data, error, message):
-    if data == "ico":
-        buffer = io.BytesIO()
-        Image.new("RGB", (16, 16)).save(buffer, "ICO")
-        data = buffer.getvalue()
-    with pytest.raises(error, match=message) as raised:
-        decode_image(data)
-    assert (raised.type is UnsupportedFormat) == (error is UnsupportedFormat)
-
-
-def test_decoded_bytes_are_refused_from_the_header(png_claiming):
-    # 4000 x 4000 RGB takes 64 MB in memory (4 bytes a pixel): within MAX_PIXELS, over a 32 MB budget
-    with pytest.raises(ImageTooLarge, match="takes 64,000,000 bytes, over the limit of 32,000,000"):
-        decode_image(png_claiming(4_000, 4_000), max_decoded_bytes=32_000_000)
-    assert decoded_bytes(Image.new("I;16", (10, 10))) == 200 and decoded_bytes(Image.new("P", (10, 10))) == 100
-    assert MAX_DECODED_BYTES >= 8_000 * 8_000 * 2  # a 64-megapixel 16-bit greyscale image is served
-
-
-def test_a_large_jpeg_is_judged_at_its_draft_size():
-    photo = jpeg((2_000, 1_500))  # 12 MB decoded whole; at 1/4 scale (1/8 is under 256): 0.75 MB
-    with pytest.raises(ImageTooLarge):
-        decode_image(photo, max_decoded_bytes=10_000_000)
-    assert decode_image(photo, fit_size=256, max_decoded_bytes=10_000_000).size == (500, 375)

@@ -1,4 +1,4 @@
-"""marketplace_search.memory: freed tensor memory is reused, not faulted in anew, in the training stages; the
+"""marketplace_search.memory: freed tensor memory is reused, not faulted in anew, by the jobs that set it; the
 user's allocator settings win; a serving worker keeps malloc's defaults."""
 import json
 import os
@@ -9,11 +9,10 @@ import pytest
 
 from tests.serving_fixtures import archive_tiny_run, extract_archive, make_tiny_run
 
-# A fresh interpreter allocates and frees a 64 MiB tensor 20 times (a CNN's activation at batch 32 is of
-# that size), then prints whether malloc was set to keep freed memory and the page faults the last 10
-# took (the heap settles within the first few). "keep" sets it with keep_freed_memory, "handler" loads an
-# archive's handler as a TorchServe worker does (argv[2]: the extracted archive) and reports None, "default"
-# does neither.
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")]
+
+# A fresh interpreter ("keep": with keep_freed_memory; "handler": after loading the archive argv[2]'s handler)
+# allocates and frees a 64 MiB tensor 20 times, then prints whether malloc was set and the last 10's page faults.
 LOOP = """
 import json, resource, sys
 import torch
@@ -25,7 +24,7 @@ elif sys.argv[1] == "handler":
     from handlers.local import load_local_handler
     load_local_handler(sys.argv[2])
 for _ in range(10):
-    torch.ones(16 << 20)  # 16M float32 = 64 MiB, written, then freed
+    torch.ones(16 << 20)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
     torch.ones(16 << 20)
@@ -42,23 +41,16 @@ def run_loop(mode: str, *arguments: str, **environment) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
-def test_freed_tensors_are_reused_instead_of_faulted_in_again():
+def test_freed_tensors_are_reused_instead_of_faulted_in_again_unless_the_user_set_malloc():
     default, kept = run_loop("default"), run_loop("keep")
     assert kept["applied"] is True
     assert default["faults"] > 9 * PAGES  # glibc alone: a fresh mmap per tensor, every page faulted in again
     assert kept["faults"] < PAGES // 4  # kept: the same pages every time
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
-def test_the_users_own_malloc_settings_are_left_alone():
     assert run_loop("keep", MALLOC_MMAP_MAX_="65536")["applied"] is False
     assert run_loop("keep", GLIBC_TUNABLES="glibc.malloc.trim_threshold=1")["applied"] is False
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
 def test_the_handlers_process_keeps_mallocs_defaults(tmp_path):
-    # A worker runs for days, and with freed memory kept it grows without end: serving leaves malloc alone.
     run = make_tiny_run(tmp_path / "runs" / "2025-01-31_142233")
     model = extract_archive(archive_tiny_run(run, tmp_path / "store"), tmp_path / "model")
     served = run_loop("handler", str(model))

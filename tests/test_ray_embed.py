@@ -1,41 +1,32 @@
-"""training.embed --engine ray on a real local Ray (2 CPUs, no dashboard): the same vectors as the
-local stage, Parquet shards resumed shard by shard, and the index stage reading them memory-mapped."""
+"""training.embed --engine ray on a real local Ray: the local stage's vectors, in Parquet shards resumed one by one."""
 import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from scripts.ray_batch import short_path
+from tests.test_runtime import write_split
 from training import embed
 from training.data import load_embeddings
-from training.ray_embed import SHARDS_DIR, read_shard
+from training.ray_embed import SHARDS_DIR, ray_cluster, read_shard
 from training.tiny_run import make_tiny_run
+
+pytestmark = pytest.mark.slow  # a real Ray
 
 
 @pytest.fixture(scope="module")
 def work(module_tmp):
     work = module_tmp("rayembed")
     run = make_tiny_run(work / "model_evaluation" / "2025-01-31_142233", photos_dir=work / "photos", listings=7)
-    image_ids = sorted(run.photos)
-    pd.DataFrame({"image_id": image_ids, "product_id": [run.listings[i]["product_id"] for i in image_ids],
-                  "label": [run.classes.index(run.listings[i]["category"]) for i in image_ids],
-                  "split": "train"}).to_csv(work / "split.csv", index=False)
+    write_split(run, work, splits=("train",))
     return work, run.run_dir
 
 
 @pytest.fixture(scope="module")
 def ray_local(module_tmp):
-    import ray
-
-    with short_path(module_tmp("ray")) as temp_dir:
-        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
-        try:
-            yield ray
-        finally:
-            ray.shutdown()
+    with ray_cluster(None, module_tmp("ray"), num_cpus=2) as ray:
+        yield ray
 
 
 def test_ray_embed_stage_equals_local_and_resumes_by_shard(work, ray_local):

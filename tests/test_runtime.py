@@ -1,10 +1,5 @@
-"""Inference backends (marketplace_search.runtime): every runtime and precision answers through a real
-TorchServe with the same fields, the accuracy guard refuses a broken int8 calibration, and a CPU
-without BF16/VNNI serves fp32 from the checkpoint.
-
-The tiny run here is trained (its head, on a random ResNet18 trunk) until it tells its 3 categories
-apart on its 24 photos, so top-1 means something: a broken precision loses it.
-"""
+"""Inference backends: every runtime and precision answers through a real TorchServe with the same fields, the
+accuracy guard refuses a broken int8 calibration, a CPU without BF16/VNNI serves fp32 from the checkpoint."""
 import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import json
@@ -12,10 +7,10 @@ import logging
 import shutil
 import zipfile
 from pathlib import Path
+from unittest.mock import Mock
 
 import pandas as pd
 import pytest
-import requests
 import torch
 import yaml
 from PIL import Image
@@ -36,11 +31,11 @@ from tests.serving_fixtures import (CLASSES, TINY_PREPROCESS, TinyRun, archive_t
 
 LISTINGS, PHOTOS_PER_LISTING = 12, 2
 BACKENDS = [("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8")]
+pytestmark = pytest.mark.slow  # five archives, four of them guarded
 
 
 def trained_model(seed: int = 0) -> MarketplaceNet:
-    """A ResNet18 with a random trunk (BatchNorm statistics from the photos) whose embedding and head
-    are fitted to the tiny run's photos."""
+    """A ResNet18 with a random trunk whose embedding and head are fitted to the tiny run's photos."""
     torch.manual_seed(seed)
     model = MarketplaceNet("resnet18", len(CLASSES), embedding_dim=32)
     count = LISTINGS * PHOTOS_PER_LISTING
@@ -59,12 +54,11 @@ def trained_model(seed: int = 0) -> MarketplaceNet:
     return model
 
 
-def write_split(run: TinyRun, work: Path) -> None:
-    """WORK/split.csv: every photo in test (the guard's set) and in train (int8's calibration)."""
-    rows = [{"image_id": image_id, "product_id": listing["product_id"], "label": CLASSES.index(listing["category"])}
+def write_split(run: TinyRun, work: Path, splits=("test", "train")) -> None:
+    """WORK/split.csv: every photo in each of SPLITS (here test is the guard's set, train int8's calibration)."""
+    rows = [{"image_id": image_id, "product_id": listing["product_id"], "label": run.classes.index(listing["category"])}
             for image_id, listing in sorted(run.listings.items())]
-    split = pd.DataFrame([{**row, "split": name} for name in ("test", "train") for row in rows])
-    split.to_csv(work / "split.csv", index=False)
+    pd.DataFrame([{**row, "split": name} for name in splits for row in rows]).to_csv(work / "split.csv", index=False)
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +90,8 @@ def test_every_backend_answers_a_photo_with_the_same_fields(guarded, archives, t
     store = next(iter(archives.values())).parent
     photo_id = "img-004"
     with running_server(store, tmp_path / "torchserve", models, ready_timeout=240) as server:
-        answers = {}
-        for backend, mar in archives.items():
-            response = requests.post(api.prediction_url(server, mar.stem), data=guarded.photo_bytes(photo_id),
-                                     headers=api.prediction_headers(guarded.photo_bytes(photo_id),
-                                                                    server.token("inference")), timeout=60)
-            assert response.status_code == 200, (backend, response.text[:300])
-            answers[backend] = response.json()
+        answers = {backend: api.predict(server, guarded.photo_bytes(photo_id), model=mar.stem)
+                   for backend, mar in archives.items()}
     reference = answers["torch", "fp32"]
     for backend, answer in answers.items():
         check_answer(answer)
@@ -154,11 +143,7 @@ def test_a_kept_guard_is_reused_while_what_it_read_is_unchanged(guarded, archive
     assert {(k["key"]["runtime"], k["key"]["precision"]) for k in kept} == set(BACKENDS[1:])
     first = json.loads(archive_member(archives["openvino", "bf16"], "model_card.json"))["inference"]["guard"]
     assert first["measured_on"] == str(guarded.run_dir.resolve())
-
-    def measured(*args, **kwargs):
-        raise AssertionError("the guard was measured again")
-
-    monkeypatch.setattr(guard, "run_guard", measured)
+    monkeypatch.setattr(guard, "run_guard", Mock(side_effect=AssertionError("the guard was measured again")))
     again = build_archive(guarded.run_dir, tmp_path, "again", "1.0", runtime="openvino", precision="bf16")
     assert json.loads(archive_member(again, "model_card.json"))["inference"]["guard"] == first
     with pytest.raises(AssertionError, match="measured again"):
@@ -213,12 +198,6 @@ def test_an_unreadable_kept_guard_is_measured_again(tmp_path, caplog):
                                                    "measured_on": "there"}]
 
 
-def test_a_reduced_precision_needs_a_test_split_to_check(tmp_path):
-    run = make_tiny_run(tmp_path / "runs" / "2025-01-31_142233")
-    with pytest.raises(FileNotFoundError, match="split.csv"):
-        archive_tiny_run(run, tmp_path / "store", runtime="openvino", precision="bf16")
-
-
 def test_a_cpu_without_bf16_or_vnni_serves_fp32_and_says_so_once(guarded, archives, tmp_path, monkeypatch, caplog):
     fp32 = load_local_handler(extract_archive(archives["torch", "fp32"], tmp_path / "fp32"))
     native = load_local_handler(extract_archive(archives["openvino", "bf16"], tmp_path / "native"))
@@ -247,7 +226,9 @@ def test_a_cpu_without_bf16_or_vnni_serves_fp32_and_says_so_once(guarded, archiv
     assert len([record for record in caplog.records if "serving torch fp32" in record.getMessage()]) <= 1
 
 
-def test_unsupported_backends_are_refused_before_anything_is_built(guarded, tmp_path):
+def test_unsupported_backends_and_unchecked_precisions_are_refused(guarded, tmp_path):
+    with pytest.raises(FileNotFoundError, match="split.csv"):  # a reduced precision needs a test split to check
+        build_archive(guarded.run_dir, tmp_path, runtime="openvino", precision="bf16", work_dir=tmp_path)
     with pytest.raises(ValueError, match="int8 runs on openvino"):
         build_archive(guarded.run_dir, tmp_path, runtime="torch", precision="int8")
     with pytest.raises(ValueError, match="runtime 'onnx'"):

@@ -1,12 +1,22 @@
-"""The catalogue index against brute-force search on generated vectors."""
+"""The catalogue (marketplace_search.search, .columns) and its flat, HNSW and IVF-PQ indexes against brute-force
+search on generated vectors, and its saved folders: written whole, memory-mapped, refused when from other builds."""
 import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
+
 import json
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from unittest.mock import Mock
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from marketplace_search import search
+from marketplace_search.columns import ListingTable
 from marketplace_search.search import Catalogue, build_index, make_catalogue
+
+N, D = 4000, 32  # the IVF-PQ catalogue's size
 
 
 def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -16,22 +26,25 @@ def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
 
 def listings_for(n: int, photos_per_listing: int = 2) -> tuple[list[str], dict]:
     image_ids = [f"img-{i}" for i in range(n)]
-    listings = {
-        image_id: {"product_id": f"prod-{i // photos_per_listing}", "title": f"title {i}", "price": float(i),
-                   "location": "Leeds", "category": ["Home", "Garden", "Music"][(i // photos_per_listing) % 3]}
-        for i, image_id in enumerate(image_ids)
-    }
-    return image_ids, listings
+    return image_ids, {image_id: {"product_id": f"prod-{i // photos_per_listing}", "title": f"title {i}",
+                                  "price": float(i), "location": "Leeds",
+                                  "category": ["Home", "Garden", "Music"][(i // photos_per_listing) % 3]}
+                       for i, image_id in enumerate(image_ids)}
 
 
 def brute_force(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :k]
 
 
+def catalogue_of(n: int, index_type: str = "flat", d: int = 16, seed: int = 0, photos_per_listing: int = 2,
+                 meta: dict | None = None, **options) -> tuple[np.ndarray, Catalogue]:
+    vectors = unit_vectors(n, d, seed)
+    return vectors, make_catalogue(vectors, *listings_for(n, photos_per_listing), meta or {}, index_type, **options)
+
+
 def test_flat_search_equals_brute_force():
-    vectors, queries = unit_vectors(500, 16), unit_vectors(20, 16, seed=1)
-    image_ids, listings = listings_for(500)
-    catalogue = make_catalogue(vectors, image_ids, listings, {}, "flat")
+    vectors, catalogue = catalogue_of(500)
+    queries = unit_vectors(20, 16, seed=1)
     distances, rows = catalogue.search_ids(queries, 10)
     np.testing.assert_array_equal(rows, brute_force(vectors, queries, 10))
     np.testing.assert_allclose(distances, np.take_along_axis(queries @ vectors.T, rows, axis=1), rtol=1e-5)
@@ -42,77 +55,48 @@ def test_hnsw_recall_against_brute_force():
     index, params = build_index(vectors, "hnsw", ef_search=128)
     _, rows = index.search(queries, 10)
     truth = brute_force(vectors, queries, 10)
-    recall = np.mean([len(set(r) & set(t)) / 10 for r, t in zip(rows, truth)])
     assert params["type"] == "hnsw"
-    assert recall >= 0.9
+    assert recall(rows, truth) >= 0.9
 
 
-def test_auto_index_type_follows_catalogue_size(monkeypatch):
-    import marketplace_search.search as search
-
+def test_auto_picks_flat_then_hnsw_then_ivfpq_by_size(monkeypatch):
+    assert search.flat_max(64) == search.flat_max(256) == 20_000
+    assert search.flat_max(1536) == 3_333  # an exact search reads every float: as many floats in all
     monkeypatch.setattr(search, "FLAT_MAX", 100)
     monkeypatch.setattr(search, "FLAT_DIMENSION", 8)
-    assert build_index(unit_vectors(100, 8), "auto")[1]["type"] == "flat"
-    assert build_index(unit_vectors(101, 8), "auto")[1]["type"] == "hnsw"
-    assert build_index(unit_vectors(100, 4), "auto")[1]["type"] == "flat"  # shorter vectors: no more than FLAT_MAX
-    assert build_index(unit_vectors(101, 4), "auto")[1]["type"] == "hnsw"
-    # longer vectors: an exact search reads every float, so as many floats in all (100 x 8 = 50 x 16)
-    assert build_index(unit_vectors(50, 16), "auto")[1]["type"] == "flat"
-    assert build_index(unit_vectors(51, 16), "auto")[1]["type"] == "hnsw"
+    monkeypatch.setattr(search, "HNSW_MAX", 500)
+    for n, d, expected in [(100, 8, "flat"), (101, 8, "hnsw"), (100, 4, "flat"), (101, 4, "hnsw"), (50, 16, "flat"),
+                           (51, 16, "hnsw"), (500, 8, "hnsw"), (501, 8, "ivfpq")]:
+        assert build_index(unit_vectors(n, d), "auto", nlist=4, pq_m=4)[1]["type"] == expected, (n, d)
+    with pytest.raises(ValueError, match="does not divide"):
+        build_index(unit_vectors(501, 8), "ivfpq", nlist=4, pq_m=5)
 
 
-def test_auto_keeps_exact_search_to_as_many_floats_for_longer_vectors():
-    import marketplace_search.search as search
-
-    assert search.flat_max(64) == search.flat_max(256) == 20_000
-    assert search.flat_max(1536) == 3_333  # the search vector (embedding + features): 10k photos get HNSW
-
-
-def test_search_answers_one_entry_per_listing_best_photo_first():
-    vectors = unit_vectors(300, 16)
+def test_search_answers_each_listing_once_by_its_best_photo_excluded_or_filtered():
+    vectors, catalogue = catalogue_of(300)
     image_ids, listings = listings_for(300)
-    catalogue = make_catalogue(vectors, image_ids, listings, {}, "flat")
-    query = vectors[7:8]
-    neighbours = catalogue.search(query, k=10)[0]
-    products = [n["product_id"] for n in neighbours]
-    assert len(products) == len(set(products)) == 10
+    neighbours = catalogue.search(vectors[7:8], k=10)[0]
     assert neighbours[0]["image_id"] == "img-7" and neighbours[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
-    # each listing is represented by its most similar photo, in brute-force order of listings
-    order = brute_force(vectors, query, 300)[0]
-    expected, seen = [], set()
-    for row in order:
-        product = listings[image_ids[row]]["product_id"]
-        if product not in seen:
-            seen.add(product)
+    assert set(neighbours[0]) == {"image_id", "product_id", "title", "price", "location", "category", "similarity"}
+    expected, seen = [], set()  # each listing's most similar photo, in brute-force order
+    for row in brute_force(vectors, vectors[7:8], 300)[0]:
+        if listings[image_ids[row]]["product_id"] not in seen:
+            seen.add(listings[image_ids[row]]["product_id"])
             expected.append(image_ids[row])
     assert [n["image_id"] for n in neighbours] == expected[:10]
-    assert set(neighbours[0]) == {"image_id", "product_id", "title", "price", "location", "category", "similarity"}
-
-
-@pytest.mark.parametrize("index_type", ["flat", "hnsw"])
-def test_search_excludes_own_listing_and_filters_category(index_type):
-    vectors = unit_vectors(300, 16)
-    image_ids, listings = listings_for(300)
-    catalogue = make_catalogue(vectors, image_ids, listings, {}, index_type)
-    own = listings["img-7"]["product_id"]
-    excluded = catalogue.search(vectors[7:8], k=5, exclude_products=[own])[0]
-    assert own not in {n["product_id"] for n in excluded} and len(excluded) == 5
+    excluded = catalogue.search(vectors[7:8], k=5, exclude_products=["prod-3"])[0]  # img-7's own listing
+    assert [n["image_id"] for n in excluded] == [i for i in expected if listings[i]["product_id"] != "prod-3"][:5]
     music = catalogue.search(vectors[7:8], k=5, category="Music")[0]
-    assert len(music) == 5 and {n["category"] for n in music} == {"Music"}
-    music_rows = [i for i, image_id in enumerate(image_ids) if listings[image_id]["category"] == "Music"]
-    best_music = music_rows[int(np.argmax(vectors[music_rows] @ vectors[7]))]
-    assert music[0]["image_id"] == image_ids[best_music]
+    assert [n["image_id"] for n in music] == [i for i in expected if listings[i]["category"] == "Music"][:5]
+    small_vectors, small = catalogue_of(6, d=8)
+    assert len(small.search(small_vectors[:1], k=10)[0]) == 3  # all the listings there are
 
 
-@pytest.mark.parametrize("index_type,saved", [("flat", False), ("hnsw", False), ("ivfpq", True)])
-def test_listings_of_gives_each_listing_its_photo_nearest_the_query(tmp_path, index_type, saved):
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivfpq"])
+def test_listings_of_gives_each_listing_its_photo_nearest_the_query(index_type):
     """Listings found another way (by words) answered as a search would: best photo, its exact cosine."""
-    vectors, query = unit_vectors(1200, 16), unit_vectors(1, 16, seed=1)[0]
-    image_ids, listings = listings_for(1200, photos_per_listing=3)
-    catalogue = make_catalogue(vectors, image_ids, listings, {}, index_type, nlist=8, pq_m=4)
-    if saved:  # the listings table (Arrow) of a saved catalogue instead of the dicts
-        catalogue.save(tmp_path / "catalogue")
-        catalogue = Catalogue.load(tmp_path / "catalogue")
+    vectors, catalogue = catalogue_of(1200, index_type, photos_per_listing=3, nlist=8, pq_m=4)
+    query = unit_vectors(1, 16, seed=1)[0]
     wanted = ["prod-5", "prod-17", "prod-300", "no-such-listing"]
     found = catalogue.listings_of(wanted, query)
     assert list(found) == ["prod-5", "prod-17", "prod-300"]  # in row order; an unknown listing left out
@@ -120,28 +104,19 @@ def test_listings_of_gives_each_listing_its_photo_nearest_the_query(tmp_path, in
     for product_id, entry in found.items():
         rows = [3 * int(product_id.split("-")[1]) + i for i in range(3)]
         best = max(rows, key=lambda row: float(vectors[row] @ query))
-        assert entry["image_id"] == image_ids[best] or abs(
+        assert entry["image_id"] == f"img-{best}" or abs(
             entry["similarity"] - float(vectors[best] @ query)) < tolerance  # (a near tie decoded the other way)
         assert entry["similarity"] == pytest.approx(float(vectors[best] @ query), abs=tolerance)
-        assert {key: entry[key] for key in ("title", "price", "category")} == {
-            key: listings[entry["image_id"]][key] for key in ("title", "price", "category")}
+        assert entry["title"] == f"title {entry['image_id'].split('-')[1]}"
     assert set(catalogue.listings_of(wanted, query, category="Home")) == {"prod-300"}  # listing n: n % 3
     assert set(catalogue.without_products({"prod-17"}).listings_of(wanted, query)) == {"prod-5", "prod-300"}
     first = catalogue.listings_of(["prod-300"])["prod-300"]  # no query: the first photo, no similarity
     assert first["image_id"] == "img-900" and "similarity" not in first
 
 
-def test_search_returns_fewer_when_catalogue_is_small():
-    vectors = unit_vectors(6, 8)
-    image_ids, listings = listings_for(6)
-    catalogue = make_catalogue(vectors, image_ids, listings, {}, "flat")
-    assert len(catalogue.search(vectors[:1], k=10)[0]) == 3
-
-
 def test_bad_arguments_fail_with_a_message():
-    vectors = unit_vectors(10, 8)
+    vectors, catalogue = catalogue_of(10, d=8)
     image_ids, listings = listings_for(10)
-    catalogue = make_catalogue(vectors, image_ids, listings, {}, "flat")
     with pytest.raises(ValueError, match="k must be between"):
         catalogue.search(vectors[:1], k=0)
     with pytest.raises(KeyError, match="unknown category 'Cars'"):
@@ -152,39 +127,48 @@ def test_bad_arguments_fail_with_a_message():
         make_catalogue(vectors * 2, image_ids, listings, {}, "flat")
     with pytest.raises(ValueError, match="no listing metadata"):
         make_catalogue(vectors, image_ids, {}, {}, "flat")
+    listings["img-3"]["colour"] = "red"
+    with pytest.raises(ValueError, match=r"listing of img-3 has the fields .*colour"):
+        make_catalogue(vectors, image_ids, listings, {}, "flat")
 
 
 @pytest.mark.parametrize("index_type", ["flat", "hnsw"])
-def test_saved_catalogue_loads_and_answers_the_same(tmp_path, index_type):
-    vectors = unit_vectors(200, 16)
-    image_ids, listings = listings_for(200)
+def test_a_saved_catalogue_loads_mapped_and_answers_the_same(tmp_path, index_type):
+    vectors, (image_ids, listings) = unit_vectors(3000, 16), listings_for(3000)
+    listings["img-7"]["price"] = None  # a listing without a price survives the table
     catalogue = make_catalogue(vectors, image_ids, listings, {"run": "test"}, index_type)
-    catalogue.save(tmp_path)
-    loaded = Catalogue.load(tmp_path)
-    assert loaded.meta["run"] == "test" and loaded.meta["dimension"] == 16
-    assert loaded.meta["metric"] == "inner_product" and loaded.meta["normalisation"] == "l2"
-    assert loaded.search(vectors[:3], k=4) == catalogue.search(vectors[:3], k=4)
-
-
-def test_missing_catalogue_file_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="catalogue.faiss"):
-        Catalogue.load(tmp_path)
-
-
-def rare_category_catalogue(index_type: str, others: int = 20_000, rare: int = 12, scarce: int = 300):
-    """OTHERS photos of three common categories, SCARCE of "Scarce" and RARE of "Rare"; one photo a listing."""
-    vectors = unit_vectors(others + scarce + rare, 32, seed=3)
-    image_ids = [f"img-{i}" for i in range(len(vectors))]
-    categories = ["Home", "Garden", "Music"] * (others // 3 + 1)
-    categories = categories[:others] + ["Scarce"] * scarce + ["Rare"] * rare
-    listings = {image_id: {"product_id": f"prod-{i}", "title": f"title {i}", "price": 1.0, "location": "Leeds",
-                           "category": category} for i, (image_id, category) in enumerate(zip(image_ids, categories))}
-    return vectors, make_catalogue(vectors, image_ids, listings, {}, index_type), np.array(categories)
+    catalogue.save(tmp_path / "index")
+    assert sorted(path.name for path in (tmp_path / "index").iterdir()) == sorted(search.CATALOGUE_FILES)
+    table_bytes, before = (tmp_path / "index" / search.LISTING_TABLE_FILE).stat().st_size, pa.total_allocated_bytes()
+    loaded = Catalogue.load(tmp_path / "index")
+    assert pa.total_allocated_bytes() - before < table_bytes / 20  # the table is the file's pages, not a copy
+    copied = pa.ipc.open_file(pa.OSFile(str(tmp_path / "index" / search.LISTING_TABLE_FILE))).read_all()
+    assert pa.total_allocated_bytes() - before > table_bytes / 2 and copied  # as a read (not mapped) copies it
+    assert loaded.meta["run"] == "test" and loaded.meta["dimension"] == 16 and loaded.meta["metric"] == "inner_product"
+    queries = vectors[:5]
+    for options in ({}, {"category": "Garden"}, {"exclude_products": ["prod-1"] * 5}):
+        assert loaded.search(queries, k=7, **options) == catalogue.search(queries, k=7, **options)
+    removed = {"prod-0", "prod-10", "prod-missing"}
+    view = loaded.without_products(removed)
+    assert view.visible == 3000 - 4
+    assert view.search(queries, k=10) == catalogue.without_products(removed).search(queries, k=10)
+    assert not {n["product_id"] for answer in view.search(queries, k=10) for n in answer} & removed
+    assert loaded.listings["img-7"]["price"] is None and "img-x" not in loaded.listings
+    assert loaded.image_ids[2:4] == ["img-2", "img-3"] and loaded.image_ids[-1] == "img-2999"
+    assert list(loaded.image_ids) == image_ids
+    assert dict(loaded.listings.items()) == listings
+    loaded.save(tmp_path / "again")
+    assert Catalogue.load(tmp_path / "again").search(queries, k=5) == loaded.search(queries, k=5)
 
 
 @pytest.mark.parametrize("index_type", ["hnsw", "ivfpq"])
 def test_filtered_search_of_a_rare_category_finds_k_of_it(index_type):
-    vectors, catalogue, categories = rare_category_catalogue(index_type)
+    """20,000 photos of three common categories, 300 of "Scarce" and 12 of "Rare"; one photo a listing."""
+    categories = np.array((["Home", "Garden", "Music"] * 6667)[:20_000] + ["Scarce"] * 300 + ["Rare"] * 12)
+    vectors, (image_ids, listings) = unit_vectors(len(categories), 32, seed=3), listings_for(len(categories), 1)
+    for image_id, category in zip(image_ids, categories):
+        listings[image_id]["category"] = str(category)
+    catalogue = make_catalogue(vectors, image_ids, listings, {}, index_type)
     queries = unit_vectors(5, 32, seed=4)
     rare_rows = np.flatnonzero(categories == "Rare")
     for answer, query in zip(catalogue.search(queries, k=10, category="Rare"), queries):
@@ -192,86 +176,56 @@ def test_filtered_search_of_a_rare_category_finds_k_of_it(index_type):
         if index_type != "ivfpq":  # exact over the category's photos (8-bit codes rank a little differently)
             best = rare_rows[np.argsort(-(vectors[rare_rows] @ query), kind="stable")[:10]]
             assert [n["image_id"] for n in answer] == [f"img-{row}" for row in best]
-    everything = catalogue.search(queries, k=20, category="Rare")
-    assert all(len(answer) == 12 for answer in everything)  # all there are, and no more
+    assert all(len(answer) == 12 for answer in catalogue.search(queries, k=20, category="Rare"))  # all there are
     for answer in catalogue.search(queries, k=50, category="Scarce"):  # approximate, widened when it runs out
         assert len(answer) == 50 and {n["category"] for n in answer} == {"Scarce"}
-    unfiltered = catalogue.search(queries, k=10)
-    assert all(len(answer) == 10 for answer in unfiltered)
+    assert all(len(answer) == 10 for answer in catalogue.search(queries, k=10))
 
 
 def test_filtered_search_counts_listings_not_photos():
-    vectors = unit_vectors(3000, 16)
-    image_ids, listings = listings_for(3000, photos_per_listing=10)  # 100 listings a category
-    catalogue = make_catalogue(vectors, image_ids, listings, {}, "hnsw")
+    vectors, catalogue = catalogue_of(3000, "hnsw", photos_per_listing=10)  # 100 listings a category
     for answer in catalogue.search(vectors[:5], k=100, category="Garden"):
         assert len(answer) == 100 and len({n["product_id"] for n in answer}) == 100
 
 
-def saved(tmp_path, name: str, n: int, seed: int):
-    vectors = unit_vectors(n, 16, seed=seed)
-    image_ids, listings = listings_for(n)
-    image_ids = image_ids[::-1] if seed % 2 else image_ids  # another build: another row order
-    catalogue = make_catalogue(vectors, image_ids, listings, {"run": name}, "flat")
-    catalogue.save(tmp_path / name)
-    return tmp_path / name, vectors
-
-
-def test_save_replaces_an_existing_catalogue_whole(tmp_path):
-    folder, _ = saved(tmp_path, "index", 50, seed=0)
+def test_save_replaces_a_catalogue_whole_and_a_failed_save_leaves_the_previous_one(tmp_path, monkeypatch):
+    folder = tmp_path / "index"
+    vectors, first = catalogue_of(50, meta={"run": "first"})
+    first.save(folder)
     folder.chmod(0o750)
-    make_catalogue(unit_vectors(80, 16, seed=1), *listings_for(80), {"run": "second"}, "flat").save(folder)
+    catalogue_of(80, seed=1, meta={"run": "second"})[1].save(folder)
     loaded = Catalogue.load(folder)
     assert loaded.meta["run"] == "second" and loaded.index.ntotal == 80
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["index"]  # no temporary folder left
     assert folder.stat().st_mode & 0o777 == 0o750  # the replaced folder's permissions, not mkdtemp's 0o700
-
-
-def test_failed_save_leaves_the_previous_catalogue(tmp_path):
-    folder, vectors = saved(tmp_path, "index", 50, seed=0)
-    before = Catalogue.load(folder).search(vectors[:2], k=5)
-    image_ids, listings = listings_for(80)
-    listings["img-3"]["price"] = {1.0}  # not a price: fails after the index is written
-    broken = make_catalogue(unit_vectors(80, 16, seed=1), image_ids, listings, {"run": "broken"}, "flat")
-    with pytest.raises(ValueError, match="Could not convert"):
-        broken.save(folder)
+    before = loaded.search(vectors[:2], k=5)
+    monkeypatch.setattr(ListingTable, "write", Mock(side_effect=OSError("disk full")))  # after the index is written
+    with pytest.raises(OSError, match="disk full"):
+        first.save(folder)
     assert Catalogue.load(folder).search(vectors[:2], k=5) == before
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["index"]
-
-
-def test_save_refuses_to_replace_a_folder_that_is_not_a_catalogue(tmp_path):
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["index"]  # no temporary folder left
     (tmp_path / "run.json").write_text("{}")
-    catalogue = make_catalogue(unit_vectors(10, 8), *listings_for(10), {}, "flat")
     with pytest.raises(FileExistsError, match="run.json"):
-        catalogue.save(tmp_path)
+        first.save(tmp_path)
     assert (tmp_path / "run.json").read_text() == "{}"
 
 
 def test_readers_never_see_a_half_written_catalogue(tmp_path):
-    import threading
-    import time
-
-    builds = [make_catalogue(unit_vectors(n, 16, seed=n), *listings_for(n), {"run": str(n)}, "hnsw")
-              for n in (400, 600)]
+    builds = [catalogue_of(n, "hnsw", seed=n, meta={"run": str(n)})[1] for n in (400, 600)]
     builds[0].save(tmp_path / "index")
-    done = threading.Event()
 
     def keep_saving():
         for turn in range(20):
             builds[turn % 2].save(tmp_path / "index")
             time.sleep(0.05)
-        done.set()
 
-    writer = threading.Thread(target=keep_saving)
-    writer.start()
     loads = 0
-    try:
-        while not done.is_set() or loads == 0:
+    with ThreadPoolExecutor(1) as pool:
+        writer = pool.submit(keep_saving)
+        while not writer.done() or loads == 0:
             loaded = Catalogue.load(tmp_path / "index")
             assert loaded.index.ntotal == int(loaded.meta["run"]) == len(loaded.image_ids)
             loads += 1
-    finally:
-        writer.join()
+    writer.result()
     assert loads > 1
 
 
@@ -283,27 +237,122 @@ def test_a_catalogue_in_the_retired_json_layout_is_refused_and_a_save_replaces_i
     rebuild = r"JSON layout \(id_map.json \+ listings.json\), which is retired: rebuild .*python -m training.index"
     with pytest.raises(ValueError, match=rebuild):
         Catalogue.load(folder)
-    with pytest.raises(ValueError, match=rebuild):
-        search.read_listings(folder)
     from scripts.archive import check_run
 
     with pytest.raises(ValueError, match=rebuild):  # archiving a run whose index is in that layout
         check_run(tmp_path)
-    make_catalogue(unit_vectors(10, 8), *listings_for(10), {}, "flat").save(folder)  # what the rebuild does
+    catalogue_of(10, d=8)[1].save(folder)  # what the rebuild does
     assert sorted(path.name for path in folder.iterdir()) == sorted(search.CATALOGUE_FILES)
 
 
-def test_index_meta_without_hashes_refuses_and_counts_are_checked(tmp_path):
-    folder, _ = saved(tmp_path, "a", 60, seed=0)
-    other, _ = saved(tmp_path, "b", 61, seed=2)
-    meta = json.loads((folder / "index_meta.json").read_text())
-    (folder / "index_meta.json").write_text(json.dumps({**meta, "files": {}}))
+def test_files_missing_or_of_another_build_refuse_to_load(tmp_path):
+    with pytest.raises(FileNotFoundError, match="catalogue.faiss"):
+        Catalogue.load(tmp_path)
+    for name, n, seed in (("a", 60, 0), ("b", 61, 2)):
+        catalogue_of(n, seed=seed)[1].save(tmp_path / name)
+    folder, other = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(folder, tmp_path / "kept")
+    meta = json.loads((folder / search.META_FILE).read_text())
+    (folder / search.META_FILE).write_text(json.dumps({**meta, "files": {}}))
     with pytest.raises(search.CatalogueMismatchError, match=r"listings.arrow does not belong with .*catalogue.faiss"):
         Catalogue.load(folder)
     # another build's index, its hash copied too: the counts still differ
-    index_entry = json.loads((other / "index_meta.json").read_text())["files"]["catalogue.faiss"]
-    (folder / "index_meta.json").write_text(json.dumps({**meta, "files": {**meta["files"], "catalogue.faiss": index_entry}}))
-    (folder / "catalogue.faiss").write_bytes((other / "catalogue.faiss").read_bytes())
+    index_entry = json.loads((other / search.META_FILE).read_text())["files"][search.INDEX_FILE]
+    meta["files"][search.INDEX_FILE] = index_entry
+    (folder / search.META_FILE).write_text(json.dumps(meta))
+    shutil.copy(other / search.INDEX_FILE, folder / search.INDEX_FILE)
     with pytest.raises(search.CatalogueMismatchError,
                        match=r"a/catalogue.faiss holds 61 vectors but .*a/listings.arrow lists 60 image ids"):
         Catalogue.load(folder)
+    kept = tmp_path / "kept"
+    kept.joinpath(search.INDEX_FILE).write_bytes(b"x" + kept.joinpath(search.INDEX_FILE).read_bytes()[1:])
+    with pytest.raises(search.CatalogueMismatchError, match=r"catalogue.faiss does not belong with .*listings.arrow"):
+        Catalogue.load(kept)
+
+
+def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(40, d))
+    vectors = (centres[rng.integers(0, 40, n)] + 0.5 * rng.normal(size=(n, d))).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def recall(rows: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(r) & set(t)) / len(t) for r, t in zip(rows, truth)]))
+
+
+@pytest.fixture(scope="module")
+def ivfpq() -> tuple[Catalogue, np.ndarray, np.ndarray]:
+    """(catalogue, vectors, queries): IVF-PQ (re-ranked on 8-bit vectors) over N clustered vectors, one a listing."""
+    vectors = clustered(N + 50, D)
+    catalogue = make_catalogue(vectors[:N], *listings_for(N, photos_per_listing=1), {"run": "test"}, "ivfpq",
+                               nlist=32, nprobe=8, pq_m=8)
+    return catalogue, vectors[:N], vectors[N:]
+
+
+def test_ivfpq_recall_against_brute_force(ivfpq):
+    catalogue, vectors, queries = ivfpq
+    _, rows = catalogue.search_ids(queries, 10)
+    assert catalogue.meta["index"]["type"] == "ivfpq"
+    assert catalogue.meta["index"]["pq_m"] == 8 and catalogue.meta["index"]["refine"] == "sq8"
+    truth = brute_force(vectors, queries, 10)
+    assert recall(rows, truth) >= 0.9
+    # without re-ranking, 8-byte PQ codes alone rank worse: the refinement is doing the work
+    _, coarse = faiss.downcast_index(faiss.downcast_index(catalogue.index).base_index).search(queries, 10)
+    assert recall(rows, truth) > recall(coarse, truth)
+
+
+def test_ivfpq_category_filter_returns_only_that_category(ivfpq):
+    catalogue, vectors, queries = ivfpq
+    home = catalogue.rows_by_category["Home"]
+    _, rows = catalogue.search_ids(queries, 10, category="Home")
+    assert set(rows.ravel()) <= set(home.tolist())
+    truth = home[brute_force(vectors[home], queries, 10)]
+    assert recall(rows, truth) >= 0.85
+    _, exact_rows = catalogue.search_ids(queries, 10, category="Home", exact=True)  # every Home vector (8-bit)
+    assert recall(exact_rows, truth) >= 0.95
+
+
+def test_ivfpq_saved_loads_memory_mapped_and_answers_the_same(ivfpq, tmp_path):
+    catalogue, _, queries = ivfpq
+    catalogue.save(tmp_path / "cat")
+    loaded = Catalogue.load(tmp_path / "cat")
+    assert faiss.extract_index_ivf(loaded.index).nprobe == loaded.meta["index"]["nprobe"] == 8
+    assert faiss.downcast_index(loaded.index).k_factor == catalogue.meta["index"]["k_factor"]
+    assert loaded.search(queries[:8], k=6) == catalogue.search(queries[:8], k=6)
+    assert loaded.search(queries[:3], k=4, category="Music") == catalogue.search(queries[:3], k=4, category="Music")
+
+
+@pytest.mark.slow
+def test_ivfpq_builds_from_a_memmap_in_chunks(ivfpq, tmp_path, monkeypatch):
+    catalogue, vectors, queries = ivfpq
+    stored = np.lib.format.open_memmap(tmp_path / "v.npy", mode="w+", dtype=np.float32, shape=vectors.shape)
+    stored[:] = vectors
+    stored.flush()
+    monkeypatch.setattr(search, "ADD_CHUNK", 700)
+    from_disk, _ = build_index(np.load(tmp_path / "v.npy", mmap_mode="r"), "ivfpq", nlist=32, nprobe=8, pq_m=8)
+    assert from_disk.ntotal == N
+    np.testing.assert_array_equal(from_disk.search(queries, 10)[1], catalogue.index.search(queries, 10)[1])
+
+
+def test_ivfpq_nlist_follows_faiss_guideline_of_4_sqrt_n_with_enough_training_vectors():
+    for n in (1_000_000, 2_000_000, 10_000_000, 100_000_000):
+        nlist = search.ivfpq_nlist(n)
+        assert nlist & (nlist - 1) == 0  # a power of two
+        assert 4 * np.sqrt(n) / np.sqrt(2) <= nlist <= 4 * np.sqrt(n) * np.sqrt(2)
+    assert search.ivfpq_nlist(10_000_000) == 16_384
+    assert search.ivfpq_nlist(4000) == 4000 // search.TRAIN_PER_LIST  # 4*sqrt: 256 lists, but 102 have 39 each
+    assert search.ivfpq_nlist(20) == 1
+
+
+def test_hnsw_quantizer_explores_twice_the_probed_lists():
+    base = faiss.index_factory(16, "IVF2048_HNSW32,PQ4x8", faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexRefine(base, faiss.IndexScalarQuantizer(16, faiss.ScalarQuantizer.QT_8bit,
+                                                               faiss.METRIC_INNER_PRODUCT))
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    search.set_ivfpq_search(index, 128, 32)
+    assert (faiss.extract_index_ivf(index).nprobe, quantizer.hnsw.efSearch, index.k_factor) == (128, 256, 32)
+    search.set_ivfpq_search(index, 8, 16)
+    assert (faiss.extract_index_ivf(index).nprobe, quantizer.hnsw.efSearch) == (8, 64)
+    search.set_ivfpq_search(index, 5000, 16)
+    assert faiss.extract_index_ivf(index).nprobe == 2048

@@ -1,4 +1,4 @@
-"""The text model (title, description) and its fusion with the photo: training, scoring, requests, serving."""
+"""The text model (title, description) and its fusion with the photo: training, scoring, requests, the archive."""
 import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import base64
@@ -6,28 +6,26 @@ import json
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 
 from handlers.local import load_local_handler, predict_local
 from marketplace_search.inference import RequestError, parse_request
+from marketplace_search.layout import TEXT_MODEL_DIR
 from marketplace_search.schema import ANSWER_FIELDS, check_answer
 from marketplace_search.sentences import DEFAULT_ENCODER, PROGRAM_FILE, SentenceEncoder, default_source
 from marketplace_search.text import (ENCODER_DIR, FORMAT, MAX_TITLE_CHARS, MODEL_FILE, ListingWords, TextModel,
                                      char_terms, listing_text, load_listing_words, normalise_text, save_listing_words,
                                      word_terms)
-from scripts import api, batch
+from scripts import batch
 from scripts.records import answer_local_batch
-from tests.serving_fixtures import archive_tiny_run, extract_archive, make_tiny_run, running_server
+from tests.serving_fixtures import extract_archive
 from training.text import train_classifier
-from training.tiny_run import CLASSES, TINY_WORDS, make_tiny_text_model
-
-NAME = "marketplace"
+from training.tiny_run import CLASSES
 
 
 @pytest.fixture(scope="module")
@@ -37,25 +35,15 @@ def encoder(module_tmp):
 
 
 @pytest.fixture(scope="module")
-def tiny(module_tmp, encoder):
-    """A tiny run with a text model (TF-IDF and sentence vectors) trained on generated titles, and its archive."""
-    root = module_tmp("text")
-    run = make_tiny_run(root / "runs" / "2025-01-31_142233")
-    model = make_tiny_text_model(run.run_dir, encoder=encoder)
-    mar = archive_tiny_run(run, root / "store", version="1.0", batch_size=8, max_batch_delay=50)
-    return run, model, mar, root
+def model(recipe_run) -> TextModel:
+    """The recipe's text model: TF-IDF and sentence vectors, trained on generated titles (training.tiny_run)."""
+    return TextModel.load(recipe_run.run.run_dir / TEXT_MODEL_DIR)
 
 
 def without_words(neighbours: list[dict]) -> list[dict]:
     """Neighbours of a request with words, less their word_similarity (every one has it)."""
     assert all("word_similarity" in neighbour for neighbour in neighbours)
     return [{key: value for key, value in neighbour.items() if key != "word_similarity"} for neighbour in neighbours]
-
-
-@pytest.fixture(scope="module")
-def handler(tiny):
-    run, _, mar, root = tiny
-    return load_local_handler(extract_archive(mar, root / "model"))
 
 
 def test_terms_are_cut_once_for_training_and_serving():
@@ -71,15 +59,14 @@ def test_terms_are_cut_once_for_training_and_serving():
     assert listing_text("Lamp", "") == "Lamp" and listing_text("Lamp", "Brass.") == "Lamp\nBrass."
 
 
-def test_numpy_scorer_gives_the_trained_categories_and_survives_save_and_load(tiny, tmp_path):
-    _, model, _, _ = tiny
+def test_numpy_scorer_gives_the_trained_categories_and_survives_save_and_load(model, tmp_path):
     assert model.info["scorer_check_max_difference"] < 1e-4  # against scikit-learn, checked at training
     texts = ["wooden rake", "VIOLIN, hardly played", "Mirror ✨ with gilt frame", "old amplifier"]
     assert [CLASSES[i] for i in model.scores(texts).argmax(axis=1)] == ["Garden", "Music", "Home", "Music"]
-    model.save(tmp_path / "copy")
-    loaded = TextModel.load(tmp_path / "copy")
+    model.save(tmp_path / "model")
+    loaded = TextModel.load(tmp_path / "model")
     np.testing.assert_array_equal(loaded.scores(texts), model.scores(texts))
-    with np.load(tmp_path / "copy" / "text_model.npz", allow_pickle=False) as arrays:  # plain arrays only
+    with np.load(tmp_path / "model" / "text_model.npz", allow_pickle=False) as arrays:  # plain arrays only
         assert {arrays[name].dtype for name in arrays.files} == {np.dtype(np.float32), np.dtype(np.int32),
                                                                  np.dtype(np.int64)}
     np.testing.assert_array_equal(loaded.votes(texts), model.votes(texts))
@@ -90,21 +77,15 @@ def test_numpy_scorer_gives_the_trained_categories_and_survives_save_and_load(ti
         loaded.predict(("description",), texts)
     with pytest.raises(ValueError, match="votes are required"):  # a model with a catalogue vote needs the votes
         loaded.probabilities(("title",), loaded.scores(texts))
-
-
-def test_a_text_model_of_a_retired_format_is_refused_with_the_rebuild_command(tiny, tmp_path):
-    _, model, _, _ = tiny
-    model.save(tmp_path / "model")
     document = json.loads((tmp_path / "model" / MODEL_FILE).read_text())
     assert document["format"] == FORMAT
-    for retired in ("tfidf-linear/1", "tfidf-linear/2"):
+    for retired in ("tfidf-linear/1", "tfidf-linear/2"):  # refused, saying how to rebuild
         (tmp_path / "model" / MODEL_FILE).write_text(json.dumps({**document, "format": retired}))
         with pytest.raises(ValueError, match=f"format '{retired}', retired .*`python -m training.text --work WORK"):
             TextModel.load(tmp_path / "model")
 
 
-def test_catalogue_vote_is_the_k_nearest_listings_by_cosine_own_listing_excluded(tiny):
-    _, model, _, _ = tiny
+def test_catalogue_vote_is_the_k_nearest_listings_by_cosine_own_listing_excluded(model):
     listing_words = model.listing_words
     width = len(model.word_vocabulary) + len(model.char_vocabulary)
     dense = np.zeros((len(listing_words.product_ids), width))
@@ -124,7 +105,8 @@ def test_catalogue_vote_is_the_k_nearest_listings_by_cosine_own_listing_excluded
     nearest = np.argsort(-similarities)[:k]
     weights = np.exp((similarities[nearest] - similarities[nearest].max()) / listing_words.temperature)
     expected = np.bincount(listing_words.labels[nearest], weights, minlength=len(CLASSES))
-    np.testing.assert_allclose(listing_words.vote(similarities, len(CLASSES), k=k), expected / expected.sum(), atol=1e-5)
+    np.testing.assert_allclose(listing_words.vote(similarities, len(CLASSES), k=k), expected / expected.sum(),
+                               atol=1e-5)
     # a listing already in the catalogue does not vote for itself
     own = int(similarities.argmax())
     rest = similarities.copy()
@@ -135,10 +117,9 @@ def test_catalogue_vote_is_the_k_nearest_listings_by_cosine_own_listing_excluded
     np.testing.assert_allclose(model.votes(["zzqx"]), [[1 / 3] * 3])  # no known term: no opinion
 
 
-def test_words_changed_equal_words_built_from_the_listings_kept_and_added(tiny, tmp_path):
+def test_words_changed_equal_words_built_from_the_listings_kept_and_added(model, tmp_path):
     from scipy.sparse import csc_matrix
 
-    _, model, _, _ = tiny
     listing_words = model.listing_words
     stored = csc_matrix((listing_words.values, listing_words.rows, listing_words.indptr),
                         shape=(len(listing_words.product_ids), listing_words.width)).tocsr()
@@ -163,14 +144,12 @@ def test_words_changed_equal_words_built_from_the_listings_kept_and_added(tiny, 
     assert changed.nearest(similarities, 1)[0][0] == listing_words.product_ids[1]  # found by its new words
     save_listing_words(tmp_path / "words.npz", changed, "ab" * 32)
     loaded, made_by = load_listing_words(tmp_path / "words.npz")
-    assert made_by == "ab" * 32 and loaded.product_ids == changed.product_ids
+    assert made_by == "ab" * 32 and loaded.product_ids == changed.product_ids and isinstance(loaded.values, np.memmap)
     np.testing.assert_array_equal(loaded.settings_of(changed).similarities(*query), similarities)
 
 
-def test_listings_words_load_memory_mapped_and_a_resave_leaves_a_mapped_file_whole(tiny, tmp_path):
-    """The catalogue's rows (the bulk of a text model at scale) are mapped from the .npz, so workers share
-    them; a compressed file is read whole; saving again replaces the file instead of writing into it."""
-    _, model, _, _ = tiny
+def test_listings_words_load_memory_mapped_and_a_resave_leaves_a_mapped_file_whole(model, tmp_path):
+    """The catalogue's rows (the bulk of a text model at scale) are mapped, so workers share them."""
     model.save(tmp_path / "model")
     loaded = TextModel.load(tmp_path / "model")
     assert isinstance(loaded.listing_words.rows, np.memmap) and isinstance(loaded.listing_words.values, np.memmap)
@@ -190,16 +169,9 @@ def test_listings_words_load_memory_mapped_and_a_resave_leaves_a_mapped_file_who
     assert not isinstance(compressed.listing_words.rows, np.memmap)
     np.testing.assert_array_equal(compressed.listing_words.similarities(*query), expected)
 
-    save_listing_words(tmp_path / "words.npz", model.listing_words, "cd" * 32)
-    listing_words, _ = load_listing_words(tmp_path / "words.npz")
-    assert isinstance(listing_words.values, np.memmap) and listing_words.product_ids == model.listing_words.product_ids
-    np.testing.assert_array_equal(listing_words.settings_of(model.listing_words).similarities(*query), expected)
-
 
 def test_large_catalogue_words_are_read_from_their_rarest_terms_then_completed_exactly():
-    """The pruned reading (ListingWords.similarities beyond exact_postings) against the exact one: exact on
-    the candidates (every listing that shares a rare term, when there is room for all), a lower bound
-    elsewhere, and a listing's own words still find it first with its exact similarity."""
+    """Beyond exact_postings: exact on the candidates, a lower bound elsewhere, a listing's own words find it first."""
     rng = np.random.default_rng(0)
     listings, common = 300, 200
     rows = []
@@ -225,8 +197,7 @@ def test_large_catalogue_words_are_read_from_their_rarest_terms_then_completed_e
         assert few.nearest(pruned, 1) == exact.nearest(truth, 1) == [(ids[own], pytest.approx(truth[own]))]
 
 
-def test_fusion_leans_on_both_inputs(tiny):
-    _, model, _, _ = tiny
+def test_fusion_leans_on_both_inputs(model):
     photos = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])
     vague = model.predict(("photo", "title"), ["blue wooden"] * 3, photos)  # no noun
     named = model.predict(("photo", "title"), ["small spade"] * 3, photos)
@@ -238,19 +209,16 @@ def parse(request, headers=None, content_type=None):
     return parse_request(request, list(CLASSES), content_type, headers)
 
 
-def test_title_arrives_as_json_multipart_or_header(tiny):
-    run, _, _, _ = tiny
-    jpeg = run.photo_bytes("img-000")
+def test_title_arrives_as_json_multipart_or_header(recipe_run):
+    jpeg = recipe_run.run.photo_bytes("img-000")
     as_json = parse({"body": {"image": base64.b64encode(jpeg).decode(), "title": "Red hose",
                               "description": "Barely used."}})
     multipart = parse({"photo": jpeg, "title": "Red hose".encode(), "description": "Barely used."})
     header = parse({"body": jpeg}, {"X-Title": "Caf\u00e9 table".encode().decode("latin-1")})  # UTF-8 as sent
-    title_only = parse({"body": b""}, {"X-Title": "Red hose"})
     assert as_json.inputs == multipart.inputs == ["photo", "title", "description"]
     assert (as_json.title, as_json.description) == (multipart.title, multipart.description) == ("Red hose",
                                                                                                  "Barely used.")
     assert header.title == "Caf\u00e9 table" and header.inputs == ["photo", "title"]
-    assert title_only.image is None and title_only.inputs == ["title"]
     assert parse({"body": {"title": "Red hose", "k": 3}}).inputs == ["title"]
 
 
@@ -273,32 +241,9 @@ def test_bad_words_are_refused_with_their_4xx(case):
     assert (refused.value.status, refused.value.kind) == (status, kind), str(refused.value)
 
 
-def test_handler_answers_photo_title_and_both_in_one_batch(tiny, handler):
-    run, model, _, _ = tiny
-    jpeg = run.photo_bytes("img-004")
-    requests_ = [{"body": jpeg}, {"body": jpeg}, {"body": b""}, {"body": {"title": ""}},
-                 {"body": {"image": base64.b64encode(jpeg).decode(), "title": "old piano",
-                           "description": "Upright, needs tuning."}}]
-    headers = [{}, {"X-Title": "vintage lawnmower"}, {"X-Title": "blue sofa"}, {"Content-Type": "application/json"},
-               {"Content-Type": "application/json"}]
-    (photo, fused, title, empty, described) = predict_local(handler, requests_, headers)
-    assert [answer[0] for answer in (photo, fused, title, empty, described)] == [200, 200, 200, 400, 200]
-    for _, answer in (photo, fused, title, described):
-        check_answer(answer)
-        assert set(answer) == set(ANSWER_FIELDS)
-    assert photo[1]["inputs"] == ["photo"] and fused[1]["inputs"] == ["photo", "title"]
-    assert (fused[1]["category"], title[1]["category"], described[1]["category"]) == ("Garden", "Home", "Music")
-    assert title[1]["neighbours"] == []  # no listing on sale shares a term with "blue sofa"
-    assert without_words(fused[1]["neighbours"]) == photo[1]["neighbours"]  # the tiny model does not re-rank
-    expected = model.predict(("photo", "title"), ["vintage lawnmower"],
-                             np.array([[top["probability"] for top in sorted(
-                                       photo[1]["top_categories"], key=lambda t: CLASSES.index(t["category"]))]]))
-    assert fused[1]["probability"] == pytest.approx(float(expected.max()), abs=1e-4)
-
-
-def test_a_title_alone_finds_listings_by_their_words(tiny, handler):
-    from marketplace_search.inference import found_by_words
-
+@pytest.mark.server
+def test_a_title_alone_finds_listings_by_their_words(recipe_handler):
+    handler = recipe_handler
     model, catalogue = handler.text_model, handler.catalogue
     shown = {entry["product_id"]: entry for entry in catalogue.listings.values()}
     as_json = {"Content-Type": "application/json"}
@@ -315,167 +260,80 @@ def test_a_title_alone_finds_listings_by_their_words(tiny, handler):
     assert cosines[0] == pytest.approx(float(similarities[model.listing_words.position["prod-002"]]), abs=1e-6)
     assert [n["category"] for n in homes["neighbours"]] == ["Home", "Home"]  # the filter holds
     assert unknown["neighbours"] == [] and unknown["inputs"] == ["title"]  # no known word: nothing similar
-    # a listing taken off sale (a live catalogue's removal) is not found by its words either
-    hidden = found_by_words(catalogue.without_products({"prod-002"}), model.listing_words, model.classes,
-                            similarities, 3)
-    assert [n["product_id"] for n in hidden] == [p for p, _ in model.listing_words.nearest(similarities, 100)
-                                                 if p in shown and p != "prod-002"][:3]
 
 
-def test_a_photo_only_archive_refuses_words_and_answers_photos(tmp_path):
-    run = make_tiny_run(tmp_path / "runs" / "2025-01-31_142233")
-    mar = archive_tiny_run(run, tmp_path / "store", version="1.0")
+@pytest.mark.server
+def test_a_photo_only_archive_refuses_words_and_answers_photos(recipe, tmp_path):
+    mar = tmp_path / "photo-only.mar"
+    with zipfile.ZipFile(recipe.v1) as archive, zipfile.ZipFile(mar, "w") as copy:
+        for member in archive.infolist():
+            if not member.filename.startswith(f"{TEXT_MODEL_DIR}/"):
+                copy.writestr(member, archive.read(member))
     handler = load_local_handler(extract_archive(mar, tmp_path / "model"))
-    jpeg = run.photo_bytes("img-000")
+    jpeg = recipe.run.photo_bytes("img-000")
     (status, answer), (ok, _) = predict_local(handler, [{"body": jpeg}, {"body": jpeg}], [{"X-Title": "sofa"}, {}])
     assert (status, answer["type"], ok) == (400, "text_not_supported", 200)
 
 
-def test_batch_csv_with_a_title_column_sends_the_words(tiny, handler, tmp_path):
-    run, _, _, _ = tiny
+@pytest.mark.server
+def test_a_batch_csv_sends_each_photo_with_its_words_or_the_words_alone(recipe, recipe_handler, tmp_path):
+    run, handler = recipe.run, recipe_handler
     for name in ("a", "b"):
         (tmp_path / f"{name}.jpg").write_bytes(run.photo_bytes("img-004"))
-    (tmp_path / "in.csv").write_text("path,title\na.jpg,wooden rake\nb.jpg,\n", encoding="utf-8")
+    (tmp_path / "in.csv").write_text("image_id,path,title,description\na,a.jpg,wooden rake,\nb,b.jpg,,\n"
+                                     "t1,,large vinyl,\n,,old guitar,Six strings.\nd1,,,A description alone.\n")
     items = batch.list_inputs(tmp_path / "in.csv")
-    assert [item.words for item in items] == [{"title": "wooden rake"}, {}]
-    records = answer_local_batch(handler, items, 5, predict_local)
-    assert records[0]["inputs"] == ["photo", "title"] and records[0]["category"] == "Garden"
-    assert records[1]["inputs"] == ["photo"] and records[1]["neighbours"] == without_words(records[0]["neighbours"])
-
-
-def test_batch_csv_rows_of_words_alone_are_answered_from_the_words(tiny, handler, tmp_path):
-    run, _, _, _ = tiny
-    (tmp_path / "a.jpg").write_bytes(run.photo_bytes("img-004"))
-    (tmp_path / "in.csv").write_text("image_id,path,title,description\n"
-                                     "a,a.jpg,wooden rake,\n"
-                                     "t1,,large vinyl,\n"
-                                     ",,old guitar,Six strings.\n"
-                                     "d1,,,A description alone.\n", encoding="utf-8")
-    items = batch.list_inputs(tmp_path / "in.csv")
-    assert [(item.image_id, item.path != "") for item in items] == [("a", True), ("t1", False), ("line-4", False),
-                                                                    ("d1", False)]
+    assert [(item.image_id, item.path != "") for item in items] == [("a", True), ("b", True), ("t1", False),
+                                                                    ("line-5", False), ("d1", False)]
     records = answer_local_batch(handler, items, 3, predict_local)
-    assert [record["status"] for record in records] == ["ok", "ok", "ok", "error"]
-    assert records[0]["inputs"] == ["photo", "title"]
-    assert records[1]["inputs"] == ["title"] and records[2]["inputs"] == ["title", "description"]
-    assert (records[3]["code"], records[3]["path"]) == (400, "") and "title" in records[3]["error"]
+    assert [record.get("inputs") for record in records] == [["photo", "title"], ["photo"], ["title"],
+                                                            ["title", "description"], None]
+    assert records[0]["category"] == "Garden" and records[1]["neighbours"] == without_words(records[0]["neighbours"])
+    assert (records[4]["code"], records[4]["path"]) == (400, "") and "title" in records[4]["error"]
     # each row of words is answered as the same words sent to the handler alone
     (_, vinyl), (_, guitar) = predict_local(handler, [{"body": {"title": "large vinyl", "k": 3}},
                                                       {"body": {"title": "old guitar", "description": "Six strings.",
                                                                 "k": 3}}], [{}, {}])
-    for record, answer in ((records[1], vinyl), (records[2], guitar)):
+    for record, answer in ((records[2], vinyl), (records[3], guitar)):
         assert {name: record[name] for name in ANSWER_FIELDS} == {name: answer[name] for name in ANSWER_FIELDS}
-    assert records[1]["neighbours"][0]["product_id"] == "prod-002"  # the vinyl listing, found by its words
-    # a CSV of titles alone: every row by its words, identified by its line
-    (tmp_path / "titles.csv").write_text("title\nlarge vinyl\nold guitar\n", encoding="utf-8")
-    titles = batch.list_inputs(tmp_path / "titles.csv")
-    assert [(item.image_id, item.path) for item in titles] == [("line-2", ""), ("line-3", "")]
+    assert records[2]["neighbours"][0]["product_id"] == "prod-002"  # the vinyl listing, found by its words
+    (tmp_path / "titles.csv").write_text("title\nlarge vinyl\nold guitar\n")  # every row by its words, by its line
+    assert [(item.image_id, item.path) for item in batch.list_inputs(tmp_path / "titles.csv")] == [("line-2", ""),
+                                                                                                  ("line-3", "")]
+    (tmp_path / "empty.csv").write_text("path,title\n,\n")
     with pytest.raises(ValueError, match="no path and no image_id and no title"):
-        (tmp_path / "empty.csv").write_text("path,title\n,\n", encoding="utf-8")
         batch.list_inputs(tmp_path / "empty.csv")
 
 
-@pytest.fixture(scope="module")
-def served(tiny):
-    run, _, mar, root = tiny
-    with running_server(mar.parent, root / "torchserve", {NAME: mar.name}) as server:
-        yield server
-
-
-def post(server, data=b"", content_type="image/jpeg", headers=None, **options):
-    headers = {**({"Content-Type": content_type} if content_type else {}),
-               **api.auth_headers(server.token("inference")), **(headers or {})}
-    return requests.post(f"{server.inference_url}/predictions/{NAME}", data=data, headers=headers, timeout=60,
-                         **options)
-
-
 @pytest.mark.server
-def test_served_photo_and_title_get_the_fused_category(tiny, served):
-    run, _, _, _ = tiny
-    jpeg = run.photo_bytes("img-004")
-    photo_only = post(served, jpeg)
-    fused = post(served, jpeg, headers={"X-Title": "vintage lawnmower"})
-    multipart = requests.post(f"{served.inference_url}/predictions/{NAME}", timeout=60,
-                              headers=api.auth_headers(served.token("inference")),
-                              files={"photo": ("p.jpg", jpeg, "image/jpeg")},
-                              data={"title": "Élégant mirror", "description": "Gilt frame."})
-    title_only = post(served, b"", headers={"X-Title": "drum kit".encode()})
-    for response in (photo_only, fused, multipart, title_only):
-        assert response.status_code == 200, response.text
-        check_answer(response.json())
-    assert photo_only.json()["inputs"] == ["photo"]
-    assert (fused.json()["inputs"], fused.json()["category"]) == (["photo", "title"], "Garden")
-    assert (multipart.json()["inputs"], multipart.json()["category"]) == (["photo", "title", "description"], "Home")
-    assert (title_only.json()["inputs"], title_only.json()["category"]) == (["title"], "Music")
-    assert without_words(fused.json()["neighbours"]) == photo_only.json()["neighbours"]
-    found = post(served, b"", headers={"X-Title": "large vinyl", "X-K": "2"}).json()
-    assert [n["product_id"] for n in found["neighbours"]][:1] == ["prod-002"] and len(found["neighbours"]) == 2
-    # the client sends a non-ASCII title as UTF-8 header bytes, and the handler reads the same words
-    via_client = api.predict(served, jpeg, model=NAME, title="Étagère lawnmower", token=served.token("inference"))
-    assert (via_client["inputs"], via_client["category"]) == (["photo", "title"], "Garden")
+def test_photo_and_title_get_the_fused_category(recipe, recipe_handler, model):
+    jpeg = recipe.run.photo_bytes("img-004")
+    bodies = [{"body": jpeg}, {"body": jpeg}, {"photo": jpeg, "title": "Élégant mirror".encode(),
+                                                "description": b"Wooden rug."},
+              {"body": {"image": base64.b64encode(jpeg).decode(), "title": "old piano",
+                        "description": "Upright, needs tuning."}}, {"body": b""}, {"body": b""}]
+    headers = [{}, {"X-Title": "vintage lawnmower"}, {}, {}, {"X-Title": "drum kit"}, {"X-Title": "blue sofa"}]
+    answers = predict_local(recipe_handler, bodies, headers)
+    for status, answer in answers:
+        assert status == 200, answer
+        check_answer(answer)
+        assert set(answer) == set(ANSWER_FIELDS)
+    photo_only, fused, multipart, described, title_only, unknown = (answer for _, answer in answers)
+    assert photo_only["inputs"] == ["photo"]
+    assert (fused["inputs"], fused["category"]) == (["photo", "title"], "Garden")
+    assert (multipart["inputs"], multipart["category"]) == (["photo", "title", "description"], "Home")
+    assert described["category"] == "Music"
+    assert (title_only["inputs"], title_only["category"]) == (["title"], "Music")
+    assert (unknown["category"], unknown["neighbours"]) == ("Home", [])  # no listing says "blue sofa"
+    assert without_words(fused["neighbours"]) == photo_only["neighbours"]  # no re-ranking here
+    photo_probabilities = {top["category"]: top["probability"] for top in photo_only["top_categories"]}
+    expected = model.predict(("photo", "title"), ["vintage lawnmower"],
+                             np.array([[photo_probabilities[category] for category in CLASSES]]))
+    assert fused["probability"] == pytest.approx(float(expected.max()), abs=1e-4)
 
 
-@pytest.mark.server
-def test_served_batch_answers_rows_of_photo_words_or_both_as_the_handler_does(tiny, served, handler, tmp_path):
-    run, _, _, _ = tiny
-    for name in ("a", "b"):
-        (tmp_path / f"{name}.jpg").write_bytes(run.photo_bytes("img-004"))
-    (tmp_path / "in.csv").write_text("path,title,description\na.jpg,wooden rake,\nb.jpg,,\n,large vinyl,\n"
-                                     ",old guitar,Six strings.\n,,A description alone.\n", encoding="utf-8")
-    common = [str(tmp_path / "in.csv"), "--k", "3", "--key-file", str(served.workdir / api.KEY_FILE)]
-    summary = batch.main([*common, "--output", str(tmp_path / "served.jsonl"), "--url", served.inference_url])
-    assert (summary["ok"], summary["failed_by_code"]) == (4, {"400": 1})
-    found = {record["image_id"]: record for record in map(json.loads, (tmp_path / "served.jsonl").open())}
-    assert {key: found[key]["inputs"] for key in ("a", "b", "line-4", "line-5")} == {
-        "a": ["photo", "title"], "b": ["photo"], "line-4": ["title"], "line-5": ["title", "description"]}
-    assert found["line-6"]["code"] == 400
-    local = {record["image_id"]: record for record in
-             answer_local_batch(handler, batch.list_inputs(tmp_path / "in.csv"), 3, predict_local)}
-    for key in ("a", "b", "line-4", "line-5"):
-        assert found[key]["category"] == local[key]["category"]
-        assert ([n["product_id"] for n in found[key]["neighbours"]]
-                == [n["product_id"] for n in local[key]["neighbours"]])
-
-
-@pytest.mark.server
-def test_client_cli_sends_a_title_alone_and_prints_the_words_similarity(served, capsys):
-    from scripts import client
-
-    client.main(["--title", "large vinyl", "--url", served.inference_url, "--k", "2",
-                 "--key-file", str(served.workdir / api.KEY_FILE)])
-    printed = capsys.readouterr().out.splitlines()
-    assert printed[2].endswith("(from title)") and printed[4].split()[-1] == "words"
-    assert printed[5].split()[:3] == ["1", "Listing", "2"] and len(printed) == 7  # 2 listings, found by words
-    with pytest.raises(SystemExit):  # neither photo nor title
-        client.main(["--url", served.inference_url])
-
-
-@pytest.mark.server
-def test_served_bad_words_get_their_4xx_while_the_batch_is_answered(tiny, served):
-    run, _, _, _ = tiny
-    jpeg = run.photo_bytes("img-001")
-    key = api.auth_headers(served.token("inference"))
-    url = f"{served.inference_url}/predictions/{NAME}"
-    cases = [
-        (lambda: post(served, jpeg, headers={"X-Title": "red rake"}), 200),
-        (lambda: requests.post(url, json={"title": ""}, headers=key, timeout=60), 400),
-        (lambda: requests.post(url, json={"title": "x" * (MAX_TITLE_CHARS + 1)}, headers=key, timeout=60), 413),
-        (lambda: requests.post(url, json={"image": base64.b64encode(jpeg).decode(), "title": ["a"]}, headers=key,
-                               timeout=60), 400),
-        (lambda: post(served, b"", headers={"X-Title": "red rake", "X-Embedding": "true"}), 400),
-        (lambda: post(served, jpeg), 200),
-        (lambda: requests.post(url, json={"title": "old guitar", "k": 3}, headers=key, timeout=60), 200),
-    ] * 2
-    with ThreadPoolExecutor(len(cases)) as pool:
-        responses = list(pool.map(lambda case: case[0](), cases))
-    for (_, status), response in zip(cases, responses):
-        assert response.status_code == status, response.text
-        body = response.json()
-        assert body["code"] == status and body["error"] if status != 200 else check_answer(body)
-    assert json.loads(responses[-1].text)["category"] == "Music"
-
-
-def test_the_blend_weighs_the_photo_by_what_it_adds_on_validation():
+@pytest.mark.parametrize("kind, weight", [("photo", "photo_weight"), ("votes", "vote_weight")])
+def test_the_blend_weighs_the_photo_and_the_catalogue_vote_by_what_they_add_on_validation(kind, weight):
     from training.text import fit_calibration
 
     rng = np.random.default_rng(0)
@@ -483,27 +341,11 @@ def test_the_blend_weighs_the_photo_by_what_it_adds_on_validation():
     scores = np.eye(3)[labels] * 0.5 + rng.normal(0, 0.6, (600, 3))  # the words: right about 75% of the time
     informative = np.exp(np.eye(3)[labels] * 2.0 + rng.normal(0, 1.0, (600, 3)))
     informative /= informative.sum(axis=1, keepdims=True)
-    noise = rng.dirichlet(np.ones(3), 600)
-    _, _, useful = fit_calibration(scores, labels, list(CLASSES), informative)
-    _, _, useless = fit_calibration(scores, labels, list(CLASSES), noise)
+    matrix, _, useful = fit_calibration(scores, labels, list(CLASSES), **{kind: informative})
+    _, _, useless = fit_calibration(scores, labels, list(CLASSES), **{kind: rng.dirichlet(np.ones(3), 600)})
     _, _, alone = fit_calibration(scores, labels, list(CLASSES))
-    assert useful["photo_weight"] > 0.1 > useless["photo_weight"] and alone["photo_weight"] == 0
-    assert useful["val_log_loss"] < alone["val_log_loss"]
-    assert useful["val_top1"] > alone["val_top1"]
-
-
-def test_the_blend_weighs_the_catalogue_vote_by_what_it_adds_on_validation():
-    from training.text import fit_calibration
-
-    rng = np.random.default_rng(1)
-    labels = rng.integers(0, 3, 600)
-    scores = np.eye(3)[labels] * 0.5 + rng.normal(0, 0.6, (600, 3))
-    informative = 0.6 * np.eye(3)[labels] * (rng.random((600, 1)) < 0.8) + rng.dirichlet(np.ones(3), 600)
-    informative /= informative.sum(axis=1, keepdims=True)
-    matrix, _, useful = fit_calibration(scores, labels, list(CLASSES), votes=informative)
-    _, _, useless = fit_calibration(scores, labels, list(CLASSES), votes=rng.dirichlet(np.ones(3), 600))
-    assert useful["vote_weight"] > useless["vote_weight"] and useless["vote_weight"] <= 0.05
-    assert matrix.shape == (3, 6) and useful["val_top1"] > fit_calibration(scores, labels, list(CLASSES))[2]["val_top1"]
+    assert useful[weight] > 0.1 > useless[weight] and alone.get(weight, 0) == 0 and matrix.shape == (3, 6)
+    assert useful["val_log_loss"] < alone["val_log_loss"] and useful["val_top1"] > alone["val_top1"]
 
 
 def test_cross_fitted_scores_come_from_models_that_did_not_read_the_listing():
@@ -522,39 +364,6 @@ def test_cross_fitted_scores_come_from_models_that_did_not_read_the_listing():
     in_sample = train_on(listings, ids, list(CLASSES)).scores(titles[:60]).argmax(axis=1)
     assert np.mean(in_sample == listings["label"].to_numpy()[:60]) > 0.9  # a model that read them: memorised
     assert held_out < 0.6  # out of fold: about chance (1/3)
-
-
-def test_photo_neighbours_are_reranked_by_the_words_when_both_are_sent(tiny, handler):
-    run, _, _, _ = tiny
-    model = handler.text_model
-    # a vote catalogue over the archive's own listings, each described by words of its category
-    listings = {entry["product_id"]: entry for entry in handler.catalogue.listings.values()}
-    product_ids = sorted(listings)
-    texts = [f"{listings[p]['title']} {' '.join(TINY_WORDS[listings[p]['category']])}" for p in product_ids]
-    saved = model.listing_words
-    model.listing_words = ListingWords.from_rows(
-        product_ids, [CLASSES.index(listings[p]["category"]) for p in product_ids], [model.features(t) for t in texts],
-        len(model.word_vocabulary) + len(model.char_vocabulary), k=3, temperature=0.05, rerank_weight=5.0)
-    try:
-        jpeg = run.photo_bytes("img-004")
-        (_, photo), (_, worded), (_, described) = predict_local(
-            handler, [{"body": jpeg}, {"body": jpeg}, {"body": {"image": base64.b64encode(jpeg).decode(),
-                                                                "title": "old violin", "description": "A drum too."}}],
-            [{"X-K": "6"}, {"X-Title": "red spade", "X-K": "6"}, {"Content-Type": "application/json", "X-K": "6"}])
-    finally:
-        model.listing_words = saved
-    by_photo = {n["product_id"]: n["similarity"] for n in photo["neighbours"]}
-    assert len(by_photo) == 6 == len(worded["neighbours"])  # every listing of the tiny catalogue
-    # the same listings with their photo similarities, the Garden ones first: the words outweigh the photo
-    assert {n["product_id"]: n["similarity"] for n in worded["neighbours"]} == by_photo
-    gardens = sum(listings[p]["category"] == "Garden" for p in by_photo)
-    assert 0 < gardens < 6 and all(n["category"] == "Garden" for n in worded["neighbours"][:gardens])
-    assert all(n["category"] == "Music" for n in described["neighbours"][:sum(
-        listings[p]["category"] == "Music" for p in by_photo)])
-    # photo order kept without a weight, each listing still told its words' similarity
-    pool = [dict(n) for n in photo["neighbours"]]
-    kept = saved.rerank(pool, np.ones(len(saved.product_ids)), 6, weight=0.0)
-    assert [{**n, "word_similarity": 1.0 if n["product_id"] in saved.position else 0.0} for n in pool] == kept
 
 
 # What the Docker image leaves out (pyproject.toml's extras): serving must never import any of it.
@@ -580,8 +389,9 @@ print(json.dumps([[status, answer.get("inputs"), answer.get("category")] for sta
 """
 
 
-def test_the_archive_serves_photo_and_title_without_the_training_and_scale_extras(tiny, tmp_path):
-    run, _, mar, _ = tiny
+@pytest.mark.server
+def test_the_archive_serves_photo_and_title_without_the_training_and_scale_extras(recipe, tmp_path):
+    run, mar = recipe.run, recipe.v1
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(run.photo_bytes("img-004"))
     found = subprocess.run([sys.executable, "-c", WITHOUT_EXTRAS.format(extras=EXTRAS_MODULES),
@@ -625,8 +435,8 @@ def test_sentence_vectors_read_words_the_tf_idf_never_saw_and_survive_save_and_l
     np.testing.assert_array_equal(loaded.scores(queries), both.scores(queries))
 
 
-def test_a_text_model_refuses_an_encoder_it_was_not_trained_with(tiny, tmp_path):
-    run, _, _, _ = tiny
+def test_a_text_model_refuses_an_encoder_it_was_not_trained_with(recipe_run, tmp_path):
+    run = recipe_run.run
     copy = tmp_path / "text_model"
     shutil.copytree(run.run_dir / "text_model", copy)
     with open(copy / ENCODER_DIR / PROGRAM_FILE, "ab") as program:

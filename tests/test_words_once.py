@@ -1,29 +1,28 @@
-"""A photo + words request searches the catalogue once and reads its words once, and every answer is
-the one the handler gave when it searched three times and read the words anew for each use."""
+"""A batch of photo and words requests searches the catalogue once per category filter and reads each
+request's words once; the words re-rank the photo neighbours and count in the category."""
 import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import base64
 import dataclasses
-import json
 
 import numpy as np
 import pytest
 
 from handlers.local import load_local_handler, predict_local
-from marketplace_search.inference import blend_categories, found_by_words
 from marketplace_search.layout import TEXT_MODEL_DIR
 from marketplace_search.search import MAX_K
-from marketplace_search.text import RERANK_POOL, ListingWords, listing_text
+from marketplace_search.text import RERANK_POOL, ListingWords
 from tests.serving_fixtures import archive_tiny_run, extract_archive, make_tiny_run
 from training.tiny_run import CLASSES, TINY_ADJECTIVES, TINY_WORDS, make_tiny_text_model
 
 LISTINGS = 150  # more than RERANK_POOL: the pool's depth decides which listings the words can bring up
+pytestmark = pytest.mark.slow  # a 150-listing archive
 
 
 @pytest.fixture(scope="module")
 def handler(module_tmp):
-    """(handler, run, model folder): the in-process handler of a tiny archive whose text model re-ranks by words
-    (a vote catalogue over the archive's own listings) and whose photo answer blends a 20-NN vote."""
+    """(handler, run): the in-process handler of a tiny archive whose text model re-ranks by words (a vote
+    catalogue over the archive's own listings) and whose photo answer blends a 20-NN vote."""
     root = module_tmp("words_once")
     run = make_tiny_run(root / "runs" / "2025-01-31_142233", listings=LISTINGS)
     model = make_tiny_text_model(run.run_dir)
@@ -38,46 +37,9 @@ def handler(module_tmp):
     model.save(run.run_dir / TEXT_MODEL_DIR)
     mar = archive_tiny_run(run, root / "store", version="1.0")
     loaded = load_local_handler(extract_archive(mar, root / "model"))
-    # the tiny run's evaluation chose no blend; the vote's voters are part of what must stay the same
+    # the tiny run's evaluation chose no blend: a filtered request's vote then needs a search of its own
     loaded.category_blend = dataclasses.replace(loaded.category_blend, k=20, temperature=0.1, weight=0.3)
-    return loaded, run, root / "model"
-
-
-def inference_before(handler, batch):
-    """MarketplaceHandler.inference as it was: each query searched for its own k, the vote's voters by a
-    search of their own, a photo + words query's re-ranking pool by a third (RERANK_POOL, its filter),
-    and the words read anew for the scores, for the vote and for the re-ranking."""
-    queries, rows = batch.queries, batch.photo_rows
-    model, blend, catalogue = handler.text_model, handler.category_blend, handler.catalogue
-    batch.probabilities = np.zeros((len(queries), len(handler.classes)), np.float32)
-    batch.vectors = np.zeros((len(queries), catalogue.dimension), np.float32)
-    batch.neighbours = [[] for _ in queries]
-    if rows:
-        probabilities, batch.vectors[rows] = handler.backend.forward(batch.images)
-        voters = [catalogue.search(batch.vectors[row:row + 1], k=blend.k)[0] for row in rows]
-        batch.probabilities[rows] = blend_categories(probabilities, voters, handler.classes, blend)
-        for row in rows:
-            batch.neighbours[row] = catalogue.search(batch.vectors[row:row + 1], k=queries[row].k,
-                                                     category=queries[row].category)[0]
-    for row, query in enumerate(queries):
-        if query.title is None:
-            continue
-        text = listing_text(query.title, query.description)
-        columns, values = model.features(text)
-        scores = (model.coef[:, columns] @ values + model.intercept).astype(np.float32)[None]
-        votes = model.listing_words.vote(model.listing_words.similarities(*model.features(text)),
-                                      len(model.classes)).astype(np.float32)[None]
-        photo = batch.probabilities[row:row + 1] if query.image is not None else None
-        batch.probabilities[row] = model.probabilities(query.inputs, scores, photo, votes)[0]
-        if query.image is not None:
-            pool = catalogue.search(batch.vectors[row:row + 1], k=RERANK_POOL, category=query.category)[0]
-            batch.neighbours[row] = model.listing_words.rerank(
-                pool, model.listing_words.similarities(*model.features(text)), query.k)
-        else:  # words alone: the listings nearest by words
-            batch.neighbours[row] = found_by_words(catalogue, model.listing_words, model.classes,
-                                                   model.listing_words.similarities(*model.features(text)), query.k,
-                                                   query.category)
-    return batch
+    return loaded, run
 
 
 def requests_of_every_kind(run) -> dict[str, tuple[dict, dict]]:
@@ -92,7 +54,7 @@ def requests_of_every_kind(run) -> dict[str, tuple[dict, dict]]:
     return {
         "photo": ({"body": a}, {"X-K": "5"}),
         "photo k=MAX_K": ({"body": a}, {"X-K": str(MAX_K)}),
-        "photo + title": ({"body": a}, {"X-Title": "red spade", "X-K": "5"}),
+        "photo + title": ({"body": a}, {"X-Title": "red spade", "X-K": "5", "X-Embedding": "1"}),
         "photo + title + description": (json_body(b, title="old violin", description="A drum too.", k=5), as_json),
         "title": (json_body(None, title="blue sofa", k=5), as_json),
         "title, category": (json_body(None, title="blue sofa", category="Music", k=5), as_json),
@@ -105,64 +67,57 @@ def requests_of_every_kind(run) -> dict[str, tuple[dict, dict]]:
     }
 
 
-def answer_both_ways(handler, monkeypatch, cases: dict[str, tuple[dict, dict]]):
-    """(new, before) answers of one batch of CASES, each `{name: (status, answer)}`."""
-    requests_, headers = [case[0] for case in cases.values()], [case[1] for case in cases.values()]
-    new = dict(zip(cases, predict_local(handler, requests_, headers)))
-    with monkeypatch.context() as patch:
-        patch.setattr(handler, "inference", lambda batch, *args, **kwargs: inference_before(handler, batch))
-        before = dict(zip(cases, predict_local(handler, requests_, headers)))
-    return new, before
+def test_one_search_per_filter_and_one_read_of_the_words_answer_every_kind_of_request(handler, monkeypatch):
+    handler, run = handler
+    catalogue, model = handler.catalogue, handler.text_model
+    searches, reads = [], []
+    search, features = catalogue.search, model.features
 
+    def counted_search(queries, k=10, category=None, **options):
+        searches.append((len(queries), k, category))
+        return search(queries, k=k, category=category, **options)
 
-def test_one_search_and_one_read_answer_every_request_as_before(handler, monkeypatch):
-    handler, run, _ = handler
-    assert MAX_K <= RERANK_POOL and len(handler.catalogue.listings) == 2 * LISTINGS
+    monkeypatch.setattr(catalogue, "search", counted_search)
+    monkeypatch.setattr(model, "features", lambda text: reads.append(text) or features(text))
     cases = requests_of_every_kind(run)
-    new, before = answer_both_ways(handler, monkeypatch, cases)  # all in one batch
-    for name in cases:
-        assert json.dumps(new[name]) == json.dumps(before[name]), name
-        # each in a batch of its own (its forward pass may differ in the last bits from the batch's)
-        alone = answer_both_ways(handler, monkeypatch, {name: cases[name]})
-        assert json.dumps(alone[0][name]) == json.dumps(alone[1][name]), name
-    # what makes the comparison able to fail: the words move listings from deep in the pool into the
-    # answer, the filter holds, the words change the category's probabilities, the photo vote counts
-    assert [status for status, _ in new.values()] == [200] * (len(cases) - 1) + [400]
-    by_photo = [n["product_id"] for n in new["photo k=MAX_K"][1]["neighbours"]]
-    reranked = [n["product_id"] for n in new["photo + title"][1]["neighbours"]]
-    assert len(by_photo) == MAX_K and reranked != by_photo[:5]
-    assert max(by_photo.index(p) for p in reranked) >= 20, [by_photo.index(p) for p in reranked]
-    assert {n["category"] for n in new["photo + title, category"][1]["neighbours"]} == {"Home"}
-    # words alone find listings by their words, the filter holds there too
-    assert [n["category"] for n in new["title"][1]["neighbours"]] == ["Home"] * 5
-    assert [n["category"] for n in new["title, category"][1]["neighbours"]] == ["Music"] * 5
-    assert new["photo + title"][1]["top_categories"] != new["photo"][1]["top_categories"]
-    assert handler.category_blend.vote_k == 20 and handler.text_model.reranks
+    answers = dict(zip(cases, predict_local(handler, [case[0] for case in cases.values()],
+                                            [case[1] for case in cases.values()])))
+    assert [status for status, _ in answers.values()] == [200] * (len(cases) - 1) + [400]
+    # one search per filter, deep enough for the words' pool (RERANK_POOL), and one for the filtered ones' vote
+    assert sorted(searches, key=str) == sorted([(5, RERANK_POOL, None), (1, 3, "Garden"), (1, RERANK_POOL, "Home"),
+                                                (1, RERANK_POOL, "Music"), (3, 20, None)], key=str)
+    assert len(reads) == 7  # each request's words read once, for its category and its neighbours alike
+    # the words re-rank the photo's pool of RERANK_POOL, bringing listings up from deep in it
+    by_photo = [n["product_id"] for n in answers["photo k=MAX_K"][1]["neighbours"]]
+    worded = answers["photo + title"][1]
+    vector = np.array([worded["embedding"]], np.float32)
+    expected = model.listing_words.rerank(search(vector, k=RERANK_POOL)[0], model.read("red spade").similarities, 5)
+    assert worded["neighbours"] == expected and len(by_photo) == MAX_K
+    assert max(by_photo.index(n["product_id"]) for n in worded["neighbours"]) >= 20
+    assert worded["top_categories"] != answers["photo"][1]["top_categories"]  # the words count in the category
+    # the filters hold; words alone find listings by their words
+    assert {n["category"] for n in answers["photo + title, category"][1]["neighbours"]} == {"Home"}
+    assert [n["category"] for n in answers["title"][1]["neighbours"]] == ["Home"] * 5
+    assert [n["category"] for n in answers["title, category"][1]["neighbours"]] == ["Music"] * 5
 
 
-def test_listings_nearest_by_words_join_the_photo_pool_when_the_model_fills(handler):
-    handler, run, _ = handler
+def test_listings_nearest_by_words_join_the_photo_pool_when_the_model_fills(handler, monkeypatch):
+    handler, run = handler
     listing_words, catalogue = handler.text_model.listing_words, handler.catalogue
     jpeg = run.photo_bytes("img-004")
     title = {"X-Title": "red spade", "X-K": "20"}
-    (_, photo), (_, pooled) = predict_local(handler, [{"body": jpeg}] * 2, [{"X-K": str(MAX_K), "X-Embedding": "1"}, title])
-    listing_words.fill = True
-    try:
-        (_, filled), = predict_local(handler, [{"body": jpeg}], [title])
-    finally:
-        listing_words.fill = False
+    (_, photo), (_, pooled) = predict_local(handler, [{"body": jpeg}] * 2,
+                                            [{"X-K": str(MAX_K), "X-Embedding": "1"}, title])
+    monkeypatch.setattr(listing_words, "fill", True)
+    [(_, filled)] = predict_local(handler, [{"body": jpeg}], [title])
     # the photo's pool is its 100 nearest of 150 listings: the words bring up listings from outside it
     in_pool = {n["product_id"] for n in photo["neighbours"]}
     assert len(in_pool) == RERANK_POOL and any(n["product_id"] not in in_pool for n in filled["neighbours"])
-    # each answered with its photo nearest the query's and that photo's cosine, computed here from the index
-    query, vectors = np.array(photo["embedding"], np.float32), catalogue.index.reconstruct_n(0, catalogue.index.ntotal)
-    rows = {}
-    for row, image_id in enumerate(catalogue.image_ids):
-        rows.setdefault(catalogue.listings[image_id]["product_id"], []).append(row)
+    # each answered with its photo nearest the query and that cosine (listings_of's, checked in test_search.py)
+    expected = catalogue.listings_of([n["product_id"] for n in filled["neighbours"]], np.array(photo["embedding"]))
     for neighbour in filled["neighbours"]:
-        best = max(rows[neighbour["product_id"]], key=lambda row: float(vectors[row] @ query))
-        assert neighbour["image_id"] == catalogue.image_ids[best]
-        assert neighbour["similarity"] == pytest.approx(float(vectors[best] @ query), abs=1e-5)
+        assert neighbour["image_id"] == expected[neighbour["product_id"]]["image_id"]
+        assert neighbour["similarity"] == pytest.approx(expected[neighbour["product_id"]]["similarity"], abs=1e-5)
     # ranked by photo + weight x words over more candidates: each rank's score at least the pool's
     def scores(answer):
         return [n["similarity"] + listing_words.rerank_weight * n["word_similarity"] for n in answer["neighbours"]]

@@ -1,9 +1,5 @@
-"""What the stages hand each other, by file name and reader: WORK/tables/ (training.tables), WORK/photos/
-(training.photos), WORK/split.csv (training.dataset) and RUN/embeddings/ (training.embed); a split's photos
-as a torch Dataset, and their embeddings by a model.
-
-Each stage writes its own files; a later stage reads them through here, not through the stage that wrote them.
-"""
+"""What the stages hand each other, by file name and reader (WORK/tables/, WORK/photos/, WORK/split.csv,
+RUN/embeddings/): a later stage reads them through here, not through the stage that wrote them."""
 import json
 from pathlib import Path
 
@@ -61,15 +57,19 @@ class ListingPhotos(Dataset):
 
     def __getitem__(self, index: int):
         image_id = self.image_ids[index]
-        with Image.open(self.photos_dir / f"{image_id}.jpg") as photo:
-            image = photo.convert("RGB")
+        image = read_photo(self.photos_dir, image_id)
         return (self.transform(image) if self.transform else image), self.labels[index], image_id
+
+
+def read_photo(photos_dir: Path, image_id: str) -> Image.Image:
+    """WORK/photos/<image_id>.jpg as RGB."""
+    with Image.open(Path(photos_dir) / f"{image_id}.jpg") as photo:
+        return photo.convert("RGB")
 
 
 def embed_rows(model: MarketplaceNet, preprocess: Preprocess, rows, photos_dir: Path, batch_size: int = 32,
                workers: int = 2, device: torch.device = torch.device("cpu")) -> tuple[np.ndarray, np.ndarray]:
-    """`(embeddings (n, d), probabilities (n, classes))`, float32, in `rows` order; the model runs in
-    fp32 on `device` (where it already is)."""
+    """`(embeddings (n, d), probabilities (n, classes))`, float32, in `rows` order; fp32 on `device`."""
     loader = DataLoader(ListingPhotos(rows, photos_dir, eval_transform(preprocess)),
                         batch_size=batch_size, num_workers=workers)
     model.eval()
@@ -83,8 +83,7 @@ def embed_rows(model: MarketplaceNet, preprocess: Preprocess, rows, photos_dir: 
 
 
 def load_embeddings(run_dir: Path, mmap: bool = False) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
-    """`(image_ids, embeddings, probabilities, meta)` written by this stage; MMAP: the arrays read-only
-    from disk, read as they are used (the index stage: no second copy of every vector beside the index)."""
+    """`(image_ids, embeddings, probabilities, meta)` of RUN; MMAP: the arrays memory-mapped read-only."""
     folder = Path(run_dir) / EMBEDDINGS_DIR
     if not (folder / "embeddings.npy").is_file():
         raise FileNotFoundError(f"{folder / 'embeddings.npy'} is missing; run training.embed first")

@@ -1,13 +1,9 @@
 """Stage 3: split the photos into train/val/test by listing (the torch Dataset over them: training.data).
 
 Reads WORK/tables/training_table.csv and WORK/photos/; writes WORK/split.csv (image_id, product_id,
-label, split) and WORK/split_report.json. A listing's photos always land in the same split (a
-second photo of a training listing in the test set would inflate the scores); within each category
-listings are shuffled with the seed and cut by the fractions. Listings that share a byte-identical
-photo are kept in one split too. Photos that stage 2 could not normalise are left out and counted.
-
-Example:
-  python -m training.dataset --out work/marketplace --seed 0
+label, split) and WORK/split_report.json. A listing's photos, and listings sharing a byte-identical
+photo, land in one split, so no test photo has a twin in training; photos stage 2 could not normalise
+are left out and counted.
 """
 import argparse
 import hashlib
@@ -29,16 +25,8 @@ def drop_missing_photos(table: pd.DataFrame, photos_dir: Path) -> tuple[pd.DataF
     return table[has_photo].reset_index(drop=True), list(table.loc[~has_photo, "image_id"])
 
 
-def split_counts(listings: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
-    """(val, test) listings out of `listings`; a category too small to share stays in train."""
-    return round(listings * val_fraction), round(listings * test_fraction)
-
-
 def duplicate_groups(table: pd.DataFrame, photos_dir: Path) -> dict[str, str]:
-    """`{product_id: group}`: listings that share a byte-identical photo get one group.
-
-    The same photo posted under two listings must not sit on both sides of the split.
-    """
+    """`{product_id: group}`, one group for the listings that share a byte-identical photo."""
     parent = {product_id: product_id for product_id in table["product_id"]}
 
     def find(product_id):
@@ -57,13 +45,8 @@ def duplicate_groups(table: pd.DataFrame, photos_dir: Path) -> dict[str, str]:
 
 def split_by_product(table: pd.DataFrame, val_fraction: float = 0.15, test_fraction: float = 0.15,
                      seed: int = 0, groups: dict[str, str] | None = None) -> pd.DataFrame:
-    """`table` with a `split` column: every photo of a product_id gets the same split.
-
-    Stratified by category: each category's listings (sorted, then shuffled with `seed`) are cut
-    into test, val and train by the fractions, so the result does not depend on row order.
-    `groups` ({product_id: group}, see `duplicate_groups`) keeps listings of one group together;
-    a group is placed with its first listing's category.
-    """
+    """`table` with a `split` column, one per listing (and `groups` group): each category's listings, sorted
+    then shuffled with `seed`, cut into test, val and train; a group goes with its first listing's category."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"val_fraction {val_fraction} and test_fraction {test_fraction} must be in [0, 1) "
                          f"and leave some listings for training")
@@ -77,7 +60,7 @@ def split_by_product(table: pd.DataFrame, val_fraction: float = 0.15, test_fract
     split_of_group = {}
     for _, members in sorted(group_category.groupby(group_category).groups.items()):
         members = rng.permutation(sorted(members))
-        n_val, n_test = split_counts(len(members), val_fraction, test_fraction)
+        n_val, n_test = round(len(members) * val_fraction), round(len(members) * test_fraction)
         for position, group in enumerate(members):
             split_of_group[group] = "test" if position < n_test else "val" if position < n_test + n_val else "train"
     return table.assign(split=table["product_id"].map(lambda product_id: split_of_group[groups[product_id]]))
@@ -86,18 +69,13 @@ def split_by_product(table: pd.DataFrame, val_fraction: float = 0.15, test_fract
 def summarise_split(split: pd.DataFrame, missing_photos: list[str], seed: int, val_fraction: float,
                     test_fraction: float) -> dict:
     by_category = split.groupby(["category", "split"]).size().unstack(fill_value=0)
-    return {
-        "seed": seed,
-        "fractions": {"val": val_fraction, "test": test_fraction},
-        "photos": len(split),
-        "excluded_missing_photo": len(missing_photos),
-        "excluded_examples": missing_photos[:10],
-        "splits": {name: {"photos": int((split["split"] == name).sum()),
-                          "listings": int(split.loc[split["split"] == name, "product_id"].nunique())}
-                   for name in SPLITS},
-        "categories": {category: {name: int(row.get(name, 0)) for name in SPLITS}
-                       for category, row in by_category.iterrows()},
-    }
+    return {"seed": seed, "fractions": {"val": val_fraction, "test": test_fraction}, "photos": len(split),
+            "excluded_missing_photo": len(missing_photos), "excluded_examples": missing_photos[:10],
+            "splits": {name: {"photos": int((split["split"] == name).sum()),
+                              "listings": int(split.loc[split["split"] == name, "product_id"].nunique())}
+                       for name in SPLITS},
+            "categories": {category: {name: int(row.get(name, 0)) for name in SPLITS}
+                           for category, row in by_category.iterrows()}}
 
 
 def make_split(work_dir: Path, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0) -> dict:

@@ -1,10 +1,8 @@
 """Stage 5: embed every catalogue photo with the trained model.
 
-Writes RUN/embeddings/: `embeddings.npy` ((n, d) float32, L2-normalised), `image_ids.json` (row
-order), `probabilities.npy` ((n, classes) float32, used by evaluation), `image_embeddings.json`
-(`{image_id: [floats]}`, the original system's format), `embeddings_meta.json` and `photo_sha256.json`
-(`{image_id: sha256}` of each source photo, DATA/images/<image_id>.jpg: scripts.refresh reuses a
-vector only for the same bytes).
+Writes RUN/embeddings/: `embeddings.npy` ((n, d) float32, L2-normalised), `image_ids.json` (row order),
+`probabilities.npy` ((n, classes) float32), `image_embeddings.json` (`{image_id: [floats]}`),
+`embeddings_meta.json` and `photo_sha256.json` (scripts.refresh reuses a vector only for the same bytes).
 """
 import argparse
 import json
@@ -48,6 +46,10 @@ def save_embeddings(out_dir: Path, image_ids: list[str], vectors: np.ndarray, pr
     (out_dir / "image_ids.json").write_text(json.dumps(image_ids))
     as_json = {image_id: [round(float(x), 7) for x in vector] for image_id, vector in zip(image_ids, vectors)}
     (out_dir / "image_embeddings.json").write_text(json.dumps(as_json))
+    save_meta(out_dir, meta, photo_sha256)
+
+
+def save_meta(out_dir: Path, meta: dict, photo_sha256: dict[str, str] | None) -> None:
     (out_dir / "embeddings_meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     if photo_sha256 is not None:
         (out_dir / PHOTO_HASHES_FILE).write_text(json.dumps(photo_sha256, sort_keys=True))
@@ -57,6 +59,18 @@ def load_photo_hashes(run_dir: Path) -> dict[str, str] | None:
     """`{image_id: sha256}` of the photos RUN's vectors were made from; None for embeddings saved without."""
     path = Path(run_dir) / EMBEDDINGS_DIR / PHOTO_HASHES_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def embed_on_ray(args, checkpoint_path: Path, image_ids: list[str], out_dir: Path) -> tuple[int, dict]:
+    """--engine ray, into RUN/embeddings/shards and the usual files: (dimension, what the meta adds)."""
+    if not installed("ray"):
+        raise SystemExit(needs_extra("--engine ray", "Ray", "scale"))
+    from training.ray_embed import SHARDS_DIR, assemble, embed_shards
+
+    shards = embed_shards(checkpoint_path, image_ids, Path(args.work) / PHOTOS_DIR, out_dir / SHARDS_DIR,
+                          shard_size=args.shard_size, actors=args.actors, batch_size=args.batch_size,
+                          address=args.address)
+    return assemble(shards, out_dir)[1], {"engine": "ray", "shards": len(shards)}
 
 
 def main(argv=None) -> None:
@@ -72,57 +86,35 @@ def main(argv=None) -> None:
     parser.add_argument("--actors", type=int, default=1, help="--engine ray: actors, each loading the model once")
     parser.add_argument("--shard-size", type=int, default=10_000, help="--engine ray: photos per Parquet shard")
     args = parser.parse_args(argv)
-    if args.engine == "ray":
-        return embed_on_ray(args)
-    keep_freed_memory()
     run_dir = args.run or latest_run(args.work)
     checkpoint_path = run_dir / WEIGHTS_DIR / args.checkpoint
     model, checkpoint = load_checkpoint(checkpoint_path)
     rows = load_split(args.work)
+    image_ids, out_dir = list(rows["image_id"]), run_dir / EMBEDDINGS_DIR
     started = time.perf_counter()
-    vectors, probabilities = embed_rows(model, Preprocess.from_dict(checkpoint["preprocess"]), rows,
-                                        Path(args.work) / "photos", args.batch_size, args.workers)
+    if args.engine == "ray":
+        dimension, extra = embed_on_ray(args, checkpoint_path, image_ids, out_dir)
+    else:
+        keep_freed_memory()
+        vectors, probabilities = embed_rows(model, Preprocess.from_dict(checkpoint["preprocess"]), rows,
+                                            Path(args.work) / PHOTOS_DIR, args.batch_size, args.workers)
+        dimension, extra = int(vectors.shape[1]), {}
     seconds = time.perf_counter() - started
-    meta = {"count": len(rows), "dimension": int(vectors.shape[1]), "dtype": "float32", "normalisation": "l2",
+    meta = {"count": len(image_ids), "dimension": dimension, "dtype": "float32", "normalisation": "l2",
             "checkpoint": str(checkpoint_path), "checkpoint_sha256": sha256_file(checkpoint_path),
-            "epoch": checkpoint["epoch"], "arch": checkpoint["arch"]}
+            "epoch": checkpoint["epoch"], "arch": checkpoint["arch"], **extra}
     source = source_photos(args.work)
     if source is None:
         print(f"note: {Path(args.work) / PHOTOS_DIR / PHOTOS_REPORT} names no source folder that is still there: "
               f"no photo hashes saved, so scripts.refresh will reuse these vectors by image_id alone")
-    photo_sha256 = hash_photos(rows["image_id"], source) if source else None
-    save_embeddings(run_dir / EMBEDDINGS_DIR, list(rows["image_id"]), vectors, probabilities, meta, photo_sha256)
+    photo_sha256 = hash_photos(image_ids, source) if source else None
+    if args.engine == "ray":
+        save_meta(out_dir, meta, photo_sha256)
+    else:
+        save_embeddings(out_dir, image_ids, vectors, probabilities, meta, photo_sha256)
     update_run_info(run_dir, stage_seconds={"embed": round(seconds, 1)})
-    print(f"embedded {len(rows)} photos ({vectors.shape[1]}-d, {len(rows) / seconds:.1f} photos/s) "
-          f"-> {run_dir / EMBEDDINGS_DIR}")
-
-
-def embed_on_ray(args) -> None:
-    """--engine ray: shards under RUN/embeddings/shards, then this stage's usual files assembled from them."""
-    if not installed("ray"):
-        raise SystemExit(needs_extra("--engine ray", "Ray", "scale"))
-    from training.ray_embed import SHARDS_DIR, assemble, embed_shards
-
-    run_dir = args.run or latest_run(args.work)
-    checkpoint_path = run_dir / WEIGHTS_DIR / args.checkpoint
-    _, checkpoint = load_checkpoint(checkpoint_path)
-    image_ids = [str(image_id) for image_id in load_split(args.work)["image_id"]]
-    out_dir = run_dir / EMBEDDINGS_DIR
-    started = time.perf_counter()
-    shards = embed_shards(checkpoint_path, image_ids, Path(args.work) / "photos", out_dir / SHARDS_DIR,
-                          shard_size=args.shard_size, actors=args.actors, batch_size=args.batch_size,
-                          address=args.address)
-    seconds = time.perf_counter() - started
-    _, dimension = assemble(shards, out_dir)
-    meta = {"count": len(image_ids), "dimension": dimension, "dtype": "float32", "normalisation": "l2",
-            "checkpoint": str(checkpoint_path), "checkpoint_sha256": sha256_file(checkpoint_path),
-            "epoch": checkpoint["epoch"], "arch": checkpoint["arch"], "engine": "ray", "shards": len(shards)}
-    (out_dir / "embeddings_meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    source = source_photos(args.work)
-    if source:
-        (out_dir / PHOTO_HASHES_FILE).write_text(json.dumps(hash_photos(image_ids, source), sort_keys=True))
-    update_run_info(run_dir, stage_seconds={"embed": round(seconds, 1)})
-    print(f"embedded {len(image_ids)} photos on Ray ({len(shards)} shards, {dimension}-d) -> {out_dir}")
+    print(f"embedded {len(image_ids)} photos ({dimension}-d, {len(image_ids) / seconds:.1f} photos/s"
+          f"{', on Ray' if extra else ''}) -> {out_dir}")
 
 
 if __name__ == "__main__":

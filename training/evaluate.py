@@ -1,15 +1,8 @@
 """Stage 7: evaluate on the test split, against the frozen pretrained backbone.
 
-Category accuracy (top-1, top-3) and retrieval precision@1/5/10 over the whole catalogue (a
-neighbour is relevant when its listing has the query's category; the query's own listing is
-excluded). The frozen backbone has no head, so its categories come from a similarity-weighted
-vote of its 10 nearest train/val photos.
-
-The category the service answers can also blend the head with a vote of the query's nearest
-catalogue listings (marketplace_search.inference.CategoryBlend): the blend is chosen on the
-validation split (own listings excluded, as for test), reported on test, and recorded for the archive.
-Per category: precision, recall and count of the served category on test, and a confusion matrix PNG.
-Writes RUN/evaluation.json, RUN/confusion_matrix.png and prints the tables.
+Category top-1/top-3 and precision@1/5/10 of same-category listings (own listing excluded); the frozen
+backbone votes with its 10 nearest train/val photos; the head may blend with its nearest listings' vote
+(CategoryBlend, chosen on val). Writes RUN/evaluation.json and RUN/confusion_matrix.png.
 """
 import argparse
 import json
@@ -21,8 +14,8 @@ import torch
 from training.data import load_embeddings, load_split
 from marketplace_search.inference import CategoryBlend, blend_categories, category_votes, mix_votes
 from marketplace_search.memory import keep_freed_memory
-from marketplace_search.metrics import (BLEND_KS, own_listing_excluded_voters, per_category, print_table,
-                                        retrieval_precision, top_k_accuracy)
+from marketplace_search.metrics import (BLEND_KS, figure_cell, figures, markdown_table, own_listing_excluded_voters,
+                                        per_category, print_table, retrieval_precision, top_k_accuracy)
 from marketplace_search.layout import EVALUATION, INDEX_DIR, TEXT_MODEL_DIR, latest_run, read_run_info, update_run_info
 from marketplace_search.models import MarketplaceNet, default_preprocess, load_pretrained_backbone
 from marketplace_search.search import Catalogue, make_catalogue
@@ -30,8 +23,7 @@ from marketplace_search.runtime import pick_device
 from training.trunk import autocast_dtype, cache_key, cached_outputs
 
 CONFUSION_FILE = "confusion_matrix.png"
-# The blends tried on the validation split (voters: BLEND_KS): temperature of the similarity weights, weight
-# of the vote.
+# The blends tried on the validation split beside BLEND_KS voters: similarity temperature, weight of the vote.
 BLEND_TEMPERATURES = (0.05, 0.1, 1.0)
 BLEND_WEIGHTS = tuple(round(0.1 * step, 1) for step in range(11))
 
@@ -45,14 +37,6 @@ def knn_scores(reference: np.ndarray, reference_labels: np.ndarray, queries: np.
     for row, columns in enumerate(nearest):
         np.add.at(scores[row], reference_labels[columns], similarities[row, columns])
     return scores
-
-
-def scores_for(scores: np.ndarray, labels: np.ndarray, catalogue: Catalogue, queries: np.ndarray,
-               test_rows) -> dict[str, float]:
-    figures = {"top1_accuracy": top_k_accuracy(scores, labels, 1), "top3_accuracy": top_k_accuracy(scores, labels, 3)}
-    figures.update(retrieval_precision(catalogue, queries, list(test_rows["product_id"]),
-                                       [catalogue.listings[i]["category"] for i in test_rows["image_id"]]))
-    return figures
 
 
 def choose_blend(probabilities: np.ndarray, voters: list[list[dict]], labels: np.ndarray,
@@ -94,14 +78,9 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title:
     plt.close(figure)
 
 
-def normalise(vectors: np.ndarray) -> np.ndarray:
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-
-
 def evaluate_baseline(run_dir: Path, work_dir: Path, split, catalogue: Catalogue, classes: list[str]) -> dict:
     """The same figures for the pretrained backbone the run started from, before any training."""
-    info = read_run_info(run_dir)
-    train_config = info["config"]["train"]
+    train_config = read_run_info(run_dir)["config"]["train"]
     torch.manual_seed(train_config["seed"])  # as training did: with --weights none, the very same random backbone
     model = MarketplaceNet(train_config["arch"], len(classes))
     weights = load_pretrained_backbone(model, train_config["weights"])
@@ -111,51 +90,47 @@ def evaluate_baseline(run_dir: Path, work_dir: Path, split, catalogue: Catalogue
     precision = train_config.get("precision", "fp32")
     dtype = autocast_dtype(device, "auto" if precision == "fp16" and device.type == "cpu" else precision)
     key = cache_key(model, 0, preprocess, train_config["seed"], dtype)
-    features = normalise(cached_outputs(work_dir, model.backbone, split, Path(work_dir) / "photos", 0, key,
-                                        preprocess, train_config["batch_size"], train_config["workers"],
-                                        train_config["seed"], device, dtype).float().numpy())
+    features = torch.nn.functional.normalize(cached_outputs(
+        work_dir, model.backbone, split, Path(work_dir) / "photos", 0, key, preprocess, train_config["batch_size"],
+        train_config["workers"], train_config["seed"], device, dtype).float(), dim=1).numpy()
     frozen = make_catalogue(features, list(split["image_id"]), catalogue.listings, {}, "flat")
     is_test = (split["split"] == "test").to_numpy()
     labels = split["label"].to_numpy()
     scores = knn_scores(features[~is_test], labels[~is_test], features[is_test], len(classes))
+    precision = retrieval_precision(frozen, features[is_test], list(split.loc[is_test, "product_id"]),
+                                    [classes[label] for label in labels[is_test]])
     return {"model": f"frozen {train_config['arch']} ({Path(train_config['weights']).name}), k-NN",
-            "weights": weights, **scores_for(
-        scores, labels[is_test], frozen, features[is_test], split[is_test])}
+            "weights": weights, **figures(scores, labels[is_test], precision)}
 
 
-def evaluate(run_dir: Path, work_dir: Path, baseline: bool = True, blend_from: Path | None = None) -> dict:
-    """`blend_from`: serve the blend that run chose on validation (a refit has trained on validation)."""
+def evaluate(run_dir: Path, work_dir: Path, baseline: bool = True) -> dict:
     split = load_split(work_dir)
     image_ids, vectors, probabilities, meta = load_embeddings(run_dir)
     if image_ids != list(split["image_id"]):
         raise ValueError(f"{run_dir}/embeddings do not match {work_dir}/split.csv; re-run training.embed")
     catalogue = Catalogue.load(Path(run_dir) / INDEX_DIR)
     info = read_run_info(run_dir)
+    if "from_run" in info.get("refit", {}):  # trained on validation: no blend can be chosen on it
+        raise ValueError(f"{run_dir} was made by the retired --refit-train-val; evaluate its train-only run, "
+                         f"{info['refit']['from_run']}")
     classes = info["classes"]
     is_test, is_val = (split["split"] == "test").to_numpy(), (split["split"] == "val").to_numpy()
     test_rows, labels = split[is_test], split["label"].to_numpy()
-    fine_tuned = {"model": f"fine-tuned {meta['arch']} (epoch {meta['epoch']})", **scores_for(
-        probabilities[is_test], labels[is_test], catalogue, vectors[is_test], test_rows)}
+    precision = retrieval_precision(catalogue, vectors[is_test], list(test_rows["product_id"]),
+                                    [classes[label] for label in labels[is_test]])
+    fine_tuned = {"model": f"fine-tuned {meta['arch']} (epoch {meta['epoch']})",
+                  **figures(probabilities[is_test], labels[is_test], precision)}
     report = {"test_photos": int(is_test.sum()), "test_listings": int(test_rows["product_id"].nunique()),
-              "catalogue_photos": catalogue.index.ntotal, "fine_tuned": fine_tuned,
-              **({"refit": info["refit"]} if "refit" in info else {})}  # trained on train + val (training.refit)
+              "catalogue_photos": catalogue.index.ntotal, "fine_tuned": fine_tuned}
     served = probabilities[is_test]
-    if blend_from is not None:
-        chosen = json.loads((Path(blend_from) / EVALUATION).read_text()).get("category_blend")
-        blend = CategoryBlend.from_dict(chosen)
-        chosen_on = {**{key: value for key, value in (chosen or {}).items() if key.startswith("val_")},
-                     "chosen_by_run": str(Path(blend_from).resolve())}
-    elif is_val.any():
+    if is_val.any():
         blend, chosen_on = choose_blend(probabilities[is_val], own_listing_excluded_voters(
             catalogue, vectors[is_val], split[is_val]), labels[is_val], classes)
-    if blend_from is not None or is_val.any():
         if blend.weight > 0:
             served = blend_categories(served, own_listing_excluded_voters(catalogue, vectors[is_test], test_rows),
                                       classes, blend)
-            report["fine_tuned_blend"] = {
-                **fine_tuned, "model": f"{fine_tuned['model']} + {blend.k}-NN vote (weight {blend.weight})",
-                "top1_accuracy": top_k_accuracy(served, labels[is_test], 1),
-                "top3_accuracy": top_k_accuracy(served, labels[is_test], 3)}
+            report["fine_tuned_blend"] = {"model": f"{fine_tuned['model']} + {blend.k}-NN vote (weight {blend.weight})",
+                                          **figures(served, labels[is_test], precision)}
         report["category_blend"] = {**blend.to_dict(), **chosen_on}
     report["per_category"], confusion = per_category(served.argmax(axis=1), labels[is_test], classes)
     plot_confusion(confusion, classes, Path(run_dir) / CONFUSION_FILE,
@@ -170,20 +145,13 @@ def evaluate(run_dir: Path, work_dir: Path, baseline: bool = True, blend_from: P
     print_table([report[key] for key in ("fine_tuned", "fine_tuned_blend", "frozen_backbone") if key in report])
     if "category_blend" in report:
         print(f"category blend chosen on val: {report['category_blend']}")
-    print_per_category(report["per_category"])
+    cells = [[row["category"], row["count"], figure_cell(row["precision"]), figure_cell(row["recall"])]
+             for row in report["per_category"]]
+    print("\n" + markdown_table(["category", "count", "precision", "recall"], cells))
     if (Path(run_dir) / TEXT_MODEL_DIR).is_dir():  # its fusion was calibrated on the photo blend chosen before
         print(f"note: {Path(run_dir) / TEXT_MODEL_DIR} was calibrated on the previous evaluation's photo blend and "
               f"its rows are gone from {EVALUATION}: run training.text again (the pipeline does)")
     return report
-
-
-def print_per_category(rows: list[dict]) -> None:
-    width = max(len(row["category"]) for row in rows)
-    print(f"\n| {'category':<{width}} | count | precision | recall |")
-    print(f"|{'-' * (width + 2)}|-------|-----------|--------|")
-    for row in rows:
-        cells = [f"{row[name]:.3f}" if row[name] is not None else "–" for name in ("precision", "recall")]
-        print(f"| {row['category']:<{width}} | {row['count']:>5} | {cells[0]:>9} | {cells[1]:>6} |")
 
 
 def main(argv=None) -> None:
@@ -191,12 +159,10 @@ def main(argv=None) -> None:
     parser.add_argument("--work", required=True, type=Path, help="work folder with split.csv, photos/")
     parser.add_argument("--run", type=Path, help="run folder (default: the latest under WORK/model_evaluation)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the frozen-backbone figures")
-    parser.add_argument("--blend-from", type=Path, metavar="RUN",
-                        help="serve the category blend RUN chose on validation instead of choosing one here")
     args = parser.parse_args(argv)
     keep_freed_memory()
-    torch.set_grad_enabled(False)
-    evaluate(args.run or latest_run(args.work), args.work, baseline=not args.no_baseline, blend_from=args.blend_from)
+    with torch.no_grad():  # not set_grad_enabled: the pipeline runs this stage in-process, before others
+        evaluate(args.run or latest_run(args.work), args.work, baseline=not args.no_baseline)
 
 
 if __name__ == "__main__":

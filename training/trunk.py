@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from torchvision import transforms as T
 from tqdm import tqdm
 
 from marketplace_search.files import replaced_atomically
@@ -39,22 +40,12 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-class FlipTransform:
-    """The eval transform of a horizontally mirrored photo: a cheap, label-preserving view."""
-
-    def __init__(self, preprocess: Preprocess):
-        self.transform = eval_transform(preprocess)
-
-    def __call__(self, image):
-        return self.transform(image.transpose(0))  # PIL.Image.Transpose.FLIP_LEFT_RIGHT
-
-
 def view_transform(view: int, preprocess: Preprocess):
     """View 0 is the eval transform, 1 its mirror, 2+ random train-transform crops."""
     if view == 0:
         return eval_transform(preprocess)
     if view == 1:
-        return FlipTransform(preprocess)
+        return T.Compose([T.RandomHorizontalFlip(p=1.0), *eval_transform(preprocess).transforms])
     return train_transform(preprocess)
 
 
@@ -69,8 +60,7 @@ def weights_fingerprint(module: nn.Module) -> str:
 
 def cache_key(model: MarketplaceNet, trainable_stages: int, preprocess: Preprocess, seed: int,
               dtype: torch.dtype | None = None) -> str:
-    """What the cached trunk outputs depend on: the backbone's weights, where it is cut, the
-    preprocessing (photo size, crop, normalisation), the seed of the random views and the autocast dtype."""
+    """What the cached trunk outputs depend on: backbone weights and cut, preprocessing, views' seed, dtype."""
     text = json.dumps([model.arch, weights_fingerprint(model.backbone), trainable_stages, preprocess.to_dict(),
                        seed, str(dtype)], sort_keys=True)
     return f"{model.arch}-cut{trainable_stages}-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
@@ -93,23 +83,21 @@ def trunk_outputs(trunk: nn.Module, rows, photos_dir: Path, transform, batch_siz
 def cached_outputs(work_dir: Path, trunk: nn.Module, rows, photos_dir: Path, view: int, key: str,
                    preprocess: Preprocess, batch_size: int, workers: int, seed: int = 0,
                    device: torch.device = torch.device("cpu"), dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Trunk outputs of view `view` for `rows`, each photo computed once per (key, view).
-
-    The cache is WORK/cache/<key>-view<N>.pt; photos missing from it are computed and added.
-    """
+    """Trunk outputs of view `view` for `rows`, each photo's computed once and kept in WORK/cache/<key>-view<N>.pt."""
     path = Path(work_dir) / CACHE_DIR / f"{key}-view{view}.pt"
     cached = torch.load(path, weights_only=True) if path.is_file() else {"image_ids": [], "outputs": None}
     position = {image_id: i for i, image_id in enumerate(cached["image_ids"])}
     missing = rows[~rows["image_id"].isin(position)]
     if len(missing):
-        # Random crops, the same ones on every re-run; and training's own random stream is left as it
-        # was, so a run that found the cache full trains exactly as one that filled it.
+        # The same crops on every re-run, and training's random stream left as it was: a run that found the
+        # cache full trains exactly as one that filled it.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 1000 + view)
             computed = trunk_outputs(trunk, missing, photos_dir, view_transform(view, preprocess), batch_size,
                                      workers, device, dtype, f"frozen trunk, view {view}")
         known = [cached["outputs"]] if cached["outputs"] is not None else []
-        cached = {"image_ids": cached["image_ids"] + list(missing["image_id"]), "outputs": torch.cat(known + [computed])}
+        cached = {"image_ids": cached["image_ids"] + list(missing["image_id"]),
+                  "outputs": torch.cat(known + [computed])}
         position = {image_id: i for i, image_id in enumerate(cached["image_ids"])}
         path.parent.mkdir(parents=True, exist_ok=True)
         with replaced_atomically(path) as temporary:

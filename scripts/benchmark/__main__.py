@@ -1,19 +1,12 @@
-"""Benchmarks of what sets a shipped default or backs a documented figure. Each section prints one table
-measured in this run on this machine (named in the header), so ratios within a run compare like with like.
+"""Benchmarks of what sets a shipped default or backs a documented figure: one table per section, all measured
+in one run on one machine (named in the header), so that ratios within a run compare like with like.
 
-  bare    the model in-process as the handler runs it, per inference backend at batch 1/8/32; decoding,
-          and phone photos with and without JPEG draft decoding
-  served  TorchServe on the same weights at concurrency 1/8/32: served ÷ bare, p50 − bare forward, where a
-          worker's time goes, start to READY and the worker's memory
-  index   flat, HNSW and IVF-PQ at each catalogue size: what index_type="auto" picks
-  live    the live catalogue while served: seconds per added photo, remove → effect
-  text    what a title costs a served request
-  words   the catalogue's words at each size, read exactly and pruned
-  soak    the worker's memory over many mixed requests
+Sections: bare (the model in-process per backend), served (TorchServe against bare), index (what
+index_type="auto" picks), live (the live catalogue while served), text (what a title costs a request), words
+(the catalogue's words at each size), soak (the worker's memory over many mixed requests).
 
-  python -m scripts.benchmark --quick
+  python -m scripts.benchmark --quick        # 4.5 minutes on 2 cores (AMD EPYC Zen 4, shared)
   python -m scripts.benchmark --run RUN --work WORK --photos WORK/photos --output bench.md --json bench.json
-  python -m scripts.benchmark --sections index --sizes 10k,100k,1M
 """
 import argparse
 import json
@@ -27,6 +20,7 @@ import faiss
 import psutil
 import torch
 
+from marketplace_search.layout import CHECKPOINT
 from marketplace_search.models import vector_dim
 from scripts.archive import BATCH_SIZE, PRECISION, RUNTIME
 from scripts.benchmark.bare import BACKENDS, REFERENCE, bench_bare, load_subject
@@ -35,8 +29,7 @@ from scripts.benchmark.index import bench_index
 from scripts.benchmark.live import bench_live
 from scripts.benchmark.served import bench_served
 from scripts.benchmark.soak import bench_soak
-from scripts.benchmark.text import bench_text
-from scripts.benchmark.words import bench_words
+from scripts.benchmark.words import bench_text, bench_words
 
 SECTIONS = ("bare", "served", "index", "live", "text", "words", "soak")
 DEFAULT_BACKEND = f"{RUNTIME} {PRECISION}"
@@ -76,10 +69,10 @@ def parse_size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m scripts.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes, a few minutes (default: the full run)")
+    parser.add_argument("--quick", action="store_true", help="small sizes (default: the full run)")
     parser.add_argument("--sections", type=parse_sections, help="comma separated, of: " + ", ".join(SECTIONS))
-    parser.add_argument("--run", type=Path, help="RUN folder: measure its model, serve it, index its embeddings "
-                                                 "(default: a fresh model, generated catalogues)")
+    parser.add_argument("--run", type=Path, help="RUN folder: measure and serve its model, index vectors of its "
+                                                 "size (default: a fresh model, 256-d)")
     parser.add_argument("--work", type=Path, help="WORK folder of --run: int8 calibrated on its train photos, "
                                                   "the words queried with its titles too")
     parser.add_argument("--photos", type=Path, help="a folder of JPEGs to send (default: generated 640x480 ones)")
@@ -91,13 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_settings(args: argparse.Namespace) -> dict:
-    """The profile's values, with every option given on the command line."""
     settings = {**PROFILES["quick" if args.quick else "full"], "sections": list(SECTIONS),
                 **{key: value for key, value in vars(args).items() if value is not None}}
     if settings.get("work") and not settings.get("run"):
         raise SystemExit("--work needs --run (the WORK folder that run was trained from)")
     if settings.get("run"):
-        checkpoint = torch.load(Path(settings["run"]) / "weights" / "best.pt", map_location="cpu", weights_only=True)
+        checkpoint = torch.load(Path(settings["run"]) / CHECKPOINT, map_location="cpu", weights_only=True)
         settings["dim"] = vector_dim(checkpoint)
     return settings
 
@@ -130,7 +122,6 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 
 def render_section(name: str, section: dict) -> str:
-    """A section's heading, models, table and legend, and how long and how disturbed its run was."""
     before, after = section["load_average"]
     models = [f"- {model}: {source}" for model, source in section.get("models", {}).items()]
     return "\n".join([f"## {name}", "", *models, *([""] if models else []),

@@ -1,7 +1,5 @@
-"""Bare section: the model in-process as the handler runs it, per inference backend (runtime x precision of
-marketplace_search.runtime) at batch 1/8/32, timed in turns with torch fp32, and what each changes in the
-outputs; decoding + preprocessing apart, and phone photos with and without JPEG draft decoding.
-"""
+"""Bare section: the model in-process per inference backend at batch 1/8/32, timed in turns, with what each
+changes in the outputs; decoding apart, with and without JPEG draft."""
 import copy
 import time
 from dataclasses import dataclass
@@ -11,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from marketplace_search.layout import CHECKPOINT
 from marketplace_search.models import MarketplaceNet, default_preprocess, load_checkpoint
 from marketplace_search.presets import Preprocess
 from marketplace_search.runtime import (Backend, convert_openvino, openvino_backend, precision_supported,
@@ -28,8 +27,6 @@ BARE_COLUMNS = [("variant", "variant"), ("batch", "batch"), ("ms_per_batch", "ms
 
 @dataclass
 class Subject:
-    """The model under test and the preprocessing it expects."""
-
     name: str
     model: MarketplaceNet
     preprocess: Preprocess
@@ -37,8 +34,7 @@ class Subject:
 
 
 def calibrate_batchnorm(model: nn.Module, images: torch.Tensor) -> None:
-    """Set every BatchNorm's running statistics from `images`: a fresh net's (mean 0, variance 1) make its
-    outputs saturate or ignore the input, so output drift would mean nothing."""
+    """Every BatchNorm's statistics from IMAGES: a fresh net's would make output drift meaningless."""
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.reset_running_stats()
@@ -52,7 +48,7 @@ def calibrate_batchnorm(model: nn.Module, images: torch.Tensor) -> None:
 def load_subject(run_dir: Path | None, photos: list[bytes]) -> Subject:
     """The --run's model, else a fresh ARCH with random weights (a forward pass costs the same)."""
     if run_dir is not None:
-        path = Path(run_dir) / "weights" / "best.pt"
+        path = Path(run_dir) / CHECKPOINT
         model, checkpoint = load_checkpoint(path)
         return Subject(f"{checkpoint['arch']} ({Path(run_dir).name})", model,
                        Preprocess.from_dict(checkpoint["preprocess"]), f"{path}, epoch {checkpoint['epoch']}")
@@ -65,8 +61,7 @@ def load_subject(run_dir: Path | None, photos: list[bytes]) -> Subject:
 
 def make_backends(subject: Subject, backends_asked: list[str],
                   calibration: torch.Tensor) -> tuple[dict[str, Backend], dict[str, float]]:
-    """Each backend asked that this CPU runs natively, and the seconds each took to prepare (convert, quantize,
-    compile)."""
+    """Each backend asked that this CPU runs natively, and the seconds each took to prepare."""
     backends, seconds, converted = {}, {}, None
     for name in backends_asked:
         runtime, precision = name.split()
@@ -85,15 +80,6 @@ def make_backends(subject: Subject, backends_asked: list[str],
     return backends, seconds
 
 
-def calibration_photos(settings: dict, photos: list[bytes]) -> list[bytes]:
-    """Train-split photos of --work for int8, as scripts.archive picks them; without --work the benchmark's."""
-    if not settings.get("work"):
-        return photos
-    from training.guard import calibration_paths
-
-    return [path.read_bytes() for path in calibration_paths(settings["work"], count=settings["calibration_photos"])]
-
-
 def predict(forward, images: torch.Tensor, batch: int = DRIFT_BATCH) -> tuple[np.ndarray, np.ndarray]:
     outputs = [forward(images[start:start + batch]) for start in range(0, len(images), batch)]
     return (np.concatenate([np.asarray(part[0], np.float32) for part in outputs]),
@@ -101,8 +87,7 @@ def predict(forward, images: torch.Tensor, batch: int = DRIFT_BATCH) -> tuple[np
 
 
 def output_drift(reference: tuple[np.ndarray, np.ndarray], outputs: tuple[np.ndarray, np.ndarray]) -> dict:
-    """How far outputs are from the reference's on the same photos (embeddings are L2-normalised:
-    a row-wise dot product is the cosine)."""
+    """How far outputs are from the reference's on the same photos (embeddings are L2-normalised)."""
     (reference_probabilities, reference_embeddings), (probabilities, embeddings) = reference, outputs
     cosine = (reference_embeddings * embeddings).sum(axis=1)
     return {"max_abs_dprob": float(np.abs(reference_probabilities - probabilities).max()),
@@ -111,8 +96,7 @@ def output_drift(reference: tuple[np.ndarray, np.ndarray], outputs: tuple[np.nda
 
 
 def decode_rows(subject: Subject, photos: list[bytes], settings: dict, timing: dict) -> list[dict]:
-    """decode_image + eval_transform one photo at a time as the handler does; phone photos also with full
-    decoding, and what draft decoding changes in torch fp32's outputs."""
+    """Decoding + preprocessing one photo at a time as the handler does; phone photos with and without draft."""
     def decode(chosen: list[bytes], draft: bool = True) -> dict:
         times = time_in_turns({"": lambda: preprocess_photos(chosen, subject.preprocess, draft)}, **timing)[""]
         seconds = float(np.median(times))
@@ -134,8 +118,12 @@ def decode_rows(subject: Subject, photos: list[bytes], settings: dict, timing: d
 
 def bench_bare(subject: Subject, photos: list[bytes], settings: dict) -> dict:
     timing = {"min_seconds": settings["min_seconds"], "min_repeats": settings["min_repeats"]}
-    images = preprocess_photos(photos, subject.preprocess)
-    calibration = preprocess_photos(calibration_photos(settings, photos), subject.preprocess)
+    images = calibration = preprocess_photos(photos, subject.preprocess)
+    if settings.get("work"):  # int8 calibrated on train-split photos, as scripts.archive calibrates it
+        from training.guard import calibration_paths
+
+        paths = calibration_paths(settings["work"], count=settings["calibration_photos"])
+        calibration = preprocess_photos([path.read_bytes() for path in paths], subject.preprocess)
     backends, prepared = make_backends(subject, settings["backends"], calibration)
     print(f"bare: {subject.name}, backends {', '.join(backends)}", flush=True)
     rows = decode_rows(subject, photos, settings, timing)
@@ -153,11 +141,7 @@ def bench_bare(subject: Subject, photos: list[bytes], settings: dict) -> dict:
                 row.update(output_drift(reference, predict(backend.forward, images)))
             rows.append(row)
     missing = [name for name in settings["backends"] if name not in backends]
-    legend = (f"Each backend as the handler runs it ({torch.get_num_threads()} threads), each batch size timed in "
-              f"turns across backends, median per call; × reference: photos/s over {REFERENCE}'s. Output columns at "
-              f"batch {DRIFT_BATCH} against {REFERENCE} on {len(photos)} photos (a fresh model's only show whether the "
-              f"network is the same; a trained --run's mean drift); int8 calibrated as scripts.archive does. "
-              + (f"Not run, no native support on this CPU: {', '.join(missing)}. " if missing else "")
-              + "Decoding: one photo at a time, JPEG draft decoding down to the resize, or in full: the reference "
-                "of the draft row's output columns.")
+    legend = (f"{torch.get_num_threads()} threads, median per call, the backends in turns; output columns at batch "
+              f"{DRIFT_BATCH} against {REFERENCE} on {len(photos)} photos (the draft row's: against full decoding). "
+              + (f"Not run, no native support on this CPU: {', '.join(missing)}." if missing else ""))
     return {"rows": rows, "columns": BARE_COLUMNS, "legend": legend, "models": {subject.name: subject.source}}

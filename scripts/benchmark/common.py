@@ -1,7 +1,8 @@
-"""What the sections share: the photos they send, timing, and TorchServe started and always stopped."""
+"""What the sections share: the photos they send, the run and server they measure, timing, stopping on a signal."""
 import contextlib
 import io
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -12,17 +13,16 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from marketplace_search.images import decode_image
+from marketplace_search.layout import TEXT_MODEL_DIR
 from marketplace_search.presets import Preprocess, eval_transform
-from scripts import api
-from scripts.serve import attach, free_ports, start_server
+from scripts.archive import build_archive
+from scripts.serve import serving
 
 NUM_CLASSES = 13  # root categories of the marketplace data
-PORTS = ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port")
 
 
 def generate_photos(count: int, size: tuple[int, int] = (640, 480), seed: int = 0) -> list[bytes]:
-    """JPEGs that cost what camera photos cost to decode (flat colour would decode unrealistically fast): a lit
-    background, a few coloured shapes, blur and sensor noise."""
+    """JPEGs that cost what camera photos cost to decode (flat colour would decode unrealistically fast)."""
     rng = np.random.default_rng(seed)
     width, height = size
     ramp = np.linspace(0, 1, height, dtype=np.float32)[:, None, None] * np.ones((1, width, 1), np.float32)
@@ -60,9 +60,8 @@ def preprocess_photos(photos: list[bytes], preprocess: Preprocess, draft: bool =
 
 def time_in_turns(calls: dict[str, Callable[[], object]], *, min_seconds: float, min_repeats: int,
                   max_repeats: int = 200) -> dict[str, list[float]]:
-    """Seconds per call of each named function, called in turns after one untimed call each, until each has had
-    `min_repeats` calls and `min_seconds`. Turns are fair on a shared machine: a burst of load from elsewhere
-    slows every function of the round alike."""
+    """Seconds per call of each function, called in turns (a burst of load from elsewhere slows them alike)
+    after one untimed call each, until each has had `min_repeats` calls and `min_seconds`."""
     for function in calls.values():
         function()
     times: dict[str, list[float]] = {name: [] for name in calls}
@@ -81,19 +80,42 @@ def percentiles_ms(seconds: list[float], points=(50, 95, 99)) -> dict[str, float
     return {f"p{point}_ms": float(value) for point, value in zip(points, values)}
 
 
+def bench_run(settings: dict, scratch: Path, text_model: bool = False, **tiny) -> Path:
+    """The --run (one with a text model if TEXT_MODEL), else a tiny generated run (TINY: make_tiny_run's options)."""
+    run = settings.get("run")
+    if run and (not text_model or (Path(run) / TEXT_MODEL_DIR).is_dir()):
+        return Path(run)
+    from training.tiny_run import make_tiny_run, make_tiny_text_model
+
+    run_dir = make_tiny_run(scratch / "runs" / "2025-01-31_142233", **tiny).run_dir
+    if text_model:
+        make_tiny_text_model(run_dir)
+    return run_dir
+
+
+@contextlib.contextmanager
+def served_archive(run_dir: Path, scratch: Path, name: str, workers: int = 1, **archive_options):
+    """(TorchServe with WORKERS workers serving RUN_DIR's archive, its seconds to READY); the archive is unguarded:
+    accuracy is the guard's business."""
+    store = Path(tempfile.mkdtemp(prefix="store-", dir=scratch))
+    mar = build_archive(run_dir, store, name, "1.0", min_workers=workers, max_workers=workers, guard=False,
+                        **archive_options)
+    workdir = Path(tempfile.mkdtemp(prefix="ts-", dir=scratch))  # short: worker sockets live under it
+    started = time.perf_counter()
+    with serving(store, workdir, {name: mar.name}, ready_timeout=300, workers=workers) as server:
+        yield server, time.perf_counter() - started
+
+
 @contextlib.contextmanager
 def interruptible():
-    """SIGTERM (a timeout, a job runner) and SIGINT raise KeyboardInterrupt in the main thread, so every `finally`
-    runs and stops what it started; further signals are ignored while those clean-ups run."""
-    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
-
+    """SIGTERM and SIGINT raise KeyboardInterrupt in the main thread, so every `finally` stops what it started;
+    further signals are ignored while those clean-ups run."""
     def interrupt(number, frame):
         for each in previous:
             signal.signal(each, signal.SIG_IGN)
         raise KeyboardInterrupt(signal.Signals(number).name)
 
-    for number in previous:
-        signal.signal(number, interrupt)
+    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
@@ -101,33 +123,8 @@ def interruptible():
             signal.signal(number, handler)
 
 
-@contextlib.contextmanager
-def serving(store: Path, models: dict[str, str], workdir: Path, workers: int = 1, ready_timeout: float = 300):
-    """TorchServe serving `models` (name: .mar in `store`), every worker READY; yields (server, seconds to READY).
-    Stopped on the way out whatever ends the block; one whose start was cut short is found by its folder."""
-    started = time.perf_counter()
-    try:
-        server = start_server(store, workdir=workdir, models=models, **dict(zip(PORTS, free_ports(len(PORTS)))))
-        for name in models:
-            server.wait_ready(name, timeout=ready_timeout)
-            while sum(worker["status"] == "READY" for worker in api.describe(server, name)[0]["workers"]) < workers:
-                if time.perf_counter() - started > ready_timeout:
-                    raise RuntimeError(f"{name}: fewer than {workers} workers READY after {ready_timeout:.0f} s")
-                time.sleep(0.5)
-        yield server, time.perf_counter() - started
-    finally:
-        interrupted = None
-        while (running := attach(workdir)) is not None:
-            try:
-                running.stop()
-            except KeyboardInterrupt as error:  # a signal during the stop itself: finish stopping first
-                interrupted = error
-        if interrupted is not None:
-            raise interrupted
-
-
 def worker_memory(server) -> dict:
-    """TorchServe's Python workers' pids, and the largest one's RSS and USS in MB (USS: what one more worker adds)."""
+    """TorchServe's Python workers' pids, and the largest one's RSS and USS (what one more worker adds) in MB."""
     workers = [process for process in psutil.Process(server.pid).children(recursive=True)
                if "model_service_worker" in " ".join(process.cmdline())]
     memory = [process.memory_full_info() for process in workers]

@@ -1,11 +1,7 @@
-"""The IVF-PQ index that `auto` builds above 2M vectors, at millions of vectors.
+"""The IVF-PQ index that `auto` builds above 2M vectors, on N clustered 256-d vectors kept in a memmap: p50/p95
+of one query on one thread and recall@10 per nprobe / k_factor, build seconds, index size, peak memory.
 
   python -m scripts.benchmark.scale --vectors 10000000 --work /tmp/scale10m
-
-N clustered 256-d vectors (the product model's embedding size) are generated chunk by chunk into a
-disk-backed memmap, indexed with `build_index(..., "ivfpq")` (added in chunks, never copied whole) and
-searched one query at a time on one Faiss thread, as the handler does: p50/p95 and recall@10 against an
-exact chunked scan per nprobe / k_factor; build seconds, index size and the process's peak memory.
 """
 import argparse
 import json
@@ -27,7 +23,7 @@ SCAN_CHUNK = 400_000
 
 
 def vectors_on_disk(work: Path, n: int, queries: int) -> tuple[np.ndarray, np.ndarray]:
-    """(catalogue memmap (n, d), queries (q, d)), generated once into WORK and reused."""
+    """(catalogue memmap (n, d), queries (q, d)), generated once into WORK."""
     path = work / f"vectors-{n}x{DIMENSION}.npy"
     if not path.exists():
         partial = path.with_suffix(".partial.npy")
@@ -42,6 +38,7 @@ def vectors_on_disk(work: Path, n: int, queries: int) -> tuple[np.ndarray, np.nd
 
 
 def bench_index(args) -> list[dict]:
+    """The sweep's rows, each printed as a JSON line once measured."""
     vectors, queries = vectors_on_disk(args.work, args.vectors, args.queries)
     exact_path = args.work / f"exact-{args.vectors}x{len(queries)}.npy"
     if not exact_path.exists():  # a chunked scan: the memmap is read once, never held whole
@@ -80,13 +77,10 @@ def main(argv=None) -> None:
     parser.add_argument("--reuse", action="store_true", help="sweep the index an earlier run built")
     parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--k-factor", type=int, nargs="+", default=[8, 16, 32])
-    parser.add_argument("--output", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     with interruptible():
-        rows = bench_index(args)
-    if args.output:
-        args.output.write_text(json.dumps(rows, indent=1))
+        bench_index(args)
 
 
 if __name__ == "__main__":

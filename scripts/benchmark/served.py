@@ -1,10 +1,6 @@
-"""Served section: TorchServe serving the bare section's weights to real JPEGs at concurrency 1/8/32.
-
-Against the bare model: served ÷ bare forward at the batch size the worker ran, a lone request's p50 − the
-bare batch-1 forward; the same two against the worker's own forward passes (the handler's stage counters),
-which the speed of one process against another cannot skew. Also TorchServe's queue and worker time, and
-from the same start: seconds to READY, the worker's memory.
-"""
+"""Served section: TorchServe serving the bare section's weights at concurrency 1/8/32, against the bare
+forward and against the worker's own forward (the handler's stage counters, which the speed of one process
+against another cannot skew); TorchServe's queue and worker time, seconds to READY, worker memory."""
 import copy
 import itertools
 import re
@@ -16,9 +12,9 @@ from pathlib import Path
 
 from marketplace_search.runtime import precision_supported
 from scripts import api
-from scripts.archive import MAX_BATCH_DELAY, build_archive
+from scripts.archive import MAX_BATCH_DELAY
 from scripts.benchmark.bare import REFERENCE, Subject
-from scripts.benchmark.common import NUM_CLASSES, percentiles_ms, serving, worker_memory
+from scripts.benchmark.common import NUM_CLASSES, bench_run, percentiles_ms, served_archive, worker_memory
 
 NAME = "bench"
 LEVEL_ROUNDS = 8  # requests per client at least, so the ramp-up's partly filled batches stay a small share
@@ -51,8 +47,7 @@ def steady_rate(ends: list[float], concurrency: int) -> float | None:
 
 def load_test(url: str, photos: list[bytes], concurrency: int, total: int, max_seconds: float = float("inf"),
               token: str | None = None) -> dict:
-    """Up to `total` photos from `concurrency` client threads, one request in flight each; none sent after
-    `max_seconds`, nor once the level is interrupted. An overloaded answer is counted, never retried."""
+    """Up to TOTAL photos from CONCURRENCY clients, one request in flight each; an overload is counted, not retried."""
     uploads = [(photo, api.prediction_headers(photo, token)) for photo in photos]
     numbers, results, stop = itertools.count(), [], threading.Event()
     together = threading.Barrier(concurrency)  # the first batch is then as full as the ones after it
@@ -91,8 +86,7 @@ def load_test(url: str, photos: list[bytes], concurrency: int, total: int, max_s
 
 
 def read_counters(text: str) -> dict:
-    """From a Prometheus page: the handler's batches and stage ms by batch size ({"batches": {size: n}, STAGE:
-    {size: ms}}) and TorchServe's request, worker and queue counters of the served model ({"frontend": ...})."""
+    """The handler's batches and stage ms by batch size, and TorchServe's counters of NAME, from a Prometheus page."""
     from handlers.marketplace_handler import BATCH_METRIC, STAGE_METRIC  # it imports TorchServe: only here
 
     counters: dict = {"batches": {}, "frontend": dict.fromkeys(FRONTEND.values(), 0.0)}
@@ -107,8 +101,7 @@ def read_counters(text: str) -> dict:
 
 
 def server_figures(before: dict, after: dict) -> dict:
-    """Between two readings of the counters: mean batch and ms per batch of each handler stage, and TorchServe's
-    worker and queue ms per request."""
+    """Between two readings: mean batch, ms per batch of each handler stage, worker and queue ms per request."""
     batches = {size: count - before["batches"].get(size, 0.0) for size, count in after["batches"].items()}
     count, served = sum(batches.values()), after["frontend"]["requests"] - before["frontend"]["requests"]
     figures = {"mean_batch": sum(size * number for size, number in batches.items()) / count if count else None}
@@ -121,10 +114,8 @@ def server_figures(before: dict, after: dict) -> dict:
 
 
 def compare_with_bare(row: dict, rates: dict[int, float]) -> None:
-    """Add the forward share (the worker's time in forward passes: 1.0 would mean serving costs nothing
-    beyond the model); served photos/s over the bare forward's (`rates`: photos/s by batch size) when the
-    mean batch is within BATCH_TOLERANCE of a size measured; a lone request's p50 over the bare batch-1
-    forward and over the worker's own."""
+    """Add the forward share, photos/s over the bare forward's at the batch size matching the mean batch (RATES:
+    photos/s by batch size), and a lone request's p50 over the bare batch-1 forward and over the worker's own."""
     mean = row.get("mean_batch")
     if mean and row.get("forward_ms"):
         row["forward_share"] = row["photos_per_s"] * row["forward_ms"] / mean / 1000
@@ -138,10 +129,10 @@ def compare_with_bare(row: dict, rates: dict[int, float]) -> None:
 
 
 def verdicts(rows: list[dict]) -> list[str]:
-    """A PASS/FAIL line per target (a negative threshold: at most its size), naming the best row; at concurrency
-    1 a worker waits for each request by nature, so its forward share does not count."""
+    """A PASS/FAIL line per target (a negative threshold: at most its size), naming the best row."""
     lines = []
     for says, key, threshold in TARGETS:
+        # a lone request's forward share does not count: the worker waits for each request
         candidates = [row for row in rows
                       if row.get(key) is not None and (key != "forward_share" or row["concurrency"] > 1)]
         if candidates:
@@ -153,17 +144,6 @@ def verdicts(rows: list[dict]) -> list[str]:
     return lines
 
 
-def serving_run(subject: Subject, settings: dict, scratch: Path) -> Path:
-    """The --run, else a run folder holding the bare section's model: the same weights, its preprocessing and
-    embedding size, and a dozen-photo catalogue (search at scale is the index section's)."""
-    if settings.get("run"):
-        return Path(settings["run"])
-    from training.tiny_run import make_tiny_run
-
-    return make_tiny_run(scratch / "run", model=copy.deepcopy(subject.model), preprocess=subject.preprocess,
-                         classes=[f"category {number}" for number in range(NUM_CLASSES)]).run_dir
-
-
 def bench_served(subject: Subject, photos: list[bytes], settings: dict, bare_rows: list[dict]) -> dict:
     rates: dict[str, dict[int, float]] = {}
     for row in bare_rows:
@@ -172,18 +152,15 @@ def bench_served(subject: Subject, photos: list[bytes], settings: dict, bare_row
     rows = []
     with tempfile.TemporaryDirectory(prefix="benchmark-served-") as scratch:
         scratch = Path(scratch)
-        run_dir, store = serving_run(subject, settings, scratch), scratch / "store"
-        store.mkdir()
+        run_dir = bench_run(settings, scratch, model=copy.deepcopy(subject.model), preprocess=subject.preprocess,
+                            classes=[f"category {number}" for number in range(NUM_CLASSES)])
         for backend, batch_size in settings["served"]:
             runtime, precision = backend.split()
             runs = backend if precision_supported(precision) else REFERENCE  # the worker's own fallback
-            mar = build_archive(run_dir, store, NAME, "1.0", f"{runtime}-{precision}-{batch_size}",
-                                batch_size=batch_size, runtime=runtime, precision=precision,
-                                guard=False)  # accuracy is the guard's business, not this section's
             config = {"backend": backend if runs == backend else f"{backend} (runs {runs} here)",
                       "batching": f"{batch_size} / {MAX_BATCH_DELAY} ms" if batch_size > 1 else "off"}
-            workdir = Path(tempfile.mkdtemp(prefix="ts-", dir=scratch))  # short: worker sockets live under it
-            with serving(store, {NAME: mar.name}, workdir) as (server, ready):
+            with served_archive(run_dir, scratch, NAME, batch_size=batch_size, runtime=runtime,
+                                precision=precision) as (server, ready):
                 print(f"served: {config} READY in {ready:.1f} s", flush=True)
                 config.update(ready_s=ready, uss_ready_mb=worker_memory(server)["uss_mb"])
                 url, token = api.prediction_url(server, NAME), server.token("inference")
@@ -201,11 +178,9 @@ def bench_served(subject: Subject, photos: list[bytes], settings: dict, bare_row
                 row["uss_after_mb"] = memory
                 compare_with_bare(row, rates.get(runs, {}))
     lines = verdicts(rows)
-    legend = (f"One worker with every core serving the bare section's weights to {len(photos)} JPEGs from client "
-              f"threads on the same machine, after up to {settings['warm_up_requests']} unmeasured requests; a level "
-              f"sends at least {LEVEL_ROUNDS} requests per client for at most {settings['max_load_seconds']:g} s. "
-              f"Photos/s counts answers after each client's first. ÷ bare forward: over the bare forward of the "
-              f"backend the worker runs, at the batch size served. Forward share and p50 − worker forward compare the "
-              f"worker with itself: read those first.")
+    legend = (f"One worker with every core, {len(photos)} JPEGs from client threads after up to "
+              f"{settings['warm_up_requests']} unmeasured requests, at least {LEVEL_ROUNDS} per client and level for "
+              f"at most {settings['max_load_seconds']:g} s; photos/s after each client's first answer. Forward share "
+              f"and p50 − worker forward compare the worker with itself: read those first.")
     return {"rows": rows, "columns": SERVED_COLUMNS, "verdict": lines, "legend": "\n".join([legend, *lines]),
             "models": {subject.name: subject.source}}

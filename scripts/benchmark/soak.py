@@ -1,9 +1,5 @@
-"""Soak section: the worker's memory over a long run of mixed requests. One worker serves a run with a text
-model (the --run's, or a tiny generated one) with the archive's default backend; clients send every kind of
-request in turns (photos, 12-megapixel phone photos, photo + title, photo + title + description, a title
-alone, a truncated upload that must be refused), and the worker's RSS and USS are read after every
-`soak_every` answers. A worker that keeps growing once warm leaks.
-"""
+"""Soak section: the worker's memory (the archive's default backend) read every `soak_every` answers while
+clients send every kind of request in turns, phone photos and a truncated upload that must be refused among them."""
 import tempfile
 import time
 from collections import Counter
@@ -13,11 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from scripts import api
-from scripts.archive import PRECISION, RUNTIME, build_archive
-from scripts.benchmark.common import generate_photos, serving, worker_memory
-from scripts.benchmark.text import request_for, text_run
+from scripts.archive import PRECISION, RUNTIME
+from scripts.benchmark.common import bench_run, generate_photos, served_archive, worker_memory
+from scripts.benchmark.words import request_for
 
-SOAK_NAME = "soak"
 KINDS = ("photo", "phone photo", "photo+title", "photo+title+description", "title", "truncated photo")
 SOAK_COLUMNS = [("answered", "requests answered"), ("seconds", "s"), ("workers", "worker pids"),
                 ("rss_mb", "worker RSS MB"), ("uss_mb", "worker USS MB"), ("unexpected", "unexpected answers")]
@@ -34,7 +29,6 @@ def soak_requests(photos: list[bytes], phone_photos: list[bytes], token: str | N
 
 
 def expected(kind: str, status) -> bool:
-    """A truncated upload is refused with a 4xx; everything else is answered."""
     return isinstance(status, int) and 400 <= status < 500 if kind == "truncated photo" else status == 200
 
 
@@ -51,15 +45,10 @@ def bench_soak(photos: list[bytes], settings: dict) -> dict:
     answers: Counter = Counter()  # (kind, status or the error's code): count
     samples = []
     with tempfile.TemporaryDirectory(prefix="benchmark-soak-") as scratch:
-        scratch = Path(scratch)
-        run_dir = text_run(settings, scratch)
-        (scratch / "store").mkdir()
-        mar = build_archive(run_dir, scratch / "store", SOAK_NAME, "1.0", runtime=RUNTIME, precision=PRECISION,
-                            guard=False)  # what is measured is the worker's memory, not the backend's accuracy
-        with serving(scratch / "store", {SOAK_NAME: mar.name}, scratch / "ts") as (server, _):
-            ready, url = worker_memory(server), api.prediction_url(server, SOAK_NAME)
-            phone_photos = generate_photos(2, settings["phone_size"], seed=1)
-            rounds = soak_requests(photos, phone_photos, server.token("inference"))
+        run_dir = bench_run(settings, Path(scratch), text_model=True)
+        with served_archive(run_dir, Path(scratch), "soak", runtime=RUNTIME, precision=PRECISION) as (server, _):
+            url, token, ready = api.prediction_url(server, "soak"), server.token("inference"), worker_memory(server)
+            rounds = soak_requests(photos, generate_photos(2, settings["phone_size"], seed=1), token)
 
             def send(number: int) -> tuple[str, int | str]:
                 kind, body, headers = rounds[number % len(rounds)]

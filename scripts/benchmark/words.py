@@ -1,9 +1,8 @@
-"""Words section: the catalogue's words at scale. The text model's catalogue rows (the --run's, or a tiny
-generated run's) copied until the catalogue holds each size; queries are listings' own rows and, with
---work, their titles. Each query is read exactly (every listing) and pruned (its rarest terms, then the best
-candidates completed: ListingWords.similarities): p50/p95 of one query, and how many of the exact 10
-nearest the pruned reading finds, every copy of the query's own listing left out.
-"""
+"""Text-model sections. text: what a title costs a served request, per kind of request (one client, the kinds in
+turns). words: the catalogue copied up to each size, each query (a listing's row; with --work its title too) read
+exactly and pruned: p50/p95, and how many of the exact 10 nearest the pruned reading finds."""
+import base64
+import json
 import tempfile
 import time
 from collections import Counter
@@ -13,9 +12,16 @@ from pathlib import Path
 import numpy as np
 
 from marketplace_search.layout import TEXT_MODEL_DIR
-from scripts.benchmark.common import percentiles_ms
-from scripts.benchmark.text import text_run
+from scripts import api
+from scripts.benchmark.common import bench_run, percentiles_ms, served_archive
 
+TITLE = "Vintage wooden garden bench, seats three, collection only"
+DESCRIPTION = ("Solid teak bench in good condition, a few marks on the left arm. Dismantles into three parts for "
+               "transport. Collection from the north side of town, cash on collection.") * 2
+KINDS = ("photo", "photo+title", "photo+title+description", "title")
+WARM_UP_ROUNDS = 10
+TEXT_COLUMNS = [("kind", "request carries"), ("requests", "requests"), ("p50_ms", "p50 ms"), ("p95_ms", "p95 ms"),
+                ("extra_p50_ms", "p50 − photo alone ms")]
 WORDS_COLUMNS = [("listings", "listings"), ("query", "query"), ("entries_m", "entries read exactly (M, median)"),
                  ("exact_p50_ms", "exact p50 ms"), ("exact_p95_ms", "exact p95 ms"), ("pruned_p50_ms", "pruned p50 ms"),
                  ("pruned_p95_ms", "pruned p95 ms"), ("speed_up", "exact ÷ pruned p50"),
@@ -23,8 +29,7 @@ WORDS_COLUMNS = [("listings", "listings"), ("query", "query"), ("entries_m", "en
 
 
 def copied(words, copies: int):
-    """WORDS' listings COPIES times over, stored by column as ListingWords keeps them: within a column the
-    copies follow each other, each in listing order."""
+    """WORDS' listings COPIES times over, by column as ListingWords keeps them."""
     listings, lengths = len(words.product_ids), np.diff(words.indptr)
     column = np.repeat(np.arange(words.width), lengths)
     within = np.arange(len(words.rows)) - words.indptr[column]
@@ -59,7 +64,7 @@ def bench_words(settings: dict) -> dict:
     from marketplace_search.text import TextModel
 
     with tempfile.TemporaryDirectory(prefix="benchmark-words-") as scratch:
-        run_dir = text_run(settings, Path(scratch))
+        run_dir = bench_run(settings, Path(scratch), text_model=True)
         model = TextModel.load(run_dir / TEXT_MODEL_DIR)
     words, listings = model.listing_words, len(model.listing_words.product_ids)
     picked = np.random.default_rng(0).choice(listings, min(settings["words_queries"], listings), replace=False)
@@ -94,3 +99,37 @@ def bench_words(settings: dict) -> dict:
     return {"rows": table, "columns": WORDS_COLUMNS, "models": {"words": f"{run_dir} ({listings} listings)"},
             "legend": f"{len(picked)} queries per row, one at a time, each read exactly and pruned in turn. A served "
                       f"query reads pruned only above EXACT_POSTINGS entries (marketplace_search.text)."}
+
+
+def request_for(kind: str, photo: bytes, token: str | None) -> tuple[bytes, dict]:
+    """(body, headers) of one request of KIND: the raw photo with an X-Title header, or JSON with the words."""
+    if kind in ("photo", "photo+title"):
+        return photo, api.prediction_headers(photo, token, title=TITLE if kind == "photo+title" else None)
+    document = {"title": TITLE, **({"description": DESCRIPTION} if "description" in kind else {}),
+                **({"image": base64.b64encode(photo).decode()} if kind.startswith("photo") else {})}
+    return json.dumps(document).encode(), {**api.prediction_headers(photo, token), "Content-Type": "application/json"}
+
+
+def bench_text(photos: list[bytes], settings: dict) -> dict:
+    seconds = {kind: [] for kind in KINDS}
+    with tempfile.TemporaryDirectory(prefix="benchmark-text-") as scratch:
+        run_dir = bench_run(settings, Path(scratch), text_model=True)
+        with served_archive(run_dir, Path(scratch), "benchtext") as (server, _):
+            url, token = api.prediction_url(server, "benchtext"), server.token("inference")
+            for round_ in range(WARM_UP_ROUNDS + settings["text_requests"]):
+                for kind in KINDS:
+                    body, headers = request_for(kind, photos[round_ % len(photos)], token)
+                    started = time.perf_counter()
+                    response = api.post_photo(url, body, headers)
+                    elapsed = time.perf_counter() - started
+                    if response.status_code != 200:
+                        raise RuntimeError(f"{kind}: HTTP {response.status_code} {api.error_text(response)}")
+                    if round_ >= WARM_UP_ROUNDS:
+                        seconds[kind].append(elapsed)
+    rows = [{"kind": kind, "requests": len(seconds[kind]), **percentiles_ms(seconds[kind], (50, 95))} for kind in KINDS]
+    for row in rows:
+        row["extra_p50_ms"] = row["p50_ms"] - rows[0]["p50_ms"]
+    return {"rows": rows, "columns": TEXT_COLUMNS, "models": {"served": str(run_dir)}, "legend": (
+        f"One client, one request at a time, the kinds in turns after {WARM_UP_ROUNDS} warm-up rounds; one worker, "
+        f"torch fp32, batching 8 / 1 ms. A title goes as the X-Title header with the raw photo; a description (or "
+        f"a request without a photo) as JSON, so those rows also pay for base64.")}

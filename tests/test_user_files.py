@@ -1,0 +1,91 @@
+"""What a user made in the default places (a run in work/, its archive in model_store/, a server in logs/) survives
+the demo, `make clean` and a second build of the same version; the demo serves beside the user's server."""
+import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from marketplace_search.files import sha256_file
+from scripts import api, archive, demo, serve
+from tests.serving_fixtures import make_tiny_run
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = "work/marketplace/model_evaluation/2025-01-31_142233"
+MAR = Path("model_store") / "marketplace-v1.0.mar"
+FP32 = ["--version", "1.0", "--runtime", "torch", "--precision", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def user(module_tmp) -> Path:
+    """A checkout after the README's steps: a run in work/marketplace, its archive in model_store/, a key in logs/."""
+    root = module_tmp("user")
+    make_tiny_run(root / RUN)
+    (root / "model_store").mkdir()
+    archive.main(["--run", str(root / RUN), "--store", str(root / "model_store"), *FP32])
+    (root / "logs").mkdir()
+    (root / "logs" / api.KEY_FILE).write_text("{}")
+    return root
+
+
+def user_files(root: Path) -> dict[str, str]:
+    """sha256 of each file the user made: the work folder, the archives, the server's key file."""
+    paths = [*(root / "work" / "marketplace").rglob("*"), *(root / "model_store").glob("*.mar"),
+             root / "logs" / api.KEY_FILE]
+    return {str(path.relative_to(root)): sha256_file(path) for path in paths if path.is_file()}
+
+
+def test_a_second_build_of_a_version_is_refused_naming_the_file_and_the_flag(user, monkeypatch, capsys):
+    monkeypatch.chdir(user)
+    before = user_files(user)
+    with pytest.raises(SystemExit, match=rf"^refused: {re.escape(str(MAR))} exists .* --replace to replace it$"):
+        archive.main(["--run", RUN, *FP32])
+    assert user_files(user) == before
+    archive.main(["--run", RUN, *FP32, "--replace"])
+    assert f"replacing {MAR} (--replace)" in capsys.readouterr().out and user_files(user).keys() == before.keys()
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_the_demo_serves_beside_a_server_on_the_default_ports_and_stops_only_its_own(user, monkeypatch, capsys):
+    monkeypatch.chdir(user)
+    try:
+        serve.check_ports_free(serve.read_properties(serve.DEFAULT_CONFIG))
+    except serve.ServerError as error:
+        pytest.skip(f"the user's server needs the default ports: {error}")
+    try:
+        serve.main(["start", "--models", f"marketplace={MAR.name}", "--wait"])
+        mar = user / MAR
+        assert (f"marketplace 1.0 ({MAR.name}): READY\n    sha256 {sha256_file(mar)[:12]}, run 2025-01-31_142233, "
+                f"12 catalogue photos") in capsys.readouterr().out
+        before = user_files(user)
+        demo.main(["--listings", "60", "--epochs", "1"])
+        printed = capsys.readouterr().out
+        assert "port 8080 is already in use" in printed and "takes free ports instead" in printed
+        assert "demo finished" in printed and (user / "work" / "demo" / MAR).is_file()
+        assert user_files(user) == before
+        assert serve.attach("work/demo/logs") is None and not serve.processes_under(user / "work" / "demo")
+        api.ping(serve.attach())  # the user's server still answers
+    finally:
+        for process in serve.processes_under(user / "work" / "demo"):
+            process.kill()
+        serve.main(["stop"])
+
+
+def test_make_clean_keeps_what_the_user_made_and_distclean_says_what_it_deletes(user, tmp_path):
+    (user / "work" / "demo" / "logs").mkdir(parents=True, exist_ok=True)
+    (user / ".pytest_cache").mkdir()
+    before = user_files(user)
+    make = ["make", "-f", str(REPO / "Makefile"), f"VENV={REPO / '.venv'}"]
+    subprocess.run([*make, "clean"], cwd=user, check=True, capture_output=True)
+    assert user_files(user) == before and not (user / "work" / "demo").exists()
+    assert not (user / ".pytest_cache").exists()
+    for path in ("work/run/best.pt", "logs/key_file.json", "model_store/m.mar", "model_store/.gitkeep"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("")
+    done = subprocess.run([*make, "distclean"], cwd=tmp_path, check=True, capture_output=True, text=True)
+    assert "deleting every training run (work/), archive (model_store/*.mar) and server log and key" in done.stdout
+    assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == ["model_store",
+                                                                                      "model_store/.gitkeep"]
