@@ -93,6 +93,7 @@ def main(argv=None) -> None:
         "--data", str(data), "--out", str(args.out), "--max-listings", str(listings), "--size", "256",
         "--arch", arch, "--weights", weights, "--epochs", str(args.epochs), "--feature-views", "2",
         "--vector", "embedding+features",  # the search vector the real listings are served with
+        "--replace",  # OUT is the demo's own folder: its last data's tables and photos may be rewritten
     ])
 
     store, workdir = args.out / "model_store", args.out / "logs"

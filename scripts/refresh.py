@@ -21,7 +21,8 @@ from scripts import api
 from scripts.api import DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL
 from scripts.versions import HISTORY_FILE, ReleaseError, release
 from training import photos, tables
-from training.data import PHOTOS_DIR, PHOTOS_REPORT, SPLIT_FILE, embed_rows, load_embeddings, read_training_table
+from training.data import (PHOTOS_DIR, PHOTOS_REPORT, SPLIT_FILE, claim_work_folder, embed_rows, load_embeddings,
+                           read_training_table)
 from training.dataset import drop_missing_photos
 from training.embed import hash_photos, load_photo_hashes, save_embeddings
 from training.index import listing_metadata
@@ -250,6 +251,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--guard-work", type=Path,
                         help="work folder whose test split the accuracy guard reads (default: RUN's, from run.json)")
     parser.add_argument("--release", action="store_true", help="register, canary and make the new version default")
+    parser.add_argument("--replace", action="store_true",
+                        help="replace STORE/NAME-vVERSION.mar, and rewrite WORK although other inputs made it")
     parser.add_argument("--management-url", default=DEFAULT_MANAGEMENT_URL)
     parser.add_argument("--inference-url", default=DEFAULT_INFERENCE_URL)
     api.add_key_arguments(parser, "management")  # the key file's inference key for the canary
@@ -262,13 +265,19 @@ def main(argv=None) -> dict:
                          f"{args.run}'s work folder and run.json names none with a {SPLIT_FILE}: pass --guard-work "
                          f"WORK, or --runtime torch --precision fp32")
 
+    target = args.store / f"{args.name}-v{args.version}.mar"
+    if target.exists() and not args.replace:
+        raise SystemExit(f"refused: {target} exists (version {args.version} is taken): choose a new --version, or "
+                         f"pass --replace to replace it")
+    claim_work_folder(args.work, {"data": str(args.data.resolve()), "refresh_of": str(args.run.resolve())},
+                      args.replace)
     new_run, refresh = refresh_run(args.run, args.data, args.work, workers=args.workers)
     print(format_refresh(refresh))
     print(f"run: {new_run}")
     mar = build_archive(new_run, args.store, args.name, args.version, "{name}-v{version}",
                         batch_size=args.batch_size, max_batch_delay=args.max_batch_delay, runtime=args.runtime,
                         precision=args.precision, work_dir=checked_on, live_catalogue=args.live_catalogue,
-                        reuse_guard=args.reuse_guard)
+                        reuse_guard=args.reuse_guard, replace=args.replace)
     print(f"archive: {mar} ({mar.stat().st_size / 1e6:.1f} MB)")
     summary = {"run": str(new_run), "archive": str(mar), **refresh}
     if args.release:

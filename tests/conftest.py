@@ -1,6 +1,7 @@
 """Shared fixtures: tiny generated catalogues and work folders, awkward image bytes, the real data."""
 import faiss  # noqa: F401  (before torch: both bring OpenMP)
 
+import ctypes
 import io
 import os
 import shutil
@@ -12,8 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-EXIT_STATUS = pytest.StashKey[int]()
 import torch
 from PIL import Image
 
@@ -25,9 +24,25 @@ pytest_plugins = ["tests.serving_fixtures"]  # the recipe, its archives and the 
 
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 SHARED_DATA = SHARED_DIR / "data" / "marketplace"
-# What the session started with; every test leaves it so (an in-process handler sets torch and Faiss threads).
+
+
+class SignalStack(ctypes.Structure):
+    """sigaltstack(2)'s stack_t."""
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+def signal_stack(new: SignalStack | None = None) -> SignalStack:
+    """The main thread's alternate signal stack (set to NEW when given)."""
+    old = SignalStack()
+    ctypes.CDLL(None).sigaltstack(None if new is None else ctypes.byref(new), ctypes.byref(old))
+    return old
+
+
+# What the session started with; every test leaves it so. An in-process handler sets torch and Faiss threads;
+# OpenVINO's CPU plugin leaves the thread's alternate signal stack in its own memory, and sessions that kept it so
+# were killed by the kernel's SIGSEGV while stopping their last server, after every test had passed.
 INITIAL_STATE = {"torch_threads": torch.get_num_threads(), "faiss_threads": faiss.omp_get_max_threads(),
-                 "environ": dict(os.environ)}
+                 "environ": dict(os.environ), "signal_stack": signal_stack()}
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +50,7 @@ def leaves_no_global_state():
     yield
     torch.set_num_threads(INITIAL_STATE["torch_threads"])
     faiss.omp_set_num_threads(INITIAL_STATE["faiss_threads"])
+    signal_stack(INITIAL_STATE["signal_stack"])
     initial = INITIAL_STATE["environ"]
     for name in set(os.environ) - set(initial) - {"PYTEST_CURRENT_TEST"}:  # pytest's own, it removes it
         del os.environ[name]
@@ -184,6 +200,9 @@ def image_variants() -> dict[str, bytes]:
     return make_image_variants()
 
 
+EXIT_STATUS = pytest.StashKey[int]()
+
+
 def pytest_sessionfinish(session, exitstatus):
     session.config.stash[EXIT_STATUS] = int(exitstatus)
 
@@ -195,3 +214,4 @@ def pytest_unconfigure(config):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(config.stash.get(EXIT_STATUS, 1))
+

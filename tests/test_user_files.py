@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from marketplace_search.files import sha256_file
-from scripts import api, archive, demo, serve
+from scripts import api, archive, demo, refresh, serve
+from training import pipeline
 from tests.serving_fixtures import make_tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +46,21 @@ def test_a_second_build_of_a_version_is_refused_naming_the_file_and_the_flag(use
     assert user_files(user) == before
     archive.main(["--run", RUN, *FP32, "--replace"])
     assert f"replacing {MAR} (--replace)" in capsys.readouterr().out and user_files(user).keys() == before.keys()
+
+
+def test_refresh_and_pipeline_refuse_to_rewrite_an_archive_or_a_work_folder_before_any_work(user, monkeypatch):
+    monkeypatch.chdir(user)
+    before = user_files(user)
+    refreshed = ["--run", RUN, "--data", "new_data", "--runtime", "torch", "--precision", "fp32"]
+    with pytest.raises(SystemExit, match=rf"^refused: {re.escape(str(MAR))} exists .* pass --replace to replace it$"):
+        refresh.main([*refreshed, "--work", "work/refresh", "--version", "1.0"])
+    made_from = re.escape(str(Path("new_data").resolve()))
+    for command, arguments in ((refresh.main, [*refreshed, "--work", "work/marketplace", "--version", "2.0"]),
+                               (pipeline.main, ["--data", "new_data", "--out", "work/marketplace"])):
+        with pytest.raises(SystemExit, match=r"^refused: work/marketplace holds files this command did not make, "
+                                             rf"not \{{'data': '{made_from}'.*pass --replace to rewrite"):
+            command(arguments)
+    assert user_files(user) == before and not Path("work/refresh").exists()
 
 
 @pytest.mark.server

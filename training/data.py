@@ -20,6 +20,21 @@ PHOTOS_REPORT = "photos_report.json"  # in PHOTOS_DIR
 SPLITS = ("train", "val", "test")
 SPLIT_FILE = "split.csv"
 SPLIT_REPORT = "split_report.json"
+WORK_INPUTS = "work.json"  # what a work folder's tables, photos and split were made from
+
+
+def claim_work_folder(work_dir: Path, inputs: dict, replace: bool = False, flag: str = "--replace") -> None:
+    """Refuse to rewrite WORK's tables, photos and split when WORK holds files made from other INPUTS (or by hand)
+    unless REPLACE; then record INPUTS in WORK/work.json. Runs in WORK stay either way."""
+    work_dir = Path(work_dir)
+    path = work_dir / WORK_INPUTS
+    made_from = json.loads(path.read_text()) if path.is_file() else None
+    if work_dir.is_dir() and any(work_dir.iterdir()) and made_from != inputs and not replace:
+        what = f"was made from {made_from}" if made_from else "holds files this command did not make"
+        raise SystemExit(f"refused: {work_dir} {what}, not {inputs}: choose another folder, or pass {flag} to "
+                         f"rewrite its tables, photos and split (its runs stay)")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(inputs, indent=2) + "\n")
 
 
 def read_training_table(work_dir: Path) -> pd.DataFrame:

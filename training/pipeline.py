@@ -10,12 +10,15 @@ from marketplace_search.layout import update_run_info
 from marketplace_search.memory import keep_freed_memory
 from marketplace_search.sentences import DEFAULT_ENCODER
 from training import dataset, embed, evaluate, index, photos, tables, text
+from training.data import claim_work_folder
 from training.train import add_arguments, train
 
 
 def run_pipeline(args: argparse.Namespace) -> Path:
     """Run stages 1-8 into `args.out`; returns the run folder."""
     out = Path(args.out)
+    claim_work_folder(out, {"data": str(Path(args.data).resolve()), "max_listings": args.max_listings,
+                            "seed": args.seed, "size": args.size}, args.replace)
     timings = {}
     keep_freed_memory()
 
@@ -48,6 +51,8 @@ def run_pipeline(args: argparse.Namespace) -> Path:
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="folder with Products.csv, Images.csv, images/")
     parser.add_argument("--out", required=True, type=Path, help="work folder for every stage's outputs")
+    parser.add_argument("--replace", action="store_true",
+                        help="rewrite OUT's tables, photos and split although other inputs made them (runs stay)")
     parser.add_argument("--max-listings", type=int, default=0, help="use a seeded sample of N listings (0 = all)")
     parser.add_argument("--size", type=int, default=512, help="normalised photo size (square, padded)")
     parser.add_argument("--index-type", default="auto", choices=index.INDEX_TYPES)
