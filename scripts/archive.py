@@ -45,6 +45,7 @@ MAX_BATCH_DELAY = 1
 # The backend new archives get: the fastest on these machines within the accuracy guard.
 RUNTIME = "openvino"
 PRECISION = "bf16"
+OUTPUT_NAME = "{name}-v{version}"  # the version in the file name: a new build never replaces another version's
 
 
 class GuardRefused(ValueError):
@@ -214,8 +215,19 @@ def prepare_backend(run_dir: Path, extra: Path, runtime: str, precision: str, pr
     return section
 
 
+def archive_path(store: Path, name: str, version: str, output_name: str = OUTPUT_NAME, replace: bool = False,
+                 other_names: str = "--version or --output-name") -> Path:
+    """STORE/<output_name>.mar; FileExistsError when that file exists and not `replace` (OTHER_NAMES: the options
+    that choose another file name)."""
+    target = Path(store) / f"{output_name.format(name=name, version=version)}.mar"
+    if target.exists() and not replace:
+        raise FileExistsError(f"{target} exists (version {version} is taken): choose a new {other_names}, or pass "
+                              f"--replace to replace it")
+    return target
+
+
 def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketplace", version: str | None = None,
-                  output_name: str = "{name}-v{version}", batch_size: int = BATCH_SIZE,
+                  output_name: str = OUTPUT_NAME, batch_size: int = BATCH_SIZE,
                   max_batch_delay: int = MAX_BATCH_DELAY, min_workers: int = 1, max_workers: int = 1,
                   response_timeout: int = 120, threads: int = 0, warm_up: bool = True,
                   category_blend: bool = True, runtime: str = "torch", precision: str = "fp32", force: bool = False,
@@ -236,10 +248,7 @@ def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketpla
     created = run_created(run_dir, info)
     version = version or default_version(created)
     card = model_card(run_dir, info, checkpoint, checkpoint_sha256, index_meta, name, version, created)
-    target = store / f"{output_name.format(name=name, version=version)}.mar"
-    if target.exists() and not replace:
-        raise FileExistsError(f"{target} exists (version {version} is taken): choose a new --version or "
-                              f"--output-name, or pass --replace to replace it")
+    target = archive_path(store, name, version, output_name, replace)
     if target.exists():
         print(f"replacing {target} (--replace)", flush=True)
     with tempfile.TemporaryDirectory(prefix="archive-") as stage:
@@ -289,7 +298,7 @@ def main(argv=None) -> None:
     parser.add_argument("--name", default="marketplace", help="model name (URL path /predictions/NAME)")
     parser.add_argument("--version", help="model version, e.g. 1.0 (default: the run's timestamp, 20250131.142233)")
     parser.add_argument("--store", default=Path("model_store"), type=Path, help="model store folder")
-    parser.add_argument("--output-name", default="{name}-v{version}",
+    parser.add_argument("--output-name", default=OUTPUT_NAME,
                         help="archive file name without .mar; {name} and {version} are filled in")
     parser.add_argument("--replace", action="store_true", help="replace an archive of the same file name")
     add_serving_arguments(parser)

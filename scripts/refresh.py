@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scripts.archive import add_serving_arguments, build_archive
+from scripts.archive import add_serving_arguments, archive_path, build_archive
 from scripts import api
 from scripts.api import DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL
 from scripts.versions import HISTORY_FILE, ReleaseError, release
@@ -265,16 +265,16 @@ def main(argv=None) -> dict:
                          f"{args.run}'s work folder and run.json names none with a {SPLIT_FILE}: pass --guard-work "
                          f"WORK, or --runtime torch --precision fp32")
 
-    target = args.store / f"{args.name}-v{args.version}.mar"
-    if target.exists() and not args.replace:
-        raise SystemExit(f"refused: {target} exists (version {args.version} is taken): choose a new --version, or "
-                         f"pass --replace to replace it")
+    try:  # before any work: build_archive checks again at the end
+        archive_path(args.store, args.name, args.version, replace=args.replace, other_names="--version")
+    except FileExistsError as error:
+        raise SystemExit(f"refused: {error}") from error
     claim_work_folder(args.work, {"data": str(args.data.resolve()), "refresh_of": str(args.run.resolve())},
                       args.replace)
     new_run, refresh = refresh_run(args.run, args.data, args.work, workers=args.workers)
     print(format_refresh(refresh))
     print(f"run: {new_run}")
-    mar = build_archive(new_run, args.store, args.name, args.version, "{name}-v{version}",
+    mar = build_archive(new_run, args.store, args.name, args.version,
                         batch_size=args.batch_size, max_batch_delay=args.max_batch_delay, runtime=args.runtime,
                         precision=args.precision, work_dir=checked_on, live_catalogue=args.live_catalogue,
                         reuse_guard=args.reuse_guard, replace=args.replace)

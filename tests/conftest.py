@@ -26,6 +26,9 @@ SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 SHARED_DATA = SHARED_DIR / "data" / "marketplace"
 
 
+LIBC = ctypes.CDLL(None)
+
+
 class SignalStack(ctypes.Structure):
     """sigaltstack(2)'s stack_t."""
     _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
@@ -34,7 +37,7 @@ class SignalStack(ctypes.Structure):
 def signal_stack(new: SignalStack | None = None) -> SignalStack:
     """The main thread's alternate signal stack (set to NEW when given)."""
     old = SignalStack()
-    ctypes.CDLL(None).sigaltstack(None if new is None else ctypes.byref(new), ctypes.byref(old))
+    LIBC.sigaltstack(None if new is None else ctypes.byref(new), ctypes.byref(old))
     return old
 
 

@@ -23,7 +23,7 @@ SPLIT_REPORT = "split_report.json"
 WORK_INPUTS = "work.json"  # what a work folder's tables, photos and split were made from
 
 
-def claim_work_folder(work_dir: Path, inputs: dict, replace: bool = False, flag: str = "--replace") -> None:
+def claim_work_folder(work_dir: Path, inputs: dict, replace: bool = False) -> None:
     """Refuse to rewrite WORK's tables, photos and split when WORK holds files made from other INPUTS (or by hand)
     unless REPLACE; then record INPUTS in WORK/work.json. Runs in WORK stay either way."""
     work_dir = Path(work_dir)
@@ -31,7 +31,7 @@ def claim_work_folder(work_dir: Path, inputs: dict, replace: bool = False, flag:
     made_from = json.loads(path.read_text()) if path.is_file() else None
     if work_dir.is_dir() and any(work_dir.iterdir()) and made_from != inputs and not replace:
         what = f"was made from {made_from}" if made_from else "holds files this command did not make"
-        raise SystemExit(f"refused: {work_dir} {what}, not {inputs}: choose another folder, or pass {flag} to "
+        raise SystemExit(f"refused: {work_dir} {what}, not {inputs}: choose another folder, or pass --replace to "
                          f"rewrite its tables, photos and split (its runs stay)")
     work_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(inputs, indent=2) + "\n")
