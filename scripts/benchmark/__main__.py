@@ -5,7 +5,7 @@ Sections: bare (the model in-process per backend), served (TorchServe against ba
 index_type="auto" picks), live (the live catalogue while served), text (what a title costs a request), words
 (the catalogue's words at each size), soak (the worker's memory over many mixed requests).
 
-  python -m scripts.benchmark --quick        # 4.5 minutes on 2 cores (AMD EPYC Zen 4, shared)
+  python -m scripts.benchmark --quick        # 2.5 minutes on 2 idle cores (AMD EPYC Zen 4)
   python -m scripts.benchmark --run RUN --work WORK --photos WORK/photos --output bench.md --json bench.json
 """
 import argparse
