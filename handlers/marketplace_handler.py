@@ -80,7 +80,7 @@ class MarketplaceHandler(BaseHandler):
         self.served = self.live.current() if self.live else Served(bundled, BUNDLED)
         # TorchServe's Context knows the registered name; its unit-test MockContext does not.
         self.model_info = {"name": getattr(context, "model_name", None) or self.manifest["model"].get("modelName"),
-                           "version": self.manifest["model"].get("modelVersion")}
+                           "version": self.manifest["model"].get("modelVersion"), "backend": self.backend.name}
         self.warmed_batch_sizes = []
         if settings.get("warm_up", True):
             self.warm_up(int(context.system_properties.get("batch_size") or 1))

@@ -2,8 +2,8 @@
 L2-normalised embeddings)` out, as `models.serve_forward` (torch fp32, the reference) answers. torch runs the
 checkpoint (bf16 under `torch.autocast`); openvino an IR converted (int8: quantized by NNCF) at archive time.
 
-A CPU without the units a precision needs (CPU_FEATURES) serves torch fp32 from the checkpoint instead and
-says so once in the log; MARKETPLACE_CPU_FLAGS_OFF (e.g. "bf16,vnni") makes this CPU look so.
+On a CPU without bf16 units (CPU_FEATURES) an openvino bf16 archive runs its IR at fp32 and a torch bf16 one
+torch fp32, each said once in the log; MARKETPLACE_CPU_FLAGS_OFF (e.g. "bf16,vnni") makes this CPU look so.
 """
 import logging
 import os
@@ -31,6 +31,7 @@ CPU_FEATURES = {"bf16": ("avx512_bf16", "amx_bf16"), "int8": ("avx512_vnni", "av
 FEATURE_NAMES = {"bf16": "bf16", "int8": "vnni"}  # the names MARKETPLACE_CPU_FLAGS_OFF takes
 FLAGS_OFF_ENV = "MARKETPLACE_CPU_FLAGS_OFF"
 DEVICES = ("auto", "cpu", "cuda")
+OPENVINO_EMBED_FROM = 256  # photos from which converting to OpenVINO (seconds) costs less than it saves
 _warned: set = set()
 
 
@@ -168,40 +169,79 @@ def openvino_backend(model_or_path, precision: str = "fp32", threads: int = 0) -
     compiled = core.compile_model(source, "CPU", config)
     request = compiled.create_infer_request()
 
-    def forward(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def forward(images: torch.Tensor) -> tuple[np.ndarray, ...]:
         outputs = request.infer({0: images.detach().cpu().numpy()}, share_inputs=True)
-        return (np.asarray(outputs[0], np.float32).copy(), np.asarray(outputs[1], np.float32).copy())
+        return tuple(np.asarray(outputs[number], np.float32).copy() for number in range(len(outputs)))
 
     return Backend("openvino", precision, forward, compiled)
 
 
+def embedding_backend(model: MarketplaceNet, crop: int, photos: int, device: str = "cpu") -> Backend:
+    """The fastest fp32 backend to embed PHOTOS photos: OpenVINO fp32 on the CPU (the fp32 reference's answers at
+    2-2.5x torch's photos/s) where there are enough photos to pay for the conversion, else torch fp32."""
+    if device == "cpu" and photos >= OPENVINO_EMBED_FROM:
+        converted = converted_or_none(lambda: convert_openvino(model, crop))
+        if converted is not None:
+            return openvino_backend(converted, "fp32", torch.get_num_threads())
+
+    def forward(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            return tuple(output.float().cpu().numpy() for output in embed(model.eval(), images.to(device)))
+
+    return Backend("torch", "fp32", forward, model)
+
+
+def converted_or_none(convert: Callable):
+    """CONVERT's `ov.Model`, or None (logged) where OpenVINO cannot convert it: torch then runs it."""
+    try:
+        return convert()
+    except Exception as error:  # noqa: BLE001
+        logger.warning("running torch fp32: OpenVINO could not convert the model (%s: %s)", type(error).__name__, error)
+        return None
+
+
 def load_backend(model: MarketplaceNet, runtime: str = "torch", precision: str = "fp32", model_dir: Path | None = None,
                  layout: str = "auto", device: str = "cpu", threads: int = 0) -> Backend:
-    """The backend an archive asked for (its IR in MODEL_DIR/ARCHIVE_OPENVINO for openvino), or torch fp32 from
-    the checkpoint where this machine cannot run it (OpenVINO runs on the CPU only)."""
+    """The fastest backend this machine runs of what the archive asks for. An openvino archive runs its IR (in
+    MODEL_DIR/ARCHIVE_OPENVINO) on any x86-64 CPU: bf16 where the CPU has bf16 units, else the same IR at fp32,
+    the fp32 reference's answers; an int8 IR as it is, faster than fp32 with or without VNNI. torch fp32 from the
+    checkpoint only where OpenVINO cannot run: another device, or the IR failed to load (the reason is logged)."""
     check_backend(runtime, precision)
     serving_layout(layout)  # a retired layout is refused on every backend, not only where torch runs it
     requested = f"{runtime} {precision}"
-    reason = None
-    if device != "cpu" and runtime == "openvino":
-        reason = f"device {device}: OpenVINO runs on the CPU here"
-    elif device == "cpu" and not precision_supported(precision):
-        reason = (f"this CPU has none of {', '.join(CPU_FEATURES[precision])}"
-                  + (f" ({FLAGS_OFF_ENV}={os.environ.get(FLAGS_OFF_ENV)})" if os.environ.get(FLAGS_OFF_ENV) else ""))
-    if reason:
-        if requested not in _warned:
-            _warned.add(requested)
-            logger.warning("archive asks for %s but %s: serving torch fp32 from the checkpoint instead "
-                           "(the answers are the fp32 reference's)", requested, reason)
-        backend = torch_backend(model, "fp32", layout, device)
-        backend.requested = requested
-        return backend
+    native = device != "cpu" or precision_supported(precision)
     if runtime == "torch":
-        return torch_backend(model, precision, layout, device)
+        if native:
+            return torch_backend(model, precision, layout, device)
+        return fallen_back(torch_backend(model, "fp32", layout, device), requested, no_units(precision))
+    if device != "cpu":
+        return fallen_back(torch_backend(model, "fp32", layout, device), requested,
+                           f"device {device}: OpenVINO runs on the CPU here")
     if model_dir is None:
         raise ValueError("an openvino backend needs the archive folder holding its IR")
     ir = Path(model_dir) / ARCHIVE_OPENVINO / OPENVINO_MODEL
     if not ir.is_file():
         raise FileNotFoundError(f"{ARCHIVE_OPENVINO}/{OPENVINO_MODEL} is missing from {model_dir}: the archive "
                                 f"says runtime openvino (rebuild it with scripts.archive --runtime openvino)")
-    return openvino_backend(ir, precision, threads)
+    runs = precision if native or precision == "int8" else "fp32"
+    try:
+        backend = openvino_backend(ir, runs, threads)
+    except Exception as error:  # noqa: BLE001 (any failure to load: the checkpoint still serves)
+        return fallen_back(torch_backend(model, "fp32", layout, device), requested,
+                           f"OpenVINO could not load {ir.name}: {type(error).__name__}: {error}")
+    return backend if runs == precision else fallen_back(backend, requested, no_units(precision))
+
+
+def no_units(precision: str) -> str:
+    flags_off = os.environ.get(FLAGS_OFF_ENV)
+    return (f"this CPU has none of {', '.join(CPU_FEATURES[precision])}"
+            + (f" ({FLAGS_OFF_ENV}={flags_off})" if flags_off else ""))
+
+
+def fallen_back(backend: Backend, requested: str, reason: str) -> Backend:
+    """BACKEND, serving in place of REQUESTED for REASON, said once per process and requested backend."""
+    if requested not in _warned:
+        _warned.add(requested)
+        logger.warning("archive asks for %s but %s: serving %s instead", requested, reason, backend.name)
+    backend.requested = requested
+    return backend

@@ -9,6 +9,7 @@ from typing import NotRequired, TypedDict, get_type_hints
 class ModelInfo(TypedDict):
     name: str
     version: str
+    backend: str  # what runs on the worker's machine, e.g. "openvino bf16" (marketplace_search.runtime)
 
 
 class CatalogueInfo(TypedDict):

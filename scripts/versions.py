@@ -64,7 +64,7 @@ def check_answer(answer: dict, name: str, version: str) -> None:
         check_contract(answer)
     except AnswerError as error:
         raise CanaryError(str(error)) from error
-    if answer["model"] != {"name": name, "version": version}:
+    if (answer["model"]["name"], answer["model"]["version"]) != (name, version):
         raise CanaryError(f"answer came from {answer['model']}, not {name} {version}")
     if not answer["neighbours"]:
         raise CanaryError("no neighbours: is the catalogue in the archive empty?")

@@ -214,6 +214,8 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_unconfigure(config):
     """Leave without the interpreter's teardown, which has segfaulted after every test passed (OpenVINO's and
     torch's thread pools at exit), keeping pytest's own exit status."""
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: its controller still reads from it
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(config.stash.get(EXIT_STATUS, 1))

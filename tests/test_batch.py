@@ -70,7 +70,7 @@ def test_local_answers_every_input_once_with_bad_files_as_errors(batch_inputs, l
     for (image_id, _), line in local_lines.items():
         if line["status"] == "ok":
             assert set(line) == {"image_id", "path", "status", *ANSWER_FIELDS}
-            assert line["model"] == {"name": NAME, "version": "1.0"}
+            assert line["model"] == {"name": NAME, "version": "1.0", "backend": "torch fp32"}
             assert len(line["neighbours"]) == 6  # every listing of the tiny catalogue
     for number in range(12):  # photos that are in the catalogue find themselves first
         line = local_lines[(f"p{number:03d}", str(batch_inputs.folder / f"p{number:03d}.jpg"))]

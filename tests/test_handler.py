@@ -116,7 +116,7 @@ def test_neighbours_are_distinct_listings_a_catalogue_photo_finds_itself_first(t
         assert len(top) == 3 and {c["category"] for c in top} == set(run.classes)
         assert answer["category"] == top[0]["category"] and answer["probability"] == top[0]["probability"]
         assert sum(c["probability"] for c in top) == pytest.approx(1.0, abs=1e-5)
-        assert answer["model"] == {"name": "marketplace", "version": "1.0"}
+        assert answer["model"] == {"name": "marketplace", "version": "1.0", "backend": "torch fp32"}
 
 
 def test_embedding_only_when_asked_and_equal_to_embed_options_from_headers_fields_win(tiny, handler):
@@ -220,7 +220,7 @@ def test_mock_context_initialises_the_handler(tiny):
     handler = MarketplaceHandler()
     handler.initialize(context)
     assert handler.initialized and handler.catalogue.index.ntotal == 12
-    assert handler.model_info == {"name": "marketplace", "version": "1.0"}
+    assert handler.model_info == {"name": "marketplace", "version": "1.0", "backend": "torch fp32"}
 
 
 def test_missing_catalogue_is_named(tiny, tmp_path):

@@ -17,6 +17,7 @@ from unittest import mock
 import pytest
 import requests
 
+from marketplace_search.files import sha256_file
 from marketplace_search.schema import check_answer
 from scripts import api, serve
 from tests.conftest import skip_or_fail
@@ -30,7 +31,7 @@ RUN = "work/marketplace/model_evaluation/2025-01-31_142233"
 PLACEHOLDERS = {"work/marketplace/model_evaluation/<timestamp>": RUN, "RUN": RUN, "../shared/data/marketplace": "data",
                 "8b1a...-sold-id 77c0...-withdrawn-id": "prod-000 prod-001", "Home & Garden": "Home"}
 NOT_RUN = {
-    "make ": "the demo trains for minutes and `make test` is this suite: CI runs both targets",
+    "make ": "`make test` is this suite, and `make demo` runs scripts.demo, run below beside the README's server",
     "training.pipeline": "trains on the real listings for an hour (minutes for the ResNet50 check); "
                          "tests/test_training.py runs the pipeline on generated listings",
     "--address auto --actors 64": "needs a Ray cluster; the same command on a local Ray is run here",
@@ -220,6 +221,19 @@ def test_the_served_run_answers_every_documented_request_with_keys_found_as_docu
     (clone.folder / "results.jsonl").unlink()
     clone.run("--local model_store/marketplace-v1.0.mar")
     assert_same_answers(clone.results(), served)
+
+
+def test_the_demo_beside_the_readme_server_takes_free_ports_and_leaves_the_user_s_files(clone):
+    folder = clone.folder
+    paths = [*(folder / "work" / "marketplace").rglob("*"), *(folder / "model_store").iterdir(),
+             folder / serve.DEFAULT_WORKDIR / api.KEY_FILE]
+    before = {path: sha256_file(path) for path in paths if path.is_file()}
+    printed = clone.in_bash(".venv/bin/python -m scripts.demo --out work/demo --listings 60 --epochs 1")  # make demo
+    assert "port 8080 is already in use" in printed and "takes free ports instead" in printed
+    assert "demo finished" in printed and (folder / "work" / "demo" / "model_store" / "marketplace-v1.0.mar").is_file()
+    assert {path: sha256_file(path) for path in before} == before
+    assert serve.attach(folder / "work" / "demo" / "logs") is None and not serve.processes_under(folder / "work" / "demo")
+    assert clone.default_version() == "1.0"  # the README's server still answers
     clone.run("scripts.serve stop")
 
 

@@ -1,5 +1,5 @@
 """Inference backends: every runtime and precision answers through a real TorchServe with the same fields, the
-accuracy guard refuses a broken int8 calibration, a CPU without BF16/VNNI serves fp32 from the checkpoint."""
+accuracy guard refuses a broken int8 calibration, a CPU without bf16 units runs the IR at fp32."""
 import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import json
@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 from unittest.mock import Mock
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -20,12 +21,14 @@ from marketplace_search import runtime
 from marketplace_search.images import decode_image
 from marketplace_search.layout import CHECKPOINT, GUARD_REPORTS
 from marketplace_search.models import MarketplaceNet, load_checkpoint
-from marketplace_search.presets import collate_images
+from marketplace_search.presets import Preprocess, collate_images, eval_transform
 from marketplace_search.schema import check_answer
 from scripts import api
 from scripts.archive import GuardRefused, build_archive
 from scripts.benchmark.bare import calibrate_batchnorm
-from training import guard
+from training import guard, trunk
+from training.data import embed_rows
+from training.trunk import trunk_outputs
 from tests.serving_fixtures import (CLASSES, TINY_PREPROCESS, TinyRun, archive_tiny_run, extract_archive,
                                     make_tiny_run, photo_jpeg, running_server)
 
@@ -85,13 +88,18 @@ def archives(guarded, module_tmp) -> dict[tuple[str, str], Path]:
 
 
 @pytest.mark.server
-def test_every_backend_answers_a_photo_with_the_same_fields(guarded, archives, tmp_path):
+def test_every_backend_answers_a_photo_with_the_same_fields(guarded, archives, tmp_path, monkeypatch):
+    """On a CPU without bf16 units (simulated; the session's server serves openvino bf16 natively where it can)."""
     models = {mar.stem: mar.name for mar in archives.values()}
     store = next(iter(archives.values())).parent
     photo_id = "img-004"
+    monkeypatch.setenv(runtime.FLAGS_OFF_ENV, "bf16,vnni")  # read by the workers
     with running_server(store, tmp_path / "torchserve", models, ready_timeout=240) as server:
         answers = {backend: api.predict(server, guarded.photo_bytes(photo_id), model=mar.stem)
                    for backend, mar in archives.items()}
+    assert {backend: answer["model"]["backend"] for backend, answer in answers.items()} == {
+        ("torch", "fp32"): "torch fp32", ("torch", "bf16"): "torch fp32", ("openvino", "fp32"): "openvino fp32",
+        ("openvino", "bf16"): "openvino fp32", ("openvino", "int8"): "openvino int8"}
     reference = answers["torch", "fp32"]
     for backend, answer in answers.items():
         check_answer(answer)
@@ -198,32 +206,66 @@ def test_an_unreadable_kept_guard_is_measured_again(tmp_path, caplog):
                                                    "measured_on": "there"}]
 
 
-def test_a_cpu_without_bf16_or_vnni_serves_fp32_and_says_so_once(guarded, archives, tmp_path, monkeypatch, caplog):
+def test_a_cpu_without_bf16_units_serves_the_fastest_backend_it_has_and_says_so_once(guarded, archives, tmp_path,
+                                                                                       monkeypatch, caplog):
+    """openvino bf16 runs its IR at fp32, int8 its IR as it is (no VNNI needed), torch bf16 runs torch fp32."""
     fp32 = load_local_handler(extract_archive(archives["torch", "fp32"], tmp_path / "fp32"))
     native = load_local_handler(extract_archive(archives["openvino", "bf16"], tmp_path / "native"))
-    expected = "openvino bf16" if runtime.precision_supported("bf16") else "torch fp32"
-    assert native.backend.name == expected
+    assert native.backend.name == ("openvino bf16" if runtime.precision_supported("bf16") else "openvino fp32")
     monkeypatch.setenv(runtime.FLAGS_OFF_ENV, "bf16,vnni")
     assert not runtime.precision_supported("bf16") and not runtime.precision_supported("int8")
-    caplog.clear()  # a CPU without bf16 units has already said so once, for `native`
+    caplog.clear()  # `native`'s own warning on a CPU without bf16 units
     with caplog.at_level(logging.WARNING):
-        fallen_back = {precision: load_local_handler(extract_archive(archives[name, precision], tmp_path / precision))
-                       for name, precision in (("openvino", "bf16"), ("torch", "bf16"), ("openvino", "int8"))}
+        served = {backend: load_local_handler(extract_archive(archives[backend], tmp_path / "-".join(backend)))
+                  for backend in (("openvino", "bf16"), ("torch", "bf16"), ("openvino", "int8"))}
+    assert {backend: (handler.backend.name, handler.backend.requested) for backend, handler in served.items()} == {
+        ("openvino", "bf16"): ("openvino fp32", "openvino bf16"), ("torch", "bf16"): ("torch fp32", "torch bf16"),
+        ("openvino", "int8"): ("openvino int8", "")}
     photo = {"body": guarded.photo_bytes("img-007")}
     [(_, reference)] = predict_local(fp32, [photo])
-    for precision, handler in fallen_back.items():
-        assert handler.backend.name == "torch fp32" and handler.backend.requested.endswith(precision)
-        [(status, answer)] = predict_local(handler, [photo])
-        assert status == 200 and answer["probability"] == pytest.approx(reference["probability"], abs=1e-6)
+    for backend in (("openvino", "bf16"), ("torch", "bf16")):  # both now give the fp32 reference's answers
+        [(status, answer)] = predict_local(served[backend], [photo])
+        assert status == 200 and answer["probability"] == pytest.approx(reference["probability"], abs=1e-4)
         assert [n["image_id"] for n in answer["neighbours"]] == [n["image_id"] for n in reference["neighbours"]]
-    warnings = [record.getMessage() for record in caplog.records if "serving torch fp32" in record.getMessage()]
-    assert len(warnings) == 3 and all("this CPU has none of" in message for message in warnings)
+        assert answer["model"]["backend"] == served[backend].backend.name
+    warnings = [record.getMessage() for record in caplog.records if "but this CPU has none of" in record.getMessage()]
+    assert len(warnings) == 2 and any("serving openvino fp32" in message for message in warnings), warnings
     model, _ = load_checkpoint(guarded.run_dir / "weights" / "best.pt")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="marketplace_search.runtime"):
         for _ in range(2):
             assert runtime.load_backend(model, "torch", "bf16").name == "torch fp32"
-    assert len([record for record in caplog.records if "serving torch fp32" in record.getMessage()]) <= 1
+    assert len([record for record in caplog.records if "serving torch fp32" in record.getMessage()]) == 1
+
+
+def test_an_ir_openvino_cannot_load_serves_torch_fp32_saying_why(archives, tmp_path, caplog):
+    broken = extract_archive(archives["openvino", "bf16"], tmp_path / "broken")
+    (broken / "openvino" / "model.xml").write_text("<net name='not an IR'")
+    with caplog.at_level(logging.WARNING):
+        handler = load_local_handler(broken)
+    assert (handler.backend.name, handler.backend.requested) == ("torch fp32", "openvino bf16")
+    assert "OpenVINO could not load model.xml" in caplog.text
+
+
+def test_many_photos_are_embedded_in_openvino_with_the_fp32_answers(guarded, monkeypatch):
+    """training.embed, refresh, catalogue add (embed_rows) and the frozen trunk (training.train, evaluate)."""
+    work = guarded.run_dir.parents[1]
+    rows = pd.read_csv(work / "split.csv").query("split == 'test'")
+    model, checkpoint = load_checkpoint(guarded.run_dir / CHECKPOINT)
+    preprocess = Preprocess.from_dict(checkpoint["preprocess"])
+    cpu = torch.device("cpu")
+
+    def embedded() -> tuple:
+        return (*embed_rows(model, preprocess, rows, work / "photos", batch_size=8, workers=0),
+                trunk_outputs(model.backbone, rows, work / "photos", eval_transform(preprocess), 8, 0, cpu, None, ""))
+
+    assert runtime.embedding_backend(model, preprocess.crop, len(rows)).name == "torch fp32"  # too few to convert
+    in_torch = embedded()
+    monkeypatch.setattr(runtime, "OPENVINO_EMBED_FROM", 0)
+    monkeypatch.setattr(trunk, "OPENVINO_EMBED_FROM", 0)
+    assert runtime.embedding_backend(model, preprocess.crop, len(rows)).name == "openvino fp32"
+    for openvino, reference in zip(embedded(), in_torch):  # vectors, probabilities, trunk outputs (float16)
+        assert np.allclose(np.asarray(openvino, np.float32), np.asarray(reference, np.float32), rtol=1e-2, atol=1e-3)
 
 
 def test_unsupported_backends_and_unchecked_precisions_are_refused(guarded, tmp_path):

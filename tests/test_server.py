@@ -13,9 +13,12 @@ import pytest
 import requests
 
 from marketplace_search.files import sha256_file
+from marketplace_search.runtime import precision_supported
 from scripts import api, batch, client, serve, versions
 from scripts.archive import build_archive
 from tests.serving_fixtures import NAME, make_tiny_run
+
+DEFAULT_PRECISION = "bf16" if precision_supported("bf16") else "fp32"  # the recipe's openvino bf16 as served here
 
 pytestmark = pytest.mark.server
 
@@ -128,7 +131,7 @@ def test_release_rollback_and_retire_go_by_release_order(served, recipe, tmp_pat
             versions.release(served, served, recipe.v1.name, RELEASED, "1.0", photo=not_a_photo, warm_queries=0)
         assert versions_of() == ["2.0"]
         answer = versions.release(served, served, recipe.v1.name, RELEASED, "1.0", warm_queries=1, history=history)
-        assert answer["model"] == {"name": RELEASED, "version": "1.0"}
+        assert answer["model"] == {"name": RELEASED, "version": "1.0", "backend": f"openvino {DEFAULT_PRECISION}"}
         assert post(served, jpeg, path=RELEASED).json()["model"]["version"] == "1.0"
         assert post(served, jpeg, path=f"{RELEASED}/2.0").json()["model"]["version"] == "2.0"
         with pytest.raises(api.ApiError) as refused:

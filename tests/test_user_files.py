@@ -1,5 +1,5 @@
-"""What a user made in the default places (a run in work/, its archive in model_store/, a server in logs/) survives
-the demo, `make clean` and a second build of the same version; the demo serves beside the user's server."""
+"""What a user made in the default places (a run in work/, its archive in model_store/, a key in logs/) survives
+`make clean` and a second build of the same version (the demo beside a user's server: tests/test_readme.py)."""
 import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import re
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from marketplace_search.files import sha256_file
-from scripts import api, archive, demo, refresh, serve
+from scripts import api, archive, refresh
 from training import pipeline
 from tests.serving_fixtures import make_tiny_run
 
@@ -61,33 +61,6 @@ def test_refresh_and_pipeline_refuse_to_rewrite_an_archive_or_a_work_folder_befo
                                              rf"not \{{'data': '{made_from}'.*pass --replace to rewrite"):
             command(arguments)
     assert user_files(user) == before and not Path("work/refresh").exists()
-
-
-@pytest.mark.server
-@pytest.mark.slow
-def test_the_demo_serves_beside_a_server_on_the_default_ports_and_stops_only_its_own(user, monkeypatch, capsys):
-    monkeypatch.chdir(user)
-    try:
-        serve.check_ports_free(serve.read_properties(serve.DEFAULT_CONFIG))
-    except serve.ServerError as error:
-        pytest.skip(f"the user's server needs the default ports: {error}")
-    try:
-        serve.main(["start", "--models", f"marketplace={MAR.name}", "--wait"])
-        mar = user / MAR
-        assert (f"marketplace 1.0 ({MAR.name}): READY\n    sha256 {sha256_file(mar)[:12]}, run 2025-01-31_142233, "
-                f"12 catalogue photos") in capsys.readouterr().out
-        before = user_files(user)
-        demo.main(["--listings", "60", "--epochs", "1"])
-        printed = capsys.readouterr().out
-        assert "port 8080 is already in use" in printed and "takes free ports instead" in printed
-        assert "demo finished" in printed and (user / "work" / "demo" / MAR).is_file()
-        assert user_files(user) == before
-        assert serve.attach("work/demo/logs") is None and not serve.processes_under(user / "work" / "demo")
-        api.ping(serve.attach())  # the user's server still answers
-    finally:
-        for process in serve.processes_under(user / "work" / "demo"):
-            process.kill()
-        serve.main(["stop"])
 
 
 def test_make_clean_keeps_what_the_user_made_and_distclean_says_what_it_deletes(user, tmp_path):

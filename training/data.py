@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from marketplace_search.layout import EMBEDDINGS_DIR
-from marketplace_search.models import MarketplaceNet, embed
+from marketplace_search.models import MarketplaceNet
+from marketplace_search.runtime import embedding_backend
 from marketplace_search.presets import Preprocess, eval_transform
 
 TABLES_DIR = "tables"
@@ -84,16 +85,18 @@ def read_photo(photos_dir: Path, image_id: str) -> Image.Image:
 
 def embed_rows(model: MarketplaceNet, preprocess: Preprocess, rows, photos_dir: Path, batch_size: int = 32,
                workers: int = 2, device: torch.device = torch.device("cpu")) -> tuple[np.ndarray, np.ndarray]:
-    """`(embeddings (n, d), probabilities (n, classes))`, float32, in `rows` order; fp32 on `device`."""
+    """`(embeddings (n, d), probabilities (n, classes))`, float32, in `rows` order; fp32 on `device`, in OpenVINO
+    on the CPU for many photos (marketplace_search.runtime.embedding_backend)."""
     loader = DataLoader(ListingPhotos(rows, photos_dir, eval_transform(preprocess)),
                         batch_size=batch_size, num_workers=workers)
     model.eval()
+    backend = embedding_backend(model, preprocess.crop, len(rows), device.type)
     vectors, probabilities = [], []
     with torch.inference_mode():
-        for images, _, _ in tqdm(loader, desc="embedding", unit="batch"):
-            batch_probabilities, batch_vectors = embed(model, images.to(device))
-            vectors.append(batch_vectors.cpu().numpy())
-            probabilities.append(batch_probabilities.float().cpu().numpy())
+        for images, _, _ in tqdm(loader, desc=f"embedding ({backend.name})", unit="batch"):
+            batch_probabilities, batch_vectors = backend.forward(images)
+            vectors.append(batch_vectors)
+            probabilities.append(batch_probabilities)
     return np.concatenate(vectors), np.concatenate(probabilities)
 
 

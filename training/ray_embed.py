@@ -23,32 +23,32 @@ RESERVED_CPUS = 0.5  # left to Ray Data's own tasks: an actor pool holding every
 class Embedder:
     """One Ray actor: the checkpoint loaded once; batches of image ids in, vectors and probabilities out."""
 
-    def __init__(self, checkpoint: str, photos_dir: str, threads: int):
+    def __init__(self, checkpoint: str, photos_dir: str, threads: int, photos: int):
         import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
         import torch
 
         from marketplace_search.models import load_checkpoint
         from marketplace_search.presets import Preprocess, eval_transform
         from marketplace_search.memory import keep_freed_memory
+        from marketplace_search.runtime import embedding_backend
 
         keep_freed_memory()
         torch.set_num_threads(threads)
         self.model, saved = load_checkpoint(Path(checkpoint))
-        self.model.eval()
-        self.transform = eval_transform(Preprocess.from_dict(saved["preprocess"]))
+        preprocess = Preprocess.from_dict(saved["preprocess"])
+        self.backend = embedding_backend(self.model, preprocess.crop, photos)  # PHOTOS: the actor's share
+        self.transform = eval_transform(preprocess)
         self.photos_dir = Path(photos_dir)
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from marketplace_search.models import embed
         from training.data import read_photo
 
         images = torch.stack([self.transform(read_photo(self.photos_dir, image_id)) for image_id in rows["image_id"]])
-        with torch.inference_mode():
-            probabilities, vectors = embed(self.model, images)
-        return {"position": rows["position"], "image_id": rows["image_id"],
-                "vector": vectors.numpy().astype(np.float32), "probabilities": probabilities.float().numpy()}
+        probabilities, vectors = self.backend.forward(images)
+        return {"position": rows["position"], "image_id": rows["image_id"], "vector": vectors,
+                "probabilities": probabilities}
 
 
 @contextmanager
@@ -136,7 +136,7 @@ def embed_shards(checkpoint: Path, image_ids: list[str], photos_dir: Path, shard
         answered = dataset.map_batches(
             Embedder, batch_size=batch_size, concurrency=actors, num_cpus=cpus,
             fn_constructor_kwargs={"checkpoint": str(checkpoint), "photos_dir": str(photos_dir),
-                                   "threads": max(1, round(cpus))})
+                                   "threads": max(1, round(cpus)), "photos": len(positions) // actors})
         pending: dict[int, dict[int, tuple]] = {}
         for block in answered.iter_batches(batch_size=None, batch_format="numpy"):
             for position, vector, probability in zip(block["position"], block["vector"], block["probabilities"]):

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from marketplace_search.files import replaced_atomically
 from marketplace_search.models import MarketplaceNet
 from marketplace_search.presets import Preprocess, eval_transform, train_transform
-from marketplace_search.runtime import precision_supported
+from marketplace_search.runtime import OPENVINO_EMBED_FROM, converted_or_none, openvino_backend, precision_supported
 from training.data import ListingPhotos
 
 CACHE_DIR = "cache"
@@ -72,12 +72,35 @@ def trunk_outputs(trunk: nn.Module, rows, photos_dir: Path, transform, batch_siz
     loader = DataLoader(ListingPhotos(rows, photos_dir, transform), batch_size=batch_size,
                         num_workers=workers, shuffle=False, pin_memory=device.type == "cuda")
     trunk.eval()
-    chunks = []
-    with torch.inference_mode(), autocast(device, dtype):
+    chunks, forward = [], None
+    with torch.inference_mode():
         for images, _, _ in tqdm(loader, desc=description, unit="batch"):
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            chunks.append(trunk(images).to("cpu", torch.float16))
+            forward = forward or fastest_trunk(trunk, images.shape[1:], device, dtype, len(rows))
+            chunks.append(forward(images).to("cpu", torch.float16))
     return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.float16)
+
+
+def fastest_trunk(trunk: nn.Module, shape: torch.Size, device: torch.device, dtype: torch.dtype | None, photos: int):
+    """images -> TRUNK's outputs: compiled by OpenVINO at DTYPE's precision on the CPU for enough PHOTOS to pay
+    for the conversion (outputs kept in float16 either way), else torch under autocast."""
+    if device.type == "cpu" and photos >= OPENVINO_EMBED_FROM:
+        import openvino as ov
+
+        def convert():
+            with torch.inference_mode(False), torch.no_grad():  # traced outside the caller's inference mode
+                return ov.convert_model(trunk, example_input=torch.zeros(1, *shape), input=[(-1, *shape)])
+
+        converted = converted_or_none(convert)
+        if converted is not None:
+            compiled = openvino_backend(converted, "bf16" if dtype == torch.bfloat16 else "fp32",
+                                        torch.get_num_threads())
+            return lambda images: torch.from_numpy(compiled.forward(images)[0])
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        with autocast(device, dtype):
+            return trunk(images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
+
+    return forward
 
 
 def cached_outputs(work_dir: Path, trunk: nn.Module, rows, photos_dir: Path, view: int, key: str,
