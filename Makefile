@@ -18,12 +18,10 @@ demo: venv
 	$(PY) -m scripts.demo --out $(DEMO_OUT) $(if $(DATA),--data $(DATA)) $(ARGS)
 
 # Every tier: unit, in-process handler, real TorchServe, Ray, training (CI runs this). Two workers, each taking
-# whole test modules: most of a test's time is spent waiting on a server, a subprocess or Ray, not computing.
-# The Ray tests in a process of their own: a Ray started and stopped in-process has left later in-process
-# OpenVINO/torch work to segfault the pytest process.
+# whole test modules (the longest first, tests/conftest.py): much of a test's time is spent waiting on a
+# server, a subprocess or Ray.
 test: venv
-	$(PY) -m pytest -n 2 --dist loadfile --ignore=tests/test_ray_batch.py --ignore=tests/test_ray_embed.py
-	$(PY) -m pytest tests/test_ray_batch.py tests/test_ray_embed.py
+	$(PY) -m pytest -n 2 --dist loadfile
 
 # The inner loop: no TorchServe, no Ray, no training run.
 test-fast: venv

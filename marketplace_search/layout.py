@@ -22,6 +22,7 @@ EMBEDDINGS_DIR = "embeddings"
 INDEX_DIR = "index"
 EVALUATION = "evaluation.json"
 GUARD_REPORTS = "guard_reports.json"  # the accuracy guards measured on a run's weights (training.guard)
+KEPT_IR_DIR = "openvino_ir"  # the OpenVINO IRs converted from a run's weights, one folder a key (scripts.archive)
 
 ARCHIVE_CHECKPOINT = BEST_CHECKPOINT
 ARCHIVE_CATALOGUE = "catalogue"

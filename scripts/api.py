@@ -237,9 +237,19 @@ def management_call(target, method: str, path: str, token: str | None = None, ti
     return response.json()
 
 
-def describe(target, name: str, version: str | None = None, token: str | None = None) -> list[dict]:
-    """GET /models/NAME (the default version), /models/NAME/VERSION or, with version "all", every version."""
-    return management_call(target, "GET", f"/models/{name}" + (f"/{version}" if version else ""), token)
+def describe(target, name: str, version: str | None = None, token: str | None = None,
+             customized: bool | None = None) -> list[dict]:
+    """GET /models/NAME (the default version), /models/NAME/VERSION or, with version "all", every version;
+    CUSTOMIZED: with a worker's `customizedMetadata` (MarketplaceHandler.describe_handle)."""
+    return management_call(target, "GET", f"/models/{name}" + (f"/{version}" if version else ""), token,
+                           customized=customized)
+
+
+def worker_serves(target, name: str, version: str | None = None, token: str | None = None) -> dict:
+    """What a worker of NAME (VERSION) serves, as it describes itself: `backend`, `requested`, `catalogue`."""
+    [described] = describe(target, name, version, token, customized=True)
+    served = described["customizedMetadata"]  # TorchServe parses the handler's JSON
+    return json.loads(served) if isinstance(served, str) else served
 
 
 def register(target, mar: str | Path, name: str | None = None, *, batch_size: int | None = None,

@@ -6,12 +6,13 @@ model_config.yaml (batching, workers, the inference backend), model_card.json (d
 checkpoint sha256, the backend and its accuracy guard) and, for OpenVINO, the converted IR. Anything but torch
 fp32 is first checked by training.guard on WORK's test split: a backend whose top-1 drops more than 1 point is
 refused unless --force; the guard's report is kept in RUN/guard_reports.json and reused by the next archive of
-the same weights, backend, test photos and libraries. Two builds from one run have byte-identical members but
+the same weights, backend, test photos and libraries, as the IR is in RUN/openvino_ir/. Two builds from one run have byte-identical members but
 MANIFEST.json's createdOn. An existing archive is never replaced without --replace.
 """
 import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -27,10 +28,11 @@ import yaml
 from marketplace_search.files import sha256_file
 from marketplace_search.models import load_checkpoint, vector_dim
 from marketplace_search.layout import (ARCHIVE_CATALOGUE, ARCHIVE_DECODER, ARCHIVE_MODEL_CARD, ARCHIVE_OPENVINO,
-                                       CHECKPOINT, CORE_PACKAGE, EVALUATION, INDEX_DIR, RUN_INFO, RUN_STAMP_FORMAT,
-                                       TEXT_MODEL_DIR, read_run_info)
+                                       CHECKPOINT, CORE_PACKAGE, EVALUATION, INDEX_DIR, KEPT_IR_DIR, RUN_INFO,
+                                       RUN_STAMP_FORMAT, TEXT_MODEL_DIR, read_run_info)
 from marketplace_search.presets import Preprocess
-from marketplace_search.runtime import PRECISIONS, RUNTIMES, check_backend, save_openvino
+from marketplace_search.runtime import (OPENVINO_MODEL, PRECISIONS, RUNTIMES, check_backend, openvino_backend,
+                                        save_openvino)
 from marketplace_search.search import CATALOGUE_FILES, META_FILE, check_layout
 from marketplace_search.text import (ENCODER_DIR as TEXT_ENCODER_DIR, MODEL_FILE as TEXT_MODEL_FILE,
                                      WEIGHTS_FILE as TEXT_WEIGHTS_FILE, TextModel)
@@ -177,23 +179,35 @@ def prepare_backend(run_dir: Path, extra: Path, runtime: str, precision: str, pr
     if (runtime, precision) == ("torch", "fp32"):
         return {**section, "guard": "not needed: the fp32 reference itself"}
     work_dir = Path(work_dir) if work_dir else run_dir.resolve().parents[1]
-    batches = None
+    paths = None
     if precision == "int8":
         paths = guard.calibration_paths(work_dir, calibration)
         section["calibration"] = {"photos": len(paths), "source": str(calibration) if calibration else
                                   f"{len(paths)} train-split photos of {work_dir} (seed 0)"}
-        batches = guard.calibration_batches(paths, preprocess)
     started = time.perf_counter()
-    candidate, converted = guard.candidate_backend(run_dir / CHECKPOINT, runtime, precision, preprocess, batches,
-                                                   threads)
-    print(f"{runtime} {precision}: prepared in {time.perf_counter() - started:.1f} s", flush=True)
-    if converted is not None:
-        save_openvino(converted, extra / ARCHIVE_OPENVINO)
+    ir_dir = kept_ir(run_dir, precision, paths) if runtime == "openvino" else None
+    if ir_dir is not None and ir_dir.is_dir():
+        candidate = openvino_backend(ir_dir / OPENVINO_MODEL, precision, threads)
+        print(f"{runtime} {precision}: the IR kept in {ir_dir} (same weights, calibration and libraries)")
+    else:
+        candidate, converted = guard.candidate_backend(run_dir / CHECKPOINT, runtime, precision, preprocess,
+                                                       paths and guard.calibration_batches(paths, preprocess), threads)
+        print(f"{runtime} {precision}: prepared in {time.perf_counter() - started:.1f} s", flush=True)
+        if ir_dir is not None:
+            ir_dir.parent.mkdir(exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=ir_dir.parent) as staged:
+                save_openvino(converted, Path(staged) / "ir")
+                try:
+                    os.replace(Path(staged) / "ir", ir_dir)  # whole or not at all
+                except OSError:
+                    if not ir_dir.is_dir():  # else a concurrent build kept the same IR first
+                        raise
+    if ir_dir is not None:
+        shutil.copytree(ir_dir, extra / ARCHIVE_OPENVINO)
     if not check:
         return {**section, "guard": "not run (--no-guard): accuracy against fp32 unchecked"}
     rows = guard.guard_rows(work_dir, limit=guard_limit)
-    key = guard.guard_key(run_dir / CHECKPOINT, runtime, precision, rows, work_dir / guard.PHOTOS_DIR,
-                          paths if precision == "int8" else None)
+    key = guard.guard_key(run_dir / CHECKPOINT, runtime, precision, rows, work_dir / guard.PHOTOS_DIR, paths)
     kept = guard.kept_guard(run_dir, key) if reuse_guard else None
     if kept is None:
         report, measured_on = guard.run_guard(run_dir, work_dir, candidate, guard_limit, rows), str(run_dir.resolve())
@@ -213,6 +227,17 @@ def prepare_backend(run_dir: Path, extra: Path, runtime: str, precision: str, pr
                            f"fp32 on {report['photos']} test photos (limit {100 * guard.MAX_TOP1_DROP:.0f}): "
                            f"not archived (--force to archive it anyway)")
     return section
+
+
+def kept_ir(run_dir: Path, precision: str, calibration: list[Path] | None) -> Path:
+    """RUN/openvino_ir/<key>: the IR of RUN's weights (int8: quantized on CALIBRATION) kept for the next build, keyed
+    by everything the conversion read."""
+    from training.guard import GUARD_LIBRARIES, package_version
+
+    key = {"checkpoint_sha256": sha256_file(run_dir / CHECKPOINT), "int8": precision == "int8",
+           "calibration": [sha256_file(path) for path in calibration or ()],
+           "libraries": {name: package_version(name) for name in GUARD_LIBRARIES}}
+    return run_dir / KEPT_IR_DIR / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def archive_path(store: Path, name: str, version: str, output_name: str = OUTPUT_NAME, replace: bool = False,

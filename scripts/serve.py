@@ -333,7 +333,19 @@ def print_status(server: Server) -> None:
             workers = ", ".join(worker["status"] for worker in version.get("workers", [])) or "no workers"
             mar = Path(server.properties["model_store"], version["modelUrl"].removeprefix("file://"))
             print(f"  {version['modelName']} {version['modelVersion']} ({version['modelUrl']}): {workers}\n"
-                  f"    {describe_archive(mar)}")
+                  f"    {describe_archive(mar)}{served_backend(server, version)}")
+
+
+def served_backend(server: Server, version: dict) -> str:
+    """", backend X" as a READY worker of VERSION reports it (with what the archive asked for, if other)."""
+    if not any(worker["status"] == "READY" for worker in version.get("workers", [])):
+        return ""
+    try:
+        served = api.worker_serves(server, version["modelName"], version["modelVersion"])
+    except (api.ApiError, KeyError, ValueError):
+        return ", backend unknown (the worker did not describe itself)"
+    asked = f" (the archive asks for {served['requested']})" if served["requested"] != served["backend"] else ""
+    return f", backend {served['backend']}{asked}"
 
 
 def main(argv=None) -> None:

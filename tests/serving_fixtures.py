@@ -16,12 +16,15 @@ import pytest
 import requests
 from PIL import Image
 
+from marketplace_search.runtime import precision_supported
 from scripts import api
 from scripts.records import extract_archive  # noqa: F401
 from scripts.serve import serving as running_server  # noqa: F401
 from training.tiny_run import CLASSES, TINY_PREPROCESS, TinyRun, make_tiny_run, photo_jpeg  # noqa: F401
 
 NAME = "marketplace"
+# What the recipe's archives (openvino bf16, the default) run here: fp32 on a CPU without bf16 units.
+RECIPE_BACKEND = f"openvino {'bf16' if precision_supported('bf16') else 'fp32'}"
 
 
 def png_with_declared_size(width: int, height: int) -> bytes:

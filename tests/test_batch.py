@@ -18,7 +18,7 @@ from marketplace_search.schema import ANSWER_FIELDS
 from scripts import api, batch
 from scripts.records import (FILE_ERROR, REFUSED_INPUT, FatalError, RefusedInput, answer_local_batch, extract_archive,
                              file_error, model_folder, read_input)
-from tests.serving_fixtures import NAME, assert_same_answers, by_key, photo_jpeg, read_jsonl
+from tests.serving_fixtures import NAME, RECIPE_BACKEND, assert_same_answers, by_key, photo_jpeg, read_jsonl
 
 pytestmark = pytest.mark.server
 
@@ -70,7 +70,7 @@ def test_local_answers_every_input_once_with_bad_files_as_errors(batch_inputs, l
     for (image_id, _), line in local_lines.items():
         if line["status"] == "ok":
             assert set(line) == {"image_id", "path", "status", *ANSWER_FIELDS}
-            assert line["model"] == {"name": NAME, "version": "1.0", "backend": "torch fp32"}
+            assert line["model"] == {"name": NAME, "version": "1.0", "backend": RECIPE_BACKEND}
             assert len(line["neighbours"]) == 6  # every listing of the tiny catalogue
     for number in range(12):  # photos that are in the catalogue find themselves first
         line = local_lines[(f"p{number:03d}", str(batch_inputs.folder / f"p{number:03d}.jpg"))]

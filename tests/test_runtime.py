@@ -19,7 +19,7 @@ from PIL import Image
 from handlers.local import load_local_handler, predict_local
 from marketplace_search import runtime
 from marketplace_search.images import decode_image
-from marketplace_search.layout import CHECKPOINT, GUARD_REPORTS
+from marketplace_search.layout import CHECKPOINT, GUARD_REPORTS, KEPT_IR_DIR
 from marketplace_search.models import MarketplaceNet, load_checkpoint
 from marketplace_search.presets import Preprocess, collate_images, eval_transform
 from marketplace_search.schema import check_answer
@@ -152,6 +152,8 @@ def test_a_kept_guard_is_reused_while_what_it_read_is_unchanged(guarded, archive
     first = json.loads(archive_member(archives["openvino", "bf16"], "model_card.json"))["inference"]["guard"]
     assert first["measured_on"] == str(guarded.run_dir.resolve())
     monkeypatch.setattr(guard, "run_guard", Mock(side_effect=AssertionError("the guard was measured again")))
+    assert (guarded.run_dir / KEPT_IR_DIR).is_dir()  # and the IR is kept: converting again would fail here
+    monkeypatch.setattr(guard, "candidate_backend", Mock(side_effect=AssertionError("converted again")))
     again = build_archive(guarded.run_dir, tmp_path, "again", "1.0", runtime="openvino", precision="bf16")
     assert json.loads(archive_member(again, "model_card.json"))["inference"]["guard"] == first
     with pytest.raises(AssertionError, match="measured again"):
@@ -238,13 +240,17 @@ def test_a_cpu_without_bf16_units_serves_the_fastest_backend_it_has_and_says_so_
     assert len([record for record in caplog.records if "serving torch fp32" in record.getMessage()]) == 1
 
 
-def test_an_ir_openvino_cannot_load_serves_torch_fp32_saying_why(archives, tmp_path, caplog):
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_an_ir_openvino_cannot_load_serves_torch_fp32_saying_why(archives, damage, tmp_path, caplog):
     broken = extract_archive(archives["openvino", "bf16"], tmp_path / "broken")
-    (broken / "openvino" / "model.xml").write_text("<net name='not an IR'")
+    if damage == "corrupt":
+        (broken / "openvino" / "model.xml").write_text("<net name='not an IR'")
+    else:
+        shutil.rmtree(broken / "openvino")
     with caplog.at_level(logging.WARNING):
         handler = load_local_handler(broken)
     assert (handler.backend.name, handler.backend.requested) == ("torch fp32", "openvino bf16")
-    assert "OpenVINO could not load model.xml" in caplog.text
+    assert "OpenVINO could not load openvino/model.xml" in caplog.text and "serving torch fp32" in caplog.text
 
 
 def test_many_photos_are_embedded_in_openvino_with_the_fp32_answers(guarded, monkeypatch):

@@ -10,10 +10,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from marketplace_search.runtime import precision_supported
 from scripts import api
 from scripts.archive import MAX_BATCH_DELAY
-from scripts.benchmark.bare import REFERENCE, Subject
+from scripts.benchmark.bare import Subject
 from scripts.benchmark.common import NUM_CLASSES, bench_run, percentiles_ms, served_archive, worker_memory
 
 NAME = "bench"
@@ -156,11 +155,11 @@ def bench_served(subject: Subject, photos: list[bytes], settings: dict, bare_row
                             classes=[f"category {number}" for number in range(NUM_CLASSES)])
         for backend, batch_size in settings["served"]:
             runtime, precision = backend.split()
-            runs = backend if precision_supported(precision) else REFERENCE  # the worker's own fallback
-            config = {"backend": backend if runs == backend else f"{backend} (runs {runs} here)",
-                      "batching": f"{batch_size} / {MAX_BATCH_DELAY} ms" if batch_size > 1 else "off"}
             with served_archive(run_dir, scratch, NAME, batch_size=batch_size, runtime=runtime,
                                 precision=precision) as (server, ready):
+                runs = api.worker_serves(server, NAME)["backend"]  # on a CPU without bf16 units, fp32
+                config = {"backend": backend if runs == backend else f"{backend} (runs {runs} here)",
+                          "batching": f"{batch_size} / {MAX_BATCH_DELAY} ms" if batch_size > 1 else "off"}
                 print(f"served: {config} READY in {ready:.1f} s", flush=True)
                 config.update(ready_s=ready, uss_ready_mb=worker_memory(server)["uss_mb"])
                 url, token = api.prediction_url(server, NAME), server.token("inference")
