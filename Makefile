@@ -18,10 +18,10 @@ demo: venv
 	$(PY) -m scripts.demo --out $(DEMO_OUT) $(if $(DATA),--data $(DATA)) $(ARGS)
 
 # Every tier: unit, in-process handler, real TorchServe, Ray, training (CI runs this). Two workers, each taking
-# whole test modules (the longest first, tests/conftest.py): much of a test's time is spent waiting on a
-# server, a subprocess or Ray.
+# whole test modules in the order tests/conftest.py gives (the longest first; not xdist's most-tests-first):
+# much of a test's time is spent waiting on a server, a subprocess or Ray.
 test: venv
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # The inner loop: no TorchServe, no Ray, no training run.
 test-fast: venv
