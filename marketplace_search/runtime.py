@@ -183,10 +183,11 @@ def embedding_backend(model: MarketplaceNet, crop: int, photos: int, device: str
         converted = converted_or_none(lambda: convert_openvino(model, crop))
         if converted is not None:
             return openvino_backend(converted, "fp32", torch.get_num_threads())
+    model.eval()
 
     def forward(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():
-            return tuple(output.float().cpu().numpy() for output in embed(model.eval(), images.to(device)))
+            return tuple(output.float().cpu().numpy() for output in embed(model, images.to(device)))
 
     return Backend("torch", "fp32", forward, model)
 

@@ -6,8 +6,8 @@ model_config.yaml (batching, workers, the inference backend), model_card.json (d
 checkpoint sha256, the backend and its accuracy guard) and, for OpenVINO, the converted IR. Anything but torch
 fp32 is first checked by training.guard on WORK's test split: a backend whose top-1 drops more than 1 point is
 refused unless --force; the guard's report is kept in RUN/guard_reports.json and reused by the next archive of
-the same weights, backend, test photos and libraries, as the IR is in RUN/openvino_ir/. Two builds from one run have byte-identical members but
-MANIFEST.json's createdOn. An existing archive is never replaced without --replace.
+the same weights, backend, test photos and libraries, as the IR is in RUN/openvino_ir/. Two builds from one run
+have byte-identical members but MANIFEST.json's createdOn. An existing archive is never replaced without --replace.
 """
 import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 

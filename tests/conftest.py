@@ -89,8 +89,8 @@ FIRST = ("test_readme", "test_benchmark", "test_ray_batch", "test_server", "test
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: FIRST.index(item.module.__name__.rsplit(".", 1)[-1])
-               if item.module.__name__.rsplit(".", 1)[-1] in FIRST else len(FIRST))
+    rank = {f"tests.{name}": place for place, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(FIRST)))  # stable: the rest keep their order
 
 
 # Modules with a failed or erroring test: their folders are kept to look into (pytest keeps the last session's).

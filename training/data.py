@@ -89,14 +89,12 @@ def embed_rows(model: MarketplaceNet, preprocess: Preprocess, rows, photos_dir: 
     on the CPU for many photos (marketplace_search.runtime.embedding_backend)."""
     loader = DataLoader(ListingPhotos(rows, photos_dir, eval_transform(preprocess)),
                         batch_size=batch_size, num_workers=workers)
-    model.eval()
     backend = embedding_backend(model, preprocess.crop, len(rows), device.type)
     vectors, probabilities = [], []
-    with torch.inference_mode():
-        for images, _, _ in tqdm(loader, desc=f"embedding ({backend.name})", unit="batch"):
-            batch_probabilities, batch_vectors = backend.forward(images)
-            vectors.append(batch_vectors)
-            probabilities.append(batch_probabilities)
+    for images, _, _ in tqdm(loader, desc=f"embedding ({backend.name})", unit="batch"):
+        batch_probabilities, batch_vectors = backend.forward(images)
+        vectors.append(batch_vectors)
+        probabilities.append(batch_probabilities)
     return np.concatenate(vectors), np.concatenate(probabilities)
 
 
