@@ -9,7 +9,9 @@ DEMO_OUT ?= work/demo
 
 venv: $(VENV)/.installed
 
+# Debian's chromium for the search page's browser tests (Playwright drives it; it downloads no browser).
 $(VENV)/.installed: pyproject.toml
+	test -x /usr/bin/chromium || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -e '.[train,scale,test]'
 	touch $@

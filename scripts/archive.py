@@ -95,6 +95,7 @@ def model_card(run_dir: Path, info: dict, checkpoint: dict, checkpoint_sha256: s
         "version": version,
         "created": created.isoformat(timespec="seconds"),
         "run": run_dir.name,
+        "work": str(run_dir.resolve().parents[1]),  # its tables and photos: what the search page shows
         "data": info.get("data", "unknown (no data source in run.json)"),
         "weights_source": info.get("weights_source"),
         "training": {"config": checkpoint["config"], "epoch": checkpoint["epoch"], "metrics": checkpoint["metrics"],

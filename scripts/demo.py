@@ -6,11 +6,12 @@ ports when another server holds them, is stopped at the end unless --keep-runnin
 """
 import faiss  # noqa: F401  (before torch: both bring OpenMP)
 import argparse
+import socket
 import time
 from pathlib import Path
 
 from scripts.archive import PRECISION, RUNTIME, build_archive
-from scripts import api
+from scripts import api, web
 from scripts.client import format_answer
 from scripts.serve import (DEFAULT_CONFIG, PORT_OPTIONS, ServerError, check_ports_free, free_ports, read_properties,
                            start_server)
@@ -25,6 +26,7 @@ SHARED = REPO.parent / "shared"
 SHARED_DATA = SHARED / "data" / "marketplace"
 SHARED_WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet_features.pth"
 MODEL_NAME = "marketplace"
+PAGE_PORT = 8090
 
 
 def choose_data(data: Path | None, out: Path, listings: int) -> tuple[Path, int, str]:
@@ -68,6 +70,14 @@ def demo_ports() -> dict[str, int]:
         return ports
 
 
+def page_port() -> int:
+    """The search page's usual port, or a free one when something holds it."""
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", PAGE_PORT)) != 0:
+            return PAGE_PORT
+    return free_ports(1)[0]
+
+
 def pick_query(work: Path, data: Path) -> tuple[Path, dict]:
     """A raw photo of a test-split listing (never trained on) and its listing row."""
     split = load_split(work)
@@ -104,6 +114,9 @@ def main(argv=None) -> None:
     server = start_server(store, workdir=workdir, models={MODEL_NAME: mar.name}, **demo_ports())
     try:
         server.wait_ready(MODEL_NAME, timeout=180)
+        page = web.start_page(workdir, server.inference_url, [args.out], page_port(),
+                              key_file=server.workdir / api.KEY_FILE)
+        print(f"\nsearch page: {page} (drop a photo there to see its category and the similar listings)")
         photo, listing = pick_query(args.out, data)
         print(f"\nPOST {server.inference_url}/predictions/{MODEL_NAME}  <- {photo.name}\n"
               f"  a photo of '{listing['title']}' ({listing['category']}), a test-split listing: the model\n"
@@ -115,9 +128,10 @@ def main(argv=None) -> None:
                                             title=listing["title"][:300])))
     finally:
         if not args.keep_running:
+            web.stop_page(workdir)
             server.stop()
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s"
-          + (f"; TorchServe still runs at {server.inference_url}: stop it with\n"
+          + (f"; TorchServe still runs at {server.inference_url} and the search page at {page}: stop both with\n"
              f"  python -m scripts.serve stop --workdir {workdir}" if args.keep_running else ""))
 
 

@@ -21,7 +21,7 @@ import requests
 
 from marketplace_search.files import sha256_file
 from marketplace_search.layout import ARCHIVE_MODEL_CARD
-from scripts import api
+from scripts import api, web
 from scripts.versions import HISTORY_FILE, released_default
 
 REPO = Path(__file__).resolve().parents[1]
@@ -325,6 +325,16 @@ def describe_archive(mar: Path) -> str:
     return f"sha256 {sha256_file(mar)[:12]}, run {card['run']}, {card['catalogue']['count']} catalogue photos"
 
 
+def archive_work(mar: Path) -> Path:
+    """The training work folder an archive was made from (its tables and photos), from its model card."""
+    with zipfile.ZipFile(mar) as archive:
+        card = json.loads(archive.read(ARCHIVE_MODEL_CARD))
+    if not card.get("work") or not Path(card["work"]).is_dir():
+        raise SystemExit(f"{mar.name} does not name a work folder on this machine ({card.get('work')}): "
+                         f"pass the catalogue's photos with --photos")
+    return Path(card["work"])
+
+
 def print_status(server: Server) -> None:
     print(f"TorchServe pid {server.pid}: inference {server.inference_url}, management {server.management_url}, "
           f"metrics {server.metrics_url}; logs in {server.workdir}")
@@ -362,6 +372,10 @@ def main(argv=None) -> None:
                              "(scripts.versions, scripts.refresh --release); off by default")
     parser.add_argument("--wait", action="store_true", help="start: wait until every --models model is READY")
     parser.add_argument("--timeout", type=float, default=180, help="seconds for --wait")
+    parser.add_argument("--page", action="store_true", help="start: the search page too (python -m scripts.web)")
+    parser.add_argument("--page-port", type=int, default=8090)
+    parser.add_argument("--photos", type=Path, action="append",
+                        help="the page's catalogue photos (default: the work folder of the first model's run)")
     args = parser.parse_args(argv)
     if args.command == "start":
         models = released_models(parse_models(args.models), args.model_store)
@@ -371,7 +385,14 @@ def main(argv=None) -> None:
             for name in models:
                 server.wait_ready(name, timeout=args.timeout)
         print_status(server)
+        if args.page:
+            photos = args.photos or [archive_work(args.model_store / mar) for mar in list(models.values())[:1]]
+            address = web.start_page(args.workdir, server.inference_url, photos, args.page_port,
+                                     key_file=server.workdir / api.KEY_FILE)
+            print(f"search page: {address}")
         return
+    if args.command == "stop" and (pid := web.stop_page(args.workdir)):
+        print(f"stopped the search page, pid {pid}")
     server = attach(args.workdir)
     if server is None:
         print(f"no TorchServe running from {args.workdir.resolve()}")
@@ -380,6 +401,8 @@ def main(argv=None) -> None:
         return
     if args.command == "status":
         print_status(server)
+        if address := web.page_address(args.workdir):
+            print(f"search page: {address}")
     else:
         server.stop()
         print(f"stopped TorchServe pid {server.pid}")

@@ -19,7 +19,7 @@ import requests
 
 from marketplace_search.files import sha256_file
 from marketplace_search.schema import check_answer
-from scripts import api, serve
+from scripts import api, serve, web
 from tests.conftest import skip_or_fail
 from tests.serving_fixtures import (assert_same_answers, by_key, photo_jpeg, read_jsonl, write_listings,
                                     write_new_listings)
@@ -40,6 +40,7 @@ NOT_RUN = {
     "scripts.benchmark": "runs for minutes (--quick) to an hour; tests/test_benchmark.py runs its sections",
 }
 NO_KEY = ("TS_TOKEN", "TS_INFERENCE_TOKEN")
+PAGE = "http://127.0.0.1:8090"  # the search page of the README's `serve start --page`
 
 
 def readme_commands() -> list[str]:
@@ -108,6 +109,7 @@ def clone(recipe, module_tmp):
     """The recipe laid out as a clone with the files the commands name; the README's server stopped at the end."""
     try:
         serve.check_ports_free(serve.read_properties(serve.DEFAULT_CONFIG))
+        serve.check_ports_free({"inference_address": PAGE})
     except serve.ServerError as error:
         skip_or_fail(f"the README's commands need TorchServe's default ports: {error}")
     folder = module_tmp("readme")
@@ -127,6 +129,7 @@ def clone(recipe, module_tmp):
     photos = {image_id: recipe.run.photo_bytes(image_id) for image_id in kept}
     write_listings(folder / "new_catalogue", {**kept, **fresh}, {**photos, "fresh-photo": photo_jpeg(777)})
     yield Clone(folder)
+    web.stop_page(folder / serve.DEFAULT_WORKDIR)
     running = serve.attach(folder / serve.DEFAULT_WORKDIR)
     if running is not None:
         running.stop()
@@ -182,6 +185,10 @@ def test_releases_a_refresh_and_a_rollback_after_a_restart(clone):
 def test_the_served_run_answers_every_documented_request_with_keys_found_as_documented(clone):
     clone.run("--models marketplace=marketplace-v1.0.mar --wait")
     assert clone.default_version() == "1.0"  # restarted again after the rollback: still 1.0
+    found = requests.post(f"{PAGE}/api/search", files={"photo": ("photo.jpg", (clone.folder / "photo.jpg").read_bytes())},
+                          headers={web.PAGE_HEADER: "1"}, timeout=60).json()  # --page: the archive's work folder
+    assert found["model"]["version"] == "1.0" and requests.get(f"{PAGE}/photos/{found['neighbours'][0]['image_id']}",
+                                                               timeout=10).headers["content-type"] == "image/jpeg"
     assert clone.run("scripts.client some_photo.jpg").startswith("category: ")
     clone.run("KEY=$(python -c")
     clone.run('AUTH="Authorization: Bearer $KEY"')
@@ -234,7 +241,13 @@ def test_the_demo_beside_the_readme_server_takes_free_ports_and_leaves_the_user_
     assert {path: sha256_file(path) for path in before} == before
     assert serve.attach(folder / "work" / "demo" / "logs") is None and not serve.processes_under(folder / "work" / "demo")
     assert clone.default_version() == "1.0"  # the README's server still answers
+    [page] = re.findall(r"^search page: (http://127\.0\.0\.1:\d+/) ", printed, re.MULTILINE)
+    assert page != f"{PAGE}/" and requests.get(PAGE, timeout=10).ok  # the README's page holds 8090
+    with pytest.raises(requests.ConnectionError):
+        requests.get(page, timeout=10)  # the demo's page stopped with its server
     clone.run("scripts.serve stop")
+    with pytest.raises(requests.ConnectionError):
+        requests.get(PAGE, timeout=10)
 
 
 def test_the_live_catalogue_and_ray_on_the_archive(clone):

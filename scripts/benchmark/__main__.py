@@ -3,7 +3,8 @@ in one run on one machine (named in the header), so that ratios within a run com
 
 Sections: bare (the model in-process per backend), served (TorchServe against bare), index (what
 index_type="auto" picks), live (the live catalogue while served), text (what a title costs a request), words
-(the catalogue's words at each size), soak (the worker's memory over many mixed requests).
+(the catalogue's words at each size), soak (the worker's memory over many mixed requests), page (what the
+search page adds to a request).
 
   python -m scripts.benchmark --quick        # 2.5 minutes on 2 idle cores (AMD EPYC Zen 4)
   python -m scripts.benchmark --run RUN --work WORK --photos WORK/photos --output bench.md --json bench.json
@@ -27,11 +28,12 @@ from scripts.benchmark.bare import BACKENDS, REFERENCE, bench_bare, load_subject
 from scripts.benchmark.common import generate_photos, interruptible, read_photos
 from scripts.benchmark.index import bench_index
 from scripts.benchmark.live import bench_live
+from scripts.benchmark.page import bench_page
 from scripts.benchmark.served import bench_served
 from scripts.benchmark.soak import bench_soak
 from scripts.benchmark.words import bench_text, bench_words
 
-SECTIONS = ("bare", "served", "index", "live", "text", "words", "soak")
+SECTIONS = ("bare", "served", "index", "live", "text", "words", "soak", "page")
 DEFAULT_BACKEND = f"{RUNTIME} {PRECISION}"
 FULL = {"num_photos": 16, "photo_size": (640, 480), "phone_photos": 4, "phone_size": (4032, 3024),
         "backends": list(BACKENDS), "batches": [1, 8, 32], "min_seconds": 2.0, "min_repeats": 3,
@@ -40,13 +42,14 @@ FULL = {"num_photos": 16, "photo_size": (640, 480), "phone_photos": 4, "phone_si
         "warm_up_requests": 200,
         "sizes": [10_000, 100_000, 1_000_000], "dim": 256, "queries": 1000, "single_queries": 200,
         "ef_search": [64, 128, 256], "live_add_photos": 1000, "live_removes": 5, "text_requests": 100,
-        "words_queries": 100, "soak_requests": 20_000, "soak_every": 1_000, "soak_clients": 8}
+        "words_queries": 100, "soak_requests": 20_000, "soak_every": 1_000, "soak_clients": 8,
+        "page_requests": 200}
 PROFILES = {"full": FULL, "quick": {
     **FULL, "num_photos": 8, "phone_photos": 2, "backends": [REFERENCE, DEFAULT_BACKEND], "min_seconds": 0.5,
     "min_repeats": 2, "served": [(DEFAULT_BACKEND, BATCH_SIZE)], "requests": 32, "max_load_seconds": 5.0,
     "warm_up_requests": 100, "sizes": [10_000, 50_000], "queries": 500, "single_queries": 100,
     "ef_search": [64, 128], "live_add_photos": 50, "live_removes": 2, "text_requests": 30, "words_queries": 30,
-    "soak_requests": 600, "soak_every": 100}}
+    "soak_requests": 600, "soak_every": 100, "page_requests": 30}}
 
 
 def parse_sections(text: str) -> list[str]:
@@ -137,7 +140,7 @@ def run_sections(settings: dict, photos: list[bytes]) -> dict:
              "served": lambda: bench_served(subject, photos, settings, sections.get("bare", {}).get("rows", [])),
              "index": lambda: bench_index(settings), "live": lambda: bench_live(settings),
              "text": lambda: bench_text(photos, settings), "words": lambda: bench_words(settings),
-             "soak": lambda: bench_soak(photos, settings)}
+             "soak": lambda: bench_soak(photos, settings), "page": lambda: bench_page(photos, settings)}
     for name in (name for name in SECTIONS if name in chosen):
         load, started = os.getloadavg()[0], time.perf_counter()  # the load says how much a shared machine disturbed it
         sections[name] = calls[name]()

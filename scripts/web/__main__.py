@@ -1,0 +1,3 @@
+from scripts.web import main
+
+main()
