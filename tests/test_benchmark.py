@@ -162,10 +162,10 @@ def test_the_sections_on_a_real_torchserve_and_sigterm_stops_every_server_the_be
         short_tmp, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(short_tmp))
     tiny_run = short_tmp / "runs" / "2025-01-31_142233"
-    settings = {**cli.PROFILES["quick"], "sections": ["served", "live", "words", "soak"], "run": tiny_run,
+    settings = {**cli.PROFILES["quick"], "sections": ["served", "live", "words", "soak", "page"], "run": tiny_run,
                 "served": [("torch fp32", 2)], "concurrency": [1, 2], "requests": 4, "warm_up_requests": 4,
                 "live_add_photos": 4, "live_removes": 1, "photo_size": (64, 48), "sizes": [50], "words_queries": 3,
-                "soak_requests": 12, "soak_every": 6, "soak_clients": 2, "phone_size": (320, 240)}
+                "soak_requests": 12, "soak_every": 6, "soak_clients": 2, "phone_size": (320, 240), "page_requests": 2}
     sections = cli.run_sections(settings, common.generate_photos(4, size=(64, 48)))
     rows = sections["served"]["rows"]
     assert [(row["backend"], row["batching"], row["concurrency"]) for row in rows] == [
@@ -179,6 +179,9 @@ def test_the_sections_on_a_real_torchserve_and_sigterm_stops_every_server_the_be
     assert row["speed_up"] == row["exact_p50_ms"] / row["pruned_p50_ms"] and row["query"] == "listing's row"
     assert [sample["answered"] for sample in sections["soak"]["rows"]] == [6, 12]
     assert all(sample["unexpected"] == 0 for sample in sections["soak"]["rows"])  # truncated photos got a 4xx
+    direct, page, thumbnail = sections["page"]["rows"]
+    assert [row["requests"] for row in (direct, page, thumbnail)] == [2, 2, 2]
+    assert page["extra_p50_ms"] == page["p50_ms"] - direct["p50_ms"]
     assert processes_under(short_tmp) == []
     log = short_tmp / "benchmark.log"
     with open(log, "w") as output:
