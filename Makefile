@@ -9,9 +9,11 @@ DEMO_OUT ?= work/demo
 
 venv: $(VENV)/.installed
 
-# Debian's chromium for the search page's browser tests (Playwright drives it; it downloads no browser).
+# Debian's chromium for the search page's browser tests (Playwright drives it; it downloads no browser) and nginx,
+# the fleet's entry point (tests/test_deploy.py runs it as each pod does); the service the package starts is stopped.
 $(VENV)/.installed: pyproject.toml
-	test -x /usr/bin/chromium || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+	test -x /usr/bin/chromium -a -x /usr/sbin/nginx || { apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium nginx && { service nginx stop || true; }; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -e '.[train,scale,test]'
 	touch $@
