@@ -8,7 +8,9 @@ import argparse
 import io
 import json
 import sys
+import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from PIL import Image
 from marketplace_search.files import write_json_atomically
 from marketplace_search.layout import ARCHIVE_MANIFEST
 from marketplace_search.schema import AnswerError, check_answer as check_contract
-from scripts import api
+from scripts import api, gate
 from scripts.api import DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL, ApiError, describe, register, set_default, \
     unregister
 
@@ -32,6 +34,22 @@ class ReleaseError(RuntimeError):
 
 class CanaryError(ReleaseError):
     """The new version did not answer its canary query with the contract's answer."""
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One server of a fleet: its management and inference targets (URLs, or a running scripts.serve Server)."""
+
+    management: object
+    inference: object
+
+    def __str__(self) -> str:
+        return str(getattr(self.inference, "inference_url", self.inference))
+
+
+def entry_replica(address: str) -> Replica:
+    """A replica behind the fleet's entry point (deploy/): inference at ADDRESS, management at ADDRESS/management."""
+    return Replica(f"{address.rstrip('/')}/management", address.rstrip("/"))
 
 
 def version_key(version: str):
@@ -86,6 +104,16 @@ def released_default(history_file: Path | None, name: str) -> dict | None:
     return {"version": version, "mar": model["archives"].get(version)}
 
 
+def record_gate(history_file: Path | None, name: str, figures: dict) -> None:
+    """Append a release's accuracy gate figures, passed or refused, to NAME's history."""
+    if history_file is None:
+        return
+    history = read_history(history_file)
+    model = history.setdefault(name, {"defaults": [], "archives": {}})
+    model.setdefault("gates", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **figures})
+    write_json_atomically(history_file, history)
+
+
 def record_default(history_file: Path | None, name: str, version: str, archives: dict[str, str],
                    previous: str | None = None, rolled_back: bool = False) -> None:
     """Note VERSION as NAME's default, pushed on release (after the default it replaced) or popped back to on a
@@ -119,38 +147,80 @@ def current_default(url, name: str, token: str | None) -> str | None:
         raise
 
 
-def release(url, inference_url, mar: str, name: str, version: str, *, token: str | None = None,
-            inference_token: str | None = None, initial_workers: int = 1, warm_queries: int = 3,
-            photo: Path | None = None, timeout: float = 180, history: Path | None = None) -> dict:
-    """Register, warm and canary the version, then make it the default (in HISTORY too); on any failure it is
-    unregistered. Returns the canary answer."""
-    previous = current_default(url, name, token)
-    registered = {} if previous is None else registered_archives(describe(url, name, "all", token))
+def release(url, inference_url, mar: str, name: str, version: str, **options) -> dict:
+    """release_fleet on one server: URL's management API, INFERENCE_URL's predictions."""
+    return release_fleet([Replica(url, inference_url)], mar, name, version, **options)
+
+
+def release_fleet(fleet: list[Replica], mar: str, name: str, version: str, *, token: str | None = None,
+                  inference_token: str | None = None, initial_workers: int = 1, warm_queries: int = 3,
+                  photo: Path | None = None, timeout: float = 180, history: Path | None = None,
+                  evaluation: Path | None = None, margin: float = gate.MARGIN) -> dict:
+    """Register the version on every replica, warm and canary it on each, gate its accuracy on EVALUATION (when
+    given), then make it the default on each (in HISTORY too). Any failure unregisters it everywhere, and a
+    set-default that fails on one replica puts the others back: the fleet never serves two defaults. Returns
+    the first replica's canary answer."""
+    defaults = {str(replica): current_default(replica.management, name, token) for replica in fleet}
+    previous = defaults[str(fleet[0])]
+    if len(set(defaults.values())) > 1:
+        raise ReleaseError(f"the replicas serve different defaults of {name} ({defaults}): `sync` them first")
+    registered = {} if previous is None else registered_archives(describe(fleet[0].management, name, "all", token))
     if version in registered:
         raise ReleaseError(f"{name} {version} is already registered: a version label names one archive for good; "
                            f"release a new version")
-    register(url, mar, name, initial_workers=initial_workers, synchronous=True, token=token)
+    placed = []
     try:
-        api.wait_ready(url, name, version, timeout, token)
-        query = canary_photo(photo)
-        for _ in range(warm_queries):
-            api.predict(inference_url, query, model=name, version=version, token=inference_token)
-        answer = api.predict(inference_url, query, model=name, version=version, token=inference_token)
-        check_answer(answer, name, version)
-    except Exception as error:  # any failure of the canary (a refusal, a crash, a malformed answer) fails it
-        unregister(url, name, version, token)
+        for replica in fleet:
+            register(replica.management, mar, name, initial_workers=initial_workers, synchronous=True, token=token)
+            placed.append(replica)
+        answers = [canary(replica, name, version, token, inference_token, warm_queries, photo, timeout)
+                   for replica in fleet]
+        if evaluation is not None:
+            figures = gate.gate(fleet[0].inference, name, version, previous, evaluation, inference_token, margin)
+            record_gate(history, name, figures)
+            print(gate.describe(figures), flush=True)
+    except Exception as error:  # a refusal, a crash, a malformed answer, a loss of accuracy: nowhere a default
+        for replica in placed:
+            unregister(replica.management, name, version, token)
+        if isinstance(error, gate.GateError):
+            record_gate(history, name, error.figures)
+            raise ReleaseError(f"{error}; {version} was unregistered from {len(placed)} replica(s)") from error
         raise CanaryError(f"{name} {version} failed its canary and was unregistered: "
                           f"{type(error).__name__}: {error}") from error
-    set_default(url, name, version, token)
+    switched = []
+    try:
+        for replica in fleet:
+            set_default(replica.management, name, version, token)
+            switched.append(replica)
+    except ApiError as error:
+        for replica in switched:
+            set_default(replica.management, name, previous, token)
+        for replica in placed:
+            unregister(replica.management, name, version, token)
+        raise ReleaseError(f"{name} {version}: set-default failed on {fleet[len(switched)]} ({error}); every "
+                           f"replica is back on {previous}") from error
     record_default(history, name, version, {**registered, version: mar}, previous)
+    return answers[0]
+
+
+def canary(replica: Replica, name: str, version: str, token, inference_token, warm_queries: int, photo, timeout):
+    """The version READY on REPLICA, warmed, and its answer to the canary photo checked."""
+    api.wait_ready(replica.management, name, version, timeout, token)
+    query = canary_photo(photo)
+    for _ in range(warm_queries):
+        api.predict(replica.inference, query, model=name, version=version, token=inference_token)
+    answer = api.predict(replica.inference, query, model=name, version=version, token=inference_token)
+    check_answer(answer, name, version)
     return answer
 
 
 def rollback(url, name: str, to: str | None = None, token: str | None = None,
              history: Path | None = None) -> tuple[str, str]:
     """Make TO, else the previous default (without a history, the newest version older than the default), the
-    default, registering it again if need be; returns (old default, new default)."""
-    every, default = versions_of(url, name, token)
+    default on URL (a management target, or a list of every replica's), registering it again where need be;
+    returns (old default, new default)."""
+    targets = url if isinstance(url, list) else [url]
+    every, default = versions_of(targets[0], name, token)
     registered = registered_archives(every)
     model = read_history(history).get(name, {"defaults": [], "archives": {}})
     defaults = model["defaults"]
@@ -163,24 +233,74 @@ def rollback(url, name: str, to: str | None = None, token: str | None = None,
             raise ReleaseError(f"{name}: no registered version older than the default {default} "
                                f"(registered: {', '.join(registered)})")
         to = older[-1]
-    if to not in registered:
-        mar = model["archives"].get(to)
-        if mar is None:
-            raise ReleaseError(f"{name} {to} is not registered (registered: {', '.join(registered)}) and "
-                               f"{HISTORY_FILE} names no archive for it")
-        register(url, mar, name, initial_workers=1, synchronous=True, token=token)
-        api.wait_ready(url, name, to, token=token)
-        registered[to] = mar
-    set_default(url, name, to, token)
-    record_default(history, name, to, registered, previous=default, rolled_back=to_previous)
+    mar = registered.get(to) or model["archives"].get(to)
+    if mar is None:
+        raise ReleaseError(f"{name} {to} is not registered (registered: {', '.join(registered)}) and "
+                           f"{HISTORY_FILE} names no archive for it")
+    for target in targets:
+        make_default(target, name, to, mar, token)
+    record_default(history, name, to, {**registered, to: mar}, previous=default, rolled_back=to_previous)
     return default, to
 
 
-def retire(url: str, name: str, version: str, token: str | None = None) -> None:
-    _, default = versions_of(url, name, token)
-    if version == default:
-        raise ReleaseError(f"{name} {version} is the default version: release or roll back to another first")
-    unregister(url, name, version, token)
+def make_default(target, name: str, version: str, mar: str, token: str | None, timeout: float = 180) -> None:
+    """VERSION the default of NAME on TARGET, registered from MAR first if TARGET does not have it."""
+    if version not in {d["modelVersion"] for d in describe_all(target, name, token)}:
+        register(target, mar, name, initial_workers=1, synchronous=True, token=token)
+        api.wait_ready(target, name, version, timeout, token=token)
+    set_default(target, name, version, token)
+
+
+def describe_all(target, name: str, token: str | None) -> list[dict]:
+    try:
+        return describe(target, name, "all", token)
+    except ApiError as error:
+        if error.status == 404:
+            return []
+        raise
+
+
+def sync(target, name: str, store: Path, token: str | None = None, timeout: float = 300) -> str:
+    """Make TARGET serve NAME's released default (STORE's releases.json), else the newest archive of NAME in STORE:
+    what a replica does when it starts, so that a restarted one rejoins the fleet on the same version."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            api.list_models(target, token)
+            break
+        except (ApiError, OSError) as error:  # not answering yet (requests' errors are OSErrors)
+            if time.monotonic() > deadline:
+                raise ReleaseError(f"{target}: the management API did not answer within {timeout:.0f} s") from error
+            time.sleep(1)
+    released = released_default(Path(store) / HISTORY_FILE, name)
+    if released and released["mar"]:
+        version, mar = released["version"], released["mar"]
+    else:
+        archives = [(archived, path.name) for path in Path(store).glob("*.mar")
+                    if (archived := archive_version(path, name)) is not None]
+        if not archives:
+            raise ReleaseError(f"{store} holds no archive of {name} and {HISTORY_FILE} releases none")
+        version, mar = max(archives, key=lambda found: version_key(found[0]))
+    make_default(target, name, version, mar, token, timeout)
+    return version
+
+
+def archive_version(path: Path, name: str) -> str | None:
+    """The version of the archive at PATH if it is one of NAME's."""
+    with zipfile.ZipFile(path) as archive:
+        model = json.loads(archive.read(str(ARCHIVE_MANIFEST)))["model"]
+    return model["modelVersion"] if model["modelName"] == name else None
+
+
+def retire(url, name: str, version: str, token: str | None = None) -> None:
+    """Unregister VERSION from URL (a management target, or a list of every replica's); never the default."""
+    targets = url if isinstance(url, list) else [url]
+    for target in targets:
+        _, default = versions_of(target, name, token)
+        if version == default:
+            raise ReleaseError(f"{name} {version} is the default version: release or roll back to another first")
+    for target in targets:
+        unregister(target, name, version, token)
 
 
 def print_versions(url: str, name: str, token: str | None) -> None:
@@ -208,6 +328,9 @@ def main(argv=None) -> None:
     parser.add_argument("--inference-url", default=DEFAULT_INFERENCE_URL, help="inference API address (canary)")
     parser.add_argument("--store", type=Path, default=Path("model_store"),
                         help=f"the server's model store: its {HISTORY_FILE} records the defaults in release order")
+    parser.add_argument("--replica", action="append", metavar="ADDRESS",
+                        help="a fleet replica's entry point (deploy/), once per replica: release, rollback and "
+                             "retire move them all together (instead of --url and --inference-url)")
     api.add_key_arguments(parser, "management")
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="every registered version, the default marked")
@@ -217,6 +340,12 @@ def main(argv=None) -> None:
     releasing.add_argument("--name", required=True)
     releasing.add_argument("--version", help="the archive's version (read from a local .mar when omitted)")
     releasing.add_argument("--timeout", type=float, default=180, help="seconds to wait for READY")
+    releasing.add_argument("--evaluation", type=Path, help=f"the accuracy gate's set (default: STORE/"
+                                                          f"{gate.EVALUATION_DIR} if it exists; scripts.gate makes it)")
+    releasing.add_argument("--margin", type=float, default=gate.MARGIN,
+                           help="refuse a candidate whose top-1 or P@5 is more than this below the default's")
+    syncing = commands.add_parser("sync", help="serve the released default (a replica's start-up)")
+    syncing.add_argument("name")
     rolling = commands.add_parser("rollback", help="make the previous version the default")
     rolling.add_argument("name")
     rolling.add_argument("--to", help="this version instead of the next older one")
@@ -226,9 +355,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     token = api.resolve_token("management", args.token, args.key_file)
     history = args.store / HISTORY_FILE if args.store.is_dir() else None
+    fleet = [entry_replica(address) for address in args.replica or []] or [Replica(args.url, args.inference_url)]
+    managed = [replica.management for replica in fleet]
     try:
         if args.command == "list":
-            print_versions(args.url, args.name, token)
+            for replica in fleet:
+                print_versions(replica.management, args.name, token)
         elif args.command == "release":
             mar, archived = mar_reference(args.mar)
             version = args.version or archived
@@ -237,15 +369,24 @@ def main(argv=None) -> None:
             if archived and archived != version:
                 raise SystemExit(f"{args.mar} holds version {archived}, not {version}")
             inference_token = api.resolve_token("inference", key_file=args.key_file, env="TS_INFERENCE_TOKEN")
-            answer = release(args.url, args.inference_url, mar, args.name, version, token=token,
-                             inference_token=inference_token, timeout=args.timeout, history=history)
+            evaluation = args.evaluation or (args.store / gate.EVALUATION_DIR)
+            if not (evaluation / gate.LABELS).is_file():
+                if args.evaluation:
+                    raise SystemExit(f"--evaluation {evaluation}: no {gate.LABELS} (python -m scripts.gate makes it)")
+                print(f"no evaluation set in {evaluation}: accuracy not gated (python -m scripts.gate makes one)")
+                evaluation = None
+            answer = release_fleet(fleet, mar, args.name, version, token=token, inference_token=inference_token,
+                                   timeout=args.timeout, history=history, evaluation=evaluation, margin=args.margin)
             print(f"{args.name} {version} is now the default (canary: {answer['category']}, "
                   f"{len(answer['neighbours'])} neighbours)")
         elif args.command == "rollback":
-            old, new = rollback(args.url, args.name, args.to, token, history)
-            print(f"{args.name}: default {old} -> {new}")
+            old, new = rollback(managed, args.name, args.to, token, history)
+            print(f"{args.name}: default {old} -> {new}" + (f" on {len(fleet)} replicas" if len(fleet) > 1 else ""))
+        elif args.command == "sync":
+            for target in managed:
+                print(f"{args.name}: {target} serves {sync(target, args.name, args.store, token)}")
         else:
-            retire(args.url, args.name, args.version, token)
+            retire(managed, args.name, args.version, token)
             print(f"{args.name} {args.version} unregistered")
     except (ReleaseError, ApiError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,5 +1,8 @@
 """deploy/: the Kubernetes manifests against the schemas and the design they promise, and their entry point
 (nginx, as each pod runs it) in front of a real TorchServe."""
+import contextlib
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -11,10 +14,13 @@ import pytest
 import requests
 import yaml
 
-from scripts import api
-from scripts.serve import free_ports, read_properties, serving
+from scripts import api, gate, versions
+from scripts.serve import free_ports, serving
 from tests.conftest import skip_or_fail
-from tests.serving_fixtures import NAME
+from tests.serving_fixtures import NAME, ClientLoop, archive_tiny_run
+from marketplace_search.layout import CHECKPOINT
+from marketplace_search.models import load_checkpoint
+from training.tiny_run import CLASSES, make_tiny_run
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 KUBERNETES = "1.33.0"
@@ -80,26 +86,30 @@ def entry_config(listen: int, torchserve: dict[str, int], keys: dict[str, str], 
                                                  torchserve["metrics"])):
         server = server.replace(f"127.0.0.1:{port}", f"127.0.0.1:{chosen}")
     config = folder / "nginx.conf"
-    config.write_text(f"daemon off;\npid {folder}/nginx.pid;\nerror_log {folder}/error.log;\nevents {{}}\n"
+    user = "user root;\n" if os.geteuid() == 0 else ""  # its workers write large bodies into FOLDER
+    config.write_text(f"{user}daemon off;\npid {folder}/nginx.pid;\nerror_log {folder}/error.log;\nevents {{}}\n"
                       f"http {{\naccess_log off;\nclient_body_temp_path {folder};\nproxy_temp_path {folder};\n"
                       f"{server}\n}}\n")
     return config
 
 
-@pytest.fixture(scope="module")
-def entry_point(recipe, module_tmp):
-    """A pod on this machine: TorchServe as the fleet's config runs it (no keys of its own) and nginx in front."""
+KEYS = {"INFERENCE_KEY": "inference-key-1", "INFERENCE_KEY_NEXT": "inference-key-2",
+        "MANAGEMENT_KEY": "management-key-1"}  # no MANAGEMENT_KEY_NEXT: the optional key left unset
+
+
+@contextlib.contextmanager
+def pod(store: Path, folder: Path, models: dict | None = None):
+    """A pod on this machine: TorchServe as the fleet's config runs it (no keys of its own, the model-control API
+    on) and nginx in front with KEYS; yields (the entry point's address, the server)."""
     if not NGINX.is_file():
         skip_or_fail(f"{NGINX} is missing: `make venv` installs Debian's nginx")
-    folder = module_tmp("pod")
     properties = fleet_properties()
     extra = {key: properties[key] for key in ("disable_token_authorization", "enable_model_api")}
-    with serving(recipe.store, folder / "ts", {NAME: recipe.v1.name}, extra_config=extra) as server:
-        ports = {api_: int(getattr(server, f"{api_}_url").rsplit(":", 1)[1]) for api_ in ("inference", "management", "metrics")}
-        keys = {"INFERENCE_KEY": "inference-key-1", "INFERENCE_KEY_NEXT": "inference-key-2",
-                "MANAGEMENT_KEY": "management-key-1"}  # no MANAGEMENT_KEY_NEXT: the optional key left unset
+    with serving(store, folder / "ts", models or {}, extra_config=extra) as server:
+        ports = {name: int(getattr(server, f"{name}_url").rsplit(":", 1)[1])
+                 for name in ("inference", "management", "metrics")}
         [listen] = free_ports(1)
-        nginx = subprocess.Popen([str(NGINX), "-c", str(entry_config(listen, ports, keys, folder)), "-p", str(folder)])
+        nginx = subprocess.Popen([str(NGINX), "-c", str(entry_config(listen, ports, KEYS, folder)), "-p", str(folder)])
         address = f"http://127.0.0.1:{listen}"
         try:
             deadline = time.monotonic() + 20
@@ -110,10 +120,16 @@ def entry_point(recipe, module_tmp):
                 except requests.ConnectionError:
                     assert nginx.poll() is None and time.monotonic() < deadline, (folder / "error.log").read_text()
                     time.sleep(0.1)
-            yield address, server, keys
+            yield address, server
         finally:
             nginx.terminate()
             nginx.wait(10)
+
+
+@pytest.fixture(scope="module")
+def entry_point(recipe, module_tmp):
+    with pod(recipe.store, module_tmp("pod"), {NAME: recipe.v1.name}) as (address, server):
+        yield address, server, KEYS
 
 
 @pytest.mark.server
@@ -138,3 +154,80 @@ def test_the_entry_point_lets_in_the_fleet_s_keys_only(entry_point, recipe):
     assert requests.get(f"{address}/healthz", timeout=5).json() == {"status": "ok"}
     assert requests.get(f"{address}/metrics", timeout=5).ok
     assert requests.get(f"{address}/ping", timeout=5).status_code == 404  # only what clients need leaves the pod
+
+
+@pytest.fixture(scope="module")
+def fleet(recipe, module_tmp):
+    """Two pods on one model store (the recipe's 1.0 and 2.0, and 3.0: 1.0's model with every category renamed,
+    in its classes and its catalogue), released default 1.0, and an evaluation set labelled with 1.0's answers to
+    the recipe's test split, so that 1.0 scores 1 and 3.0 0."""
+    store = module_tmp("fleet-store")
+    for mar in (recipe.v1, recipe.v2):
+        shutil.copy(mar, store)
+    model, _ = load_checkpoint(recipe.run.run_dir / CHECKPOINT)
+    renamed = make_tiny_run(module_tmp("renamed") / "model_evaluation" / "2025-02-01_000000", model=model,
+                            classes=CLASSES[1:] + CLASSES[:1])
+    archive_tiny_run(renamed, store, version="3.0")
+    versions.record_default(store / versions.HISTORY_FILE, NAME, "1.0", {"1.0": recipe.v1.name})
+    folder = gate.make_set(recipe.work, store)
+    with contextlib.ExitStack() as stack:
+        pods = [stack.enter_context(pod(store, module_tmp(f"pod-{number}"))) for number in range(2)]
+        for _, server in pods:  # what each pod's postStart does
+            assert versions.sync(server, NAME, store) == "1.0"
+        rows = gate.read_set(folder)
+        answered = [api.predict(pods[0][1], row["photo"])["category"] for row in rows]
+        (folder / gate.LABELS).write_text("image_id,product_id,category\n" + "".join(
+            f"{row['image_id']},{row['product_id']},{category}\n" for row, category in zip(rows, answered)))
+        yield store, [address for address, _ in pods]
+
+
+def defaults(addresses: list[str]) -> list[str]:
+    return [api.describe(f"{address}/management", NAME, token=KEYS["MANAGEMENT_KEY"])[0]["modelVersion"]
+            for address in addresses]
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_release_and_a_rollback_move_every_replica_and_lose_no_request(fleet, recipe, monkeypatch, capsys):
+    store, addresses = fleet
+    monkeypatch.setenv("TS_INFERENCE_TOKEN", KEYS["INFERENCE_KEY"])
+    command = [f"--replica={address}" for address in addresses] + [
+        "--token", KEYS["MANAGEMENT_KEY"], "--store", str(store)]
+    headers = api.auth_headers(KEYS["INFERENCE_KEY"])
+    loops = [ClientLoop(f"{address}/predictions/{NAME}", recipe.run.photo_bytes("img-001"), headers)
+             for address in addresses]
+    with contextlib.ExitStack() as stack:
+        for loop in loops:
+            stack.enter_context(loop)
+        versions.main([*command, "release", "--mar", str(store / recipe.v2.name), "--name", NAME])
+        assert defaults(addresses) == ["2.0", "2.0"]
+        printed = capsys.readouterr().out
+        assert "accuracy gate on 6 photos: candidate 2.0: top1" in printed and "default 1.0: top1" in printed
+        with pytest.raises(SystemExit):
+            versions.main([*command, "release", "--mar", str(store / "marketplace-v3.0.mar"), "--name", NAME])
+        assert "answers the evaluation set worse than 2.0" in capsys.readouterr().err
+        assert defaults(addresses) == ["2.0", "2.0"]  # and 3.0 is gone from both
+        for address in addresses:
+            assert {d["modelVersion"] for d in api.describe(f"{address}/management", NAME, "all",
+                                                            token=KEYS["MANAGEMENT_KEY"])} == {"1.0", "2.0"}
+        versions.main([*command, "rollback", NAME])
+        assert defaults(addresses) == ["1.0", "1.0"]
+        time.sleep(1)  # answers on both sides of the last switch
+    answered = [outcome[3]["model"]["version"] for loop in loops for outcome in loop.outcomes if outcome[2] == 200]
+    assert [loop.failures() for loop in loops] == [[], []] and {"1.0", "2.0"} <= set(answered)
+    gates = json.loads((store / versions.HISTORY_FILE).read_text())[NAME]["gates"]
+    assert [(entry["candidate"]["version"], entry["passed"]) for entry in gates] == [("2.0", True), ("3.0", False)]
+    assert gates[1]["candidate"]["top1"] < gates[1]["default"]["top1"] - gate.MARGIN
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_replica_that_restarts_comes_back_on_the_released_default(fleet, recipe, module_tmp):
+    store, addresses = fleet
+    managed = [versions.entry_replica(address).management for address in addresses]
+    versions.rollback(managed, NAME, to="2.0", token=KEYS["MANAGEMENT_KEY"], history=store / versions.HISTORY_FILE)
+    assert defaults(addresses) == ["2.0", "2.0"]
+    with pod(store, module_tmp("pod-restarted")) as (address, server):
+        assert versions.sync(server, NAME, store) == "2.0"
+        assert api.predict(address, recipe.run.photo_bytes("img-003"), token=KEYS["INFERENCE_KEY"])["model"][
+            "version"] == "2.0"
