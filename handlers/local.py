@@ -1,11 +1,7 @@
-"""Run an archive's handler in this process, as a TorchServe worker would: batch jobs and tests.
-
-    handler = load_local_handler("work/extracted-mar")
-    [(status, answer)] = predict_local(handler, [{"body": photo_bytes}])
-
-The handler and the core package are imported from the archive folder, not this checkout, so `--local`
-answers exactly as the served archive does; this module imports nothing of the core package for that reason.
-"""
+"""Run an archive's handler in this process, as a TorchServe worker would (batch jobs, tests):
+`predict_local(load_local_handler(model_dir), [{"body": photo}])` gives [(status, answer)]. The handler and the
+core package are imported from the archive folder, not this checkout, so `--local` answers exactly as the served
+archive does; this module imports nothing of the core package for that reason."""
 import importlib
 import json
 import sys

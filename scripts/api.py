@@ -1,8 +1,7 @@
 """The one client of TorchServe's inference and management APIs: keys, requests, retries, readiness.
 
 A target is a base URL or a running `scripts.serve.Server`, which knows its URLs and keys. Every command finds
-a key the same way (`resolve_token`), and a refused request says which key was sent and from where.
-"""
+a key the same way (`resolve_token`), and a refused request says which key was sent and from where."""
 import json
 import os
 import threading

@@ -1,13 +1,9 @@
-"""Package a training run as a TorchServe model archive (.mar).
-
-The archive holds the checkpoint (best.pt), the handler, the core package marketplace_search/ whole, the
-catalogue (RUN/index), the text model with its sentence encoder when the run has one, decoder.json,
-model_config.yaml (batching, workers, the inference backend), model_card.json (data, training, evaluation,
-checkpoint sha256, the backend and its accuracy guard) and, for OpenVINO, the converted IR. Anything but torch
-fp32 is first checked by training.guard on WORK's test split: a backend whose top-1 drops more than 1 point is
-refused unless --force; the guard's report is kept in RUN/guard_reports.json and reused by the next archive of
-the same weights, backend, test photos and libraries, as the IR is in RUN/openvino_ir/. Two builds from one run
-have byte-identical members but MANIFEST.json's createdOn. An existing archive is never replaced without --replace.
+"""Package a training run as a TorchServe model archive (.mar): the checkpoint, the handler, the core package
+whole, the catalogue, the text model, decoder.json, model_config.yaml (batching, workers, the inference backend),
+model_card.json and, for OpenVINO, the converted IR. Anything but torch fp32 must first pass training.guard on
+WORK's test split (or be --force'd); the guard's report and the IR are kept in RUN for the next archive of the same
+weights, backend, test photos and libraries. Two builds from one run have the same members but MANIFEST.json's
+createdOn. An existing archive is never replaced without --replace.
 """
 import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
@@ -40,8 +36,7 @@ from marketplace_search.text import (ENCODER_DIR as TEXT_ENCODER_DIR, MODEL_FILE
 REPO = Path(__file__).resolve().parents[1]
 HANDLER = REPO / "handlers" / "marketplace_handler.py"
 CORE = REPO / CORE_PACKAGE
-# Dynamic batching up to 8 with a 1 ms delay: under load batches stay full (more photos/s), and a lone
-# request waits only 1 ms more.
+# Dynamic batching: under load batches stay full (more photos/s), and a lone request waits only 1 ms more.
 BATCH_SIZE = 8
 MAX_BATCH_DELAY = 1
 # The backend new archives get: the fastest on these machines within the accuracy guard.
@@ -286,12 +281,10 @@ def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketpla
         config_file = stage / "model_config.yaml"
         # The category blend training.evaluate chose on the validation split, if it beat the head alone.
         blend = card["evaluation"].get("category_blend") if category_blend else None
-        config_file.write_text(yaml.safe_dump(model_config(batch_size, max_batch_delay, min_workers, max_workers,
-                                                           response_timeout, threads, warm_up,
-                                                           blend and {key: blend[key] for key in
-                                                                      ("k", "temperature", "weight")},
-                                                           runtime, precision, live_catalogue),
-                                              sort_keys=True))
+        config = model_config(batch_size, max_batch_delay, min_workers, max_workers, response_timeout, threads,
+                              warm_up, blend and {key: blend[key] for key in ("k", "temperature", "weight")},
+                              runtime, precision, live_catalogue)
+        config_file.write_text(yaml.safe_dump(config, sort_keys=True))
         built = run_archiver(stage, name, version, run_dir / CHECKPOINT, extra, config_file)
         shutil.move(str(built), target)
     return target

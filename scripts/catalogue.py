@@ -1,8 +1,7 @@
 """The live catalogue: remove sold listings at once, add new ones in minutes, without a new model version.
 
 Workers of an archive built with `scripts.archive --live-catalogue LIVE` pick up every new generation or removal
-list at their next batch. `add` embeds the new listings' photos with the weights of the current generation; a
-product_id already there is replaced, one on the removal list comes back.
+list at their next batch; `add` replaces a product_id already there and brings back one on the removal list.
 """
 import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 

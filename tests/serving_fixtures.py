@@ -11,7 +11,6 @@ import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import requests
 from PIL import Image
@@ -20,6 +19,7 @@ from marketplace_search.runtime import precision_supported
 from scripts import api
 from scripts.records import extract_archive  # noqa: F401
 from scripts.serve import serving as running_server  # noqa: F401
+from training.sample import write_listings
 from training.tiny_run import CLASSES, TINY_PREPROCESS, TinyRun, make_tiny_run, photo_jpeg  # noqa: F401
 
 NAME = "marketplace"
@@ -142,21 +142,6 @@ def by_key(records: list[dict]) -> dict[tuple[str, str], dict]:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
-def write_listings(data: Path, listings: dict[str, dict], photos: dict[str, bytes]) -> None:
-    """LISTINGS ({image_id: {product_id, title, price, location, category}}) and PHOTOS in the raw format in DATA."""
-    (data / "images").mkdir(parents=True)
-    products = {}
-    for image_id, listing in listings.items():
-        products[listing["product_id"]] = {
-            "id": listing["product_id"], "product_name": f"{listing['title']} | in {listing['location']} | Gumtree",
-            "category": f"{listing['category']} / Other", "product_description": "as new",
-            "price": f"£{listing['price']:.2f}", "location": listing["location"]}
-        (data / "images" / f"{image_id}.jpg").write_bytes(photos[image_id])
-    pd.DataFrame(list(products.values())).to_csv(data / "Products.csv", lineterminator="\n")
-    pd.DataFrame([{"id": image_id, "product_id": listing["product_id"]} for image_id, listing in listings.items()]
-                 ).to_csv(data / "Images.csv", lineterminator="\n")
 
 
 def write_new_listings(data: Path, count: int, titles: list[str] | None = None) -> dict[str, str]:

@@ -1,9 +1,7 @@
-"""Stage 7: evaluate on the test split, against the frozen pretrained backbone.
-
-Category top-1/top-3 and precision@1/5/10 of same-category listings (own listing excluded); the frozen
-backbone votes with its 10 nearest train/val photos; the head may blend with its nearest listings' vote
-(CategoryBlend, chosen on val). Writes RUN/evaluation.json and RUN/confusion_matrix.png.
-"""
+"""Stage 7: evaluate on the test split, against the frozen pretrained backbone (a vote of its 10 nearest
+train/val photos): category top-1/top-3 and precision@1/5/10 of same-category listings, own listing excluded.
+The head may blend with its nearest listings' vote, chosen on val. Writes RUN/evaluation.json and a confusion
+matrix PNG."""
 import argparse
 import json
 from pathlib import Path

@@ -1,11 +1,9 @@
 """Stage 8: the text model (title, description) and its fusion with the photo model.
 
-A linear SVM reads TF-IDF and (unless `--sentence-encoder none`) sentence vectors of the train + val
-listings' titles, alone and with descriptions. Per combination of inputs, a calibration fitted on val's
-cross-fitted scores blends the text scores, a k-NN vote over the catalogue's words and the served photo
-probabilities; how words re-rank neighbours is chosen on val too. Reads WORK's listings.csv and split.csv
-and RUN's embeddings, index and evaluation.json (run training.evaluate first); writes RUN/text_model/ and
-the test rows and per-category recall to RUN/evaluation.json's "text".
+A linear SVM reads TF-IDF and sentence vectors of the train + val listings' words; per combination of inputs, a
+calibration fitted on val's cross-fitted scores blends them with a k-NN vote over the catalogue's words and the
+served photo probabilities, and how words re-rank neighbours is chosen on val too. Reads WORK's listings.csv and
+split.csv and RUN's embeddings, index and evaluation.json; writes RUN/text_model/ and evaluation.json's "text".
 """
 import argparse
 import json

@@ -1,9 +1,8 @@
 """Stage 4: fine-tune a pretrained backbone's last `--trainable-stages` blocks, embedding layer and head.
 
-Each epoch writes a resumable RUN/weights/epoch_<N>.pt (`--resume RUN` goes on from the last); the best
-by validation accuracy is copied to best.pt. TensorBoard scalars go to RUN/logs, the curves to
-RUN/training_curves.png. By default the frozen trunk runs once per view of each photo (as is, mirrored,
-random crops) into WORK/cache, which fits a CPU; `--no-cache` augments photos every epoch (for a GPU).
+Each epoch writes a resumable RUN/weights/epoch_<N>.pt (`--resume RUN`), the best by validation accuracy best.pt,
+TensorBoard scalars RUN/logs and the curves RUN/training_curves.png. By default the frozen trunk runs once per
+view of each photo into WORK/cache, which fits a CPU; `--no-cache` augments photos every epoch (for a GPU).
 """
 import argparse
 import json
