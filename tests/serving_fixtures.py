@@ -1,7 +1,5 @@
 """Serving fixtures (a pytest plugin, see conftest.py): the session's recipe-shaped run and archives, one
 TorchServe for the session, tiny runs and their archives, the raw listings format."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
 import io
 import json
 import struct

@@ -1,7 +1,5 @@
 """scripts.batch on the recipe's archive: in-process, and against the session's TorchServe through an overloaded
 proxy (a killed run resumed: tests/test_ray_batch.py)."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
 import hashlib
 import json
 import os

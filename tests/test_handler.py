@@ -1,6 +1,4 @@
 """The TorchServe handler in-process, on the files of a real archive built from a tiny run."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
 import base64
 import json
 import shutil

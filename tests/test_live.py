@@ -1,7 +1,5 @@
 """The live catalogue served by two workers of the session's TorchServe (removals within 2 s on both, 50 added listings
 searchable within 60 s, no failed request, a new version on the same folder); the follower's rules in-process."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
 import itertools
 import json
 import logging

@@ -1,7 +1,5 @@
 """scripts.batch --engine ray on the recipe's archive and a real local Ray (2 CPUs): the same answers as --local per
 input, bad files as error lines, a SIGKILLed run resumed to one line per input, Parquet shards resumed by shard."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
 import os
 import shutil
 import signal

@@ -1,6 +1,4 @@
 """scripts.refresh on the recipe's run: listings added, removed and changed, released into the session's TorchServe."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
 import hashlib
 import io
 import json

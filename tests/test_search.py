@@ -1,13 +1,12 @@
 """The catalogue (marketplace_search.search, .columns) and its flat, HNSW and IVF-PQ indexes against brute-force
 search on generated vectors, and its saved folders: written whole, memory-mapped, refused when from other builds."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
 import json
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from unittest.mock import Mock
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pytest

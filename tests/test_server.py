@@ -1,7 +1,5 @@
 """The session's TorchServe on the recipe's archive (tests/serving_fixtures.py): TorchServe's own limits, metrics,
 the command lines and their keys, releases; and the archive's own rules."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
 import json
 import os
 import re

@@ -1,6 +1,4 @@
 """The text model (title, description) and its fusion with the photo: training, scoring, requests, the archive."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
 import base64
 import json
 import shutil

@@ -1,7 +1,5 @@
 """Stages 4-7 (train, embed, index, evaluate) and the whole pipeline on a tiny generated catalogue; the model's
 parts, its serving form and its search vectors."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
 import argparse
 import json
 from unittest.mock import Mock

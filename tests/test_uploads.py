@@ -1,7 +1,5 @@
 """Hostile and unusual uploads mixed with good photos through the session's TorchServe: each gets its own status and
 error type whatever shares its dynamic batch, and the worker's memory stays bounded while they are served."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
 import base64
 import re
 import struct

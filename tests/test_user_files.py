@@ -1,7 +1,5 @@
 """What a user made in the default places (a run in work/, its archive in model_store/, a key in logs/) survives
 `make clean` and a second build of the same version (the demo beside a user's server: tests/test_readme.py)."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
 import re
 import subprocess
 from pathlib import Path

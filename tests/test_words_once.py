@@ -1,7 +1,5 @@
 """A batch of photo and words requests searches the catalogue once per category filter and reads each
 request's words once; the words re-rank the photo neighbours and count in the category."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
 import base64
 import dataclasses
 
