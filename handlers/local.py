@@ -25,8 +25,7 @@ def archived_name(name: str) -> bool:
 
 @contextmanager
 def archived_imports(model_dir: Path):
-    """Imports inside resolve to the archive's modules (which keep referring to each other after the block); the
-    process's own copies come back afterwards."""
+    """Imports inside resolve to the archive's modules; the process's own copies come back afterwards."""
     own = {name: module for name, module in sys.modules.items() if archived_name(name)}
     for name in own:
         del sys.modules[name]
@@ -41,8 +40,7 @@ def archived_imports(model_dir: Path):
 
 
 def load_local_handler(model_dir: Path | str, model_name: str | None = None, batch_size: int = 8):
-    """The archive's MarketplaceHandler, initialised in this process from an extracted archive folder with
-    TorchServe's own Context, so per-request statuses behave as under the server."""
+    """An extracted archive's MarketplaceHandler initialised in this process with TorchServe's own Context."""
     model_dir = Path(model_dir).resolve()
     if not (model_dir / MANIFEST).is_file():  # the archive's handler checks the files it reads itself
         raise FileNotFoundError(f"{model_dir} is not an extracted archive: it has no {MANIFEST} "

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-# TorchServe's BaseHandler imports OpenVINO's torch.compile backend (and torch._dynamo) wherever OpenVINO is installed,
-# slowing every worker's start for what this handler never uses (it runs the IR itself): that import fails instead.
+# BaseHandler imports OpenVINO's torch.compile backend, slowing every worker's start for nothing: that import fails.
 sys.modules.setdefault("openvino.torch", None)
 from ts.metrics.dimension import Dimension  # noqa: E402
 from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
@@ -229,8 +228,7 @@ def body_content_type(headers: dict) -> str | None:
 
 
 def thread_count(model_config: dict) -> int:
-    """Torch threads per worker: `handler.threads` from the model config, else cores / maxWorkers (several workers
-    each using every core get slower together)."""
+    """Torch threads per worker: `handler.threads`, else cores / maxWorkers (workers sharing cores get slower)."""
     configured = (model_config.get("handler") or {}).get("threads")
     if configured:
         return int(configured)

@@ -11,8 +11,7 @@ from PIL import ExifTags, Image
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # Refused from the header before decoding: a decompression bomb declares huge dimensions in a tiny file.
 MAX_PIXELS = 64_000_000
-# The most decoding may hold (width x height x DECODED_BYTES_PER_PIXEL x DECODER_COPIES, from the header):
-# a 50-megapixel colour PNG, a 12-megapixel WebP, any greyscale image, any JPEG decoded to fit the model.
+# The most decoding may hold, read from the header (decoded_bytes): a 50-megapixel PNG, any JPEG fitted to the model.
 MAX_DECODED_BYTES = 192 * 2**20
 # Pillow's storage: modes of 2, 3 or 4 bands take 4 bytes a pixel.
 DECODED_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}

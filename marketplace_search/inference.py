@@ -252,8 +252,7 @@ def parse_bool(value, name: str) -> bool:
 
 
 def read_photo(data: bytes, max_pixels: int = MAX_PIXELS, fit_size: int | None = None) -> Image.Image:
-    """Decode an uploaded photo: 415 for a format we do not accept, 413 for one too large to decode,
-    400 for anything else unusable (empty, truncated, corrupt)."""
+    """Decode an upload: 415 for a format we do not accept, 413 for one too large, 400 for anything else."""
     try:
         return decode_image(bytes(data), max_pixels=max_pixels, fit_size=fit_size)
     except UnsupportedFormat as error:
@@ -318,8 +317,7 @@ class CategoryBlend:
 
 
 def category_votes(voters: list[list[dict]], classes: list[str], k: int, temperature: float) -> np.ndarray:
-    """(n, classes) shares of the similarity-weighted votes of each query's `k` nearest listings;
-    a row with no voter (or none of a known category) is all zeros."""
+    """(n, classes) shares of each query's `k` nearest listings' similarity-weighted votes (no voter: zeros)."""
     index = {category: position for position, category in enumerate(classes)}
     votes = np.zeros((len(voters), len(classes)), np.float64)
     for row, neighbours in enumerate(voters):
@@ -358,8 +356,7 @@ def read_words(text_model: TextModel | None, queries: list[Query]) -> list[TextR
 
 def text_categories(text_model: TextModel | None, queries: list[Query], probabilities: np.ndarray,
                     readings: list[TextReading | None]) -> np.ndarray:
-    """Each query's category probabilities: `probabilities` (the photo's) for a photo alone, the text model's
-    calibration for its inputs where it sent words (`readings`: read_words of the queries)."""
+    """Each query's category probabilities: the photo's alone, else the text model's calibration for its inputs."""
     out = np.array(probabilities, np.float32, copy=True)
     for row, query in enumerate(queries):
         if query.title is not None:

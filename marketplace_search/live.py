@@ -134,8 +134,7 @@ def load_generation(live: Path, name: str | None = None) -> Generation:
 
 
 def generation_listing_words(live: Path, name: str) -> tuple[ListingWords | None, str | None]:
-    """(generation NAME's words, the reader_sha256 of the text model that made them); (None, None) when it has
-    none or they are unreadable (logged): its listings are then found by photo."""
+    """(NAME's words, the reader_sha256 that made them), or (None, None) when missing or unreadable (logged)."""
     path = Path(live) / name / WORDS_FILE
     if not path.is_file():
         return None, None

@@ -34,8 +34,7 @@ PREPROCESS = {
 }
 TIMM_MODELS = {"efficientnet_lite2": "tf_efficientnet_lite2"}
 ARCHS = sorted(HEADS)
-# The search vector: the embedding, or it and the pooled features side by side, each L2-normalised (a cosine is
-# then the mean of the two): the features sharpen the neighbours' category vote.
+# The search vector: the embedding, or it and the pooled features, each L2-normalised: they sharpen the vote.
 VECTORS = ("embedding", "embedding+features")
 
 

@@ -151,8 +151,7 @@ def save_openvino(converted, folder: Path) -> Path:
 
 
 def openvino_backend(model_or_path, precision: str = "fp32", threads: int = 0) -> Backend:
-    """An OpenVINO CPU backend from an IR path (or an `ov.Model`), compiled for latency: fp32 and bf16 run the
-    fp32 IR at that inference precision, int8 a quantized IR."""
+    """An OpenVINO CPU backend of an IR path or `ov.Model`, compiled for latency at PRECISION (int8: its own IR)."""
     import openvino as ov
 
     check_backend("openvino", precision)
@@ -174,8 +173,7 @@ def openvino_backend(model_or_path, precision: str = "fp32", threads: int = 0) -
 
 
 def embedding_backend(model: MarketplaceNet, crop: int, photos: int, device: str = "cpu") -> Backend:
-    """The fastest fp32 backend to embed PHOTOS photos: OpenVINO fp32 on the CPU where there are enough photos to
-    pay for the conversion, else torch fp32."""
+    """OpenVINO fp32 on the CPU for enough PHOTOS to pay for the conversion, else torch fp32."""
     if device == "cpu" and photos >= OPENVINO_EMBED_FROM:
         converted = converted_or_none(lambda: convert_openvino(model, crop))
         if converted is not None:

@@ -19,15 +19,12 @@ INDEX_FILE = "catalogue.faiss"
 LISTING_TABLE_FILE = "listings.arrow"
 META_FILE = "index_meta.json"
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivfpq")
-# "auto" searches up to this many vectors of FLAT_DIMENSION floats exactly (longer ones proportionally
-# fewer, flat_max): below it exact search is well under a millisecond, above it HNSW is faster at full recall.
+# "auto" searches up to this many FLAT_DIMENSION-d vectors exactly (flat_max); above, HNSW is faster at full recall.
 FLAT_MAX = 20_000
 FLAT_DIMENSION = 256
-# Above this many vectors "auto" builds "ivfpq": HNSW's float32 vectors and graph would be copied into every
-# worker, IVF-PQ's codes are memory-mapped and shared by the workers of a host.
+# Above it "auto" builds "ivfpq": HNSW would be copied into every worker, IVF-PQ's codes are mapped and shared.
 HNSW_MAX = 2_000_000
-# "ivfpq" search defaults: K_FACTOR reaches the recall target at 10M vectors, and NPROBE leaves a margin for
-# real embeddings, less clustered than the synthetic ones measured.
+# "ivfpq" search defaults that reach the recall target at 10M vectors, with a margin for real embeddings.
 IVFPQ_NPROBE = 32
 IVFPQ_K_FACTOR = 16
 TRAIN_PER_LIST = 39  # Faiss warns below 39 training vectors per k-means centroid

@@ -50,8 +50,7 @@ PHOTO = "photo"
 INPUT_KINDS = (("title",), ("title", "description"), ("photo", "title"), ("photo", "title", "description"))
 TOKEN = re.compile(r"(?u)\b\w\w+\b")
 WHITESPACE = re.compile(r"\s+")
-# The scraped descriptions' own line "Posted by <name> in <sub-category> in <town>. <date>" names the
-# category and no seller types it: removed before anything else.
+# The scraped descriptions' line "Posted by <name> in <sub-category> ..." names the category, and no seller types it.
 SITE_LINE = re.compile(r"Posted by .{0,400}?\b\d{1,2} (?:January|February|March|April|May|June|July|August|"
                        r"September|October|November|December) \d{4}", re.S)
 
@@ -469,8 +468,7 @@ def load_listing_words(path: Path | str) -> tuple[ListingWords, str]:
 
 
 def write_npz(path: Path | str, arrays: dict[str, np.ndarray]) -> None:
-    """An uncompressed .npz (read_npz maps its large members) replacing PATH atomically: a process that has
-    the old file mapped keeps reading it."""
+    """An uncompressed .npz (read_npz maps it) replacing PATH atomically: a reader of the old file keeps it."""
     with replaced_atomically(path) as temporary, open(temporary, "wb") as out:
         np.savez(out, **arrays)
 

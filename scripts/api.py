@@ -238,8 +238,7 @@ def management_call(target, method: str, path: str, token: str | None = None, ti
 
 def describe(target, name: str, version: str | None = None, token: str | None = None,
              customized: bool | None = None) -> list[dict]:
-    """GET /models/NAME (the default version), /models/NAME/VERSION or, with version "all", every version;
-    CUSTOMIZED: with a worker's `customizedMetadata` (MarketplaceHandler.describe_handle)."""
+    """GET /models/NAME[/VERSION] ("all": every version); CUSTOMIZED: with each worker's `customizedMetadata`."""
     return management_call(target, "GET", f"/models/{name}" + (f"/{version}" if version else ""), token,
                            customized=customized)
 

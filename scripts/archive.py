@@ -225,8 +225,7 @@ def prepare_backend(run_dir: Path, extra: Path, runtime: str, precision: str, pr
 
 
 def kept_ir(run_dir: Path, precision: str, calibration: list[Path] | None) -> Path:
-    """RUN/openvino_ir/<key>: the IR of RUN's weights (int8: quantized on CALIBRATION) kept for the next build, keyed
-    by everything the conversion read."""
+    """RUN/openvino_ir/<key>: the IR of RUN's weights kept for the next build, keyed by all the conversion read."""
     from training.guard import GUARD_LIBRARIES, package_version
 
     key = {"checkpoint_sha256": sha256_file(run_dir / CHECKPOINT), "int8": precision == "int8",
@@ -237,8 +236,7 @@ def kept_ir(run_dir: Path, precision: str, calibration: list[Path] | None) -> Pa
 
 def archive_path(store: Path, name: str, version: str, output_name: str = OUTPUT_NAME, replace: bool = False,
                  other_names: str = "--version or --output-name") -> Path:
-    """STORE/<output_name>.mar; FileExistsError when that file exists and not `replace` (OTHER_NAMES: the options
-    that choose another file name)."""
+    """STORE/<output_name>.mar; FileExistsError when it exists and not `replace` (OTHER_NAMES: what to change)."""
     target = Path(store) / f"{output_name.format(name=name, version=version)}.mar"
     if target.exists() and not replace:
         raise FileExistsError(f"{target} exists (version {version} is taken): choose a new {other_names}, or pass "

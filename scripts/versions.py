@@ -120,8 +120,7 @@ def current_default(url, name: str, token: str | None) -> str | None:
 def release(url, inference_url, mar: str, name: str, version: str, *, token: str | None = None,
             inference_token: str | None = None, initial_workers: int = 1, warm_queries: int = 3,
             photo: Path | None = None, timeout: float = 180, history: Path | None = None) -> dict:
-    """Register, warm and canary the version, then make it the default (in HISTORY too); on any failure it is
-    unregistered. Returns the canary answer."""
+    """Register, warm and canary the version (unregistered on any failure), then make it the default; the answer."""
     previous = current_default(url, name, token)
     registered = {} if previous is None else registered_archives(describe(url, name, "all", token))
     if version in registered:

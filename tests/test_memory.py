@@ -11,8 +11,7 @@ from tests.serving_fixtures import archive_tiny_run, extract_archive, make_tiny_
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")]
 
-# A fresh interpreter ("keep": with keep_freed_memory; "handler": after loading the archive argv[2]'s handler)
-# allocates and frees a 64 MiB tensor 20 times, then prints whether malloc was set and the last 10's page faults.
+# A fresh interpreter allocates and frees a 64 MiB tensor 20 times and prints the last 10's page faults.
 LOOP = """
 import json, resource, sys
 import torch

@@ -24,8 +24,7 @@ from tests.serving_fixtures import NAME, photo_jpeg, png_with_declared_size, wor
 
 pytestmark = pytest.mark.server
 
-# The worker's growth while the corpus is served: two uploads decode at once (a decode thread per core here), each
-# within MAX_DECODED_BYTES, plus what a batch of tensors and Python's allocator keep.
+# The worker's growth: two uploads decode at once, each within MAX_DECODED_BYTES, plus a batch's tensors and slack.
 WORKER_GROWTH_LIMIT = 2 * MAX_DECODED_BYTES + 160 * 2**20
 
 

@@ -85,8 +85,7 @@ def read_photo(photos_dir: Path, image_id: str) -> Image.Image:
 
 def embed_rows(model: MarketplaceNet, preprocess: Preprocess, rows, photos_dir: Path, batch_size: int = 32,
                workers: int = 2, device: torch.device = torch.device("cpu")) -> tuple[np.ndarray, np.ndarray]:
-    """`(embeddings (n, d), probabilities (n, classes))`, float32, in `rows` order; fp32 on `device`, in OpenVINO
-    on the CPU for many photos (marketplace_search.runtime.embedding_backend)."""
+    """`(embeddings (n, d), probabilities (n, classes))`, float32 in `rows` order, from embedding_backend."""
     loader = DataLoader(ListingPhotos(rows, photos_dir, eval_transform(preprocess)),
                         batch_size=batch_size, num_workers=workers)
     backend = embedding_backend(model, preprocess.crop, len(rows), device.type)
