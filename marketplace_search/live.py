@@ -1,14 +1,7 @@
-"""The live catalogue: numbered generations of the catalogue outside the archive, a pointer to the current
-one and a list of removed listings, followed by every worker while it serves.
-
-In LIVE: CURRENT (the current generation, replaced atomically), removed.json ({"product_ids": {product_id: when
-removed}}, out of every answer at once) and gen-NNNNNN/, each complete before CURRENT names it and never changed
-after: catalogue/, vectors.npy (row i = catalogue row i: adds and compactions rebuild from them), generation.json
-(with the sha256 of the checkpoint that made the vectors) and, for a model that reads titles, words.npz.
-
-Writers publish CURRENT before pruning removed.json and readers read removed.json before CURRENT, so a
-reader never pairs an old generation with a pruned removal list.
-"""
+"""The live catalogue (docs/live-catalogue.md): numbered generations of the catalogue outside the archive, each
+complete before the CURRENT pointer names it, and a list of removed listings, followed by every worker while it
+serves. Writers publish CURRENT before pruning removed.json and readers read removed.json before CURRENT, so a
+reader never pairs an old generation with a pruned removal list."""
 import fcntl
 import json
 import logging

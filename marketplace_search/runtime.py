@@ -1,8 +1,6 @@
-"""Inference backends: the `(n, 3, crop, crop)` batch of `presets.eval_transform` in, `(probabilities,
-L2-normalised embeddings)` out, as `models.serve_forward` (torch fp32, the reference) answers. torch runs the
-checkpoint (bf16 under `torch.autocast`); openvino an IR converted (int8: quantized by NNCF) at archive time.
-MARKETPLACE_CPU_FLAGS_OFF (e.g. "bf16,vnni") makes this CPU look as if it lacked those units (CPU_FEATURES).
-"""
+"""Inference backends (docs/serving.md): a batch of `presets.eval_transform` in, `(probabilities, L2-normalised
+embeddings)` out, as `models.serve_forward` (torch fp32, the reference) answers; MARKETPLACE_CPU_FLAGS_OFF (e.g.
+"bf16,vnni") makes this CPU look as if it lacked those units."""
 import logging
 import os
 from dataclasses import dataclass, field

@@ -1,12 +1,6 @@
-"""Category from a listing's words, and its fusion with the photo model: numpy only, no scikit-learn.
-
-The text model (trained by training.text): TF-IDF over word 1-2-grams and character 2-5-grams inside words,
-each block L2-normalised, and a linear classifier over them and, when it has one, a sentence encoder's vector.
-Terms are cut here once (training hands `word_terms`/`char_terms` to scikit-learn), so training and serving
-cannot drift. A calibration per combination of inputs (INPUT_KINDS) turns [log photo probabilities, log votes of
-the catalogue listings' words (`ListingWords`), text scores] into probabilities. Saved as JSON and an .npz
-(nothing unpickled), the sentence encoder's export in encoder/.
-"""
+"""Category from a listing's words, and its fusion with the photo model (docs/text-model.md): numpy only, no
+scikit-learn, nothing unpickled. Terms are cut here once (training hands `word_terms`/`char_terms` to
+scikit-learn), so training and serving cannot drift."""
 import hashlib
 import json
 import re

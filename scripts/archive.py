@@ -1,9 +1,7 @@
-"""Package a training run as a TorchServe model archive (.mar): the checkpoint, the handler, the core package
-whole, the catalogue, the text model, decoder.json, model_config.yaml (batching, workers, the inference backend),
-model_card.json and, for OpenVINO, the converted IR. Anything but torch fp32 must first pass training.guard on
-WORK's test split (or be --force'd); the guard's report and the IR are kept in RUN for the next archive of the same
-weights, backend, test photos and libraries. Two builds from one run have the same members but MANIFEST.json's
-createdOn. An existing archive is never replaced without --replace.
+"""Package a training run as a TorchServe model archive (.mar; docs/serving.md). Anything but torch fp32 must first
+pass training.guard on WORK's test split (or be --force'd); the guard's report and the IR are kept in RUN for the
+next archive of the same weights, backend, test photos and libraries. An existing archive is never replaced
+without --replace.
 """
 import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 

@@ -1,7 +1,5 @@
-"""The live catalogue: remove sold listings at once, add new ones in minutes, without a new model version.
-
-Workers of an archive built with `scripts.archive --live-catalogue LIVE` pick up every new generation or removal
-list at their next batch; `add` replaces a product_id already there and brings back one on the removal list.
+"""The live catalogue: remove sold listings at once, add new ones in minutes, without a new model version; the
+workers of an archive built with `scripts.archive --live-catalogue LIVE` follow it (docs/live-catalogue.md).
 """
 import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 

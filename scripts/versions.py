@@ -1,6 +1,5 @@
-"""Release, roll back and retire versions of a served model through TorchServe's management API (the server
-runs with --enable-model-api). `release` makes the new version the default, recorded in the store's releases.json,
-only once a canary answer keeps the contract; `rollback` goes back to the previous default in release order.
+"""Release, roll back and retire versions of a served model through TorchServe's management API (the server runs
+with --enable-model-api): a new default only once its canary answer keeps the contract (docs/serving.md).
 """
 import argparse
 import io

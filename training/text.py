@@ -1,9 +1,6 @@
-"""Stage 8: the text model (title, description) and its fusion with the photo model.
-
-A linear SVM reads TF-IDF and sentence vectors of the train + val listings' words; per combination of inputs, a
-calibration fitted on val's cross-fitted scores blends them with a k-NN vote over the catalogue's words and the
-served photo probabilities, and how words re-rank neighbours is chosen on val too. Reads WORK's listings.csv and
-split.csv and RUN's embeddings, index and evaluation.json; writes RUN/text_model/ and evaluation.json's "text".
+"""Stage 8: the text model (title, description) and its fusion with the photo model (docs/text-model.md).
+Reads WORK's listings.csv and split.csv and RUN's embeddings, index and evaluation.json; writes RUN/text_model/
+and the test figures to evaluation.json's "text".
 """
 import argparse
 import json
