@@ -1,6 +1,4 @@
-"""Serving fixtures (a pytest plugin, see conftest.py): the session's recipe-shaped run and archives, one
-TorchServe for the session, tiny runs and their archives, the raw listings format."""
-import io
+"""Serving fixtures (a pytest plugin of conftest.py): the session's recipe run, its archives and TorchServe."""
 import json
 import struct
 import threading
@@ -11,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from PIL import Image
 
 from marketplace_search.runtime import precision_supported
 from scripts import api
@@ -25,21 +22,15 @@ NAME = "marketplace"
 RECIPE_BACKEND = f"openvino {'bf16' if precision_supported('bf16') else 'fp32'}"
 
 
-def png_with_declared_size(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims width x height: a decompression bomb as seen by the decoder."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (4, 4)).save(buffer, "PNG")
-    data = bytearray(buffer.getvalue())
-    header = b"IHDR" + struct.pack(">II", width, height) + bytes(data[24:29])
-    data[12:29] = header
-    data[29:33] = struct.pack(">I", zlib.crc32(header))
-    return bytes(data)
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-@pytest.fixture(scope="session")
-def png_claiming():
-    """Factory: png_with_declared_size."""
-    return png_with_declared_size
+def png_raw(width: int, height: int, bit_depth: int = 8, colour_type: int = 2,
+            data: bytes = zlib.compress(b"\0")) -> bytes:
+    """A PNG written by hand: any header (a decompression bomb's, claiming width x height), DATA as its image data."""
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b"")
 
 
 def archive_tiny_run(run: TinyRun, store: Path, name: str = NAME, version: str = "1.0",

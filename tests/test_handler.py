@@ -17,7 +17,7 @@ from ts.torch_handler.unit_tests.test_utils.mock_context import MockContext
 from handlers.local import load_local_handler, predict_local
 from handlers.marketplace_handler import MarketplaceHandler
 from tests.conftest import encoded
-from tests.serving_fixtures import archive_tiny_run, extract_archive, make_tiny_run, png_with_declared_size
+from tests.serving_fixtures import archive_tiny_run, extract_archive, make_tiny_run, png_raw
 from marketplace_search import inference
 from marketplace_search.images import decode_image
 from marketplace_search.inference import RequestError, parse_request
@@ -68,7 +68,7 @@ def test_mixed_batch_answers_each_request_in_its_own_slot(tiny, handler, forward
         ({"body": b""}, 400, "invalid_image"),
         ({"body": b"name,price\nlamp,5\n"}, 415, "unsupported_format"),
         ({"body": jpeg[: len(jpeg) // 2]}, 400, "invalid_image"),                           # truncated JPEG
-        ({"body": png_with_declared_size(30_000, 30_000)}, 413, "image_too_large"),
+        ({"body": png_raw(30_000, 30_000)}, 413, "image_too_large"),
         ({"body": b'{"image": '}, 400, "bad_json"),
         ({"body": {"image": "not base64!"}}, 400, "bad_base64"),
         ({"photo": jpeg, "k": b"0"}, 400, "bad_option"),

@@ -1,5 +1,4 @@
-"""The live catalogue served by two workers of the session's TorchServe (removals within 2 s on both, 50 added listings
-searchable within 60 s, no failed request, a new version on the same folder); the follower's rules in-process."""
+"""The live catalogue served by two workers of the session's TorchServe, and the follower's rules in-process."""
 import itertools
 import json
 import logging

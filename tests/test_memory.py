@@ -1,5 +1,4 @@
-"""marketplace_search.memory: freed tensor memory is reused, not faulted in anew, by the jobs that set it; the
-user's allocator settings win; a serving worker keeps malloc's defaults."""
+"""marketplace_search.memory: freed memory reused by the jobs that set it; user settings win; workers untouched."""
 import json
 import os
 import subprocess

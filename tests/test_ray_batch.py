@@ -1,5 +1,4 @@
-"""scripts.batch --engine ray on the recipe's archive and a real local Ray (2 CPUs): the same answers as --local per
-input, bad files as error lines, a SIGKILLed run resumed to one line per input, Parquet shards resumed by shard."""
+"""scripts.batch --engine ray on a local Ray: --local's answers, bad files as errors, killed runs resumed."""
 import os
 import shutil
 import signal

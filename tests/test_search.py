@@ -1,5 +1,4 @@
-"""The catalogue (marketplace_search.search, .columns) and its flat, HNSW and IVF-PQ indexes against brute-force
-search on generated vectors, and its saved folders: written whole, memory-mapped, refused when from other builds."""
+"""The catalogue against brute-force search (flat, HNSW, IVF-PQ), and its folders: whole, mapped, consistent."""
 import json
 import shutil
 import time

@@ -1,5 +1,4 @@
-"""The session's TorchServe on the recipe's archive (tests/serving_fixtures.py): TorchServe's own limits, metrics,
-the command lines and their keys, releases; and the archive's own rules."""
+"""The session's TorchServe on the recipe's archive: limits, metrics, command lines, keys, releases, archives."""
 import json
 import os
 import re

@@ -1,5 +1,4 @@
-"""Stages 4-7 (train, embed, index, evaluate) and the whole pipeline on a tiny generated catalogue; the model's
-parts, its serving form and its search vectors."""
+"""Stages 4-7 and the whole pipeline on a tiny generated catalogue; the model's parts and its search vectors."""
 import argparse
 import json
 from unittest.mock import Mock

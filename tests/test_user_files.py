@@ -1,5 +1,4 @@
-"""What a user made in the default places (a run in work/, its archive in model_store/, a key in logs/) survives
-`make clean` and a second build of the same version (the demo beside a user's server: tests/test_readme.py)."""
+"""What a user made in the default places survives `make clean` and a second build of the same version."""
 import re
 import subprocess
 from pathlib import Path

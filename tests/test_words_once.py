@@ -1,5 +1,4 @@
-"""A batch of photo and words requests searches the catalogue once per category filter and reads each
-request's words once; the words re-rank the photo neighbours and count in the category."""
+"""A batch of photo and words requests: one search per category filter, each request's words read once."""
 import base64
 import dataclasses
 
