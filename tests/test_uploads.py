@@ -18,6 +18,7 @@ from handlers.local import predict_local
 from marketplace_search.images import MAX_DECODED_BYTES
 from marketplace_search.text import MAX_TITLE_CHARS
 from scripts import api
+from scripts.benchmark.served import read_counters
 from tests.conftest import encoded, make_image_variants, two_colour_image
 from tests.serving_fixtures import NAME, photo_jpeg, png_raw, worker_pid
 
@@ -184,9 +185,7 @@ def test_an_unexpected_failure_is_that_request_s_500(recipe_handler, monkeypatch
 
 def batches(server) -> dict[int, float]:
     """{batch size: batches so far} from the handler's MarketplaceBatches counter."""
-    found = re.findall(r'^MarketplaceBatches\{BatchSize="(\d+)"[^}]*\}\s+([0-9.]+)',
-                       requests.get(f"{server.metrics_url}/metrics", timeout=10).text, re.MULTILINE)
-    return {int(size): float(count) for size, count in found}
+    return read_counters(api.metrics_text(server))["batches"]
 
 
 def test_mixed_into_dynamic_batches_with_good_photos_through_torchserve(served):
