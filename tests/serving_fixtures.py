@@ -17,6 +17,7 @@ from scripts.serve import serving as running_server  # noqa: F401
 from training.sample import write_listings
 from training.tiny_run import CLASSES, TINY_PREPROCESS, TinyRun, make_tiny_run, photo_jpeg  # noqa: F401
 
+REPO = Path(__file__).resolve().parents[1]
 NAME = "marketplace"
 # What the recipe's archives (openvino bf16, the default) run here: fp32 on a CPU without bf16 units.
 RECIPE_BACKEND = f"openvino {'bf16' if precision_supported('bf16') else 'fp32'}"

@@ -21,11 +21,10 @@ from marketplace_search.layout import CHECKPOINT
 from marketplace_search.schema import check_answer
 from marketplace_search.search import Catalogue
 from scripts import api, catalogue as cli
-from tests.serving_fixtures import (ClientLoop, archive_tiny_run, extract_archive, make_tiny_run, wait_until,
+from tests.serving_fixtures import (REPO, ClientLoop, archive_tiny_run, extract_archive, make_tiny_run, wait_until,
                                     write_new_listings)
 from training.tiny_run import TINY_WORDS
 
-REPO = Path(__file__).resolve().parents[1]
 LIVE = "live"  # the model's name on the session's TorchServe
 NEW_LISTINGS = 50
 # "... W-9012-live_1.0-stdout MODEL_LOG - live catalogue /x: serving generation 2 (22 photos, 1 listings removed)"

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 
 from scripts import batch, ray_batch
-from tests.serving_fixtures import BAD_FILES, assert_same_answers, by_key, read_jsonl, wait_until
+from tests.serving_fixtures import BAD_FILES, REPO, assert_same_answers, by_key, read_jsonl, wait_until
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 RAY = ["--engine", "ray", "--ray-cpus", "2"]
 
 

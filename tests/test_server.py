@@ -13,11 +13,10 @@ from marketplace_search.files import sha256_file
 from scripts import api, batch, client, serve, versions
 from scripts.archive import build_archive
 from scripts.benchmark.served import read_counters
-from tests.serving_fixtures import NAME, RECIPE_BACKEND, make_tiny_run
+from tests.serving_fixtures import NAME, RECIPE_BACKEND, REPO, make_tiny_run
 
 pytestmark = pytest.mark.server
 
-REPO = Path(__file__).resolve().parents[1]
 RELEASED = "released"  # the recipe's archives under a second name, so that releasing leaves `marketplace` alone
 
 

@@ -8,9 +8,8 @@ import pytest
 from marketplace_search.files import sha256_file
 from scripts import api, archive, refresh
 from training import pipeline
-from tests.serving_fixtures import make_tiny_run
+from tests.serving_fixtures import REPO, make_tiny_run
 
-REPO = Path(__file__).resolve().parents[1]
 RUN = "work/marketplace/model_evaluation/2025-01-31_142233"
 MAR = Path("model_store") / "marketplace-v1.0.mar"
 FP32 = ["--version", "1.0", "--runtime", "torch", "--precision", "fp32"]
