@@ -166,16 +166,11 @@ def prediction_url(target, model: str = "marketplace", version: str | None = Non
 def prediction_headers(photo: bytes | None, token: str | None = None, k: int | None = None, category: str | None = None,
                        embedding: bool = False, title: str | None = None) -> dict:
     """Headers of a raw-photo POST (PHOTO None: words alone), options as X- headers: TorchServe drops a query string."""
-    headers = {"Content-Type": content_type(photo or b""), **auth_headers(token)}
-    if k is not None:
-        headers["X-K"] = str(k)
-    if category is not None:
-        headers["X-Category"] = category
-    if embedding:
-        headers["X-Embedding"] = "true"
-    if title is not None:
-        headers["X-Title"] = title.encode("utf-8")  # UTF-8 bytes: the handler reads them back as such
-    return headers
+    options = {"X-K": None if k is None else str(k), "X-Category": category,
+               "X-Embedding": "true" if embedding else None,
+               "X-Title": None if title is None else title.encode("utf-8")}  # the handler reads UTF-8 bytes back
+    return {"Content-Type": content_type(photo or b""), **auth_headers(token),
+            **{name: value for name, value in options.items() if value is not None}}
 
 
 def post_photo(url: str, photo: bytes, headers: dict, timeout: float = 60) -> requests.Response:

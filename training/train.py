@@ -48,13 +48,9 @@ def run_epoch(forward, loader, criterion, device: torch.device, dtype: torch.dty
                 loss = criterion(logits.float(), labels)
             if training:
                 optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
+                scaler.scale(loss).backward()  # a disabled scaler (all but fp16) passes the loss through
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
             total_loss += loss.item() * len(labels)
             correct += (logits.argmax(dim=1) == labels).sum().item()
@@ -225,7 +221,7 @@ def train(args: argparse.Namespace) -> Path:
     steps_per_epoch = len(epoch_loader(train_set, batch_size, args.seed, 1, 0, device))
     optimizer = make_optimizer(model, args)
     scheduler = cosine_schedule(optimizer, args.epochs, steps_per_epoch, args.warmup_epochs)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     history, first_epoch = [], 1
     if getattr(args, "resume", None):
@@ -233,7 +229,7 @@ def train(args: argparse.Namespace) -> Path:
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["training_state"]["optimizer"])
         scheduler.load_state_dict(state["training_state"]["scheduler"])
-        if scaler is not None and state["training_state"].get("scaler"):
+        if state["training_state"].get("scaler"):
             scaler.load_state_dict(state["training_state"]["scaler"])
         restore_random_states(state["training_state"]["random"])
         history = read_run_info(run_dir).get("train", {}).get("history", [])[:state["epoch"]]
@@ -263,7 +259,7 @@ def train(args: argparse.Namespace) -> Path:
             split_name, metric = name.split("_", 1)
             writer.add_scalar(f"{metric}/{split_name}", value, epoch)
         training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "scaler": scaler.state_dict() if scaler is not None else None,
+                          "scaler": scaler.state_dict(),
                           "random": random_states(), "args": config}
         save_checkpoint(epoch_checkpoint(run_dir, epoch), model, classes=classes, preprocess=preprocess, epoch=epoch,
                         metrics=metrics, config=config, training_state=training_state)
