@@ -199,8 +199,7 @@ class MarketplaceHandler(BaseHandler):
         return answers
 
     def warm_up(self, batch_size: int) -> None:
-        """One forward pass per batch size the worker can get, and the sentence encoder loaded, before it reports
-        READY: oneDNN builds its kernels per input shape on first use."""
+        """A forward pass per batch size the worker can get, before READY: oneDNN builds kernels per input shape."""
         crop = self.preprocess_settings.crop
         for size in range(1, max(1, batch_size) + 1):
             self.backend.forward(torch.zeros(size, 3, crop, crop))

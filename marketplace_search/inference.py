@@ -406,8 +406,7 @@ def words_pool(catalogue: Catalogue, listing_words: ListingWords, classes: list[
 
 def found_by_words(catalogue: Catalogue, listing_words: ListingWords, classes: list[str], similarities: np.ndarray,
                    k: int, category: str | None = None, exclude: str | None = None) -> list[dict]:
-    """The k listings the catalogue shows nearest by words, each with its first photo, "similarity" and
-    "word_similarity" the words' cosine; EXCLUDE as in words_pool."""
+    """The k listings nearest by words, each with its first photo and the words' cosine as both similarities."""
     found = listing_words.nearest(similarities, max(k, RERANK_POOL), _label(classes, category), {exclude} - {None})
     entries = catalogue.listings_of([product_id for product_id, _ in found], None, category)
     return [{**entries[product_id], "similarity": round(similarity, 6), "word_similarity": round(similarity, 6)}

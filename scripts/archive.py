@@ -163,9 +163,8 @@ def run_archiver(stage: Path, name: str, version: str, checkpoint: Path, extra: 
 def prepare_backend(run_dir: Path, extra: Path, runtime: str, precision: str, preprocess: Preprocess,
                     work_dir: Path | None, calibration: Path | None, force: bool, guard_limit: int,
                     threads: int, check: bool = True, reuse_guard: bool = True) -> dict:
-    """Convert (openvino: the IR into extra/openvino/), run the accuracy guard (unless not `check`; a report
-    RUN keeps under the same key is reused unless not `reuse_guard`, see training.guard), and return the
-    model card's `inference` section; raises GuardRefused for a failed guard without `force`."""
+    """Convert (openvino: the IR into extra/openvino/), run or reuse the accuracy guard and return the model card's
+    `inference` section; raises GuardRefused for a failed guard without `force`."""
     from training import guard  # the guard's data and OpenVINO/NNCF are needed only here
 
     section = {"runtime": runtime, "precision": precision}
@@ -250,8 +249,7 @@ def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketpla
                   work_dir: Path | str | None = None, calibration: Path | str | None = None, guard_limit: int = 0,
                   guard: bool = True, live_catalogue: Path | None = None, reuse_guard: bool = True,
                   replace: bool = False) -> Path:
-    """Build STORE/<output_name>.mar from a run folder; returns its path. The backend defaults to the fp32
-    reference here (the command line builds RUNTIME/PRECISION). An existing archive is refused unless `replace`."""
+    """Build STORE/<output_name>.mar from a run folder (backend: the fp32 reference unless asked, unlike the CLI)."""
     run_dir, store = Path(run_dir), Path(store)
     check_run(run_dir)
     if not store.is_dir():
