@@ -49,10 +49,6 @@ def forwards(handler):
     hook.remove()
 
 
-def photo(run, number: int) -> bytes:
-    return run.photo_bytes(f"img-{number:03d}")
-
-
 def tiff_16bit_big_endian() -> bytes:
     values = (np.arange(64 * 48) * 20).astype(">u2")
     return encoded(Image.frombytes("I;16B", (64, 48), values.tobytes()), "TIFF")
@@ -60,11 +56,11 @@ def tiff_16bit_big_endian() -> bytes:
 
 def test_mixed_batch_answers_each_request_in_its_own_slot(tiny, handler, forwards):
     run, _ = tiny
-    jpeg = photo(run, 3)
+    jpeg = run.photo_bytes("img-003")
     cases = [  # request, status, error type
         ({"body": jpeg}, 200, None),                                                        # raw upload
-        ({"photo": photo(run, 5), "k": b"2", "category": b"Home"}, 200, None),              # multipart
-        ({"body": {"image": base64.b64encode(photo(run, 7)).decode(), "k": 3}}, 200, None),  # JSON base64
+        ({"photo": run.photo_bytes("img-005"), "k": b"2", "category": b"Home"}, 200, None), # multipart
+        ({"body": {"image": base64.b64encode(run.photo_bytes("img-007")).decode(), "k": 3}}, 200, None),  # JSON
         ({"body": b""}, 400, "invalid_image"),
         ({"body": b"name,price\nlamp,5\n"}, 415, "unsupported_format"),
         ({"body": jpeg[: len(jpeg) // 2]}, 400, "invalid_image"),                           # truncated JPEG
@@ -98,7 +94,7 @@ def test_mixed_batch_answers_each_request_in_its_own_slot(tiny, handler, forward
 def test_neighbours_are_distinct_listings_a_catalogue_photo_finds_itself_first(tiny, handler):
     run, _ = tiny
     for number in (0, 6, 11):
-        [(status, answer)] = predict_local(handler, [{"body": photo(run, number)}])
+        [(status, answer)] = predict_local(handler, [{"body": run.photo_bytes(f"img-{number:03d}")}])
         neighbours = answer["neighbours"]
         products = [n["product_id"] for n in neighbours]
         assert status == 200
@@ -118,7 +114,7 @@ def test_neighbours_are_distinct_listings_a_catalogue_photo_finds_itself_first(t
 
 
 def test_embedding_only_when_asked_and_equal_to_embed_options_from_headers_fields_win(tiny, handler):
-    jpeg = photo(tiny[0], 9)
+    jpeg = tiny[0].photo_bytes("img-009")
     answers = predict_local(handler, [{"body": jpeg}, {"photo": jpeg, "embedding": b"true", "k": b"4"},
                                       {"body": {"image": base64.b64encode(jpeg).decode(), "embedding": False}},
                                       {"body": jpeg}], [{}, {"X-K": "2"}, {}, {"X-K": "2", "x-embedding": "yes"}])

@@ -103,7 +103,6 @@ def make_corpus() -> dict[str, Upload]:
     jpeg, png = encoded(picture, "JPEG", quality=90), encoded(picture, "PNG")
     svg = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect/></svg>'
     return {
-        # refused: not an image of an accepted format (415)
         "plain text": Upload(415, "unsupported_format", b"name,price\nlamp,5\n"),
         "HTML": Upload(415, "unsupported_format", b"<!DOCTYPE html><html><body><img src=x></body></html>",
                        "text/html"),
@@ -113,13 +112,11 @@ def make_corpus() -> dict[str, Upload]:
         "ICO": Upload(415, "unsupported_format", encoded(two_colour_image(32, 32), "ICO"), "image/x-icon"),
         "PSD": Upload(415, "unsupported_format", psd_header(), "image/vnd.adobe.photoshop"),
         "SVG as base64 JSON": Upload(415, "unsupported_format", document={"image": b64(svg)}),
-        # refused: too large to decode (413)
         "JPEG header bomb": Upload(413, "image_too_large", jpeg_claiming(60_000, 60_000)),
         "PNG header bomb": Upload(413, "image_too_large", png_raw(30_000, 30_000), "image/png"),
         "BMP header bomb": Upload(413, "image_too_large", bmp_claiming(20_000, 20_000), "image/bmp"),
         "PNG over the pixel limit": Upload(413, "image_too_large", png_raw(9_000, 9_000), "image/png"),
         "16-bit RGBA PNG 8000x8000": Upload(413, "image_too_large", png_raw(8_000, 8_000, 16, 6), "image/png"),
-        # refused: unusable bytes or options (400)
         "empty": Upload(400, "invalid_image", b""),
         "truncated JPEG": Upload(400, "invalid_image", jpeg[: len(jpeg) // 2]),
         "truncated PNG": Upload(400, "invalid_image", png[: len(png) // 2], "image/png"),
@@ -138,7 +135,6 @@ def make_corpus() -> dict[str, Upload]:
         "two photos in one form": Upload(400, "unknown_field", fields={"photo": jpeg, "other": jpeg}),
         "text in the photo field": Upload(415, "unsupported_format", fields={"photo": "just words"}),
         "title too long": Upload(413, "text_too_long", document={"title": "x" * (MAX_TITLE_CHARS + 1)}),
-        # valid (200)
         "WebP": Upload(200, None, variants["webp"], "image/webp"),
         "BMP": Upload(200, None, encoded(picture, "BMP"), "image/bmp"),
         "TIFF": Upload(200, None, encoded(picture, "TIFF", compression="tiff_lzw"), "image/tiff"),
