@@ -59,7 +59,7 @@ def test_mixed_batch_answers_each_request_in_its_own_slot(tiny, handler, forward
     jpeg = run.photo_bytes("img-003")
     cases = [  # request, status, error type
         ({"body": jpeg}, 200, None),                                                        # raw upload
-        ({"photo": run.photo_bytes("img-005"), "k": b"2", "category": b"Home"}, 200, None), # multipart
+        ({"photo": run.photo_bytes("img-005"), "k": b"2", "category": b"Home"}, 200, None),  # multipart
         ({"body": {"image": base64.b64encode(run.photo_bytes("img-007")).decode(), "k": 3}}, 200, None),  # JSON
         ({"body": b""}, 400, "invalid_image"),
         ({"body": b"name,price\nlamp,5\n"}, 415, "unsupported_format"),
