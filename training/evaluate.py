@@ -103,9 +103,7 @@ def evaluate_baseline(run_dir: Path, work_dir: Path, split, catalogue: Catalogue
 
 def evaluate(run_dir: Path, work_dir: Path, baseline: bool = True) -> dict:
     split = load_split(work_dir)
-    image_ids, vectors, probabilities, meta = load_embeddings(run_dir)
-    if image_ids != list(split["image_id"]):
-        raise ValueError(f"{run_dir}/embeddings do not match {work_dir}/split.csv; re-run training.embed")
+    _, vectors, probabilities, meta = load_embeddings(run_dir, split=split)
     catalogue = Catalogue.load(Path(run_dir) / INDEX_DIR)
     info = read_run_info(run_dir)
     if "from_run" in info.get("refit", {}):  # trained on validation: no blend can be chosen on it

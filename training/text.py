@@ -241,9 +241,7 @@ def train_text(run_dir: Path, work_dir: Path, encoder: SentenceEncoder | None = 
     split = load_split(work_dir)
     listings = read_listings(work_dir)
     classes = read_run_info(run_dir)["classes"]
-    image_ids, vectors, probabilities, _ = load_embeddings(run_dir)
-    if image_ids != list(split["image_id"]):
-        raise ValueError(f"{run_dir}/embeddings do not match {work_dir}/split.csv; re-run training.embed")
+    _, vectors, probabilities, _ = load_embeddings(run_dir, split=split)
     catalogue = Catalogue.load(Path(run_dir) / INDEX_DIR)
     by_listing = split.drop_duplicates("product_id")
     ids = {name: list(by_listing.loc[by_listing["split"] == name, "product_id"]) for name in ("train", "val", "test")}
