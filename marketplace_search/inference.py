@@ -1,10 +1,7 @@
-"""Answering queries without TorchServe: request parsing, batched search, the words, the answer JSON.
-
-A request is TorchServe's dict of one HTTP call's parts: {"body": photo bytes}, {"body": {"image": base64, "k": 5,
-...}} (JSON, parsed by TorchServe) or multipart {"photo": bytes, "k": "5", ...} (any one field holds the photo).
-Options and `title` also come as X-K, X-Category, X-Embedding, X-Title headers (TorchServe drops a POST's query
-string); a JSON or form field wins over a header.
-"""
+"""Answering queries without TorchServe: request parsing, batched search, the words, the answer JSON. A request is
+TorchServe's dict of one call's parts: {"body": photo bytes or JSON parsed by TorchServe} or multipart {"photo":
+bytes, "k": "5", ...}; options and `title` also come as X-K, X-Category, X-Embedding and X-Title headers (TorchServe
+drops a POST's query string), a JSON or form field winning over a header."""
 import base64
 import binascii
 import json
