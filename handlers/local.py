@@ -1,11 +1,7 @@
-"""Run an archive's handler in this process, as a TorchServe worker would: batch jobs and tests.
-
-    handler = load_local_handler("work/extracted-mar")
-    [(status, answer)] = predict_local(handler, [{"body": photo_bytes}])
-
-The handler and the core package are imported from the archive folder, not this checkout, so `--local`
-answers exactly as the served archive does; this module imports nothing of the core package for that reason.
-"""
+"""Run an archive's handler in this process, as a TorchServe worker would (batch jobs, tests):
+`predict_local(load_local_handler(model_dir), [{"body": photo}])` gives [(status, answer)]. The handler and the
+core package are imported from the archive folder, not this checkout, so `--local` answers exactly as the served
+archive does; this module imports nothing of the core package for that reason."""
 import importlib
 import json
 import sys
@@ -29,8 +25,7 @@ def archived_name(name: str) -> bool:
 
 @contextmanager
 def archived_imports(model_dir: Path):
-    """Imports inside resolve to the archive's modules (which keep referring to each other after the block); the
-    process's own copies come back afterwards."""
+    """Imports inside resolve to the archive's modules; the process's own copies come back afterwards."""
     own = {name: module for name, module in sys.modules.items() if archived_name(name)}
     for name in own:
         del sys.modules[name]
@@ -45,8 +40,7 @@ def archived_imports(model_dir: Path):
 
 
 def load_local_handler(model_dir: Path | str, model_name: str | None = None, batch_size: int = 8):
-    """The archive's MarketplaceHandler, initialised in this process from an extracted archive folder with
-    TorchServe's own Context, so per-request statuses behave as under the server."""
+    """An extracted archive's MarketplaceHandler initialised in this process with TorchServe's own Context."""
     model_dir = Path(model_dir).resolve()
     if not (model_dir / MANIFEST).is_file():  # the archive's handler checks the files it reads itself
         raise FileNotFoundError(f"{model_dir} is not an extracted archive: it has no {MANIFEST} "

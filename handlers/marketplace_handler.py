@@ -1,9 +1,6 @@
 """TorchServe handler: a photo and/or the seller's words in, the category and the most similar listings out.
-
-Loads everything once per worker; per batch, ONE forward pass over the valid photos and one catalogue
-search per distinct category filter; a bad request gets its own 4xx JSON error. The logic lives in
-marketplace_search.inference; handlers/local.py runs this handler in-process.
-"""
+Loads everything once per worker; per batch, one forward pass over the valid photos and one catalogue search per
+category filter, a bad request its own 4xx JSON error. The logic lives in marketplace_search.inference."""
 import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import dataclasses
@@ -16,10 +13,7 @@ from pathlib import Path
 
 import torch
 
-# TorchServe's BaseHandler imports OpenVINO's torch.compile backend (openvino.torch, and torch._dynamo with it)
-# wherever OpenVINO is installed: 2-3 s and 70 MB more at every worker start for what this handler never uses (it
-# runs OpenVINO's IR directly). So that import fails, and TorchServe logs "OpenVINO is not enabled" (for
-# torch.compile); this handler's own log line names the backend it serves.
+# BaseHandler imports OpenVINO's torch.compile backend, slowing every worker's start for nothing: that import fails.
 sys.modules.setdefault("openvino.torch", None)
 from ts.metrics.dimension import Dimension  # noqa: E402
 from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
@@ -110,9 +104,8 @@ class MarketplaceHandler(BaseHandler):
 
     @property
     def served_text_model(self) -> TextModel | None:
-        """The text model this batch reads words with: the archive's, with the served live generation's listings'
-        words when it has them. The archive's own words are then let go (they are as large), and mapped again
-        if a generation without words is served later."""
+        """The text model this batch reads words with: the archive's, with the served live generation's words when
+        it has them; the archive's own words are then let go (they are as large) until needed again."""
         listing_words = self.served.listing_words
         if self.text_model is None:
             return None
@@ -144,8 +137,7 @@ class MarketplaceHandler(BaseHandler):
         return batch
 
     def prepare_request(self, idx: int, request: dict):
-        """`(Query, image tensor)` for request `idx`, or the RequestError that refuses it (its 4xx, or a logged
-        500): whatever goes wrong here concerns this request only."""
+        """`(Query, image tensor)` for request `idx`, or the RequestError that refuses it (a 4xx, or a logged 500)."""
         try:
             headers = self.context.get_all_request_header(idx)
             query = parse_request(request, self.catalogue.categories, body_content_type(headers), headers,
@@ -207,8 +199,7 @@ class MarketplaceHandler(BaseHandler):
         return answers
 
     def warm_up(self, batch_size: int) -> None:
-        """One forward pass per batch size the worker can get, before it reports READY: oneDNN builds its kernels
-        per input shape on first use. The sentence encoder is loaded here too."""
+        """A forward pass per batch size the worker can get, before READY: oneDNN builds kernels per input shape."""
         crop = self.preprocess_settings.crop
         for size in range(1, max(1, batch_size) + 1):
             self.backend.forward(torch.zeros(size, 3, crop, crop))
@@ -236,8 +227,7 @@ def body_content_type(headers: dict) -> str | None:
 
 
 def thread_count(model_config: dict) -> int:
-    """Torch threads per worker: `handler.threads` from the model config, else cores / maxWorkers (several workers
-    each using every core get slower together)."""
+    """Torch threads per worker: `handler.threads`, else cores / maxWorkers (workers sharing cores get slower)."""
     configured = (model_config.get("handler") or {}).get("threads")
     if configured:
         return int(configured)

@@ -1,7 +1,6 @@
-"""A catalogue's id map and listings as one Arrow table: row i is the photo with index id i, in the columns
-`image_id` and schema.LISTING_FIELDS. Saved as an uncompressed Arrow IPC file (listings.arrow) and
-memory-mapped when loaded, so the workers of a host share one copy and a search turns into Python only the
-rows it answers with."""
+"""A catalogue's id map and listings as one Arrow table (row i: the photo with index id i), saved uncompressed and
+memory-mapped when loaded, so the workers of a host share one copy and a search turns into Python only the rows
+it answers with."""
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np

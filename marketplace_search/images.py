@@ -11,8 +11,7 @@ from PIL import ExifTags, Image
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # Refused from the header before decoding: a decompression bomb declares huge dimensions in a tiny file.
 MAX_PIXELS = 64_000_000
-# The most decoding may hold (width x height x DECODED_BYTES_PER_PIXEL x DECODER_COPIES, from the header):
-# a 50-megapixel colour PNG, a 12-megapixel WebP, any greyscale image, any JPEG decoded to fit the model.
+# The most decoding may hold, read from the header (decoded_bytes): a 50-megapixel PNG, any JPEG fitted to the model.
 MAX_DECODED_BYTES = 192 * 2**20
 # Pillow's storage: modes of 2, 3 or 4 bands take 4 bytes a pixel.
 DECODED_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
@@ -47,12 +46,9 @@ class ImageTooLarge(ImageError):
 def decode_image(data: bytes | Path | str, max_pixels: int = MAX_PIXELS, fit_size: int | None = None,
                  max_decoded_bytes: int = MAX_DECODED_BYTES) -> Image.Image:
     """Open a photo from bytes or a path, fully decoded, upright, in RGB; raises UnsupportedFormat, ImageTooLarge
-    or ImageError naming what is wrong.
-
-    `fit_size`: the photo will next be fitted into a square of this size, so a JPEG may be decoded at 1/2, 1/4
-    or 1/8 scale (libjpeg's DCT scaling) while it stays at least that large, and any other image is box-reduced
-    to REDUCING_GAP times that size before its mode is converted.
-    """
+    or ImageError naming what is wrong. `fit_size`: the photo will next be fitted into a square of this size, so a
+    JPEG may be decoded at 1/2, 1/4 or 1/8 scale while it stays at least that large, and any other image is
+    box-reduced to REDUCING_GAP times that size before its mode is converted."""
     name = str(data) if isinstance(data, (str, Path)) else "upload"
     if isinstance(data, (str, Path)):
         data = Path(data).read_bytes()

@@ -1,12 +1,7 @@
-"""Answering queries without TorchServe: request parsing, batched search, the words, the answer JSON.
-
-A request is what TorchServe hands the handler for one HTTP call, a dict of named parts:
-  {"body": <photo bytes>}                       raw upload
-  {"body": {"image": "<base64>", "k": 5, ...}}   JSON (already parsed by TorchServe)
-  {"photo": <bytes>, "k": "5", ...}              multipart form: any one field holds the photo
-Options (`k`, `category`, `embedding`) and `title` also come as X-K, X-Category, X-Embedding, X-Title headers
-(TorchServe drops a POST's query string); a JSON or form field wins over a header.
-"""
+"""Answering queries without TorchServe: request parsing, batched search, the words, the answer JSON. A request is
+TorchServe's dict of one call's parts: {"body": photo bytes or JSON parsed by TorchServe} or multipart {"photo":
+bytes, "k": "5", ...}; options and `title` also come as X-K, X-Category, X-Embedding and X-Title headers (TorchServe
+drops a POST's query string), a JSON or form field winning over a header."""
 import base64
 import binascii
 import json
@@ -67,9 +62,8 @@ class Query:
 
 @dataclass
 class Batch:
-    """A handler batch: one slot per request, a Query or the RequestError that refused it. `images` stacks the
-    photos of the valid queries that sent one; `probabilities` (valid, classes), `vectors` (valid, d; zeros
-    without a photo) and `neighbours` are per valid query; `milliseconds` per stage."""
+    """A handler batch: one slot per request, a Query or the RequestError that refused it; `images` stacks the
+    valid queries' photos, `probabilities`, `vectors` (zeros without a photo) and `neighbours` are per valid query."""
 
     slots: list
     images: torch.Tensor | None = None
@@ -255,8 +249,7 @@ def parse_bool(value, name: str) -> bool:
 
 
 def read_photo(data: bytes, max_pixels: int = MAX_PIXELS, fit_size: int | None = None) -> Image.Image:
-    """Decode an uploaded photo: 415 for a format we do not accept, 413 for one too large to decode,
-    400 for anything else unusable (empty, truncated, corrupt)."""
+    """Decode an upload: 415 for a format we do not accept, 413 for one too large, 400 for anything else."""
     try:
         return decode_image(bytes(data), max_pixels=max_pixels, fit_size=fit_size)
     except UnsupportedFormat as error:
@@ -274,10 +267,9 @@ def internal_error() -> RequestError:
 
 def search_batch(catalogue: Catalogue, vectors: np.ndarray, queries: list[Query], vote_k: int = 0,
                  pool_k: int = 0) -> tuple[list[list[dict]], list[list[dict]]]:
-    """`(neighbours, voters)` per query: one catalogue search per distinct category filter in the batch, at
-    the group's largest depth, each answer cut to its k (with words: `pool_k`, the pool text_neighbours
-    re-ranks); the first k listings do not depend on how many more were asked for. `voters`: the nearest
-    `vote_k` listings of the whole catalogue, for CategoryBlend."""
+    """`(neighbours, voters)` per query: one catalogue search per distinct category filter, at the group's
+    largest depth, each answer cut to its k (with words: `pool_k`, the pool text_neighbours re-ranks).
+    `voters`: the nearest `vote_k` listings of the whole catalogue, for CategoryBlend."""
     groups: dict[str | None, list[int]] = defaultdict(list)
     for row, query in enumerate(queries):
         groups[query.category].append(row)
@@ -322,8 +314,7 @@ class CategoryBlend:
 
 
 def category_votes(voters: list[list[dict]], classes: list[str], k: int, temperature: float) -> np.ndarray:
-    """(n, classes) shares of the similarity-weighted votes of each query's `k` nearest listings;
-    a row with no voter (or none of a known category) is all zeros."""
+    """(n, classes) shares of each query's `k` nearest listings' similarity-weighted votes (no voter: zeros)."""
     index = {category: position for position, category in enumerate(classes)}
     votes = np.zeros((len(voters), len(classes)), np.float64)
     for row, neighbours in enumerate(voters):
@@ -362,8 +353,7 @@ def read_words(text_model: TextModel | None, queries: list[Query]) -> list[TextR
 
 def text_categories(text_model: TextModel | None, queries: list[Query], probabilities: np.ndarray,
                     readings: list[TextReading | None]) -> np.ndarray:
-    """Each query's category probabilities: `probabilities` (the photo's) for a photo alone, the text model's
-    calibration for its inputs where it sent words (`readings`: read_words of the queries)."""
+    """Each query's category probabilities: the photo's alone, else the text model's calibration for its inputs."""
     out = np.array(probabilities, np.float32, copy=True)
     for row, query in enumerate(queries):
         if query.title is not None:
@@ -374,9 +364,8 @@ def text_categories(text_model: TextModel | None, queries: list[Query], probabil
 
 def text_neighbours(text_model: TextModel | None, queries: list[Query], neighbours: list[list[dict]],
                     readings: list[TextReading | None], catalogue: Catalogue, vectors: np.ndarray) -> list[list[dict]]:
-    """Each query's neighbours given its words (`readings` as text_categories'): photo + words, its photo pool
-    (joined by the listings nearest by words when the model fills) re-ranked by photo + word similarity; words
-    alone, the listings nearest by words."""
+    """Each query's neighbours given its words: photo + words, its photo pool (joined by the listings nearest by
+    words when the model fills) re-ranked by photo + word similarity; words alone, the listings nearest by words."""
     if text_model is None or text_model.listing_words is None:
         return neighbours
     listing_words, out = text_model.listing_words, list(neighbours)
@@ -414,8 +403,7 @@ def words_pool(catalogue: Catalogue, listing_words: ListingWords, classes: list[
 
 def found_by_words(catalogue: Catalogue, listing_words: ListingWords, classes: list[str], similarities: np.ndarray,
                    k: int, category: str | None = None, exclude: str | None = None) -> list[dict]:
-    """The k listings the catalogue shows nearest by words, each with its first photo, "similarity" and
-    "word_similarity" the words' cosine; EXCLUDE as in words_pool."""
+    """The k listings nearest by words, each with its first photo and the words' cosine as both similarities."""
     found = listing_words.nearest(similarities, max(k, RERANK_POOL), _label(classes, category), {exclude} - {None})
     entries = catalogue.listings_of([product_id for product_id, _ in found], None, category)
     return [{**entries[product_id], "similarity": round(similarity, 6), "word_similarity": round(similarity, 6)}

@@ -1,10 +1,5 @@
-"""Where things live: the folders of a training run and of a model archive, and run.json.
-
-A run, WORK/model_evaluation/<timestamp>/: run.json (what each stage did), weights/ (epoch_<N>.pt, best.pt),
-logs/ (TensorBoard), embeddings/, index/ (the catalogue), evaluation.json, text_model/.
-An archive (.mar): best.pt, catalogue/, text_model/, decoder.json, model_card.json, model_config.yaml,
-MAR-INF/MANIFEST.json, the handler module, this package whole, and openvino/ for an OpenVINO runtime.
-"""
+"""Where things live: the files of a training run (WORK/model_evaluation/<timestamp>/) and of a model archive
+(.mar, which also holds the handler module and this package whole), and run.json (what each stage did)."""
 import json
 from datetime import datetime, timezone
 from pathlib import Path

@@ -1,19 +1,7 @@
-"""The live catalogue: numbered generations of the catalogue outside the archive, a pointer to the current
-one and a list of removed listings, followed by every worker while it serves.
-
-On disk (one folder, LIVE):
-  CURRENT              {"generation": N, "name": "gen-00000N", "published": ISO time}, replaced atomically
-  removed.json         {"product_ids": {product_id: ISO time removed}}: out of every answer at once
-  gen-00000N/          one generation, complete before CURRENT names it and never changed after:
-    catalogue/         the Catalogue folder (marketplace_search.search)
-    vectors.npy        (n, d) float32 L2-normalised, row i = catalogue row i: adds and compactions rebuild from them
-    generation.json    number, parent, created, the change, and the sha256 of the checkpoint that made the vectors
-    words.npz          (a model that reads titles) the listings' words (text.save_listing_words)
-  .lock                held by writers (scripts.catalogue)
-
-Writers publish CURRENT before pruning removed.json and readers read removed.json before CURRENT, so a
-reader never pairs an old generation with a pruned removal list.
-"""
+"""The live catalogue (docs/live-catalogue.md): numbered generations of the catalogue outside the archive, each
+complete before the CURRENT pointer names it, and a list of removed listings, followed by every worker while it
+serves. Writers publish CURRENT before pruning removed.json and readers read removed.json before CURRENT, so a
+reader never pairs an old generation with a pruned removal list."""
 import fcntl
 import json
 import logging
@@ -139,8 +127,7 @@ def load_generation(live: Path, name: str | None = None) -> Generation:
 
 
 def generation_listing_words(live: Path, name: str) -> tuple[ListingWords | None, str | None]:
-    """(generation NAME's words, the reader_sha256 of the text model that made them); (None, None) when it has
-    none or they are unreadable (logged): its listings are then found by photo."""
+    """(NAME's words, the reader_sha256 that made them), or (None, None) when missing or unreadable (logged)."""
     path = Path(live) / name / WORDS_FILE
     if not path.is_file():
         return None, None
@@ -154,8 +141,7 @@ def generation_listing_words(live: Path, name: str) -> tuple[ListingWords | None
 def write_generation(live: Path, vectors: np.ndarray, image_ids: list[str], listings: dict[str, dict],
                      weights_sha256: str, change: dict, index_type: str = "auto", meta: dict | None = None,
                      listing_words: ListingWords | None = None, listing_words_sha256: str | None = None) -> int:
-    """Build and publish the next generation of LIVE, with its listings' words when the model reads titles;
-    returns its number. The caller holds writer_lock."""
+    """Build and publish LIVE's next generation, with its words if the model reads titles, under writer_lock."""
     live = Path(live)
     live.mkdir(parents=True, exist_ok=True)
     current = read_current(live)
@@ -198,15 +184,10 @@ class Served:
 
 
 class LiveFollower:
-    """A worker's view of LIVE: `current()` returns what to answer from, looking at the folder (a stat of two
-    files) at most every CHECK_SECONDS.
-
-    BUNDLED (the archive's snapshot) serves until a generation is published; a generation embedded by other
-    weights than WEIGHTS_SHA256 (this checkpoint's) is refused, logged, and the worker keeps what it has. A new
-    removal list applies on the batch that sees it; a new generation is loaded whole (with BACKGROUND, by a
-    thread beside the batches) and swapped in with one reference. A generation's words made by a text model
-    reading as TEXT_SHA256 are served with TEXT_LISTING_WORDS' settings; others are left aside.
-    """
+    """A worker's view of LIVE: `current()` returns what to answer from, looking at the folder at most every
+    CHECK_SECONDS. A generation embedded by other weights than WEIGHTS_SHA256 is refused (logged) and the worker
+    keeps what it has; a new one is loaded whole (with BACKGROUND, by a thread beside the batches) and swapped in
+    with one reference. Its words serve only if made by a text model reading as TEXT_SHA256."""
 
     def __init__(self, live: Path | str, bundled: Catalogue, weights_sha256: str,
                  check_seconds: float = CHECK_SECONDS, clock=time.monotonic, background: bool = False,
@@ -305,8 +286,7 @@ class LiveFollower:
                     (time.perf_counter() - started) * 1000)
 
     def load(self, name: str) -> tuple[Catalogue, ListingWords | None]:
-        """Generation NAME loaded whole, after checking it was embedded by this worker's weights, and its
-        words when this worker's text model made them."""
+        """Generation NAME loaded whole if these weights embedded it, with its words if this text model made them."""
         folder = self.live / name
         info = json.loads((folder / GENERATION_FILE).read_text())
         embedded_with = (info.get("model") or {}).get("checkpoint_sha256")

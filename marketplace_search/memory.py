@@ -1,7 +1,6 @@
 """Let a job's forward passes reuse freed memory: a CNN's activations exceed glibc malloc's mmap threshold,
 so every batch would map and fault them in anew. For jobs that end, not serving workers, whose heap would
-keep growing; a user's MALLOC_* tunables or preloaded allocator win.
-"""
+keep growing; a user's MALLOC_* tunables or preloaded allocator win."""
 import ctypes
 import ctypes.util
 import os

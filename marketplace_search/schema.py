@@ -1,8 +1,6 @@
-"""The answer's contract: what every client of /predictions can rely on, written down once.
-
-The handler builds answers with these names (marketplace_search.inference.build_answer); the batch
-job, the release canary, the client and the tests read them from here.
-"""
+"""The answer's contract: what every client of /predictions can rely on, written down once. The handler builds
+answers with these names (marketplace_search.inference.batch_answers); the batch job, the release canary, the
+client and the tests read them from here."""
 from typing import NotRequired, TypedDict, get_type_hints
 
 
@@ -25,8 +23,7 @@ class TopCategory(TypedDict):
 
 
 class Neighbour(TypedDict):
-    """One listing near the query: its closest photo, the listing's fields and the cosine similarity
-    (the photos'; the words' for a query without a photo)."""
+    """One listing near the query: its closest photo, its fields and the cosine (the words' without a photo)."""
 
     image_id: str
     product_id: str

@@ -1,12 +1,8 @@
-"""The searchable catalogue: a Faiss index over (n, d) float32 L2-normalised photo vectors (inner
-product = cosine), with its listings table.
-
-On disk (one folder, written whole beside its place and renamed into it):
-  catalogue.faiss   the Faiss index; int64 id i is row i of listings.arrow
-  listings.arrow    the image ids and listing fields (marketplace_search.columns)
-  index_meta.json   dimension, metric, index type and parameters, the checkpoint that made the vectors,
-                    and the sha256 of the other two files, so files of different builds refuse to load
-"""
+"""The searchable catalogue: a Faiss index over (n, d) float32 L2-normalised photo vectors (inner product =
+cosine) with its listings table, saved as one folder written whole beside its place and renamed into it:
+catalogue.faiss (id i is row i of listings.arrow), listings.arrow and index_meta.json (dimension, metric, index
+parameters, the checkpoint that made the vectors, and the sha256 of the other two files, so that files of
+different builds refuse to load)."""
 import copy
 import json
 import time
@@ -23,15 +19,12 @@ INDEX_FILE = "catalogue.faiss"
 LISTING_TABLE_FILE = "listings.arrow"
 META_FILE = "index_meta.json"
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivfpq")
-# "auto" searches up to this many vectors of FLAT_DIMENSION floats exactly (longer ones proportionally
-# fewer, flat_max): below it exact search is well under a millisecond, above it HNSW is faster at full recall.
+# "auto" searches up to this many FLAT_DIMENSION-d vectors exactly (flat_max); above, HNSW is faster at full recall.
 FLAT_MAX = 20_000
 FLAT_DIMENSION = 256
-# Above this many vectors "auto" builds "ivfpq": HNSW's float32 vectors and graph would be copied into every
-# worker, IVF-PQ's codes are memory-mapped and shared by the workers of a host.
+# Above it "auto" builds "ivfpq": HNSW would be copied into every worker, IVF-PQ's codes are mapped and shared.
 HNSW_MAX = 2_000_000
-# "ivfpq" search defaults: K_FACTOR reaches the recall target at 10M vectors, and NPROBE leaves a margin for
-# real embeddings, less clustered than the synthetic ones measured.
+# "ivfpq" search defaults that reach the recall target at 10M vectors, with a margin for real embeddings.
 IVFPQ_NPROBE = 32
 IVFPQ_K_FACTOR = 16
 TRAIN_PER_LIST = 39  # Faiss warns below 39 training vectors per k-means centroid
@@ -52,10 +45,7 @@ def build_index(vectors: np.ndarray, index_type: str = "auto", *, hnsw_m: int = 
                 seed: int = 0) -> tuple[faiss.Index, dict]:
     """Index (n, d) L2-normalised float32 vectors by inner product, ids = rows; returns the index and the
     parameters it was built with. VECTORS may be memory-mapped: it is added in chunks, trained on a sample.
-
-    "ivfpq": IVF over PQ codes of PQ_M bytes whose K_FACTOR * k best candidates are re-ranked on 8-bit
-    vectors, for 10M+ photos. efSearch 128 keeps HNSW's recall@10 on target at 1M vectors.
-    """
+    "ivfpq": IVF over PQ codes of PQ_M bytes whose K_FACTOR * k best candidates are re-ranked on 8-bit vectors."""
     vectors = _as_queries(vectors)
     n, dimension = vectors.shape
     if index_type not in INDEX_TYPES:
@@ -148,9 +138,8 @@ class Catalogue:
         self._visible_rows = None  # (bitmap, selector) of those photos in such a view
 
     def without_products(self, product_ids) -> "Catalogue":
-        """A view sharing this catalogue's index whose searches leave out PRODUCT_IDS' photos (the live
-        catalogue's removal list). Faiss filters them inside the search, so k answers remain whenever k
-        listings are left."""
+        """A view sharing this catalogue's index whose searches leave out PRODUCT_IDS' photos, filtered inside the
+        Faiss search so that k answers remain whenever k listings are left."""
         hidden = self.table.rows_of_products(product_ids)
         view = copy.copy(self)
         view._selectors = {}
@@ -298,8 +287,7 @@ class Catalogue:
     def listings_of(self, product_ids: list[str], query: np.ndarray | None = None,
                     category: str | None = None) -> dict[str, dict]:
         """The answer entry, as `search` gives it, of each of PRODUCT_IDS this catalogue (or view, in CATEGORY)
-        shows: with QUERY, the listing's photo most similar to it and that cosine from the indexed vectors;
-        without, its first photo and no similarity. For listings found by their words."""
+        shows: with QUERY, its photo most similar to it and that cosine; without, its first photo."""
         rows = self.table.rows_of_products(product_ids)
         if self._visible_rows is not None and len(rows):
             bitmap = self._visible_rows[0]

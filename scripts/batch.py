@@ -1,10 +1,10 @@
 """Run every photo of a folder or CSV through the model into a JSON Lines file; resumable.
 
 INPUT is a folder (image id = file stem) or a CSV with `image_id` and/or `path` (relative to the CSV; image_id
-alone reads --images DIR/<image_id>.jpg) and optionally `title` and `description`; a row without a photo is
-answered from its words. OUTPUT gets one line per input: {"image_id", "path", "status": "ok", ...the answer}
-or {"image_id", "path", "status": "error", "code", "error"}. Overload, connection errors and timeouts are
-retried; 401/403/404 stop the run. A re-run with the same OUTPUT skips every input that has a line.
+alone reads --images DIR/<image_id>.jpg) and optionally `title` and `description` (a row without a photo is
+answered from its words). OUTPUT gets one line per input, {"image_id", "path", "status": "ok", ...the answer} or
+{..., "status": "error", "code", "error"}; 401/403/404 stop the run. A re-run with the same OUTPUT skips every
+input that has a line.
 """
 import argparse
 import csv

@@ -1,8 +1,5 @@
-"""The live catalogue: remove sold listings at once, add new ones in minutes, without a new model version.
-
-Workers of an archive built with `scripts.archive --live-catalogue LIVE` pick up every new generation or removal
-list at their next batch. `add` embeds the new listings' photos with the weights of the current generation; a
-product_id already there is replaced, one on the removal list comes back.
+"""The live catalogue: remove sold listings at once, add new ones in minutes, without a new model version; the
+workers of an archive built with `scripts.archive --live-catalogue LIVE` follow it (docs/live-catalogue.md).
 """
 import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 

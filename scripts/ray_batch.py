@@ -1,7 +1,6 @@
 """scripts.batch --engine ray: the archive's handler in a pool of Ray actors, via Ray Data; each actor reads its
 photos within the other engines' limits. With --address, photos, archive and OUTPUT must be on shared storage.
---format parquet writes shards part-NNNNN.parquet of --shard-size inputs, each whole; a re-run skips those there.
-"""
+--format parquet writes shards part-NNNNN.parquet of --shard-size inputs, each whole; a re-run skips those there."""
 import json
 import math
 import sys
@@ -12,7 +11,7 @@ import numpy as np
 
 from marketplace_search.files import TEMPORARY_SUFFIX, replaced_atomically
 from scripts.records import FatalError, Item, Tally, load_handler, local_answers, model_folder, write_answers
-from training.ray_embed import RESERVED_CPUS, SHARD_PATTERN, ray_cluster
+from training.ray_embed import RESERVED_CPUS, SHARD_PATTERN, actor_blocks, ray_cluster
 
 PARQUET_COLUMNS = ("image_id", "path", "status", "code", "error", "category", "probability", "top_categories",
                    "neighbours", "model", "catalogue", "inputs")
@@ -59,9 +58,6 @@ def actor_cpus(cluster_cpus: float, actors: int, asked: float | None) -> tuple[f
 
 def ray_answers(ray, todo: list[Item], positions: list[int], model_dir: Path, args, clock=None):
     """Yield `(position, record)` for every item of TODO as the actors answer them (any order)."""
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False  # scripts.batch shows its own
     cluster_cpus = ray.cluster_resources().get("CPU", 0)
     cpus, threads = actor_cpus(cluster_cpus, args.actors, args.cpus_per_actor)
     print(f"ray: {args.actors} actor(s) x {cpus:g} CPU ({threads} torch thread(s)) of {cluster_cpus:g} CPUs",
@@ -69,13 +65,9 @@ def ray_answers(ray, todo: list[Item], positions: list[int], model_dir: Path, ar
     rows = [{"position": position, "image_id": item.image_id, "path": item.path, "root": item.root,
              "title": item.title or "", "description": item.description or ""}  # a CSV's words travel too
             for position, item in zip(positions, todo)]
-    dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // args.batch_size, 1000)))
-    answered = dataset.map_batches(
-        Answerer, batch_size=args.batch_size, concurrency=args.actors, num_cpus=cpus,
-        fn_constructor_kwargs={"model_dir": str(model_dir), "version": args.version, "k": args.k,
-                               "batch_size": args.batch_size, "max_file_bytes": args.max_file_bytes,
-                               "threads": threads})
-    for block in answered.iter_batches(batch_size=None, batch_format="numpy"):
+    for block in actor_blocks(Answerer, rows, args.batch_size, args.actors, cpus, {
+            "model_dir": str(model_dir), "version": args.version, "k": args.k, "batch_size": args.batch_size,
+            "max_file_bytes": args.max_file_bytes, "threads": threads}):
         if clock is not None:
             clock.block(len(block["position"]))
         for position, record in zip(block["position"], block["record"]):

@@ -21,7 +21,7 @@ from scripts import api
 FILE_ERROR = "file_error"
 REFUSED_INPUT = "refused_input"
 MAX_FILE_BYTES = 20 * 1024 * 1024  # = the server's max_request_size (config.properties)
-MAX_ARCHIVE_BYTES = 8 * 2**30  # a checkpoint, a Faiss index (1.2 GB for HNSW at 1M photos), the code
+MAX_ARCHIVE_BYTES = 8 * 2**30  # room for a checkpoint, a Faiss index of millions of photos and the code
 MAX_ARCHIVE_MEMBERS = 10_000
 FSYNC_SECONDS = 5.0
 

@@ -2,8 +2,7 @@
 
 DATA is the whole catalogue now, in the raw format; only photos without a vector in RUN, or whose bytes changed,
 are embedded into a new run in WORK with RUN's weights and text model, archived as STORE/<name>-v<version>.mar;
---release registers, canaries and makes it the default (STORE must be the server's model store).
-"""
+--release registers, canaries and makes it the default (STORE must be the server's model store)."""
 import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import argparse

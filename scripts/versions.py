@@ -1,8 +1,6 @@
-"""Release, roll back and retire versions of a served model through TorchServe's management API.
-
-The server must run with the model-control API on (`python -m scripts.serve start --enable-model-api`).
-`release` makes the new version the default, recorded in the store's releases.json, only once a canary answer
-keeps the contract (marketplace_search.schema); `rollback` goes back to the previous default in release order.
+"""Release, roll back and retire versions of a served model through TorchServe's management API (the server runs
+with --enable-model-api): a new default only once its canary answer keeps the contract and, where the store holds
+an evaluation set, its accuracy holds (scripts.gate). With --replica, a fleet's replicas move together.
 """
 import argparse
 import io

@@ -1,8 +1,4 @@
-"""Serving fixtures (a pytest plugin, see conftest.py): the session's recipe-shaped run and archives, one
-TorchServe for the session, tiny runs and their archives, the raw listings format."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
-import io
+"""Serving fixtures (a pytest plugin of conftest.py): the session's recipe run, its archives and TorchServe."""
 import json
 import struct
 import threading
@@ -11,37 +7,31 @@ import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import requests
-from PIL import Image
 
 from marketplace_search.runtime import precision_supported
 from scripts import api
 from scripts.records import extract_archive  # noqa: F401
 from scripts.serve import serving as running_server  # noqa: F401
+from training.sample import write_listings
 from training.tiny_run import CLASSES, TINY_PREPROCESS, TinyRun, make_tiny_run, photo_jpeg  # noqa: F401
 
+REPO = Path(__file__).resolve().parents[1]
 NAME = "marketplace"
 # What the recipe's archives (openvino bf16, the default) run here: fp32 on a CPU without bf16 units.
 RECIPE_BACKEND = f"openvino {'bf16' if precision_supported('bf16') else 'fp32'}"
 
 
-def png_with_declared_size(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims width x height: a decompression bomb as seen by the decoder."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (4, 4)).save(buffer, "PNG")
-    data = bytearray(buffer.getvalue())
-    header = b"IHDR" + struct.pack(">II", width, height) + bytes(data[24:29])
-    data[12:29] = header
-    data[29:33] = struct.pack(">I", zlib.crc32(header))
-    return bytes(data)
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-@pytest.fixture(scope="session")
-def png_claiming():
-    """Factory: png_with_declared_size."""
-    return png_with_declared_size
+def png_raw(width: int, height: int, bit_depth: int = 8, colour_type: int = 2,
+            data: bytes = zlib.compress(b"\0")) -> bytes:
+    """A PNG written by hand: any header (a decompression bomb's, claiming width x height), DATA as its image data."""
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b"")
 
 
 def archive_tiny_run(run: TinyRun, store: Path, name: str = NAME, version: str = "1.0",
@@ -142,21 +132,6 @@ def by_key(records: list[dict]) -> dict[tuple[str, str], dict]:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
-def write_listings(data: Path, listings: dict[str, dict], photos: dict[str, bytes]) -> None:
-    """LISTINGS ({image_id: {product_id, title, price, location, category}}) and PHOTOS in the raw format in DATA."""
-    (data / "images").mkdir(parents=True)
-    products = {}
-    for image_id, listing in listings.items():
-        products[listing["product_id"]] = {
-            "id": listing["product_id"], "product_name": f"{listing['title']} | in {listing['location']} | Gumtree",
-            "category": f"{listing['category']} / Other", "product_description": "as new",
-            "price": f"£{listing['price']:.2f}", "location": listing["location"]}
-        (data / "images" / f"{image_id}.jpg").write_bytes(photos[image_id])
-    pd.DataFrame(list(products.values())).to_csv(data / "Products.csv", lineterminator="\n")
-    pd.DataFrame([{"id": image_id, "product_id": listing["product_id"]} for image_id, listing in listings.items()]
-                 ).to_csv(data / "Images.csv", lineterminator="\n")
 
 
 def write_new_listings(data: Path, count: int, titles: list[str] | None = None) -> dict[str, str]:

@@ -1,7 +1,4 @@
-"""scripts.batch on the recipe's archive: in-process, and against the session's TorchServe through an overloaded
-proxy (a killed run resumed: tests/test_ray_batch.py)."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
+"""scripts.batch on the recipe's archive: in-process, and through an overloaded proxy to the session's TorchServe."""
 import hashlib
 import json
 import os

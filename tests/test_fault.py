@@ -1,5 +1,4 @@
-"""A worker of the session's TorchServe killed under load (32 clients, 2,000 requests): the few requests failed by
-the kill are JSON 5xx, every other one is answered, and the server answers again within seconds."""
+"""A worker killed under load: the requests it fails are JSON 5xx, the rest answered, the server back in seconds."""
 import json
 import signal
 import time

@@ -8,13 +8,11 @@ from marketplace_search.images import (MAX_DECODED_BYTES, ImageError, ImageTooLa
                                        decoded_bytes, pad_to_square, to_rgb)
 from marketplace_search.presets import Preprocess, collate_images, eval_transform, train_transform
 from tests.conftest import encoded, two_colour_image
+from tests.serving_fixtures import png_raw
+from training.tiny_run import photo_jpeg
 
 USABLE = ["rgb_jpeg", "cmyk_jpeg", "png_alpha", "palette_png", "palette_transparent_png", "grey_png",
           "grey16_png", "exif_rotated_jpeg", "webp"]
-
-
-def jpeg(size: tuple[int, int]) -> bytes:
-    return encoded(Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), np.uint8)), "JPEG")
 
 
 @pytest.mark.parametrize("name", USABLE)
@@ -63,12 +61,12 @@ def test_unusable_bytes_are_refused_naming_why(image_variants, data, error, mess
 
 
 def test_fit_size_decodes_a_large_jpeg_at_a_reduced_scale_never_below_the_fitted_size():
-    photo = jpeg((400, 320))  # fitted into a square of S: S x 0.8 S
+    photo = photo_jpeg(0, (400, 320))  # fitted into a square of S: S x 0.8 S
     assert decode_image(photo, fit_size=50).size == (50, 40)  # 1/8 scale is exactly 50 x 40
     assert decode_image(photo, fit_size=51).size == (100, 80)  # 1/8 would be < 51: 1/4
     assert decode_image(photo, fit_size=160).size == (200, 160)  # 1/4 would give 100 < 160: 1/2
     assert decode_image(photo, fit_size=300).size == decode_image(photo).size == (400, 320)
-    assert decode_image(jpeg((320, 640)), fit_size=256).size == (160, 320)  # the longer side counts
+    assert decode_image(photo_jpeg(0, (320, 640)), fit_size=256).size == (160, 320)  # the longer side counts
 
 
 def test_fit_size_box_reduces_other_formats_to_at_least_twice_the_fitted_size(image_variants):
@@ -94,22 +92,22 @@ def test_exif_orientation_survives_a_reduced_decode(fmt):
 
 
 @pytest.mark.parametrize("width, height", [(100_000, 100_000), (10_000, 10_000), (9_000, 9_000)])
-def test_decompression_bomb_is_refused_before_decoding(png_claiming, image_variants, width, height):
+def test_decompression_bomb_is_refused_before_decoding(image_variants, width, height):
     # 1e10 pixels trips Pillow's own error, 1e8 its warning, 8.1e7 only our 64-megapixel limit.
     with pytest.raises(ImageTooLarge, match="too large|over the limit"):
-        decode_image(png_claiming(width, height))
+        decode_image(png_raw(width, height))
     with pytest.raises(ImageTooLarge, match="60x30 pixels is over the limit of 1,000"):  # a lower limit
         decode_image(image_variants["rgb_jpeg"], max_pixels=1_000)
     assert decode_image(image_variants["rgb_jpeg"], max_pixels=1_800).size == (60, 30)
 
 
-def test_decoded_bytes_are_refused_from_the_header_a_large_jpeg_at_its_draft_size(png_claiming):
+def test_decoded_bytes_are_refused_from_the_header_a_large_jpeg_at_its_draft_size():
     # 4000 x 4000 RGB takes 64 MB in memory (4 bytes a pixel): within MAX_PIXELS, over a 32 MB budget
     with pytest.raises(ImageTooLarge, match="takes 64,000,000 bytes, over the limit of 32,000,000"):
-        decode_image(png_claiming(4_000, 4_000), max_decoded_bytes=32_000_000)
+        decode_image(png_raw(4_000, 4_000), max_decoded_bytes=32_000_000)
     assert decoded_bytes(Image.new("I;16", (10, 10))) == 200 and decoded_bytes(Image.new("P", (10, 10))) == 100
     assert MAX_DECODED_BYTES >= 8_000 * 8_000 * 2  # a 64-megapixel 16-bit greyscale image is served
-    photo = jpeg((2_000, 1_500))  # 12 MB decoded whole; at 1/4 scale (1/8 is under 256): 0.75 MB
+    photo = photo_jpeg(0, (2_000, 1_500))  # 12 MB decoded whole; at 1/4 scale (1/8 is under 256): 0.75 MB
     with pytest.raises(ImageTooLarge):
         decode_image(photo, max_decoded_bytes=10_000_000)
     assert decode_image(photo, fit_size=256, max_decoded_bytes=10_000_000).size == (500, 375)

@@ -1,5 +1,4 @@
-"""The layout's rules, lazy imports counted: imports point one way, no cycles, a core that knows nothing of serving
-or command lines, and training stages that hand each other files, not code."""
+"""Imports point one way, without cycles: a core unaware of serving, training stages sharing files, not code."""
 import ast
 import graphlib
 from pathlib import Path

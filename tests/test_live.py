@@ -1,7 +1,4 @@
-"""The live catalogue served by two workers of the session's TorchServe (removals within 2 s on both, 50 added listings
-searchable within 60 s, no failed request, a new version on the same folder); the follower's rules in-process."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
+"""The live catalogue served by two workers of the session's TorchServe, and the follower's rules in-process."""
 import itertools
 import json
 import logging
@@ -24,11 +21,10 @@ from marketplace_search.layout import CHECKPOINT
 from marketplace_search.schema import check_answer
 from marketplace_search.search import Catalogue
 from scripts import api, catalogue as cli
-from tests.serving_fixtures import (ClientLoop, archive_tiny_run, extract_archive, make_tiny_run, wait_until,
+from tests.serving_fixtures import (REPO, ClientLoop, archive_tiny_run, extract_archive, make_tiny_run, wait_until,
                                     write_new_listings)
 from training.tiny_run import TINY_WORDS
 
-REPO = Path(__file__).resolve().parents[1]
 LIVE = "live"  # the model's name on the session's TorchServe
 NEW_LISTINGS = 50
 # "... W-9012-live_1.0-stdout MODEL_LOG - live catalogue /x: serving generation 2 (22 photos, 1 listings removed)"
@@ -114,8 +110,7 @@ def test_fifty_added_listings_are_each_found_first_within_60_s(following, tmp_pa
                 pending = {image_id: product for image_id, product in pending.items()
                            if answers[image_id]["neighbours"][0]["product_id"] != product}
         assert not pending, f"{len(pending)} new photos not found first after 60 s, e.g. {sorted(pending)[:3]}"
-        # Two workers swap independently, so their answers interleave generations 1 and 2 for a moment; once
-        # both have logged the swap, no answer comes from generation 1.
+        # The two workers swap independently; once both have logged it, no answer comes from generation 1.
         assert wait_until(lambda: len(following.switched("generation", 2)) == 2, 30), following.log()[-3000:]
         both_switched = max(following.switched("generation", 2).values()) + time.monotonic() - time.time()
         time.sleep(1)
@@ -200,8 +195,7 @@ def test_compaction_folds_removals_and_a_generation_damaged_or_of_other_weights_
     assert follower.current().info == {"generation": 2, "photos": 10}
     status = cli.main(["--live", str(folder), "status"])
     assert (status["generation"], status["listings"], status["removed"]) == (2, 5, 0)
-    # A generation whose files do not match its recorded hashes, or whose vectors other weights embedded, is
-    # refused once, with its reason; generation 2 serves on.
+    # A generation of mismatched files, or embedded by other weights, is refused once with its reason; 2 serves on.
     cli.main(["--live", str(folder), "init", "--run", str(tiny.run_dir), "--force"])
     listings = folder / "gen-000003" / live.CATALOGUE_DIR / "listings.arrow"
     listings.write_bytes(listings.read_bytes().replace(b"Leeds", b"Leedz"))

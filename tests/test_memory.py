@@ -1,5 +1,4 @@
-"""marketplace_search.memory: freed tensor memory is reused, not faulted in anew, by the jobs that set it; the
-user's allocator settings win; a serving worker keeps malloc's defaults."""
+"""marketplace_search.memory: freed memory reused by the jobs that set it; user settings win; workers untouched."""
 import json
 import os
 import subprocess
@@ -11,8 +10,7 @@ from tests.serving_fixtures import archive_tiny_run, extract_archive, make_tiny_
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")]
 
-# A fresh interpreter ("keep": with keep_freed_memory; "handler": after loading the archive argv[2]'s handler)
-# allocates and frees a 64 MiB tensor 20 times, then prints whether malloc was set and the last 10's page faults.
+# A fresh interpreter allocates and frees a 64 MiB tensor 20 times and prints the last 10's page faults.
 LOOP = """
 import json, resource, sys
 import torch

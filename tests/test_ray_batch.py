@@ -1,7 +1,4 @@
-"""scripts.batch --engine ray on the recipe's archive and a real local Ray (2 CPUs): the same answers as --local per
-input, bad files as error lines, a SIGKILLed run resumed to one line per input, Parquet shards resumed by shard."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
+"""scripts.batch --engine ray on a local Ray: --local's answers, bad files as errors, killed runs resumed."""
 import os
 import shutil
 import signal
@@ -13,11 +10,10 @@ from pathlib import Path
 import pytest
 
 from scripts import batch, ray_batch
-from tests.serving_fixtures import BAD_FILES, assert_same_answers, by_key, read_jsonl, wait_until
+from tests.serving_fixtures import BAD_FILES, REPO, assert_same_answers, by_key, read_jsonl, wait_until
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 RAY = ["--engine", "ray", "--ray-cpus", "2"]
 
 

@@ -1,6 +1,4 @@
 """training.embed --engine ray on a real local Ray: the local stage's vectors, in Parquet shards resumed one by one."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
 import json
 
 import numpy as np

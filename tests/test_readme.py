@@ -1,8 +1,5 @@
-"""README.md's commands, run as written on the session's recipe-shaped run: each is run by a `clone.run(HANDLE)`
-here (the command that is or contains HANDLE, PLACEHOLDERS filled in) or named in NOT_RUN with the reason. They run
-on TorchServe's default ports in the order of a user's walk: each test builds on the ones before it."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
+"""README.md's commands, run as written on the session's recipe run by `clone.run(HANDLE)` (the command that is or
+contains HANDLE) or named in NOT_RUN with the reason, in a user's order: each test builds on the ones before it."""
 import ast
 import json
 import os

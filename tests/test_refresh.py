@@ -1,6 +1,4 @@
 """scripts.refresh on the recipe's run: listings added, removed and changed, released into the session's TorchServe."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
 import hashlib
 import io
 import json
@@ -150,8 +148,7 @@ def test_refresh_released_without_downtime(old, recipe, served, tmp_path, monkey
     assert (new_run / "evaluation.json").read_text() == (old.run / "evaluation.json").read_text()
     # same weights: the new run's archives reuse the accuracy guard the recipe's archives ran
     assert json.loads((new_run / GUARD_REPORTS).read_text()) == json.loads((old.run / GUARD_REPORTS).read_text())
-    # the text model reads as before (a live catalogue's words serve both versions), its words are the new
-    # catalogue's listings of the model's categories, and a renamed listing is found by its new title
+    # the text model reads as before; its words are the new catalogue's, a renamed listing found by its new title
     refreshed, model = (TextModel.load(run / TEXT_MODEL_DIR) for run in (new_run, old.run))
     assert refreshed.reader_sha256 == model.reader_sha256
     assert refreshed.listing_words.settings == model.listing_words.settings

@@ -1,7 +1,4 @@
-"""Inference backends: every runtime and precision answers through a real TorchServe with the same fields, the
-accuracy guard refuses a broken int8 calibration, a CPU without bf16 units runs the IR at fp32."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
+"""Every runtime and precision served through TorchServe, the accuracy guard, and a CPU without bf16 units."""
 import json
 import logging
 import shutil

@@ -1,13 +1,11 @@
-"""The catalogue (marketplace_search.search, .columns) and its flat, HNSW and IVF-PQ indexes against brute-force
-search on generated vectors, and its saved folders: written whole, memory-mapped, refused when from other builds."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
+"""The catalogue against brute-force search (flat, HNSW, IVF-PQ), and its folders: whole, mapped, consistent."""
 import json
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from unittest.mock import Mock
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -15,6 +13,7 @@ import pytest
 from marketplace_search import search
 from marketplace_search.columns import ListingTable
 from marketplace_search.search import Catalogue, build_index, make_catalogue
+from scripts.benchmark.index import recall_at_k
 
 N, D = 4000, 32  # the IVF-PQ catalogue's size
 
@@ -56,7 +55,7 @@ def test_hnsw_recall_against_brute_force():
     _, rows = index.search(queries, 10)
     truth = brute_force(vectors, queries, 10)
     assert params["type"] == "hnsw"
-    assert recall(rows, truth) >= 0.9
+    assert recall_at_k(rows, truth) >= 0.9
 
 
 def test_auto_picks_flat_then_hnsw_then_ivfpq_by_size(monkeypatch):
@@ -277,10 +276,6 @@ def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def recall(rows: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(set(r) & set(t)) / len(t) for r, t in zip(rows, truth)]))
-
-
 @pytest.fixture(scope="module")
 def ivfpq() -> tuple[Catalogue, np.ndarray, np.ndarray]:
     """(catalogue, vectors, queries): IVF-PQ (re-ranked on 8-bit vectors) over N clustered vectors, one a listing."""
@@ -296,10 +291,10 @@ def test_ivfpq_recall_against_brute_force(ivfpq):
     assert catalogue.meta["index"]["type"] == "ivfpq"
     assert catalogue.meta["index"]["pq_m"] == 8 and catalogue.meta["index"]["refine"] == "sq8"
     truth = brute_force(vectors, queries, 10)
-    assert recall(rows, truth) >= 0.9
+    assert recall_at_k(rows, truth) >= 0.9
     # without re-ranking, 8-byte PQ codes alone rank worse: the refinement is doing the work
     _, coarse = faiss.downcast_index(faiss.downcast_index(catalogue.index).base_index).search(queries, 10)
-    assert recall(rows, truth) > recall(coarse, truth)
+    assert recall_at_k(rows, truth) > recall_at_k(coarse, truth)
 
 
 def test_ivfpq_category_filter_returns_only_that_category(ivfpq):
@@ -308,9 +303,9 @@ def test_ivfpq_category_filter_returns_only_that_category(ivfpq):
     _, rows = catalogue.search_ids(queries, 10, category="Home")
     assert set(rows.ravel()) <= set(home.tolist())
     truth = home[brute_force(vectors[home], queries, 10)]
-    assert recall(rows, truth) >= 0.85
+    assert recall_at_k(rows, truth) >= 0.85
     _, exact_rows = catalogue.search_ids(queries, 10, category="Home", exact=True)  # every Home vector (8-bit)
-    assert recall(exact_rows, truth) >= 0.95
+    assert recall_at_k(exact_rows, truth) >= 0.95
 
 
 def test_ivfpq_saved_loads_memory_mapped_and_answers_the_same(ivfpq, tmp_path):

@@ -1,7 +1,4 @@
-"""The session's TorchServe on the recipe's archive (tests/serving_fixtures.py): TorchServe's own limits, metrics,
-the command lines and their keys, releases; and the archive's own rules."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
+"""The session's TorchServe on the recipe's archive: limits, metrics, command lines, keys, releases, archives."""
 import json
 import os
 import re
@@ -15,11 +12,11 @@ import requests
 from marketplace_search.files import sha256_file
 from scripts import api, batch, client, serve, versions
 from scripts.archive import build_archive
-from tests.serving_fixtures import NAME, RECIPE_BACKEND, make_tiny_run
+from scripts.benchmark.served import read_counters
+from tests.serving_fixtures import NAME, RECIPE_BACKEND, REPO, make_tiny_run
 
 pytestmark = pytest.mark.server
 
-REPO = Path(__file__).resolve().parents[1]
 RELEASED = "released"  # the recipe's archives under a second name, so that releasing leaves `marketplace` alone
 
 
@@ -40,19 +37,14 @@ def test_an_oversize_upload_gets_torchserve_s_413_and_the_server_goes_on(served,
 
 def test_metrics_speak_prometheus_with_the_handler_s_stages(served, recipe):
     post(served, recipe.run.photo_bytes("img-001"))
-    response = requests.get(f"{served.metrics_url}/metrics", timeout=10)
-    assert response.status_code == 200
-    assert "# TYPE ts_inference_requests_total counter" in response.text
-    assert re.search(r'^ts_inference_requests_total\{model_name="marketplace"', response.text, re.MULTILINE)
-    batches = set(map(int, re.findall(r'^MarketplaceBatches\{BatchSize="(\d+)"', response.text, re.MULTILINE)))
-    stages = {}
-    for labels, milliseconds in re.findall(r'^MarketplaceStageMilliseconds\{([^}]*)\}\s+([0-9.eE+-]+)$', response.text,
-                                          re.MULTILINE):
-        label = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-        stages[label["Stage"], int(label["BatchSize"])] = float(milliseconds)
-    assert {stage for stage, _ in stages} == {"decode", "forward", "search", "text", "answer"}
-    assert {size for _, size in stages} <= batches
-    assert all(stages[stage, size] > 0 for stage, size in stages if stage in ("decode", "forward"))
+    text = api.metrics_text(served)
+    assert "# TYPE ts_inference_requests_total counter" in text
+    assert re.search(r'^ts_inference_requests_total\{model_name="marketplace"', text, re.MULTILINE)
+    counters = read_counters(text)  # the handler's batches, and milliseconds of each stage, by batch size
+    stages = {name: sizes for name, sizes in counters.items() if name not in ("batches", "frontend")}
+    assert set(stages) == {"decode", "forward", "search", "text", "answer"}
+    assert all(sizes.keys() <= counters["batches"].keys() for sizes in stages.values())
+    assert all(milliseconds > 0 for stage in ("decode", "forward") for milliseconds in stages[stage].values())
 
 
 def test_the_worker_started_without_openmp_trouble(served):

@@ -1,6 +1,4 @@
 """The text model (title, description) and its fusion with the photo: training, scoring, requests, the archive."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
 import base64
 import json
 import shutil
@@ -86,12 +84,12 @@ def test_numpy_scorer_gives_the_trained_categories_and_survives_save_and_load(mo
 
 
 def test_catalogue_vote_is_the_k_nearest_listings_by_cosine_own_listing_excluded(model):
+    from scipy.sparse import csc_matrix
+
     listing_words = model.listing_words
     width = len(model.word_vocabulary) + len(model.char_vocabulary)
-    dense = np.zeros((len(listing_words.product_ids), width))
-    for column in range(width):  # the stored CSC rows, unpacked the slow way
-        span = slice(listing_words.indptr[column], listing_words.indptr[column + 1])
-        dense[listing_words.rows[span], column] = listing_words.values[span]
+    dense = csc_matrix((listing_words.values, listing_words.rows, listing_words.indptr),
+                       shape=(len(listing_words.product_ids), width)).toarray()
     query = np.zeros(width)
     columns, values = model.features("Vintage spade and rake")
     query[columns] = values
@@ -118,14 +116,10 @@ def test_catalogue_vote_is_the_k_nearest_listings_by_cosine_own_listing_excluded
 
 
 def test_words_changed_equal_words_built_from_the_listings_kept_and_added(model, tmp_path):
-    from scipy.sparse import csc_matrix
+    from scripts.benchmark.words import listing_rows
 
     listing_words = model.listing_words
-    stored = csc_matrix((listing_words.values, listing_words.rows, listing_words.indptr),
-                        shape=(len(listing_words.product_ids), listing_words.width)).tocsr()
-    listing_rows = {p: (stored.indices[stored.indptr[i]:stored.indptr[i + 1]].astype(np.int64),
-                        stored.data[stored.indptr[i]:stored.indptr[i + 1]])
-                    for i, p in enumerate(listing_words.product_ids)}
+    rows_of = dict(zip(listing_words.product_ids, listing_rows(listing_words)))
     dropped = set(listing_words.product_ids[::3])
     added = [listing_words.product_ids[1], "new-1", "new-2"]  # one given anew: replaced, moved to the end
     added_rows = [model.features(text) for text in ("large drum", "zzqx", "small violin")]  # zzqx: an empty row
@@ -133,7 +127,7 @@ def test_words_changed_equal_words_built_from_the_listings_kept_and_added(model,
     kept = [p for p in listing_words.product_ids if p not in dropped and p not in added]
     position = {p: row for row, p in enumerate(listing_words.product_ids)}
     built = ListingWords.from_rows(kept + added, [*(listing_words.labels[position[p]] for p in kept), 0, 1, 2],
-                                     [listing_rows[p] for p in kept] + added_rows, listing_words.width)
+                                     [rows_of[p] for p in kept] + added_rows, listing_words.width)
     assert changed.product_ids == built.product_ids
     for name in ("labels", "indptr", "rows", "values"):
         np.testing.assert_array_equal(getattr(changed, name), getattr(built, name))

@@ -1,7 +1,4 @@
-"""Hostile and unusual uploads mixed with good photos through the session's TorchServe: each gets its own status and
-error type whatever shares its dynamic batch, and the worker's memory stays bounded while they are served."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
+"""Hostile and unusual uploads among good photos through TorchServe: each its own status, memory bounded."""
 import base64
 import re
 import struct
@@ -21,13 +18,13 @@ from handlers.local import predict_local
 from marketplace_search.images import MAX_DECODED_BYTES
 from marketplace_search.text import MAX_TITLE_CHARS
 from scripts import api
+from scripts.benchmark.served import read_counters
 from tests.conftest import encoded, make_image_variants, two_colour_image
-from tests.serving_fixtures import NAME, photo_jpeg, png_with_declared_size, worker_pid
+from tests.serving_fixtures import NAME, photo_jpeg, png_raw, worker_pid
 
 pytestmark = pytest.mark.server
 
-# The worker's growth while the corpus is served: two uploads decode at once (a decode thread per core here), each
-# within MAX_DECODED_BYTES, plus what a batch of tensors and Python's allocator keep.
+# The worker's growth: two uploads decode at once, each within MAX_DECODED_BYTES, plus a batch's tensors and slack.
 WORKER_GROWTH_LIMIT = 2 * MAX_DECODED_BYTES + 160 * 2**20
 
 
@@ -52,16 +49,6 @@ class Upload:
                      for name, value in self.fields.items()}  # always multipart/form-data
             return requests.post(url, files=files, headers=headers, timeout=120)
         return requests.post(url, data=self.body, headers={"Content-Type": self.content_type, **headers}, timeout=120)
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_raw(width: int, height: int, bit_depth: int, colour_type: int, data: bytes = zlib.compress(b"\0")) -> bytes:
-    """A PNG written by hand: any header, and DATA (compressed filtered scanlines) as its image data."""
-    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0))
-    return b"\x89PNG\r\n\x1a\n" + header + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b"")
 
 
 def grey16_png(width: int, height: int) -> bytes:
@@ -116,7 +103,6 @@ def make_corpus() -> dict[str, Upload]:
     jpeg, png = encoded(picture, "JPEG", quality=90), encoded(picture, "PNG")
     svg = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect/></svg>'
     return {
-        # refused: not an image of an accepted format (415)
         "plain text": Upload(415, "unsupported_format", b"name,price\nlamp,5\n"),
         "HTML": Upload(415, "unsupported_format", b"<!DOCTYPE html><html><body><img src=x></body></html>",
                        "text/html"),
@@ -126,20 +112,18 @@ def make_corpus() -> dict[str, Upload]:
         "ICO": Upload(415, "unsupported_format", encoded(two_colour_image(32, 32), "ICO"), "image/x-icon"),
         "PSD": Upload(415, "unsupported_format", psd_header(), "image/vnd.adobe.photoshop"),
         "SVG as base64 JSON": Upload(415, "unsupported_format", document={"image": b64(svg)}),
-        # refused: too large to decode (413)
         "JPEG header bomb": Upload(413, "image_too_large", jpeg_claiming(60_000, 60_000)),
-        "PNG header bomb": Upload(413, "image_too_large", png_with_declared_size(30_000, 30_000), "image/png"),
+        "PNG header bomb": Upload(413, "image_too_large", png_raw(30_000, 30_000), "image/png"),
         "BMP header bomb": Upload(413, "image_too_large", bmp_claiming(20_000, 20_000), "image/bmp"),
-        "PNG over the pixel limit": Upload(413, "image_too_large", png_with_declared_size(9_000, 9_000), "image/png"),
+        "PNG over the pixel limit": Upload(413, "image_too_large", png_raw(9_000, 9_000), "image/png"),
         "16-bit RGBA PNG 8000x8000": Upload(413, "image_too_large", png_raw(8_000, 8_000, 16, 6), "image/png"),
-        # refused: unusable bytes or options (400)
         "empty": Upload(400, "invalid_image", b""),
         "truncated JPEG": Upload(400, "invalid_image", jpeg[: len(jpeg) // 2]),
         "truncated PNG": Upload(400, "invalid_image", png[: len(png) // 2], "image/png"),
         "JPEG signature then garbage": Upload(400, "invalid_image", b"\xff\xd8\xff" + bytes(64)),
-        "zero-width PNG": Upload(400, "invalid_image", png_raw(0, 10, 8, 2), "image/png"),
+        "zero-width PNG": Upload(400, "invalid_image", png_raw(0, 10), "image/png"),
         "GIF with a bad first frame": Upload(400, "invalid_image", gif_with_bad_frame(0), "image/gif"),
-        "PNG with a corrupt IDAT": Upload(400, "invalid_image", png_raw(64, 64, 8, 2, zlib.compress(b"\x07" * 5000)),
+        "PNG with a corrupt IDAT": Upload(400, "invalid_image", png_raw(64, 64, data=zlib.compress(b"\x07" * 5000)),
                                           "image/png"),
         "bad base64": Upload(400, "bad_base64", document={"image": "not*base64!"}),
         "bad JSON": Upload(400, "bad_json", b'{"image": ', "application/json"),
@@ -151,7 +135,6 @@ def make_corpus() -> dict[str, Upload]:
         "two photos in one form": Upload(400, "unknown_field", fields={"photo": jpeg, "other": jpeg}),
         "text in the photo field": Upload(415, "unsupported_format", fields={"photo": "just words"}),
         "title too long": Upload(413, "text_too_long", document={"title": "x" * (MAX_TITLE_CHARS + 1)}),
-        # valid (200)
         "WebP": Upload(200, None, variants["webp"], "image/webp"),
         "BMP": Upload(200, None, encoded(picture, "BMP"), "image/bmp"),
         "TIFF": Upload(200, None, encoded(picture, "TIFF", compression="tiff_lzw"), "image/tiff"),
@@ -198,9 +181,7 @@ def test_an_unexpected_failure_is_that_request_s_500(recipe_handler, monkeypatch
 
 def batches(server) -> dict[int, float]:
     """{batch size: batches so far} from the handler's MarketplaceBatches counter."""
-    found = re.findall(r'^MarketplaceBatches\{BatchSize="(\d+)"[^}]*\}\s+([0-9.]+)',
-                       requests.get(f"{server.metrics_url}/metrics", timeout=10).text, re.MULTILINE)
-    return {int(size): float(count) for size, count in found}
+    return read_counters(api.metrics_text(server))["batches"]
 
 
 def test_mixed_into_dynamic_batches_with_good_photos_through_torchserve(served):

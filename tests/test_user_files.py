@@ -1,7 +1,4 @@
-"""What a user made in the default places (a run in work/, its archive in model_store/, a key in logs/) survives
-`make clean` and a second build of the same version (the demo beside a user's server: tests/test_readme.py)."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
+"""What a user made in the default places survives `make clean` and a second build of the same version."""
 import re
 import subprocess
 from pathlib import Path
@@ -11,9 +8,8 @@ import pytest
 from marketplace_search.files import sha256_file
 from scripts import api, archive, refresh
 from training import pipeline
-from tests.serving_fixtures import make_tiny_run
+from tests.serving_fixtures import REPO, make_tiny_run
 
-REPO = Path(__file__).resolve().parents[1]
 RUN = "work/marketplace/model_evaluation/2025-01-31_142233"
 MAR = Path("model_store") / "marketplace-v1.0.mar"
 FP32 = ["--version", "1.0", "--runtime", "torch", "--precision", "fp32"]

@@ -1,7 +1,4 @@
-"""A batch of photo and words requests searches the catalogue once per category filter and reads each
-request's words once; the words re-rank the photo neighbours and count in the category."""
-import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
-
+"""A batch of photo and words requests: one search per category filter, each request's words read once."""
 import base64
 import dataclasses
 

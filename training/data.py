@@ -85,8 +85,7 @@ def read_photo(photos_dir: Path, image_id: str) -> Image.Image:
 
 def embed_rows(model: MarketplaceNet, preprocess: Preprocess, rows, photos_dir: Path, batch_size: int = 32,
                workers: int = 2, device: torch.device = torch.device("cpu")) -> tuple[np.ndarray, np.ndarray]:
-    """`(embeddings (n, d), probabilities (n, classes))`, float32, in `rows` order; fp32 on `device`, in OpenVINO
-    on the CPU for many photos (marketplace_search.runtime.embedding_backend)."""
+    """`(embeddings (n, d), probabilities (n, classes))`, float32 in `rows` order, from embedding_backend."""
     loader = DataLoader(ListingPhotos(rows, photos_dir, eval_transform(preprocess)),
                         batch_size=batch_size, num_workers=workers)
     backend = embedding_backend(model, preprocess.crop, len(rows), device.type)
@@ -98,12 +97,16 @@ def embed_rows(model: MarketplaceNet, preprocess: Preprocess, rows, photos_dir: 
     return np.concatenate(vectors), np.concatenate(probabilities)
 
 
-def load_embeddings(run_dir: Path, mmap: bool = False) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
-    """`(image_ids, embeddings, probabilities, meta)` of RUN; MMAP: the arrays memory-mapped read-only."""
+def load_embeddings(run_dir: Path, mmap: bool = False, split: pd.DataFrame | None = None
+                    ) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
+    """`(image_ids, embeddings, probabilities, meta)` of RUN; MMAP: the arrays memory-mapped read-only; SPLIT: the
+    rows' order they must be in."""
     folder = Path(run_dir) / EMBEDDINGS_DIR
     if not (folder / "embeddings.npy").is_file():
         raise FileNotFoundError(f"{folder / 'embeddings.npy'} is missing; run training.embed first")
-    mode = "r" if mmap else None
-    return (json.loads((folder / "image_ids.json").read_text()), np.load(folder / "embeddings.npy", mmap_mode=mode),
+    image_ids, mode = json.loads((folder / "image_ids.json").read_text()), "r" if mmap else None
+    if split is not None and image_ids != list(split["image_id"]):
+        raise ValueError(f"{folder} does not match the split; re-run training.embed")
+    return (image_ids, np.load(folder / "embeddings.npy", mmap_mode=mode),
             np.load(folder / "probabilities.npy", mmap_mode=mode),
             json.loads((folder / "embeddings_meta.json").read_text()))

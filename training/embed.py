@@ -1,9 +1,6 @@
-"""Stage 5: embed every catalogue photo with the trained model.
-
-Writes RUN/embeddings/: `embeddings.npy` ((n, d) float32, L2-normalised), `image_ids.json` (row order),
-`probabilities.npy` ((n, classes) float32), `image_embeddings.json` (`{image_id: [floats]}`),
-`embeddings_meta.json` and `photo_sha256.json` (scripts.refresh reuses a vector only for the same bytes).
-"""
+"""Stage 5: embed every catalogue photo with the trained model into RUN/embeddings/: (n, d) float32
+L2-normalised vectors in split order, the category probabilities, the vectors as JSON too, and each source
+photo's sha256 (scripts.refresh reuses a vector only for the same bytes)."""
 import argparse
 import json
 import time

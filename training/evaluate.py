@@ -1,9 +1,7 @@
-"""Stage 7: evaluate on the test split, against the frozen pretrained backbone.
-
-Category top-1/top-3 and precision@1/5/10 of same-category listings (own listing excluded); the frozen
-backbone votes with its 10 nearest train/val photos; the head may blend with its nearest listings' vote
-(CategoryBlend, chosen on val). Writes RUN/evaluation.json and RUN/confusion_matrix.png.
-"""
+"""Stage 7: evaluate on the test split, against the frozen pretrained backbone (a vote of its 10 nearest
+train/val photos): category top-1/top-3 and precision@1/5/10 of same-category listings, own listing excluded.
+The head may blend with its nearest listings' vote, chosen on val. Writes RUN/evaluation.json and a confusion
+matrix PNG."""
 import argparse
 import json
 from pathlib import Path
@@ -105,9 +103,7 @@ def evaluate_baseline(run_dir: Path, work_dir: Path, split, catalogue: Catalogue
 
 def evaluate(run_dir: Path, work_dir: Path, baseline: bool = True) -> dict:
     split = load_split(work_dir)
-    image_ids, vectors, probabilities, meta = load_embeddings(run_dir)
-    if image_ids != list(split["image_id"]):
-        raise ValueError(f"{run_dir}/embeddings do not match {work_dir}/split.csv; re-run training.embed")
+    _, vectors, probabilities, meta = load_embeddings(run_dir, split=split)
     catalogue = Catalogue.load(Path(run_dir) / INDEX_DIR)
     info = read_run_info(run_dir)
     if "from_run" in info.get("refit", {}):  # trained on validation: no blend can be chosen on it

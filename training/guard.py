@@ -1,10 +1,7 @@
-"""The accuracy guard of a reduced precision: a candidate backend against fp32 on the test split.
-
-Both read the same batches; the guard reports each one's top-1 and precision@5 over the run's catalogue
-and the cosine between their embeddings, and fails a candidate more than MAX_TOP1_DROP below fp32's top-1.
-scripts.archive runs it before shipping a precision and keeps its figures in RUN/guard_reports.json
-under everything they depend on (`guard_key`); run alone, it prints the figures and writes nothing.
-"""
+"""The accuracy guard of a reduced precision: a candidate backend against fp32 on the test split's batches,
+each one's top-1 and precision@5 and the cosine between their embeddings; a candidate more than MAX_TOP1_DROP
+below fp32's top-1 fails. scripts.archive keeps its figures in RUN under everything they depend on
+(`guard_key`); run alone, it prints the figures and writes nothing."""
 import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import argparse

@@ -1,8 +1,5 @@
-"""Stage 2: normalise every photo of the training table to an RGB square JPEG.
-
-Reads WORK/tables/training_table.csv and DATA/images/<image_id>.jpg; writes WORK/photos/<image_id>.jpg
-(aspect kept, black bars) and photos_report.json (the photos that could not be decoded); a re-run resumes.
-"""
+"""Stage 2: normalise every photo of the training table to an RGB square JPEG (aspect kept, black bars) in
+WORK/photos/, with photos_report.json (the photos that could not be decoded); a re-run resumes."""
 import argparse
 import json
 import os

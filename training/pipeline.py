@@ -1,7 +1,5 @@
-"""Run every stage: tables -> photos -> split -> train -> embed -> index -> evaluate -> text.
-
-Each stage can also be run alone: python -m training.<stage> --help.
-"""
+"""Run every stage: tables -> photos -> split -> train -> embed -> index -> evaluate -> text. Each stage can
+also be run alone: python -m training.<stage> --help."""
 import argparse
 import time
 from pathlib import Path

@@ -1,9 +1,6 @@
-"""Stage 5 on Ray (training.embed --engine ray): Ray actors embed the catalogue into Parquet shards, from
-which the stage's usual files are assembled one shard at a time; `ray_cluster` serves scripts.ray_batch too.
-
-RUN/embeddings/shards/part-NNNNN.parquet: `image_id`, `vector` (d float32, L2-normalised), `probabilities`,
---shard-size rows each in split order, each written whole, so a re-run embeds only the missing shards.
-"""
+"""Stage 5 on Ray (training.embed --engine ray): Ray actors embed the catalogue into Parquet shards of
+--shard-size photos, each written whole so that a re-run embeds only the missing ones, from which the stage's
+usual files are assembled one shard at a time; `ray_cluster` serves scripts.ray_batch too."""
 import json
 import math
 import os
@@ -87,6 +84,16 @@ def short_path(folder: Path | None):
         yield str(link)
 
 
+def actor_blocks(actor: type, rows: list[dict], batch_size: int, actors: int, cpus: float, settings: dict):
+    """Numpy blocks of the answers of ACTORS Ray actors of CPUS each (ACTOR(**SETTINGS)) to ROWS, in any order."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the caller shows its own
+    dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 1000)))
+    return dataset.map_batches(actor, batch_size=batch_size, concurrency=actors, num_cpus=cpus,
+                               fn_constructor_kwargs=settings).iter_batches(batch_size=None, batch_format="numpy")
+
+
 def write_shard(path: Path, image_ids: list[str], vectors: np.ndarray, probabilities: np.ndarray) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -127,18 +134,13 @@ def embed_shards(checkpoint: Path, image_ids: list[str], photos_dir: Path, shard
     if not positions:
         return paths
     with ray_cluster(address) as ray:
-        import ray.data
-
-        ray.data.DataContext.get_current().enable_progress_bars = False
         cpus = max(0.25, (ray.cluster_resources().get("CPU", 1) - RESERVED_CPUS) / actors)
         rows = [{"position": p, "image_id": image_ids[p]} for p in positions]
-        dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 1000)))
-        answered = dataset.map_batches(
-            Embedder, batch_size=batch_size, concurrency=actors, num_cpus=cpus,
-            fn_constructor_kwargs={"checkpoint": str(checkpoint), "photos_dir": str(photos_dir),
-                                   "threads": max(1, round(cpus)), "photos": len(positions) // actors})
+        blocks = actor_blocks(Embedder, rows, batch_size, actors, cpus, {
+            "checkpoint": str(checkpoint), "photos_dir": str(photos_dir), "threads": max(1, round(cpus)),
+            "photos": len(positions) // actors})
         pending: dict[int, dict[int, tuple]] = {}
-        for block in answered.iter_batches(batch_size=None, batch_format="numpy"):
+        for block in blocks:
             for position, vector, probability in zip(block["position"], block["vector"], block["probabilities"]):
                 shard = int(position) // shard_size
                 pending.setdefault(shard, {})[int(position)] = (vector, probability)

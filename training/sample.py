@@ -1,9 +1,6 @@
-"""Generate a small synthetic catalogue in the raw marketplace format, for the demo and the tests.
-
-Writes OUT/Products.csv, OUT/Images.csv and OUT/images/<image_id>.jpg laid out as the real data is
-(../shared/data/marketplace/README.md). Each category's photos are its own shape in its own colour on
-random noise, so a small model learns them in a few epochs; `Mess` injects the faults the pipeline survives.
-"""
+"""Generate a small synthetic catalogue in the raw marketplace format (Products.csv, Images.csv, images/), for
+the demo and the tests. Each category's photos are its own shape in its own colour on random noise, so a small
+model learns them in a few epochs; `Mess` injects the faults the pipeline survives."""
 import argparse
 import io
 import json
@@ -202,6 +199,21 @@ def make_sample_catalogue(out_dir: Path, listings: int = 120, categories: int = 
     pd.DataFrame(products).to_csv(out_dir / "Products.csv", lineterminator="\n")
     pd.DataFrame(photos).to_csv(out_dir / "Images.csv", lineterminator="\n")
     return manifest
+
+
+def write_listings(data: Path, listings: dict[str, dict], photos: dict[str, bytes]) -> None:
+    """LISTINGS ({image_id: {product_id, title, price, location, category}}) and PHOTOS in the raw format in DATA."""
+    (data / "images").mkdir(parents=True)
+    products = {}
+    for image_id, listing in listings.items():
+        products[listing["product_id"]] = {
+            "id": listing["product_id"], "product_name": f"{listing['title']} | in {listing['location']} | Gumtree",
+            "category": f"{listing['category']} / Other", "product_description": "as new",
+            "price": f"£{listing['price']:.2f}", "location": listing["location"]}
+        (data / "images" / f"{image_id}.jpg").write_bytes(photos[image_id])
+    pd.DataFrame(list(products.values())).to_csv(data / "Products.csv", lineterminator="\n")
+    pd.DataFrame([{"id": image_id, "product_id": listing["product_id"]} for image_id, listing in listings.items()]
+                 ).to_csv(data / "Images.csv", lineterminator="\n")
 
 
 def main(argv=None) -> None:

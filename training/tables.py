@@ -1,8 +1,7 @@
 """Stage 1: clean the raw listings and photo tables and join them into one row per usable photo.
 
 Reads DATA/Products.csv, DATA/Images.csv and the file names under DATA/images/; writes OUT/tables/:
-training_table.csv, listings.csv, encoder.json, decoder.json, tables_report.json (each dropped row's reason).
-"""
+training_table.csv, listings.csv, encoder.json, decoder.json, tables_report.json (each dropped row's reason)."""
 import argparse
 import json
 import re

@@ -1,11 +1,6 @@
-"""Stage 8: the text model (title, description) and its fusion with the photo model.
-
-A linear SVM reads TF-IDF and (unless `--sentence-encoder none`) sentence vectors of the train + val
-listings' titles, alone and with descriptions. Per combination of inputs, a calibration fitted on val's
-cross-fitted scores blends the text scores, a k-NN vote over the catalogue's words and the served photo
-probabilities; how words re-rank neighbours is chosen on val too. Reads WORK's listings.csv and split.csv
-and RUN's embeddings, index and evaluation.json (run training.evaluate first); writes RUN/text_model/ and
-the test rows and per-category recall to RUN/evaluation.json's "text".
+"""Stage 8: the text model (title, description) and its fusion with the photo model (docs/text-model.md).
+Reads WORK's listings.csv and split.csv and RUN's embeddings, index and evaluation.json; writes RUN/text_model/
+and the test figures to evaluation.json's "text".
 """
 import argparse
 import json
@@ -246,9 +241,7 @@ def train_text(run_dir: Path, work_dir: Path, encoder: SentenceEncoder | None = 
     split = load_split(work_dir)
     listings = read_listings(work_dir)
     classes = read_run_info(run_dir)["classes"]
-    image_ids, vectors, probabilities, _ = load_embeddings(run_dir)
-    if image_ids != list(split["image_id"]):
-        raise ValueError(f"{run_dir}/embeddings do not match {work_dir}/split.csv; re-run training.embed")
+    _, vectors, probabilities, _ = load_embeddings(run_dir, split=split)
     catalogue = Catalogue.load(Path(run_dir) / INDEX_DIR)
     by_listing = split.drop_duplicates("product_id")
     ids = {name: list(by_listing.loc[by_listing["split"] == name, "product_id"]) for name in ("train", "val", "test")}

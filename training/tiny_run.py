@@ -123,8 +123,7 @@ def make_tiny_text_model(run_dir: Path | str, classes=CLASSES, listings: int = 3
     labels = rng.integers(0, len(classes), listings)
     words = [tiny_listing_words(rng, classes[label]) for label in labels]
     model = train_classifier([w[0] for w in words], [w[1] for w in words], labels, classes, encoder=encoder)
-    # The vote reads the generated listings and the run's own, each given a noun of its category, so that a
-    # title alone finds the run's listings.
+    # The vote reads the generated listings and the run's own (each named by a noun of its category) alike.
     shown = {entry["product_id"]: entry for entry in Catalogue.load(Path(run_dir) / INDEX_DIR).listings.values()}
     product_ids = [f"tiny-{i:04d}" for i in range(listings)] + sorted(shown)
     nouns = [TINY_WORDS[shown[p]["category"]][i % len(TINY_WORDS[shown[p]["category"]])]

@@ -1,9 +1,6 @@
-"""Stage 4: fine-tune a pretrained backbone's last `--trainable-stages` blocks, embedding layer and head.
-
-Each epoch writes a resumable RUN/weights/epoch_<N>.pt (`--resume RUN` goes on from the last); the best
-by validation accuracy is copied to best.pt. TensorBoard scalars go to RUN/logs, the curves to
-RUN/training_curves.png. By default the frozen trunk runs once per view of each photo (as is, mirrored,
-random crops) into WORK/cache, which fits a CPU; `--no-cache` augments photos every epoch (for a GPU).
+"""Stage 4: fine-tune a pretrained backbone's last `--trainable-stages` blocks, embedding layer and head
+(docs/photo-model.md). Each epoch writes a resumable RUN/weights/epoch_<N>.pt (`--resume RUN`), the best by
+validation accuracy best.pt; by default the frozen trunk runs once per view of each photo into WORK/cache.
 """
 import argparse
 import json
@@ -51,13 +48,9 @@ def run_epoch(forward, loader, criterion, device: torch.device, dtype: torch.dty
                 loss = criterion(logits.float(), labels)
             if training:
                 optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
+                scaler.scale(loss).backward()  # a disabled scaler (all but fp16) passes the loss through
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
             total_loss += loss.item() * len(labels)
             correct += (logits.argmax(dim=1) == labels).sum().item()
@@ -228,7 +221,7 @@ def train(args: argparse.Namespace) -> Path:
     steps_per_epoch = len(epoch_loader(train_set, batch_size, args.seed, 1, 0, device))
     optimizer = make_optimizer(model, args)
     scheduler = cosine_schedule(optimizer, args.epochs, steps_per_epoch, args.warmup_epochs)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     history, first_epoch = [], 1
     if getattr(args, "resume", None):
@@ -236,7 +229,7 @@ def train(args: argparse.Namespace) -> Path:
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["training_state"]["optimizer"])
         scheduler.load_state_dict(state["training_state"]["scheduler"])
-        if scaler is not None and state["training_state"].get("scaler"):
+        if state["training_state"].get("scaler"):
             scaler.load_state_dict(state["training_state"]["scaler"])
         restore_random_states(state["training_state"]["random"])
         history = read_run_info(run_dir).get("train", {}).get("history", [])[:state["epoch"]]
@@ -266,7 +259,7 @@ def train(args: argparse.Namespace) -> Path:
             split_name, metric = name.split("_", 1)
             writer.add_scalar(f"{metric}/{split_name}", value, epoch)
         training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "scaler": scaler.state_dict() if scaler is not None else None,
+                          "scaler": scaler.state_dict(),
                           "random": random_states(), "args": config}
         save_checkpoint(epoch_checkpoint(run_dir, epoch), model, classes=classes, preprocess=preprocess, epoch=epoch,
                         metrics=metrics, config=config, training_state=training_state)

@@ -112,8 +112,7 @@ def cached_outputs(work_dir: Path, trunk: nn.Module, rows, photos_dir: Path, vie
     position = {image_id: i for i, image_id in enumerate(cached["image_ids"])}
     missing = rows[~rows["image_id"].isin(position)]
     if len(missing):
-        # The same crops on every re-run, and training's random stream left as it was: a run that found the
-        # cache full trains exactly as one that filled it.
+        # The same crops on every re-run, training's random stream untouched: a cached run trains as one filling it.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 1000 + view)
             computed = trunk_outputs(trunk, missing, photos_dir, view_transform(view, preprocess), batch_size,

@@ -1,12 +1,6 @@
-"""Benchmarks of what sets a shipped default or backs a documented figure: one table per section, all measured
-in one run on one machine (named in the header), so that ratios within a run compare like with like.
+"""Benchmarks of what sets a shipped default or backs a documented figure (docs/performance.md): a table per
+section, all measured in one run on one machine so that ratios within a run compare like with like.
 
-Sections: bare (the model in-process per backend), served (TorchServe against bare), index (what
-index_type="auto" picks), live (the live catalogue while served), text (what a title costs a request), words
-(the catalogue's words at each size), soak (the worker's memory over many mixed requests), page (what the
-search page adds to a request).
-
-  python -m scripts.benchmark --quick        # 2.5 minutes on 2 idle cores (AMD EPYC Zen 4)
   python -m scripts.benchmark --run RUN --work WORK --photos WORK/photos --output bench.md --json bench.json
 """
 import argparse

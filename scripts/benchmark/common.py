@@ -95,8 +95,7 @@ def bench_run(settings: dict, scratch: Path, text_model: bool = False, **tiny) -
 
 @contextlib.contextmanager
 def served_archive(run_dir: Path, scratch: Path, name: str, workers: int = 1, **archive_options):
-    """(TorchServe with WORKERS workers serving RUN_DIR's archive, its seconds to READY); the archive is unguarded:
-    accuracy is the guard's business."""
+    """(TorchServe serving RUN_DIR's unguarded archive on WORKERS workers, its seconds to READY)."""
     store = Path(tempfile.mkdtemp(prefix="store-", dir=scratch))
     mar = build_archive(run_dir, store, name, "1.0", min_workers=workers, max_workers=workers, guard=False,
                         **archive_options)

@@ -10,29 +10,24 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from scripts import api
 from scripts import catalogue as cli
 from scripts.benchmark.common import bench_run, generate_photos, served_archive
+from training.sample import write_listings
 
 LIVE_COLUMNS = [("measure", "measure"), ("figure", "figure"), ("unit", "unit"), ("detail", "detail")]
 CLIENTS, WORKERS = 4, 2
 REMOVE_TARGET_S = 1.0
 
 
-def write_listings(data: Path, photos: list[bytes]) -> list[str]:
-    """One raw-format listing per photo (the marketplace's CSVs and images/); returns the product ids."""
-    (data / "images").mkdir(parents=True)
-    products = [{"id": f"bench-{number:05d}", "product_name": f"Bench item {number} | in Leeds, Yorkshire | Gumtree",
-                 "category": "Home / Lamps", "product_description": "", "price": "£5.00",
-                 "location": "Leeds, Yorkshire"} for number in range(len(photos))]
-    images = [{"id": f"bench-photo-{number:05d}", "product_id": f"bench-{number:05d}"} for number in range(len(photos))]
-    for image, photo in zip(images, photos):
-        (data / "images" / f"{image['id']}.jpg").write_bytes(photo)
-    pd.DataFrame(products).to_csv(data / "Products.csv", lineterminator="\n")
-    pd.DataFrame(images).to_csv(data / "Images.csv", lineterminator="\n")
-    return [product["id"] for product in products]
+def new_listings(data: Path, photos: list[bytes]) -> list[str]:
+    """One raw-format listing per photo; returns the product ids."""
+    listings = {f"bench-photo-{number:05d}": {"product_id": f"bench-{number:05d}", "title": f"Bench item {number}",
+                                              "price": 5.0, "location": "Leeds, Yorkshire", "category": "Home"}
+                for number in range(len(photos))}
+    write_listings(data, listings, dict(zip(listings, photos)))
+    return [listing["product_id"] for listing in listings.values()]
 
 
 def quiet(arguments: list[str]):
@@ -87,7 +82,7 @@ def bench_live(settings: dict) -> dict:
         quiet(["--live", str(live_dir), "init", "--run", str(run_dir)])
         count = settings["live_add_photos"]
         photos = generate_photos(count, settings["photo_size"], seed=7)
-        products = write_listings(scratch / "new", photos)
+        products = new_listings(scratch / "new", photos)
         with served_archive(run_dir, scratch, "live", WORKERS, threads=1, live_catalogue=live_dir) as (server, _):
             started = time.perf_counter()
             added = quiet(["--live", str(live_dir), "add", "--data", str(scratch / "new"), "--run", str(run_dir)])

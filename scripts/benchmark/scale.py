@@ -1,7 +1,5 @@
 """The IVF-PQ index that `auto` builds above 2M vectors, on N clustered 256-d vectors kept in a memmap: p50/p95
 of one query on one thread and recall@10 per nprobe / k_factor, build seconds, index size, peak memory.
-
-  python -m scripts.benchmark.scale --vectors 10000000 --work /tmp/scale10m
 """
 import argparse
 import json

@@ -1,6 +1,5 @@
-"""Served section: TorchServe serving the bare section's weights at concurrency 1/8/32, against the bare
-forward and against the worker's own forward (the handler's stage counters, which the speed of one process
-against another cannot skew); TorchServe's queue and worker time, seconds to READY, worker memory."""
+"""Served section: TorchServe serving the bare section's weights at concurrency 1/8/32, against the bare forward and
+the worker's own (its stage counters, which no other process's speed skews); queue, READY seconds, memory."""
 import copy
 import itertools
 import re

@@ -1,6 +1,5 @@
-"""Text-model sections. text: what a title costs a served request, per kind of request (one client, the kinds in
-turns). words: the catalogue copied up to each size, each query (a listing's row; with --work its title too) read
-exactly and pruned: p50/p95, and how many of the exact 10 nearest the pruned reading finds."""
+"""Text-model sections. text: what a title costs a served request, per kind of request. words: the catalogue copied
+up to each size, each query read exactly and pruned: p50/p95, and how many of the exact 10 nearest pruning finds."""
 import base64
 import json
 import tempfile
