@@ -85,7 +85,7 @@ def interrupt(signum, frame):
 
 # The longest modules first: `make test`'s workers take whole modules in this order, and the last to start ends
 # the run.
-FIRST = ("test_readme", "test_benchmark", "test_ray_batch", "test_server", "test_runtime")
+FIRST = ("test_readme", "test_benchmark", "test_ray_batch", "test_deploy", "test_server", "test_runtime", "test_web")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -126,15 +126,9 @@ def pod(store: Path, folder: Path, models: dict | None = None):
             nginx.wait(10)
 
 
-@pytest.fixture(scope="module")
-def entry_point(recipe, module_tmp):
-    with pod(recipe.store, module_tmp("pod"), {NAME: recipe.v1.name}) as (address, server):
-        yield address, server, KEYS
-
-
 @pytest.mark.server
-def test_the_entry_point_lets_in_the_fleet_s_keys_only(entry_point, recipe):
-    address, server, keys = entry_point
+def test_the_entry_point_lets_in_the_fleet_s_keys_only(fleet, recipe):
+    address, keys = fleet[1][0], KEYS
     photo = recipe.run.photo_bytes("img-002")
     assert api.predict(address, photo, token=keys["INFERENCE_KEY"])["model"]["version"] == "1.0"
     assert api.predict(address, photo, token=keys["INFERENCE_KEY_NEXT"], k=2)["neighbours"]  # mid-rotation

@@ -35,6 +35,8 @@ NOT_RUN = {
     "docker ": "needs root with buildah and podman: `make image-test`",
     "<inference key>": "the key of the Docker container above",
     "scripts.benchmark": "runs for minutes (--quick) to an hour; tests/test_benchmark.py runs its sections",
+    "kubectl ": "no Kubernetes cluster here: tests/test_deploy.py validates deploy/ and runs a pod's parts",
+    "--replica http://10.0.0.11:8000": "a cluster's pods: tests/test_deploy.py releases across two local pods",
 }
 NO_KEY = ("TS_TOKEN", "TS_INFERENCE_TOKEN")
 PAGE = "http://127.0.0.1:8090"  # the search page of the README's `serve start --page`
@@ -161,7 +163,8 @@ def test_a_run_is_archived_with_each_backend(clone):
 def test_releases_a_refresh_and_a_rollback_after_a_restart(clone):
     clone.run("--enable-model-api --wait")
     clone.run("--run RUN --version 2.0")
-    clone.run("versions release")
+    assert clone.run("scripts.gate").startswith("evaluation set: 6 photos")
+    assert "accuracy gate on 6 photos: candidate 2.0" in clone.run("versions release")
     assert re.search(r"^\* 2\.0 ", clone.run("versions list marketplace"), re.MULTILINE)
     clone.run("versions rollback marketplace")
     assert clone.default_version() == "1.0"
