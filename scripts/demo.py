@@ -1,8 +1,5 @@
-"""The main job end to end on a built-in default: train a small model, archive it, serve it, query it.
-
-Takes the best data (choose_data) and weights (choose_backbone) available and says which; everything it
-writes (runs, OUT/model_store, the server's OUT/logs) stays under OUT, and its server, on 8080-8082 or free
-ports when another server holds them, is stopped at the end unless --keep-running.
+"""The main job end to end on a built-in default: train a small model, archive it, serve it with its search
+page, query it. It writes only under OUT and stops its servers at the end unless --keep-running.
 """
 import faiss  # noqa: F401  (before torch: both bring OpenMP)
 import argparse

@@ -287,8 +287,6 @@ def processes_under(folder: Path | str) -> list[psutil.Process]:
     return frontends + [worker for frontend in frontends for worker in frontend.children(recursive=True)]
 
 
-# --- CLI --------------------------------------------------------------------------------------------
-
 def parse_models(values: list[str]) -> dict[str, str]:
     models = {}
     for value in values:

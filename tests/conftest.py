@@ -41,8 +41,8 @@ def signal_stack(new: SignalStack | None = None) -> SignalStack:
     return old
 
 
-# The TorchServe frontends the tests start live for seconds: Java's quick compiler alone and one GC thread save
-# about 1.4 s of CPU per start (3.6 -> 2.2 s to READY, 2 cores), time the suite's workers share.
+# The TorchServe frontends the tests start live for seconds: Java's quick compiler and one GC thread start them
+# sooner, on cores the suite's workers share.
 os.environ.setdefault("JAVA_TOOL_OPTIONS", "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC")
 
 # What the session started with; every test leaves it so. An in-process handler sets torch and Faiss threads;
@@ -66,7 +66,7 @@ def leaves_no_global_state():
             os.environ[name] = value
 
 
-# The most the suite holds under the temporary folder at once (1.4 GB measured, module_tmp below), with margin.
+# The most the suite holds under the temporary folder at once (module_tmp below), with margin.
 DISK_NEEDED = 2 * 1024**3
 
 

@@ -209,8 +209,6 @@ def forward(url: str, parts: dict, key: InferenceKey) -> Response:
     return refusal(response.status_code, kind, api.error_text(response))
 
 
-# --- the page server as a process beside scripts.serve's TorchServe ----------------------------------------------
-
 def start_page(workdir: Path, inference_url: str, photos: list[Path], port: int, key_file: Path | None = None,
                host: str = "127.0.0.1", timeout: float = 60) -> str:
     """Start `python -m scripts.web` in the background, logging into WORKDIR; its address once it answers."""
