@@ -8,6 +8,7 @@ import json
 import sys
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,11 +169,13 @@ def release_fleet(fleet: list[Replica], mar: str, name: str, version: str, *, to
                            f"release a new version")
     placed = []
     try:
-        for replica in fleet:
-            register(replica.management, mar, name, initial_workers=initial_workers, synchronous=True, token=token)
-            placed.append(replica)
-        answers = [canary(replica, name, version, token, inference_token, warm_queries, photo, timeout)
-                   for replica in fleet]
+        placed, _, failure = on_every(fleet, lambda replica: register(
+            replica.management, mar, name, initial_workers=initial_workers, synchronous=True, token=token))
+        if failure is None:
+            _, answers, failure = on_every(fleet, lambda replica: canary(
+                replica, name, version, token, inference_token, warm_queries, photo, timeout))
+        if failure is not None:
+            raise failure
         if evaluation is not None:
             figures = gate.gate(fleet[0].inference, name, version, previous, evaluation, inference_token, margin)
             record_gate(history, name, figures)
@@ -199,6 +202,16 @@ def release_fleet(fleet: list[Replica], mar: str, name: str, version: str, *, to
                            f"replica is back on {previous}") from error
     record_default(history, name, version, {**registered, version: mar}, previous)
     return answers[0]
+
+
+def on_every(fleet: list[Replica], call) -> tuple[list[Replica], list, BaseException | None]:
+    """CALL(replica) on every replica at once (a worker loads in seconds): the replicas it succeeded on, their
+    results, and the first failure (None if none)."""
+    with ThreadPoolExecutor(max_workers=len(fleet)) as pool:
+        futures = [pool.submit(call, replica) for replica in fleet]
+    done = [(replica, future.result()) for replica, future in zip(fleet, futures) if future.exception() is None]
+    failures = [future.exception() for future in futures if future.exception() is not None]
+    return [replica for replica, _ in done], [result for _, result in done], (failures[0] if failures else None)
 
 
 def canary(replica: Replica, name: str, version: str, token, inference_token, warm_queries: int, photo, timeout):

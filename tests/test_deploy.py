@@ -14,10 +14,10 @@ import pytest
 import requests
 import yaml
 
-from scripts import api, gate, versions
+from scripts import api, catalogue, gate, versions
 from scripts.serve import free_ports, serving
 from tests.conftest import skip_or_fail
-from tests.serving_fixtures import NAME, ClientLoop, archive_tiny_run
+from tests.serving_fixtures import NAME, ClientLoop, archive_tiny_run, wait_until
 from marketplace_search.layout import CHECKPOINT
 from marketplace_search.models import load_checkpoint
 from training.tiny_run import CLASSES, make_tiny_run
@@ -166,8 +166,9 @@ def fleet(recipe, module_tmp):
     folder = gate.make_set(recipe.work, store)
     with contextlib.ExitStack() as stack:
         pods = [stack.enter_context(pod(store, module_tmp(f"pod-{number}"))) for number in range(2)]
-        for _, server in pods:  # what each pod's postStart does
-            assert versions.sync(server, NAME, store) == "1.0"
+        replicas = [versions.Replica(server, server) for _, server in pods]  # what each pod's postStart does
+        assert versions.on_every(replicas, lambda replica: versions.sync(replica.management, NAME, store))[1] == [
+            "1.0", "1.0"]
         rows = gate.read_set(folder)
         answered = [api.predict(pods[0][1], row["photo"])["category"] for row in rows]
         (folder / gate.LABELS).write_text("image_id,product_id,category\n" + "".join(
@@ -225,3 +226,26 @@ def test_a_replica_that_restarts_comes_back_on_the_released_default(fleet, recip
         assert versions.sync(server, NAME, store) == "2.0"
         assert api.predict(address, recipe.run.photo_bytes("img-003"), token=KEYS["INFERENCE_KEY"])["model"][
             "version"] == "2.0"
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_listing_removed_from_the_shared_live_catalogue_leaves_every_replica_within_2_s(fleet, recipe, module_tmp):
+    store, addresses = fleet
+    live = module_tmp("fleet-live") / "live"
+    mar = archive_tiny_run(recipe.run, store, name="live", live_catalogue=live)
+    catalogue.main(["--live", str(live), "init", "--archive", str(mar)])
+    versions.on_every([versions.entry_replica(address) for address in addresses], lambda replica: api.register(
+        replica.management, mar.name, "live", initial_workers=1, synchronous=True, token=KEYS["MANAGEMENT_KEY"]))
+    photo = recipe.run.photo_bytes("img-000")  # prod-000's own photo: first in every answer while it is there
+
+    def products(address: str) -> set[str]:
+        answer = api.predict(address, photo, model="live", k=100, token=KEYS["INFERENCE_KEY"])
+        return {neighbour["product_id"] for neighbour in answer["neighbours"]}
+
+    assert all("prod-000" in products(address) for address in addresses)
+    catalogue.main(["--live", str(live), "remove", "prod-000"])
+    removed = time.monotonic()
+    for address in addresses:
+        assert wait_until(lambda: "prod-000" not in products(address), 5)
+    assert time.monotonic() - removed < 2.0
