@@ -318,15 +318,18 @@ def describe_archive(mar: Path) -> str:
     card is read)."""
     if not mar.is_file():
         return f"{mar} is no longer in the model store"
-    with zipfile.ZipFile(mar) as archive:
-        card = json.loads(archive.read(ARCHIVE_MODEL_CARD))
+    card = model_card_of(mar)
     return f"sha256 {sha256_file(mar)[:12]}, run {card['run']}, {card['catalogue']['count']} catalogue photos"
+
+
+def model_card_of(mar: Path) -> dict:
+    with zipfile.ZipFile(mar) as archive:
+        return json.loads(archive.read(ARCHIVE_MODEL_CARD))
 
 
 def archive_work(mar: Path) -> Path:
     """The training work folder an archive was made from (its tables and photos), from its model card."""
-    with zipfile.ZipFile(mar) as archive:
-        card = json.loads(archive.read(ARCHIVE_MODEL_CARD))
+    card = model_card_of(mar)
     if not card.get("work") or not Path(card["work"]).is_dir():
         raise SystemExit(f"{mar.name} does not name a work folder on this machine ({card.get('work')}): "
                          f"pass the catalogue's photos with --photos")

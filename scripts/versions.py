@@ -296,10 +296,15 @@ def sync(target, name: str, store: Path, token: str | None = None, timeout: floa
     return version
 
 
+def manifest_model(path: Path) -> dict:
+    """The `model` section (modelName, modelVersion...) of the archive's MANIFEST.json."""
+    with zipfile.ZipFile(path) as archive:
+        return json.loads(archive.read(str(ARCHIVE_MANIFEST)))["model"]
+
+
 def archive_version(path: Path, name: str) -> str | None:
     """The version of the archive at PATH if it is one of NAME's."""
-    with zipfile.ZipFile(path) as archive:
-        model = json.loads(archive.read(str(ARCHIVE_MANIFEST)))["model"]
+    model = manifest_model(path)
     return model["modelVersion"] if model["modelName"] == name else None
 
 
@@ -329,8 +334,7 @@ def mar_reference(mar: str) -> tuple[str, str | None]:
     path = Path(mar)
     if not path.is_file():
         return mar, None
-    with zipfile.ZipFile(path) as archive:
-        return path.name, json.loads(archive.read(str(ARCHIVE_MANIFEST)))["model"]["modelVersion"]
+    return path.name, manifest_model(path)["modelVersion"]
 
 
 def main(argv=None) -> None:

@@ -19,7 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from marketplace_search.files import replaced_atomically
+from marketplace_search.files import path_identity, replaced_atomically
 from marketplace_search.images import ImageError, decode_image
 from scripts import api
 
@@ -101,7 +101,7 @@ class InferenceKey:
         self.identity = self.file_identity()
 
     def file_identity(self):
-        return self.key.file.stat().st_mtime_ns if self.key.file and self.key.file.is_file() else None
+        return path_identity(self.key.file) if self.key.file else None
 
     def current(self) -> api.Key:
         identity = self.file_identity()
