@@ -5,6 +5,7 @@ import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and thi
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -147,9 +148,20 @@ def browser():
         chromium.close()
 
 
+def expect(locator):
+    """Playwright's retrying assertions: they read the page without evaluating strings, which the page's CSP
+    forbids (wait_for_function's polling does, and fails whenever its first look is too early)."""
+    from playwright.sync_api import expect
+
+    return expect(locator)
+
+
+WAIT = {"timeout": 30_000}
+
+
 def wait_for_answer(page, inputs: str):
-    page.wait_for_function("([inputs]) => !document.getElementById('answer').hidden && document.getElementById("
-                           "'provenance').textContent.startsWith('from ' + inputs + ' ')", arg=[inputs])
+    expect(page.locator("#answer")).to_be_visible(**WAIT)
+    expect(page.locator("#provenance")).to_have_text(re.compile("^from " + re.escape(inputs) + " "), **WAIT)
 
 
 @pytest.mark.server
@@ -170,8 +182,11 @@ def test_a_photo_in_a_real_browser(browser, page_address, served, recipe, tmp_pa
     cards = page.locator("#grid li")
     assert [cards.nth(n).get_attribute("data-image-id") for n in range(cards.count())] == [
         neighbour["image_id"] for neighbour in direct["neighbours"]]
-    page.wait_for_function("[...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth)")
-    assert page.locator("#grid img").count() == len(direct["neighbours"]) > 1
+    images = page.locator("#grid img")
+    assert images.count() == len(direct["neighbours"]) > 1
+    for number in range(images.count()):
+        expect(images.nth(number)).to_have_js_property("complete", True, **WAIT)
+    assert page.evaluate("[...document.querySelectorAll('#grid img')].every(i => i.naturalWidth > 0)")
     assert f"model {NAME} 1.0" in page.inner_text("#provenance")
     page.screenshot(path=os.environ.get("MARKETPLACE_SCREENSHOT", str(tmp_path / "search-page.png")), full_page=True)
 
@@ -183,7 +198,7 @@ def test_a_photo_in_a_real_browser(browser, page_address, served, recipe, tmp_pa
     page.fill("#title", "")
     wanted = cards.nth(1).get_attribute("data-image-id")
     cards.nth(1).get_by_role("button", name="More like this").click()
-    page.wait_for_function("([id]) => document.querySelector('#grid li').dataset.imageId === id", arg=[wanted])
+    expect(cards.first).to_have_attribute("data-image-id", wanted, **WAIT)
 
     page.set_input_files("#photo", files=[{"name": "invoice.pdf", "mimeType": "application/pdf", "buffer": PDF}])
     page.wait_for_selector("#message", state="visible")
@@ -218,5 +233,5 @@ def test_the_page_fits_a_phone(browser, page_address, recipe):
     assert "could not use that request" in page.inner_text("#message") and "bad_option" in page.inner_text("#message")
     huge = {"name": "huge.jpg", "mimeType": "image/jpeg", "buffer": b"\xff\xd8\xff" + bytes(web.MAX_UPLOAD)}
     page.set_input_files("#photo", files=[huge])  # refused by the page before it is sent
-    page.wait_for_function("document.getElementById('message').textContent.includes('takes up to 20 MiB')")
+    expect(page.locator("#message")).to_contain_text("takes up to 20 MiB", **WAIT)
     context.close()
