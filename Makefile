@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA ?=
 DEMO_OUT ?= work/demo
 
-.PHONY: venv demo test test-fast pipeline serve stop clean distclean image-test
+.PHONY: venv demo test test-fast pipeline serve stop clean distclean image-test fleet fleet-test
 
 venv: $(VENV)/.installed
 
@@ -53,3 +53,13 @@ distclean: clean
 # Build the Docker image (buildah, no Docker engine needed; root) and check it in a running container.
 image-test: venv
 	bash scripts/image-test.sh
+
+# The local fleet (scripts/fleet.py): replicas of the image (built or brought up to date first) behind one address.
+fleet: venv
+	bash scripts/image-test.sh build
+	$(PY) -m scripts.fleet up --store model_store $(ARGS)
+
+# The local fleet's tests (tests/test_fleet.py): releases, a killed replica, the live catalogue, through the image.
+fleet-test: venv
+	bash scripts/image-test.sh build
+	$(PY) -m pytest -m fleet tests/test_fleet.py

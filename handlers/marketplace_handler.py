@@ -28,7 +28,7 @@ from marketplace_search.layout import ARCHIVE_CATALOGUE, ARCHIVE_CHECKPOINT, ARC
 from marketplace_search.live import BUNDLED, LiveFollower, Served
 from marketplace_search.models import load_checkpoint, vector_dim
 from marketplace_search.presets import Preprocess, eval_transform
-from marketplace_search.runtime import load_backend, pick_device
+from marketplace_search.runtime import load_backend, pick_device, usable_cores
 from marketplace_search.search import Catalogue
 from marketplace_search.text import RERANK_POOL, TextModel
 
@@ -227,8 +227,9 @@ def body_content_type(headers: dict) -> str | None:
 
 
 def thread_count(model_config: dict) -> int:
-    """Torch threads per worker: `handler.threads`, else cores / maxWorkers (workers sharing cores get slower)."""
+    """Torch threads per worker: `handler.threads`, else usable cores / maxWorkers (workers sharing cores get
+    slower)."""
     configured = (model_config.get("handler") or {}).get("threads")
     if configured:
         return int(configured)
-    return max(1, (os.cpu_count() or 1) // max(1, int(model_config.get("maxWorkers", 1))))
+    return max(1, usable_cores() // max(1, int(model_config.get("maxWorkers", 1))))

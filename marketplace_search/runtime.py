@@ -55,6 +55,23 @@ def cpu_flags() -> set[str]:
     return flags
 
 
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: its CPU affinity, capped by a container's CPU quota (`docker run --cpus`,
+    a Kubernetes CPU limit), which os.cpu_count() does not see; threads past the quota only get throttled."""
+    cores = len(os.sched_getaffinity(0))
+    for path, read in ((cgroup / "cpu.max", lambda text: text.split()),  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+                       (cgroup / "cpu" / "cpu.cfs_quota_us",  # cgroup v1: -1 without a quota
+                        lambda text: (text, (cgroup / "cpu" / "cpu.cfs_period_us").read_text()))):
+        try:
+            quota, period = read(path.read_text())
+            if quota.strip() not in ("max", "-1"):
+                cores = min(cores, max(1, round(int(quota) / int(period))))
+            break
+        except (OSError, ValueError):
+            continue
+    return cores
+
+
 def precision_supported(precision: str, flags: set[str] | None = None) -> bool:
     """Whether this CPU runs `precision` natively (fp32 always)."""
     if precision == "fp32":

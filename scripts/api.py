@@ -258,9 +258,26 @@ def set_default(target, name: str, version: str, token: str | None = None) -> di
     return management_call(target, "PUT", f"/models/{name}/{version}/set-default", token)
 
 
-def unregister(target, name: str, version: str | None = None, token: str | None = None) -> dict:
-    """DELETE /models/NAME[/VERSION]; the default version cannot go while others remain (403)."""
-    return management_call(target, "DELETE", f"/models/{name}" + (f"/{version}" if version else ""), token)
+def unregister(target, name: str, version: str | None = None, token: str | None = None, retries: int = 2) -> dict:
+    """DELETE /models/NAME[/VERSION]; the default version cannot go while others remain (403). TorchServe answers
+    500 when stopping the version's workers fails after it has already dropped the version: gone is done, else
+    it is asked again."""
+    path = f"/models/{name}" + (f"/{version}" if version else "")
+    for attempt in range(retries + 1):
+        try:
+            return management_call(target, "DELETE", path, token)
+        except ApiError as error:
+            if error.status != 500:
+                raise
+            try:
+                still = any(version in (None, d["modelVersion"]) for d in describe(target, name, "all", token))
+            except ApiError as gone:
+                still = gone.status != 404
+            if not still:
+                return {"status": f"{name} {version or ''} unregistered (its workers' stop: {error})"}
+            if attempt == retries:
+                raise
+            time.sleep(1)
 
 
 def list_models(target, token: str | None = None) -> list[dict]:

@@ -181,13 +181,11 @@ def release_fleet(fleet: list[Replica], mar: str, name: str, version: str, *, to
             record_gate(history, name, figures)
             print(gate.describe(figures), flush=True)
     except Exception as error:  # a refusal, a crash, a malformed answer, a loss of accuracy: nowhere a default
-        for replica in placed:
-            unregister(replica.management, name, version, token)
+        removed = withdraw(placed, name, version, token)
         if isinstance(error, gate.GateError):
             record_gate(history, name, error.figures)
-            raise ReleaseError(f"{error}; {version} was unregistered from {len(placed)} replica(s)") from error
-        raise CanaryError(f"{name} {version} failed its canary and was unregistered: "
-                          f"{type(error).__name__}: {error}") from error
+            raise ReleaseError(f"{error}; {removed}") from error
+        raise CanaryError(f"{name} {version} failed its canary: {type(error).__name__}: {error}; {removed}") from error
     switched = []
     try:
         for replica in fleet:
@@ -196,8 +194,7 @@ def release_fleet(fleet: list[Replica], mar: str, name: str, version: str, *, to
     except ApiError as error:
         for replica in switched:
             set_default(replica.management, name, previous, token)
-        for replica in placed:
-            unregister(replica.management, name, version, token)
+        withdraw(placed, name, version, token)
         raise ReleaseError(f"{name} {version}: set-default failed on {fleet[len(switched)]} ({error}); every "
                            f"replica is back on {previous}") from error
     record_default(history, name, version, {**registered, version: mar}, previous)
@@ -212,6 +209,16 @@ def on_every(fleet: list[Replica], call) -> tuple[list[Replica], list, BaseExcep
     done = [(replica, future.result()) for replica, future in zip(fleet, futures) if future.exception() is None]
     failures = [future.exception() for future in futures if future.exception() is not None]
     return [replica for replica, _ in done], [result for _, result in done], (failures[0] if failures else None)
+
+
+def withdraw(placed: list[Replica], name: str, version: str, token) -> str:
+    """Unregister a refused candidate from every replica it reached; says where it stayed (never raises: the
+    refusal is the error to report)."""
+    _, _, failure = on_every(placed, lambda replica: unregister(replica.management, name, version, token)) \
+        if placed else ([], [], None)
+    if failure is None:
+        return f"{version} was unregistered from {len(placed)} replica(s)"
+    return f"unregistering {version} failed on a replica ({failure}): retire it there"
 
 
 def canary(replica: Replica, name: str, version: str, token, inference_token, warm_queries: int, photo, timeout):

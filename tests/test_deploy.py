@@ -2,8 +2,6 @@
 (nginx, as each pod runs it) in front of a real TorchServe."""
 import contextlib
 import json
-import os
-import re
 import shutil
 import subprocess
 import time
@@ -15,6 +13,7 @@ import requests
 import yaml
 
 from scripts import api, catalogue, gate, versions
+from scripts import fleet as fleet_tools
 from scripts.serve import free_ports, serving
 from tests.conftest import skip_or_fail
 from tests.serving_fixtures import NAME, ClientLoop, archive_tiny_run, wait_until
@@ -77,24 +76,15 @@ def fleet_properties() -> dict:
     return dict(line.split("=", 1) for line in text.splitlines() if line.strip())
 
 
-def entry_config(listen: int, torchserve: dict[str, int], keys: dict[str, str], folder: Path) -> Path:
-    """The pod's nginx template as nginx's image renders it (its envsubst of the filtered names), on test ports."""
-    template = documents()[("ConfigMap", "marketplace-entry")]["data"]["default.conf.template"]
-    server = re.sub(r"\$\{((?:INFERENCE|MANAGEMENT)_KEY(?:_NEXT)?)\}", lambda m: keys.get(m.group(1), ""), template)
-    server = server.replace("listen 8000;", f"listen 127.0.0.1:{listen};")
-    for port, chosen in zip((8080, 8081, 8082), (torchserve["inference"], torchserve["management"],
-                                                 torchserve["metrics"])):
-        server = server.replace(f"127.0.0.1:{port}", f"127.0.0.1:{chosen}")
+def entry_config(listen: int, torchserve: dict[str, int], folder: Path) -> Path:
+    """The pod's nginx template as nginx's image renders it, with KEYS, on test ports."""
     config = folder / "nginx.conf"
-    user = "user root;\n" if os.geteuid() == 0 else ""  # its workers write large bodies into FOLDER
-    config.write_text(f"{user}daemon off;\npid {folder}/nginx.pid;\nerror_log {folder}/error.log;\nevents {{}}\n"
-                      f"http {{\naccess_log off;\nclient_body_temp_path {folder};\nproxy_temp_path {folder};\n"
-                      f"{server}\n}}\n")
+    config.write_text(fleet_tools.nginx_config(folder, fleet_tools.entry_server(listen, torchserve, KEYS), daemon=False))
     return config
 
 
-KEYS = {"INFERENCE_KEY": "inference-key-1", "INFERENCE_KEY_NEXT": "inference-key-2",
-        "MANAGEMENT_KEY": "management-key-1"}  # no MANAGEMENT_KEY_NEXT: the optional key left unset
+KEYS = {"inference": "inference-key-1", "inference-next": "inference-key-2",
+        "management": "management-key-1"}  # no management-next: the optional key left unset
 
 
 @contextlib.contextmanager
@@ -109,7 +99,7 @@ def pod(store: Path, folder: Path, models: dict | None = None):
         ports = {name: int(getattr(server, f"{name}_url").rsplit(":", 1)[1])
                  for name in ("inference", "management", "metrics")}
         [listen] = free_ports(1)
-        nginx = subprocess.Popen([str(NGINX), "-c", str(entry_config(listen, ports, KEYS, folder)), "-p", str(folder)])
+        nginx = subprocess.Popen([str(NGINX), "-c", str(entry_config(listen, ports, folder)), "-p", str(folder)])
         address = f"http://127.0.0.1:{listen}"
         try:
             deadline = time.monotonic() + 20
@@ -130,19 +120,19 @@ def pod(store: Path, folder: Path, models: dict | None = None):
 def test_the_entry_point_lets_in_the_fleet_s_keys_only(fleet, recipe):
     address, keys = fleet[1][0], KEYS
     photo = recipe.run.photo_bytes("img-002")
-    assert api.predict(address, photo, token=keys["INFERENCE_KEY"])["model"]["version"] == "1.0"
-    assert api.predict(address, photo, token=keys["INFERENCE_KEY_NEXT"], k=2)["neighbours"]  # mid-rotation
-    for wrong in (None, "", keys["MANAGEMENT_KEY"], "inference-key"):
+    assert api.predict(address, photo, token=keys["inference"])["model"]["version"] == "1.0"
+    assert api.predict(address, photo, token=keys["inference-next"], k=2)["neighbours"]  # mid-rotation
+    for wrong in (None, "", keys["management"], "inference-key"):
         with pytest.raises(api.ApiError) as refused:
             api.predict(address, photo, token=wrong, retries=0)
         assert refused.value.status == 401 and "fleet inference key" in str(refused.value)
     response = requests.post(f"{address}/predictions/{NAME}", data=photo, timeout=30,
                              headers={"Content-Type": "image/jpeg", "Authorization": "Bearer "})
-    assert response.status_code == 401  # the unset MANAGEMENT_KEY_NEXT lets no empty key in
+    assert response.status_code == 401  # the unset management-next lets no empty key in
     management = f"{address}/management"
-    assert api.describe(management, NAME, token=keys["MANAGEMENT_KEY"])[0]["modelVersion"] == "1.0"
+    assert api.describe(management, NAME, token=keys["management"])[0]["modelVersion"] == "1.0"
     with pytest.raises(api.ApiError, match="401"):
-        api.describe(management, NAME, token=keys["INFERENCE_KEY"])
+        api.describe(management, NAME, token=keys["inference"])
     with pytest.raises(api.ApiError, match="401"):
         api.describe(management, NAME, token="")
     assert requests.get(f"{address}/healthz", timeout=5).json() == {"status": "ok"}
@@ -150,12 +140,9 @@ def test_the_entry_point_lets_in_the_fleet_s_keys_only(fleet, recipe):
     assert requests.get(f"{address}/ping", timeout=5).status_code == 404  # only what clients need leaves the pod
 
 
-@pytest.fixture(scope="module")
-def fleet(recipe, module_tmp):
-    """Two pods on one model store (the recipe's 1.0 and 2.0, and 3.0: 1.0's model with every category renamed,
-    in its classes and its catalogue), released default 1.0, and an evaluation set labelled with 1.0's answers to
-    the recipe's test split, so that 1.0 scores 1 and 3.0 0."""
-    store = module_tmp("fleet-store")
+def release_store(recipe, store: Path, module_tmp) -> Path:
+    """STORE with the recipe's 1.0 and 2.0, and 3.0: 1.0's model with every category renamed, in its classes and
+    its catalogue; released default 1.0; returns its evaluation set's folder (see label_set)."""
     for mar in (recipe.v1, recipe.v2):
         shutil.copy(mar, store)
     model, _ = load_checkpoint(recipe.run.run_dir / CHECKPOINT)
@@ -163,21 +150,32 @@ def fleet(recipe, module_tmp):
                             classes=CLASSES[1:] + CLASSES[:1])
     archive_tiny_run(renamed, store, version="3.0")
     versions.record_default(store / versions.HISTORY_FILE, NAME, "1.0", {"1.0": recipe.v1.name})
-    folder = gate.make_set(recipe.work, store)
+    return gate.make_set(recipe.work, store)
+
+
+def label_set(folder: Path, category_of) -> None:
+    """The evaluation set labelled with CATEGORY_OF(photo) (1.0's answers), so that 1.0 scores 1 and 3.0 0."""
+    rows = gate.read_set(folder)
+    (folder / gate.LABELS).write_text("image_id,product_id,category\n" + "".join(
+        f"{row['image_id']},{row['product_id']},{category_of(row['photo'])}\n" for row in rows))
+
+
+@pytest.fixture(scope="module")
+def fleet(recipe, module_tmp):
+    """Two pods on release_store's model store, both on 1.0."""
+    store = module_tmp("fleet-store")
+    folder = release_store(recipe, store, module_tmp)
     with contextlib.ExitStack() as stack:
         pods = [stack.enter_context(pod(store, module_tmp(f"pod-{number}"))) for number in range(2)]
         replicas = [versions.Replica(server, server) for _, server in pods]  # what each pod's postStart does
         assert versions.on_every(replicas, lambda replica: versions.sync(replica.management, NAME, store))[1] == [
             "1.0", "1.0"]
-        rows = gate.read_set(folder)
-        answered = [api.predict(pods[0][1], row["photo"])["category"] for row in rows]
-        (folder / gate.LABELS).write_text("image_id,product_id,category\n" + "".join(
-            f"{row['image_id']},{row['product_id']},{category}\n" for row, category in zip(rows, answered)))
+        label_set(folder, lambda photo: api.predict(pods[0][1], photo)["category"])
         yield store, [address for address, _ in pods]
 
 
 def defaults(addresses: list[str]) -> list[str]:
-    return [api.describe(f"{address}/management", NAME, token=KEYS["MANAGEMENT_KEY"])[0]["modelVersion"]
+    return [api.describe(f"{address}/management", NAME, token=KEYS["management"])[0]["modelVersion"]
             for address in addresses]
 
 
@@ -185,10 +183,10 @@ def defaults(addresses: list[str]) -> list[str]:
 @pytest.mark.slow
 def test_a_release_and_a_rollback_move_every_replica_and_lose_no_request(fleet, recipe, monkeypatch, capsys):
     store, addresses = fleet
-    monkeypatch.setenv("TS_INFERENCE_TOKEN", KEYS["INFERENCE_KEY"])
+    monkeypatch.setenv("TS_INFERENCE_TOKEN", KEYS["inference"])
     command = [f"--replica={address}" for address in addresses] + [
-        "--token", KEYS["MANAGEMENT_KEY"], "--store", str(store)]
-    headers = api.auth_headers(KEYS["INFERENCE_KEY"])
+        "--token", KEYS["management"], "--store", str(store)]
+    headers = api.auth_headers(KEYS["inference"])
     loops = [ClientLoop(f"{address}/predictions/{NAME}", recipe.run.photo_bytes("img-001"), headers)
              for address in addresses]
     with contextlib.ExitStack() as stack:
@@ -204,7 +202,7 @@ def test_a_release_and_a_rollback_move_every_replica_and_lose_no_request(fleet, 
         assert defaults(addresses) == ["2.0", "2.0"]  # and 3.0 is gone from both
         for address in addresses:
             assert {d["modelVersion"] for d in api.describe(f"{address}/management", NAME, "all",
-                                                            token=KEYS["MANAGEMENT_KEY"])} == {"1.0", "2.0"}
+                                                            token=KEYS["management"])} == {"1.0", "2.0"}
         versions.main([*command, "rollback", NAME])
         assert defaults(addresses) == ["1.0", "1.0"]
         time.sleep(1)  # answers on both sides of the last switch
@@ -220,11 +218,11 @@ def test_a_release_and_a_rollback_move_every_replica_and_lose_no_request(fleet, 
 def test_a_replica_that_restarts_comes_back_on_the_released_default(fleet, recipe, module_tmp):
     store, addresses = fleet
     managed = [versions.entry_replica(address).management for address in addresses]
-    versions.rollback(managed, NAME, to="2.0", token=KEYS["MANAGEMENT_KEY"], history=store / versions.HISTORY_FILE)
+    versions.rollback(managed, NAME, to="2.0", token=KEYS["management"], history=store / versions.HISTORY_FILE)
     assert defaults(addresses) == ["2.0", "2.0"]
     with pod(store, module_tmp("pod-restarted")) as (address, server):
         assert versions.sync(server, NAME, store) == "2.0"
-        assert api.predict(address, recipe.run.photo_bytes("img-003"), token=KEYS["INFERENCE_KEY"])["model"][
+        assert api.predict(address, recipe.run.photo_bytes("img-003"), token=KEYS["inference"])["model"][
             "version"] == "2.0"
 
 
@@ -236,11 +234,11 @@ def test_a_listing_removed_from_the_shared_live_catalogue_leaves_every_replica_w
     mar = archive_tiny_run(recipe.run, store, name="live", live_catalogue=live)
     catalogue.main(["--live", str(live), "init", "--archive", str(mar)])
     versions.on_every([versions.entry_replica(address) for address in addresses], lambda replica: api.register(
-        replica.management, mar.name, "live", initial_workers=1, synchronous=True, token=KEYS["MANAGEMENT_KEY"]))
+        replica.management, mar.name, "live", initial_workers=1, synchronous=True, token=KEYS["management"]))
     photo = recipe.run.photo_bytes("img-000")  # prod-000's own photo: first in every answer while it is there
 
     def products(address: str) -> set[str]:
-        answer = api.predict(address, photo, model="live", k=100, token=KEYS["INFERENCE_KEY"])
+        answer = api.predict(address, photo, model="live", k=100, token=KEYS["inference"])
         return {neighbour["product_id"] for neighbour in answer["neighbours"]}
 
     assert all("prod-000" in products(address) for address in addresses)

@@ -15,10 +15,10 @@ from PIL import Image
 from ts.torch_handler.unit_tests.test_utils.mock_context import MockContext
 
 from handlers.local import load_local_handler, predict_local
-from handlers.marketplace_handler import MarketplaceHandler
+from handlers.marketplace_handler import MarketplaceHandler, thread_count
 from tests.conftest import encoded
 from tests.serving_fixtures import archive_tiny_run, extract_archive, make_tiny_run, png_raw
-from marketplace_search import inference
+from marketplace_search import inference, runtime
 from marketplace_search.images import decode_image
 from marketplace_search.inference import RequestError, parse_request
 from marketplace_search.models import embed, load_checkpoint
@@ -258,3 +258,20 @@ def test_the_category_blend_chosen_in_evaluation_is_served(tiny, handler, tmp_pa
     assert all(n["category"] == other[i] for (_, answer), i in zip(filtered, run.photos) for n in answer["neighbours"])
     heads = [answer["category"] for _, answer in predict_local(handler, requests)]
     assert heads != [answer["category"] for answer in answers]  # the random head alone does not get them all
+
+
+@pytest.mark.parametrize("files, cores", [
+    ({}, 2),
+    ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, 2),  # cgroup v1, no quota
+    ({"cpu/cpu.cfs_quota_us": "100000", "cpu/cpu.cfs_period_us": "100000"}, 1),  # docker run --cpus 1
+    ({"cpu.max": "max 100000"}, 2),  # cgroup v2, no quota
+    ({"cpu.max": "50000 100000"}, 1),  # half a core: still one thread
+])
+def test_worker_threads_follow_the_container_s_cpu_quota(tmp_path, monkeypatch, files, cores):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text + "\n")
+    monkeypatch.setattr("handlers.marketplace_handler.usable_cores", lambda: runtime.usable_cores(tmp_path))
+    assert thread_count({}) == cores
+    assert thread_count({"maxWorkers": 2}) == 1 and thread_count({"handler": {"threads": 3}}) == 3

@@ -37,6 +37,7 @@ NOT_RUN = {
     "scripts.benchmark": "runs for minutes (--quick) to an hour; tests/test_benchmark.py runs its sections",
     "kubectl ": "no Kubernetes cluster here: tests/test_deploy.py validates deploy/ and runs a pod's parts",
     "--replica http://10.0.0.11:8000": "a cluster's pods: tests/test_deploy.py releases across two local pods",
+    "scripts.fleet": "needs root, podman and the built image: `make fleet-test` runs the local fleet",
 }
 NO_KEY = ("TS_TOKEN", "TS_INFERENCE_TOKEN")
 PAGE = "http://127.0.0.1:8090"  # the search page of the README's `serve start --page`
