@@ -7,6 +7,7 @@ Service).
 
   python -m scripts.fleet up --store model_store [--replicas 2] [--cpus 1] [--live DIR] [--port 8000]
   python -m scripts.fleet status
+  python -m scripts.fleet drain 1        # replica 1 out of the one address (no numbers: every one back in)
   python -m scripts.fleet release --mar model_store/marketplace-v2.0.mar     # also rollback, retire: every replica
   python -m scripts.fleet down
 
@@ -46,6 +47,7 @@ KEY_NAMES = {"inference": "INFERENCE_KEY", "inference-next": "INFERENCE_KEY_NEXT
              "management-next": "MANAGEMENT_KEY_NEXT"}  # the Secret's keys and the entry point's variables
 PORTS = ("entry", "inference", "management", "metrics", "grpc_inference", "grpc_management")
 POLL_SECONDS = 0.5
+FAILURES_TO_LEAVE = 3  # probes in a row (a readiness probe's failureThreshold); a container gone leaves at once
 SYNC_RETRY_SECONDS = 10
 
 
@@ -123,47 +125,59 @@ def torchserve_properties(ports: dict[str, int]) -> str:
         "grpc_management_port=7071", f"grpc_management_port={ports['grpc_management']}")
 
 
-def entry_server(listen: int, torchserve: dict[str, int], keys: dict[str, str]) -> str:
+def entry_server(listen: int, targets: dict[str, str], keys: dict[str, str]) -> str:
     """A pod's entry point: deploy/'s nginx template as nginx's image renders it (envsubst of the key variables;
-    an unset one is empty), on 127.0.0.1:LISTEN in front of TorchServe's ports."""
-    server = manifest("ConfigMap", "marketplace-entry")["data"]["default.conf.template"]
+    an unset one is empty), on 127.0.0.1:LISTEN in front of TARGETS: TorchServe's inference, management and
+    metrics addresses (host:port, or an upstream's name)."""
+    template = manifest("ConfigMap", "marketplace-entry")["data"]["default.conf.template"]
+    server = template[template.index("server {"):]  # the map before it: once per nginx, in nginx_config
     for name, variable in KEY_NAMES.items():
         server = server.replace("${" + variable + "}", keys.get(name, ""))
     server = server.replace("listen 8000;", f"listen 127.0.0.1:{listen};")
     for port, name in ((8080, "inference"), (8081, "management"), (8082, "metrics")):
-        server = server.replace(f"127.0.0.1:{port}", f"127.0.0.1:{torchserve[name]}")
+        server = server.replace(f"127.0.0.1:{port}", targets[name])
     return server
 
 
+def loopback(ports: dict[str, int]) -> dict[str, str]:
+    return {name: f"127.0.0.1:{ports[name]}" for name in ("inference", "management", "metrics")}
+
+
 def nginx_config(folder: Path, servers: str, daemon: bool = True) -> str:
-    """nginx's main file around SERVERS, its pid, logs and request bodies in FOLDER."""
+    """nginx's main file around entry point SERVERS (with the template's map of the key a request carries), its
+    pid, logs and request bodies in FOLDER."""
+    template = manifest("ConfigMap", "marketplace-entry")["data"]["default.conf.template"]
     user = "user root;\n" if os.geteuid() == 0 else ""  # its workers write large bodies into FOLDER
-    return (f"{user}{'' if daemon else 'daemon off;'}\npid {folder}/nginx.pid;\nerror_log {folder}/error.log;\nevents {{}}\n"
-            f"http {{\naccess_log off;\nclient_body_temp_path {folder};\nproxy_temp_path {folder};\n{servers}\n}}\n")
+    return (f"{user}{'' if daemon else 'daemon off;'}\npid {folder}/nginx.pid;\nerror_log {folder}/error.log;\n"
+            f"events {{}}\nhttp {{\naccess_log off;\nclient_body_temp_path {folder};\nproxy_temp_path {folder};\n"
+            f"{template[:template.index('server {')]}{servers}\n}}\n")
 
 
-def front_server(port: int, ready: list[Replica]) -> str:
-    """The one address: requests go to the READY replicas' entry points, as a Kubernetes Service sends them. A
-    prediction whose replica died under it (502) is sent to another: answering one twice is harmless."""
+def front_server(port: int, ready: list[Replica], keys: dict[str, str]) -> str:
+    """The one address: the entry point's checks, then the READY replicas' TorchServe, in turns. Kubernetes does
+    this in two steps (the Service's kernel-level balancing, then the pod's nginx); one nginx does both here. A
+    prediction whose replica died under it is sent to the next: answering one twice is harmless."""
     if not ready:
         body = "return 503 '{\"code\": 503, \"type\": \"no_replica_ready\", \"error\": \"no replica is READY\"}\\n';"
-        return (f"server {{\n  listen 127.0.0.1:{port};\n  default_type application/json;\n"
-                f"  location / {{ {body} }}\n}}\n")
-    upstream = "".join(f"  server 127.0.0.1:{replica.ports['entry']} max_fails=0;\n" for replica in ready)
-    proxy = "proxy_pass http://marketplace_replicas; proxy_http_version 1.1; proxy_set_header Connection \"\";"
-    return (f"upstream marketplace_replicas {{\n{upstream}  keepalive 32;\n}}\n"
-            f"server {{\n  listen 127.0.0.1:{port};\n  client_max_body_size 20m;\n  client_body_buffer_size 1m;\n"
-            f"  proxy_read_timeout 130s;\n"
-            f"  location /predictions/ {{ {proxy} proxy_next_upstream error timeout http_502 non_idempotent; }}\n"
-            f"  location / {{ {proxy} }}\n}}\n")
+        return f"server {{\n  listen 127.0.0.1:{port};\n  default_type application/json;\n  location / {{ {body} }}\n}}\n"
+    upstreams = "".join(
+        f"upstream marketplace_{name} {{\n" + "".join(f"  server 127.0.0.1:{replica.ports[name]} max_fails=0;\n"
+                                                  for replica in ready) + "  keepalive 16;\n}\n"
+        for name in ("inference", "management", "metrics"))
+    server = entry_server(port, {name: f"marketplace_{name}" for name in ("inference", "management", "metrics")}, keys)
+    server = server.replace(f"listen 127.0.0.1:{port};", f"listen 127.0.0.1:{port};\n  proxy_http_version 1.1;\n"
+                                                         f"  proxy_set_header Connection \"\";", 1)
+    server = server.replace("proxy_pass http://marketplace_inference;", "proxy_pass http://marketplace_inference;\n"
+                            "    proxy_next_upstream error timeout http_502 non_idempotent;")
+    return upstreams + server
 
 
 def write_nginx(fleet: Fleet, ready: list[Replica]) -> Path:
     keys = fleet.keys()
-    servers = "".join(entry_server(replica.ports["entry"], replica.ports, keys) for replica in fleet.replicas)
+    servers = "".join(entry_server(replica.ports["entry"], loopback(replica.ports), keys) for replica in fleet.replicas)
     config = fleet.workdir / "nginx.conf"
     with replaced_atomically(config) as partial:
-        partial.write_text(nginx_config(fleet.workdir, servers + front_server(fleet.port, ready)))
+        partial.write_text(nginx_config(fleet.workdir, servers + front_server(fleet.port, ready, keys)))
     return config
 
 
@@ -201,6 +215,18 @@ def start_replica(fleet: Fleet, replica: Replica) -> None:
            fleet.image, "--ts-config", FLEET_CONFIG)
 
 
+def cpu_seconds(container: str) -> float | None:
+    """CPU time the container's processes have used (its cgroup: v1 cpuacct or v2 cpu.stat); None if not found."""
+    identity = podman("inspect", "--format", "{{.Id}}", container, check=False).stdout.strip()
+    for path, read in ((Path(f"/sys/fs/cgroup/cpuacct/libpod_parent/libpod-{identity}/cpuacct.usage"),
+                        lambda text: int(text) / 1e9),
+                       (Path(f"/sys/fs/cgroup/libpod_parent/libpod-{identity}/cpu.stat"),
+                        lambda text: int(text.split("usage_usec")[1].split()[0]) / 1e6)):
+        if identity and path.is_file():
+            return read(path.read_text())
+    return None
+
+
 def running(fleet: Fleet) -> set[str]:
     listed = podman("ps", "--filter", f"label=marketplace-fleet={fleet.workdir}", "--format", "{{.Names}}")
     return set(listed.stdout.split())
@@ -226,6 +252,7 @@ def control(fleet: Fleet, stopping: threading.Event) -> None:
     log = (fleet.workdir / "controller.log").open("a", buffering=1)
     say = lambda text: log.write(f"{time.strftime('%H:%M:%S')} {text}\n")  # noqa: E731
     replaced = {replica.number: 0 for replica in fleet.replicas}
+    failing = {replica.number: FAILURES_TO_LEAVE for replica in fleet.replicas}  # failed probes in a row
     syncing: dict[int, float] = {}  # replica -> when its sync started
     shown: list[int] | None = None
     while not stopping.is_set():
@@ -236,22 +263,48 @@ def control(fleet: Fleet, stopping: threading.Event) -> None:
                 start_replica(fleet, replica)
                 replaced[replica.number] += 1
                 syncing.pop(replica.number, None)
+                failing[replica.number] = FAILURES_TO_LEAVE
         states = {replica.number: probe(replica) for replica in fleet.replicas}
+        for number, state in states.items():
+            failing[number] = 0 if state == "ready" else failing[number] + 1
         for replica in fleet.replicas:
             started = syncing.get(replica.number)
             if states[replica.number] == "missing" and (
                     started is None or time.monotonic() - started > SYNC_RETRY_SECONDS):
                 syncing[replica.number] = time.monotonic()
                 threading.Thread(target=sync, args=(fleet, replica, say), daemon=True).start()
-        now_ready = [replica.number for replica in fleet.replicas if states[replica.number] == "ready"]
-        if now_ready != shown:
-            write_nginx(fleet, [replica for replica in fleet.replicas if replica.number in now_ready])
+        now_ready = [replica.number for replica in fleet.replicas if failing[replica.number] < FAILURES_TO_LEAVE]
+        serving = [number for number in now_ready if number not in drained(fleet)]
+        if serving != shown:
+            write_nginx(fleet, [replica for replica in fleet.replicas if replica.number in serving])
             nginx(fleet, "-s", "reload")
-            say(f"READY: {now_ready or 'none'}")
-            shown = now_ready
+            say(f"READY: {now_ready or 'none'}; in the one address: {serving or 'none'}")
+            shown = serving
         with replaced_atomically(fleet.workdir / "status.json") as partial:
-            partial.write_text(json.dumps({"ready": now_ready, "replaced": replaced, "at": time.time()}))
+            partial.write_text(json.dumps({"ready": now_ready, "serving": serving, "replaced": replaced,
+                                           "at": time.time()}))
         stopping.wait(POLL_SECONDS)
+
+
+def drained(fleet: Fleet) -> set[int]:
+    """The replicas the operator took out of the one address (`drain`): they keep running and keep their
+    version, and get no client requests until `undrain`."""
+    try:
+        return set(json.loads((fleet.workdir / "drained.json").read_text()))
+    except FileNotFoundError:
+        return set()
+
+
+def drain(fleet: Fleet, numbers: set[int], timeout: float = 10) -> None:
+    """Take NUMBERS out of the one address (and put every other replica back); returns once nginx serves so."""
+    with replaced_atomically(fleet.workdir / "drained.json") as partial:
+        partial.write_text(json.dumps(sorted(numbers)))
+    deadline = time.monotonic() + timeout
+    while set(status(fleet)["serving"]) != set(status(fleet)["ready"]) - numbers:
+        if time.monotonic() > deadline:
+            raise FleetError(f"the controller did not apply the drain within {timeout:.0f} s")
+        time.sleep(POLL_SECONDS / 2)
+    time.sleep(POLL_SECONDS)  # nginx's old workers finish their requests
 
 
 def sync(fleet: Fleet, replica: Replica, say) -> None:
@@ -317,12 +370,12 @@ def status(fleet: Fleet) -> dict:
     try:
         return json.loads((fleet.workdir / "status.json").read_text())
     except FileNotFoundError:
-        return {"ready": [], "replaced": {}}
+        return {"ready": [], "serving": [], "replaced": {}}
 
 
 def wait_ready(fleet: Fleet, count: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while len(status(fleet)["ready"]) < count:
+    while len(status(fleet)["serving"]) < count:
         if time.monotonic() > deadline:
             raise FleetError(f"{len(status(fleet)['ready'])} of {count} replicas READY after {timeout:.0f} s; see "
                              f"{fleet.workdir}/controller.log and `podman logs {fleet.replicas[0].container}`")
@@ -344,17 +397,18 @@ def down(workdir: Path) -> None:
     podman("rm", "-f", *names, check=False)
     if (workdir / "nginx.pid").exists():
         nginx(fleet, "-s", "quit")
-    for name in ("fleet.json", "status.json", "controller.pid"):
+    for name in ("fleet.json", "status.json", "controller.pid", "drained.json"):
         (workdir / name).unlink(missing_ok=True)
 
 
 def print_status(fleet: Fleet) -> None:
     seen = status(fleet)
-    print(f"fleet: {fleet.address} ({len(seen['ready'])} of {len(fleet.replicas)} replicas READY, "
+    print(f"fleet: {fleet.address} ({len(seen['serving'])} of {len(fleet.replicas)} replicas serving, "
           f"{fleet.cpus:g} CPU each); keys: {fleet.workdir / 'keys.json'}")
     for replica in fleet.replicas:
         print(f"  replica {replica.number}: {replica.address} (container {replica.container}), "
-              f"{'READY' if replica.number in seen['ready'] else 'not ready'}, "
+              f"{'READY' if replica.number in seen['ready'] else 'not READY'}, "
+              f"{'serving' if replica.number in seen['serving'] else 'out of the one address'}, "
               f"replaced {seen['replaced'].get(str(replica.number), 0)} times")
 
 
@@ -370,6 +424,8 @@ def main(argv=None) -> None:
     start.add_argument("--port", type=int, default=8000, help="the one address's port (0: a free one)")
     start.add_argument("--image", default=IMAGE)
     commands.add_parser("status")
+    draining = commands.add_parser("drain", help="take replicas out of the one address (none: every one back)")
+    draining.add_argument("numbers", type=int, nargs="*")
     commands.add_parser("down")
     commands.add_parser("control", help=argparse.SUPPRESS)
     for name in ("release", "rollback", "retire"):
@@ -379,6 +435,9 @@ def main(argv=None) -> None:
         if args.command == "up":
             print_status(up(args.workdir, args.store, args.replicas, args.cpus, args.live, args.port, args.image))
         elif args.command == "status":
+            print_status(Fleet.load(args.workdir))
+        elif args.command == "drain":
+            drain(Fleet.load(args.workdir), set(args.numbers))
             print_status(Fleet.load(args.workdir))
         elif args.command == "down":
             down(args.workdir)

@@ -79,7 +79,7 @@ def fleet_properties() -> dict:
 def entry_config(listen: int, torchserve: dict[str, int], folder: Path) -> Path:
     """The pod's nginx template as nginx's image renders it, with KEYS, on test ports."""
     config = folder / "nginx.conf"
-    config.write_text(fleet_tools.nginx_config(folder, fleet_tools.entry_server(listen, torchserve, KEYS), daemon=False))
+    config.write_text(fleet_tools.nginx_config(folder, fleet_tools.entry_server(listen, fleet_tools.loopback(torchserve), KEYS), daemon=False))
     return config
 
 

@@ -117,3 +117,27 @@ def test_a_listing_removed_from_the_live_catalogue_leaves_every_replica_within_2
     for replica in fleet.replicas:
         assert wait_until(lambda: "prod-000" not in products(replica.address), 5)
     assert time.monotonic() - removed < 2.0
+
+
+def test_a_set_default_that_fails_on_one_replica_leaves_every_replica_on_the_old_default(fleet, recipe, monkeypatch):
+    before = defaults(fleet)
+    archive_tiny_run(recipe.run, fleet.store, version="4.0")  # 1.0's model: it passes the gate
+    second = fleet.replicas[1].address
+    real = versions.set_default
+
+    def failing_on_the_second(target, name, version, token=None):
+        if str(target).startswith(second) and version == "4.0":
+            raise api.ApiError("injected: the replica went away", 503)
+        return real(target, name, version, token)
+
+    monkeypatch.setattr(versions, "set_default", failing_on_the_second)
+    with client_loop(fleet, recipe) as loop, pytest.raises(SystemExit):
+        fleet_tools.main(["--workdir", str(fleet.workdir), "release", "--mar",
+                          str(fleet.store / "marketplace-v4.0.mar"), "--name", NAME])
+    assert defaults(fleet) == before
+    assert loop.failures() == []
+    token = fleet.keys()["management"]
+    for replica in fleet.replicas:
+        assert "4.0" not in {d["modelVersion"] for d in api.describe(f"{replica.address}/management", NAME, "all",
+                                                                     token=token)}
+    assert versions.released_default(fleet.store / versions.HISTORY_FILE, NAME)["version"] == before[0]

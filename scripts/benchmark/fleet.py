@@ -1,10 +1,17 @@
 """Scale-out of the local fleet (scripts/fleet.py), through its one address: photos/s of 1 replica and of 2, each
 limited to CPUS cores, at CLIENTS clients; and what the entry point adds to a lone request's p50 (one replica's
 TorchServe asked directly and through the one address, in turns). Both in one run, on the store's released model.
+The load comes from Debian's `wrk` when installed (else the benchmark's Python threads: on a machine whose every
+core the replicas hold, the clients' own CPU is taken from them, and wrk's is a fraction of theirs).
 
-  python -m scripts.benchmark.fleet --store model_store --photos DIR [--clients 32] [--seconds 30]
+  python -m scripts.benchmark.fleet --store model_store --photos DIR [--clients 32] [--seconds 20] [--rounds 3]
 """
 import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -15,9 +22,30 @@ from scripts.benchmark.common import generate_photos, interruptible, percentiles
 from scripts.benchmark.served import load_test
 
 NAME = fleet_tools.NAME
-COLUMNS = [("replicas", "replicas"), ("cpus", "CPUs each"), ("concurrency", "clients"), ("requests", "requests"),
-           ("errors", "errors"), ("photos_per_s", "photos/s"), ("p50_ms", "p50 ms"), ("p95_ms", "p95 ms"),
-           ("scale", "× 1 replica")]
+WRK = shutil.which("wrk")
+WRK_SCRIPT = """
+bodies = {}
+for path in string.gmatch(os.getenv("WRK_PHOTOS"), "[^:]+") do
+  local file = assert(io.open(path, "rb")); bodies[#bodies + 1] = file:read("*a"); file:close()
+end
+headers = {["Content-Type"] = "image/jpeg", ["Authorization"] = "Bearer " .. os.getenv("WRK_KEY")}
+sent = 0
+request = function()
+  sent = sent + 1
+  return wrk.format("POST", nil, headers, bodies[sent % #bodies + 1])
+end
+done = function(summary, latency, requests)
+  local errors = summary.errors
+  io.write(string.format('RESULT {"requests": %d, "errors": %d, "seconds": %f, "p50_ms": %f, "p95_ms": %f, '
+    .. '"p99_ms": %f}\\n', summary.requests, errors.connect + errors.read + errors.write + errors.status
+    + errors.timeout, summary.duration / 1e6, latency:percentile(50) / 1e3, latency:percentile(95) / 1e3,
+    latency:percentile(99) / 1e3))
+end
+"""
+COLUMNS = [("round", "round"), ("client", "client"), ("replicas", "replicas serving"), ("cpus", "CPUs each"),
+           ("concurrency", "clients"), ("requests", "requests"), ("errors", "errors"), ("photos_per_s", "photos/s"), ("p50_ms", "p50 ms"), ("p95_ms", "p95 ms"),
+           ("replica_cpus", "CPUs the replicas used"), ("per_cpu", "photos per CPU-second"),
+           ("scale", "× 1 replica (same round)")]
 LONE_COLUMNS = [("path", "a lone request"), ("p50_ms", "p50 ms"), ("p95_ms", "p95 ms"), ("added_ms", "added p50 ms")]
 
 
@@ -39,21 +67,54 @@ def lone_requests(fleet, photos: list[bytes], count: int) -> list[dict]:
     return rows
 
 
+def wrk_load(url: str, photos: list[bytes], clients: int, seconds: float, token: str, folder: Path) -> dict:
+    """CLIENTS connections from one wrk thread for SECONDS, the photos in turn."""
+    paths = []
+    for number, photo in enumerate(photos):
+        paths.append(folder / f"photo-{number}.jpg")
+        paths[-1].write_bytes(photo)
+    script = folder / "post-photos.lua"
+    script.write_text(WRK_SCRIPT)
+    done = subprocess.run([WRK, "-t1", f"-c{clients}", f"-d{seconds:g}s", "--timeout", "120s", "-s", str(script), url],
+                          capture_output=True, text=True, check=True,
+                          env={**os.environ, "WRK_PHOTOS": ":".join(map(str, paths)), "WRK_KEY": token})
+    result = json.loads(done.stdout.split("RESULT ", 1)[1])
+    return {"concurrency": clients, "requests": result["requests"], "errors": result["errors"],
+            "photos_per_s": (result["requests"] - result["errors"]) / result["seconds"],
+            **{key: result[key] for key in ("p50_ms", "p95_ms", "p99_ms")}}
+
+
 def bench_fleet(args) -> tuple[list[dict], list[dict]]:
+    """Two replicas started once; replica 1 drained out of the one address for the 1-replica loads, which
+    alternate with 2-replica loads ROUNDS times, so that a slow minute of the machine costs both sides alike."""
     photos = read_photos(args.photos, 32) if args.photos else generate_photos(32)
-    rows, lone = [], []
-    for replicas in (1, 2):
-        fleet = fleet_tools.up(args.workdir, args.store, replicas, args.cpus, None, port=0, image=args.image)
-        token = fleet.keys()["inference"]
-        url = f"{fleet.address}/predictions/{NAME}"
-        load_test(url, photos, args.clients, args.clients * 4, token=token)  # warm-up: every worker, every batch
-        if replicas == 1:
-            lone = lone_requests(fleet, photos, args.lone)
-        row = load_test(url, photos, args.clients, 10**9, max_seconds=args.seconds, token=token)
-        rows.append({"replicas": replicas, "cpus": args.cpus, **row})
-        rows[-1]["scale"] = rows[-1]["photos_per_s"] / rows[0]["photos_per_s"]
-        print(rows[-1], flush=True)
-    fleet_tools.down(args.workdir)
+    fleet = fleet_tools.up(args.workdir, args.store, 2, args.cpus, None, port=0, image=args.image)
+    token = fleet.keys()["inference"]
+    url = f"{fleet.address}/predictions/{NAME}"
+    load_test(url, photos, args.clients, args.clients * 4, token=token)  # warm-up: both workers, full batches
+    fleet_tools.drain(fleet, {1})
+    lone = lone_requests(fleet, photos, args.lone)
+    if args.client == "wrk":
+        load = lambda: wrk_load(url, photos, args.clients, args.seconds, token, args.workdir)  # noqa: E731
+    else:
+        load = lambda: load_test(url, photos, args.clients, 10**9, max_seconds=args.seconds, token=token)  # noqa: E731
+    rows = []
+    for number in range(1, args.rounds + 1):
+        for replicas in (1, 2):
+            fleet_tools.drain(fleet, {1} if replicas == 1 else set())
+            before, started = [fleet_tools.cpu_seconds(r.container) for r in fleet.replicas], time.perf_counter()
+            rows.append({"round": number, "client": args.client, "replicas": replicas, "cpus": args.cpus, **load()})
+            after, seconds = [fleet_tools.cpu_seconds(r.container) for r in fleet.replicas], time.perf_counter() - started
+            if None not in before + after:  # the CPU the replicas got, of the cores the limit allowed them
+                rows[-1]["replica_cpus"] = (sum(after) - sum(before)) / seconds
+                rows[-1]["per_cpu"] = rows[-1]["photos_per_s"] / rows[-1]["replica_cpus"]
+            print(rows[-1], flush=True)
+            if replicas == 2:
+                rows[-1]["scale"] = rows[-1]["photos_per_s"] / rows[-2]["photos_per_s"]
+    median = {replicas: statistics.median(row["photos_per_s"] for row in rows if row["replicas"] == replicas)
+              for replicas in (1, 2)}
+    rows.append({"round": "median", "client": args.client, "replicas": 2, "cpus": args.cpus,
+                 "photos_per_s": median[2], "scale": median[2] / median[1]})
     return rows, lone
 
 
@@ -63,7 +124,10 @@ def main(argv=None) -> None:
     parser.add_argument("--store", type=Path, required=True, help="the model store (its released default is served)")
     parser.add_argument("--photos", type=Path, help="a folder of photos to send (default: generated ones)")
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--seconds", type=float, default=30, help="each load's length after its warm-up")
+    parser.add_argument("--seconds", type=float, default=20, help="each load's length")
+    parser.add_argument("--rounds", type=int, default=3, help="1-replica and 2-replica loads in turns")
+    parser.add_argument("--client", choices=("wrk", "python"), default="wrk" if WRK else "python",
+                        help="the load's clients: wrk (Debian's, when installed) or the benchmark's Python threads")
     parser.add_argument("--cpus", type=float, default=1.0, help="each replica's CPU limit")
     parser.add_argument("--lone", type=int, default=100, help="lone requests on each path")
     parser.add_argument("--image", default=fleet_tools.IMAGE)
@@ -76,7 +140,8 @@ def main(argv=None) -> None:
         finally:
             if (args.workdir / "fleet.json").exists():
                 fleet_tools.down(args.workdir)
-    print(f"\nThroughput through the one address ({args.clients} clients, {args.seconds:g} s each):\n")
+    print(f"\nThroughput through the one address ({args.clients} clients, {args.seconds:g} s each; replica 1 "
+          f"drained for the 1-replica loads):\n")
     print(markdown_table(rows, COLUMNS))
     print(f"\nA lone request ({args.lone} in turns on each path, 1 replica):\n")
     print(markdown_table(lone, LONE_COLUMNS))
