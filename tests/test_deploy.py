@@ -73,7 +73,7 @@ def test_the_manifests_keep_the_fleet_s_design():
 
 def fleet_properties() -> dict:
     text = documents()[("ConfigMap", "marketplace-torchserve")]["data"]["config.properties"]
-    return dict(line.split("=", 1) for line in text.splitlines() if line.strip())
+    return dict(line.split("=", 1) for line in text.splitlines() if line.strip() and not line.startswith("#"))
 
 
 def entry_config(listen: int, torchserve: dict[str, int], folder: Path) -> Path:

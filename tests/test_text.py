@@ -15,7 +15,8 @@ from handlers.local import load_local_handler, predict_local
 from marketplace_search.inference import RequestError, parse_request
 from marketplace_search.layout import TEXT_MODEL_DIR
 from marketplace_search.schema import ANSWER_FIELDS, check_answer
-from marketplace_search.sentences import DEFAULT_ENCODER, PROGRAM_FILE, SentenceEncoder, default_source
+from marketplace_search.runtime import precision_supported
+from marketplace_search.sentences import DEFAULT_ENCODER, IR_FILES, PROGRAM_FILE, SentenceEncoder, default_source
 from marketplace_search.text import (ENCODER_DIR, FORMAT, MAX_TITLE_CHARS, MODEL_FILE, ListingWords, TextModel,
                                      char_terms, listing_text, load_listing_words, normalise_text, save_listing_words,
                                      word_terms)
@@ -396,17 +397,32 @@ def test_the_archive_serves_photo_and_title_without_the_training_and_scale_extra
     assert answers == [[200, ["photo"], answers[0][2]], [200, ["photo", "title"], "Garden"]]
 
 
-def test_the_exported_encoder_gives_sentence_transformers_own_vectors(encoder):
+def test_the_exported_encoder_gives_sentence_transformers_own_vectors_in_torch_and_in_openvino(encoder, caplog):
     from sentence_transformers import SentenceTransformer
 
     texts = ["Ikea Kallax shelf, white, 4x4", "x", "Samsung tab s6 " * 200, "vintage lawnmower", "é ü 中文 🛋️"]
     reference = SentenceTransformer(str(default_source()), device="cpu", local_files_only=True).encode(
         texts, normalize_embeddings=True)
-    vectors = encoder.encode(texts)
-    assert vectors.shape == (5, 384) and vectors.dtype == np.float32
-    np.testing.assert_allclose(vectors, reference, atol=1e-5)  # the long one truncated at 256 tokens by both
-    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    in_torch = SentenceEncoder(encoder.folder, runtime="torch").encode(texts)
+    assert in_torch.shape == (5, 384) and in_torch.dtype == np.float32
+    np.testing.assert_allclose(in_torch, reference, atol=1e-5)  # the long one truncated at 256 tokens by both
     assert encoder.settings["source_weights_sha256"].startswith("53aa5117")  # all-MiniLM-L6-v2's model.safetensors
+    assert all((encoder.folder / name).is_file() for name in IR_FILES)  # saved with the export: read, not converted
+    vectors = encoder.encode(texts)
+    assert encoder.runtime == "openvino" and not caplog.records
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    cosines = (vectors * reference).sum(axis=1)
+    assert cosines.min() > (0.9999 if precision_supported("bf16") else 0.999999), cosines  # bf16 where native
+
+
+def test_an_encoder_whose_openvino_form_is_corrupt_runs_in_torch_with_a_warning(encoder, tmp_path, caplog):
+    broken = tmp_path / "encoder"
+    shutil.copytree(encoder.folder, broken)
+    (broken / IR_FILES[0]).write_text("<net>not a model</net>")
+    vectors = SentenceEncoder(broken).encode(["vintage lawnmower"])
+    reference = SentenceEncoder(encoder.folder, runtime="torch").encode(["vintage lawnmower"])
+    np.testing.assert_array_equal(vectors, reference)
+    assert any("running it in torch" in record.getMessage() for record in caplog.records)
 
 
 def test_sentence_vectors_read_words_the_tf_idf_never_saw_and_survive_save_and_load(encoder, tmp_path):
