@@ -344,11 +344,14 @@ def top_categories(probabilities: np.ndarray, classes: list[str], n: int = TOP_C
 
 
 def read_words(text_model: TextModel | None, queries: list[Query]) -> list[TextReading | None]:
-    """Each query's words read once (TextModel.read), for its category and neighbours alike; None without words."""
+    """Each query's words read once, for its category and neighbours alike (the batch's sentence vectors in one
+    call of the encoder); None without words."""
     if text_model is None and any(query.title is not None for query in queries):
         raise ValueError("queries with words reached a handler without a text model")
-    return [None if query.title is None else text_model.read(listing_text(query.title, query.description))
-            for query in queries]
+    worded = [query for query in queries if query.title is not None]
+    readings = iter(text_model.readings([listing_text(query.title, query.description) for query in worded])
+                    if worded else ())
+    return [None if query.title is None else next(readings) for query in queries]
 
 
 def text_categories(text_model: TextModel | None, queries: list[Query], probabilities: np.ndarray,

@@ -5,6 +5,7 @@ normalisation inside) into the text model's folder, and training and serving rea
 at fp32 where it converts (the same vectors, several times faster on short titles), else in torch."""
 import json
 import logging
+import os
 import shutil
 from functools import cached_property
 from pathlib import Path
@@ -24,6 +25,7 @@ SETTINGS_FILE = "encoder.json"
 PROGRAM_FILE = "encoder.pt2"
 TOKENIZER_FILE = "tokenizer.json"
 IR_FILES = ("encoder.xml", "encoder.bin")  # the export in OpenVINO's form, made beside it (older exports lack it)
+RUNTIME_ENV = "MARKETPLACE_SENTENCE_RUNTIME"  # "torch": never OpenVINO (a way around it, and the benchmark's baseline)
 BATCH = 64
 MAX_BATCH = 1024  # the export's largest batch (dynamic up to it)
 
@@ -120,9 +122,9 @@ class SentenceEncoder:
     """An exported encoder folder; `encode(texts)` -> (n, d) float32, L2-normalised. The network loads on first use
     (reading only TF-IDF rows never pays for it); `memo` keeps each text's vector (training's folds re-read them)."""
 
-    def __init__(self, folder: Path | str, memo: bool = False, runtime: str = "openvino"):
+    def __init__(self, folder: Path | str, memo: bool = False, runtime: str | None = None):
         folder = Path(folder)
-        self.runtime = runtime  # "openvino" (torch when it cannot convert) or "torch"
+        self.runtime = runtime or os.environ.get(RUNTIME_ENV, "openvino")  # "openvino" (else torch) or "torch"
         if not is_exported(folder):
             raise FileNotFoundError(f"{folder} is not an exported sentence encoder ({SETTINGS_FILE}, {PROGRAM_FILE}, "
                                     f"{TOKENIZER_FILE}; marketplace_search.sentences.export_encoder makes one)")
