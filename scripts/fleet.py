@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psutil
 import requests
 import yaml
 
@@ -227,9 +228,17 @@ def cpu_seconds(container: str) -> float | None:
     return None
 
 
-def running(fleet: Fleet) -> set[str]:
-    listed = podman("ps", "--filter", f"label=marketplace-fleet={fleet.workdir}", "--format", "{{.Names}}")
-    return set(listed.stdout.split())
+def container_pid(replica: Replica) -> int | None:
+    """The host pid of the replica's container (its init), None when it is not running."""
+    found = podman("inspect", "--format", "{{.State.Pid}}", replica.container, check=False).stdout.strip()
+    return int(found) if found.isdigit() and int(found) > 0 else None
+
+
+def alive(pid: int | None) -> bool:
+    try:
+        return pid is not None and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def probe(replica: Replica) -> str:
@@ -254,13 +263,17 @@ def control(fleet: Fleet, stopping: threading.Event) -> None:
     replaced = {replica.number: 0 for replica in fleet.replicas}
     failing = {replica.number: FAILURES_TO_LEAVE for replica in fleet.replicas}  # failed probes in a row
     syncing: dict[int, float] = {}  # replica -> when its sync started
+    pids: dict[int, int | None] = {}  # replica -> its container's pid: checked without podman (costs CPU)
     shown: list[int] | None = None
     while not stopping.is_set():
-        alive = running(fleet)
         for replica in fleet.replicas:
-            if replica.container not in alive:
+            if alive(pids.get(replica.number)):
+                continue
+            pids[replica.number] = container_pid(replica)
+            if not alive(pids[replica.number]):
                 say(f"replica {replica.number}: container gone, starting a new one")
                 start_replica(fleet, replica)
+                pids[replica.number] = container_pid(replica)
                 replaced[replica.number] += 1
                 syncing.pop(replica.number, None)
                 failing[replica.number] = FAILURES_TO_LEAVE
