@@ -104,8 +104,7 @@ def detected_format(data: bytes) -> str | None:
         return None
 
 
-def check_size(image: Image.Image, name: str, max_pixels: int, max_decoded_bytes: int,
-               fit_size: int | None) -> None:
+def check_size(image: Image.Image, name: str, max_pixels: int, max_decoded_bytes: int, fit_size: int | None) -> None:
     """Refuse from the header what would take too many pixels or bytes; set a JPEG's reduced-scale draft."""
     width, height = image.size
     if width < 1 or height < 1:
@@ -193,9 +192,7 @@ def pad_to_square(image: Image.Image, size: int) -> Image.Image:
         raise ValueError(f"size must be positive, got {size}")
     width, height = image.size
     scale = size / max(width, height)
-    resized = image.resize(
-        (max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC
-    )
+    resized = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC)
     square = Image.new("RGB", (size, size), PAD_COLOUR)
     square.paste(resized, ((size - resized.width) // 2, (size - resized.height) // 2))
     return square

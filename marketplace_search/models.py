@@ -252,8 +252,7 @@ def split_backbone(model: MarketplaceNet, trainable_stages: int) -> tuple[nn.Mod
         pool = [backbone.avgpool, nn.Flatten(1), backbone.fc]
     elif model.arch in TIMM_MODELS:  # stem, blocks (stages), conv_head + bn2, global_pool (flattens), classifier
         layers = [backbone.conv_stem, backbone.bn1, *backbone.blocks, backbone.conv_head, backbone.bn2]
-        names = ["conv_stem", "bn1", *(f"blocks.{index}" for index in range(len(backbone.blocks))), "conv_head",
-                 "bn2"]
+        names = ["conv_stem", "bn1", *(f"blocks.{index}" for index in range(len(backbone.blocks))), "conv_head", "bn2"]
         pool = [backbone.global_pool, backbone.classifier]
     else:  # mobilenet_v2: features, classifier
         layers, names = list(backbone.features), [f"features.{index}" for index in range(len(backbone.features))]

@@ -19,8 +19,7 @@ logger = logging.getLogger(__name__)
 
 RUNTIMES = ("torch", "openvino")
 PRECISIONS = ("fp32", "bf16", "int8")
-SUPPORTED = {("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16"),
-             ("openvino", "int8")}
+SUPPORTED = {("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8")}
 OPENVINO_MODEL = "model.xml"  # beside it model.bin: the IR in the archive (ARCHIVE_OPENVINO/)
 # The CPU features each reduced precision needs, as /proc/cpuinfo flags (any one of them will do).
 CPU_FEATURES = {"bf16": ("avx512_bf16", "amx_bf16"), "int8": ("avx512_vnni", "avx_vnni", "amx_int8")}
@@ -152,8 +151,7 @@ def quantize_openvino(converted, calibration: list[torch.Tensor]):
         raise ModuleNotFoundError(needs_extra("int8 quantization", "NNCF", "train")) from error
 
     dataset = nncf.Dataset(calibration, lambda batch: batch.numpy())
-    return nncf.quantize(converted, dataset, subset_size=len(calibration),
-                         preset=nncf.QuantizationPreset.MIXED)
+    return nncf.quantize(converted, dataset, subset_size=len(calibration), preset=nncf.QuantizationPreset.MIXED)
 
 
 def save_openvino(converted, folder: Path) -> Path:

@@ -394,8 +394,7 @@ class TextModel:
                     "char_ngrams": list(CHAR_NGRAMS), "calibrations": sorted(self.calibrations), "info": self.info,
                     "word_vocabulary": sorted(self.word_vocabulary, key=self.word_vocabulary.get),
                     "char_vocabulary": sorted(self.char_vocabulary, key=self.char_vocabulary.get)}
-        arrays = {"word_idf": self.word_idf, "char_idf": self.char_idf, "coef": self.coef,
-                  "intercept": self.intercept}
+        arrays = {"word_idf": self.word_idf, "char_idf": self.char_idf, "coef": self.coef, "intercept": self.intercept}
         for name, (matrix, bias) in self.calibrations.items():
             arrays[f"calibration:{name}:A"], arrays[f"calibration:{name}:b"] = matrix, bias
         if self.encoder is not None:

@@ -67,8 +67,7 @@ class Key(str):
         return key
 
 
-def resolve_token(api: str, token: str | None = None, key_file: Path | str | None = None,
-                  env: str = "TS_TOKEN") -> Key:
+def resolve_token(api: str, token: str | None = None, key_file: Path | str | None = None, env: str = "TS_TOKEN") -> Key:
     """The key for API: TOKEN, else KEY_FILE's, else $ENV, else that of scripts.serve's server here; "" if none."""
     if token:
         return Key(token, "the key given")

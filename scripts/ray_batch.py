@@ -21,8 +21,7 @@ NESTED_COLUMNS = ("top_categories", "neighbours", "model", "catalogue", "inputs"
 class Answerer:
     """One Ray actor: the archive's handler loaded once, answering batches of photos."""
 
-    def __init__(self, model_dir: str, version: str | None, k: int, batch_size: int, max_file_bytes: int,
-                 threads: int):
+    def __init__(self, model_dir: str, version: str | None, k: int, batch_size: int, max_file_bytes: int, threads: int):
         import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
         import torch
 

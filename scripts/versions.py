@@ -138,12 +138,8 @@ def registered_archives(descriptions: list[dict]) -> dict[str, str]:
 
 
 def current_default(url, name: str, token: str | None) -> str | None:
-    try:
-        return describe(url, name, token=token)[0]["modelVersion"]
-    except ApiError as error:
-        if error.status == 404:
-            return None
-        raise
+    described = describe_known(url, name, None, token)
+    return described[0]["modelVersion"] if described else None
 
 
 def release(url, inference_url, mar: str, name: str, version: str, **options) -> dict:
@@ -263,15 +259,16 @@ def rollback(url, name: str, to: str | None = None, token: str | None = None,
 
 def make_default(target, name: str, version: str, mar: str, token: str | None, timeout: float = 180) -> None:
     """VERSION the default of NAME on TARGET, registered from MAR first if TARGET does not have it."""
-    if version not in {d["modelVersion"] for d in describe_all(target, name, token)}:
+    if version not in {d["modelVersion"] for d in describe_known(target, name, "all", token)}:
         register(target, mar, name, initial_workers=1, synchronous=True, token=token)
         api.wait_ready(target, name, version, timeout, token=token)
     set_default(target, name, version, token)
 
 
-def describe_all(target, name: str, token: str | None) -> list[dict]:
+def describe_known(target, name: str, version: str | None, token: str | None) -> list[dict]:
+    """describe(), or [] when TARGET has no NAME registered."""
     try:
-        return describe(target, name, "all", token)
+        return describe(target, name, version, token)
     except ApiError as error:
         if error.status == 404:
             return []

@@ -34,13 +34,12 @@ def png_raw(width: int, height: int, bit_depth: int = 8, colour_type: int = 2,
     return b"\x89PNG\r\n\x1a\n" + header + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b"")
 
 
-def archive_tiny_run(run: TinyRun, store: Path, name: str = NAME, version: str = "1.0",
-                     output_name: str = "{name}-v{version}", **options) -> Path:
+def archive_tiny_run(run: TinyRun, store: Path, name: str = NAME, version: str = "1.0", **options) -> Path:
     """scripts.archive.build_archive on a tiny run (torch fp32 unless `options` say otherwise); the .mar path."""
     from scripts.archive import build_archive
 
     store.mkdir(parents=True, exist_ok=True)
-    return build_archive(run.run_dir, store, name, version, output_name, **options)
+    return build_archive(run.run_dir, store, name, version, **options)
 
 
 def assert_same_answers(found: dict, expected: dict) -> None:

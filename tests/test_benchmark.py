@@ -158,8 +158,7 @@ def short_tmp():
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_the_sections_on_a_real_torchserve_and_sigterm_stops_every_server_the_benchmark_started(
-        short_tmp, monkeypatch):
+def test_the_sections_on_a_real_torchserve_and_sigterm_stops_every_server_the_benchmark_started(short_tmp, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(short_tmp))
     tiny_run = short_tmp / "runs" / "2025-01-31_142233"
     settings = {**cli.PROFILES["quick"], "sections": ["served", "live", "words", "soak", "page"], "run": tiny_run,

@@ -89,7 +89,6 @@ def test_new_size_is_not_skipped(tmp_path, image_variants):
 
 def test_main_reads_the_training_table(sample_catalogue, tmp_path, capsys):
     tables.clean_tables(sample_catalogue.data_dir, tmp_path)
-    photos.main(["--data", str(sample_catalogue.data_dir), "--out", str(tmp_path), "--size", "32",
-                 "--workers", "1"])
+    photos.main(["--data", str(sample_catalogue.data_dir), "--out", str(tmp_path), "--size", "32", "--workers", "1"])
     assert "48 written, 0 already done, 0 failed" in capsys.readouterr().out
     assert len(list((tmp_path / "photos").glob("*.jpg"))) == 48

@@ -166,8 +166,7 @@ def test_the_guard_key_holds_everything_the_guard_reads(guarded, tmp_path, monke
     photos = tmp_path / "photos"
     shutil.copytree(work / "photos", photos)
 
-    def key(checkpoint=guarded.run_dir / CHECKPOINT, runtime="openvino", precision="bf16", rows=rows,
-            calibration=None):
+    def key(checkpoint=guarded.run_dir / CHECKPOINT, runtime="openvino", precision="bf16", rows=rows, calibration=None):
         return guard.guard_key(checkpoint, runtime, precision, rows, photos, calibration)
 
     base = key()

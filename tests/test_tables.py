@@ -52,8 +52,7 @@ def test_bad_prices_are_kept_missing_and_reported(messy_report, messy_catalogue)
 def test_every_dropped_listing_photo_row_and_file_is_counted(messy_report, messy_catalogue):
     _, report = messy_report
     products = report["products"]
-    assert products["dropped"] == {"missing_id": 1, "missing_category": 1, "missing_product_name": 1,
-                                   "duplicate_id": 1}
+    assert products["dropped"] == {"missing_id": 1, "missing_category": 1, "missing_product_name": 1, "duplicate_id": 1}
     assert products["rows_in"] == 20 + 4 + 1  # good, the four faulty rows, one photo-less listing
     assert products["rows_out"] == len(messy_catalogue.manifest["categories"]) == 21
     assert report["images"]["dropped"] == {

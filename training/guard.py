@@ -40,8 +40,7 @@ log = logging.getLogger(__name__)
 def photo_batches(paths: list[Path], preprocess: Preprocess, batch_size: int = BATCH):
     """Preprocessed `(n, 3, crop, crop)` batches of the photos at `paths`, in order."""
     for start in range(0, len(paths), batch_size):
-        yield collate_images([decode_image(path.read_bytes()) for path in paths[start:start + batch_size]],
-                             preprocess)
+        yield collate_images([decode_image(path.read_bytes()) for path in paths[start:start + batch_size]], preprocess)
 
 
 def guard_rows(work_dir: Path, limit: int = 0) -> pd.DataFrame:

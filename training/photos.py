@@ -82,8 +82,7 @@ def normalise_photos(image_ids: list[str], images_dir: Path, photos_dir: Path, s
     photos_dir.mkdir(parents=True, exist_ok=True)
     partial = remove_partial_files(photos_dir)
     workers = workers or os.cpu_count() or 1
-    tasks = [(image_id, images_dir / f"{image_id}.jpg", photos_dir / f"{image_id}.jpg", size)
-             for image_id in image_ids]
+    tasks = [(image_id, images_dir / f"{image_id}.jpg", photos_dir / f"{image_id}.jpg", size) for image_id in image_ids]
     started = time.perf_counter()
     results = run_tasks(tasks, workers)
     failures = [{"image_id": image_id, "error": error} for image_id, status, error in results if status == "failed"]

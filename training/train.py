@@ -38,8 +38,7 @@ def run_epoch(forward, loader, criterion, device: torch.device, dtype: torch.dty
     training = optimizer is not None
     total_loss, correct, seen = 0.0, 0, 0
     with torch.set_grad_enabled(training):
-        for batch in tqdm(loader, desc="train" if training else "val", unit="batch", disable=not progress,
-                          leave=False):
+        for batch in tqdm(loader, desc="train" if training else "val", unit="batch", disable=not progress, leave=False):
             inputs, labels = (part.to(device, non_blocking=True) for part in batch[:2])
             if inputs.dim() == 4:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
