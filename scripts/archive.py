@@ -1,8 +1,7 @@
 """Package a training run as a TorchServe model archive (.mar; docs/serving.md). Anything but torch fp32 must first
 pass training.guard on WORK's test split (or be --force'd); the guard's report and the IR are kept in RUN for the
 next archive of the same weights, backend, test photos and libraries. An existing archive is never replaced
-without --replace.
-"""
+without --replace."""
 import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import argparse

@@ -4,8 +4,7 @@ INPUT is a folder (image id = file stem) or a CSV with `image_id` and/or `path` 
 alone reads --images DIR/<image_id>.jpg) and optionally `title` and `description` (a row without a photo is
 answered from its words). OUTPUT gets one line per input, {"image_id", "path", "status": "ok", ...the answer} or
 {..., "status": "error", "code", "error"}; 401/403/404 stop the run. A re-run with the same OUTPUT skips every
-input that has a line.
-"""
+input that has a line."""
 import argparse
 import csv
 import itertools

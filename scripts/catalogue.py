@@ -1,6 +1,5 @@
 """The live catalogue: remove sold listings at once, add new ones in minutes, without a new model version; the
-workers of an archive built with `scripts.archive --live-catalogue LIVE` follow it (docs/live-catalogue.md).
-"""
+workers of an archive built with `scripts.archive --live-catalogue LIVE` follow it (docs/live-catalogue.md)."""
 import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and this order is the safe one)
 
 import argparse

@@ -1,6 +1,5 @@
 """The main job end to end on a built-in default: train a small model, archive it, serve it with its search
-page, query it. It writes only under OUT and stops its servers at the end unless --keep-running.
-"""
+page, query it. It writes only under OUT and stops its servers at the end unless --keep-running."""
 import faiss  # noqa: F401  (before torch: both bring OpenMP)
 import argparse
 import socket

@@ -2,8 +2,7 @@
 answered through the real server by the candidate and by the current default, both at their pinned versions. The
 candidate is refused when its top-1 or P@5 falls more than MARGIN below the default's on the same photos.
 
-  python -m scripts.gate --work WORK --store model_store --limit 200   # the set: WORK's test split
-"""
+  python -m scripts.gate --work WORK --store model_store --limit 200   # the set: WORK's test split"""
 import argparse
 import csv
 import shutil

@@ -1,8 +1,7 @@
 """Start, stop and inspect a local TorchServe serving the marketplace model.
 
 Each server has its own working folder (default logs/): its config copy with the chosen ports, its logs,
-its key_file.json and its own TMPDIR (pid file, worker sockets), so several servers can run side by side.
-"""
+its key_file.json and its own TMPDIR (pid file, worker sockets), so several servers can run side by side."""
 import argparse
 import contextlib
 import json

@@ -1,7 +1,6 @@
 """Release, roll back and retire versions of a served model through TorchServe's management API (the server runs
 with --enable-model-api): a new default only once its canary answer keeps the contract and, where the store holds
-an evaluation set, its accuracy holds (scripts.gate). With --replica, a fleet's replicas move together.
-"""
+an evaluation set, its accuracy holds (scripts.gate). With --replica, a fleet's replicas move together."""
 import argparse
 import io
 import json

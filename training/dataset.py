@@ -1,7 +1,6 @@
 """Stage 3: split the photos into train/val/test by listing; writes WORK/split.csv and split_report.json. A
 listing's photos, and listings sharing a byte-identical photo, land in one split, so no test photo has a twin in
-training; photos stage 2 could not normalise are left out and counted.
-"""
+training; photos stage 2 could not normalise are left out and counted."""
 import argparse
 import hashlib
 import json

@@ -1,7 +1,6 @@
 """Stage 8: the text model (title, description) and its fusion with the photo model (docs/text-model.md).
 Reads WORK's listings.csv and split.csv and RUN's embeddings, index and evaluation.json; writes RUN/text_model/
-and the test figures to evaluation.json's "text".
-"""
+and the test figures to evaluation.json's "text"."""
 import argparse
 import json
 import time

@@ -1,7 +1,6 @@
 """Stage 4: fine-tune a pretrained backbone's last `--trainable-stages` blocks, embedding layer and head
 (docs/photo-model.md). Each epoch writes a resumable RUN/weights/epoch_<N>.pt (`--resume RUN`), the best by
-validation accuracy best.pt; by default the frozen trunk runs once per view of each photo into WORK/cache.
-"""
+validation accuracy best.pt; by default the frozen trunk runs once per view of each photo into WORK/cache."""
 import argparse
 import json
 import math

@@ -1,8 +1,7 @@
 """Benchmarks of what sets a shipped default or backs a documented figure (docs/performance.md): a table per
 section, all measured in one run on one machine so that ratios within a run compare like with like.
 
-  python -m scripts.benchmark --run RUN --work WORK --photos WORK/photos --output bench.md --json bench.json
-"""
+  python -m scripts.benchmark --run RUN --work WORK --photos WORK/photos --output bench.md --json bench.json"""
 import argparse
 import json
 import os

@@ -1,6 +1,5 @@
 """The IVF-PQ index that `auto` builds above 2M vectors, on N clustered 256-d vectors kept in a memmap: p50/p95
-of one query on one thread and recall@10 per nprobe / k_factor, build seconds, index size, peak memory.
-"""
+of one query on one thread and recall@10 per nprobe / k_factor, build seconds, index size, peak memory."""
 import argparse
 import json
 import os
