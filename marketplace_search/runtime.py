@@ -163,11 +163,10 @@ def save_openvino(converted, folder: Path) -> Path:
     return folder / OPENVINO_MODEL
 
 
-def openvino_backend(model_or_path, precision: str = "fp32", threads: int = 0) -> Backend:
-    """An OpenVINO CPU backend of an IR path or `ov.Model`, compiled for latency at PRECISION (int8: its own IR)."""
+def compile_openvino(model_or_path, precision: str = "fp32", threads: int = 0):
+    """An IR path or `ov.Model` compiled for the CPU, for latency, at PRECISION (int8: its own IR)."""
     import openvino as ov
 
-    check_backend("openvino", precision)
     core = ov.Core()
     source = core.read_model(str(model_or_path)) if isinstance(model_or_path, (str, Path)) else model_or_path
     config = {"PERFORMANCE_HINT": "LATENCY"}
@@ -175,7 +174,13 @@ def openvino_backend(model_or_path, precision: str = "fp32", threads: int = 0) -
         config["INFERENCE_PRECISION_HINT"] = "bf16" if precision == "bf16" else "f32"
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
-    compiled = core.compile_model(source, "CPU", config)
+    return core.compile_model(source, "CPU", config)
+
+
+def openvino_backend(model_or_path, precision: str = "fp32", threads: int = 0) -> Backend:
+    """An OpenVINO CPU backend of an IR path or `ov.Model` (compile_openvino)."""
+    check_backend("openvino", precision)
+    compiled = compile_openvino(model_or_path, precision, threads)
     request = compiled.create_infer_request()
 
     def forward(images: torch.Tensor) -> tuple[np.ndarray, ...]:

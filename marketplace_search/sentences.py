@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer
 
 from marketplace_search.files import sha256_file
-from marketplace_search.runtime import precision_supported
+from marketplace_search.runtime import compile_openvino, precision_supported
 
 logger = logging.getLogger(__name__)
 
@@ -195,10 +195,7 @@ def openvino_network(source: Path | torch.export.ExportedProgram):
     the CPU has bf16 units (cosine > 0.99997 to fp32's vectors on marketplace titles, 1.4-1.6x faster), else fp32."""
     import openvino as ov
 
-    core = ov.Core()
-    model = core.read_model(str(source)) if isinstance(source, Path) else ov.convert_model(source)
-    compiled = core.compile_model(model, "CPU", {
-        "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16" if precision_supported("bf16") else "f32",
-        "INFERENCE_NUM_THREADS": torch.get_num_threads()})
-    request = compiled.create_infer_request()
+    model = source if isinstance(source, Path) else ov.convert_model(source)
+    precision = "bf16" if precision_supported("bf16") else "fp32"
+    request = compile_openvino(model, precision, torch.get_num_threads()).create_infer_request()
     return lambda ids, mask: np.asarray(request.infer({0: ids, 1: mask})[0], np.float32).copy()

@@ -237,6 +237,16 @@ def describe(target, name: str, version: str | None = None, token: str | None = 
                            customized=customized)
 
 
+def describe_known(target, name: str, version: str | None = None, token: str | None = None) -> list[dict]:
+    """describe(), or [] when TARGET has no NAME registered."""
+    try:
+        return describe(target, name, version, token)
+    except ApiError as error:
+        if error.status == 404:
+            return []
+        raise
+
+
 def worker_serves(target, name: str, version: str | None = None, token: str | None = None) -> dict:
     """What a worker of NAME (VERSION) serves, as it describes itself: `backend`, `requested`, `catalogue`."""
     [described] = describe(target, name, version, token, customized=True)
@@ -268,11 +278,7 @@ def unregister(target, name: str, version: str | None = None, token: str | None 
         except ApiError as error:
             if error.status != 500:
                 raise
-            try:
-                still = any(version in (None, d["modelVersion"]) for d in describe(target, name, "all", token))
-            except ApiError as gone:
-                still = gone.status != 404
-            if not still:
+            if not any(version in (None, d["modelVersion"]) for d in describe_known(target, name, "all", token)):
                 return {"status": f"{name} {version or ''} unregistered (its workers' stop: {error})"}
             if attempt == retries:
                 raise

@@ -16,6 +16,7 @@ Needs root, podman and the image (`bash scripts/image-test.sh build`), and Debia
 """
 import argparse
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -47,6 +48,7 @@ FLEET_CONFIG = "/etc/marketplace-fleet/config.properties"
 KEY_NAMES = {"inference": "INFERENCE_KEY", "inference-next": "INFERENCE_KEY_NEXT", "management": "MANAGEMENT_KEY",
              "management-next": "MANAGEMENT_KEY_NEXT"}  # the Secret's keys and the entry point's variables
 PORTS = ("entry", "inference", "management", "metrics", "grpc_inference", "grpc_management")
+TORCHSERVE_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082}  # in deploy/'s config and template
 POLL_SECONDS = 0.5
 FAILURES_TO_LEAVE = 3  # probes in a row (a readiness probe's failureThreshold); a container gone leaves at once
 SYNC_RETRY_SECONDS = 10
@@ -109,6 +111,7 @@ class Fleet:
         return json.loads((self.workdir / "keys.json").read_text())
 
 
+@functools.cache
 def manifest(kind: str, name: str) -> dict:
     for document in yaml.safe_load_all((DEPLOY / "configmaps.yaml").read_text()):
         if document and document["kind"] == kind and document["metadata"]["name"] == name:
@@ -120,7 +123,7 @@ def torchserve_properties(ports: dict[str, int]) -> str:
     """deploy/'s TorchServe config (ConfigMap marketplace-torchserve) on this replica's loopback ports: the
     replicas share the host's network here, not a pod's each."""
     text = manifest("ConfigMap", "marketplace-torchserve")["data"]["config.properties"]
-    for port, name in ((8080, "inference"), (8081, "management"), (8082, "metrics")):
+    for name, port in TORCHSERVE_PORTS.items():
         text = text.replace(f"127.0.0.1:{port}", f"127.0.0.1:{ports[name]}")
     return text.replace("grpc_inference_port=7070", f"grpc_inference_port={ports['grpc_inference']}").replace(
         "grpc_management_port=7071", f"grpc_management_port={ports['grpc_management']}")
@@ -135,13 +138,13 @@ def entry_server(listen: int, targets: dict[str, str], keys: dict[str, str]) -> 
     for name, variable in KEY_NAMES.items():
         server = server.replace("${" + variable + "}", keys.get(name, ""))
     server = server.replace("listen 8000;", f"listen 127.0.0.1:{listen};")
-    for port, name in ((8080, "inference"), (8081, "management"), (8082, "metrics")):
+    for name, port in TORCHSERVE_PORTS.items():
         server = server.replace(f"127.0.0.1:{port}", targets[name])
     return server
 
 
 def loopback(ports: dict[str, int]) -> dict[str, str]:
-    return {name: f"127.0.0.1:{ports[name]}" for name in ("inference", "management", "metrics")}
+    return {name: f"127.0.0.1:{ports[name]}" for name in TORCHSERVE_PORTS}
 
 
 def nginx_config(folder: Path, servers: str, daemon: bool = True) -> str:
@@ -164,8 +167,8 @@ def front_server(port: int, ready: list[Replica], keys: dict[str, str]) -> str:
     upstreams = "".join(
         f"upstream marketplace_{name} {{\n" + "".join(f"  server 127.0.0.1:{replica.ports[name]} max_fails=0;\n"
                                                   for replica in ready) + "  keepalive 16;\n}\n"
-        for name in ("inference", "management", "metrics"))
-    server = entry_server(port, {name: f"marketplace_{name}" for name in ("inference", "management", "metrics")}, keys)
+        for name in TORCHSERVE_PORTS)
+    server = entry_server(port, {name: f"marketplace_{name}" for name in TORCHSERVE_PORTS}, keys)
     server = server.replace(f"listen 127.0.0.1:{port};", f"listen 127.0.0.1:{port};\n  proxy_http_version 1.1;\n"
                                                          f"  proxy_set_header Connection \"\";", 1)
     server = server.replace("proxy_pass http://marketplace_inference;", "proxy_pass http://marketplace_inference;\n"
@@ -265,6 +268,7 @@ def control(fleet: Fleet, stopping: threading.Event) -> None:
     syncing: dict[int, float] = {}  # replica -> when its sync started
     pids: dict[int, int | None] = {}  # replica -> its container's pid: checked without podman (costs CPU)
     shown: list[int] | None = None
+    written: dict | None = None
     while not stopping.is_set():
         for replica in fleet.replicas:
             if alive(pids.get(replica.number)):
@@ -293,15 +297,17 @@ def control(fleet: Fleet, stopping: threading.Event) -> None:
             nginx(fleet, "-s", "reload")
             say(f"READY: {now_ready or 'none'}; in the one address: {serving or 'none'}")
             shown = serving
-        with replaced_atomically(fleet.workdir / "status.json") as partial:
-            partial.write_text(json.dumps({"ready": now_ready, "serving": serving, "replaced": replaced,
-                                           "at": time.time()}))
+        seen = {"ready": now_ready, "serving": serving, "replaced": dict(replaced)}
+        if seen != written:  # not twice a second: it changes when a replica does
+            with replaced_atomically(fleet.workdir / "status.json", durable=False) as partial:
+                partial.write_text(json.dumps(seen))
+            written = seen
         stopping.wait(POLL_SECONDS)
 
 
 def drained(fleet: Fleet) -> set[int]:
     """The replicas the operator took out of the one address (`drain`): they keep running and keep their
-    version, and get no client requests until `undrain`."""
+    version, and get no client requests until drained again with other numbers (or none)."""
     try:
         return set(json.loads((fleet.workdir / "drained.json").read_text()))
     except FileNotFoundError:

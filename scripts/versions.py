@@ -19,8 +19,8 @@ from marketplace_search.files import write_json_atomically
 from marketplace_search.layout import ARCHIVE_MANIFEST
 from marketplace_search.schema import AnswerError, check_answer as check_contract
 from scripts import api, gate
-from scripts.api import DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL, ApiError, describe, register, set_default, \
-    unregister
+from scripts.api import DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL, ApiError, describe, describe_known, register, \
+    set_default, unregister
 
 
 HISTORY_FILE = "releases.json"  # in the model store; its layout: read_history
@@ -262,16 +262,6 @@ def make_default(target, name: str, version: str, mar: str, token: str | None, t
         register(target, mar, name, initial_workers=1, synchronous=True, token=token)
         api.wait_ready(target, name, version, timeout, token=token)
     set_default(target, name, version, token)
-
-
-def describe_known(target, name: str, version: str | None, token: str | None) -> list[dict]:
-    """describe(), or [] when TARGET has no NAME registered."""
-    try:
-        return describe(target, name, version, token)
-    except ApiError as error:
-        if error.status == 404:
-            return []
-        raise
 
 
 def sync(target, name: str, store: Path, token: str | None = None, timeout: float = 300) -> str:

@@ -51,7 +51,7 @@ LONE_COLUMNS = [("path", "a lone request"), ("p50_ms", "p50 ms"), ("p95_ms", "p9
 
 def lone_requests(fleet, photos: list[bytes], count: int) -> list[dict]:
     """COUNT requests one at a time, in turns: replica 0's TorchServe directly (no key: loopback, the fleet's
-    config), then the same photo through the one address (two nginx hops and the key check)."""
+    config), then the same photo through the one address (nginx: the key check and the proxy)."""
     replica = fleet.replicas[0]
     paths = {"TorchServe directly": (f"http://127.0.0.1:{replica.ports['inference']}", None),
              "through the entry point": (fleet.address, fleet.keys()["inference"])}
@@ -67,14 +67,18 @@ def lone_requests(fleet, photos: list[bytes], count: int) -> list[dict]:
     return rows
 
 
-def wrk_load(url: str, photos: list[bytes], clients: int, seconds: float, token: str, folder: Path) -> dict:
-    """CLIENTS connections from one wrk thread for SECONDS, the photos in turn."""
-    paths = []
-    for number, photo in enumerate(photos):
-        paths.append(folder / f"photo-{number}.jpg")
-        paths[-1].write_bytes(photo)
-    script = folder / "post-photos.lua"
-    script.write_text(WRK_SCRIPT)
+def wrk_files(photos: list[bytes], folder: Path) -> tuple[Path, list[Path]]:
+    """wrk's script and the photos it sends, written once into FOLDER."""
+    paths = [folder / f"photo-{number}.jpg" for number in range(len(photos))]
+    for path, photo in zip(paths, photos):
+        path.write_bytes(photo)
+    (folder / "post-photos.lua").write_text(WRK_SCRIPT)
+    return folder / "post-photos.lua", paths
+
+
+def wrk_load(url: str, files: tuple[Path, list[Path]], clients: int, seconds: float, token: str) -> dict:
+    """CLIENTS connections from one wrk thread for SECONDS, the photos (wrk_files) in turn."""
+    script, paths = files
     done = subprocess.run([WRK, "-t1", f"-c{clients}", f"-d{seconds:g}s", "--timeout", "120s", "-s", str(script), url],
                           capture_output=True, text=True, check=True,
                           env={**os.environ, "WRK_PHOTOS": ":".join(map(str, paths)), "WRK_KEY": token})
@@ -95,7 +99,8 @@ def bench_fleet(args) -> tuple[list[dict], list[dict]]:
     fleet_tools.drain(fleet, {1})
     lone = lone_requests(fleet, photos, args.lone)
     if args.client == "wrk":
-        load = lambda: wrk_load(url, photos, args.clients, args.seconds, token, args.workdir)  # noqa: E731
+        files = wrk_files(photos, args.workdir)
+        load = lambda: wrk_load(url, files, args.clients, args.seconds, token)  # noqa: E731
     else:
         load = lambda: load_test(url, photos, args.clients, 10**9, max_seconds=args.seconds, token=token)  # noqa: E731
     rows = []
