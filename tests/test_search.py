@@ -213,9 +213,9 @@ def test_readers_never_see_a_half_written_catalogue(tmp_path):
     builds[0].save(tmp_path / "index")
 
     def keep_saving():
-        for turn in range(20):
+        for turn in range(10):  # pauses longer than a load takes on a busy machine: LOAD_ATTEMPTS gives up after 4
             builds[turn % 2].save(tmp_path / "index")
-            time.sleep(0.05)
+            time.sleep(0.15)
 
     loads = 0
     with ThreadPoolExecutor(1) as pool:
