@@ -34,7 +34,8 @@ from marketplace_search.text import RERANK_POOL, TextModel
 
 logger = logging.getLogger(__name__)
 
-# Counters per batch size: batches served, and milliseconds per stage (which tell the model's time from the rest).
+# Counters per batch size: batches served (per backend: what this CPU chose), and milliseconds per stage (which tell
+# the model's time from the rest).
 BATCH_METRIC = "MarketplaceBatches"
 STAGE_METRIC = "MarketplaceStageMilliseconds"
 STAGES = ("decode", "forward", "search", "text", "answer")  # decode = decode + transform of every request
@@ -212,7 +213,8 @@ class MarketplaceHandler(BaseHandler):
         logger.debug("batch of %d request(s): %s", size,
                      ", ".join(f"{stage} {milliseconds.get(stage, 0.0):.1f} ms" for stage in STAGES))
         batch_size = Dimension("BatchSize", str(size))
-        self.context.metrics.add_counter(BATCH_METRIC, 1, dimensions=[batch_size])
+        backend = Dimension("Backend", self.backend.name)
+        self.context.metrics.add_counter(BATCH_METRIC, 1, dimensions=[batch_size, backend])
         for stage in STAGES:
             self.context.metrics.add_counter(STAGE_METRIC, milliseconds.get(stage, 0.0),
                                              dimensions=[Dimension("Stage", stage), batch_size])

@@ -40,6 +40,7 @@ def test_metrics_speak_prometheus_with_the_handler_s_stages(served, recipe):
     text = api.metrics_text(served)
     assert "# TYPE ts_inference_requests_total counter" in text
     assert re.search(r'^ts_inference_requests_total\{model_name="marketplace"', text, re.MULTILINE)
+    assert re.search(rf'^MarketplaceBatches\{{.*Backend="{RECIPE_BACKEND}"', text, re.MULTILINE)  # what it chose
     counters = read_counters(text)  # the handler's batches, and milliseconds of each stage, by batch size
     stages = {name: sizes for name, sizes in counters.items() if name not in ("batches", "frontend")}
     assert set(stages) == {"decode", "forward", "search", "text", "answer"}
