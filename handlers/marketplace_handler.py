@@ -28,7 +28,7 @@ from marketplace_search.layout import ARCHIVE_CATALOGUE, ARCHIVE_CHECKPOINT, ARC
 from marketplace_search.live import BUNDLED, LiveFollower, Served
 from marketplace_search.models import load_checkpoint, vector_dim
 from marketplace_search.presets import Preprocess, eval_transform
-from marketplace_search.runtime import load_backend, pick_device, usable_cores
+from marketplace_search.runtime import fastest_chunk, load_backend, pick_device, usable_cores
 from marketplace_search.search import Catalogue
 from marketplace_search.text import RERANK_POOL, TextModel
 
@@ -90,13 +90,17 @@ class MarketplaceHandler(BaseHandler):
         logger.info("loaded %s (%s, %d classes) and %d catalogue photos (generation %d%s); %d threads, backend %s, "
                     "device %s, category blend %s", checkpoint_path.name, checkpoint["arch"],
                     len(self.classes), self.catalogue.visible, self.served.generation,
-                    f", following {self.live.live}" if self.live else "", threads, self.backend.name, self.device,
+                    f", following {self.live.live}" if self.live else "", threads, self.backend_text, self.device,
                     self.category_blend.to_dict() if self.category_blend.weight else "off (head alone)")
 
     def describe_handle(self) -> dict:
         """The worker's `customizedMetadata` (GET /models/NAME/VERSION?customized=true): what it serves."""
         return {"backend": self.backend.name, "requested": self.backend.requested or self.backend.name,
-                "catalogue": self.served.info}
+                "chunk": self.backend.chunk or None, "catalogue": self.served.info}
+
+    @property
+    def backend_text(self) -> str:
+        return self.backend.name + (f", fastest at batch {self.backend.chunk}" if self.backend.chunk else "")
 
     @property
     def catalogue(self) -> Catalogue:
@@ -167,7 +171,7 @@ class MarketplaceHandler(BaseHandler):
         batch.vectors = np.zeros((len(queries), self.catalogue.dimension), np.float32)
         batch.neighbours = [[] for _ in queries]
         if rows:
-            probabilities, vectors = self.backend.forward(batch.images)
+            probabilities, vectors = self.backend(batch.images)
             batch.vectors[rows] = vectors
             searched = time.perf_counter()
             # a query with words keeps the pool its words re-rank (text_neighbours): one search serves both
@@ -200,11 +204,10 @@ class MarketplaceHandler(BaseHandler):
         return answers
 
     def warm_up(self, batch_size: int) -> None:
-        """A forward pass per batch size the worker can get, before READY: oneDNN builds kernels per input shape."""
-        crop = self.preprocess_settings.crop
-        for size in range(1, max(1, batch_size) + 1):
-            self.backend.forward(torch.zeros(size, 3, crop, crop))
-            self.warmed_batch_sizes.append(size)
+        """Before READY: a forward pass per batch size the worker can get (kernels are built per input shape), and
+        the batch size that runs fastest per photo here, which larger batches are split into."""
+        self.backend.chunk = fastest_chunk(self.backend, max(1, batch_size), self.preprocess_settings.crop)
+        self.warmed_batch_sizes = list(range(1, max(1, batch_size) + 1))
         if self.text_model is not None and self.text_model.encoder is not None:
             self.text_model.encoder.encode(["warm-up"])
 

@@ -355,7 +355,8 @@ def served_backend(server: Server, version: dict) -> str:
     except (api.ApiError, KeyError, ValueError):
         return ", backend unknown (the worker did not describe itself)"
     asked = f" (the archive asks for {served['requested']})" if served["requested"] != served["backend"] else ""
-    return f", backend {served['backend']}{asked}"
+    chunk = f", fastest at batch {served['chunk']}" if served.get("chunk") else ""
+    return f", backend {served['backend']}{asked}{chunk}"
 
 
 def main(argv=None) -> None:

@@ -65,6 +65,10 @@ def test_bare_section_times_each_backend_at_each_batch_against_torch_fp32():
     assert by_name["torch fp32", 8]["speedup"] == 1.0 and by_name["torch fp32", 8]["cosine_min"] == pytest.approx(1)
     assert by_name["openvino fp32", 8]["cosine_min"] > 0.999  # the same network, converted
     assert "cosine_min" not in by_name["openvino fp32", 1]  # drift is measured at one batch size
+    flops, converted = bare.photo_flops(bare.Subject("", model, tiny, "")), by_name["openvino fp32", 8]
+    assert converted["gflops"] == pytest.approx(flops * converted["photos_per_s"] / 1e9)
+    larger = bare.photo_flops(bare.Subject("", model, Preprocess(resize=80, crop=64), ""))
+    assert larger == pytest.approx(4 * flops, rel=0.05)  # a convolution's FLOPs grow with the photo's area
     draft, full = (row for row in rows if row["variant"].startswith("phone photo"))  # JPEG draft, then full decode
     assert draft["speedup"] == pytest.approx(draft["photos_per_s"] / full["photos_per_s"])
     assert 0.9 < draft["cosine_min"] < 1.0  # 400x320 decoded at 1/8 scale for a 40-pixel resize: other pixels

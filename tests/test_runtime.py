@@ -2,6 +2,7 @@
 import json
 import logging
 import shutil
+import time
 import zipfile
 from pathlib import Path
 from unittest.mock import Mock
@@ -94,6 +95,8 @@ def test_every_backend_answers_a_photo_with_the_same_fields(guarded, archives, t
     with running_server(store, tmp_path / "torchserve", models, ready_timeout=240) as server:
         answers = {backend: api.predict(server, guarded.photo_bytes(photo_id), model=mar.stem)
                    for backend, mar in archives.items()}
+        chunks = {api.worker_serves(server, mar.stem)["chunk"] for mar in archives.values()}
+    assert chunks <= {1, 2, 4, 8}  # each worker timed its batch sizes at warm-up (batch size 8)
     assert {backend: answer["model"]["backend"] for backend, answer in answers.items()} == {
         ("torch", "fp32"): "torch fp32", ("torch", "bf16"): "torch fp32", ("openvino", "fp32"): "openvino fp32",
         ("openvino", "bf16"): "openvino fp32", ("openvino", "int8"): "openvino int8"}
@@ -277,3 +280,22 @@ def test_unsupported_backends_and_unchecked_precisions_are_refused(guarded, tmp_
         build_archive(guarded.run_dir, tmp_path, runtime="torch", precision="int8")
     with pytest.raises(ValueError, match="runtime 'onnx'"):
         build_archive(guarded.run_dir, tmp_path, runtime="onnx", precision="fp32")
+
+
+def test_batches_run_in_chunks_of_the_size_fastest_per_photo_on_this_cpu():
+    seconds = {1: 0.010, 2: 0.012, 4: 0.016, 8: 0.080}  # 4 photos a pass is the fastest per photo
+    sizes = []
+
+    def forward(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        sizes.append(len(images))
+        time.sleep(seconds.get(len(images), 0))
+        return images.mean(dim=(2, 3)).numpy(), images.amax(dim=(1, 2, 3)).numpy()
+
+    backend = runtime.Backend("torch", "fp32", forward)
+    assert runtime.fastest_chunk(backend, 8, crop=4, repeats=2) == 4
+    assert sizes[:8] == [1, 2, 3, 4, 5, 6, 7, 8] and sorted(set(sizes[8:])) == [1, 2, 4, 8]
+    images = torch.randn(7, 3, 4, 4)
+    whole = forward(images)
+    backend.chunk, sizes[:] = 4, []
+    chunked = backend(images)
+    assert sizes == [4, 3] and all(np.array_equal(a, b) for a, b in zip(chunked, whole))

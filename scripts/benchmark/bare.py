@@ -12,8 +12,8 @@ from torch import nn
 from marketplace_search.layout import CHECKPOINT
 from marketplace_search.models import MarketplaceNet, default_preprocess, load_checkpoint
 from marketplace_search.presets import Preprocess
-from marketplace_search.runtime import (Backend, convert_openvino, openvino_backend, precision_supported,
-                                        quantize_openvino, torch_backend)
+from marketplace_search.runtime import (Backend, convert_openvino, cpu_flags, openvino_backend, precision_supported,
+                                        quantize_openvino, torch_backend, usable_cores)
 from scripts.benchmark.common import NUM_CLASSES, generate_photos, preprocess_photos, time_in_turns
 
 ARCH = "efficientnet_lite2"  # the product model's backbone: what is measured without --run
@@ -21,7 +21,8 @@ REFERENCE = "torch fp32"
 BACKENDS = ("torch fp32", "torch bf16", "openvino fp32", "openvino bf16", "openvino int8")
 DRIFT_BATCH = 8
 BARE_COLUMNS = [("variant", "variant"), ("batch", "batch"), ("ms_per_batch", "ms/batch"), ("photos_per_s", "photos/s"),
-                ("speedup", "× reference"), ("max_abs_dprob", "max abs Δprob"), ("top1_agreement", "top-1 agree"),
+                ("speedup", "× reference"), ("gflops", "GFLOP/s"), ("peak_share", "of fp32 peak"),
+                ("max_abs_dprob", "max abs Δprob"), ("top1_agreement", "top-1 agree"),
                 ("cosine_mean", "cos mean"), ("cosine_min", "cos min"), ("note", "note")]
 
 
@@ -80,6 +81,27 @@ def make_backends(subject: Subject, backends_asked: list[str],
     return backends, seconds
 
 
+def photo_flops(subject: Subject) -> float:
+    """FLOPs of one photo's forward pass, as torch counts them (2 per multiply-add of convolutions and matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    crop = subject.preprocess.crop
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        copy.deepcopy(subject.model).eval()(torch.zeros(1, 3, crop, crop))
+    return counter.get_total_flops()
+
+
+def nominal_peak() -> tuple[float, str]:
+    """This CPU's nominal fp32 GFLOP/s, cores x clock x FMA width, and how it was reckoned: 2 FMA units of 16 fp32
+    lanes on an Intel CPU with AVX-512, else of 8 (AVX2, and AMD's Zen 4, which splits AVX-512 over 256-bit units)."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    fields = {name.strip(): value.strip() for name, value in  # the first CPU's
+              (line.split(":", 1) for line in cpuinfo.split("\n\n")[0].splitlines() if ":" in line)}
+    lanes = 16 if "avx512f" in cpu_flags() and fields.get("vendor_id") == "GenuineIntel" else 8
+    mhz, cores = float(fields.get("cpu MHz") or 0), usable_cores()
+    return cores * mhz / 1000 * 2 * 2 * lanes, f"{cores} cores × {mhz / 1000:.2f} GHz × 2 FMA units × {lanes} lanes × 2"
+
+
 def predict(forward, images: torch.Tensor, batch: int = DRIFT_BATCH) -> tuple[np.ndarray, np.ndarray]:
     outputs = [forward(images[start:start + batch]) for start in range(0, len(images), batch)]
     return (np.concatenate([np.asarray(part[0], np.float32) for part in outputs]),
@@ -128,6 +150,7 @@ def bench_bare(subject: Subject, photos: list[bytes], settings: dict) -> dict:
     print(f"bare: {subject.name}, backends {', '.join(backends)}", flush=True)
     rows = decode_rows(subject, photos, settings, timing)
     reference = predict(backends[REFERENCE].forward, images)
+    flops, (peak, reckoned) = photo_flops(subject), nominal_peak()
     for batch in settings["batches"]:
         inputs = images.repeat(-(-batch // len(images)), 1, 1, 1)[:batch].contiguous()
         times = time_in_turns({name: (lambda backend=backend: backend.forward(inputs))
@@ -136,12 +159,15 @@ def bench_bare(subject: Subject, photos: list[bytes], settings: dict) -> dict:
             seconds = float(np.median(times[name]))
             row = {"variant": name, "backend": name, "batch": batch, "ms_per_batch": seconds * 1000,
                    "photos_per_s": batch / seconds, "speedup": float(np.median(times[REFERENCE])) / seconds,
+                   "gflops": flops * batch / seconds / 1e9,
                    "note": f"prepared in {prepared[name]:.1f} s"}
+            row["peak_share"] = row["gflops"] / peak if peak else None
             if batch == DRIFT_BATCH:
                 row.update(output_drift(reference, predict(backend.forward, images)))
             rows.append(row)
     missing = [name for name in settings["backends"] if name not in backends]
     legend = (f"{torch.get_num_threads()} threads, median per call, the backends in turns; output columns at batch "
               f"{DRIFT_BATCH} against {REFERENCE} on {len(photos)} photos (the draft row's: against full decoding). "
+              f"{flops / 1e9:.2f} GFLOP a photo; nominal fp32 peak {peak:,.0f} GFLOP/s ({reckoned}). "
               + (f"Not run, no native support on this CPU: {', '.join(missing)}." if missing else ""))
     return {"rows": rows, "columns": BARE_COLUMNS, "legend": legend, "models": {subject.name: subject.source}}
