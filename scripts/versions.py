@@ -280,8 +280,8 @@ def sync(target, name: str, store: Path, token: str | None = None, timeout: floa
     if released and released["mar"]:
         version, mar = released["version"], released["mar"]
     else:
-        archives = [(archived, path.name) for path in Path(store).glob("*.mar")
-                    if (archived := archive_version(path, name)) is not None]
+        archives = [(model["modelVersion"], path.name) for path in Path(store).glob("*.mar")
+                    if (model := manifest_model(path))["modelName"] == name]
         if not archives:
             raise ReleaseError(f"{store} holds no archive of {name} and {HISTORY_FILE} releases none")
         version, mar = max(archives, key=lambda found: version_key(found[0]))
@@ -293,12 +293,6 @@ def manifest_model(path: Path) -> dict:
     """The `model` section (modelName, modelVersion...) of the archive's MANIFEST.json."""
     with zipfile.ZipFile(path) as archive:
         return json.loads(archive.read(str(ARCHIVE_MANIFEST)))["model"]
-
-
-def archive_version(path: Path, name: str) -> str | None:
-    """The version of the archive at PATH if it is one of NAME's."""
-    model = manifest_model(path)
-    return model["modelVersion"] if model["modelName"] == name else None
 
 
 def retire(url, name: str, version: str, token: str | None = None) -> None:
