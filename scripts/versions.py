@@ -136,11 +136,6 @@ def registered_archives(descriptions: list[dict]) -> dict[str, str]:
     return {description["modelVersion"]: description["modelUrl"] for description in descriptions}
 
 
-def current_default(url, name: str, token: str | None) -> str | None:
-    described = describe_known(url, name, None, token)
-    return described[0]["modelVersion"] if described else None
-
-
 def release(url, inference_url, mar: str, name: str, version: str, **options) -> dict:
     """release_fleet on one server: URL's management API, INFERENCE_URL's predictions."""
     return release_fleet([Replica(url, inference_url)], mar, name, version, **options)
@@ -154,7 +149,8 @@ def release_fleet(fleet: list[Replica], mar: str, name: str, version: str, *, to
     given), then make it the default on each (in HISTORY too). Any failure unregisters it everywhere, and a
     set-default that fails on one replica puts the others back: the fleet never serves two defaults. Returns
     the first replica's canary answer."""
-    defaults = {str(replica): current_default(replica.management, name, token) for replica in fleet}
+    described = {str(replica): describe_known(replica.management, name, None, token) for replica in fleet}
+    defaults = {replica: found[0]["modelVersion"] if found else None for replica, found in described.items()}
     previous = defaults[str(fleet[0])]
     if len(set(defaults.values())) > 1:
         raise ReleaseError(f"the replicas serve different defaults of {name} ({defaults}): `sync` them first")
