@@ -7,7 +7,7 @@ import re
 import struct
 import unicodedata
 import zipfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -233,15 +233,6 @@ class ListingWords:
                                            columns, rows, values, self.width, **self.settings,
                                            exact_postings=self.exact_postings, candidates=self.candidates)
 
-    def settings_of(self, other: "ListingWords") -> "ListingWords":
-        """These listings with OTHER's vote and re-ranking settings (the served text model's)."""
-        return replace(self, **other.settings)
-
-    def word_similarity(self, product_id: str, similarities: np.ndarray) -> float:
-        """The words' cosine to PRODUCT_ID's listing (0 for a listing not in the vote's catalogue)."""
-        row = self.position.get(product_id)
-        return 0.0 if row is None else float(similarities[row])
-
     def rerank(self, candidates: list[dict], similarities: np.ndarray, k: int,
                weight: float | None = None) -> list[dict]:
         """The k best of `candidates` (neighbours) by photo similarity + weight x word similarity (weight 0:
@@ -249,7 +240,8 @@ class ListingWords:
         weight = self.rerank_weight if weight is None else weight
         scored = []
         for position, candidate in enumerate(candidates):
-            words = self.word_similarity(candidate["product_id"], similarities)
+            row = self.position.get(candidate["product_id"])  # None: a listing not in the vote's catalogue
+            words = 0.0 if row is None else float(similarities[row])
             scored.append((candidate["similarity"] + weight * words if weight else 0.0, position, candidate, words))
         scored.sort(key=lambda item: (-item[0], item[1]))
         return [{**candidate, "word_similarity": round(words, 6)} for _, _, candidate, words in scored[:k]]

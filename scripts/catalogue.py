@@ -221,12 +221,12 @@ def prune(args) -> dict:
 
 
 def status(args) -> dict:
+    removed = read_removed(args.live)  # before CURRENT, as the workers read them
     current = read_current(args.live)
     if current is None:
-        return {"live": str(args.live), "generation": None, "removed": len(read_removed(args.live)),
+        return {"live": str(args.live), "generation": None, "removed": len(removed),
                 "note": f"no {CURRENT_FILE}: workers serve their archive's catalogue snapshot"}
     generation = load_generation(args.live)
-    removed = read_removed(args.live)
     listings = {listing["product_id"] for listing in generation.catalogue.listings.values()}
     return {"live": str(args.live), "generation": generation.number, "published": current["published"],
             "photos": len(generation.catalogue.image_ids), "listings": len(listings),

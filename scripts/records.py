@@ -100,24 +100,20 @@ def request_payload(photo: bytes | None, words: dict[str, str]) -> tuple[bytes, 
     return json.dumps(document, ensure_ascii=False).encode("utf-8"), {"Content-Type": "application/json"}
 
 
-def ok_record(item: Item, answer: dict) -> dict:
-    missing = [name for name in ANSWER_FIELDS if name not in answer]
-    if missing:
-        raise FatalError(f"the answer for {item.path} has no {', '.join(missing)}: is this a marketplace "
-                         f"model? ({json.dumps(answer)[:200]})")
-    return {"image_id": item.image_id, "path": item.path, "status": "ok",
-            **{name: answer[name] for name in ANSWER_FIELDS}}
-
-
 def error_record(item: Item, code: int | str, message: str) -> dict:
     return {"image_id": item.image_id, "path": item.path, "status": "error", "code": code, "error": message}
 
 
 def answer_record(item: Item, status: int, answer: dict) -> dict:
     """The output line for a final answer: the result for 200, else the error with its status."""
-    if status == 200:
-        return ok_record(item, answer)
-    return error_record(item, status, answer.get("error") or answer.get("message") or json.dumps(answer))
+    if status != 200:
+        return error_record(item, status, answer.get("error") or answer.get("message") or json.dumps(answer))
+    missing = [name for name in ANSWER_FIELDS if name not in answer]
+    if missing:
+        raise FatalError(f"the answer for {item.path} has no {', '.join(missing)}: is this a marketplace "
+                         f"model? ({json.dumps(answer)[:200]})")
+    return {"image_id": item.image_id, "path": item.path, "status": "ok",
+            **{name: answer[name] for name in ANSWER_FIELDS}}
 
 
 def file_error(item: Item, error: OSError | RefusedInput) -> dict:

@@ -10,6 +10,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -157,8 +158,8 @@ def refresh_text_model(run_dir: Path, new_run: Path, catalogue: Catalogue, work_
         model.save(new_run / TEXT_MODEL_DIR)
         return {"listings_by_words": 0}
     started = time.perf_counter()
-    model.listing_words = catalogue_listing_words(model, catalogue, read_listings(work_dir)).settings_of(
-        model.listing_words)
+    model.listing_words = replace(catalogue_listing_words(model, catalogue, read_listings(work_dir)),
+                                  **model.listing_words.settings)
     model.save(new_run / TEXT_MODEL_DIR)
     products = {listing["product_id"] for listing in catalogue.listings.values()}
     return {"listings_by_words": len(model.listing_words.product_ids),

@@ -136,11 +136,6 @@ def registered_archives(descriptions: list[dict]) -> dict[str, str]:
     return {description["modelVersion"]: description["modelUrl"] for description in descriptions}
 
 
-def current_default(url, name: str, token: str | None) -> str | None:
-    described = describe_known(url, name, None, token)
-    return described[0]["modelVersion"] if described else None
-
-
 def release(url, inference_url, mar: str, name: str, version: str, **options) -> dict:
     """release_fleet on one server: URL's management API, INFERENCE_URL's predictions."""
     return release_fleet([Replica(url, inference_url)], mar, name, version, **options)
@@ -154,7 +149,8 @@ def release_fleet(fleet: list[Replica], mar: str, name: str, version: str, *, to
     given), then make it the default on each (in HISTORY too). Any failure unregisters it everywhere, and a
     set-default that fails on one replica puts the others back: the fleet never serves two defaults. Returns
     the first replica's canary answer."""
-    defaults = {str(replica): current_default(replica.management, name, token) for replica in fleet}
+    described = {str(replica): describe_known(replica.management, name, None, token) for replica in fleet}
+    defaults = {replica: found[0]["modelVersion"] if found else None for replica, found in described.items()}
     previous = defaults[str(fleet[0])]
     if len(set(defaults.values())) > 1:
         raise ReleaseError(f"the replicas serve different defaults of {name} ({defaults}): `sync` them first")
@@ -280,8 +276,8 @@ def sync(target, name: str, store: Path, token: str | None = None, timeout: floa
     if released and released["mar"]:
         version, mar = released["version"], released["mar"]
     else:
-        archives = [(archived, path.name) for path in Path(store).glob("*.mar")
-                    if (archived := archive_version(path, name)) is not None]
+        archives = [(model["modelVersion"], path.name) for path in Path(store).glob("*.mar")
+                    if (model := manifest_model(path))["modelName"] == name]
         if not archives:
             raise ReleaseError(f"{store} holds no archive of {name} and {HISTORY_FILE} releases none")
         version, mar = max(archives, key=lambda found: version_key(found[0]))
@@ -293,12 +289,6 @@ def manifest_model(path: Path) -> dict:
     """The `model` section (modelName, modelVersion...) of the archive's MANIFEST.json."""
     with zipfile.ZipFile(path) as archive:
         return json.loads(archive.read(str(ARCHIVE_MANIFEST)))["model"]
-
-
-def archive_version(path: Path, name: str) -> str | None:
-    """The version of the archive at PATH if it is one of NAME's."""
-    model = manifest_model(path)
-    return model["modelVersion"] if model["modelName"] == name else None
 
 
 def retire(url, name: str, version: str, token: str | None = None) -> None:

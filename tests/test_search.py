@@ -269,17 +269,13 @@ def test_files_missing_or_of_another_build_refuse_to_load(tmp_path):
         Catalogue.load(kept)
 
 
-def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(40, d))
-    vectors = (centres[rng.integers(0, 40, n)] + 0.5 * rng.normal(size=(n, d))).astype(np.float32)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-
-
 @pytest.fixture(scope="module")
 def ivfpq() -> tuple[Catalogue, np.ndarray, np.ndarray]:
     """(catalogue, vectors, queries): IVF-PQ (re-ranked on 8-bit vectors) over N clustered vectors, one a listing."""
-    vectors = clustered(N + 50, D)
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(40, D))
+    vectors = (centres[rng.integers(0, 40, N + 50)] + 0.5 * rng.normal(size=(N + 50, D))).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     catalogue = make_catalogue(vectors[:N], *listings_for(N, photos_per_listing=1), {"run": "test"}, "ivfpq",
                                nlist=32, nprobe=8, pq_m=8)
     return catalogue, vectors[:N], vectors[N:]

@@ -67,25 +67,20 @@ def test_every_dropped_listing_photo_row_and_file_is_counted(messy_report, messy
     assert report["listings_without_photo"] == 1
 
 
-def test_training_table_has_one_row_per_usable_photo(messy_report, messy_catalogue):
+def test_training_table_has_one_row_per_usable_photo_and_the_report_files_are_written(messy_report, messy_catalogue):
     work, report = messy_report
+    folder = work / "tables"
     table = read_training_table(work)
     manifest = messy_catalogue.manifest
     assert list(table.columns) == tables.TABLE_COLUMNS
     # Corrupt files are still rows here: only stage 2 opens them.
     assert sorted(table["image_id"]) == sorted(manifest["good_photos"])
     assert report["images"]["rows_out"] == report["training_table"]["photos"] == 40
-    encoder = json.loads((work / "tables" / "encoder.json").read_text())
+    encoder = json.loads((folder / "encoder.json").read_text())
     assert (table["label"] == table["category"].map(encoder)).all()
     assert (table["category"] == table["product_id"].map(manifest["categories"])).all()
     assert not table["title"].str.contains("Gumtree").any()
-
-
-def test_report_files_are_written(messy_report):
-    work, report = messy_report
-    folder = work / "tables"
     assert json.loads((folder / "tables_report.json").read_text()) == report
-    encoder = json.loads((folder / "encoder.json").read_text())
     assert json.loads((folder / "decoder.json").read_text()) == tables.make_decoder(encoder)
     assert report["categories"]["Home & Garden"]["label"] == encoder["Home & Garden"]
     assert list(pd.read_csv(folder / "listings.csv").columns) == tables.LISTING_COLUMNS

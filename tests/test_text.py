@@ -140,7 +140,7 @@ def test_words_changed_equal_words_built_from_the_listings_kept_and_added(model,
     save_listing_words(tmp_path / "words.npz", changed, "ab" * 32)
     loaded, made_by = load_listing_words(tmp_path / "words.npz")
     assert made_by == "ab" * 32 and loaded.product_ids == changed.product_ids and isinstance(loaded.values, np.memmap)
-    np.testing.assert_array_equal(loaded.settings_of(changed).similarities(*query), similarities)
+    np.testing.assert_array_equal(replace(loaded, **changed.settings).similarities(*query), similarities)
 
 
 def test_listings_words_load_memory_mapped_and_a_resave_leaves_a_mapped_file_whole(model, tmp_path):

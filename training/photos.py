@@ -53,14 +53,6 @@ def normalise_task(task: tuple[str, Path, Path, int]) -> tuple[str, str, str | N
         return image_id, "failed", str(error)
 
 
-def remove_partial_files(photos_dir: Path) -> int:
-    """Delete temporary files left by a killed run; returns how many."""
-    partial = list(photos_dir.glob(f"*{TEMPORARY_SUFFIX}"))
-    for path in partial:
-        path.unlink()
-    return len(partial)
-
-
 def run_tasks(tasks: list, workers: int) -> list[tuple[str, str, str | None]]:
     """Normalise in `workers` processes (in this process when 1), with a progress bar."""
     progress = dict(total=len(tasks), desc="normalising photos", unit="photo", smoothing=0.1)
@@ -80,7 +72,9 @@ def normalise_photos(image_ids: list[str], images_dir: Path, photos_dir: Path, s
     if not images_dir.is_dir():
         raise FileNotFoundError(f"{images_dir} is missing (expected the photos as images/<image_id>.jpg)")
     photos_dir.mkdir(parents=True, exist_ok=True)
-    partial = remove_partial_files(photos_dir)
+    partial = list(photos_dir.glob(f"*{TEMPORARY_SUFFIX}"))  # left by a killed run
+    for path in partial:
+        path.unlink()
     workers = workers or os.cpu_count() or 1
     tasks = [(image_id, images_dir / f"{image_id}.jpg", photos_dir / f"{image_id}.jpg", size) for image_id in image_ids]
     started = time.perf_counter()
@@ -89,7 +83,7 @@ def normalise_photos(image_ids: list[str], images_dir: Path, photos_dir: Path, s
     statuses = [status for _, status, _ in results]
     report = {"source": str(images_dir.resolve()), "size": size, "photos": len(tasks),
               "written": statuses.count("written"), "skipped": statuses.count("skipped"), "failed": len(failures),
-              "partial_files_removed": partial, "workers": workers,
+              "partial_files_removed": len(partial), "workers": workers,
               "seconds": round(time.perf_counter() - started, 1), "failures": failures}
     (photos_dir / PHOTOS_REPORT).write_text(json.dumps(report, indent=2))
     return report

@@ -343,13 +343,6 @@ def print_report(report: dict) -> None:
     print("\nrecall per category\n" + markdown_table(["category", "count", *names, "best single input"], cells))
 
 
-def add_to_evaluation(run_dir: Path, report: dict) -> None:
-    path = Path(run_dir) / EVALUATION
-    evaluation = json.loads(path.read_text())
-    evaluation["text"] = report
-    path.write_text(json.dumps(evaluation, indent=2))
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, type=Path, help="work folder with tables/ and split.csv")
@@ -365,7 +358,8 @@ def main(argv=None) -> None:
     encoder = None if args.sentence_encoder == "none" else SentenceEncoder.prepare(
         args.sentence_encoder, run_dir / TEXT_MODEL_DIR / ENCODER_DIR, memo=True)
     report = train_text(run_dir, args.work, encoder, args.sentence_weight)
-    add_to_evaluation(run_dir, report)
+    evaluation = json.loads((run_dir / EVALUATION).read_text())
+    (run_dir / EVALUATION).write_text(json.dumps({**evaluation, "text": report}, indent=2))
     update_run_info(run_dir, stage_seconds={"text": round(time.perf_counter() - started, 1)})
     print_report(report)
     print(f"-> {run_dir / TEXT_MODEL_DIR}, {run_dir / EVALUATION} (\"text\")")
