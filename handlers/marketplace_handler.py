@@ -87,10 +87,11 @@ class MarketplaceHandler(BaseHandler):
         if settings.get("warm_up", True):
             self.warm_up(int(context.system_properties.get("batch_size") or 1))
         self.initialized = True
-        logger.info("loaded %s (%s, %d classes) and %d catalogue photos (generation %d%s); %d threads, backend %s, "
-                    "device %s, category blend %s", checkpoint_path.name, checkpoint["arch"],
+        logger.info("loaded %s (%s, %d classes) and %d catalogue photos (generation %d%s); %d threads, backend %s "
+                    "(fastest at batch %s), device %s, category blend %s", checkpoint_path.name, checkpoint["arch"],
                     len(self.classes), self.catalogue.visible, self.served.generation,
-                    f", following {self.live.live}" if self.live else "", threads, self.backend_text, self.device,
+                    f", following {self.live.live}" if self.live else "", threads, self.backend.name,
+                    self.backend.chunk or "? (no warm-up)", self.device,
                     self.category_blend.to_dict() if self.category_blend.weight else "off (head alone)")
 
     def describe_handle(self) -> dict:
@@ -98,9 +99,6 @@ class MarketplaceHandler(BaseHandler):
         return {"backend": self.backend.name, "requested": self.backend.requested or self.backend.name,
                 "chunk": self.backend.chunk or None, "catalogue": self.served.info}
 
-    @property
-    def backend_text(self) -> str:
-        return self.backend.name + (f", fastest at batch {self.backend.chunk}" if self.backend.chunk else "")
 
     @property
     def catalogue(self) -> Catalogue:

@@ -118,15 +118,12 @@ def fastest_chunk(backend: Backend, batch_size: int, crop: int, repeats: int = 3
     """The batch size, of 1, 2, 4 ... and BATCH_SIZE, at which BACKEND runs the most photos per second here (the
     best of REPEATS turns), after a pass at every size up to BATCH_SIZE (kernels are built per input shape): a
     batch whose activations outgrow the CPU's caches can run slower per photo than a smaller one."""
-    for size in range(1, batch_size + 1):
-        backend.forward(torch.zeros(size, 3, crop, crop))
     sizes = sorted({2 ** power for power in range(batch_size.bit_length())} | {batch_size})
-    seconds = {size: float("inf") for size in sizes}
-    for _ in range(repeats):
-        for size in sizes:
-            started = time.perf_counter()
-            backend.forward(torch.zeros(size, 3, crop, crop))
-            seconds[size] = min(seconds[size], time.perf_counter() - started)
+    seconds: dict[int, float] = {}
+    for size in [*range(1, batch_size + 1), *sizes * repeats]:
+        started = time.perf_counter()
+        backend.forward(torch.zeros(size, 3, crop, crop))
+        seconds[size] = min(seconds.get(size, float("inf")), time.perf_counter() - started)
     return max(sizes, key=lambda size: size / seconds[size])
 
 
