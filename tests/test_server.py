@@ -78,6 +78,7 @@ def test_the_client_and_serve_command_lines(served, recipe, capsys):
     assert (f"marketplace 1.0 (marketplace-v1.0.mar): READY\n    sha256 {sha256_file(recipe.v1)[:12]}, "
             f"run 2025-01-31_142233, 12 catalogue photos, backend {RECIPE_BACKEND}"
             + ("" if RECIPE_BACKEND == "openvino bf16" else " (the archive asks for openvino bf16)")) in printed
+    assert re.search(r", fastest at batch [1248]\n", printed)  # timed at warm-up, of batch sizes 1 to 8
 
 
 def test_a_refused_request_says_which_key_was_sent_or_that_none_was(served, recipe, monkeypatch, tmp_path, capsys):
