@@ -257,8 +257,7 @@ def train(args: argparse.Namespace) -> Path:
             split_name, metric = name.split("_", 1)
             writer.add_scalar(f"{metric}/{split_name}", value, epoch)
         training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "scaler": scaler.state_dict(),
-                          "random": random_states(), "args": config}
+                          "scaler": scaler.state_dict(), "random": random_states(), "args": config}
         save_checkpoint(epoch_checkpoint(run_dir, epoch), model, classes=classes, preprocess=preprocess, epoch=epoch,
                         metrics=metrics, config=config, training_state=training_state)
         if max(history, key=lambda row: row["val_accuracy"])["epoch"] == epoch:
