@@ -313,8 +313,7 @@ def released_models(models: dict[str, str], model_store: Path) -> dict[str, str]
 
 
 def describe_archive(mar: Path) -> str:
-    """An archive's sha256 prefix, the run it came from and its catalogue size (of its members, only the model
-    card is read)."""
+    """An archive's sha256 prefix, the run it came from and its catalogue size, from its model card."""
     if not mar.is_file():
         return f"{mar} is no longer in the model store"
     card = model_card_of(mar)
