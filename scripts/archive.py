@@ -106,10 +106,9 @@ def text_model_card(run_dir: Path) -> dict | None:
             **info}
 
 
-def model_config(batch_size: int, max_batch_delay: int, min_workers: int, max_workers: int,
-                 response_timeout: int, threads: int, warm_up: bool = True,
-                 category_blend: dict | None = None, runtime: str = "torch", precision: str = "fp32",
-                 live_catalogue: Path | None = None) -> dict:
+def model_config(batch_size: int, max_batch_delay: int, min_workers: int, max_workers: int, response_timeout: int,
+                 threads: int, warm_up: bool = True, category_blend: dict | None = None, runtime: str = "torch",
+                 precision: str = "fp32", live_catalogue: Path | None = None) -> dict:
     """TorchServe's model_config.yaml; the `handler` section is read by MarketplaceHandler.initialize."""
     handler = {"warm_up": warm_up, "runtime": runtime, "precision": precision,
                **({"threads": threads} if threads else {}),
@@ -238,13 +237,12 @@ def archive_path(store: Path, name: str, version: str, output_name: str = OUTPUT
 
 
 def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketplace", version: str | None = None,
-                  output_name: str = OUTPUT_NAME, batch_size: int = BATCH_SIZE,
-                  max_batch_delay: int = MAX_BATCH_DELAY, min_workers: int = 1, max_workers: int = 1,
-                  response_timeout: int = 120, threads: int = 0, warm_up: bool = True,
-                  category_blend: bool = True, runtime: str = "torch", precision: str = "fp32", force: bool = False,
-                  work_dir: Path | str | None = None, calibration: Path | str | None = None, guard_limit: int = 0,
-                  guard: bool = True, live_catalogue: Path | None = None, reuse_guard: bool = True,
-                  replace: bool = False) -> Path:
+                  output_name: str = OUTPUT_NAME, batch_size: int = BATCH_SIZE, max_batch_delay: int = MAX_BATCH_DELAY,
+                  min_workers: int = 1, max_workers: int = 1, response_timeout: int = 120, threads: int = 0,
+                  warm_up: bool = True, category_blend: bool = True, runtime: str = "torch", precision: str = "fp32",
+                  force: bool = False, work_dir: Path | str | None = None, calibration: Path | str | None = None,
+                  guard_limit: int = 0, guard: bool = True, live_catalogue: Path | None = None,
+                  reuse_guard: bool = True, replace: bool = False) -> Path:
     """Build STORE/<output_name>.mar from a run folder (backend: the fp32 reference unless asked, unlike the CLI)."""
     run_dir, store = Path(run_dir), Path(store)
     check_run(run_dir)
