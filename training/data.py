@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -84,11 +83,11 @@ def read_photo(photos_dir: Path, image_id: str) -> Image.Image:
 
 
 def embed_rows(model: MarketplaceNet, preprocess: Preprocess, rows, photos_dir: Path, batch_size: int = 32,
-               workers: int = 2, device: torch.device = torch.device("cpu")) -> tuple[np.ndarray, np.ndarray]:
+               workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """`(embeddings (n, d), probabilities (n, classes))`, float32 in `rows` order, from embedding_backend."""
     loader = DataLoader(ListingPhotos(rows, photos_dir, eval_transform(preprocess)),
                         batch_size=batch_size, num_workers=workers)
-    backend = embedding_backend(model, preprocess.crop, len(rows), device.type)
+    backend = embedding_backend(model, preprocess.crop, len(rows))
     vectors, probabilities = [], []
     for images, _, _ in tqdm(loader, desc=f"embedding ({backend.name})", unit="batch"):
         batch_probabilities, batch_vectors = backend.forward(images)
