@@ -89,8 +89,8 @@ def evaluate_baseline(run_dir: Path, work_dir: Path, split, catalogue: Catalogue
     dtype = autocast_dtype(device, "auto" if precision == "fp16" and device.type == "cpu" else precision)
     key = cache_key(model, 0, preprocess, train_config["seed"], dtype)
     features = torch.nn.functional.normalize(cached_outputs(
-        work_dir, model.backbone, split, Path(work_dir) / "photos", 0, key, preprocess, train_config["batch_size"],
-        train_config["workers"], train_config["seed"], device, dtype).float(), dim=1).numpy()
+        work_dir, model.backbone, split, 0, key, preprocess, train_config["batch_size"], train_config["workers"],
+        train_config["seed"], device, dtype).float(), dim=1).numpy()
     frozen = make_catalogue(features, list(split["image_id"]), catalogue.listings, {}, "flat")
     is_test = (split["split"] == "test").to_numpy()
     labels = split["label"].to_numpy()

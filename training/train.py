@@ -171,8 +171,8 @@ def prepare_data(model: MarketplaceNet, args, work_dir: Path, preprocess: Prepro
     started = time.perf_counter()
 
     def outputs(rows, view):
-        return cached_outputs(work_dir, trunk, rows, photos_dir, view, key, preprocess, args.batch_size,
-                              args.workers, args.seed, device, dtype)
+        return cached_outputs(work_dir, trunk, rows, view, key, preprocess, args.batch_size, args.workers, args.seed,
+                              device, dtype)
 
     train_set = TensorDataset(torch.cat([outputs(train_rows, view) for view in range(args.feature_views)]),
                               torch.tensor(list(train_rows["label"]) * args.feature_views))
