@@ -46,17 +46,10 @@ class Server:
     pid: int
     properties: dict = field(repr=False)
 
-    @property
-    def inference_url(self) -> str:
-        return self.properties["inference_address"]
-
-    @property
-    def management_url(self) -> str:
-        return self.properties["management_address"]
-
-    @property
-    def metrics_url(self) -> str:
-        return self.properties["metrics_address"]
+    def __post_init__(self):
+        self.inference_url = self.properties["inference_address"]
+        self.management_url = self.properties["management_address"]
+        self.metrics_url = self.properties["metrics_address"]
 
     @property
     def tmpdir(self) -> Path:
