@@ -171,10 +171,9 @@ def start_server(model_store: Path | str, *, workdir: Path | str, config: Path |
                  management_port: int | None = None, metrics_port: int | None = None,
                  grpc_inference_port: int | None = None, grpc_management_port: int | None = None,
                  enable_model_api: bool = False, extra_config: dict | None = None, timeout: float = 60) -> Server:
-    """Start TorchServe in the background and wait until its management API answers; `models` ({name: .mar in
-    the store}) load at start-up (wait for them with `Server.wait_ready`). The config's security settings stand
-    (tokens on, model-control API off) unless `enable_model_api` or `extra_config` change them; ports left as
-    None keep the config's."""
+    """Start TorchServe in the background and wait until its management API answers; MODELS ({name: .mar in the
+    store}) load at start-up (`Server.wait_ready` waits for them). The config's security settings (tokens on,
+    model-control API off) stand unless `enable_model_api` or `extra_config` change them, its ports unless given."""
     model_store, workdir = Path(model_store).resolve(), Path(workdir).resolve()
     if not model_store.is_dir():
         raise FileNotFoundError(f"model store {model_store} is not a folder")

@@ -57,7 +57,6 @@ def assert_same_answers(found: dict, expected: dict) -> None:
 
 
 def worker_pid(server, name: str = NAME) -> int:
-    """The pid of NAME's one worker."""
     [worker] = api.describe(server, name)[0]["workers"]
     return int(worker["pid"])
 

@@ -98,8 +98,7 @@ def embed_rows(model: MarketplaceNet, preprocess: Preprocess, rows, photos_dir: 
 
 def load_embeddings(run_dir: Path, mmap: bool = False, split: pd.DataFrame | None = None
                     ) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
-    """`(image_ids, embeddings, probabilities, meta)` of RUN; MMAP: the arrays memory-mapped read-only; SPLIT: the
-    rows' order they must be in."""
+    """`(image_ids, embeddings, probabilities, meta)` of RUN; MMAP: mapped read-only; SPLIT: the order to check."""
     folder = Path(run_dir) / EMBEDDINGS_DIR
     if not (folder / "embeddings.npy").is_file():
         raise FileNotFoundError(f"{folder / 'embeddings.npy'} is missing; run training.embed first")
