@@ -132,14 +132,11 @@ def resume_arguments(run_dir: Path) -> argparse.Namespace:
 
 def plot_curves(history: list[dict], path: Path) -> None:
     """Loss and accuracy per epoch, train and val, as a PNG beside the TensorBoard logs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend or figure list to touch
 
     epochs = [row["epoch"] for row in history]
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for axis, metric in zip(axes, ("loss", "accuracy")):
+    figure = Figure(figsize=(10, 4))
+    for axis, metric in zip(figure.subplots(1, 2), ("loss", "accuracy")):
         for split in ("train", "val"):
             axis.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker="o", label=split)
         axis.set_xlabel("epoch")
@@ -149,7 +146,6 @@ def plot_curves(history: list[dict], path: Path) -> None:
     figure.suptitle("training curves")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def prepare_data(model: MarketplaceNet, args, work_dir: Path, preprocess: Preprocess, device, dtype):
