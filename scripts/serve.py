@@ -80,15 +80,13 @@ class Server:
     def stop(self, timeout: float = 60) -> None:
         """`torchserve --stop`, then wait until Java and its Python workers have exited."""
         java = java_process(self.pid)
-        if java is None:
-            (self.tmpdir / PID_FILE).unlink(missing_ok=True)
-            return
-        processes = [java] + java.children(recursive=True)
-        run_torchserve(["--stop"], self.workdir, self.tmpdir, self.workdir / "torchserve.out")
-        _, alive = psutil.wait_procs(processes, timeout=timeout)
-        for process in alive:
-            process.kill()
-        psutil.wait_procs(alive, timeout=10)
+        if java is not None:
+            processes = [java] + java.children(recursive=True)
+            run_torchserve(["--stop"], self.workdir, self.tmpdir, self.workdir / "torchserve.out")
+            _, alive = psutil.wait_procs(processes, timeout=timeout)
+            for process in alive:
+                process.kill()
+            psutil.wait_procs(alive, timeout=10)
         (self.tmpdir / PID_FILE).unlink(missing_ok=True)
 
 
