@@ -75,8 +75,7 @@ def prune_generations(live: Path, keep: int) -> list[str]:
     if keep < 2:
         raise ValueError(f"keep {keep}: at least 2 generations stay (the current one and the one before it)")
     current = (read_current(live) or {}).get("name")
-    names = list_generations(live)
-    doomed = [name for name in names[:-keep] if name != current]
+    doomed = [name for name in list_generations(live)[:-keep] if name != current]
     for name in doomed:
         shutil.rmtree(Path(live) / name)
     if doomed:
