@@ -168,9 +168,9 @@ def add(args) -> dict:
         back = sorted(new_products & removed.keys())
         if back:
             write_removed(args.live, {product: when for product, when in removed.items() if product not in back})
+    seconds = [round(end - start, 2) for start, end in zip(laps, laps[1:])]
     return {"generation": number, "photos": len(image_ids), **change, "back_from_removal_list": back,
-            "seconds": {f"{stage}_s": round(end - start, 2) for stage, start, end in
-                        zip(("clean", "embed", "index"), laps, laps[1:])}, "photo_size": size}
+            "seconds": dict(zip(("clean_s", "embed_s", "index_s"), seconds)), "photo_size": size}
 
 
 def added_listing_words(text_dir: Path, generation, new_listings: dict[str, dict], new_products: set[str], work: Path,
