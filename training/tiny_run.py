@@ -13,10 +13,10 @@ from PIL import Image
 
 from marketplace_search.files import sha256_file
 from marketplace_search.images import decode_image
-from marketplace_search.layout import CHECKPOINT, EVALUATION, INDEX_DIR, update_run_info
+from marketplace_search.layout import CHECKPOINT, EVALUATION, INDEX_DIR, TEXT_MODEL_DIR, update_run_info
 from marketplace_search.models import MarketplaceNet, embed, save_checkpoint
 from marketplace_search.presets import Preprocess, collate_images
-from marketplace_search.search import make_catalogue
+from marketplace_search.search import Catalogue, make_catalogue
 
 CLASSES = ("Garden", "Home", "Music")
 TINY_PREPROCESS = Preprocess(resize=72, crop=64)  # small crops keep CPU forwards fast
@@ -112,8 +112,6 @@ def tiny_listing_words(rng: np.random.Generator, category: str, vague: float = 0
 def make_tiny_text_model(run_dir: Path | str, classes=CLASSES, listings: int = 300, seed: int = 0, encoder=None):
     """RUN/text_model trained on titles whose nouns name the category, calibrated on listings whose photo
     probabilities are right 80% of the time; with ENCODER, it reads sentence vectors too."""
-    from marketplace_search.layout import INDEX_DIR, TEXT_MODEL_DIR
-    from marketplace_search.search import Catalogue
     from marketplace_search.text import ListingWords, listing_text
     from training.text import INPUT_KINDS, fit_calibration, kind_name, train_classifier
 
