@@ -75,8 +75,7 @@ def prune_generations(live: Path, keep: int) -> list[str]:
     if keep < 2:
         raise ValueError(f"keep {keep}: at least 2 generations stay (the current one and the one before it)")
     current = (read_current(live) or {}).get("name")
-    names = list_generations(live)
-    doomed = [name for name in names[:-keep] if name != current]
+    doomed = [name for name in list_generations(live)[:-keep] if name != current]
     for name in doomed:
         shutil.rmtree(Path(live) / name)
     if doomed:
@@ -108,15 +107,14 @@ class Generation:
     listing_words_sha256: str | None = None
 
 
-def load_generation(live: Path, name: str | None = None) -> Generation:
-    """Generation NAME (default: the current one) with its vectors, for writers."""
+def load_generation(live: Path) -> Generation:
+    """The current generation with its vectors, for writers."""
     live = Path(live)
-    if name is None:
-        current = read_current(live)
-        if current is None:
-            raise FileNotFoundError(f"{live} has no current generation: seed it with `python -m scripts.catalogue "
-                                    f"init` first")
-        name = current["name"]
+    current = read_current(live)
+    if current is None:
+        raise FileNotFoundError(f"{live} has no current generation: seed it with `python -m scripts.catalogue init` "
+                                f"first")
+    name = current["name"]
     info = json.loads((live / name / GENERATION_FILE).read_text())
     catalogue = Catalogue.load(live / name / CATALOGUE_DIR)
     vectors = np.load(live / name / VECTORS_FILE)
@@ -139,8 +137,8 @@ def generation_listing_words(live: Path, name: str) -> tuple[ListingWords | None
 
 
 def write_generation(live: Path, vectors: np.ndarray, image_ids: list[str], listings: dict[str, dict],
-                     weights_sha256: str, change: dict, index_type: str = "auto", meta: dict | None = None,
-                     listing_words: ListingWords | None = None, listing_words_sha256: str | None = None) -> int:
+                     weights_sha256: str, change: dict, index_type: str, meta: dict,
+                     listing_words: ListingWords | None, listing_words_sha256: str | None) -> int:
     """Build and publish LIVE's next generation, with its words if the model reads titles, under writer_lock."""
     live = Path(live)
     live.mkdir(parents=True, exist_ok=True)
@@ -149,7 +147,6 @@ def write_generation(live: Path, vectors: np.ndarray, image_ids: list[str], list
     number = max(existing + [current["generation"] if current else 0]) + 1
     info = {"number": number, "name": generation_name(number), "parent": current and current["generation"],
             "created": now(), "model": {"checkpoint_sha256": weights_sha256}, "change": change}
-    meta = meta or {}
     catalogue = make_catalogue(vectors, image_ids, listings, {**meta, "generation": number, "model": {
         **meta.get("model", {}), "checkpoint_sha256": weights_sha256}}, index_type)
     info.update(photos=len(image_ids), listings=len({listing["product_id"] for listing in catalogue.listings.values()}),

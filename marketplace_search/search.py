@@ -39,10 +39,9 @@ class CatalogueMismatchError(ValueError):
     """The files of a catalogue folder come from different builds."""
 
 
-def build_index(vectors: np.ndarray, index_type: str = "auto", *, hnsw_m: int = 32,
-                ef_construction: int = 80, ef_search: int = 128, nlist: int | None = None,
-                nprobe: int | None = None, pq_m: int | None = None, k_factor: int = IVFPQ_K_FACTOR,
-                seed: int = 0) -> tuple[faiss.Index, dict]:
+def build_index(vectors: np.ndarray, index_type: str = "auto", *, hnsw_m: int = 32, ef_construction: int = 80,
+                ef_search: int = 128, nlist: int | None = None, nprobe: int | None = None, pq_m: int | None = None,
+                k_factor: int = IVFPQ_K_FACTOR, seed: int = 0) -> tuple[faiss.Index, dict]:
     """Index (n, d) L2-normalised float32 vectors by inner product, ids = rows; returns the index and the
     parameters it was built with. VECTORS may be memory-mapped: it is added in chunks, trained on a sample.
     "ivfpq": IVF over PQ codes of PQ_M bytes whose K_FACTOR * k best candidates are re-ranked on 8-bit vectors."""

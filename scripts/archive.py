@@ -65,11 +65,6 @@ def run_created(run_dir: Path, info: dict) -> datetime:
                          f"{RUN_STAMP_FORMAT} timestamp; pass --version") from error
 
 
-def default_version(created: datetime) -> str:
-    """A version that sorts with time and reads as a number TorchServe accepts, e.g. 20250131.142233."""
-    return created.strftime("%Y%m%d.%H%M%S")
-
-
 def check_index_matches(run_dir: Path, checkpoint_sha256: str) -> dict:
     """The index meta; refuses an index whose vectors were made by another checkpoint."""
     meta = json.loads((run_dir / INDEX_DIR / META_FILE).read_text())
@@ -111,10 +106,9 @@ def text_model_card(run_dir: Path) -> dict | None:
             **info}
 
 
-def model_config(batch_size: int, max_batch_delay: int, min_workers: int, max_workers: int,
-                 response_timeout: int, threads: int, warm_up: bool = True,
-                 category_blend: dict | None = None, runtime: str = "torch", precision: str = "fp32",
-                 live_catalogue: Path | None = None) -> dict:
+def model_config(batch_size: int, max_batch_delay: int, min_workers: int, max_workers: int, response_timeout: int,
+                 threads: int, warm_up: bool = True, category_blend: dict | None = None, runtime: str = "torch",
+                 precision: str = "fp32", live_catalogue: Path | None = None) -> dict:
     """TorchServe's model_config.yaml; the `handler` section is read by MarketplaceHandler.initialize."""
     handler = {"warm_up": warm_up, "runtime": runtime, "precision": precision,
                **({"threads": threads} if threads else {}),
@@ -203,7 +197,7 @@ def prepare_backend(run_dir: Path, extra: Path, runtime: str, precision: str, pr
     key = guard.guard_key(run_dir / CHECKPOINT, runtime, precision, rows, work_dir / guard.PHOTOS_DIR, paths)
     kept = guard.kept_guard(run_dir, key) if reuse_guard else None
     if kept is None:
-        report, measured_on = guard.run_guard(run_dir, work_dir, candidate, guard_limit, rows), str(run_dir.resolve())
+        report, measured_on = guard.run_guard(run_dir, work_dir, candidate, rows), str(run_dir.resolve())
         guard.keep_guard(run_dir, key, report, measured_on)
     else:
         report, measured_on = kept["report"], kept["measured_on"]
@@ -243,13 +237,12 @@ def archive_path(store: Path, name: str, version: str, output_name: str = OUTPUT
 
 
 def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketplace", version: str | None = None,
-                  output_name: str = OUTPUT_NAME, batch_size: int = BATCH_SIZE,
-                  max_batch_delay: int = MAX_BATCH_DELAY, min_workers: int = 1, max_workers: int = 1,
-                  response_timeout: int = 120, threads: int = 0, warm_up: bool = True,
-                  category_blend: bool = True, runtime: str = "torch", precision: str = "fp32", force: bool = False,
-                  work_dir: Path | str | None = None, calibration: Path | str | None = None, guard_limit: int = 0,
-                  guard: bool = True, live_catalogue: Path | None = None, reuse_guard: bool = True,
-                  replace: bool = False) -> Path:
+                  output_name: str = OUTPUT_NAME, batch_size: int = BATCH_SIZE, max_batch_delay: int = MAX_BATCH_DELAY,
+                  min_workers: int = 1, max_workers: int = 1, response_timeout: int = 120, threads: int = 0,
+                  warm_up: bool = True, category_blend: bool = True, runtime: str = "torch", precision: str = "fp32",
+                  force: bool = False, work_dir: Path | str | None = None, calibration: Path | str | None = None,
+                  guard_limit: int = 0, guard: bool = True, live_catalogue: Path | None = None,
+                  reuse_guard: bool = True, replace: bool = False) -> Path:
     """Build STORE/<output_name>.mar from a run folder (backend: the fp32 reference unless asked, unlike the CLI)."""
     run_dir, store = Path(run_dir), Path(store)
     check_run(run_dir)
@@ -261,7 +254,7 @@ def build_archive(run_dir: Path | str, store: Path | str, name: str = "marketpla
     checkpoint_sha256 = sha256_file(run_dir / CHECKPOINT)
     index_meta = check_index_matches(run_dir, checkpoint_sha256)
     created = run_created(run_dir, info)
-    version = version or default_version(created)
+    version = version or created.strftime("%Y%m%d.%H%M%S")  # sorts with time, a number TorchServe accepts
     card = model_card(run_dir, info, checkpoint, checkpoint_sha256, index_meta, name, version, created)
     target = archive_path(store, name, version, output_name, replace)
     if target.exists():

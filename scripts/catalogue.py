@@ -131,7 +131,6 @@ def add(args) -> dict:
     from training.index import listing_metadata
     from scripts.refresh import photo_embedder, photo_size, prepare_work
 
-    timings = {}
     with (tempfile.TemporaryDirectory(prefix="catalogue-add-") as scratch, writer_lock(args.live),
           served_model(args) as (checkpoint_path, _, text_dir)):
         generation = load_generation(args.live)
@@ -143,16 +142,14 @@ def add(args) -> dict:
                                  f"vectors of one model; seed a live folder of its own for this model")
         model, checkpoint = load_checkpoint(checkpoint_path)
         size = photo_size(checkpoint)
-        started = time.perf_counter()
+        laps = [time.perf_counter()]  # clean, embed, index
         work = Path(scratch) / "work"
         table, _, _, dropped = prepare_work(args.data, work, size, args.workers)
         if table.empty:
             raise CatalogueError(f"{args.data} has no listing with a usable photo ({dropped}): nothing to add")
-        timings["clean_s"] = round(time.perf_counter() - started, 2)
-        started = time.perf_counter()
+        laps.append(time.perf_counter())
         new_vectors, _ = photo_embedder(model, checkpoint, work, 0)(table)
-        timings["embed_s"] = round(time.perf_counter() - started, 2)
-        started = time.perf_counter()
+        laps.append(time.perf_counter())
         old = generation.catalogue
         new_listings = listing_metadata(table)
         new_products = {listing["product_id"] for listing in new_listings.values()}
@@ -166,13 +163,14 @@ def add(args) -> dict:
                   "replaced_listings": replaced, "dropped": dropped, "data": str(args.data.resolve())}
         listing_words, text_sha256 = added_listing_words(text_dir, generation, new_listings, new_products, work, change)
         number = publish(args.live, old, vectors, image_ids, listings, weights, change, listing_words, text_sha256)
-        timings["index_s"] = round(time.perf_counter() - started, 2)
+        laps.append(time.perf_counter())
         removed = read_removed(args.live)  # after CURRENT names the new generation (marketplace_search.live)
         back = sorted(new_products & removed.keys())
         if back:
             write_removed(args.live, {product: when for product, when in removed.items() if product not in back})
+    seconds = [round(end - start, 2) for start, end in zip(laps, laps[1:])]
     return {"generation": number, "photos": len(image_ids), **change, "back_from_removal_list": back,
-            "seconds": timings, "photo_size": size}
+            "seconds": dict(zip(("clean_s", "embed_s", "index_s"), seconds)), "photo_size": size}
 
 
 def added_listing_words(text_dir: Path, generation, new_listings: dict[str, dict], new_products: set[str], work: Path,

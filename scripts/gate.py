@@ -59,8 +59,7 @@ def read_set(folder: Path) -> list[dict]:
 
 
 def evaluate(inference_url, name: str, version: str, rows: list[dict], token: str | None = None) -> dict:
-    """Top-1 and P@k of NAME VERSION's answers to ROWS; a photo's own listing is left out of its neighbours (the
-    catalogue holds it)."""
+    """Top-1 and P@k of NAME VERSION's answers to ROWS, each photo's own listing left out of its neighbours."""
     from marketplace_search.metrics import answer_precision  # Faiss's import: only when a release is gated
 
     answers = [api.predict(inference_url, row["photo"], model=name, version=version, k=K + 2, token=token)
@@ -74,8 +73,7 @@ def evaluate(inference_url, name: str, version: str, rows: list[dict], token: st
 
 def gate(inference_url, name: str, candidate: str, default: str | None, folder: Path, token: str | None = None,
          margin: float = MARGIN) -> dict:
-    """The candidate's and the default's figures on the set; raises GateError when the candidate loses more than
-    MARGIN on any of FIGURES."""
+    """Both versions' figures on the set; GateError when the candidate loses more than MARGIN on any of FIGURES."""
     rows = read_set(folder)
     figures = {"set": str(folder), "photos": len(rows), "margin": margin,
                "candidate": {"version": candidate, **evaluate(inference_url, name, candidate, rows, token)}}

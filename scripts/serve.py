@@ -46,17 +46,10 @@ class Server:
     pid: int
     properties: dict = field(repr=False)
 
-    @property
-    def inference_url(self) -> str:
-        return self.properties["inference_address"]
-
-    @property
-    def management_url(self) -> str:
-        return self.properties["management_address"]
-
-    @property
-    def metrics_url(self) -> str:
-        return self.properties["metrics_address"]
+    def __post_init__(self):
+        self.inference_url = self.properties["inference_address"]
+        self.management_url = self.properties["management_address"]
+        self.metrics_url = self.properties["metrics_address"]
 
     @property
     def tmpdir(self) -> Path:
@@ -87,15 +80,13 @@ class Server:
     def stop(self, timeout: float = 60) -> None:
         """`torchserve --stop`, then wait until Java and its Python workers have exited."""
         java = java_process(self.pid)
-        if java is None:
-            (self.tmpdir / PID_FILE).unlink(missing_ok=True)
-            return
-        processes = [java] + java.children(recursive=True)
-        run_torchserve(["--stop"], self.workdir, self.tmpdir, self.workdir / "torchserve.out")
-        _, alive = psutil.wait_procs(processes, timeout=timeout)
-        for process in alive:
-            process.kill()
-        psutil.wait_procs(alive, timeout=10)
+        if java is not None:
+            processes = [java] + java.children(recursive=True)
+            run_torchserve(["--stop"], self.workdir, self.tmpdir, self.workdir / "torchserve.out")
+            _, alive = psutil.wait_procs(processes, timeout=timeout)
+            for process in alive:
+                process.kill()
+            psutil.wait_procs(alive, timeout=10)
         (self.tmpdir / PID_FILE).unlink(missing_ok=True)
 
 
@@ -178,10 +169,9 @@ def start_server(model_store: Path | str, *, workdir: Path | str, config: Path |
                  management_port: int | None = None, metrics_port: int | None = None,
                  grpc_inference_port: int | None = None, grpc_management_port: int | None = None,
                  enable_model_api: bool = False, extra_config: dict | None = None, timeout: float = 60) -> Server:
-    """Start TorchServe in the background and wait until its management API answers; `models` ({name: .mar in
-    the store}) load at start-up (wait for them with `Server.wait_ready`). The config's security settings stand
-    (tokens on, model-control API off) unless `enable_model_api` or `extra_config` change them; ports left as
-    None keep the config's."""
+    """Start TorchServe in the background and wait until its management API answers; MODELS ({name: .mar in the
+    store}) load at start-up (`Server.wait_ready` waits for them). The config's security settings (tokens on,
+    model-control API off) stand unless `enable_model_api` or `extra_config` change them, its ports unless given."""
     model_store, workdir = Path(model_store).resolve(), Path(workdir).resolve()
     if not model_store.is_dir():
         raise FileNotFoundError(f"model store {model_store} is not a folder")
@@ -313,8 +303,7 @@ def released_models(models: dict[str, str], model_store: Path) -> dict[str, str]
 
 
 def describe_archive(mar: Path) -> str:
-    """An archive's sha256 prefix, the run it came from and its catalogue size (of its members, only the model
-    card is read)."""
+    """An archive's sha256 prefix, the run it came from and its catalogue size, from its model card."""
     if not mar.is_file():
         return f"{mar} is no longer in the model store"
     card = model_card_of(mar)

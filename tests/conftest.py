@@ -41,8 +41,7 @@ def signal_stack(new: SignalStack | None = None) -> SignalStack:
     return old
 
 
-# The TorchServe frontends the tests start live for seconds: Java's quick compiler and one GC thread start them
-# sooner, on cores the suite's workers share.
+# The tests' TorchServe frontends live for seconds: Java's quick compiler and one GC thread start them sooner.
 os.environ.setdefault("JAVA_TOOL_OPTIONS", "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC")
 
 # What the session started with; every test leaves it so. An in-process handler sets torch and Faiss threads;
@@ -83,8 +82,7 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-# The longest modules first: `make test`'s workers take whole modules in this order, and the last to start ends
-# the run.
+# The longest modules first: `make test`'s workers take whole modules in this order, and the last one ends the run.
 FIRST = ("test_readme", "test_benchmark", "test_ray_batch", "test_deploy", "test_server", "test_runtime", "test_web")
 
 

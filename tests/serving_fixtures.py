@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from marketplace_search.runtime import precision_supported
-from scripts import api
+from scripts import api, batch
 from scripts.records import extract_archive  # noqa: F401
 from scripts.serve import serving as running_server  # noqa: F401
 from training.sample import write_listings
@@ -57,7 +57,6 @@ def assert_same_answers(found: dict, expected: dict) -> None:
 
 
 def worker_pid(server, name: str = NAME) -> int:
-    """The pid of NAME's one worker."""
     [worker] = api.describe(server, name)[0]["workers"]
     return int(worker["pid"])
 
@@ -215,8 +214,6 @@ def batch_inputs(recipe, tmp_path_factory) -> BatchInputs:
 @pytest.fixture(scope="session")
 def local_lines(batch_inputs, tmp_path_factory) -> dict:
     """`scripts.batch --local` on the batch inputs, by key: what every other engine must answer."""
-    from scripts import batch
-
     output = tmp_path_factory.mktemp("local_batch") / "results.jsonl"
     batch.main([str(batch_inputs.folder), "--output", str(output), "--local", str(batch_inputs.mar),
                 "--batch-size", "4"])

@@ -38,7 +38,6 @@ def test_ray_answers_as_local_per_input_and_bad_files_are_error_lines(batch_inpu
     assert summary["ok"] == 16 and summary["failed"] == len(BAD_FILES)
     for name in BAD_FILES:
         assert found[(name.split(".")[0], str(batch_inputs.folder / name))]["code"] in (400, 415)
-    # a re-run finds every input answered and starts nothing
     again = batch.main([str(batch_inputs.folder), "--output", str(output), "--archive", str(batch_inputs.mar),
                         *ray_options(tmp_path)])
     assert again["skipped"] == len(found) and again["ok"] + again["failed"] == 0

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from handlers.local import load_local_handler, predict_local
@@ -23,7 +24,7 @@ from marketplace_search.text import (ENCODER_DIR, FORMAT, MAX_TITLE_CHARS, MODEL
 from scripts import batch
 from scripts.records import answer_local_batch
 from tests.serving_fixtures import extract_archive
-from training.text import train_classifier
+from training.text import cross_fitted_scores, fit_calibration, train_classifier, train_on
 from training.tiny_run import CLASSES
 
 
@@ -329,8 +330,6 @@ def test_photo_and_title_get_the_fused_category(recipe, recipe_handler, model):
 
 @pytest.mark.parametrize("kind, weight", [("photo", "photo_weight"), ("votes", "vote_weight")])
 def test_the_blend_weighs_the_photo_and_the_catalogue_vote_by_what_they_add_on_validation(kind, weight):
-    from training.text import fit_calibration
-
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 600)
     scores = np.eye(3)[labels] * 0.5 + rng.normal(0, 0.6, (600, 3))  # the words: right about 75% of the time
@@ -344,10 +343,6 @@ def test_the_blend_weighs_the_photo_and_the_catalogue_vote_by_what_they_add_on_v
 
 
 def test_cross_fitted_scores_come_from_models_that_did_not_read_the_listing():
-    import pandas as pd
-
-    from training.text import cross_fitted_scores, train_on
-
     rng = np.random.default_rng(2)
     ids = [f"p{i:03d}" for i in range(120)]
     # labels that the words cannot predict: each title is its own random word, so only memorising helps

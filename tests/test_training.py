@@ -368,7 +368,6 @@ def test_text_stage_adds_its_rows_and_a_model_the_handler_loads(tiny_run):
     assert rows["photo+title"]["precision@5"] == pytest.approx(chosen_test, abs=5e-5)
     if not rerank["weight"]:
         assert rows["photo+title"]["precision@5"] == served["precision@5"]  # neighbours stay the photo's
-    # a title alone: the listings nearest by words
     assert 0 < rows["title"]["precision@10"] <= 1 and "found by words" in rows["title"]["model"]
     assert model.info["evaluation"]["title"]["precision@5"] == rows["title"]["precision@5"]  # on the model card
     assert model.classes == json.loads((run_dir / "run.json").read_text())["classes"]

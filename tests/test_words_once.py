@@ -92,7 +92,6 @@ def test_one_search_per_filter_and_one_read_of_the_words_answer_every_kind_of_re
     assert worded["neighbours"] == expected and len(by_photo) == MAX_K
     assert max(by_photo.index(n["product_id"]) for n in worded["neighbours"]) >= 20
     assert worded["top_categories"] != answers["photo"][1]["top_categories"]  # the words count in the category
-    # the filters hold; words alone find listings by their words
     assert {n["category"] for n in answers["photo + title, category"][1]["neighbours"]} == {"Home"}
     assert [n["category"] for n in answers["title"][1]["neighbours"]] == ["Home"] * 5
     assert [n["category"] for n in answers["title, category"][1]["neighbours"]] == ["Music"] * 5

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -84,11 +83,11 @@ def read_photo(photos_dir: Path, image_id: str) -> Image.Image:
 
 
 def embed_rows(model: MarketplaceNet, preprocess: Preprocess, rows, photos_dir: Path, batch_size: int = 32,
-               workers: int = 2, device: torch.device = torch.device("cpu")) -> tuple[np.ndarray, np.ndarray]:
+               workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """`(embeddings (n, d), probabilities (n, classes))`, float32 in `rows` order, from embedding_backend."""
     loader = DataLoader(ListingPhotos(rows, photos_dir, eval_transform(preprocess)),
                         batch_size=batch_size, num_workers=workers)
-    backend = embedding_backend(model, preprocess.crop, len(rows), device.type)
+    backend = embedding_backend(model, preprocess.crop, len(rows))
     vectors, probabilities = [], []
     for images, _, _ in tqdm(loader, desc=f"embedding ({backend.name})", unit="batch"):
         batch_probabilities, batch_vectors = backend.forward(images)
@@ -99,8 +98,7 @@ def embed_rows(model: MarketplaceNet, preprocess: Preprocess, rows, photos_dir: 
 
 def load_embeddings(run_dir: Path, mmap: bool = False, split: pd.DataFrame | None = None
                     ) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
-    """`(image_ids, embeddings, probabilities, meta)` of RUN; MMAP: the arrays memory-mapped read-only; SPLIT: the
-    rows' order they must be in."""
+    """`(image_ids, embeddings, probabilities, meta)` of RUN; MMAP: mapped read-only; SPLIT: the order to check."""
     folder = Path(run_dir) / EMBEDDINGS_DIR
     if not (folder / "embeddings.npy").is_file():
         raise FileNotFoundError(f"{folder / 'embeddings.npy'} is missing; run training.embed first")

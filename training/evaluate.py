@@ -53,13 +53,11 @@ def choose_blend(probabilities: np.ndarray, voters: list[list[dict]], labels: np
 
 
 def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib.figure import Figure
 
     shares = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
-    figure, axis = plt.subplots(figsize=(10, 9))
+    figure = Figure(figsize=(10, 9))
+    axis = figure.subplots()
     image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     axis.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=8)
     axis.set_yticks(range(len(classes)), classes, fontsize=8)
@@ -73,7 +71,6 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title:
     figure.colorbar(image, ax=axis, fraction=0.046, label="share of the true category")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def evaluate_baseline(run_dir: Path, work_dir: Path, split, catalogue: Catalogue, classes: list[str]) -> dict:
@@ -89,8 +86,8 @@ def evaluate_baseline(run_dir: Path, work_dir: Path, split, catalogue: Catalogue
     dtype = autocast_dtype(device, "auto" if precision == "fp16" and device.type == "cpu" else precision)
     key = cache_key(model, 0, preprocess, train_config["seed"], dtype)
     features = torch.nn.functional.normalize(cached_outputs(
-        work_dir, model.backbone, split, Path(work_dir) / "photos", 0, key, preprocess, train_config["batch_size"],
-        train_config["workers"], train_config["seed"], device, dtype).float(), dim=1).numpy()
+        work_dir, model.backbone, split, 0, key, preprocess, train_config["batch_size"], train_config["workers"],
+        train_config["seed"], device, dtype).float(), dim=1).numpy()
     frozen = make_catalogue(features, list(split["image_id"]), catalogue.listings, {}, "flat")
     is_test = (split["split"] == "test").to_numpy()
     labels = split["label"].to_numpy()

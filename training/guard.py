@@ -121,14 +121,11 @@ def candidate_backend(checkpoint_path: Path, runtime: str, precision: str, prepr
     return openvino_backend(converted, precision, threads), converted
 
 
-def run_guard(run_dir: Path, work_dir: Path, candidate: Backend, limit: int = 0,
-              rows: pd.DataFrame | None = None) -> dict:
-    """The guard's figures for `candidate` on WORK's test split (or ROWS of it) against the run's fp32 checkpoint."""
+def run_guard(run_dir: Path, work_dir: Path, candidate: Backend, rows: pd.DataFrame) -> dict:
+    """The guard's figures for `candidate` on ROWS of WORK's test split against the run's fp32 checkpoint."""
     model, checkpoint = load_checkpoint(Path(run_dir) / CHECKPOINT)
-    catalogue = Catalogue.load(Path(run_dir) / INDEX_DIR)
-    return compare_many(torch_backend(model, "fp32"), [candidate],
-                        guard_rows(work_dir, limit=limit) if rows is None else rows, Path(work_dir) / PHOTOS_DIR,
-                        Preprocess.from_dict(checkpoint["preprocess"]), catalogue)[0]
+    return compare_many(torch_backend(model, "fp32"), [candidate], rows, Path(work_dir) / PHOTOS_DIR,
+                        Preprocess.from_dict(checkpoint["preprocess"]), Catalogue.load(Path(run_dir) / INDEX_DIR))[0]
 
 
 def guard_key(checkpoint_path: Path, runtime: str, precision: str, rows: pd.DataFrame, photos_dir: Path,

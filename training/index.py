@@ -12,13 +12,10 @@ from marketplace_search.search import INDEX_TYPES, Catalogue, make_catalogue
 
 def listing_metadata(table: pd.DataFrame) -> dict[str, dict]:
     """`{image_id: {product_id, title, price, location, category}}` from the training table."""
-    listings = {}
-    for row in table.itertuples(index=False):
-        listings[row.image_id] = {"product_id": row.product_id, "title": str(row.title),
-                                  "price": None if pd.isna(row.price) else float(row.price),
-                                  "location": "" if pd.isna(row.location) else str(row.location),
-                                  "category": row.category}
-    return listings
+    return {row.image_id: {"product_id": row.product_id, "title": str(row.title),
+                           "price": None if pd.isna(row.price) else float(row.price),
+                           "location": "" if pd.isna(row.location) else str(row.location), "category": row.category}
+            for row in table.itertuples(index=False)}
 
 
 def build_catalogue(run_dir: Path, work_dir: Path, index_type: str = "auto", **index_options) -> Catalogue:

@@ -132,14 +132,11 @@ def resume_arguments(run_dir: Path) -> argparse.Namespace:
 
 def plot_curves(history: list[dict], path: Path) -> None:
     """Loss and accuracy per epoch, train and val, as a PNG beside the TensorBoard logs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend or figure list to touch
 
     epochs = [row["epoch"] for row in history]
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for axis, metric in zip(axes, ("loss", "accuracy")):
+    figure = Figure(figsize=(10, 4))
+    for axis, metric in zip(figure.subplots(1, 2), ("loss", "accuracy")):
         for split in ("train", "val"):
             axis.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker="o", label=split)
         axis.set_xlabel("epoch")
@@ -149,7 +146,6 @@ def plot_curves(history: list[dict], path: Path) -> None:
     figure.suptitle("training curves")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def prepare_data(model: MarketplaceNet, args, work_dir: Path, preprocess: Preprocess, device, dtype):
@@ -171,8 +167,8 @@ def prepare_data(model: MarketplaceNet, args, work_dir: Path, preprocess: Prepro
     started = time.perf_counter()
 
     def outputs(rows, view):
-        return cached_outputs(work_dir, trunk, rows, photos_dir, view, key, preprocess, args.batch_size,
-                              args.workers, args.seed, device, dtype)
+        return cached_outputs(work_dir, trunk, rows, view, key, preprocess, args.batch_size, args.workers, args.seed,
+                              device, dtype)
 
     train_set = TensorDataset(torch.cat([outputs(train_rows, view) for view in range(args.feature_views)]),
                               torch.tensor(list(train_rows["label"]) * args.feature_views))
@@ -257,8 +253,7 @@ def train(args: argparse.Namespace) -> Path:
             split_name, metric = name.split("_", 1)
             writer.add_scalar(f"{metric}/{split_name}", value, epoch)
         training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "scaler": scaler.state_dict(),
-                          "random": random_states(), "args": config}
+                          "scaler": scaler.state_dict(), "random": random_states(), "args": config}
         save_checkpoint(epoch_checkpoint(run_dir, epoch), model, classes=classes, preprocess=preprocess, epoch=epoch,
                         metrics=metrics, config=config, training_state=training_state)
         if max(history, key=lambda row: row["val_accuracy"])["epoch"] == epoch:

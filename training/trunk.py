@@ -15,7 +15,7 @@ from marketplace_search.files import replaced_atomically
 from marketplace_search.models import MarketplaceNet
 from marketplace_search.presets import Preprocess, eval_transform, train_transform
 from marketplace_search.runtime import OPENVINO_EMBED_FROM, converted_or_none, openvino_backend, precision_supported
-from training.data import ListingPhotos
+from training.data import PHOTOS_DIR, ListingPhotos
 
 CACHE_DIR = "cache"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -103,9 +103,8 @@ def fastest_trunk(trunk: nn.Module, shape: torch.Size, device: torch.device, dty
     return forward
 
 
-def cached_outputs(work_dir: Path, trunk: nn.Module, rows, photos_dir: Path, view: int, key: str,
-                   preprocess: Preprocess, batch_size: int, workers: int, seed: int = 0,
-                   device: torch.device = torch.device("cpu"), dtype: torch.dtype | None = None) -> torch.Tensor:
+def cached_outputs(work_dir: Path, trunk: nn.Module, rows, view: int, key: str, preprocess: Preprocess, batch_size: int,
+                   workers: int, seed: int, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
     """Trunk outputs of view `view` for `rows`, each photo's computed once and kept in WORK/cache/<key>-view<N>.pt."""
     path = Path(work_dir) / CACHE_DIR / f"{key}-view{view}.pt"
     cached = torch.load(path, weights_only=True) if path.is_file() else {"image_ids": [], "outputs": None}
@@ -115,8 +114,8 @@ def cached_outputs(work_dir: Path, trunk: nn.Module, rows, photos_dir: Path, vie
         # The same crops on every re-run, training's random stream untouched: a cached run trains as one filling it.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 1000 + view)
-            computed = trunk_outputs(trunk, missing, photos_dir, view_transform(view, preprocess), batch_size,
-                                     workers, device, dtype, f"frozen trunk, view {view}")
+            computed = trunk_outputs(trunk, missing, Path(work_dir) / PHOTOS_DIR, view_transform(view, preprocess),
+                                     batch_size, workers, device, dtype, f"frozen trunk, view {view}")
         known = [cached["outputs"]] if cached["outputs"] is not None else []
         cached = {"image_ids": cached["image_ids"] + list(missing["image_id"]),
                   "outputs": torch.cat(known + [computed])}

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from marketplace_search.images import decode_image
 from marketplace_search.layout import TEXT_MODEL_DIR
 from marketplace_search.presets import Preprocess, eval_transform
+from scripts import api
 from scripts.archive import build_archive
 from scripts.serve import serving
 
@@ -73,6 +74,16 @@ def time_in_turns(calls: dict[str, Callable[[], object]], *, min_seconds: float,
             times[name].append(time.perf_counter() - start)
         rounds += 1
     return times
+
+
+def timed(call) -> float:
+    """Seconds `call()` took; the response it returns must be a 200."""
+    started = time.perf_counter()
+    response = call()
+    elapsed = time.perf_counter() - started
+    if response.status_code != 200:
+        raise RuntimeError(f"HTTP {response.status_code}: {api.error_text(response)}")
+    return elapsed
 
 
 def percentiles_ms(seconds: list[float], points=(50, 95, 99)) -> dict[str, float]:

@@ -1,25 +1,15 @@
 """page: what the search page adds. One client sends the same multipart search to TorchServe directly and through
 the page server (scripts.web, which forwards it with its key), in turns, then fetches cached thumbnails."""
 import tempfile
-import time
 from pathlib import Path
 
 from scripts import api, web
-from scripts.benchmark.common import bench_run, percentiles_ms, served_archive
+from scripts.benchmark.common import bench_run, percentiles_ms, served_archive, timed
 from scripts.serve import free_ports
 
 WARM_UP_ROUNDS = 10
 COLUMNS = [("way", "request"), ("requests", "requests"), ("p50_ms", "p50 ms"), ("p95_ms", "p95 ms"),
            ("extra_p50_ms", "p50 − direct ms")]
-
-
-def timed(call) -> float:
-    started = time.perf_counter()
-    response = call()
-    elapsed = time.perf_counter() - started
-    if response.status_code != 200:
-        raise RuntimeError(f"HTTP {response.status_code}: {api.error_text(response)}")
-    return elapsed
 
 
 def bench_page(photos: list[bytes], settings: dict) -> dict:

@@ -12,7 +12,7 @@ import numpy as np
 
 from marketplace_search.layout import TEXT_MODEL_DIR
 from scripts import api
-from scripts.benchmark.common import bench_run, percentiles_ms, served_archive
+from scripts.benchmark.common import bench_run, percentiles_ms, served_archive, timed
 
 TITLE = "Vintage wooden garden bench, seats three, collection only"
 DESCRIPTION = ("Solid teak bench in good condition, a few marks on the left arm. Dismantles into three parts for "
@@ -118,11 +118,7 @@ def bench_text(photos: list[bytes], settings: dict) -> dict:
             for round_ in range(WARM_UP_ROUNDS + settings["text_requests"]):
                 for kind in KINDS:
                     body, headers = request_for(kind, photos[round_ % len(photos)], token)
-                    started = time.perf_counter()
-                    response = api.post_photo(url, body, headers)
-                    elapsed = time.perf_counter() - started
-                    if response.status_code != 200:
-                        raise RuntimeError(f"{kind}: HTTP {response.status_code} {api.error_text(response)}")
+                    elapsed = timed(lambda: api.post_photo(url, body, headers))
                     if round_ >= WARM_UP_ROUNDS:
                         seconds[kind].append(elapsed)
     rows = [{"kind": kind, "requests": len(seconds[kind]), **percentiles_ms(seconds[kind], (50, 95))} for kind in KINDS]
