@@ -61,14 +61,14 @@ def preprocess_photos(photos: list[bytes], preprocess: Preprocess, draft: bool =
 
 def time_in_turns(calls: dict[str, Callable[[], object]], *, min_seconds: float, min_repeats: int,
                   max_repeats: int = 200) -> dict[str, list[float]]:
-    """Seconds per call of each function, called in turns (a burst of load from elsewhere slows them alike)
-    after one untimed call each, until each has had `min_repeats` calls and `min_seconds`."""
-    for function in calls.values():
-        function()
+    """Seconds per call of each function, called in turns (a burst of load from elsewhere slows them alike), each
+    timed call after an untimed one (the call before was another function's, on the same caches), until each has
+    had `min_repeats` timed calls and `min_seconds`."""
     times: dict[str, list[float]] = {name: [] for name in calls}
     started, rounds = time.perf_counter(), 0
     while rounds < min_repeats or (time.perf_counter() - started < min_seconds * len(calls) and rounds < max_repeats):
         for name, function in calls.items():
+            function()
             start = time.perf_counter()
             function()
             times[name].append(time.perf_counter() - start)
