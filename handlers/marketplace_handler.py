@@ -5,7 +5,6 @@ import faiss  # noqa: F401  (before torch: both bring an OpenMP runtime, and thi
 
 import dataclasses
 import logging
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -98,7 +97,6 @@ class MarketplaceHandler(BaseHandler):
         """The worker's `customizedMetadata` (GET /models/NAME/VERSION?customized=true): what it serves."""
         return {"backend": self.backend.name, "requested": self.backend.requested or self.backend.name,
                 "chunk": self.backend.chunk or None, "catalogue": self.served.info}
-
 
     @property
     def catalogue(self) -> Catalogue:

@@ -41,13 +41,19 @@ def check_backend(runtime: str, precision: str) -> None:
                          f"(supported: {', '.join(f'{r} {p}' for r, p in sorted(SUPPORTED))})")
 
 
+def cpu_info() -> dict[str, str]:
+    """The first CPU's fields in /proc/cpuinfo ("model name", "cpu MHz", "flags" ...); none where it is missing."""
+    try:
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return {}
+    return {name.strip(): value.strip() for name, value in (line.split(":", 1) for line in first.splitlines()
+                                                             if ":" in line)}
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (/proc/cpuinfo), less those MARKETPLACE_CPU_FLAGS_OFF switches off."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+    flags = set(cpu_info().get("flags", "").split())
     off = {name.strip().lower() for name in os.environ.get(FLAGS_OFF_ENV, "").split(",") if name.strip()}
     for precision, feature in FEATURE_NAMES.items():
         if feature in off:

@@ -16,6 +16,7 @@ import torch
 
 from marketplace_search.layout import CHECKPOINT
 from marketplace_search.models import vector_dim
+from marketplace_search.runtime import cpu_info
 from scripts.archive import BATCH_SIZE, PRECISION, RUNTIME
 from scripts.benchmark.bare import BACKENDS, REFERENCE, bench_bare, load_subject
 from scripts.benchmark.common import generate_photos, interruptible, read_photos
@@ -92,8 +93,7 @@ def resolve_settings(args: argparse.Namespace) -> dict:
 
 
 def describe_machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.machine())
+    cpu = cpu_info().get("model name", platform.machine())
     return (f"Machine: {cpu}, {os.cpu_count()} logical cores, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM, "
             f"load average {os.getloadavg()[0]:.2f} at start. Software: Python {platform.python_version()}, torch "
             f"{torch.__version__} ({torch.get_num_threads()} threads), faiss {faiss.__version__}, OpenVINO "

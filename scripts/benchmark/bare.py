@@ -12,8 +12,8 @@ from torch import nn
 from marketplace_search.layout import CHECKPOINT
 from marketplace_search.models import MarketplaceNet, default_preprocess, load_checkpoint
 from marketplace_search.presets import Preprocess
-from marketplace_search.runtime import (Backend, convert_openvino, cpu_flags, openvino_backend, precision_supported,
-                                        quantize_openvino, torch_backend, usable_cores)
+from marketplace_search.runtime import (Backend, convert_openvino, cpu_flags, cpu_info, openvino_backend,
+                                        precision_supported, quantize_openvino, torch_backend, usable_cores)
 from scripts.benchmark.common import NUM_CLASSES, generate_photos, preprocess_photos, time_in_turns
 
 ARCH = "efficientnet_lite2"  # the product model's backbone: what is measured without --run
@@ -94,12 +94,11 @@ def photo_flops(subject: Subject) -> float:
 def nominal_peak() -> tuple[float, str]:
     """This CPU's nominal fp32 GFLOP/s, cores x clock x FMA width, and how it was reckoned: 2 FMA units of 16 fp32
     lanes on an Intel CPU with AVX-512, else of 8 (AVX2, and AMD's Zen 4, which splits AVX-512 over 256-bit units)."""
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    fields = {name.strip(): value.strip() for name, value in  # the first CPU's
-              (line.split(":", 1) for line in cpuinfo.split("\n\n")[0].splitlines() if ":" in line)}
+    fields = cpu_info()
     lanes = 16 if "avx512f" in cpu_flags() and fields.get("vendor_id") == "GenuineIntel" else 8
     mhz, cores = float(fields.get("cpu MHz") or 0), usable_cores()
-    return cores * mhz / 1000 * 2 * 2 * lanes, f"{cores} cores × {mhz / 1000:.2f} GHz × 2 FMA units × {lanes} lanes × 2"
+    reckoned = f"{cores} cores × {mhz / 1000:.2f} GHz × 2 FMA units × {lanes} lanes × 2"
+    return cores * mhz / 1000 * 2 * 2 * lanes, reckoned
 
 
 def predict(forward, images: torch.Tensor, batch: int = DRIFT_BATCH) -> tuple[np.ndarray, np.ndarray]:
